@@ -1,0 +1,207 @@
+"""W4A16 GEMM: `out[M, N] = x[M, K] @ w_hat[N, K]^T`, int4 weights, fp16/bf16 activations, fp32 accumulate.
+
+    w_hat[n, k] = (q[n, k] - z[g, n]) * s[g, n],   g = k // G,  G in (32, 64, 128)
+
+Reads layout `planes64` (lmq/pack/planes64.py, which derives it):
+
+    qweight int16   [K/64, N, 16]  nibble i of lane j in chunk c = code of k = 64c + 16i + j
+    scales  float16 [K/G, N]
+    zeros   uint8   [K/G, N]
+
+One kernel, two regimes chosen by its config (`CONFIGS`, one table per arch):
+- decode (small M, bandwidth-bound): BLOCK_M = 16 (tl.dot's minimum; rows past M are masked),
+  narrow BLOCK_N and split-K so that every SM streams weights; the splits add their partial sums
+  into the zeroed output with atomics.
+- prefill (large M, compute-bound): large tensor-core tiles, dequantization in registers.
+
+Per K chunk and plane: `(h >> 4i) & 0xF | MAGIC` bitcast to fp16 (MAGIC 0x6400 = 1024.0) or bf16
+(0x4300 = 128.0) is exactly MAGIC + q; minus the zero prepared the same way gives q - z exactly, so
+the dot runs on small exact integers and the scale is applied once per group on the [BLOCK_M,
+BLOCK_N] partial sum ("apply scales late"), never per weight element.
+
+`w4a16_gemm_ref` is the plain-PyTorch twin (same function, fp32 math).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lmq.errors import ShapeError
+from lmq.pack import planes64
+
+CHUNK_K: tl.constexpr = tl.constexpr(planes64.CHUNK_K)
+LANES: tl.constexpr = tl.constexpr(planes64.LANES)
+PLANES: tl.constexpr = tl.constexpr(planes64.PLANES)
+
+
+@triton.jit
+def _w4a16_gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_om,
+    G: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, IS_BF16: tl.constexpr,
+):
+    # -- which output tile and which K range this program owns ------------------------------------
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row-blocks share each column block while it is in L2.
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    lanes = tl.arange(0, LANES)  # [16]
+
+    k_tiles = K // BLOCK_K
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
+
+    if IS_BF16:
+        MAGIC: tl.constexpr = 0x4300  # bf16 128.0
+        wdt: tl.constexpr = tl.bfloat16
+    else:
+        MAGIC: tl.constexpr = 0x6400  # fp16 1024.0
+        wdt: tl.constexpr = tl.float16
+
+    x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BM, 1]
+    qw_rows = qw_ptr + offs_n[:, None] * LANES + lanes[None, :]  # [BN, 16], chunk 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(k_lo, k_hi, BLOCK_K):
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c in tl.static_range(BLOCK_K // CHUNK_K):
+            # -- stream one chunk of weights: BLOCK_N rows x 32 contiguous bytes ------------------
+            chunk = kt // CHUNK_K + c
+            h = tl.load(qw_rows + chunk * N * LANES, mask=n_mask[:, None], other=0,
+                        eviction_policy="evict_first")  # [BN, 16] int16
+            for i in tl.static_range(PLANES):
+                kk = CHUNK_K * c + LANES * i  # offset of this plane in the tile
+                if kk % G == 0:
+                    # -- a new group starts: its zero (as MAGIC + z) and scale, one row each ------
+                    g = (kt + kk) // G
+                    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
+                    zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN] MAGIC + z
+                    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+                # -- dequantize plane i: q - z exactly, no int-to-float conversion ----------------
+                wq = (((h >> (4 * i)) & 0xF) | MAGIC).to(wdt, bitcast=True)  # [BN, 16] MAGIC + q
+                w = wq - zq[:, None]  # [BN, 16] q - z
+                a = tl.load(x_rows + (kt + kk + lanes)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, 16]
+                part = tl.dot(a, tl.trans(w), part)  # [BM, BN]
+                if (kk + LANES) % G == 0:
+                    # -- the group ends: apply its scale once to the partial sum ------------------
+                    acc += part * s[None, :]
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    out = acc.to(out_ptr.dtype.element_ty)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, out, mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, out, mask=mask, sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-arch configurations: the one table (recorded in the packed manifest, read by the dispatcher).
+# decode_max_m / dequant_min_m are the crossovers measured with `lmq bench gemm` (docs/benchmarks.md).
+# ---------------------------------------------------------------------------------------------
+_DECODE = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 0, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+_PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
+                     "num_warps": 8, "num_stages": 3}
+_PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
+CONFIGS: dict[str, dict] = {
+    "sm75": {"decode": {**_DECODE, "num_stages": 2}, "prefill": _PREFILL_SMALL_SMEM,
+             "decode_max_m": 32, "dequant_min_m": 1024},
+    "sm80": {"decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, "decode_max_m": 32, "dequant_min_m": 2048},
+    "sm86": {"decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, "decode_max_m": 32, "dequant_min_m": 2048},
+    "sm89": {"decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, "decode_max_m": 32, "dequant_min_m": 2048},
+    "sm90": {"decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, "decode_max_m": 32, "dequant_min_m": 2048},
+}
+# The interpreter runs one program at a time on the CPU: small tiles keep tests fast there.
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1,
+                    "num_warps": 4, "num_stages": 1}
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def pick_block_k(K: int, group_size: int, want: int) -> int:
+    """The largest multiple of max(G, 64) that is <= `want` and divides K (so tiles never straddle K)."""
+    step = max(group_size, planes64.CHUNK_K)
+    bk = max(step, want // step * step)
+    while K % bk != 0:
+        bk -= step
+    return bk
+
+
+def pick_split_k(M: int, N: int, K: int, cfg: dict, block_k: int, device: torch.device) -> int:
+    """SPLIT_K=0 means auto: enough K splits that the grid covers ~2 waves of SMs."""
+    if cfg["SPLIT_K"] > 0:
+        return min(cfg["SPLIT_K"], K // block_k)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    want = triton.cdiv(2 * _num_sms(device), tiles)
+    return max(1, min(want, K // block_k, 16))
+
+
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               group_size: int, config: dict | None = None) -> torch.Tensor:
+    """`x [..., K]` fp16/bf16 times the packed `[N, K]` weight -> `[..., N]` in x's dtype."""
+    # -- 1. check ---------------------------------------------------------------------------------
+    N, K = planes64.check_tensors(qweight, scales, zeros, group_size, "w4a16_gemm weight")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ShapeError(f"w4a16_gemm: activations must be float16 or bfloat16, got {x.dtype}")
+    if x.shape[-1] != K:
+        raise ShapeError(f"w4a16_gemm: x has {x.shape[-1]} input features, the weight has K={K}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t.device != x.device:
+            raise ShapeError(f"w4a16_gemm: {name} is on {t.device}, x on {x.device}; move both to one device")
+        if not t.is_contiguous():
+            raise ShapeError(f"w4a16_gemm: {name} must be contiguous")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)  # [M, K]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    cfg = dict(config or (INTERPRET_CONFIG if x.device.type == "cpu" else CONFIGS["sm80"]["decode"]))
+    block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
+    split_k = pick_split_k(M, N, K, cfg, block_k, x.device)
+    # -- 2. allocate ------------------------------------------------------------------------------
+    out = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    if M == 0:
+        return out.reshape(*lead, N)
+    # -- 3. launch --------------------------------------------------------------------------------
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+    _w4a16_gemm_kernel[grid](
+        x2, qweight, scales, zeros, out, M, N, K, x2.stride(0), out.stride(0),
+        G=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+        SPLIT_K=split_k, GROUP_M=cfg["GROUP_M"], IS_BF16=x.dtype == torch.bfloat16,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out.reshape(*lead, N)
+
+
+def w4a16_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int) -> torch.Tensor:
+    """Plain-PyTorch twin: unpack the layout, dequantize in fp32, matmul in fp32, cast to x's dtype."""
+    q = planes64.unpack(qweight, scales, zeros, group_size)
+    w = q.dequantize(torch.float32).to(x.device)  # [N, K]
+    return (x.float() @ w.t()).to(x.dtype)

@@ -1,0 +1,99 @@
+"""The quantized linear: one `planes64` 4-bit weight and the choice of kernel by M.
+
+    y[..., N] = x[..., K] @ w_hat[N, K]^T (+ bias),   M = number of rows of x
+
+By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`):
+    M <= decode_max_m          -> W4A16 kernel, decode config (split-K, bandwidth-bound)
+    M <  dequant_min_m         -> W4A16 kernel, prefill config (tensor-core tiles)
+    otherwise                  -> dequantize to fp16/bf16, then cuBLAS (torch.matmul)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmq.errors import UnsupportedError
+from lmq.kernels.w4a16_dequant import w4a16_dequant
+from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm
+
+ARCHS = tuple(CONFIGS)
+
+
+def arch_of_capability(major: int, minor: int) -> str:
+    """Compute capability -> the lmq arch whose kernels run best on it ("sm86" for 8.7, ...)."""
+    cc = major * 10 + minor
+    if cc < 75:
+        raise UnsupportedError(
+            f"compute capability {major}.{minor} is below lmq's minimum 7.5 (Turing); use a newer GPU"
+        )
+    if cc >= 100:
+        raise UnsupportedError(
+            f"compute capability {major}.{minor} has no tuned lmq kernels yet; pack with --arch sm90 "
+            f"and expect untuned speed"
+        )
+    for arch in ("sm90", "sm89", "sm86", "sm80", "sm75"):
+        if cc >= int(arch[2:]):
+            return arch
+    raise AssertionError(cc)  # pragma: no cover
+
+
+def local_arch(device: torch.device | str | None = None) -> str:
+    """The arch of the local GPU; raises when there is none."""
+    if not torch.cuda.is_available():
+        raise UnsupportedError("no CUDA GPU is visible, so --arch auto has nothing to read; name one, e.g. --arch sm90")
+    major, minor = torch.cuda.get_device_capability(device)
+    return arch_of_capability(major, minor)
+
+
+def choose_path(M: int, table: dict) -> str:
+    """"decode", "prefill" or "dequant" for `M` rows under one arch's table."""
+    if M <= table["decode_max_m"]:
+        return "decode"
+    if M < table["dequant_min_m"]:
+        return "prefill"
+    return "dequant"
+
+
+def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+            group_size: int, table: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x [..., K] -> [..., N]` through the kernel `table` picks for this M."""
+    K = qweight.shape[0] * 64
+    M = x.numel() // K if K else 0
+    path = choose_path(M, table)
+    if x.device.type == "cpu":  # Triton interpreter (tests): small tiles, same kernels
+        cfg = INTERPRET_CONFIG
+        y = (w4a16_gemm(x, qweight, scales, zeros, group_size, cfg) if path != "dequant"
+             else x @ w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
+    elif path == "dequant":
+        y = torch.matmul(x, w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
+    else:
+        y = w4a16_gemm(x, qweight, scales, zeros, group_size, table[path])
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class QLinear(nn.Module):
+    """A `nn.Linear` replacement holding a packed 4-bit weight for one arch."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 arch: str, bias: torch.Tensor | None = None, table: dict | None = None):
+        super().__init__()
+        if arch not in CONFIGS:
+            raise UnsupportedError(f"arch {arch!r} is not one of {ARCHS}")
+        self.register_buffer("qweight", qweight)  # [K/64, N, 16] int16
+        self.register_buffer("scales", scales)  # [K/G, N] fp16
+        self.register_buffer("zeros", zeros)  # [K/G, N] uint8
+        self.register_buffer("bias", bias)
+        self.group_size = group_size
+        self.arch = arch
+        self.table = table or CONFIGS[arch]
+        self.in_features = qweight.shape[0] * 64
+        self.out_features = qweight.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qlinear(x, self.qweight, self.scales, self.zeros, self.group_size, self.table, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, arch={self.arch}"

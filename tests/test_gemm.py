@@ -1,0 +1,150 @@
+"""W4A16 GEMM and dequantize kernels against their plain-PyTorch twins.
+
+CPU runs use the Triton interpreter (conftest sets TRITON_INTERPRET=1) with small shapes; the `gpu`
+tests run every arch's decode and prefill configurations, bf16 included, at model-sized shapes.
+"""
+
+import pytest
+import torch
+
+from lmq.engine.qlinear import QLinear, choose_path, qlinear
+from lmq.errors import ShapeError
+from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
+from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
+from lmq.pack import planes64
+from lmq.quant.rtn import QuantizedWeight
+
+# Relative error ||out - ref|| / ||ref|| allowed per activation dtype: fp32 accumulation, output
+# rounded to the dtype, split-K partials added in the dtype.
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+def random_packed(N, K, G, device):
+    """Fresh random codes (0..15), zeros (0..15) and positive scales, packed as planes64."""
+    q = QuantizedWeight(
+        codes=torch.randint(0, 16, (N, K), dtype=torch.uint8),
+        scales=(torch.rand(N, K // G) * 0.02 + 0.001).to(torch.float16),
+        zeros=torch.randint(0, 16, (N, K // G), dtype=torch.uint8),
+        bits=4,
+        group_size=G,
+    )
+    return {k: v.to(device) for k, v in planes64.pack(q).items()}
+
+
+def rel_err(out, ref):
+    assert torch.isfinite(out).all()
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 2, 3, 16, 17, 127])
+def test_gemm_matches_ref(M, G, device):
+    N, K = 40, 256  # N is not a multiple of the block
+    p = random_packed(N, K, G, device)
+    x = torch.randn(M, K, device=device).half()
+    out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G)
+    ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
+    assert out.shape == (M, N) and out.dtype == torch.float16
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("M,N,K,G", [(3, 72, 576, 64), (5, 576, 128, 32), (2, 40, 1536, 128)])
+def test_gemm_odd_shapes(M, N, K, G, device):
+    p = random_packed(N, K, G, device)
+    x = torch.randn(1, M, K, device=device).half()  # leading batch dim is kept
+    out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G)
+    ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
+    assert out.shape == (1, M, N)
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_gemm_split_k_explicit(split_k, device):
+    N, K, G = 48, 384, 64
+    p = random_packed(N, K, G, device)
+    x = torch.randn(4, K, device=device).half()
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": split_k, "GROUP_M": 1,
+           "num_warps": 4, "num_stages": 1}
+    out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+    ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("G", [32, 128])
+def test_dequant_matches_ref(G, device):
+    N, K = 40, 256
+    p = random_packed(N, K, G, device)
+    w = w4a16_dequant(p["qweight"], p["scales"], p["zeros"], G)
+    ref = w4a16_dequant_ref(p["qweight"], p["scales"], p["zeros"], G)
+    assert w.shape == (N, K)
+    torch.testing.assert_close(w, ref, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("M", [1, 40, 300])
+def test_qlinear_every_path(M, device):
+    """The dispatcher's three paths (decode, prefill, dequant + matmul) give the reference result."""
+    N, K, G = 40, 128, 64
+    table = {**CONFIGS["sm80"], "decode_max_m": 16, "dequant_min_m": 256}
+    p = random_packed(N, K, G, device)
+    bias = torch.randn(N, device=device).half()
+    x = torch.randn(M, K, device=device).half()
+    out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table, bias)
+    ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G).float() + bias.float()
+    assert rel_err(out, ref) < TOL[torch.float16]
+    assert choose_path(M, table) == {1: "decode", 40: "prefill", 300: "dequant"}[M]
+
+
+def test_qlinear_module(device):
+    p = random_packed(24, 128, 32, device)
+    lin = QLinear(p["qweight"], p["scales"], p["zeros"], 32, arch="sm90")
+    x = torch.randn(2, 3, 128, device=device).half()
+    assert lin(x).shape == (2, 3, 24)
+    assert lin.in_features == 128 and lin.out_features == 24
+
+
+def test_invalid_inputs_raise(device):
+    N, K, G = 40, 256, 64
+    p = random_packed(N, K, G, device)
+    args = (p["qweight"], p["scales"], p["zeros"])
+    with pytest.raises(ShapeError, match="float16 or bfloat16"):
+        w4a16_gemm(torch.randn(2, K, device=device), *args, G)
+    with pytest.raises(ShapeError, match="K=256"):
+        w4a16_gemm(torch.randn(2, K + 64, device=device).half(), *args, G)
+    with pytest.raises(ShapeError, match="scales must be"):
+        w4a16_gemm(torch.randn(2, K, device=device).half(), *args, 128)  # wrong group size for scales
+    with pytest.raises(ShapeError, match="group size 48"):
+        w4a16_gemm(torch.randn(2, K, device=device).half(), *args, 48)
+    with pytest.raises(ShapeError, match="qweight must be int16"):
+        w4a16_gemm(torch.randn(2, K, device=device).half(), p["qweight"].to(torch.int32), *args[1:], G)
+    with pytest.raises(ShapeError, match="contiguous"):
+        w4a16_gemm(torch.randn(2, K, device=device).half(), *args[:2], p["zeros"].t().contiguous().t(), G)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: every arch's configurations, bf16, model-sized shapes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("regime", ["decode", "prefill"])
+def test_gemm_gpu_configs(arch, regime, dtype):
+    for (N, K, G) in [(576, 1536, 32), (1536, 576, 64), (4096, 4096, 128)]:
+        p = random_packed(N, K, G, "cuda")
+        for M in ([1, 2, 3, 16, 17, 31] if regime == "decode" else [17, 127, 300]):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS[arch][regime])
+            ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
+            assert rel_err(out, ref) < TOL[dtype], (arch, regime, N, K, G, M)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequant_and_dispatch_gpu(dtype):
+    N, K, G = 1536, 576, 64
+    p = random_packed(N, K, G, "cuda")
+    w = w4a16_dequant(p["qweight"], p["scales"], p["zeros"], G, dtype)
+    torch.testing.assert_close(w, w4a16_dequant_ref(p["qweight"], p["scales"], p["zeros"], G, dtype))
+    for M in (1, 64, 4096):
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"])
+        assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype]
