@@ -1,0 +1,221 @@
+"""Decode attention over a paged, possibly quantized KV cache: flash-decoding (split + merge).
+
+One query token per sequence, B sequences, H query heads in groups of G = H / H_kv (GQA):
+
+    out[b, h] = softmax(q[b, h] . K_b[:, h // G]^T * sm_scale) @ V_b[:, h // G]      [B, H, D]
+
+where K_b, V_b [L_b, H_kv, D] are the dequantized rows of sequence b, read through its block table
+(`kernels/kv_quant.py` gives the cache layout). Pass 1 splits each sequence into chunks of
+`split_len` tokens; program (split, kv head, b) loads the G query heads of one group as a
+[BLOCK_G >= 16, D] tile (so the group shares one read of each K/V tile and the scores are a
+tensor-core dot), and writes its normalized partial output [D] and log2-sum-exp per head.
+Pass 2 merges the splits of each (b, h). With one split the first pass writes the output itself.
+
+Flash-decoding: https://crfm.stanford.edu/2023/10/12/flashdecoding.html
+PagedAttention: https://arxiv.org/abs/2309.06180
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from lmq.errors import ShapeError
+from lmq.kernels.kv_quant import KV_MODE, PagedKV, attend_tile, check_query_for_cache, gather_kv_ref
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, o_ptr, po_ptr, plse_ptr,
+    qk_scale, split_len,
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, stride_btb,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, DIRECT: tl.constexpr,
+):
+    split = tl.program_id(0)
+    hkv = tl.program_id(1)
+    b = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b)
+    start = split * split_len
+    if start < seq_len:
+        end = tl.minimum(start + split_len, seq_len)
+        # -- the group's query heads [BLOCK_G, BLOCK_DH] x 2 halves
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_dh = tl.arange(0, BLOCK_DH)
+        heads = hkv * GROUP + offs_g
+        qmask = (offs_g[:, None] < GROUP) & (offs_dh[None, :] < HALF)
+        q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_dh[None, :]
+        q_lo = tl.load(q_ptrs, mask=qmask, other=0.0)
+        q_hi = tl.load(q_ptrs + HALF, mask=qmask, other=0.0)
+        qsum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)  # [BLOCK_G]
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc_lo = tl.zeros([BLOCK_G, BLOCK_DH], tl.float32)
+        acc_hi = tl.zeros([BLOCK_G, BLOCK_DH], tl.float32)
+        bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+        # -- stream this split's K/V tiles through the block table
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < end
+            page = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
+            slot = offs_n % PAGE
+            row = page * stride_cb + hkv * stride_ch + slot * stride_ct
+            srow = page * stride_sb + hkv * stride_sh + slot * stride_st
+            m_i, l_i, acc_lo, acc_hi = attend_tile(
+                q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
+                row, srow, offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, KV_MODE)
+        # -- normalized partial (or final) output
+        inv_l = 1.0 / l_i
+        out_lo = acc_lo * inv_l[:, None]
+        out_hi = acc_hi * inv_l[:, None]
+        if DIRECT:
+            o_ptrs = o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_dh[None, :]
+            tl.store(o_ptrs, out_lo.to(o_ptr.dtype.element_ty), mask=qmask)
+            tl.store(o_ptrs + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=qmask)
+        else:
+            p_ptrs = po_ptr + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_dh[None, :]
+            tl.store(p_ptrs, out_lo, mask=qmask)
+            tl.store(p_ptrs + HALF, out_hi, mask=qmask)
+            tl.store(plse_ptr + b * stride_lb + heads * stride_lh + split, m_i + tl.math.log2(l_i),
+                     mask=offs_g < GROUP)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    o_ptr, po_ptr, plse_ptr, lens_ptr, split_len,
+    stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    n_splits = tl.cdiv(tl.load(lens_ptr + b), split_len)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < n_splits
+    lse = tl.load(plse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
+    w = tl.math.exp2(lse - tl.max(lse, 0))
+    w = w / tl.sum(w, 0)  # [BLOCK_S]
+    part = tl.load(po_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                   mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_S, BLOCK_D]
+    out = tl.sum(part * w[:, None], 0)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
+             mask=offs_d < D)
+
+
+# Launch configuration, one place: (BLOCK_N, num_warps, num_stages) by head-dim bucket.
+_GPU_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
+_CPU_CONFIG = (16, 1, 1)  # interpreter: small tiles keep programs x iterations small
+MAX_SPLITS = 128
+
+
+def _config(device: torch.device, head_dim: int) -> tuple[int, int, int]:
+    if device.type != "cuda":
+        return _CPU_CONFIG
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return _GPU_CONFIG[bucket]
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int) -> int:
+    """Tokens per split: enough programs (B * H_kv * splits ~ 2 per SM), whole BLOCK_N tiles."""
+    want = max(1, -(-2 * sm_count // (batch * num_kv_heads)))
+    want = min(want, MAX_SPLITS, max(1, -(-max_len // block_n)))
+    split_len = -(-max_len // want)
+    return max(block_n, -(-split_len // block_n) * block_n)
+
+
+def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     sm_scale: float | None = None, max_seq_len: int | None = None,
+                     split_len: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, D] (one new token per sequence, already in the cache) -> out [B, H, D].
+
+    block_tables [B, max_blocks] int32 (block ids of each sequence in order), seq_lens [B] int32
+    (tokens in the cache per sequence, >= 1). `max_seq_len` (host int) avoids a device sync;
+    `split_len` (a multiple of the tile) overrides the split plan.
+    """
+    G = check_query_for_cache(q, cache)
+    if q.dim() != 3:
+        raise ShapeError(f"q must be [B, H, D], got {tuple(q.shape)}")
+    B, H, D = q.shape
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or block_tables.dtype != torch.int32:
+        raise ShapeError(f"block_tables must be int32 [{B}, max_blocks], got {block_tables.dtype} "
+                         f"{tuple(block_tables.shape)}")
+    if seq_lens.shape != (B,) or seq_lens.dtype != torch.int32:
+        raise ShapeError(f"seq_lens must be int32 [{B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    if block_tables.stride(1) != 1:
+        raise ShapeError("block_tables rows must be contiguous")
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max())
+    if max_seq_len > block_tables.shape[1] * cache.block_size:
+        raise ShapeError(f"max_seq_len {max_seq_len} exceeds the block table's "
+                         f"{block_tables.shape[1]} x {cache.block_size} tokens")
+    block_n, num_warps, num_stages = _config(q.device, D)
+    block_n = max(block_n, 16)
+    if split_len is None:
+        split_len = plan_splits(B, cache.num_kv_heads, max_seq_len, block_n, _sm_count(q.device))
+    if split_len % block_n:
+        raise ShapeError(f"split_len {split_len} must be a multiple of BLOCK_N {block_n}")
+    n_splits = -(-max_seq_len // split_len)
+    if n_splits > MAX_SPLITS:
+        raise ShapeError(f"{n_splits} splits exceed {MAX_SPLITS}; raise split_len")
+    if out is None:
+        out = torch.empty_like(q)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    half = D // 2
+    direct = n_splits == 1
+    if direct:
+        po, plse = out, out  # unused
+        ps = (0, 0, 0)
+        ls = (0, 0)
+    else:
+        po = torch.empty((B, H, n_splits, D), dtype=torch.float32, device=q.device)  # [B, H, S, D]
+        plse = torch.empty((B, H, n_splits), dtype=torch.float32, device=q.device)  # [B, H, S]
+        ps = po.stride()[:3]
+        ls = plse.stride()[:2]
+    ks, vs = cache.scale_tensors()
+    _decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
+        q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse,
+        sm_scale * math.log2(math.e), split_len,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        block_tables.stride(0), *ps, *ls,
+        GROUP=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HALF=half,
+        BLOCK_DH=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
+        KV_MODE=KV_MODE[cache.kv_dtype], DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
+    )
+    if not direct:
+        _decode_merge_kernel[(H, B)](
+            out, po, plse, seq_lens, split_len,
+            out.stride(0), out.stride(1), *ps, *ls,
+            D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+            num_warps=4 if q.device.type == "cuda" else 1,
+        )
+    return out
+
+
+def decode_attention_ref(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                         sm_scale: float | None = None) -> torch.Tensor:
+    """Plain PyTorch: per sequence, dequantize its cache rows and run fp32 attention with GQA."""
+    B, H, D = q.shape
+    G = H // cache.num_kv_heads
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    out = torch.empty_like(q)
+    for b in range(B):
+        k, v = gather_kv_ref(cache, block_tables[b], int(seq_lens[b]))  # [L, H_kv, D] fp32
+        k = k.repeat_interleave(G, dim=1)  # [L, H, D]
+        v = v.repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,lhd->hl", q[b].float(), k) * sm_scale  # [H, L]
+        out[b] = torch.einsum("hl,lhd->hd", s.softmax(-1), v).to(q.dtype)
+    return out

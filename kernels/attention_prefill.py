@@ -1,0 +1,158 @@
+"""Prefill attention over a paged, possibly quantized KV cache: causal, varlen-packed, GQA, prefix.
+
+B sequences are packed along the token axis: sequence b owns query rows
+cu_seqlens_q[b] .. cu_seqlens_q[b+1] of q [T, H, D] (its n_b new tokens) and has L_b = seq_lens[b]
+tokens in the cache, the new ones included (the write path ran first), so its first
+P_b = L_b - n_b tokens are a prefix already there (chunked prefill, multi-turn reuse). Row i of
+sequence b sits at position P_b + i and attends causally:
+
+    out[t_b + i, h] = softmax_j<=P_b+i(q[t_b + i, h] . K_b[j, h // G] * sm_scale) @ V_b[:, h // G]
+
+Program (query tile, head, sequence) holds a [BLOCK_M, D] tile of queries and streams the K/V tiles
+it can see through the block table (keys past its last row's position are never read), with the
+same dequantize-in-registers tile step as decode (`kv_quant.attend_tile`). Flash attention:
+https://arxiv.org/abs/2205.14135
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from lmq.errors import ShapeError
+from lmq.kernels.kv_quant import KV_MODE, PagedKV, attend_tile, check_query_for_cache, gather_kv_ref
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, cu_q_ptr, lens_ptr, o_ptr,
+    qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, stride_btb,
+    GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr,
+):
+    m_blk = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    q_len = tl.load(cu_q_ptr + b + 1) - q_start
+    m0 = m_blk * BLOCK_M
+    if m0 < q_len:
+        kv_len = tl.load(lens_ptr + b)
+        prefix = kv_len - q_len
+        hkv = h // GROUP
+        # -- query tile [BLOCK_M, BLOCK_DH] x 2 halves
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_dh = tl.arange(0, BLOCK_DH)
+        qmask = (offs_m[:, None] < q_len) & (offs_dh[None, :] < HALF)
+        q_ptrs = q_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_qt + h * stride_qh + offs_dh[None, :]
+        q_lo = tl.load(q_ptrs, mask=qmask, other=0.0)
+        q_hi = tl.load(q_ptrs + HALF, mask=qmask, other=0.0)
+        qsum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)  # [BLOCK_M]
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc_lo = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+        acc_hi = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+        pos_m = prefix + offs_m  # [BLOCK_M] each row's position in the sequence
+        end = tl.minimum(kv_len, prefix + m0 + BLOCK_M)  # keys the last row can see
+        bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+        for n0 in range(0, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < end
+            page = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
+            slot = offs_n % PAGE
+            row = page * stride_cb + hkv * stride_ch + slot * stride_ct
+            srow = page * stride_sb + hkv * stride_sh + slot * stride_st
+            valid = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])  # causal
+            m_i, l_i, acc_lo, acc_hi = attend_tile(
+                q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
+                row, srow, offs_dh, mask_n, valid, qk_scale, HALF, KV_MODE)
+        inv_l = 1.0 / l_i
+        o_ptrs = o_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_dh[None, :]
+        tl.store(o_ptrs, (acc_lo * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
+        tl.store(o_ptrs + HALF, (acc_hi * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
+
+
+# Launch configuration, one place: (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim bucket.
+_GPU_CONFIG = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 8, 2)}
+_CPU_CONFIG = (16, 16, 1, 1)
+
+
+def _config(device: torch.device, head_dim: int) -> tuple[int, int, int, int]:
+    if device.type != "cuda":
+        return _CPU_CONFIG
+    bucket = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    return _GPU_CONFIG[bucket]
+
+
+def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      seq_lens: torch.Tensor, max_q_len: int | None = None, sm_scale: float | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D] packed new tokens (already written to the cache) -> out [T, H, D].
+
+    cu_seqlens_q [B+1] int32 (row offsets of each sequence in q), seq_lens [B] int32 (cache
+    tokens per sequence, prefix + new), block_tables [B, max_blocks] int32. `max_q_len` (host
+    int) avoids a device sync.
+    """
+    G = check_query_for_cache(q, cache)
+    if q.dim() != 3:
+        raise ShapeError(f"q must be [T, H, D], got {tuple(q.shape)}")
+    T, H, D = q.shape
+    B = seq_lens.shape[0]
+    if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
+        raise ShapeError(f"seq_lens must be int32 [B], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    if cu_seqlens_q.shape != (B + 1,) or cu_seqlens_q.dtype != torch.int32:
+        raise ShapeError(f"cu_seqlens_q must be int32 [{B + 1}], got {cu_seqlens_q.dtype} "
+                         f"{tuple(cu_seqlens_q.shape)}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B or block_tables.dtype != torch.int32 \
+            or block_tables.stride(1) != 1:
+        raise ShapeError(f"block_tables must be int32 [{B}, max_blocks] with contiguous rows, got "
+                         f"{block_tables.dtype} {tuple(block_tables.shape)}")
+    if max_q_len is None:
+        max_q_len = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
+    if out is None:
+        out = torch.empty_like(q)
+    if T == 0 or B == 0 or max_q_len == 0:
+        return out
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    block_m, block_n, num_warps, num_stages = _config(q.device, D)
+    half = D // 2
+    ks, vs = cache.scale_tensors()
+    _prefill_kernel[(triton.cdiv(max_q_len, block_m), H, B)](
+        q, cache.k, cache.v, ks, vs, block_tables, cu_seqlens_q, seq_lens, out,
+        sm_scale * math.log2(math.e),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        block_tables.stride(0),
+        GROUP=G, HALF=half, BLOCK_DH=max(16, triton.next_power_of_2(half)),
+        BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def prefill_attention_ref(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          seq_lens: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+    """Plain PyTorch: per sequence, causal fp32 attention of its new rows over the dequantized cache."""
+    T, H, D = q.shape
+    G = H // cache.num_kv_heads
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    out = torch.empty_like(q)
+    for b in range(seq_lens.shape[0]):
+        t0, t1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        L = int(seq_lens[b])
+        k, v = gather_kv_ref(cache, block_tables[b], L)  # [L, H_kv, D] fp32
+        k = k.repeat_interleave(G, dim=1)  # [L, H, D]
+        v = v.repeat_interleave(G, dim=1)
+        pos = torch.arange(L - (t1 - t0), L, device=q.device)  # [n] positions of the new rows
+        s = torch.einsum("nhd,lhd->hnl", q[t0:t1].float(), k) * sm_scale  # [H, n, L]
+        causal = torch.arange(L, device=q.device)[None, :] <= pos[:, None]  # [n, L]
+        s = s.masked_fill(~causal, float("-inf"))
+        out[t0:t1] = torch.einsum("hnl,lhd->nhd", s.softmax(-1), v).to(q.dtype)
+    return out

@@ -1,0 +1,444 @@
+"""Paged KV cache layout, online K/V quantization, and the fused write path (quantize + scatter).
+
+Quantization (TurboMind's scheme, no calibration): asymmetric, per token and per KV head. For one
+token t and head h, over the head dimension d in [0, D):
+
+    zero  = fp16(min_d x[t, h, d])
+    scale = fp16((max_d x - min_d x) / QMAX)            QMAX = 255 (int8) or 15 (int4)
+    code  = clamp(floor((x - zero) * (1 / scale) + 0.5), 0, QMAX)     (1/scale = 0 when scale = 0)
+    x_hat = code * scale + zero
+
+All arithmetic is fp32 on the fp16-rounded scale and zero, so `fake_quantize_kv` (plain PyTorch),
+`write_kv_ref` and the Triton `write_kv` produce identical codes.
+
+Layout of one layer's pool (`PagedKV`), `B_s` = block size (tokens per block, a power of two):
+
+    k, v            [num_blocks, H_kv, B_s, D]      fp16 / bf16            (kv_dtype fp16 / bf16)
+                    [num_blocks, H_kv, B_s, D]      uint8 codes 0..255     (int8)
+                    [num_blocks, H_kv, B_s, D / 2]  uint8, two codes/byte  (int4)
+    k_scales, v_scales  [num_blocks, H_kv, B_s, 2]  fp16 (scale, zero)     (int8 / int4 only)
+
+Head-major blocks keep the B_s rows one head reads contiguous. int4 byte j of a row holds code
+d = j in its low nibble and d = j + D/2 in its high nibble ("split halves"): the kernels then work
+on the two halves of the head dimension as two tiles, unpack with one mask or one shift, and need
+no interleave. Codes become fp16 without an int->float instruction: the 16-bit pattern
+`0x6400 | c` is exactly 1024 + c (KERNELS.md).
+
+A token's slot is `block_id * B_s + offset`; `slot_mapping[t] < 0` skips token t (padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lmq.errors import ShapeError
+
+KV_DTYPES = ("fp16", "bf16", "int8", "int4")
+# kv_dtype -> (kernel mode, largest code); mode 0 = float cache, 1 = int8, 2 = int4
+KV_MODE = {"fp16": 0, "bf16": 0, "int8": 1, "int4": 2}
+QMAX = {"int8": 255, "int4": 15}
+_TORCH_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def kv_bytes_per_token_head(kv_dtype: str, head_dim: int) -> int:
+    """Bytes one token of one KV head takes in the cache, for K alone (codes + scale and zero)."""
+    if kv_dtype in ("fp16", "bf16"):
+        return 2 * head_dim
+    if kv_dtype == "int8":
+        return head_dim + 4
+    if kv_dtype == "int4":
+        return head_dim // 2 + 4
+    raise ShapeError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+
+
+@dataclass
+class PagedKV:
+    """One layer's paged K/V pool (layout in the module docstring)."""
+
+    k: torch.Tensor  # [num_blocks, H_kv, B_s, D or D/2]
+    v: torch.Tensor  # [num_blocks, H_kv, B_s, D or D/2]
+    k_scales: torch.Tensor | None  # [num_blocks, H_kv, B_s, 2] fp16, int8/int4 only
+    v_scales: torch.Tensor | None  # [num_blocks, H_kv, B_s, 2] fp16, int8/int4 only
+    kv_dtype: str
+    head_dim: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    @staticmethod
+    def allocate(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, kv_dtype: str,
+                 device: torch.device | str = "cuda") -> "PagedKV":
+        if kv_dtype not in KV_DTYPES:
+            raise ShapeError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ShapeError(f"block_size must be a power of two, got {block_size}")
+        if head_dim % 2:
+            raise ShapeError(f"head_dim must be even, got {head_dim}")
+        if kv_dtype in _TORCH_FLOAT:
+            shape = (num_blocks, num_kv_heads, block_size, head_dim)
+            k = torch.empty(shape, dtype=_TORCH_FLOAT[kv_dtype], device=device)
+            v = torch.empty(shape, dtype=_TORCH_FLOAT[kv_dtype], device=device)
+            return PagedKV(k, v, None, None, kv_dtype, head_dim)
+        width = head_dim if kv_dtype == "int8" else head_dim // 2
+        shape = (num_blocks, num_kv_heads, block_size, width)
+        sshape = (num_blocks, num_kv_heads, block_size, 2)
+        return PagedKV(
+            torch.empty(shape, dtype=torch.uint8, device=device),
+            torch.empty(shape, dtype=torch.uint8, device=device),
+            torch.empty(sshape, dtype=torch.float16, device=device),
+            torch.empty(sshape, dtype=torch.float16, device=device),
+            kv_dtype, head_dim,
+        )
+
+    @staticmethod
+    def bytes_per_block(block_size: int, num_kv_heads: int, head_dim: int, kv_dtype: str) -> int:
+        """Bytes of one block of K and V together."""
+        return 2 * block_size * num_kv_heads * kv_bytes_per_token_head(kv_dtype, head_dim)
+
+    def validate(self) -> None:
+        if self.kv_dtype not in KV_DTYPES:
+            raise ShapeError(f"kv_dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        width = self.head_dim // 2 if self.kv_dtype == "int4" else self.head_dim
+        want = (self.num_blocks, self.num_kv_heads, self.block_size, width)
+        for name, t in (("k", self.k), ("v", self.v)):
+            if tuple(t.shape) != want or not t.is_contiguous():
+                raise ShapeError(f"cache {name} must be contiguous {want}, got {tuple(t.shape)}")
+        if self.kv_dtype in _TORCH_FLOAT:
+            if self.k.dtype != _TORCH_FLOAT[self.kv_dtype] or self.v.dtype != self.k.dtype:
+                raise ShapeError(f"{self.kv_dtype} cache has dtype {self.k.dtype}")
+        else:
+            if self.k.dtype != torch.uint8 or self.v.dtype != torch.uint8:
+                raise ShapeError(f"{self.kv_dtype} cache codes must be uint8, got {self.k.dtype}")
+            for name, t in (("k_scales", self.k_scales), ("v_scales", self.v_scales)):
+                if t is None or tuple(t.shape) != want[:3] + (2,) or t.dtype != torch.float16 \
+                        or not t.is_contiguous():
+                    raise ShapeError(f"{self.kv_dtype} cache needs contiguous fp16 {name} "
+                                     f"{want[:3] + (2,)}")
+        if self.block_size & (self.block_size - 1):
+            raise ShapeError(f"block_size must be a power of two, got {self.block_size}")
+
+    def scale_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale tensors to hand a kernel (the codes themselves stand in for a float cache)."""
+        if self.k_scales is None:
+            return self.k, self.v
+        return self.k_scales, self.v_scales
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers shared by the attention kernels (read path)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def codes_to_f16(c):
+    """uint8 codes (0..255) -> exact fp16 without int->float: 0x6400 | c is 1024 + c."""
+    return ((c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)) - 1024.0
+
+
+@triton.jit
+def load_kv_halves(ptr, row_off, offs_dh, mask_n, HALF: tl.constexpr, KV_MODE: tl.constexpr):
+    """Load one tile of BLOCK_N cache rows as its two head-dim halves [BLOCK_N, BLOCK_DH] each.
+
+    Float cache: the values. int8/int4: the codes as exact fp16 (scale/zero not applied).
+    `row_off` [BLOCK_N] is each row's element offset; masked rows and padded columns read 0.
+    """
+    mask = mask_n[:, None] & (offs_dh[None, :] < HALF)
+    ptrs = ptr + row_off[:, None] + offs_dh[None, :]
+    if KV_MODE == 2:
+        b = tl.load(ptrs, mask=mask, other=0).to(tl.uint16)  # [BLOCK_N, BLOCK_DH] packed bytes
+        lo = ((b & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        hi = ((b >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        lo = tl.load(ptrs, mask=mask, other=0)
+        hi = tl.load(ptrs + HALF, mask=mask, other=0)
+        if KV_MODE == 1:
+            lo = codes_to_f16(lo)
+            hi = codes_to_f16(hi)
+    return lo, hi
+
+
+@triton.jit
+def load_scale_zero(s_ptr, srow_off, mask_n):
+    """Per-row fp16 (scale, zero) as fp32 [BLOCK_N] each; masked rows read 0."""
+    scale = tl.load(s_ptr + srow_off, mask=mask_n, other=0.0).to(tl.float32)
+    zero = tl.load(s_ptr + srow_off + 1, mask=mask_n, other=0.0).to(tl.float32)
+    return scale, zero
+
+
+# ---------------------------------------------------------------------------------------------
+# Write path: quantize + scatter, one program per token, all KV heads
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_rows(x_lo, x_hi, mask, QMAX: tl.constexpr):
+    """Per-row asymmetric quantization of the two halves [BLOCK_H, BLOCK_DH] (fp32 in)."""
+    big = 3.0e38
+    mn = tl.minimum(tl.min(tl.where(mask, x_lo, big), axis=1), tl.min(tl.where(mask, x_hi, big), axis=1))
+    mx = tl.maximum(tl.max(tl.where(mask, x_lo, -big), axis=1),
+                    tl.max(tl.where(mask, x_hi, -big), axis=1))
+    valid = mx >= mn  # padded rows (heads past H_kv) saw no element
+    mn = tl.where(valid, mn, 0.0)
+    mx = tl.where(valid, mx, 0.0)
+    # round scale and zero to their fp16 storage first: the codes are computed against them;
+    # div_rn: correctly rounded like PyTorch (plain `/` is approximate on the GPU)
+    rng = mx - mn
+    scale = tl.math.div_rn(rng, tl.full(rng.shape, QMAX, tl.float32)).to(tl.float16).to(tl.float32)
+    zero = mn.to(tl.float16).to(tl.float32)  # [BLOCK_H]
+    safe = tl.where(scale > 0, scale, 1.0)
+    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
+    q_lo = tl.floor((x_lo - zero[:, None]) * inv[:, None] + 0.5)
+    q_hi = tl.floor((x_hi - zero[:, None]) * inv[:, None] + 0.5)
+    q_lo = tl.minimum(tl.maximum(q_lo, 0.0), QMAX).to(tl.uint8)
+    q_hi = tl.minimum(tl.maximum(q_hi, 0.0), QMAX).to(tl.uint8)
+    return q_lo, q_hi, scale, zero
+
+
+@triton.jit
+def _store_one(x_ptr, c_ptr, s_ptr, t, slot_page, slot_off, stride_xt, stride_xh,
+               stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st,
+               offs_h, offs_dh, H_KV, HALF: tl.constexpr, KV_MODE: tl.constexpr, QMAX: tl.constexpr):
+    mask = (offs_h[:, None] < H_KV) & (offs_dh[None, :] < HALF)
+    x_ptrs = x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_dh[None, :]
+    x_lo = tl.load(x_ptrs, mask=mask, other=0.0)  # [BLOCK_H, BLOCK_DH]
+    x_hi = tl.load(x_ptrs + HALF, mask=mask, other=0.0)
+    c_row = c_ptr + slot_page * stride_cb + offs_h[:, None] * stride_ch + slot_off * stride_ct
+    if KV_MODE == 0:
+        tl.store(c_row + offs_dh[None, :], x_lo.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_row + HALF + offs_dh[None, :], x_hi.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        q_lo, q_hi, scale, zero = _quantize_rows(x_lo.to(tl.float32), x_hi.to(tl.float32), mask, QMAX)
+        if KV_MODE == 1:
+            tl.store(c_row + offs_dh[None, :], q_lo, mask=mask)
+            tl.store(c_row + HALF + offs_dh[None, :], q_hi, mask=mask)
+        else:
+            tl.store(c_row + offs_dh[None, :], q_lo | (q_hi << 4), mask=mask)
+        s_row = s_ptr + slot_page * stride_sb + offs_h * stride_sh + slot_off * stride_st
+        hmask = offs_h < H_KV
+        tl.store(s_row, scale.to(tl.float16), mask=hmask)
+        tl.store(s_row + 1, zero.to(tl.float16), mask=hmask)
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
+    stride_xt, stride_xh, stride_vt, stride_vh,
+    stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st,
+    H_KV, BLOCK_SIZE: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DH: tl.constexpr,
+    KV_MODE: tl.constexpr, QMAX: tl.constexpr,
+):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        page = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_dh = tl.arange(0, BLOCK_DH)
+        # K and V in one program: the fused write path
+        _store_one(k_ptr, kc_ptr, ks_ptr, t, page, off, stride_xt, stride_xh, stride_cb, stride_ch,
+                   stride_ct, stride_sb, stride_sh, stride_st, offs_h, offs_dh, H_KV, HALF, KV_MODE, QMAX)
+        _store_one(v_ptr, vc_ptr, vs_ptr, t, page, off, stride_vt, stride_vh, stride_cb, stride_ch,
+                   stride_ct, stride_sb, stride_sh, stride_st, offs_h, offs_dh, H_KV, HALF, KV_MODE, QMAX)
+
+
+def _check_new_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor) -> None:
+    cache.validate()
+    if k.dim() != 3 or k.shape != v.shape:
+        raise ShapeError(f"k and v must both be [T, H_kv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    T, H, D = k.shape
+    if H != cache.num_kv_heads or D != cache.head_dim:
+        raise ShapeError(f"new K/V have {H} heads x {D} dims, the cache {cache.num_kv_heads} x "
+                         f"{cache.head_dim}")
+    if k.dtype not in (torch.float16, torch.bfloat16, torch.float32) or v.dtype != k.dtype:
+        raise ShapeError(f"k/v must be fp16, bf16 or fp32 (same for both), got {k.dtype}, {v.dtype}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ShapeError("k and v must be contiguous along the head dimension")
+    if slot_mapping.shape != (T,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ShapeError(f"slot_mapping must be int32/int64 [{T}], got {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")
+    for name, t in (("v", v), ("k cache", cache.k), ("slot_mapping", slot_mapping)):
+        if t.device != k.device:
+            raise ShapeError(f"{name} is on {t.device}, k on {k.device}")
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor) -> None:
+    """Quantize new K/V [T, H_kv, D] (after RoPE) and scatter them into `cache` at `slot_mapping`."""
+    _check_new_kv(k, v, cache, slot_mapping)
+    T, H, D = k.shape
+    if T == 0:
+        return
+    ks, vs = cache.scale_tensors()
+    mode = KV_MODE[cache.kv_dtype]
+    half = D // 2
+    _write_kv_kernel[(T,)](
+        k, v, cache.k, cache.v, ks, vs, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
+        ks.stride(0), ks.stride(1), ks.stride(2),
+        H, BLOCK_SIZE=cache.block_size,
+        HALF=half, BLOCK_H=triton.next_power_of_2(H), BLOCK_DH=triton.next_power_of_2(half),
+        KV_MODE=mode, QMAX=QMAX.get(cache.kv_dtype, 1), num_warps=4,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-PyTorch twins: the numeric definition
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_kv_ref(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (codes uint8 [..., D] in 0..QMAX, scale fp16 [...], zero fp16 [...])."""
+    qmax = QMAX[kv_dtype]
+    xf = x.float()
+    mn = xf.amin(dim=-1)
+    mx = xf.amax(dim=-1)
+    scale16 = ((mx - mn) / qmax).half()
+    zero16 = mn.half()
+    scale = scale16.float()
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    codes = torch.floor((xf - zero16.float()[..., None]) * inv[..., None] + 0.5).clamp_(0, qmax)
+    return codes.to(torch.uint8), scale16, zero16
+
+
+def dequantize_kv_ref(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes [..., D] with fp16 scale/zero [...] -> fp32 [..., D]."""
+    return codes.float() * scale.float()[..., None] + zero.float()[..., None]
+
+
+def fake_quantize_kv(x: torch.Tensor, kv_dtype: str) -> torch.Tensor:
+    """K or V [..., T, H, D] through the cache's quantize->dequantize; same shape and dtype as x.
+
+    fp16/bf16 round to that dtype (what a float cache stores); int8/int4 apply the per-token,
+    per-head asymmetric scheme above with the exact arithmetic of the write kernel.
+    """
+    if kv_dtype in _TORCH_FLOAT:
+        return x.to(_TORCH_FLOAT[kv_dtype]).to(x.dtype)
+    if kv_dtype not in QMAX:
+        raise ShapeError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+    codes, scale, zero = quantize_kv_ref(x, kv_dtype)
+    return dequantize_kv_ref(codes, scale, zero).to(x.dtype)
+
+
+def pack_int4_ref(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [..., D] (0..15) -> bytes [..., D/2]: low nibble d = j, high nibble d = j + D/2."""
+    half = codes.shape[-1] // 2
+    return codes[..., :half] | (codes[..., half:] << 4)
+
+
+def unpack_int4_ref(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4_ref`: bytes [..., D/2] -> codes [..., D]."""
+    return torch.cat([packed & 0xF, packed >> 4], dim=-1)
+
+
+def write_kv_ref(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor) -> None:
+    """Plain-PyTorch twin of `write_kv` (same layout, same codes)."""
+    _check_new_kv(k, v, cache, slot_mapping)
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    page, off = slots // cache.block_size, slots % cache.block_size
+    for x, c, s in ((k[keep], cache.k, cache.k_scales), (v[keep], cache.v, cache.v_scales)):
+        if cache.kv_dtype in _TORCH_FLOAT:
+            c[page, :, off] = x.to(c.dtype)  # [n, H_kv, D]
+            continue
+        codes, scale, zero = quantize_kv_ref(x, cache.kv_dtype)  # [n, H_kv, D], [n, H_kv]
+        if cache.kv_dtype == "int4":
+            codes = pack_int4_ref(codes)
+        c[page, :, off] = codes
+        s[page, :, off] = torch.stack([scale, zero], dim=-1)
+
+
+def gather_kv_ref(cache: PagedKV, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's dequantized K and V, fp32 [length, H_kv, D], read through its block table."""
+    n_blocks = -(-length // cache.block_size)
+    pages = block_table[:n_blocks].long()
+    out = []
+    for c, s in ((cache.k, cache.k_scales), (cache.v, cache.v_scales)):
+        rows = c[pages].transpose(1, 2).reshape(n_blocks * cache.block_size, cache.num_kv_heads, -1)
+        if cache.kv_dtype in _TORCH_FLOAT:
+            x = rows.float()
+        else:
+            sz = s[pages].transpose(1, 2).reshape(n_blocks * cache.block_size, cache.num_kv_heads, 2)
+            codes = unpack_int4_ref(rows) if cache.kv_dtype == "int4" else rows
+            x = dequantize_kv_ref(codes, sz[..., 0], sz[..., 1])
+        out.append(x[:length])
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tile step both attention kernels share: dequantize in registers, scores, online softmax
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def attend_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
+                row, srow, offs_dh, mask_n, valid, qk_scale,
+                HALF: tl.constexpr, KV_MODE: tl.constexpr):
+    """One BLOCK_N tile of keys/values for BLOCK_M query rows, flash-attention style (log2 domain).
+
+    q_lo/q_hi [BLOCK_M, BLOCK_DH]; qsum [BLOCK_M] fp32 = sum_d q (quantized modes); m_i, l_i
+    [BLOCK_M] fp32 running max / sum; acc_lo/acc_hi [BLOCK_M, BLOCK_DH] fp32; row [BLOCK_N] element
+    offset of each cache row, srow [BLOCK_N] of its (scale, zero); valid [BLOCK_M, BLOCK_N].
+    K: scale and zero applied after the dot, q . (c*s + z) = s * (q . c) + z * sum(q), so the
+    tile itself is only converted to fp16 codes. V: c*s + z per element in fp16 registers.
+    """
+    # -- scores
+    k_lo, k_hi = load_kv_halves(kc_ptr, row, offs_dh, mask_n, HALF, KV_MODE)  # [BLOCK_N, BLOCK_DH]
+    qk = tl.dot(q_lo, tl.trans(k_lo.to(q_lo.dtype)))
+    qk += tl.dot(q_hi, tl.trans(k_hi.to(q_lo.dtype)))  # [BLOCK_M, BLOCK_N] fp32
+    if KV_MODE != 0:
+        k_s = tl.load(ks_ptr + srow, mask=mask_n, other=0.0).to(tl.float32)
+        k_z = tl.load(ks_ptr + srow + 1, mask=mask_n, other=0.0).to(tl.float32)
+        qk = qk * k_s[None, :] + qsum[:, None] * k_z[None, :]
+    qk = tl.where(valid, qk * qk_scale, float("-inf"))
+    # -- online softmax
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # -- values
+    v_lo, v_hi = load_kv_halves(vc_ptr, row, offs_dh, mask_n, HALF, KV_MODE)
+    if KV_MODE != 0:
+        v_s = tl.load(vs_ptr + srow, mask=mask_n, other=0.0)  # fp16 [BLOCK_N]
+        v_z = tl.load(vs_ptr + srow + 1, mask=mask_n, other=0.0)
+        v_lo = v_lo * v_s[:, None] + v_z[:, None]
+        v_hi = v_hi * v_s[:, None] + v_z[:, None]
+    p = p.to(q_lo.dtype)
+    acc_lo = acc_lo * alpha[:, None] + tl.dot(p, v_lo.to(q_lo.dtype))
+    acc_hi = acc_hi * alpha[:, None] + tl.dot(p, v_hi.to(q_lo.dtype))
+    return m_new, l_i, acc_lo, acc_hi
+
+
+def check_query_for_cache(q: torch.Tensor, cache: PagedKV, num_heads_dim: int = 1) -> int:
+    """Validate q against the cache; returns the GQA group size (query heads per KV head)."""
+    cache.validate()
+    H, D = q.shape[num_heads_dim], q.shape[-1]
+    if D != cache.head_dim:
+        raise ShapeError(f"q head_dim {D} != cache head_dim {cache.head_dim}")
+    if D % 2 or not 32 <= D <= 256:
+        raise ShapeError(f"head_dim {D} is not supported: even, 32..256 (64, 80, 96, 128, 256 tested)")
+    if H % cache.num_kv_heads:
+        raise ShapeError(f"{H} query heads are not a multiple of {cache.num_kv_heads} KV heads")
+    if cache.kv_dtype in _TORCH_FLOAT:
+        if q.dtype != cache.k.dtype:
+            raise ShapeError(f"q is {q.dtype} but the {cache.kv_dtype} cache holds {cache.k.dtype}")
+    elif q.dtype not in (torch.float16, torch.bfloat16):
+        raise ShapeError(f"q must be fp16 or bf16 over an {cache.kv_dtype} cache, got {q.dtype}")
+    if q.stride(-1) != 1:
+        raise ShapeError("q must be contiguous along the head dimension")
+    if q.device != cache.k.device:
+        raise ShapeError(f"q is on {q.device}, the cache on {cache.k.device}")
+    return H // cache.num_kv_heads

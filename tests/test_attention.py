@@ -1,0 +1,268 @@
+"""Paged KV write path, decode and prefill attention against their plain-PyTorch twins.
+
+CPU runs use the Triton interpreter (tests/conftest.py); bf16 and long sequences run on GPU only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmq.errors import ShapeError
+from lmq.kernels.attention_decode import decode_attention, decode_attention_ref
+from lmq.kernels.attention_prefill import prefill_attention, prefill_attention_ref
+from lmq.kernels.kv_quant import (
+    PagedKV,
+    fake_quantize_kv,
+    gather_kv_ref,
+    quantize_kv_ref,
+    write_kv,
+    write_kv_ref,
+)
+
+# relative error ||out - ref|| / ||ref|| allowed, per KV dtype (the ref runs fp32 on the same cache)
+TOL = {"fp16": 3e-3, "bf16": 2e-2, "int8": 5e-3, "int4": 5e-3}
+CPU_KV = ["fp16", "int8", "int4"]
+HEAD_DIMS = [64, 80, 96, 128, 256]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "NaN in output"
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def act_dtype(kv_dtype: str) -> torch.dtype:
+    return torch.bfloat16 if kv_dtype == "bf16" else torch.float16
+
+
+def make_paged(kv_dtype, lens, num_kv_heads, head_dim, device, block_size=16, shared_blocks=0, seed=0):
+    """A poisoned pool holding random K/V for sequences of `lens` tokens in shuffled blocks.
+
+    Sequences 1.. reuse the first `shared_blocks` blocks of sequence 0 (a shared prefix, written
+    once). Returns cache, block_tables [B, max_blocks] int32 (padding -1), seq_lens int32, and the
+    raw K/V per sequence ([L, H_kv, D] each, what was written).
+    """
+    g = torch.Generator().manual_seed(seed)
+    dtype = act_dtype(kv_dtype)
+    n_own = [-(-L // block_size) - (shared_blocks if b else 0) for b, L in enumerate(lens)]
+    total = sum(n_own) + 3
+    perm = torch.randperm(total, generator=g).tolist()
+    cache = PagedKV.allocate(total, block_size, num_kv_heads, head_dim, kv_dtype, device)
+    # poison: whatever the kernels read without it being written shows up as garbage
+    for t in (cache.k, cache.v):
+        if t.dtype == torch.uint8:
+            t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8))
+        else:
+            t.copy_(torch.full(t.shape, 1e4, dtype=t.dtype))
+    for t in (cache.k_scales, cache.v_scales):
+        if t is not None:
+            t.copy_(torch.full(t.shape, 1e3))
+    max_blocks = max(-(-L // block_size) for L in lens) + 1
+    tables = torch.full((len(lens), max_blocks), -1, dtype=torch.int32)
+    raw = []
+    pos = 0
+    for b, L in enumerate(lens):
+        own = perm[pos:pos + n_own[b]]
+        pos += n_own[b]
+        blocks = (tables[0, :shared_blocks].tolist() if b else []) + own
+        tables[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        k = torch.randn(L, num_kv_heads, head_dim, generator=g) * 2 + torch.randn(num_kv_heads, head_dim, generator=g)
+        v = torch.randn(L, num_kv_heads, head_dim, generator=g)
+        first = shared_blocks * block_size if b else 0
+        if b:  # the shared prefix holds sequence 0's tokens
+            k[:first], v[:first] = raw[0][0][:first], raw[0][1][:first]
+        raw.append((k.to(dtype), v.to(dtype)))
+        tok = torch.arange(first, L)
+        slots = (tables[b, tok // block_size].long() * block_size + tok % block_size)
+        # the interpreter runs one program per token: on CPU fill through the (exactly equal) twin
+        write = write_kv if torch.device(device).type == "cuda" else write_kv_ref
+        write(k[first:].to(dtype).to(device), v[first:].to(dtype).to(device), cache, slots.to(device))
+    return cache, tables.to(device), torch.tensor(lens, dtype=torch.int32, device=device), raw
+
+
+# ---------------------------------------------------------------------------------------------
+# write path and fake quantization
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_dtype", CPU_KV)
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_write_kv_matches_ref(device, kv_dtype, head_dim):
+    T, H = 19, 3
+    k = (torch.randn(T, H, head_dim) * 3 + 1).half().to(device)
+    v = torch.randn(T, H, head_dim).half().to(device)
+    slots = torch.randperm(4 * 16)[:T].to(device)
+    slots[5] = -1  # a padding token is skipped
+    a = PagedKV.allocate(4, 16, H, head_dim, kv_dtype, device)
+    b = PagedKV.allocate(4, 16, H, head_dim, kv_dtype, device)
+    for x, y in ((a.k, b.k), (a.v, b.v), (a.k_scales, b.k_scales), (a.v_scales, b.v_scales)):
+        if x is not None:
+            x.zero_()
+            y.zero_()
+    write_kv(k, v, a, slots)
+    write_kv_ref(k, v, b, slots)
+    assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+    if a.k_scales is not None:
+        assert torch.equal(a.k_scales, b.k_scales) and torch.equal(a.v_scales, b.v_scales)
+    # what the cache holds, dequantized, is exactly fake_quantize_kv of the input
+    table = torch.arange(4, dtype=torch.int32, device=device)
+    kd, vd = gather_kv_ref(a, table, 64)  # [64, H, D]
+    keep = slots >= 0
+    assert torch.equal(kd[slots[keep]].half(), fake_quantize_kv(k[keep], kv_dtype))
+    assert torch.equal(vd[slots[keep]].half(), fake_quantize_kv(v[keep], kv_dtype))
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_fake_quantize_error_bound(kv_dtype):
+    x = torch.randn(2, 33, 4, 128) * 5 - 2  # [B, T, H, D]
+    codes, scale, zero = quantize_kv_ref(x, kv_dtype)
+    assert int(codes.max()) <= (255 if kv_dtype == "int8" else 15)
+    y = fake_quantize_kv(x, kv_dtype)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    # within half a step, plus the fp16 rounding of the stored zero
+    bound = scale.float() / 2 + zero.float().abs() * 2.0**-11 + 1e-6
+    assert ((y - x).abs() <= bound[..., None]).all()
+    assert (y - x).abs().max() > 0
+    const = torch.full((3, 2, 64), 0.75)  # zero range: exact, no division by zero
+    assert torch.equal(fake_quantize_kv(const, kv_dtype), const)
+
+
+def test_write_kv_rejects_bad_inputs(device):
+    cache = PagedKV.allocate(2, 16, 2, 64, "int8", device)
+    k = torch.randn(3, 2, 64, device=device).half()
+    with pytest.raises(ShapeError, match="heads"):
+        write_kv(torch.randn(3, 4, 64, device=device).half(), torch.randn(3, 4, 64, device=device).half(),
+                 cache, torch.zeros(3, dtype=torch.int32, device=device))
+    with pytest.raises(ShapeError, match="slot_mapping"):
+        write_kv(k, k, cache, torch.zeros(3, dtype=torch.float32, device=device))
+    with pytest.raises(ShapeError, match="power of two"):
+        PagedKV.allocate(2, 12, 2, 64, "int8", device)
+    with pytest.raises(ShapeError, match="kv_dtype"):
+        PagedKV.allocate(2, 16, 2, 64, "int3", device)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_decode(device, kv_dtype, head_dim, lens, num_heads, num_kv_heads, shared_blocks=0,
+                  split_len=None, block_size=16):
+    cache, tables, seq_lens, _ = make_paged(kv_dtype, lens, num_kv_heads, head_dim, device,
+                                            block_size=block_size, shared_blocks=shared_blocks)
+    q = torch.randn(len(lens), num_heads, head_dim, device=device).to(act_dtype(kv_dtype))
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, cache, tables, seq_lens, split_len=split_len, out=out)
+    ref = decode_attention_ref(q, cache, tables, seq_lens)
+    assert rel_err(out, ref) < TOL[kv_dtype]
+
+
+@pytest.mark.parametrize("kv_dtype", CPU_KV)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_decode_matches_ref(device, kv_dtype, head_dim):
+    _check_decode(device, kv_dtype, head_dim, [1, 2, 17, 255], num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("kv_dtype", CPU_KV)
+@pytest.mark.parametrize("split_len", [16, 48])
+def test_decode_split_merge_and_shared_prefix(device, kv_dtype, split_len):
+    # several splits per sequence, uneven last split; sequences 1.. share 2 blocks of sequence 0
+    _check_decode(device, kv_dtype, 128, [40, 33, 70], num_heads=6, num_kv_heads=2, shared_blocks=2,
+                  split_len=split_len)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_decode_block_sizes(device, block_size):
+    _check_decode(device, "int4", 64, [17, 50], num_heads=8, num_kv_heads=1, block_size=block_size)
+
+
+def test_decode_rejects_bad_inputs(device):
+    cache, tables, seq_lens, _ = make_paged("int8", [5], 2, 64, device)
+    q = torch.randn(1, 4, 64, device=device).half()
+    with pytest.raises(ShapeError, match="multiple"):
+        decode_attention(torch.randn(1, 3, 64, device=device).half(), cache, tables, seq_lens)
+    with pytest.raises(ShapeError, match="head_dim"):
+        decode_attention(torch.randn(1, 4, 32, device=device).half(), cache, tables, seq_lens)
+    with pytest.raises(ShapeError, match="seq_lens"):
+        decode_attention(q, cache, tables, seq_lens.long())
+    with pytest.raises(ShapeError, match="fp16 or bf16"):
+        decode_attention(q.float(), cache, tables, seq_lens)
+    with pytest.raises(ShapeError, match="block table"):
+        decode_attention(q, cache, tables, seq_lens, max_seq_len=10_000)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", ["fp16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_decode_gpu_long(device, kv_dtype, head_dim):
+    _check_decode(device, kv_dtype, head_dim, [1000, 1, 2, 17, 255, 3000, 1000, 5],
+                  num_heads=32, num_kv_heads=8, shared_blocks=0)
+    _check_decode(device, kv_dtype, head_dim, [4096], num_heads=8, num_kv_heads=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_prefill(device, kv_dtype, head_dim, q_lens, prefix_lens, num_heads, num_kv_heads,
+                   shared_blocks=0):
+    lens = [n + p for n, p in zip(q_lens, prefix_lens)]
+    cache, tables, seq_lens, _ = make_paged(kv_dtype, lens, num_kv_heads, head_dim, device,
+                                            shared_blocks=shared_blocks)
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
+    q = torch.randn(sum(q_lens), num_heads, head_dim, device=device).to(act_dtype(kv_dtype))
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, cache, tables, cu, seq_lens, out=out)
+    ref = prefill_attention_ref(q, cache, tables, cu, seq_lens)
+    assert rel_err(out, ref) < TOL[kv_dtype]
+
+
+@pytest.mark.parametrize("kv_dtype", CPU_KV)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_prefill_matches_ref(device, kv_dtype, head_dim):
+    # packed varlen batch; sequence 2 continues after a 21-token prefix already in the cache
+    _check_prefill(device, kv_dtype, head_dim, q_lens=[1, 17, 2], prefix_lens=[0, 0, 21],
+                   num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("kv_dtype", CPU_KV)
+def test_prefill_chunked_with_shared_prefix(device, kv_dtype):
+    # two sequences share a 32-token prefix (2 blocks) and each prefills a new chunk after it
+    _check_prefill(device, kv_dtype, 64, q_lens=[19, 7], prefix_lens=[32, 35], num_heads=2, num_kv_heads=1,
+                   shared_blocks=2)
+
+
+def test_prefill_equals_decode_on_last_row(device):
+    # the last prefill row and a decode step over the same cache compute the same thing
+    lens = [30]
+    cache, tables, seq_lens, _ = make_paged("int4", lens, 2, 96, device)
+    q = torch.randn(30, 4, 96, device=device).half()
+    cu = torch.tensor([0, 30], dtype=torch.int32, device=device)
+    full = prefill_attention(q, cache, tables, cu, seq_lens)
+    last = decode_attention(q[-1:].contiguous(), cache, tables, seq_lens)
+    assert rel_err(full[-1:], last) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", ["fp16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_prefill_gpu_long(device, kv_dtype, head_dim):
+    _check_prefill(device, kv_dtype, head_dim, q_lens=[1000, 1, 2, 17, 255, 300], prefix_lens=[0, 0, 5, 0, 100, 700],
+                   num_heads=32, num_kv_heads=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", ["fp16", "bf16", "int8", "int4"])
+def test_decode_matches_sdpa_on_float_cache(device, kv_dtype):
+    # an independent reference: torch SDPA on the dequantized, contiguous K/V
+    L, H, Hkv, D = 777, 32, 8, 128
+    cache, tables, seq_lens, _ = make_paged(kv_dtype, [L], Hkv, D, device)
+    k, v = gather_kv_ref(cache, tables[0], L)  # [L, H_kv, D]
+    q = torch.randn(1, H, D, device=device).to(act_dtype(kv_dtype))
+    out = decode_attention(q, cache, tables, seq_lens)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float()[:, :, None], k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], enable_gqa=True)
+    assert rel_err(out, ref[:, :, 0]) < TOL[kv_dtype] * math.sqrt(2)
