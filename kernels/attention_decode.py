@@ -111,6 +111,7 @@ def _decode_merge_kernel(
 _GPU_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
 _CPU_CONFIG = (16, 1, 1)  # interpreter: small tiles keep programs x iterations small
 MAX_SPLITS = 128
+PROGRAMS_PER_SM = 2  # split until B * H_kv * splits reaches this many programs per SM
 
 
 def _config(device: torch.device, head_dim: int) -> tuple[int, int, int]:
@@ -127,8 +128,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int) -> int:
-    """Tokens per split: enough programs (B * H_kv * splits ~ 2 per SM), whole BLOCK_N tiles."""
-    want = max(1, -(-2 * sm_count // (batch * num_kv_heads)))
+    """Tokens per split: enough programs (B * H_kv * splits ~ PROGRAMS_PER_SM per SM), whole tiles."""
+    want = max(1, -(-PROGRAMS_PER_SM * sm_count // (batch * num_kv_heads)))
     want = min(want, MAX_SPLITS, max(1, -(-max_len // block_n)))
     split_len = -(-max_len // want)
     return max(block_n, -(-split_len // block_n) * block_n)
