@@ -62,6 +62,35 @@ def guard():
 # ---------------------------------------------------------------------------------------------
 
 
+@bench_app.command("attention")
+def bench_attention_cmd(
+    kv_dtype: str = typer.Option("fp16,int8,int4", "--kv-dtype", help="Comma-separated KV cache dtypes: fp16, int8, int4."),
+    context: str = typer.Option("1k,4k,16k,32k", "--context", help="Comma-separated context lengths (k = 1024)."),
+    batch: str = typer.Option("1,8,64", "--batch", help="Comma-separated batch sizes (sequences per step)."),
+    heads: int = typer.Option(32, "--heads", help="Query heads."),
+    kv_heads: int = typer.Option(8, "--kv-heads", help="KV heads (grouped-query attention)."),
+    head_dim: int = typer.Option(128, "--head-dim", help="Head dimension."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+) -> None:
+    """Time paged decode attention per layer against the bandwidth floor and torch SDPA (fp16 cache)."""
+    with guard():
+        import json
+
+        from lmq.bench_attention import bench_attention, parse_list, render_attention_table
+        from lmq.console import log, out
+
+        report = bench_attention(
+            parse_list(kv_dtype, "--kv-dtype", "str"), parse_list(context, "--context"),
+            parse_list(batch, "--batch"), heads, kv_heads, head_dim,
+            on_row=lambda r: log(f"{r.kv_dtype} L={r.context} B={r.batch}: {r.lmq_us:.1f} us, "
+                                 f"{100 * r.floor_frac:.0f}% of floor"),
+        )
+        if json_out:
+            out.print_json(json.dumps(report))
+        else:
+            out.print(render_attention_table(report))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
