@@ -20,13 +20,11 @@ import triton.language as tl
 from lmq.errors import ShapeError
 from lmq.pack import planes64
 
-CHUNK_K: tl.constexpr = tl.constexpr(planes64.CHUNK_K)
-LANES: tl.constexpr = tl.constexpr(planes64.LANES)
-PLANES: tl.constexpr = tl.constexpr(planes64.PLANES)
 
 
 @triton.jit
-def _w4a16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G: tl.constexpr, BLOCK_N: tl.constexpr):
+def _w4a16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr):
     chunk = tl.program_id(0)  # one 64-wide K chunk
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_mask = offs_n < N
@@ -53,7 +51,8 @@ def w4a16_dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     w = torch.empty((N, K), dtype=dtype, device=qweight.device)  # [N, K]
     BLOCK_N = 32 if qweight.device.type == "cpu" else 128
     grid = (K // planes64.CHUNK_K, triton.cdiv(N, BLOCK_N))
-    _w4a16_dequant_kernel[grid](qweight, scales, zeros, w, N, K, G=group_size, BLOCK_N=BLOCK_N, num_warps=4)
+    _w4a16_dequant_kernel[grid](qweight, scales, zeros, w, N, K, G=group_size, BLOCK_N=BLOCK_N,
+                                CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES, num_warps=4)
     return w
 
 

@@ -27,13 +27,55 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import constexpr_function
 
 from lmq.errors import ShapeError
 from lmq.pack import planes64
 
-CHUNK_K: tl.constexpr = tl.constexpr(planes64.CHUNK_K)
-LANES: tl.constexpr = tl.constexpr(planes64.LANES)
-PLANES: tl.constexpr = tl.constexpr(planes64.PLANES)
+
+
+@constexpr_function
+def _pair_asm(first, bf16):
+    """PTX for planes `first` and `first + 1` of two packed int16 lanes ($2) minus the zero ($3).
+
+    Each 32-bit register holds two lanes; `(r >> 4i) & 0x000F000F | MAGIC2` is plane i of both lanes
+    as two fp16/bf16 values MAGIC + q (one LOP3 after the shift), and one packed subtract (fp16) or
+    fma with 1.0 (bf16, sm80 has no bf16x2 sub) removes MAGIC + z: 1.5 instructions per weight.
+    """
+    magic = "0x43004300" if bf16 else "0x64006400"
+    lines = ["{", ".reg .b32 t0, t1, one, nz;"]
+    for o, i in ((0, first), (1, first + 1)):
+        src = "$2"
+        if i:
+            lines.append(f"shr.u32 t{o}, $2, {4 * i};")
+            src = f"t{o}"
+        lines.append(f"lop3.b32 t{o}, {src}, 0x000F000F, {magic}, 0xEA;")
+    if bf16:
+        lines += ["mov.b32 one, 0x3F803F80;", "xor.b32 nz, $3, 0x80008000;",
+                  "fma.rn.bf16x2 $0, t0, one, nz;", "fma.rn.bf16x2 $1, t1, one, nz;"]
+    else:
+        lines += ["sub.f16x2 $0, t0, $3;", "sub.f16x2 $1, t1, $3;"]
+    return "\n".join(lines + ["}"])
+
+
+
+
+@triton.jit
+def _dequant_pair(h, zq, FIRST: tl.constexpr, MAGIC: tl.constexpr, IS_BF16: tl.constexpr, FAST: tl.constexpr):
+    """Planes FIRST and FIRST + 1 of `h [BN, 16]` int16 as q - z in the activation dtype (exact)."""
+    if IS_BF16:
+        wdt: tl.constexpr = tl.bfloat16
+    else:
+        wdt: tl.constexpr = tl.float16
+    zb = tl.broadcast_to(zq[:, None], h.shape)  # [BN, 16] MAGIC + z
+    if FAST:
+        p0, p1 = tl.inline_asm_elementwise(_pair_asm(FIRST, IS_BF16), "=r,=r,r,r", [h, zb], dtype=(zb.dtype, zb.dtype),
+                                           is_pure=True, pack=2)
+    else:
+        # Plain Triton (the interpreter has no inline assembly): the same bits, one lane at a time.
+        p0 = (((h >> (4 * FIRST)) & 0xF) | MAGIC).to(tl.int16).to(wdt, bitcast=True) - zb
+        p1 = (((h >> (4 * FIRST + 4)) & 0xF) | MAGIC).to(tl.int16).to(wdt, bitcast=True) - zb
+    return p0, p1
 
 
 @triton.jit
@@ -44,6 +86,8 @@ def _w4a16_gemm_kernel(
     G: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, IS_BF16: tl.constexpr,
+    CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,  # planes64's geometry
+    FAST_CVT: tl.constexpr,  # inline-PTX int4 -> fp16/bf16 (GPU); plain Triton under the interpreter
 ):
     # -- which output tile and which K range this program owns ------------------------------------
     pid = tl.program_id(0)
@@ -68,6 +112,8 @@ def _w4a16_gemm_kernel(
     k_lo = pid_k * tiles_per_split * BLOCK_K
     k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
 
+    CHUNKS_PER_GROUP: tl.constexpr = G // CHUNK_K if G > CHUNK_K else 1
+    PLANES_PER_GROUP: tl.constexpr = PLANES if G >= CHUNK_K else G // LANES
     if IS_BF16:
         MAGIC: tl.constexpr = 0x4300  # bf16 128.0
         wdt: tl.constexpr = tl.bfloat16
@@ -79,29 +125,31 @@ def _w4a16_gemm_kernel(
     qw_rows = qw_ptr + offs_n[:, None] * LANES + lanes[None, :]  # [BN, 16], chunk 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(k_lo, k_hi, BLOCK_K):
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for c in tl.static_range(BLOCK_K // CHUNK_K):
-            # -- stream one chunk of weights: BLOCK_N rows x 32 contiguous bytes ------------------
-            chunk = kt // CHUNK_K + c
-            h = tl.load(qw_rows + chunk * N * LANES, mask=n_mask[:, None], other=0,
-                        eviction_policy="evict_first")  # [BN, 16] int16
-            for i in tl.static_range(PLANES):
-                kk = CHUNK_K * c + LANES * i  # offset of this plane in the tile
-                if kk % G == 0:
-                    # -- a new group starts: its zero (as MAGIC + z) and scale, one row each ------
-                    g = (kt + kk) // G
-                    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
-                    zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN] MAGIC + z
-                    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
-                # -- dequantize plane i: q - z exactly, no int-to-float conversion ----------------
-                wq = (((h >> (4 * i)) & 0xF) | MAGIC).to(wdt, bitcast=True)  # [BN, 16] MAGIC + q
-                w = wq - zq[:, None]  # [BN, 16] q - z
-                a = tl.load(x_rows + (kt + kk + lanes)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, 16]
-                part = tl.dot(a, tl.trans(w), part)  # [BM, BN]
-                if (kk + LANES) % G == 0:
-                    # -- the group ends: apply its scale once to the partial sum ------------------
-                    acc += part * s[None, :]
-                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for gi in tl.static_range(BLOCK_K // G):
+            # -- one group: its zero (as MAGIC + z) and scale, one contiguous row of N each -------
+            g = (kt + gi * G) // G
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
+            zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN] MAGIC + z
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for cc in tl.static_range(CHUNKS_PER_GROUP):
+                # -- stream one chunk of weights: BLOCK_N rows x 32 contiguous bytes --------------
+                # (G = 32: both groups of a chunk load it; the second load hits L1)
+                chunk = (kt + gi * G) // CHUNK_K + cc
+                h = tl.load(qw_rows + chunk * N * LANES, mask=n_mask[:, None], other=0,
+                            eviction_policy="evict_first")  # [BN, 16] int16
+                for ii in tl.static_range(PLANES_PER_GROUP // 2):
+                    # -- dequantize two planes: q - z exactly, no int-to-float conversion ---------
+                    # first plane of the pair: i = (gi * G) % CHUNK_K // LANES + 2 * ii (a constexpr)
+                    w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
+                                           FAST_CVT)  # [BN, 16] each
+                    k0 = chunk * CHUNK_K + LANES * ((gi * G) % CHUNK_K // LANES + 2 * ii)  # plane i's first k
+                    a0 = tl.load(x_rows + (k0 + lanes)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, 16]
+                    a1 = tl.load(x_rows + (k0 + LANES + lanes)[None, :], mask=m_mask[:, None], other=0.0)
+                    part = tl.dot(a0, tl.trans(w0), part)  # [BM, BN]
+                    part = tl.dot(a1, tl.trans(w1), part)
+            # -- the group ends: apply its scale once to the partial sum --------------------------
+            acc += part * s[None, :]
 
     out = acc.to(out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -116,7 +164,7 @@ def _w4a16_gemm_kernel(
 # Per-arch configurations: the one table (recorded in the packed manifest, read by the dispatcher).
 # decode_max_m / dequant_min_m are the crossovers measured with `lmq bench gemm` (docs/benchmarks.md).
 # ---------------------------------------------------------------------------------------------
-_DECODE = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 0, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+_DECODE = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": 0, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
                      "num_warps": 8, "num_stages": 3}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
@@ -194,6 +242,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         x2, qweight, scales, zeros, out, M, N, K, x2.stride(0), out.stride(0),
         G=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
         SPLIT_K=split_k, GROUP_M=cfg["GROUP_M"], IS_BF16=x.dtype == torch.bfloat16,
+        CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES,
+        FAST_CVT=x.device.type == "cuda",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.reshape(*lead, N)
