@@ -55,6 +55,54 @@ def guard():
 # ---------------------------------------------------------------------------------------------
 # pack (stage 2: the packed checkpoint) and bench gemm
 # ---------------------------------------------------------------------------------------------
+@app.command("pack")
+def pack_cmd(
+    checkpoint: Path = typer.Argument(..., help="A portable 4-bit checkpoint folder (lmq's or AutoAWQ's)."),
+    arch: str = typer.Option(..., "--arch", help="GPU generation: sm75, sm80, sm86, sm89, sm90, or auto (the local GPU)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write the packed checkpoint to."),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+) -> None:
+    """Re-lay a portable 4-bit checkpoint in the order one GPU generation's kernels read fastest."""
+    with guard():
+        from lmq.console import log
+        from lmq.pack.api import pack_checkpoint
+
+        info = pack_checkpoint(checkpoint, output, arch, force=force)
+        log(f"packed {info['linears']} linears for {info['arch']} (layout {info['layout']}) into {output}")
+
+
+@bench_app.command("gemm")
+def bench_gemm_cmd(
+    shapes: str = typer.Option("llama3-8b", "--shapes", help="llama3-8b, qwen2.5-7b, or M,N,K triples separated by ';'."),
+    m: str = typer.Option("1,4,16,64,256,1024,4096", "--m", help="Comma-separated M (rows) to time per shape."),
+    group_size: int = typer.Option(128, "--group-size", help="Quantization group size: 32, 64 or 128."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+) -> None:
+    """Time lmq's W4A16 GEMM against cuBLAS fp16 and torch's int4 kernel, with the bandwidth floor."""
+    with guard():
+        import json
+
+        from lmq.bench import bench_gemm, parse_gemm_shapes, render_gemm_table
+        from lmq.console import log, out
+        from lmq.errors import InputError
+
+        try:
+            ms = [int(v) for v in m.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"--m {m!r}: expected comma-separated positive integers, e.g. 1,16,256") from None
+        if not ms or min(ms) <= 0:
+            raise InputError(f"--m {m!r}: expected comma-separated positive integers, e.g. 1,16,256")
+        shape_list, per_shape_ms = parse_gemm_shapes(shapes)
+        report = bench_gemm(
+            shape_list, ms, group_size, per_shape_ms,
+            on_row=lambda r: log(f"{r.shape} M={r.M}: lmq {r.lmq_us:.1f} us ({r.lmq_path}), "
+                                 f"cuBLAS {r.cublas_fp16_us:.1f} us, x{r.speedup:.2f}"),
+        )
+        if json_out:
+            out.print_json(json.dumps(report))
+        else:
+            out.print(render_gemm_table(report))
+
 
 
 # ---------------------------------------------------------------------------------------------

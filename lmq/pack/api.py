@@ -1,0 +1,253 @@
+"""`lmq pack`: a portable 4-bit checkpoint -> a packed checkpoint for one GPU generation.
+
+Input: any folder whose config.json has `quantization_config` {quant_method: "awq", bits: 4,
+group_size, zero_point, version: "gemm"} (lmq's portable checkpoints and AutoAWQ's), read with
+safetensors directly: `<prefix>.qweight/.qzeros/.scales` per quantized linear, plain tensors else.
+
+Output (written atomically: a temporary folder beside the target, renamed at the end):
+    <prefix>.qweight/.scales/.zeros  in the arch's layout (`LAYOUTS[arch]`, e.g. lmq/pack/planes64.py)
+    every other tensor               unchanged
+    config.json                      quantization_config.version = "lmq-<layout>" so other tools
+                                     refuse the folder instead of misreading it
+    tokenizer and other files        copied
+    manifest.json                    kind "packed", arch, layout name + version, minimum compute
+                                     capability, the kernel configuration, and the source
+
+Packing is deterministic: tensors are visited in sorted order and nothing time-dependent is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator
+
+import torch
+
+from lmq.errors import CheckpointError, InputError, UnsupportedError
+from lmq.format import awq_gemm
+from lmq.pack import planes64
+
+# arch -> (layout module, minimum compute capability). One layout serves every arch today; the
+# per-arch differences (tile shapes, stages, warps, split-K, crossovers) live in the kernel's
+# config table (lmq.kernels.w4a16_gemm.CONFIGS) and are recorded in the manifest.
+LAYOUTS: dict[str, tuple[ModuleType, str]] = {
+    "sm75": (planes64, "7.5"),
+    "sm80": (planes64, "8.0"),
+    "sm86": (planes64, "8.6"),
+    "sm89": (planes64, "8.9"),
+    "sm90": (planes64, "9.0"),
+}
+QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales")
+_WEIGHT_FILES = ("model.safetensors.index.json", "manifest.json", "config.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# manifests: lmq.format.manifest owns the file; these are the packed kind's fields
+# ---------------------------------------------------------------------------------------------
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    from lmq.format.manifest import read_manifest as _read
+
+    return _read(Path(folder))
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    from lmq.format.manifest import write_manifest as _write
+
+    _write(Path(folder), manifest)
+
+
+def resolve_arch(arch: str) -> str:
+    """`auto` -> the local GPU's arch; otherwise check the name."""
+    if arch == "auto":
+        from lmq.engine.qlinear import local_arch
+
+        return local_arch()
+    if arch not in LAYOUTS:
+        raise InputError(f"--arch {arch!r} is not one of {', '.join(LAYOUTS)} or auto")
+    return arch
+
+
+def check_packed_for(folder: Path, arch: str) -> dict[str, Any]:
+    """The runtime's check: the packed checkpoint at `folder` must be for `arch`; returns its manifest.
+
+    On a mismatch the error names the exact `lmq pack` command that re-packs the source for `arch`.
+    """
+    folder = Path(folder)
+    m = read_manifest(folder)
+    if m is None or m.get("kind") != "packed":
+        raise CheckpointError(f"{folder} is not a packed checkpoint (no manifest.json of kind 'packed')")
+    if m.get("arch") != arch:
+        src = m.get("source", {}).get("path", "<the portable checkpoint>")
+        raise CheckpointError(
+            f"{folder} is packed for {m.get('arch')} (compute capability >= {m.get('min_compute_capability')}), "
+            f"but this GPU is {arch}; re-pack it for this GPU: lmq pack {src} --arch {arch} -o {folder}-{arch}"
+        )
+    layout, _ = LAYOUTS[arch]
+    want = {"name": layout.NAME, "version": layout.VERSION}
+    if m.get("layout") != want:
+        raise CheckpointError(
+            f"{folder} uses layout {m.get('layout')}, this lmq reads {want}; re-pack it: "
+            f"lmq pack {m.get('source', {}).get('path', '<source>')} --arch {arch} -o {folder} --force"
+        )
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the portable checkpoint
+# ---------------------------------------------------------------------------------------------
+def _quant_config(src: Path) -> dict[str, Any]:
+    cfg_path = src / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{src} has no config.json; give a quantized checkpoint folder (from `lmq quantize`)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from e
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise CheckpointError(
+            f"{src} is not a quantized checkpoint (config.json has no quantization_config); run `lmq quantize` first"
+        )
+    method, version = str(qc.get("quant_method", "")).lower(), str(qc.get("version", "gemm")).lower()
+    if method != "awq" or version != "gemm":
+        hint = " (it is already packed)" if version.startswith("lmq-") else ""
+        raise UnsupportedError(
+            f"{src}: quantization_config is {method!r} version {version!r}{hint}; lmq pack reads AWQ 'gemm' "
+            f"checkpoints (from `lmq quantize` or AutoAWQ)"
+        )
+    if int(qc.get("bits", qc.get("w_bit", 0))) != 4:
+        raise UnsupportedError(f"{src}: bits={qc.get('bits')}; lmq packs 4-bit checkpoints only")
+    G = int(qc.get("group_size", qc.get("q_group_size", 0)))
+    if G not in (32, 64, 128):
+        raise UnsupportedError(f"{src}: group_size={G}; lmq's kernels take 32, 64 or 128")
+    return cfg
+
+
+def _shard_map(src: Path) -> dict[str, str]:
+    """tensor name -> shard file name."""
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = src / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"{src} has neither model.safetensors nor model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+class _Reader:
+    """Tensors by name from the shards, each shard opened once."""
+
+    def __init__(self, src: Path, shard_of: dict[str, str]):
+        from safetensors import safe_open
+
+        self._files = {s: safe_open(str(src / s), "pt") for s in sorted(set(shard_of.values()))}
+        self._shard_of = shard_of
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._files[self._shard_of[name]].get_tensor(name)
+
+
+def pack_linear(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                arch: str, name: str = "linear") -> dict[str, torch.Tensor]:
+    """One linear's AutoAWQ gemm tensors -> the arch's layout (also what a loader uses to pack on the fly)."""
+    layout, _ = LAYOUTS[arch]
+    q = awq_gemm.unpack(qweight, qzeros, scales, group_size, name)
+    return layout.pack(q, name)
+
+
+def quantized_prefixes(names: Iterator[str] | list[str]) -> list[str]:
+    """Sorted prefixes that have all of .qweight/.qzeros/.scales."""
+    names = set(names)
+    return sorted(n[: -len(".qweight")] for n in names
+                  if n.endswith(".qweight") and all(n[: -len(".qweight")] + s in names for s in QUANT_SUFFIXES))
+
+
+# ---------------------------------------------------------------------------------------------
+# pack
+# ---------------------------------------------------------------------------------------------
+def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dict[str, Any]:
+    """Pack the portable checkpoint `src` for `arch` into `out`; returns a summary."""
+    from lmq.console import progress
+    from lmq.format.writer import CheckpointWriter, check_output_path
+    from lmq.kernels.w4a16_gemm import CONFIGS
+
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise InputError(f"{src} is not a folder; give a quantized checkpoint folder (from `lmq quantize`)")
+    arch = resolve_arch(arch)
+    if out.resolve() == src.resolve():
+        raise InputError(f"-o {out} is the source folder; write the packed checkpoint to another folder")
+    check_output_path(out, force)
+    cfg = _quant_config(src)
+    qc = cfg["quantization_config"]
+    G = int(qc.get("group_size", qc.get("q_group_size")))
+    src_manifest = read_manifest(src)
+    if src_manifest is not None and src_manifest.get("kind") == "packed":
+        raise InputError(f"{src} is already packed (for {src_manifest.get('arch')}); pack its source instead")
+    shard_of = _shard_map(src)
+    prefixes = quantized_prefixes(shard_of)
+    if not prefixes:
+        raise CheckpointError(f"{src} holds no quantized linears (no <name>.qweight/.qzeros/.scales tensors)")
+    quant_names = {p + s for p in prefixes for s in QUANT_SUFFIXES}
+    plain = sorted(n for n in shard_of if n not in quant_names)
+    layout, min_cc = LAYOUTS[arch]
+    reader = _Reader(src, shard_of)
+
+    with CheckpointWriter(out, force) as w, progress() as bar:
+        task = bar.add_task(f"packing for {arch}", total=len(prefixes) + len(plain), info="")
+        written = 0
+        for p in prefixes:
+            packed = pack_linear(reader.get(p + ".qweight"), reader.get(p + ".qzeros"), reader.get(p + ".scales"),
+                                 G, arch, p)
+            for suffix, t in sorted(packed.items()):
+                w.add(f"{p}.{suffix}", t)
+                written += t.numel() * t.element_size()
+            bar.update(task, advance=1, info=f"{p}  {written / 2**20:.0f} MiB")
+        for n in plain:
+            t = reader.get(n)
+            w.add(n, t)
+            written += t.numel() * t.element_size()
+            bar.update(task, advance=1, info=f"{n}  {written / 2**20:.0f} MiB")
+        # -- non-weight files, then config.json and the manifest -----------------------------------
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(".safetensors"):
+                shutil.copyfile(f, w.tmp / f.name)
+        cfg = {**cfg, "quantization_config": {**qc, "version": f"lmq-{layout.NAME}"}}
+        w.write_json("config.json", cfg)
+        write_manifest(w.tmp, {
+            "kind": "packed",
+            "arch": arch,
+            "layout": {"name": layout.NAME, "version": layout.VERSION},
+            "min_compute_capability": min_cc,
+            "kernel_config": CONFIGS[arch],
+            "bits": 4,
+            "group_size": G,
+            "zero_point": bool(qc.get("zero_point", True)),
+            "quantized_linears": len(prefixes),
+            "source": {
+                "path": str(src),
+                "kind": (src_manifest or {}).get("kind", "autoawq"),
+                "format_version": (src_manifest or {}).get("format_version"),
+                "settings": {k: v for k, v in (src_manifest or {}).items()
+                             if k not in ("kind", "format_version", "lmq_version")},
+            },
+        })
+    return {"arch": arch, "layout": f"{layout.NAME} v{layout.VERSION}", "linears": len(prefixes),
+            "bytes": written, "out": str(out)}
+
+
+def load_packed_linear(folder: Path, prefix: str, arch: str) -> dict[str, torch.Tensor]:
+    """One linear's packed tensors from a packed checkpoint (after `check_packed_for`)."""
+    folder = Path(folder)
+    reader = _Reader(folder, _shard_map(folder))
+    layout, _ = LAYOUTS[arch]
+    try:
+        return {k: reader.get(f"{prefix}.{k}") for k in ("qweight", "scales", "zeros")}
+    except KeyError:
+        raise CheckpointError(f"{folder} has no packed linear {prefix!r} ({layout.NAME} tensors)") from None

@@ -1,0 +1,166 @@
+"""Layout round trips and `lmq pack` on a tiny portable checkpoint written here."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from lmq.cli import app
+from lmq.errors import CheckpointError, InputError, ShapeError, UnsupportedError
+from lmq.format import awq_gemm
+from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
+from lmq.pack import api, planes64
+from lmq.quant.rtn import QuantizedWeight, quantize
+
+
+def random_q(N, K, G):
+    return QuantizedWeight(
+        codes=torch.randint(0, 16, (N, K), dtype=torch.uint8),
+        scales=(torch.rand(N, K // G) + 0.01).to(torch.float16),
+        zeros=torch.randint(0, 16, (N, K // G), dtype=torch.uint8),
+        bits=4, group_size=G,
+    )
+
+
+@pytest.mark.parametrize("N,K,G", [(40, 256, 32), (576, 128, 64), (8, 1536, 128), (3, 64, 32)])
+def test_planes64_round_trip_exact(N, K, G):
+    q = random_q(N, K, G)
+    p = planes64.pack(q)
+    assert p["qweight"].shape == (K // 64, N, 16) and p["qweight"].dtype == torch.int16
+    u = planes64.unpack(p["qweight"], p["scales"], p["zeros"], G)
+    assert torch.equal(u.codes, q.codes) and torch.equal(u.scales, q.scales) and torch.equal(u.zeros, q.zeros)
+    assert torch.equal(planes64.pack(u)["qweight"], p["qweight"])  # deterministic
+
+
+def test_planes64_bit_order_is_k_index():
+    """A single non-zero code lands in the nibble and lane `k_index` names."""
+    N, K = 5, 192
+    for chunk, plane, lane in [(0, 0, 0), (1, 3, 15), (2, 1, 7)]:
+        codes = torch.zeros(N, K, dtype=torch.uint8)
+        k = planes64.k_index(chunk, plane, lane)
+        codes[3, k] = 9
+        q = QuantizedWeight(codes, torch.ones(N, K // 64, dtype=torch.float16),
+                            torch.zeros(N, K // 64, dtype=torch.uint8), 4, 64)
+        h = planes64.pack(q)["qweight"].to(torch.int32) & 0xFFFF  # [K/64, N, 16]
+        assert int(h[chunk, 3, lane]) == 9 << (4 * plane)
+        assert int(h.count_nonzero()) == 1
+
+
+def test_planes64_rejects_bad_shapes():
+    with pytest.raises(ShapeError, match="divisible by 64"):
+        planes64.pack(random_q(8, 96, 32))
+    with pytest.raises(ShapeError, match="group size 16"):
+        planes64.pack(random_q(8, 128, 16))
+    p = planes64.pack(random_q(8, 128, 64))
+    with pytest.raises(ShapeError, match="scales must be"):
+        planes64.unpack(p["qweight"], p["scales"][:1], p["zeros"], 64)
+
+
+def test_every_arch_layout_gives_the_reference_gemm(device):
+    """AWQ gemm tensors -> each arch's layout -> kernel == the dequantized AWQ weight's product."""
+    N, K, G = 40, 128, 64
+    q = quantize(torch.randn(N, K), 4, G)
+    awq = awq_gemm.pack(q)
+    x = torch.randn(3, K).half()
+    want = (x.float() @ q.dequantize().t())
+    for arch in api.LAYOUTS:
+        p = api.pack_linear(awq["qweight"], awq["qzeros"], awq["scales"], G, arch)
+        p = {k: v.to(device) for k, v in p.items()}
+        out = w4a16_gemm(x.to(device), p["qweight"], p["scales"], p["zeros"], G).float().cpu()
+        assert ((out - want).norm() / want.norm()) < 2e-3, arch
+
+
+# ---------------------------------------------------------------------------------------------
+# lmq pack on a tiny portable checkpoint
+# ---------------------------------------------------------------------------------------------
+LINEARS = {"model.layers.0.self_attn.q_proj": (64, 128), "model.layers.0.mlp.down_proj": (48, 192)}
+
+
+def write_portable(folder, G=64, sharded=False):
+    """A tiny quantized checkpoint in the portable format (AWQ gemm tensors + fp16 rest)."""
+    folder.mkdir()
+    tensors = {"model.embed_tokens.weight": torch.randn(32, 128).half(),
+               "model.norm.weight": torch.randn(128).half()}
+    qs = {}
+    for prefix, (N, K) in LINEARS.items():
+        q = quantize(torch.randn(N, K), 4, G)
+        qs[prefix] = q
+        for k, v in awq_gemm.pack(q).items():
+            tensors[f"{prefix}.{k}"] = v
+    if sharded:
+        names = sorted(tensors)
+        halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for fname, ns in halves.items():
+            save_file({n: tensors[n] for n in ns}, str(folder / fname))
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {n: f for f, ns in halves.items() for n in ns}}))
+    else:
+        save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama",
+        "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True,
+                                "version": "gemm"}}))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "manifest.json").write_text(json.dumps({"format_version": 1, "kind": "quantized", "method": "rtn"}))
+    return tensors, qs
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_pack_checkpoint(tmp_path, sharded):
+    src, out = tmp_path / "q", tmp_path / "packed"
+    tensors, qs = write_portable(src, sharded=sharded)
+    info = api.pack_checkpoint(src, out, "sm90")
+    assert info["linears"] == 2 and not list(tmp_path.glob(".packed.tmp-*"))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["kind"] == "packed" and m["arch"] == "sm90" and m["layout"] == {"name": "planes64", "version": 1}
+    assert m["min_compute_capability"] == "9.0" and m["kernel_config"] == json.loads(json.dumps(CONFIGS["sm90"]))
+    assert m["source"]["path"] == str(src) and m["source"]["kind"] == "quantized"
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["version"] == "lmq-planes64"
+    assert (out / "tokenizer.json").exists()
+    packed = load_file(str(out / "model.safetensors"))
+    assert torch.equal(packed["model.norm.weight"], tensors["model.norm.weight"])
+    for prefix, q in qs.items():
+        u = planes64.unpack(packed[f"{prefix}.qweight"], packed[f"{prefix}.scales"], packed[f"{prefix}.zeros"], 64)
+        assert torch.equal(u.codes, q.codes) and torch.equal(u.scales, q.scales) and torch.equal(u.zeros, q.zeros)
+    assert api.check_packed_for(out, "sm90")["arch"] == "sm90"
+    with pytest.raises(CheckpointError, match=f"lmq pack {src} --arch sm80 -o {out}-sm80"):
+        api.check_packed_for(out, "sm80")
+
+
+def test_pack_is_deterministic_and_refuses_overwrite(tmp_path):
+    src = tmp_path / "q"
+    write_portable(src)
+    api.pack_checkpoint(src, tmp_path / "a", "sm80")
+    api.pack_checkpoint(src, tmp_path / "b", "sm80")
+    for f in ("model.safetensors", "manifest.json", "config.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    with pytest.raises(InputError, match="--force"):
+        api.pack_checkpoint(src, tmp_path / "a", "sm80")
+    api.pack_checkpoint(src, tmp_path / "a", "sm86", force=True)
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["arch"] == "sm86"
+
+
+def test_pack_refuses_bad_inputs(tmp_path):
+    src = tmp_path / "q"
+    write_portable(src)
+    with pytest.raises(InputError, match="sm70"):
+        api.pack_checkpoint(src, tmp_path / "o", "sm70")
+    api.pack_checkpoint(src, tmp_path / "p", "sm90")
+    with pytest.raises(UnsupportedError, match="already packed"):
+        api.pack_checkpoint(tmp_path / "p", tmp_path / "o", "sm90")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="lmq quantize"):
+        api.pack_checkpoint(tmp_path / "plain", tmp_path / "o", "sm90")
+
+
+def test_pack_cli(tmp_path):
+    src = tmp_path / "q"
+    write_portable(src)
+    r = CliRunner().invoke(app, ["pack", str(src), "--arch", "sm89", "-o", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text())["arch"] == "sm89"
+    r = CliRunner().invoke(app, ["pack", str(src), "--arch", "sm89", "-o", str(tmp_path / "p")])
+    assert r.exit_code == 1 and "--force" in r.output
