@@ -19,10 +19,11 @@ G = 128
 SWEEP = {
     "decode": {
         "ms": [1, 16, 32],
-        "configs": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, GROUP_M=1, num_warps=w, num_stages=s)
-                    for bn, w in ((64, 4), (128, 4), (64, 2), (256, 8)) for bk in (256, 512) for s in (3,)]
-                   + [dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, SPLIT_K=0, GROUP_M=1, num_warps=4, num_stages=s)
-                      for s in (2, 4)],
+        "configs": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, GROUP_M=1, num_warps=w, num_stages=3,
+                         SWAP_AB=True)
+                    for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8)) for bk in (256, 512)]
+                   + [dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, SPLIT_K=0, GROUP_M=1, num_warps=4, num_stages=s,
+                           SWAP_AB=swap) for s, swap in ((3, False), (2, True), (4, True))],
     },
     "prefill": {
         "ms": [64, 256, 1024, 4096],

@@ -87,6 +87,7 @@ def _w4a16_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, IS_BF16: tl.constexpr,
     CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,  # planes64's geometry
+    SWAP_AB: tl.constexpr,
     FAST_CVT: tl.constexpr,  # inline-PTX int4 -> fp16/bf16 (GPU); plain Triton under the interpreter
 ):
     # -- which output tile and which K range this program owns ------------------------------------
@@ -123,7 +124,12 @@ def _w4a16_gemm_kernel(
 
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # [BM, 1]
     qw_rows = qw_ptr + offs_n[:, None] * LANES + lanes[None, :]  # [BN, 16], chunk 0
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP_AB computes out^T = w_hat @ x^T: the weights become tl.dot's first operand, which suits
+    # small M (the activations are the narrow operand). The accumulator is then [BN, BM].
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(k_lo, k_hi, BLOCK_K):
         for gi in tl.static_range(BLOCK_K // G):
             # -- one group: its zero (as MAGIC + z) and scale, one contiguous row of N each -------
@@ -131,7 +137,7 @@ def _w4a16_gemm_kernel(
             z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
             zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN] MAGIC + z
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            part = tl.zeros_like(acc)
             for cc in tl.static_range(CHUNKS_PER_GROUP):
                 # -- stream one chunk of weights: BLOCK_N rows x 32 contiguous bytes --------------
                 # (G = 32: both groups of a chunk load it; the second load hits L1)
@@ -146,14 +152,25 @@ def _w4a16_gemm_kernel(
                     k0 = chunk * CHUNK_K + LANES * ((gi * G) % CHUNK_K // LANES + 2 * ii)  # plane i's first k
                     a0 = tl.load(x_rows + (k0 + lanes)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, 16]
                     a1 = tl.load(x_rows + (k0 + LANES + lanes)[None, :], mask=m_mask[:, None], other=0.0)
-                    part = tl.dot(a0, tl.trans(w0), part)  # [BM, BN]
-                    part = tl.dot(a1, tl.trans(w1), part)
+                    if SWAP_AB:
+                        part = tl.dot(w0, tl.trans(a0), part)  # [BN, BM]
+                        part = tl.dot(w1, tl.trans(a1), part)
+                    else:
+                        part = tl.dot(a0, tl.trans(w0), part)  # [BM, BN]
+                        part = tl.dot(a1, tl.trans(w1), part)
             # -- the group ends: apply its scale once to the partial sum --------------------------
-            acc += part * s[None, :]
+            if SWAP_AB:
+                acc += part * s[:, None]
+            else:
+                acc += part * s[None, :]
 
     out = acc.to(out_ptr.dtype.element_ty)
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
+    if SWAP_AB:
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BN, BM]
+        mask = m_mask[None, :] & n_mask[:, None]
+    else:
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]  # [BM, BN]
+        mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, out, mask=mask)
     else:
@@ -164,7 +181,7 @@ def _w4a16_gemm_kernel(
 # Per-arch configurations: the one table (recorded in the packed manifest, read by the dispatcher).
 # decode_max_m / dequant_min_m are the crossovers measured with `lmq bench gemm` (docs/benchmarks.md).
 # ---------------------------------------------------------------------------------------------
-_DECODE = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": 0, "GROUP_M": 1, "num_warps": 4, "num_stages": 3}
+_DECODE = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": 0, "GROUP_M": 1, "num_warps": 4, "num_stages": 3, "SWAP_AB": True}
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
                      "num_warps": 8, "num_stages": 3}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
@@ -243,7 +260,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         G=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
         SPLIT_K=split_k, GROUP_M=cfg["GROUP_M"], IS_BF16=x.dtype == torch.bfloat16,
         CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES,
-        FAST_CVT=x.device.type == "cuda",
+        FAST_CVT=x.device.type == "cuda", SWAP_AB=cfg.get("SWAP_AB", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.reshape(*lead, N)

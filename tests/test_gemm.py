@@ -58,13 +58,14 @@ def test_gemm_odd_shapes(M, N, K, G, device):
     assert rel_err(out, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_gemm_split_k_explicit(split_k, device):
+def test_gemm_split_k_explicit(split_k, swap_ab, device):
     N, K, G = 48, 384, 64
     p = random_packed(N, K, G, device)
     x = torch.randn(4, K, device=device).half()
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": split_k, "GROUP_M": 1,
-           "num_warps": 4, "num_stages": 1}
+           "num_warps": 4, "num_stages": 1, "SWAP_AB": swap_ab}
     out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
     ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
     assert rel_err(out, ref) < TOL[torch.float16]
