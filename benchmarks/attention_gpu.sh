@@ -13,7 +13,7 @@ if [ -z "$SKIP_TESTS" ]; then
   timeout 240 python3 -m pytest -q -m gpu tests/test_attention.py -p no:warnings 2>&1 | tail -25 | tee "$OUT/tests.log"
 fi
 if [ -z "$SKIP_SWEEP" ]; then
-  timeout 150 python3 benchmarks/attention_sweep.py 2>&1 | tee "$OUT/sweep.log"
+  timeout 200 python3 benchmarks/attention_sweep.py 2>&1 | tee "$OUT/sweep.log"
 fi
 echo "+ lmq bench attention --json $*" | tee "$OUT/bench_cmd.txt"
 timeout 300 lmq bench attention --json "$@" >"$OUT/bench.json" 2>"$OUT/bench.log"; rc=$?

@@ -1,7 +1,9 @@
-"""Sweep decode-attention launch configs (BLOCK_N, warps, stages, programs per SM) on a few shapes.
+"""Sweep decode-attention launch configs on a few shapes, and time prefill once per KV dtype.
 
-Prints, per KV dtype and shape, the % of the copy-bandwidth floor each config reaches, so the
-table in kernels/attention_decode.py (_GPU_CONFIG, PROGRAMS_PER_SM) can be chosen from data.
+Decode: per KV dtype and (batch, context), the % of the copy-bandwidth floor each
+(block size, BLOCK_N, warps, stages, programs per SM) reaches, so the table in
+kernels/attention_decode.py (_GPU_CONFIG, PROGRAMS_PER_SM) is chosen from data.
+Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a contiguous fp16 cache.
 Usage on the GPU machine: python3 benchmarks/attention_sweep.py
 """
 
@@ -9,41 +11,75 @@ from __future__ import annotations
 
 import torch
 
+import lmq.bench_attention as ba
 import lmq.kernels.attention_decode as dec
-from lmq.bench_attention import BLOCK_SIZE, _copies, _random_paged, copy_bandwidth_bytes_s, graph_time_us
+from lmq.kernels.attention_prefill import prefill_attention
 from lmq.kernels.kv_quant import kv_bytes_per_token_head
 
-CONFIGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2)]
+CONFIGS = [(16, 4, 3), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3)]
+PAGES = (16, 64, 128)
 SHAPES = [(1, 16384), (8, 4096), (64, 4096)]  # (batch, context)
 H, HKV, D = 32, 8, 128
 
 
-def main() -> None:
-    bw = copy_bandwidth_bytes_s()
-    print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
+def sweep_decode(bw: float) -> None:
     torch.manual_seed(0)
     for kd in ("fp16", "int8", "int4"):
         for B, L in SHAPES:
             kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head(kd, D)
             floor = kv_bytes / bw * 1e6
-            n = _copies(kv_bytes)
-            nb = -(-L // BLOCK_SIZE)
-            cache = _random_paged(kd, n * B * nb, HKV, D)
-            tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
-            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+            n = ba._copies(kv_bytes)
             q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
             out = torch.empty_like(q)
+            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
             cells = []
-            for pps in (2, 4):
-                dec.PROGRAMS_PER_SM = pps
+            for page in PAGES:
+                ba.BLOCK_SIZE = page
+                nb = -(-L // page)
+                cache = ba._random_paged(kd, n * B * nb, HKV, D)
+                tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
                 for cfg in CONFIGS:
+                    if cfg[0] > page:
+                        continue
                     dec._GPU_CONFIG[128] = cfg
-                    us = graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L, out=out)
-                                        for t in tables], calls=max(n, 10))
-                    cells.append(f"{cfg[0]}/{cfg[1]}/{cfg[2]}/p{pps}:{us:.1f}us={100 * floor / us:.0f}%")
-            print(f"{kd} B={B} L={L} floor {floor:.1f}us | " + " ".join(cells), flush=True)
-            del cache, tables
-            torch.cuda.empty_cache()
+                    for pps in ((2, 4) if cfg[0] == 64 else (2,)):
+                        dec.PROGRAMS_PER_SM = pps
+                        us = ba.graph_time_us(
+                            [lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L, out=out)
+                             for t in tables], calls=max(n, 10))
+                        cells.append((floor / us, f"pg{page}/{cfg[0]}/{cfg[1]}/{cfg[2]}/p{pps}:{us:.1f}us={100 * floor / us:.0f}%"))
+                del cache, tables
+                torch.cuda.empty_cache()
+            cells.sort(reverse=True)
+            print(f"{kd} B={B} L={L} floor {floor:.1f}us best: " + " ".join(c for _, c in cells[:6])
+                  + " | worst: " + cells[-1][1], flush=True)
+
+
+def time_prefill() -> None:
+    L, page = 4096, 64
+    q = torch.randn(L, H, D, device="cuda", dtype=torch.float16)
+    cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([L], dtype=torch.int32, device="cuda")
+    flops = 4 * H * D * L * L / 2  # causal
+    k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    qs = q.transpose(0, 1)[None]  # [1, H, L, D]
+    sd = ba.graph_time_us([lambda: torch.nn.functional.scaled_dot_product_attention(
+        qs, k, v, is_causal=True, enable_gqa=True)], calls=5)
+    print(f"prefill L={L}: SDPA fp16 {sd:.0f}us {flops / sd / 1e6:.0f} TFLOP/s", flush=True)
+    ba.BLOCK_SIZE = page
+    for kd in ("fp16", "int8", "int4"):
+        cache = ba._random_paged(kd, L // page, HKV, D)
+        table = torch.arange(L // page, device="cuda", dtype=torch.int32)[None]
+        us = ba.graph_time_us([lambda: prefill_attention(q, cache, table, cu, lens, max_q_len=L)], calls=5)
+        print(f"prefill L={L} {kd}: lmq {us:.0f}us {flops / us / 1e6:.0f} TFLOP/s", flush=True)
+
+
+def main() -> None:
+    bw = ba.copy_bandwidth_bytes_s()
+    print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
+    time_prefill()
+    sweep_decode(bw)
 
 
 if __name__ == "__main__":

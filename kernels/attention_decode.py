@@ -24,7 +24,15 @@ import triton
 import triton.language as tl
 
 from lmq.errors import ShapeError
-from lmq.kernels.kv_quant import KV_MODE, PagedKV, attend_tile, check_query_for_cache, gather_kv_ref
+from lmq.kernels.kv_quant import (
+    KV_MODE,
+    PagedKV,
+    attend_tile,
+    check_query_for_cache,
+    gather_kv_ref,
+    load_tile_meta,
+    needs_off64,
+)
 
 
 @triton.jit
@@ -32,10 +40,10 @@ def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, o_ptr, po_ptr, plse_ptr,
     qk_scale, split_len,
     stride_qb, stride_qh, stride_ob, stride_oh,
-    stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, stride_btb,
+    stride_cb, stride_ch, stride_ct, stride_vb, stride_vh, stride_sb, stride_sh, stride_btb,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, DIRECT: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, DIRECT: tl.constexpr, OFF64: tl.constexpr,
 ):
     split = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -58,17 +66,15 @@ def _decode_split_kernel(
         acc_lo = tl.zeros([BLOCK_G, BLOCK_DH], tl.float32)
         acc_hi = tl.zeros([BLOCK_G, BLOCK_DH], tl.float32)
         bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-        # -- stream this split's K/V tiles through the block table
+        # -- stream this split's K/V tiles through the block table; the block ids and scales of
+        #    tile i+1 are loaded while tile i is computed (nothing else hides their latency)
         for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < end
-            page = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
-            slot = offs_n % PAGE
-            row = page * stride_cb + hkv * stride_ch + slot * stride_ct
-            srow = page * stride_sb + hkv * stride_sh + slot * stride_st
+            mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
+                bt_row, n0, end, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
+                stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64)
             m_i, l_i, acc_lo, acc_hi = attend_tile(
-                q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
-                row, srow, offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, KV_MODE)
+                q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
+                offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE)
         # -- normalized partial (or final) output
         inv_l = 1.0 / l_i
         out_lo = acc_lo * inv_l[:, None]
@@ -107,7 +113,8 @@ def _decode_merge_kernel(
              mask=offs_d < D)
 
 
-# Launch configuration, one place: (BLOCK_N, num_warps, num_stages) by head-dim bucket.
+# Launch configuration, one place: (BLOCK_N, num_warps, num_stages) by head-dim bucket; BLOCK_N is
+# capped at the cache's block size.
 _GPU_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
 _CPU_CONFIG = (16, 1, 1)  # interpreter: small tiles keep programs x iterations small
 MAX_SPLITS = 128
@@ -161,7 +168,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         raise ShapeError(f"max_seq_len {max_seq_len} exceeds the block table's "
                          f"{block_tables.shape[1]} x {cache.block_size} tokens")
     block_n, num_warps, num_stages = _config(q.device, D)
-    block_n = max(block_n, 16)
+    block_n = min(block_n, cache.block_size)  # a tile never straddles two blocks
     if split_len is None:
         split_len = plan_splits(B, cache.num_kv_heads, max_seq_len, block_n, _sm_count(q.device))
     if split_len % block_n:
@@ -184,16 +191,16 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         plse = torch.empty((B, H, n_splits), dtype=torch.float32, device=q.device)  # [B, H, S]
         ps = po.stride()[:3]
         ls = plse.stride()[:2]
-    ks, vs = cache.scale_tensors()
+    ks, vs = cache.scale_words()
     _decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
         q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse,
         sm_scale * math.log2(math.e), split_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        block_tables.stride(0), *ps, *ls,
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
+        ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
         GROUP=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HALF=half,
         BLOCK_DH=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
-        KV_MODE=KV_MODE[cache.kv_dtype], DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
+        KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _decode_merge_kernel[(H, B)](

@@ -23,7 +23,15 @@ import triton
 import triton.language as tl
 
 from lmq.errors import ShapeError
-from lmq.kernels.kv_quant import KV_MODE, PagedKV, attend_tile, check_query_for_cache, gather_kv_ref
+from lmq.kernels.kv_quant import (
+    KV_MODE,
+    PagedKV,
+    attend_tile,
+    check_query_for_cache,
+    gather_kv_ref,
+    load_tile_meta,
+    needs_off64,
+)
 
 
 @triton.jit
@@ -31,9 +39,9 @@ def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, cu_q_ptr, lens_ptr, o_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st, stride_btb,
+    stride_cb, stride_ch, stride_ct, stride_vb, stride_vh, stride_sb, stride_sh, stride_btb,
     GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, OFF64: tl.constexpr,
 ):
     m_blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -61,16 +69,14 @@ def _prefill_kernel(
         end = tl.minimum(kv_len, prefix + m0 + BLOCK_M)  # keys the last row can see
         bt_row = bt_ptr + b.to(tl.int64) * stride_btb
         for n0 in range(0, end, BLOCK_N):
+            mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
+                bt_row, n0, end, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
+                stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64)
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < end
-            page = tl.load(bt_row + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
-            slot = offs_n % PAGE
-            row = page * stride_cb + hkv * stride_ch + slot * stride_ct
-            srow = page * stride_sb + hkv * stride_sh + slot * stride_st
             valid = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])  # causal
             m_i, l_i, acc_lo, acc_hi = attend_tile(
-                q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
-                row, srow, offs_dh, mask_n, valid, qk_scale, HALF, KV_MODE)
+                q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
+                offs_dh, mask_n, valid, qk_scale, HALF, PAGE, BLOCK_N, KV_MODE)
         inv_l = 1.0 / l_i
         o_ptrs = o_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_dh[None, :]
         tl.store(o_ptrs, (acc_lo * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
@@ -121,16 +127,17 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
     block_m, block_n, num_warps, num_stages = _config(q.device, D)
+    block_n = min(block_n, cache.block_size)  # a tile never straddles two blocks
     half = D // 2
-    ks, vs = cache.scale_tensors()
+    ks, vs = cache.scale_words()
     _prefill_kernel[(triton.cdiv(max_q_len, block_m), H, B)](
         q, cache.k, cache.v, ks, vs, block_tables, cu_seqlens_q, seq_lens, out,
         sm_scale * math.log2(math.e),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-        block_tables.stride(0),
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
+        ks.stride(0), ks.stride(1), block_tables.stride(0),
         GROUP=G, HALF=half, BLOCK_DH=max(16, triton.next_power_of_2(half)),
-        BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
+        BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

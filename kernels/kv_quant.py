@@ -13,16 +13,21 @@ All arithmetic is fp32 on the fp16-rounded scale and zero, so `fake_quantize_kv`
 
 Layout of one layer's pool (`PagedKV`), `B_s` = block size (tokens per block, a power of two):
 
-    k, v            [num_blocks, H_kv, B_s, D]      fp16 / bf16            (kv_dtype fp16 / bf16)
-                    [num_blocks, H_kv, B_s, D]      uint8 codes 0..255     (int8)
-                    [num_blocks, H_kv, B_s, D / 2]  uint8, two codes/byte  (int4)
-    k_scales, v_scales  [num_blocks, H_kv, B_s, 2]  fp16 (scale, zero)     (int8 / int4 only)
+    k               [num_blocks, H_kv, B_s, W]      token-major rows
+    v               [num_blocks, H_kv, W, B_s]      transposed within the block
+    k_scales, v_scales  [num_blocks, H_kv, B_s, 2]  fp16 (scale, zero), int8 / int4 only
 
-Head-major blocks keep the B_s rows one head reads contiguous. int4 byte j of a row holds code
-d = j in its low nibble and d = j + D/2 in its high nibble ("split halves"): the kernels then work
+    W = D (fp16 / bf16 values, or int8 uint8 codes 0..255) or D / 2 (int4: two codes per byte)
+
+Head-major blocks keep what one head reads contiguous. K rows are token-major and V is stored
+transposed ([d, token]) so that, in both dots of attention (q . K^T and P @ V), the reduction axis
+is the contiguous one in memory: the tensor-core operand is then read from shared memory in wide
+words for 8- and 4-bit codes too (a d-major V would be gathered byte by byte). int4 byte j holds
+code d = j in its low nibble and d = j + D/2 in its high nibble ("split halves"): the kernels work
 on the two halves of the head dimension as two tiles, unpack with one mask or one shift, and need
 no interleave. Codes become fp16 without an int->float instruction: the 16-bit pattern
-`0x6400 | c` is exactly 1024 + c (KERNELS.md).
+`0x6400 | c` is exactly 1024 + c (KERNELS.md). The (scale, zero) pair of a token is read as one
+32-bit word.
 
 A token's slot is `block_id * B_s + offset`; `slot_mapping[t] < 0` skips token t (padding).
 """
@@ -83,21 +88,21 @@ class PagedKV:
                  device: torch.device | str = "cuda") -> "PagedKV":
         if kv_dtype not in KV_DTYPES:
             raise ShapeError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
-        if block_size < 1 or block_size & (block_size - 1):
-            raise ShapeError(f"block_size must be a power of two, got {block_size}")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ShapeError(f"block_size must be a power of two >= 16, got {block_size}")
         if head_dim % 2:
             raise ShapeError(f"head_dim must be even, got {head_dim}")
+        width = head_dim // 2 if kv_dtype == "int4" else head_dim
+        kshape = (num_blocks, num_kv_heads, block_size, width)  # [nb, H_kv, B_s, W]
+        vshape = (num_blocks, num_kv_heads, width, block_size)  # [nb, H_kv, W, B_s]
         if kv_dtype in _TORCH_FLOAT:
-            shape = (num_blocks, num_kv_heads, block_size, head_dim)
-            k = torch.empty(shape, dtype=_TORCH_FLOAT[kv_dtype], device=device)
-            v = torch.empty(shape, dtype=_TORCH_FLOAT[kv_dtype], device=device)
-            return PagedKV(k, v, None, None, kv_dtype, head_dim)
-        width = head_dim if kv_dtype == "int8" else head_dim // 2
-        shape = (num_blocks, num_kv_heads, block_size, width)
-        sshape = (num_blocks, num_kv_heads, block_size, 2)
+            dt = _TORCH_FLOAT[kv_dtype]
+            return PagedKV(torch.empty(kshape, dtype=dt, device=device),
+                           torch.empty(vshape, dtype=dt, device=device), None, None, kv_dtype, head_dim)
+        sshape = (num_blocks, num_kv_heads, block_size, 2)  # [nb, H_kv, B_s, (scale, zero)]
         return PagedKV(
-            torch.empty(shape, dtype=torch.uint8, device=device),
-            torch.empty(shape, dtype=torch.uint8, device=device),
+            torch.empty(kshape, dtype=torch.uint8, device=device),
+            torch.empty(vshape, dtype=torch.uint8, device=device),
             torch.empty(sshape, dtype=torch.float16, device=device),
             torch.empty(sshape, dtype=torch.float16, device=device),
             kv_dtype, head_dim,
@@ -113,9 +118,10 @@ class PagedKV:
             raise ShapeError(f"kv_dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
         width = self.head_dim // 2 if self.kv_dtype == "int4" else self.head_dim
         want = (self.num_blocks, self.num_kv_heads, self.block_size, width)
-        for name, t in (("k", self.k), ("v", self.v)):
-            if tuple(t.shape) != want or not t.is_contiguous():
-                raise ShapeError(f"cache {name} must be contiguous {want}, got {tuple(t.shape)}")
+        want_v = (self.num_blocks, self.num_kv_heads, width, self.block_size)
+        for name, t, w in (("k", self.k, want), ("v", self.v, want_v)):
+            if tuple(t.shape) != w or not t.is_contiguous():
+                raise ShapeError(f"cache {name} must be contiguous {w}, got {tuple(t.shape)}")
         if self.kv_dtype in _TORCH_FLOAT:
             if self.k.dtype != _TORCH_FLOAT[self.kv_dtype] or self.v.dtype != self.k.dtype:
                 raise ShapeError(f"{self.kv_dtype} cache has dtype {self.k.dtype}")
@@ -127,14 +133,17 @@ class PagedKV:
                         or not t.is_contiguous():
                     raise ShapeError(f"{self.kv_dtype} cache needs contiguous fp16 {name} "
                                      f"{want[:3] + (2,)}")
-        if self.block_size & (self.block_size - 1):
-            raise ShapeError(f"block_size must be a power of two, got {self.block_size}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ShapeError(f"block_size must be a power of two >= 16, got {self.block_size}")
 
-    def scale_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale tensors to hand a kernel (the codes themselves stand in for a float cache)."""
+    def scale_words(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) pairs as int32 words [nb, H_kv, B_s, 1] for the read kernels.
+
+        A float cache has none; its codes tensors stand in (never read: the mode is constexpr).
+        """
         if self.k_scales is None:
             return self.k, self.v
-        return self.k_scales, self.v_scales
+        return self.k_scales.view(torch.int32), self.v_scales.view(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,18 +158,25 @@ def codes_to_f16(c):
 
 
 @triton.jit
-def load_kv_halves(ptr, row_off, offs_dh, mask_n, HALF: tl.constexpr, KV_MODE: tl.constexpr):
-    """Load one tile of BLOCK_N cache rows as its two head-dim halves [BLOCK_N, BLOCK_DH] each.
+def unpack_int4_f16(b):
+    """Packed int4 bytes -> (low-nibble, high-nibble) codes as exact fp16, same shape each."""
+    b16 = b.to(tl.uint16)
+    lo = ((b16 & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return lo, hi
+
+
+@triton.jit
+def load_k_halves(ptr, krow, offs_dh, mask_n, HALF: tl.constexpr, KV_MODE: tl.constexpr):
+    """K tile of BLOCK_N token rows as its two head-dim halves, [BLOCK_N, BLOCK_DH] each.
 
     Float cache: the values. int8/int4: the codes as exact fp16 (scale/zero not applied).
-    `row_off` [BLOCK_N] is each row's element offset; masked rows and padded columns read 0.
+    `krow` [BLOCK_N] is each row's element offset; masked rows and padded columns read 0.
     """
     mask = mask_n[:, None] & (offs_dh[None, :] < HALF)
-    ptrs = ptr + row_off[:, None] + offs_dh[None, :]
+    ptrs = ptr + krow[:, None] + offs_dh[None, :]
     if KV_MODE == 2:
-        b = tl.load(ptrs, mask=mask, other=0).to(tl.uint16)  # [BLOCK_N, BLOCK_DH] packed bytes
-        lo = ((b & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-        hi = ((b >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        lo, hi = unpack_int4_f16(tl.load(ptrs, mask=mask, other=0))
     else:
         lo = tl.load(ptrs, mask=mask, other=0)
         hi = tl.load(ptrs + HALF, mask=mask, other=0)
@@ -171,11 +187,66 @@ def load_kv_halves(ptr, row_off, offs_dh, mask_n, HALF: tl.constexpr, KV_MODE: t
 
 
 @triton.jit
-def load_scale_zero(s_ptr, srow_off, mask_n):
-    """Per-row fp16 (scale, zero) as fp32 [BLOCK_N] each; masked rows read 0."""
-    scale = tl.load(s_ptr + srow_off, mask=mask_n, other=0.0).to(tl.float32)
-    zero = tl.load(s_ptr + srow_off + 1, mask=mask_n, other=0.0).to(tl.float32)
+def load_vt_halves(ptr, vcol, offs_dh, mask_n, HALF: tl.constexpr, PAGE: tl.constexpr, RUN: tl.constexpr,
+                   KV_MODE: tl.constexpr):
+    """V^T tile (blocks store V transposed) as two halves [BLOCK_DH, BLOCK_N]; `vcol` [BLOCK_N] is
+    each token's element offset at d = 0.
+
+    A tile is RUN = BLOCK_N consecutive slots of one block starting at a multiple of RUN, which
+    the hints tell the compiler, and the load is not masked along the tokens, so it is wide.
+    That is safe: a masked token's block id reads as block 0, so the address is inside the pool;
+    its garbage is zeroed (float cache) or multiplied by a zero scale (quantized cache).
+    """
+    mask = (offs_dh[:, None] < HALF) & (mask_n[None, :] | True)
+    off = vcol[None, :] + offs_dh[:, None] * PAGE
+    off = tl.max_contiguous(tl.multiple_of(off, [1, RUN]), [1, RUN])
+    if KV_MODE == 2:
+        lo, hi = unpack_int4_f16(tl.load(ptr + off, mask=mask, other=0))
+    else:
+        lo = tl.load(ptr + off, mask=mask, other=0)
+        hi = tl.load(ptr + off + HALF * PAGE, mask=mask, other=0)
+        if KV_MODE == 1:
+            lo = codes_to_f16(lo)
+            hi = codes_to_f16(hi)
+        else:
+            lo = tl.where(mask_n[None, :], lo, 0.0)
+            hi = tl.where(mask_n[None, :], hi, 0.0)
+    return lo, hi
+
+
+@triton.jit
+def split_scale_zero(w):
+    """int32 words [N] holding fp16 (scale, zero) pairs -> (scale, zero) fp16 [N] each."""
+    scale = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    zero = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return scale, zero
+
+
+@triton.jit
+def load_tile_meta(bt_row, n0, end, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
+                   stride_vb, stride_vh, stride_sb, stride_sh,
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, OFF64: tl.constexpr):
+    """Tokens n0 .. n0 + BLOCK_N (one tile, inside one block: BLOCK_N divides PAGE and n0) ->
+    (mask_n, krow, vcol, k_sz, v_sz): validity, K row and V^T column element offsets, and the
+    (scale, zero) words. One block id per tile, so the offsets are affine in the token index.
+    Offsets are int32 unless the pool has 2^31 elements or more (OFF64): half the address math.
+    """
+    offs = tl.arange(0, BLOCK_N)
+    mask_n = n0 + offs < end
+    page = tl.load(bt_row + n0 // PAGE, mask=n0 < end, other=0)
+    if OFF64:
+        page = page.to(tl.int64)
+    slot = n0 % PAGE + offs  # [BLOCK_N]
+    krow = page * stride_cb + hkv * stride_ch + slot * stride_ct
+    vcol = page * stride_vb + hkv * stride_vh + slot
+    if KV_MODE != 0:
+        srow = page * stride_sb + hkv * stride_sh + slot
+        k_sz = tl.load(ks_ptr + srow, mask=mask_n, other=0)
+        v_sz = tl.load(vs_ptr + srow, mask=mask_n, other=0)
+    else:
+        k_sz = slot
+        v_sz = slot
+    return mask_n, krow, vcol, k_sz, v_sz
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,23 +280,26 @@ def _quantize_rows(x_lo, x_hi, mask, QMAX: tl.constexpr):
 
 @triton.jit
 def _store_one(x_ptr, c_ptr, s_ptr, t, slot_page, slot_off, stride_xt, stride_xh,
-               stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st,
+               stride_cb, stride_ch, stride_ct, stride_cd, stride_sb, stride_sh, stride_st,
                offs_h, offs_dh, H_KV, HALF: tl.constexpr, KV_MODE: tl.constexpr, QMAX: tl.constexpr):
+    """Quantize one token's [H_kv, D] and store it; element (h, d) of the slot lands at
+    page * stride_cb + h * stride_ch + off * stride_ct + d * stride_cd (K: token-major, V: transposed)."""
     mask = (offs_h[:, None] < H_KV) & (offs_dh[None, :] < HALF)
     x_ptrs = x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_dh[None, :]
     x_lo = tl.load(x_ptrs, mask=mask, other=0.0)  # [BLOCK_H, BLOCK_DH]
     x_hi = tl.load(x_ptrs + HALF, mask=mask, other=0.0)
-    c_row = c_ptr + slot_page * stride_cb + offs_h[:, None] * stride_ch + slot_off * stride_ct
+    c_lo = c_ptr + slot_page * stride_cb + offs_h[:, None] * stride_ch + slot_off * stride_ct \
+        + offs_dh[None, :] * stride_cd
     if KV_MODE == 0:
-        tl.store(c_row + offs_dh[None, :], x_lo.to(c_ptr.dtype.element_ty), mask=mask)
-        tl.store(c_row + HALF + offs_dh[None, :], x_hi.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_lo, x_lo.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_lo + HALF * stride_cd, x_hi.to(c_ptr.dtype.element_ty), mask=mask)
     else:
         q_lo, q_hi, scale, zero = _quantize_rows(x_lo.to(tl.float32), x_hi.to(tl.float32), mask, QMAX)
         if KV_MODE == 1:
-            tl.store(c_row + offs_dh[None, :], q_lo, mask=mask)
-            tl.store(c_row + HALF + offs_dh[None, :], q_hi, mask=mask)
+            tl.store(c_lo, q_lo, mask=mask)
+            tl.store(c_lo + HALF * stride_cd, q_hi, mask=mask)
         else:
-            tl.store(c_row + offs_dh[None, :], q_lo | (q_hi << 4), mask=mask)
+            tl.store(c_lo, q_lo | (q_hi << 4), mask=mask)
         s_row = s_ptr + slot_page * stride_sb + offs_h * stride_sh + slot_off * stride_st
         hmask = offs_h < H_KV
         tl.store(s_row, scale.to(tl.float16), mask=hmask)
@@ -236,8 +310,8 @@ def _store_one(x_ptr, c_ptr, s_ptr, t, slot_page, slot_off, stride_xt, stride_xh
 def _write_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
     stride_xt, stride_xh, stride_vt, stride_vh,
-    stride_cb, stride_ch, stride_ct, stride_sb, stride_sh, stride_st,
-    H_KV, BLOCK_SIZE: tl.constexpr,
+    stride_cb, stride_ch, stride_sb, stride_sh, stride_st,
+    H_KV, BLOCK_SIZE: tl.constexpr, WIDTH: tl.constexpr,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DH: tl.constexpr,
     KV_MODE: tl.constexpr, QMAX: tl.constexpr,
 ):
@@ -248,11 +322,11 @@ def _write_kv_kernel(
         off = slot % BLOCK_SIZE
         offs_h = tl.arange(0, BLOCK_H)
         offs_dh = tl.arange(0, BLOCK_DH)
-        # K and V in one program: the fused write path
+        # K and V in one program: the fused write path. K rows [B_s, W]; V transposed [W, B_s].
         _store_one(k_ptr, kc_ptr, ks_ptr, t, page, off, stride_xt, stride_xh, stride_cb, stride_ch,
-                   stride_ct, stride_sb, stride_sh, stride_st, offs_h, offs_dh, H_KV, HALF, KV_MODE, QMAX)
+                   WIDTH, 1, stride_sb, stride_sh, stride_st, offs_h, offs_dh, H_KV, HALF, KV_MODE, QMAX)
         _store_one(v_ptr, vc_ptr, vs_ptr, t, page, off, stride_vt, stride_vh, stride_cb, stride_ch,
-                   stride_ct, stride_sb, stride_sh, stride_st, offs_h, offs_dh, H_KV, HALF, KV_MODE, QMAX)
+                   1, BLOCK_SIZE, stride_sb, stride_sh, stride_st, offs_h, offs_dh, H_KV, HALF, KV_MODE, QMAX)
 
 
 def _check_new_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor) -> None:
@@ -281,15 +355,15 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: tor
     T, H, D = k.shape
     if T == 0:
         return
-    ks, vs = cache.scale_tensors()
+    ks, vs = (cache.k, cache.v) if cache.k_scales is None else (cache.k_scales, cache.v_scales)
     mode = KV_MODE[cache.kv_dtype]
     half = D // 2
     _write_kv_kernel[(T,)](
         k, v, cache.k, cache.v, ks, vs, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2),
+        cache.k.stride(0), cache.k.stride(1),
         ks.stride(0), ks.stride(1), ks.stride(2),
-        H, BLOCK_SIZE=cache.block_size,
+        H, BLOCK_SIZE=cache.block_size, WIDTH=cache.k.shape[3],
         HALF=half, BLOCK_H=triton.next_power_of_2(H), BLOCK_DH=triton.next_power_of_2(half),
         KV_MODE=mode, QMAX=QMAX.get(cache.kv_dtype, 1), num_warps=4,
     )
@@ -350,15 +424,18 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping:
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     page, off = slots // cache.block_size, slots % cache.block_size
-    for x, c, s in ((k[keep], cache.k, cache.k_scales), (v[keep], cache.v, cache.v_scales)):
+    for x, c, s, is_v in ((k[keep], cache.k, cache.k_scales, False), (v[keep], cache.v, cache.v_scales, True)):
         if cache.kv_dtype in _TORCH_FLOAT:
-            c[page, :, off] = x.to(c.dtype)  # [n, H_kv, D]
-            continue
-        codes, scale, zero = quantize_kv_ref(x, cache.kv_dtype)  # [n, H_kv, D], [n, H_kv]
-        if cache.kv_dtype == "int4":
-            codes = pack_int4_ref(codes)
-        c[page, :, off] = codes
-        s[page, :, off] = torch.stack([scale, zero], dim=-1)
+            codes = x.to(c.dtype)  # [n, H_kv, D]
+        else:
+            codes, scale, zero = quantize_kv_ref(x, cache.kv_dtype)  # [n, H_kv, D], [n, H_kv]
+            if cache.kv_dtype == "int4":
+                codes = pack_int4_ref(codes)  # [n, H_kv, D/2]
+            s[page, :, off] = torch.stack([scale, zero], dim=-1)
+        if is_v:
+            c[page, :, :, off] = codes  # V block is [H_kv, W, B_s]
+        else:
+            c[page, :, off] = codes
 
 
 def gather_kv_ref(cache: PagedKV, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,7 +443,7 @@ def gather_kv_ref(cache: PagedKV, block_table: torch.Tensor, length: int) -> tup
     n_blocks = -(-length // cache.block_size)
     pages = block_table[:n_blocks].long()
     out = []
-    for c, s in ((cache.k, cache.k_scales), (cache.v, cache.v_scales)):
+    for c, s in ((cache.k, cache.k_scales), (cache.v.transpose(2, 3), cache.v_scales)):
         rows = c[pages].transpose(1, 2).reshape(n_blocks * cache.block_size, cache.num_kv_heads, -1)
         if cache.kv_dtype in _TORCH_FLOAT:
             x = rows.float()
@@ -384,42 +461,45 @@ def gather_kv_ref(cache: PagedKV, block_table: torch.Tensor, length: int) -> tup
 
 
 @triton.jit
-def attend_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
-                row, srow, offs_dh, mask_n, valid, qk_scale,
-                HALF: tl.constexpr, KV_MODE: tl.constexpr):
+def attend_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
+                offs_dh, mask_n, valid, qk_scale,
+                HALF: tl.constexpr, PAGE: tl.constexpr, RUN: tl.constexpr, KV_MODE: tl.constexpr):
     """One BLOCK_N tile of keys/values for BLOCK_M query rows, flash-attention style (log2 domain).
 
     q_lo/q_hi [BLOCK_M, BLOCK_DH]; qsum [BLOCK_M] fp32 = sum_d q (quantized modes); m_i, l_i
-    [BLOCK_M] fp32 running max / sum; acc_lo/acc_hi [BLOCK_M, BLOCK_DH] fp32; row [BLOCK_N] element
-    offset of each cache row, srow [BLOCK_N] of its (scale, zero); valid [BLOCK_M, BLOCK_N].
-    K: scale and zero applied after the dot, q . (c*s + z) = s * (q . c) + z * sum(q), so the
-    tile itself is only converted to fp16 codes. V: c*s + z per element in fp16 registers.
+    [BLOCK_M] fp32 running max / sum; acc_lo/acc_hi [BLOCK_M, BLOCK_DH] fp32; krow/vcol/k_sz/v_sz
+    from `load_tile_meta`; valid [BLOCK_M, BLOCK_N]. K: scale and zero applied after the dot,
+    q . (c*s + z) = s * (q . c) + z * sum(q), so the K tile is only converted to fp16 codes.
+    V: c*s + z per element in fp16 registers.
     """
     # -- scores
-    k_lo, k_hi = load_kv_halves(kc_ptr, row, offs_dh, mask_n, HALF, KV_MODE)  # [BLOCK_N, BLOCK_DH]
+    k_lo, k_hi = load_k_halves(kc_ptr, krow, offs_dh, mask_n, HALF, KV_MODE)  # [BLOCK_N, BLOCK_DH]
     qk = tl.dot(q_lo, tl.trans(k_lo.to(q_lo.dtype)))
     qk += tl.dot(q_hi, tl.trans(k_hi.to(q_lo.dtype)))  # [BLOCK_M, BLOCK_N] fp32
     if KV_MODE != 0:
-        k_s = tl.load(ks_ptr + srow, mask=mask_n, other=0.0).to(tl.float32)
-        k_z = tl.load(ks_ptr + srow + 1, mask=mask_n, other=0.0).to(tl.float32)
-        qk = qk * k_s[None, :] + qsum[:, None] * k_z[None, :]
+        k_s, k_z = split_scale_zero(k_sz)
+        qk = qk * k_s.to(tl.float32)[None, :] + qsum[:, None] * k_z.to(tl.float32)[None, :]
     qk = tl.where(valid, qk * qk_scale, float("-inf"))
     # -- online softmax
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    # -- values
-    v_lo, v_hi = load_kv_halves(vc_ptr, row, offs_dh, mask_n, HALF, KV_MODE)
+    # -- values: V^T halves [BLOCK_DH, BLOCK_N]
+    v_lo, v_hi = load_vt_halves(vc_ptr, vcol, offs_dh, mask_n, HALF, PAGE, RUN, KV_MODE)
     if KV_MODE != 0:
-        v_s = tl.load(vs_ptr + srow, mask=mask_n, other=0.0)  # fp16 [BLOCK_N]
-        v_z = tl.load(vs_ptr + srow + 1, mask=mask_n, other=0.0)
-        v_lo = v_lo * v_s[:, None] + v_z[:, None]
-        v_hi = v_hi * v_s[:, None] + v_z[:, None]
+        v_s, v_z = split_scale_zero(v_sz)
+        v_lo = v_lo * v_s[None, :] + v_z[None, :]
+        v_hi = v_hi * v_s[None, :] + v_z[None, :]
     p = p.to(q_lo.dtype)
-    acc_lo = acc_lo * alpha[:, None] + tl.dot(p, v_lo.to(q_lo.dtype))
-    acc_hi = acc_hi * alpha[:, None] + tl.dot(p, v_hi.to(q_lo.dtype))
+    acc_lo = acc_lo * alpha[:, None] + tl.dot(p, tl.trans(v_lo.to(q_lo.dtype)))
+    acc_hi = acc_hi * alpha[:, None] + tl.dot(p, tl.trans(v_hi.to(q_lo.dtype)))
     return m_new, l_i, acc_lo, acc_hi
+
+
+def needs_off64(cache: PagedKV) -> bool:
+    """Whether element offsets into the pool can reach 2^31 (then the kernels compute in int64)."""
+    return max(cache.k.numel(), cache.v.numel()) >= 2**31
 
 
 def check_query_for_cache(q: torch.Tensor, cache: PagedKV, num_heads_dim: int = 1) -> int:

@@ -139,6 +139,8 @@ def test_write_kv_rejects_bad_inputs(device):
         write_kv(k, k, cache, torch.zeros(3, dtype=torch.float32, device=device))
     with pytest.raises(ShapeError, match="power of two"):
         PagedKV.allocate(2, 12, 2, 64, "int8", device)
+    with pytest.raises(ShapeError, match=">= 16"):
+        PagedKV.allocate(2, 8, 2, 64, "int8", device)
     with pytest.raises(ShapeError, match="kv_dtype"):
         PagedKV.allocate(2, 16, 2, 64, "int3", device)
 
@@ -173,7 +175,7 @@ def test_decode_split_merge_and_shared_prefix(device, kv_dtype, split_len):
                   split_len=split_len)
 
 
-@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("block_size", [32, 64])
 def test_decode_block_sizes(device, block_size):
     _check_decode(device, "int4", 64, [17, 50], num_heads=8, num_kv_heads=1, block_size=block_size)
 
