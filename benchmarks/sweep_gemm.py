@@ -19,17 +19,21 @@ G = 128
 SWEEP = {
     "decode": {
         "ms": [1, 16, 32],
-        "configs": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, GROUP_M=1, num_warps=w, num_stages=3,
-                         SWAP_AB=True)
-                    for bn, w in ((64, 4), (128, 4), (128, 8), (256, 8)) for bk in (256, 512)]
-                   + [dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256, SPLIT_K=0, GROUP_M=1, num_warps=4, num_stages=s,
-                           SWAP_AB=swap) for s, swap in ((3, False), (2, True), (4, True))],
+        "configs": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=1, num_warps=w, num_stages=st,
+                         SWAP_AB=sw)
+                    for bn, bk, sk, w, st, sw in (
+                        (128, 256, 0, 4, 2, True), (64, 256, 0, 4, 3, True), (128, 256, 0, 4, 3, False),
+                        (128, 256, 1, 4, 2, True), (128, 256, 2, 4, 2, True), (128, 256, 4, 4, 2, True),
+                        (64, 256, 1, 4, 2, True), (128, 128, 0, 4, 2, True), (128, 128, 0, 4, 3, True),
+                        (128, 256, 0, 4, 1, True), (32, 256, 0, 4, 2, True), (64, 128, 0, 2, 3, True))],
     },
     "prefill": {
-        "ms": [64, 256, 1024, 4096],
-        "configs": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=s)
-                    for (bm, bn, w), s in itertools.product(((64, 128, 4), (128, 128, 8), (128, 256, 8), (64, 64, 4)),
-                                                            (3, 4))],
+        "ms": [64, 256, 1024],
+        "configs": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st,
+                         SWAP_AB=sw)
+                    for bm, bn, w, st, sw in ((128, 128, 8, 3, False), (128, 128, 8, 3, True), (64, 128, 4, 3, True),
+                                              (128, 128, 4, 3, True), (64, 256, 8, 3, True), (32, 128, 4, 3, True),
+                                              (16, 128, 4, 3, True))],
     },
 }
 
