@@ -1,0 +1,336 @@
+"""Paged KV cache: block bookkeeping (plain Python, no tensors) and the per-layer pools (tensors).
+
+vLLM's PagedAttention idea (https://arxiv.org/abs/2309.06180), split the way nano-vllm splits it:
+
+- `BlockAllocator`: fixed pool of `num_blocks` block ids, a free list and a reference count per
+  block (a block shared by sequences with a common prefix has refcount > 1).
+- `BlockManager`: per-sequence block tables over one allocator. Full blocks are keyed by a hash of
+  their tokens chained with the previous block's, so a new sequence whose prompt starts with a
+  cached prefix reuses those blocks (prefill then runs only on the rest: chunked prefill over a
+  prefix in the cache). `fork` shares a whole table; writing into a shared block first copies it
+  (copy-on-write), returned as (src, dst) pairs for the tensor owner to execute.
+- `KVCache`: owns the tensors, one `PagedKV` pool per layer (layout in kernels/kv_quant.py), sized
+  from a memory budget; writes new K/V through the fused quantize+scatter kernel.
+
+Slots: token position p of a sequence lives at slot `table[p // block_size] * block_size +
+p % block_size`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from lmq.errors import InputError, LmqError
+from lmq.kernels.kv_quant import KV_DTYPES, PagedKV, write_kv
+
+DEFAULT_BLOCK_SIZE = 64  # tokens per block: one attention tile reads one block
+
+
+class OutOfBlocks(LmqError):
+    """The KV cache has no free block left; the scheduler should have checked `can_allocate`."""
+
+
+class BlockAllocator:
+    """Block ids 0..num_blocks-1 with reference counts and a FIFO free list."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise InputError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.refcount = [0] * num_blocks
+        self._free = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise OutOfBlocks(f"all {self.num_blocks} KV cache blocks are in use; raise --cache-max-memory "
+                              f"or lower the batch size")
+        block = self._free.popleft()
+        self.refcount[block] = 1
+        return block
+
+    def revive(self, block: int) -> None:
+        """Take a free block that still holds wanted contents (a cached prefix) off the free list."""
+        if self.refcount[block] != 0:
+            raise ValueError(f"block {block} is in use; share it with incref")
+        self._free.remove(block)
+        self.refcount[block] = 1
+
+    def incref(self, block: int) -> None:
+        if self.refcount[block] <= 0:
+            raise ValueError(f"block {block} is free; only a block in use can be shared")
+        self.refcount[block] += 1
+
+    def decref(self, block: int) -> bool:
+        """Drop one reference; returns True when the block went back to the free list."""
+        if self.refcount[block] <= 0:
+            raise ValueError(f"block {block} is already free")
+        self.refcount[block] -= 1
+        if self.refcount[block] == 0:
+            self._free.append(block)
+            return True
+        return False
+
+
+@dataclass
+class SeqBlocks:
+    """One sequence's block table and how many of its tokens have slots."""
+
+    table: list[int]
+    num_tokens: int = 0
+    last_hash: int | None = None  # chained hash of its last full block
+
+
+class BlockManager:
+    """Per-sequence block tables, prefix sharing by chained block hashes, copy-on-write."""
+
+    def __init__(self, num_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True):
+        if block_size < 1 or block_size & (block_size - 1):
+            raise InputError(f"block_size must be a power of two, got {block_size}")
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        self.prefix_caching = prefix_caching
+        self.seqs: dict[int, SeqBlocks] = {}
+        self._hash_to_block: dict[int, int] = {}
+        self._block_hash: dict[int, int] = {}
+        self._block_tokens: dict[int, tuple[int, ...]] = {}
+
+    # -- queries
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        """Whether a new sequence of `num_tokens` fits even with no prefix reuse."""
+        return self.blocks_needed(num_tokens) <= self.allocator.num_free
+
+    def block_table(self, seq_id: int) -> list[int]:
+        return self.seqs[seq_id].table
+
+    def slots(self, seq_id: int, start: int, end: int) -> list[int]:
+        """Slots of token positions start..end-1 of a sequence (they must have blocks)."""
+        seq = self.seqs[seq_id]
+        if end > len(seq.table) * self.block_size:
+            raise ValueError(f"positions up to {end} exceed the {len(seq.table)} blocks of sequence {seq_id}")
+        bs = self.block_size
+        return [seq.table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    # -- lifecycle
+    def allocate(self, seq_id: int, token_ids: list[int]) -> int:
+        """Give a new sequence blocks for its prompt; returns how many leading tokens are already
+        in the cache (whole shared blocks), which prefill can skip. At least one token is always
+        left to compute, so the step produces logits."""
+        if seq_id in self.seqs:
+            raise ValueError(f"sequence {seq_id} already has blocks")
+        n = len(token_ids)
+        if n == 0:
+            raise ValueError("a sequence needs at least one token")
+        bs = self.block_size
+        table: list[int] = []
+        cached = 0
+        h = None
+        reusing = self.prefix_caching
+        try:
+            for i in range(self.blocks_needed(n)):
+                chunk = token_ids[i * bs:(i + 1) * bs]
+                full = len(chunk) == bs
+                if full:
+                    h = hash((h, tuple(chunk)))
+                # the block holding the last prompt token is recomputed: its logits are needed
+                last = (i + 1) * bs >= n
+                block = self._lookup(h, chunk) if (reusing and full and not last) else None
+                if block is not None:
+                    if self.allocator.refcount[block] == 0:
+                        self.allocator.revive(block)  # freed, but its contents are still there
+                    else:
+                        self.allocator.incref(block)
+                    cached += bs
+                else:
+                    reusing = False
+                    block = self._fresh_block()
+                    if full and self.prefix_caching:
+                        self._register(block, h, chunk)
+                table.append(block)
+        except OutOfBlocks:
+            for b in table:
+                self._release(b)
+            raise
+        self.seqs[seq_id] = SeqBlocks(table, n, h if n % bs == 0 else None)
+        return cached
+
+    def append_slot(self, seq_id: int) -> tuple[int, list[tuple[int, int]]]:
+        """Room for one more token: returns its slot and the (src, dst) block copies to run first
+        (copy-on-write when the block it lands in is shared)."""
+        seq = self.seqs[seq_id]
+        bs = self.block_size
+        pos = seq.num_tokens
+        copies: list[tuple[int, int]] = []
+        if pos == len(seq.table) * bs:
+            seq.table.append(self._fresh_block())
+        else:
+            block = seq.table[pos // bs]
+            if self.allocator.refcount[block] > 1:
+                new = self._fresh_block()
+                self.allocator.decref(block)
+                seq.table[pos // bs] = new
+                copies.append((block, new))
+        seq.num_tokens = pos + 1
+        return seq.table[pos // bs] * bs + pos % bs, copies
+
+    def seal_block(self, seq_id: int, token_ids: list[int]) -> None:
+        """After decode filled a block, key it by its tokens so later prompts can reuse it."""
+        seq = self.seqs[seq_id]
+        bs = self.block_size
+        if not self.prefix_caching or seq.num_tokens % bs or seq.num_tokens == 0:
+            return
+        i = seq.num_tokens // bs - 1
+        chunk = token_ids[i * bs:(i + 1) * bs]
+        h = hash((seq.last_hash if i else None, tuple(chunk)))
+        seq.last_hash = h
+        if h not in self._hash_to_block:
+            self._register(seq.table[i], h, chunk)
+
+    def fork(self, parent: int, child: int) -> None:
+        """The child shares every block of the parent (parallel sampling); writes copy first."""
+        if child in self.seqs:
+            raise ValueError(f"sequence {child} already has blocks")
+        p = self.seqs[parent]
+        for b in p.table:
+            self.allocator.incref(b)
+        self.seqs[child] = SeqBlocks(list(p.table), p.num_tokens, p.last_hash)
+
+    def free(self, seq_id: int) -> None:
+        for b in self.seqs.pop(seq_id).table:
+            self._release(b)
+
+    # -- internals
+    def _fresh_block(self) -> int:
+        """A block from the free list; whatever prefix it held is forgotten (it gets overwritten)."""
+        block = self.allocator.allocate()
+        old = self._block_hash.pop(block, None)
+        self._block_tokens.pop(block, None)
+        if old is not None and self._hash_to_block.get(old) == block:
+            del self._hash_to_block[old]
+        return block
+
+    def _lookup(self, h: int, chunk: list[int]) -> int | None:
+        block = self._hash_to_block.get(h)
+        if block is None or self._block_tokens.get(block) != tuple(chunk):  # hash collision guard
+            return None
+        return block
+
+    def _register(self, block: int, h: int, chunk: list[int]) -> None:
+        self._block_hash[block] = h
+        self._hash_to_block[h] = block
+        self._block_tokens[block] = tuple(chunk)
+
+    def _release(self, block: int) -> None:
+        # a freed block keeps its hash and contents: prefix lookups revive it until it is reused
+        self.allocator.decref(block)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    kv_dtype: str  # fp16 | bf16 | int8 | int4 (resolve "auto" with `resolve_kv_dtype`)
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    @property
+    def bytes_per_block(self) -> int:
+        """One block of K and V in every layer."""
+        return self.num_layers * PagedKV.bytes_per_block(self.block_size, self.num_kv_heads, self.head_dim,
+                                                         self.kv_dtype)
+
+
+def resolve_kv_dtype(kv_dtype: str, model_dtype: torch.dtype) -> str:
+    """`auto` -> the model's own dtype (fp16 or bf16); anything else is checked and returned."""
+    if kv_dtype == "auto":
+        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model_dtype, "fp16")
+    if kv_dtype not in KV_DTYPES:
+        raise InputError(f"--kv-dtype {kv_dtype!r}: expected auto, {', '.join(KV_DTYPES)}")
+    return kv_dtype
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_memory(spec: str | int) -> int:
+    """`8GiB`, `8G`, `500MB`, `1.5e9` or an int -> bytes."""
+    if isinstance(spec, int):
+        return spec
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", spec)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise InputError(f"--cache-max-memory {spec!r}: expected a size like 8GiB, 500MB or 2e9")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def cache_budget_bytes(max_memory: str | int | None = None, free_fraction: float = 0.9,
+                       device: torch.device | str = "cuda") -> int:
+    """Bytes the cache may take: `max_memory` if given, else a fraction of the free GPU memory
+    (measured after the weights are loaded)."""
+    if max_memory is not None:
+        return parse_memory(max_memory)
+    if not 0 < free_fraction <= 1:
+        raise InputError(f"the cache's share of free memory must be in (0, 1], got {free_fraction}")
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise InputError("on CPU give the cache size explicitly (--cache-max-memory)")
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * free_fraction)
+
+
+def num_blocks_for_budget(spec: KVCacheSpec, budget_bytes: int) -> int:
+    n = budget_bytes // spec.bytes_per_block
+    if n < 1:
+        raise InputError(f"a KV cache budget of {budget_bytes} bytes holds no block of {spec.bytes_per_block} "
+                         f"bytes ({spec.num_layers} layers x {spec.block_size} tokens, {spec.kv_dtype}); "
+                         f"raise --cache-max-memory")
+    return int(n)
+
+
+class KVCache:
+    """One `PagedKV` pool per layer, all with the same block ids."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device | str = "cuda"):
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.layers = [PagedKV.allocate(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
+                                        spec.kv_dtype, device) for _ in range(spec.num_layers)]
+
+    @classmethod
+    def from_budget(cls, spec: KVCacheSpec, budget_bytes: int, device: torch.device | str = "cuda") -> "KVCache":
+        return cls(spec, num_blocks_for_budget(spec, budget_bytes), device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for p in self.layers
+                   for t in (p.k, p.v, p.k_scales, p.v_scales) if t is not None)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """New K/V [T, H_kv, D] (after RoPE) of one layer -> quantize and scatter to their slots."""
+        write_kv(k, v, self.layers[layer], slot_mapping)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Run the copy-on-write copies `BlockManager.append_slot` asked for, in every layer."""
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs], device=self.layers[0].k.device)
+        dst = torch.tensor([d for _, d in pairs], device=self.layers[0].k.device)
+        for p in self.layers:
+            for t in (p.k, p.v, p.k_scales, p.v_scales):
+                if t is not None:
+                    t[dst] = t[src]
