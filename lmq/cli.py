@@ -51,6 +51,130 @@ def guard():
 # ---------------------------------------------------------------------------------------------
 # (commands added below by the quantizer)
 
+QUANT_DEFAULTS = {
+    "method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "calib_data": "pileval",
+    "calib_samples": 128, "calib_seqlen": 512, "dtype": "auto", "device": "auto", "seed": 0,
+}
+
+
+def load_recipe(path: Path) -> dict:
+    """A recipe (TOML) gives defaults for `lmq quantize`; options given on the command line win."""
+    import tomllib
+
+    from lmq.errors import InputError
+
+    if not path.is_file():
+        raise InputError(f"recipe {path} does not exist; see recipes/ for examples")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"recipe {path} is not valid TOML ({e})") from e
+    q = data.get("quantize", data)
+    unknown = sorted(set(q) - set(QUANT_DEFAULTS))
+    if unknown:
+        raise InputError(f"recipe {path} has unknown keys {unknown}; known: {sorted(QUANT_DEFAULTS)}")
+    return q
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Hugging Face model folder, or a hub id (org/name) when online."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder for the portable 4-bit checkpoint."),
+    method: Optional[str] = typer.Option(None, help="awq (activation-aware, default) or rtn (round-to-nearest)."),
+    bits: Optional[int] = typer.Option(None, help="Weight bits (4)."),
+    group_size: Optional[int] = typer.Option(None, help="Input channels per scale/zero group: 32, 64 or 128 (default)."),
+    zero_point: Optional[bool] = typer.Option(None, "--zero-point/--symmetric",
+                                              help="Asymmetric with zero points (default) or symmetric."),
+    calib_data: Optional[str] = typer.Option(None, help="Calibration text: .txt/.jsonl/.parquet file or folder, "
+                                             "or a hub data set (pileval, wikitext2, c4) when online."),
+    calib_samples: Optional[int] = typer.Option(None, help="Calibration samples (default 128)."),
+    calib_seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration sample (default 512)."),
+    dtype: Optional[str] = typer.Option(None, help="auto, float16 or bfloat16: dtype of unquantized tensors."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda: where each layer is searched."),
+    seed: Optional[int] = typer.Option(None, help="Seed for calibration sampling."),
+    recipe: Optional[Path] = typer.Option(None, help="TOML recipe with defaults for these options (recipes/)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Quantize a model's linears to 4 bits (AWQ) into a portable checkpoint (AutoAWQ gemm layout)."""
+    with guard():
+        from dataclasses import asdict
+
+        from lmq.quant.quantize import QuantizeSpec, quantize_model
+        from lmq.render import print_json, quantize_table
+
+        given = {"method": method, "bits": bits, "group_size": group_size, "zero_point": zero_point,
+                 "calib_data": calib_data, "calib_samples": calib_samples, "calib_seqlen": calib_seqlen,
+                 "dtype": dtype, "device": device, "seed": seed}
+        settings = dict(QUANT_DEFAULTS)
+        if recipe is not None:
+            settings.update(load_recipe(recipe))
+        settings.update({k: v for k, v in given.items() if v is not None})
+        report = quantize_model(QuantizeSpec(model=model, out=out, force=force, **settings))
+        if json_out:
+            print_json({"out": str(report.out), "bytes_in": report.bytes_in, "bytes_out": report.bytes_out,
+                        "seconds": report.seconds, "layers": [asdict(s) for s in report.layers]})
+        else:
+            quantize_table(report)
+
+
+@app.command()
+def inspect(
+    checkpoint: str = typer.Argument(..., help="A checkpoint folder (lmq or AutoAWQ) or a float model folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
+) -> None:
+    """Show a checkpoint's manifest, sizes, quantization settings and per-layer error."""
+    with guard():
+        from lmq.inspect import inspect_checkpoint
+        from lmq.render import inspect_table, print_json
+
+        info = inspect_checkpoint(checkpoint)
+        print_json(info.to_json()) if json_out else inspect_table(info)
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    model: str = typer.Argument(..., help="Float model, lmq checkpoint or AutoAWQ checkpoint."),
+    data: str = typer.Option(..., help="Text file to score, e.g. wikitext-2-raw/wiki.test.raw."),
+    seqlen: int = typer.Option(1024, help="Tokens per window."),
+    max_windows: Optional[int] = typer.Option(None, help="Score only the first N windows."),
+    kv_dtype: str = typer.Option("fp16", help="KV cache precision to simulate: fp16, int8 or int4."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(1, help="Windows per forward pass."),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
+) -> None:
+    """Perplexity on non-overlapping windows of a text file."""
+    with guard():
+        from dataclasses import asdict
+
+        from lmq.evaluate import perplexity
+        from lmq.render import ppl_table, print_json
+
+        r = perplexity(model, data, seqlen, max_windows, device, kv_dtype, batch_size)
+        print_json(asdict(r)) if json_out else ppl_table(r)
+
+
+@eval_app.command("kld")
+def eval_kld(
+    checkpoint: str = typer.Argument(..., help="The quantized checkpoint (or model) to score."),
+    reference: str = typer.Option(..., help="The float reference model."),
+    data: str = typer.Option(..., help="Text file, e.g. wikitext-2-raw/wiki.test.raw."),
+    seqlen: int = typer.Option(1024, help="Tokens per window."),
+    max_windows: Optional[int] = typer.Option(None, help="Score only the first N windows."),
+    kv_dtype: str = typer.Option("fp16", help="KV cache precision to simulate for CHECKPOINT."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
+) -> None:
+    """Mean KL divergence to a reference model and same-top-token rate."""
+    with guard():
+        from dataclasses import asdict
+
+        from lmq.evaluate import kl_divergence
+        from lmq.render import kld_table, print_json
+
+        r = kl_divergence(checkpoint, reference, data, seqlen, max_windows, device, kv_dtype)
+        print_json(asdict(r)) if json_out else kld_table(r)
+
 
 # ---------------------------------------------------------------------------------------------
 # pack (stage 2: the packed checkpoint) and bench gemm

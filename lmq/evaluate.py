@@ -1,0 +1,172 @@
+"""`lmq eval`: what quantization cost in quality, measured on the reference decoder.
+
+- perplexity: the text is tokenized once and cut into non-overlapping windows of `seqlen` tokens
+  (the first `max_windows` if given, so every model is scored on the same windows); perplexity is
+  exp(mean next-token NLL) over all predicted tokens;
+- KL divergence: the same windows through a reference model and a checkpoint; mean over tokens of
+  KL(p_ref || p_q), and how often both pick the same top token.
+
+A quantized checkpoint (lmq's or AutoAWQ's) is dequantized into the reference decoder, so this
+measures the checkpoint's numbers, not a kernel. `kv_dtype` passes K and V through the KV cache's
+quantize -> dequantize round trip to measure what a quantized KV cache costs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from lmq.console import progress
+from lmq.errors import InputError
+from lmq.format.source import WeightSource, resolve_model_path
+from lmq.models.llama import KVTransform, layer_forward, rms_norm, rope_cos_sin
+
+
+class DenseModel:
+    """All weights of a checkpoint, dequantized, on one device: logits for token windows."""
+
+    def __init__(self, src: WeightSource, device: torch.device, dtype: torch.dtype,
+                 kv_transform: Optional[KVTransform] = None):
+        self.src, self.cfg, self.device, self.dtype = src, src.cfg, device, dtype
+        self.kv_transform = kv_transform
+        self.embed = src.embed(dtype).to(device)
+        self.layers = [{k: v.to(device) for k, v in src.layer(i, dtype).items()} for i in range(self.cfg.num_layers)]
+        self.norm = src.final_norm(dtype).to(device)
+        self.head = src.lm_head(dtype).to(device)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """`ids [B, T]` -> fp32 logits `[B, T, V]`."""
+        ids = ids.to(self.device)
+        cos, sin = rope_cos_sin(self.cfg, torch.arange(ids.shape[1], device=self.device), self.dtype)
+        x = self.embed[ids]  # [B, T, C]
+        for lw in self.layers:
+            x = layer_forward(lw, x, cos, sin, self.cfg, self.kv_transform)
+        return F.linear(rms_norm(x, self.norm, self.cfg.rms_eps), self.head).float()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def kv_transform_for(kv_dtype: str) -> Optional[KVTransform]:
+    if kv_dtype in ("fp16", "bf16", "auto", "none"):
+        return None
+    if kv_dtype not in ("int8", "int4"):
+        raise InputError(f"--kv-dtype must be fp16, bf16, int8 or int4, got {kv_dtype!r}")
+    from lmq.kernels.kv_quant import fake_quantize_kv
+
+    return lambda t: fake_quantize_kv(t, kv_dtype)
+
+
+def load_model(path: str, device: str = "auto", kv_dtype: str = "fp16") -> DenseModel:
+    src = WeightSource(resolve_model_path(path))
+    dev = pick_device(device)
+    # CPUs run fp16 matmuls slowly and inexactly: evaluate in fp32 there, in the model's dtype on GPU.
+    dtype = torch.float32 if dev.type == "cpu" else (torch.bfloat16 if src.source_dtype() == torch.bfloat16
+                                                     else torch.float16)
+    return DenseModel(src, dev, dtype, kv_transform_for(kv_dtype))
+
+
+def windows(model_path: Path, data: str, seqlen: int, max_windows: Optional[int]) -> torch.Tensor:
+    """Token windows `[W, seqlen]` of the text file `data`, tokenized with the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    p = Path(data).expanduser()
+    if not p.is_file():
+        raise InputError(f"evaluation text {data} is not a file; pass e.g. --data wikitext-2-raw/wiki.test.raw")
+    if seqlen < 2:
+        raise InputError(f"--seqlen must be at least 2, got {seqlen}")
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    ids = tok(p.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise InputError(f"{data} has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}")
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+@dataclass
+class PplResult:
+    model: str
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    seqlen: int
+    kv_dtype: str
+    seconds: float
+
+
+@dataclass
+class KldResult:
+    model: str
+    reference: str
+    kld: float
+    top1_agree: float
+    ppl: float
+    ppl_ref: float
+    tokens: int
+    windows: int
+    seqlen: int
+    seconds: float
+
+
+def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: Optional[int] = None,
+               device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1) -> PplResult:
+    t0 = time.time()
+    model = load_model(path, device, kv_dtype)
+    ids = windows(model.src.path, data, seqlen, max_windows)
+    nll, count = 0.0, 0
+    with progress() as bar:
+        task = bar.add_task("perplexity", total=ids.shape[0], info="")
+        for i in range(0, ids.shape[0], batch_size):
+            batch = ids[i:i + batch_size].to(model.device)
+            logits = model.logits(batch)  # [B, T, V]
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                   reduction="sum")
+            nll += loss.item()
+            count += batch[:, 1:].numel()
+            bar.update(task, advance=batch.shape[0], info=f"ppl {math.exp(nll / count):.3f}")
+    return PplResult(model=path, ppl=math.exp(nll / count), nll=nll / count, tokens=count, windows=ids.shape[0],
+                     seqlen=seqlen, kv_dtype=kv_dtype, seconds=time.time() - t0)
+
+
+def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_windows: Optional[int] = None,
+                  device: str = "auto", kv_dtype: str = "fp16") -> KldResult:
+    t0 = time.time()
+    ref = load_model(reference, device)
+    model = load_model(path, device, kv_dtype)
+    if ref.cfg.vocab_size != model.cfg.vocab_size:
+        raise InputError(f"{path} (vocab {model.cfg.vocab_size}) and reference {reference} "
+                         f"(vocab {ref.cfg.vocab_size}) are not the same model family")
+    ids = windows(ref.src.path, data, seqlen, max_windows)
+    kld = agree = nll_q = nll_r = 0.0
+    count = 0
+    with progress() as bar:
+        task = bar.add_task("KL divergence", total=ids.shape[0], info="")
+        for i in range(ids.shape[0]):
+            w = ids[i:i + 1]
+            lp_r = F.log_softmax(ref.logits(w)[0, :-1], dim=-1)  # [T-1, V]
+            lp_q = F.log_softmax(model.logits(w)[0, :-1], dim=-1)
+            tgt = w[0, 1:].to(lp_r.device)
+            kld += (lp_r.exp() * (lp_r - lp_q)).sum().item()
+            agree += (lp_r.argmax(-1) == lp_q.argmax(-1)).sum().item()
+            nll_r -= lp_r.gather(-1, tgt[:, None]).sum().item()
+            nll_q -= lp_q.gather(-1, tgt[:, None]).sum().item()
+            count += tgt.numel()
+            bar.update(task, advance=1, info=f"kld {kld / count:.4f}")
+    return KldResult(model=path, reference=reference, kld=kld / count, top1_agree=agree / count,
+                     ppl=math.exp(nll_q / count), ppl_ref=math.exp(nll_r / count), tokens=count,
+                     windows=ids.shape[0], seqlen=seqlen, seconds=time.time() - t0)

@@ -1,0 +1,220 @@
+"""Read any checkpoint folder lmq accepts: a Hugging Face model, an lmq portable checkpoint, or an
+AutoAWQ (gemm) checkpoint. Only safetensors are read; pickled `.bin` weights are refused.
+
+`WeightSource` is lazy: tensors are read from the safetensors shards when asked for, so the
+quantizer can hold one decoder layer in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lmq.errors import CheckpointError, InputError, UnsupportedError
+from lmq.format import awq_gemm
+from lmq.format.manifest import read_manifest
+from lmq.models.llama import ModelConfig, layer_weight_names
+from lmq.quant.rtn import QuantizedWeight
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local folder as given, or a hub id downloaded (safetensors and JSON only) when online."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{model} is a file; give the model's folder (the one holding config.json)")
+        return path
+    if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
+        raise InputError(f"model path {model} does not exist; give a local model folder or a hub id like org/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+        return Path(snapshot_download(model, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown repo, gated repo: all the user's to fix
+        raise InputError(
+            f"{model} is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the path, or the network "
+            "and `huggingface-cli login` for gated models"
+        ) from e
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """config.json's `quantization_config` for AWQ gemm checkpoints (lmq's and AutoAWQ's)."""
+
+    bits: int
+    group_size: int
+    zero_point: bool
+    version: str = "gemm"
+
+    @classmethod
+    def from_hf(cls, qc: dict, where: Path) -> "QuantConfig":
+        method = str(qc.get("quant_method", "")).lower()
+        if method != "awq":
+            raise UnsupportedError(
+                f"{where}: quant_method {method!r} is not readable; lmq reads AWQ (gemm) checkpoints"
+            )
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise UnsupportedError(f"{where}: AWQ version {version!r} is not readable; lmq reads version 'gemm'")
+        bits = int(qc.get("bits", qc.get("w_bit", 4)))
+        if bits != 4:
+            raise UnsupportedError(f"{where}: {bits}-bit AWQ is not readable; lmq reads 4-bit")
+        return cls(bits, int(qc.get("group_size", qc.get("q_group_size", 128))),
+                   bool(qc.get("zero_point", True)), version)
+
+    def to_hf(self) -> dict:
+        return {
+            "quant_method": "awq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "zero_point": self.zero_point,
+            "version": self.version,
+            "modules_to_not_convert": None,
+        }
+
+
+class WeightSource:
+    """Lazy tensor access to one checkpoint folder."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        cfg_path = self.path / "config.json"
+        if not cfg_path.exists():
+            raise InputError(f"{self.path} is not a model folder: it has no config.json")
+        try:
+            self.config: dict = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download or re-create the model") from e
+        self.cfg = ModelConfig.from_hf(self.config)
+        self.manifest = read_manifest(self.path)
+        qc = self.config.get("quantization_config")
+        self.quant = QuantConfig.from_hf(qc, self.path) if qc else None
+        self._files = self._index()
+        self._handles: dict[Path, object] = {}
+
+    # -- files -----------------------------------------------------------------------------------
+    def _index(self) -> dict[str, Path]:
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt")):
+                raise UnsupportedError(
+                    f"{self.path} holds only pickled weights (.bin/.pt), which lmq never loads; convert the model "
+                    "to safetensors first (transformers: model.save_pretrained(dir, safe_serialization=True))"
+                )
+            raise CheckpointError(f"{self.path} has no *.safetensors weight files")
+        names: dict[str, Path] = {}
+        for f in files:
+            for name in self._open(f).keys():
+                names[name] = f
+        return names
+
+    def _open(self, f: Path):
+        from safetensors import safe_open
+
+        h = getattr(self, "_handles", {}).get(f)
+        if h is None:
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:
+                raise CheckpointError(
+                    f"{f} is not a readable safetensors file ({e}); it is truncated or corrupt: re-download or "
+                    "re-create it"
+                ) from e
+            if hasattr(self, "_handles"):
+                self._handles[f] = h
+        return h
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return sorted(set(self._files.values()))
+
+    def has(self, name: str) -> bool:
+        return name in self._files
+
+    def get(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """One tensor by its full name; floating tensors are checked for NaN/inf."""
+        if name not in self._files:
+            raise CheckpointError(f"{self.path} is missing tensor {name}; the checkpoint is incomplete")
+        try:
+            t = self._open(self._files[name]).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"could not read {name} from {self._files[name]} ({e}); the file is corrupt") from e
+        if t.is_floating_point():
+            if not torch.isfinite(t).all():
+                bad = (~torch.isfinite(t)).sum().item()
+                raise CheckpointError(
+                    f"tensor {name} holds {bad} NaN/inf values; the checkpoint is broken: re-download it or fix "
+                    "the training run that produced it"
+                )
+            if dtype is not None:
+                t = t.to(dtype)
+        return t
+
+    # -- model-level access ----------------------------------------------------------------------
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.cfg.arch.layer_prefix}.{i}"
+
+    def is_quantized(self, prefix: str) -> bool:
+        return self.has(f"{prefix}.qweight")
+
+    def quantized_linear(self, prefix: str) -> QuantizedWeight:
+        if self.quant is None:
+            raise CheckpointError(f"{self.path} has {prefix}.qweight but no quantization_config in config.json")
+        return awq_gemm.unpack(
+            self.get(f"{prefix}.qweight"), self.get(f"{prefix}.qzeros"), self.get(f"{prefix}.scales"),
+            self.quant.group_size, name=prefix,
+        )
+
+    def dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor by full name; `X.weight` of a quantized linear is dequantized."""
+        if not self.has(name) and name.endswith(".weight") and self.is_quantized(name[: -len(".weight")]):
+            return self.quantized_linear(name[: -len(".weight")]).dequantize(dtype)
+        return self.get(name, dtype)
+
+    def layer(self, i: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The dense weights of decoder layer `i`, keyed by names relative to the layer."""
+        prefix = self.layer_prefix(i)
+        return {n: self.dense(f"{prefix}.{n}", dtype) for n in layer_weight_names(self.cfg)}
+
+    def embed(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.get(self.cfg.arch.embed, dtype)
+
+    def final_norm(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.get(self.cfg.arch.final_norm, dtype)
+
+    def lm_head(self, dtype: torch.dtype) -> torch.Tensor:
+        arch = self.cfg.arch
+        if self.has(arch.lm_head):
+            return self.dense(arch.lm_head, dtype)
+        if self.cfg.tie_word_embeddings:
+            return self.embed(dtype)
+        raise CheckpointError(f"{self.path} has no {arch.lm_head} and does not tie it to the embeddings")
+
+    def source_dtype(self) -> torch.dtype:
+        name = self.config.get("torch_dtype") or self.config.get("dtype") or "float16"
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(str(name), torch.float16)
+
+    def weight_bytes(self) -> int:
+        return sum(os.path.getsize(f) for f in self.weight_files)

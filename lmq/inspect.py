@@ -1,0 +1,64 @@
+"""`lmq inspect`: what a checkpoint holds — manifest, sizes, quantization settings, per-layer error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from lmq.errors import InputError
+from lmq.format.source import WeightSource
+
+
+@dataclass
+class Inspection:
+    path: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    kind: str  # "float", "quantized", "packed", "autoawq"
+    quantization: Optional[dict]
+    manifest: Optional[dict]
+    weight_bytes: int
+    quantized_linears: int
+    params: int
+    bits_per_weight: Optional[float]
+    layers: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.pop("manifest")
+        d["manifest_format_version"] = (self.manifest or {}).get("format_version")
+        return d
+
+
+def inspect_checkpoint(path: str) -> Inspection:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"checkpoint path {path} does not exist")
+    src = WeightSource(p)
+    m = src.manifest
+    kind = m["kind"] if m else ("autoawq" if src.quant else "float")
+    q_count, params, q_params, q_bytes = 0, 0, 0, 0
+    for name, f in src._files.items():
+        n = 1
+        for d in src._open(f).get_slice(name).get_shape():
+            n *= d
+        if name.endswith(".qweight"):  # int32 words of 8 codes
+            q_count += 1
+            q_params += n * 8
+            q_bytes += n * 4
+        elif name.endswith(".qzeros"):
+            q_bytes += n * 4
+        elif name.endswith(".scales"):
+            q_bytes += n * 2
+        else:
+            params += n
+    bpw = q_bytes * 8 / q_params if q_params else None
+    params += q_params
+    return Inspection(
+        path=str(p), model_type=src.cfg.model_type, num_layers=src.cfg.num_layers, hidden_size=src.cfg.hidden_size,
+        kind=kind, quantization=src.config.get("quantization_config"), manifest=m,
+        weight_bytes=src.weight_bytes(), quantized_linears=q_count, params=params,
+        bits_per_weight=bpw, layers=(m or {}).get("layers", []),
+    )

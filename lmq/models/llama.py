@@ -1,0 +1,178 @@
+"""The reference Llama-family decoder in plain PyTorch: the function every lmq path must compute.
+
+Used by the AWQ search (block outputs), `lmq eval` (perplexity, KL divergence) and tests. It reads
+weights from a dict of dense tensors named as in Hugging Face checkpoints; a quantized checkpoint is
+dequantized into that dict by `lmq.format.checkpoint`. No transformers modeling code is involved,
+so the same numerics hold on every transformers version.
+
+Shapes: B batch, T tokens, H query heads, Hkv key/value heads, D head dim, C hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lmq.errors import UnsupportedError
+from lmq.models.arch import Arch, arch_for
+
+
+@dataclass
+class ModelConfig:
+    """The numbers of a Hugging Face `config.json` that the decoder needs."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict]
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    arch: Arch = field(repr=False)
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        arch = arch_for(cfg.get("model_type"))
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = dict(rope) if rope and rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        return cls(
+            model_type=cfg["model_type"],
+            hidden_size=cfg["hidden_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            rms_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            arch=arch,
+        )
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies `[D/2]` (fp32), with Llama-3 / linear rope scaling where configured."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # [D/2]
+    sc = cfg.rope_scaling
+    if sc:
+        kind = sc.get("rope_type", sc.get("type"))
+        if kind == "linear":
+            inv_freq = inv_freq / sc["factor"]
+        elif kind == "llama3":
+            factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+            old_ctx = sc["original_max_position_embeddings"]
+            low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            mid = (1 - smooth) * scaled / factor + smooth * scaled
+            is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            inv_freq = torch.where(is_mid, mid, scaled)
+        else:
+            raise UnsupportedError(
+                f"rope scaling type {kind!r} is not supported; lmq supports default, linear and llama3"
+            )
+    return inv_freq.float()
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[T, D]` for integer `positions [T]` (Hugging Face's half-rotation convention)."""
+    inv_freq = rope_inv_freq(cfg).to(positions.device)  # [D/2]
+    ang = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat([ang, ang], dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[B, T, H, D]`; cos/sin `[T, D]`."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, returned in x's dtype (as transformers does)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def linear(x: torch.Tensor, lw: dict, name: str) -> torch.Tensor:
+    return F.linear(x, lw[f"{name}.weight"], lw.get(f"{name}.bias"))
+
+
+# A hook that maps K or V `[B, T, Hkv, D]` to what the KV cache would give back (e.g. int8 round trip).
+KVTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def attention_heads(lw: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig,
+                    kv_transform: Optional[KVTransform] = None) -> torch.Tensor:
+    """Causal self-attention before o_proj; `x [B, T, C]` is the normed input. Returns `[B, T, H*D]`."""
+    B, T, _ = x.shape
+    H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = linear(x, lw, "self_attn.q_proj").view(B, T, H, D)
+    k = linear(x, lw, "self_attn.k_proj").view(B, T, Hkv, D)
+    v = linear(x, lw, "self_attn.v_proj").view(B, T, Hkv, D)
+    if cfg.arch.qk_norm:
+        q = rms_norm(q, lw["self_attn.q_norm.weight"], cfg.rms_eps)
+        k = rms_norm(k, lw["self_attn.k_norm.weight"], cfg.rms_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv_transform is not None:
+        k, v = kv_transform(k), kv_transform(v)
+    return attention_core(q, k, v).reshape(B, T, H * D)
+
+
+def attention(lw: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig,
+              kv_transform: Optional[KVTransform] = None) -> torch.Tensor:
+    """Causal self-attention of one layer including o_proj: `[B, T, C]` -> `[B, T, C]`."""
+    return linear(attention_heads(lw, x, cos, sin, cfg, kv_transform), lw, "self_attn.o_proj")
+
+
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention: q `[B, T, H, D]`, k/v `[B, T, Hkv, D]` -> `[B, T, H, D]`."""
+    H, Hkv = q.shape[2], k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H*, T, D]
+    if Hkv != H:
+        kt = kt.repeat_interleave(H // Hkv, dim=1)
+        vt = vt.repeat_interleave(H // Hkv, dim=1)
+    o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)  # [B, H, T, D]
+    return o.transpose(1, 2)
+
+
+def mlp(lw: dict, x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU MLP; `x [B, T, C]` is the normed input."""
+    return linear(F.silu(linear(x, lw, "mlp.gate_proj")) * linear(x, lw, "mlp.up_proj"), lw, "mlp.down_proj")
+
+
+def layer_forward(lw: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig,
+                  kv_transform: Optional[KVTransform] = None) -> torch.Tensor:
+    """One decoder layer: `x [B, T, C]` -> `[B, T, C]`."""
+    h = x + attention(lw, rms_norm(x, lw["input_layernorm.weight"], cfg.rms_eps), cos, sin, cfg, kv_transform)
+    return h + mlp(lw, rms_norm(h, lw["post_attention_layernorm.weight"], cfg.rms_eps))
+
+
+def layer_weight_names(cfg: ModelConfig) -> list[str]:
+    """The tensor names (relative to the layer prefix) one decoder layer reads."""
+    names = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    names += [f"{lin}.weight" for lin in cfg.arch.linears]
+    if cfg.arch.qkv_bias:
+        names += [f"self_attn.{p}_proj.bias" for p in "qkv"]
+    if cfg.arch.qk_norm:
+        names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    return names

@@ -1,0 +1,198 @@
+"""Activation-aware weight quantization (AWQ; Lin et al. 2023, arXiv:2306.00978) for one decoder layer.
+
+For each scaling group (arch table: a norm or linear `prev` feeding `linears`):
+
+    x_mean[c] = mean |x[:, c]|                    over calibration tokens         [C]
+    w_mean[c] = mean over rows of |W| / groupmax  (weights normalized per group)  [C]
+    for r in 0, 1/n, ..., (n-1)/n:
+        s = x_mean^r / w_mean^(1-r),  normalized so sqrt(max(s) * min(s)) = 1
+        loss(r) = || block(x; Q(W * s) / s) - block(x; W) ||^2
+    keep the best s; fold 1/s into prev, s into the linears' input columns.
+
+Then a clipping search per linear (except q/k): for each output row and group, the max |w| kept
+before quantization is searched over (1 - i/n) * max for i < n/2, minimizing the error of that
+group's partial dot products on a sample of calibration tokens. That local criterion weighs typical
+tokens and can ruin rare outlier tokens (seen on SmolLM2's last layers: 20x worse layer output), so
+a linear's clipping is kept only if it does not raise the whole layer's output error.
+
+All search math runs in fp32 on the compute device; a bf16-trained model never overflows fp16 here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lmq.models.arch import ScaleGroup
+from lmq.models.llama import ModelConfig, attention_heads, layer_forward, linear, mlp, rms_norm
+from lmq.quant.rtn import fake_quantize
+
+
+@dataclass
+class QuantSettings:
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    n_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512  # calibration tokens the clipping search looks at
+    batch_size: int = 16  # calibration samples per forward chunk (bounds activation memory)
+
+
+@dataclass
+class LayerCapture:
+    """Inputs of every linear in one layer, from a float forward over the calibration set."""
+
+    inputs: dict[str, torch.Tensor]  # linear name -> [S, T, K] (shared tensors for q/k/v, gate/up)
+    output: torch.Tensor  # [S, T, C] the layer's float output = next layer's input
+
+
+def _chunks(x: torch.Tensor, bs: int):
+    for i in range(0, x.shape[0], bs):
+        yield x[i:i + bs]
+
+
+def capture(lw: dict, x: torch.Tensor, cos, sin, cfg: ModelConfig, bs: int) -> LayerCapture:
+    """Run layer `lw` on `x [S, T, C]` in chunks and keep every linear's input and the output."""
+    keys = ("qkv", "o", "gate_up", "down", "out")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    for xb in _chunks(x, bs):
+        xn1 = rms_norm(xb, lw["input_layernorm.weight"], cfg.rms_eps)  # [b, T, C]
+        heads = attention_heads(lw, xn1, cos, sin, cfg)  # [b, T, H*D]
+        h = xb + linear(heads, lw, "self_attn.o_proj")
+        xn2 = rms_norm(h, lw["post_attention_layernorm.weight"], cfg.rms_eps)
+        act = F.silu(linear(xn2, lw, "mlp.gate_proj")) * linear(xn2, lw, "mlp.up_proj")  # [b, T, I]
+        out = h + linear(act, lw, "mlp.down_proj")
+        for k, v in zip(keys, (xn1, heads, xn2, act, out)):
+            parts[k].append(v)
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    inputs = {
+        "self_attn.q_proj": cat["qkv"], "self_attn.k_proj": cat["qkv"], "self_attn.v_proj": cat["qkv"],
+        "self_attn.o_proj": cat["o"], "mlp.gate_proj": cat["gate_up"], "mlp.up_proj": cat["gate_up"],
+        "mlp.down_proj": cat["down"],
+    }
+    return LayerCapture(inputs=inputs, output=cat["out"])
+
+
+def _block_fn(group: ScaleGroup, cos, sin, cfg: ModelConfig) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+    """The function whose output error scores a candidate scale for `group`."""
+    if group.inspect == "attn":
+        return lambda lw, x: linear(attention_heads(lw, x, cos, sin, cfg), lw, "self_attn.o_proj")
+    if group.inspect == "mlp":
+        return mlp
+    name = group.inspect
+    return lambda lw, x: linear(x, lw, name)
+
+
+def group_applies(group: ScaleGroup, lw: dict) -> bool:
+    """v_proj -> o_proj only when v's output channels are o's input channels (no GQA)."""
+    if group.prev.endswith("_proj"):
+        return lw[f"{group.prev}.weight"].shape[0] == lw[f"{group.linears[0]}.weight"].shape[1]
+    return True
+
+
+@torch.no_grad()
+def search_scale(group: ScaleGroup, lw: dict, x: torch.Tensor, cos, sin, cfg: ModelConfig,
+                 qs: QuantSettings) -> tuple[torch.Tensor, float, float, float]:
+    """Best per-channel scale `[C]` for `group` on inputs `x [S, T, C]`.
+
+    Returns (scales, best ratio, loss at ratio 0 = plain RTN, best loss).
+    """
+    fn = _block_fn(group, cos, sin, cfg)
+    C = x.shape[-1]
+    x_mean = x.abs().reshape(-1, C).float().mean(0)  # [C]
+    W = torch.cat([lw[f"{n}.weight"] for n in group.linears])  # [sum N, C]
+    Wg = W.abs().reshape(-1, qs.group_size)  # [sum N * C / G, G]
+    Wg = Wg / Wg.amax(dim=1, keepdim=True).clamp(min=1e-12)
+    w_mean = Wg.reshape(W.shape).mean(0)  # [C]
+
+    ref = torch.cat([fn(lw, xb) for xb in _chunks(x, qs.batch_size)])
+    best = (float("inf"), 0.0, None)
+    loss0 = None
+    for i in range(qs.n_grid):
+        r = i / qs.n_grid
+        s = (x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4)).clamp(min=1e-4)  # [C]
+        s = s / (s.max() * s.min()).sqrt()
+        trial = dict(lw)
+        for n in group.linears:
+            trial[f"{n}.weight"] = fake_quantize(lw[f"{n}.weight"] * s, qs.bits, qs.group_size, qs.zero_point) / s
+        loss = 0.0
+        for xb, rb in zip(_chunks(x, qs.batch_size), _chunks(ref, qs.batch_size)):
+            loss += (fn(trial, xb) - rb).float().pow(2).sum().item()
+        loss /= ref.numel()
+        if i == 0:
+            loss0 = loss
+        if loss < best[0]:
+            best = (loss, r, s)
+    return best[2], best[1], loss0, best[0]
+
+
+def apply_scale(group: ScaleGroup, lw: dict, s: torch.Tensor, cap: LayerCapture) -> None:
+    """Fold `s` into the weights (function unchanged in exact arithmetic) and the captured inputs."""
+    prev = group.prev
+    if prev.endswith("_proj"):  # a linear: divide its output rows (and bias)
+        lw[f"{prev}.weight"] = lw[f"{prev}.weight"] / s[:, None]
+        if f"{prev}.bias" in lw:
+            lw[f"{prev}.bias"] = lw[f"{prev}.bias"] / s
+    else:  # an RMSNorm weight
+        lw[f"{prev}.weight"] = lw[f"{prev}.weight"] / s
+    for n in group.linears:
+        lw[f"{n}.weight"] = lw[f"{n}.weight"] * s[None, :]
+    seen = set()
+    for n in group.linears:  # q/k/v share one input tensor: divide it once
+        t = cap.inputs[n]
+        if id(t) not in seen:
+            seen.add(id(t))
+            cap.inputs[n] = t / s
+            for m in group.linears:
+                if cap.inputs[m] is t:
+                    cap.inputs[m] = cap.inputs[n]
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, qs: QuantSettings, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """Best clipping threshold per output row and group: returns `[N, K/G]` max |w| to keep."""
+    N, K = w.shape
+    G = qs.group_size
+    xs = x.reshape(-1, K)  # [tokens, K]
+    step = max(1, xs.shape[0] // qs.clip_tokens)
+    xs = xs[::step][: qs.clip_tokens].float()  # [n, K]
+    xg = xs.reshape(-1, K // G, G).transpose(0, 1)  # [K/G, n, G]
+    best_all = []
+    for r0 in range(0, N, rows_per_chunk):
+        wc = w[r0:r0 + rows_per_chunk].float()  # [R, K]
+        R = wc.shape[0]
+        wg = wc.reshape(R, K // G, G)  # [R, K/G, G]
+        org_max = wg.abs().amax(dim=-1, keepdim=True)  # [R, K/G, 1]
+        # Partial dot products per group as batched matmuls: [K/G, n, G] @ [K/G, G, R] -> [K/G, n, R]
+        org_out = torch.bmm(xg, wg.permute(1, 2, 0))
+        best_max = org_max.clone()
+        min_err = torch.full_like(org_max, float("inf"))
+        for i in range(int(qs.max_shrink * qs.n_grid)):
+            max_val = org_max * (1 - i / qs.n_grid)
+            cur = torch.clamp(wg, -max_val, max_val).reshape(R, K)
+            q = fake_quantize(cur, qs.bits, G, qs.zero_point).reshape(R, K // G, G)
+            err = (torch.bmm(xg, q.permute(1, 2, 0)) - org_out).pow(2).mean(dim=1)  # [K/G, R]
+            err = err.t()[..., None]  # [R, K/G, 1]
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best_max = torch.where(better, max_val, best_max)
+        best_all.append(best_max[..., 0])
+    return torch.cat(best_all)  # [N, K/G]
+
+
+@torch.no_grad()
+def layer_error(lw: dict, x: torch.Tensor, ref: torch.Tensor, cos, sin, cfg: ModelConfig, qs: QuantSettings) -> float:
+    """MSE of the layer output when every linear of `lw` is fake-quantized; `ref` is the float output."""
+    q = {k: (fake_quantize(v, qs.bits, qs.group_size, qs.zero_point) if k[: -len(".weight")] in cfg.arch.linears
+             else v) for k, v in lw.items()}
+    return (layer_forward(q, x, cos, sin, cfg) - ref).pow(2).mean().item()
+
+
+def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
+    N, K = w.shape
+    m = max_val[..., None]  # [N, K/G, 1]
+    return torch.clamp(w.reshape(N, K // group_size, group_size), -m, m).reshape(N, K)

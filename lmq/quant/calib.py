@@ -1,0 +1,100 @@
+"""Calibration text -> token blocks `[n_samples, seqlen]` for AWQ.
+
+Sources (`--calib-data`):
+- a local `.txt` file (documents separated by blank lines), read directly;
+- a local `.jsonl` / `.json` / `.parquet` / `.csv` file with a `text` column, read through `datasets`;
+- a folder: every such file in it;
+- a hub data set when online: `pileval`, `wikitext2`, `c4`, or any `org/name` with a `text` column.
+
+Documents are shuffled with the seed, tokenized without special tokens, joined with the EOS token
+and cut into `n_samples` blocks of `seqlen` tokens (AutoAWQ's scheme). `datasets` is imported only
+here, and only for the formats that need it.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from lmq.errors import InputError
+
+TEXT_EXTS = (".txt", ".raw")
+TABLE_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+HUB_SETS = {
+    "pileval": ("mit-han-lab/pile-val-backup", None, "validation"),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train"),
+    "c4": ("allenai/c4", "en", "validation"),
+}
+
+
+def _read_text_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"calibration file {path} is not UTF-8 text ({e}); give a .txt, .jsonl or .parquet file") from e
+    return [d.strip() for d in text.split("\n\n") if d.strip()]
+
+
+def _read_table(path: Path) -> list[str]:
+    import datasets
+
+    ds = datasets.load_dataset(TABLE_EXTS[path.suffix], data_files=str(path), split="train")
+    if "text" not in ds.column_names:
+        raise InputError(f"calibration file {path} has no 'text' column (columns: {ds.column_names})")
+    return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
+
+
+def load_documents(spec: str) -> list[str]:
+    """All calibration documents named by `spec` (file, folder or hub data set)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix in TABLE_EXTS:
+            return _read_table(path)
+        return _read_text_file(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix in TEXT_EXTS or f.suffix in TABLE_EXTS)
+        if not files:
+            raise InputError(f"calibration folder {path} holds no .txt/.jsonl/.json/.parquet/.csv files")
+        docs: list[str] = []
+        for f in files:
+            docs += _read_table(f) if f.suffix in TABLE_EXTS else _read_text_file(f)
+        return docs
+    if spec in HUB_SETS or ("/" in spec and not spec.startswith((".", "/", "~"))):
+        name, config, split = HUB_SETS.get(spec, (spec, None, "train"))
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(name, config, split=split)
+        except Exception as e:
+            raise InputError(
+                f"calibration data set {spec!r} could not be loaded from the hub ({type(e).__name__}); offline, "
+                "pass a local file: --calib-data path/to/text.txt"
+            ) from e
+        return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
+    raise InputError(f"calibration data {spec!r} is neither a file, a folder nor a known data set "
+                     f"({', '.join(HUB_SETS)}); pass a local .txt/.jsonl/.parquet file")
+
+
+def calibration_tokens(spec: str, tokenizer, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`[n_samples, seqlen]` int64 token blocks from the documents of `spec`."""
+    if n_samples < 1 or seqlen < 8:
+        raise InputError(f"need --calib-samples >= 1 and --calib-seqlen >= 8, got {n_samples} and {seqlen}")
+    docs = load_documents(spec)
+    random.Random(seed).shuffle(docs)
+    need = n_samples * seqlen
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for d in docs:
+        ids += tokenizer(d, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise InputError(
+            f"calibration data {spec} has {len(ids)} tokens, fewer than --calib-samples x --calib-seqlen = "
+            f"{n_samples} x {seqlen} = {need}; give more text or lower those numbers"
+        )
+    return torch.tensor(ids[:need], dtype=torch.int64).reshape(n_samples, seqlen)

@@ -1,0 +1,230 @@
+"""`lmq quantize`: a Hugging Face model -> a portable 4-bit checkpoint (AutoAWQ gemm layout + manifest).
+
+Memory-bounded: weights are read one decoder layer at a time from the safetensors shards, moved to
+the compute device, searched and quantized there, written to the output shards and dropped. The
+calibration activations `[S, T, C]` are the only model-sized state carried from layer to layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lmq.console import log, progress
+from lmq.errors import InputError, UnsupportedError
+from lmq.format import awq_gemm
+from lmq.format.manifest import write_manifest
+from lmq.format.source import TOKENIZER_FILES, QuantConfig, WeightSource, resolve_model_path
+from lmq.format.writer import CheckpointWriter, check_output_path
+from lmq.models.llama import rope_cos_sin
+from lmq.quant import awq
+from lmq.quant.rtn import check_group_size, quantize
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class QuantizeSpec:
+    model: str
+    out: Path
+    method: str = "awq"  # awq | rtn
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    calib_data: str = "pileval"
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    dtype: str = "auto"  # auto | float16 | bfloat16: dtype of the tensors left unquantized
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    force: bool = False
+    n_grid: int = 20
+    max_layers: Optional[int] = None  # quantize only the first N layers' search (tests); rest RTN
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    rtn_err: float  # mean squared error of the layer output with RTN weights
+    awq_err: float  # ... with AWQ weights (== rtn_err for --method rtn)
+    ratios: dict[str, float] = field(default_factory=dict)
+    clipped: list[str] = field(default_factory=list)  # linears whose clipping search was kept
+    seconds: float = 0.0
+
+
+@dataclass
+class QuantizeReport:
+    out: Path
+    layers: list[LayerStats]
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def _hash_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(16 * 1024 * 1024):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _finite(d: dict) -> dict:
+    """JSON has no NaN: statistics that were not measured (RTN needs no calibration) become null."""
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
+
+
+def check_layer_shapes(src: WeightSource, group_size: int) -> None:
+    """Every quantized linear's input size must split into whole groups; say which one does not."""
+    for i in range(src.cfg.num_layers):
+        prefix = src.layer_prefix(i)
+        for lin in src.cfg.arch.linears:
+            name = f"{prefix}.{lin}"
+            K = src._open(src._files[f"{name}.weight"]).get_slice(f"{name}.weight").get_shape()[1] \
+                if src.has(f"{name}.weight") else None
+            if K is None:
+                raise UnsupportedError(f"{src.path} has no {name}.weight; is it already quantized or a different layout?")
+            check_group_size(K, group_size, name)
+
+
+def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
+    t0 = time.time()
+    if spec.method not in ("awq", "rtn"):
+        raise InputError(f"--method must be awq or rtn, got {spec.method!r}")
+    if spec.dtype not in ("auto", *DTYPES):
+        raise InputError(f"--dtype must be auto, float16 or bfloat16, got {spec.dtype!r}")
+    out = Path(spec.out)
+    check_output_path(out, spec.force)
+    src_path = resolve_model_path(spec.model)
+    src = WeightSource(src_path)
+    if src.quant is not None:
+        raise InputError(f"{src_path} is already quantized ({src.config['quantization_config'].get('quant_method')}); "
+                         "give the original float model")
+    cfg = src.cfg
+    qs = awq.QuantSettings(bits=spec.bits, group_size=spec.group_size, zero_point=spec.zero_point, n_grid=spec.n_grid)
+    quantize(torch.zeros(1, spec.group_size), spec.bits, spec.group_size)  # validates bits early
+    check_layer_shapes(src, spec.group_size)
+    dev = _device(spec.device)
+    out_dtype = src.source_dtype() if spec.dtype == "auto" else DTYPES[spec.dtype]
+    if out_dtype == torch.float32:
+        out_dtype = torch.float16
+
+    tokens = None
+    if spec.method == "awq":
+        from transformers import AutoTokenizer
+
+        from lmq.quant.calib import calibration_tokens
+
+        tok = AutoTokenizer.from_pretrained(str(src_path))
+        tokens = calibration_tokens(spec.calib_data, tok, spec.calib_samples, spec.calib_seqlen, spec.seed)
+        log(f"calibration: {tokens.shape[0]} samples x {tokens.shape[1]} tokens from {spec.calib_data}")
+
+    log(f"hashing source weights ({src.weight_bytes() / 1e9:.2f} GB)")
+    src_hash = _hash_files(src.weight_files)
+    torch.manual_seed(spec.seed)
+    stats: list[LayerStats] = []
+    n_stat = 8  # calibration samples the per-layer error statistics are measured on
+
+    with CheckpointWriter(out, spec.force) as w:
+        x = None
+        if tokens is not None:
+            x = src.embed(torch.float32)[tokens].to(dev)  # [S, T, C]
+            pos = torch.arange(tokens.shape[1], device=dev)
+            cos, sin = rope_cos_sin(cfg, pos, torch.float32)
+        with progress() as bar:
+            task = bar.add_task(f"{spec.method.upper()} layers", total=cfg.num_layers, info="")
+            for i in range(cfg.num_layers):
+                tl = time.time()
+                prefix = src.layer_prefix(i)
+                lw = {k: v.to(dev) for k, v in src.layer(i, torch.float32).items()}
+                st = LayerStats(layer=i, rtn_err=float("nan"), awq_err=float("nan"))
+                if x is not None:
+                    cap = awq.capture(lw, x, cos, sin, cfg, qs.batch_size)
+                    xs, ref = x[:n_stat], cap.output[:n_stat]
+                    st.rtn_err = awq.layer_error(lw, xs, ref, cos, sin, cfg, qs)
+                    search = spec.method == "awq" and (spec.max_layers is None or i < spec.max_layers)
+                    if search:
+                        found = []
+                        for g in cfg.arch.scale_groups:
+                            if not awq.group_applies(g, lw):
+                                continue
+                            s, r, _, _ = awq.search_scale(g, lw, cap.inputs[g.linears[0]], cos, sin, cfg, qs)
+                            found.append((g, s))
+                            st.ratios[g.prev] = r
+                        for g, s in found:
+                            awq.apply_scale(g, lw, s, cap)
+                        err = awq.layer_error(lw, xs, ref, cos, sin, cfg, qs)
+                        for lin in cfg.arch.linears:
+                            if lin in cfg.arch.no_clip:
+                                continue
+                            mx = awq.search_clip(lw[f"{lin}.weight"], cap.inputs[lin], qs)
+                            trial = dict(lw, **{f"{lin}.weight": awq.apply_clip(lw[f"{lin}.weight"], mx, qs.group_size)})
+                            trial_err = awq.layer_error(trial, xs, ref, cos, sin, cfg, qs)
+                            if trial_err <= err:
+                                lw, err = trial, trial_err
+                                st.clipped.append(lin.split(".")[-1])
+                        st.awq_err = err
+                    else:
+                        st.awq_err = st.rtn_err
+                    x_next = cap.output
+                q = {lin: quantize(lw[f"{lin}.weight"], qs.bits, qs.group_size, qs.zero_point, f"{prefix}.{lin}")
+                     for lin in cfg.arch.linears}
+                if x is not None:
+                    x = x_next
+                for lin, qw in q.items():
+                    for k, t in awq_gemm.pack(qw).items():
+                        w.add(f"{prefix}.{lin}.{k}", t)
+                for k, t in lw.items():
+                    if k[:-len(".weight")] not in cfg.arch.linears:
+                        w.add(f"{prefix}.{k}", t.to(out_dtype))
+                st.seconds = time.time() - tl
+                stats.append(st)
+                info = f"err awq/rtn {st.awq_err / st.rtn_err:.2f}" if x is not None and st.rtn_err > 0 else ""
+                bar.update(task, advance=1, info=info)
+                del lw, q
+
+        arch = cfg.arch
+        w.add(arch.embed, src.embed(out_dtype))
+        w.add(arch.final_norm, src.final_norm(out_dtype))
+        if src.has(arch.lm_head):
+            w.add(arch.lm_head, src.get(arch.lm_head, out_dtype))
+        qc = QuantConfig(spec.bits, spec.group_size, spec.zero_point)
+        config = dict(src.config)
+        config["quantization_config"] = qc.to_hf()
+        config["torch_dtype"] = str(out_dtype).replace("torch.", "")
+        config.pop("dtype", None)
+        w.write_json("config.json", config)
+        for name in TOKENIZER_FILES:
+            if (src_path / name).exists():
+                w.copy_file(src_path / name)
+        settings = {k: v for k, v in asdict(spec).items() if k not in ("out", "force", "model")}
+        write_manifest(w.tmp, {
+            "kind": "quantized",
+            "source": {"model": spec.model, "path": str(src_path), "hash": src_hash,
+                       "model_type": cfg.model_type, "num_layers": cfg.num_layers},
+            "quantization": {"method": spec.method, "bits": spec.bits, "group_size": spec.group_size,
+                             "zero_point": spec.zero_point, "layout": "awq-gemm"},
+            "settings": settings,
+            "calibration": None if tokens is None else {
+                "data": spec.calib_data, "samples": spec.calib_samples, "seqlen": spec.calib_seqlen, "seed": spec.seed},
+            "layers": [_finite(asdict(s)) for s in stats],
+        })
+    bytes_out = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    return QuantizeReport(out=out, layers=stats, bytes_in=src.weight_bytes(), bytes_out=bytes_out,
+                          seconds=time.time() - t0)
