@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [decode|prefill ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|prefill ...]
 """
 
 import itertools
@@ -12,11 +12,18 @@ import torch
 
 from lmq.bench import GEMM_SHAPES, _copies_for, _graph_time_us
 from lmq.kernels.w4a16_gemm import w4a16_gemm
+from lmq.kernels.w4a16_gemv import w4a16_gemv
 from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
 
 G = 128
 SWEEP = {
+    "gemv": {
+        "ms": [1],
+        "configs": [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, num_warps=w, num_stages=1)
+                    for bn, bk, w in ((32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 4),
+                                      (128, 256, 8), (64, 512, 4), (16, 256, 2))],
+    },
     "decode": {
         "ms": [1, 16, 32],
         "configs": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=1, num_warps=w, num_stages=st,
@@ -55,7 +62,8 @@ def main(regimes):
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                    fns = [lambda pp=pp: w4a16_gemm(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
+                    kernel = w4a16_gemv if regime == "gemv" else w4a16_gemm
+                    fns = [lambda pp=pp: kernel(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
                            for pp in packs]
                     per.append(_graph_time_us(fns, calls=max(20, len(fns)), reps=9))
                 results.append((sum(per), per, cfg))

@@ -179,19 +179,24 @@ def _w4a16_gemm_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Per-arch configurations: the one table (recorded in the packed manifest, read by the dispatcher).
-# decode_max_m / dequant_min_m are the crossovers measured with `lmq bench gemm` (docs/benchmarks.md).
+#   M <= gemv_max_m -> w4a16_gemv ("gemv"); M <= decode_max_m -> this kernel, "decode";
+#   M < dequant_min_m -> this kernel, "prefill"; else dequantize + cuBLAS.
+# sm90's entries and crossovers were measured on an H100 (benchmarks/NOTES-gemm.md, `lmq bench gemm`);
+# the other archs' rows are scaled to their shared memory and not yet measured.
 # ---------------------------------------------------------------------------------------------
-_DECODE = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": 0, "GROUP_M": 1, "num_warps": 4, "num_stages": 3, "SWAP_AB": True}
+_GEMV = {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 0, "num_warps": 4, "num_stages": 1}
+_DECODE = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1, "num_warps": 4,
+           "num_stages": 2, "SWAP_AB": True}
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
-                     "num_warps": 8, "num_stages": 3}
+                     "num_warps": 8, "num_stages": 3, "SWAP_AB": True}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
+_CROSS = {"gemv_max_m": 1, "decode_max_m": 64, "dequant_min_m": 65}
 CONFIGS: dict[str, dict] = {
-    "sm75": {"decode": {**_DECODE, "num_stages": 2}, "prefill": _PREFILL_SMALL_SMEM,
-             "decode_max_m": 32, "dequant_min_m": 1024},
-    "sm80": {"decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, "decode_max_m": 32, "dequant_min_m": 2048},
-    "sm86": {"decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, "decode_max_m": 32, "dequant_min_m": 2048},
-    "sm89": {"decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, "decode_max_m": 32, "dequant_min_m": 2048},
-    "sm90": {"decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, "decode_max_m": 32, "dequant_min_m": 2048},
+    "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
+    "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},
+    "sm86": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
+    "sm89": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
+    "sm90": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},
 }
 # The interpreter runs one program at a time on the CPU: small tiles keep tests fast there.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1,

@@ -148,7 +148,8 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
     """Time lmq's W4A16 paths, cuBLAS fp16 and torch's int4 kernel per (shape, M); returns a report dict."""
     if not torch.cuda.is_available():
         raise UnsupportedError("lmq bench gemm needs a CUDA GPU; none is visible")
-    from lmq.engine.qlinear import choose_path, local_arch
+    from lmq.engine.qlinear import choose_path, local_arch, qlinear
+    from lmq.kernels.w4a16_gemv import w4a16_gemv
     from lmq.kernels.w4a16_dequant import w4a16_dequant
     from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm
     from lmq.pack import planes64
@@ -190,10 +191,13 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
         for M in (per_shape_ms[si:si + 1] if per_shape_ms else ms):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             paths = {}
-            for path in ("decode", "prefill", "dequant"):
-                if path == "decode" and M > 64:
-                    continue  # BLOCK_M=16 tiles at large M are never the choice; skip the long compile
-                if path == "dequant":
+            for path in ("gemv", "decode", "prefill", "dequant"):
+                if (path == "gemv" and M > 4) or (path == "decode" and M > 256):
+                    continue  # never the choice at this M
+                if path == "gemv":
+                    fns = [lambda pp=pp: w4a16_gemv(x, pp["qweight"], pp["scales"], pp["zeros"], G, table["gemv"])
+                           for pp in packs]
+                elif path == "dequant":
                     fns = [lambda pp=pp: torch.matmul(
                         x, w4a16_dequant(pp["qweight"], pp["scales"], pp["zeros"], G).t()) for pp in packs]
                 else:
@@ -204,8 +208,7 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
             cublas = _graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in w16s], calls=max(n_f, 20))
             # correctness of what was timed, on this very input
             ref = x.float() @ w16.float().t()  # [M, N]; w16 = w_hat rounded to fp16
-            got = (w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, table[chosen]) if chosen != "dequant"
-                   else torch.matmul(x, w4a16_dequant(p["qweight"], p["scales"], p["zeros"], G).t())).float()
+            got = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table).float()
             lmq_err = ((got - ref).norm() / ref.norm()).item()
             t4_us, t4_err = None, None
             if t4 is not None:
@@ -243,7 +246,7 @@ def render_gemm_table(report: dict):
     t = Table(title=f"W4A16 GEMM, {report['gpu']} ({report['arch']}), g{report['group_size']}, "
                     f"copy bandwidth {report['copy_bandwidth_GB_s']:.0f} GB/s; speedups vs cuBLAS fp16")
     for col in ("shape", "M", "N", "K", "lmq us", "path", "cuBLAS fp16 us", "torch int4 us", "lmq x",
-                "int4 x", "floor us", "floor x", "decode/prefill/dequant us"):
+                "int4 x", "floor us", "floor x", "gemv/decode/prefill/dequant us"):
         t.add_column(col, justify="left" if col in ("shape", "path") else "right")
     for r in report["rows"]:
         t4 = r["torch_int4_us"]
@@ -253,6 +256,6 @@ def render_gemm_table(report: dict):
             f"{r['cublas_fp16_us']:.1f}", "n/a" if t4 is None else f"{t4:.1f}", f"{r['speedup_vs_cublas']:.2f}",
             "n/a" if t4 is None else f"{r['torch_int4_speedup_vs_cublas']:.2f}", f"{r['floor_us']:.1f}",
             f"{r['cublas_fp16_us'] / r['floor_us']:.2f}",
-            "/".join(f"{p[k]:.1f}" if k in p else "-" for k in ("decode", "prefill", "dequant")),
+            "/".join(f"{p[k]:.1f}" if k in p else "-" for k in ("gemv", "decode", "prefill", "dequant")),
         )
     return t

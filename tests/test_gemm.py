@@ -11,6 +11,7 @@ from lmq.engine.qlinear import QLinear, choose_path, qlinear
 from lmq.errors import ShapeError
 from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
 from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemv import w4a16_gemv, w4a16_gemv_ref
 from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
 
@@ -58,6 +59,32 @@ def test_gemm_odd_shapes(M, N, K, G, device):
     assert rel_err(out, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 2, 3])
+def test_gemv_matches_ref(M, G, device):
+    N, K = 40, 256
+    p = random_packed(N, K, G, device)
+    x = torch.randn(M, K, device=device).half()
+    out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G)
+    ref = w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)
+    assert out.shape == (M, N) and rel_err(out, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_gemv_odd_shape_and_split(split_k, device):
+    N, K, G = 576, 192, 64
+    p = random_packed(N, K, G, device)
+    x = torch.randn(1, 1, K, device=device).half()
+    cfg = {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": split_k, "num_warps": 4, "num_stages": 1}
+    out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+    assert out.shape == (1, 1, N)
+    assert rel_err(out, w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
+    with pytest.raises(ShapeError, match="float16 or bfloat16"):
+        w4a16_gemv(x.float(), p["qweight"], p["scales"], p["zeros"], G)
+    with pytest.raises(ShapeError, match="K=192"):
+        w4a16_gemv(x[..., :128], p["qweight"], p["scales"], p["zeros"], G)
+
+
 @pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_gemm_split_k_explicit(split_k, swap_ab, device):
@@ -81,18 +108,18 @@ def test_dequant_matches_ref(G, device):
     torch.testing.assert_close(w, ref, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("M", [1, 40, 300])
+@pytest.mark.parametrize("M", [1, 8, 40, 300])
 def test_qlinear_every_path(M, device):
     """The dispatcher's three paths (decode, prefill, dequant + matmul) give the reference result."""
     N, K, G = 40, 128, 64
-    table = {**CONFIGS["sm80"], "decode_max_m": 16, "dequant_min_m": 256}
+    table = {**CONFIGS["sm80"], "gemv_max_m": 1, "decode_max_m": 16, "dequant_min_m": 256}
     p = random_packed(N, K, G, device)
     bias = torch.randn(N, device=device).half()
     x = torch.randn(M, K, device=device).half()
     out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table, bias)
     ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G).float() + bias.float()
     assert rel_err(out, ref) < TOL[torch.float16]
-    assert choose_path(M, table) == {1: "decode", 40: "prefill", 300: "dequant"}[M]
+    assert choose_path(M, table) == {1: "gemv", 8: "decode", 40: "prefill", 300: "dequant"}[M]
 
 
 def test_qlinear_module(device):
@@ -131,11 +158,22 @@ def test_invalid_inputs_raise(device):
 def test_gemm_gpu_configs(arch, regime, dtype):
     for (N, K, G) in [(576, 1536, 32), (1536, 576, 64), (4096, 4096, 128)]:
         p = random_packed(N, K, G, "cuda")
-        for M in ([1, 2, 3, 16, 17, 31] if regime == "decode" else [17, 127, 300]):
+        for M in ([1, 2, 3, 16, 17, 64] if regime == "decode" else [17, 127, 300]):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS[arch][regime])
             ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
             assert rel_err(out, ref) < TOL[dtype], (arch, regime, N, K, G, M)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_gpu(dtype):
+    for (N, K, G) in [(576, 1536, 32), (1536, 576, 64), (4096, 4096, 128)]:
+        p = random_packed(N, K, G, "cuda")
+        for M in (1, 2, 3):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"]["gemv"])
+            assert rel_err(out, w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype], (N, K, G, M)
 
 
 @pytest.mark.gpu
@@ -145,7 +183,7 @@ def test_dequant_and_dispatch_gpu(dtype):
     p = random_packed(N, K, G, "cuda")
     w = w4a16_dequant(p["qweight"], p["scales"], p["zeros"], G, dtype)
     torch.testing.assert_close(w, w4a16_dequant_ref(p["qweight"], p["scales"], p["zeros"], G, dtype))
-    for M in (1, 64, 4096):
+    for M in (1, 2, 64, 65, 4096):
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"])
         assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype]

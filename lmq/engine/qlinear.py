@@ -3,6 +3,7 @@
     y[..., N] = x[..., K] @ w_hat[N, K]^T (+ bias),   M = number of rows of x
 
 By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`):
+    M <= gemv_max_m            -> W4A16 GEMV (CUDA cores, weights straight to registers, split-K)
     M <= decode_max_m          -> W4A16 kernel, decode config (split-K, bandwidth-bound)
     M <  dequant_min_m         -> W4A16 kernel, prefill config (tensor-core tiles)
     otherwise                  -> dequantize to fp16/bf16, then cuBLAS (torch.matmul)
@@ -16,6 +17,7 @@ from torch import nn
 from lmq.errors import UnsupportedError
 from lmq.kernels.w4a16_dequant import w4a16_dequant
 from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm
+from lmq.kernels.w4a16_gemv import w4a16_gemv
 
 ARCHS = tuple(CONFIGS)
 
@@ -47,7 +49,9 @@ def local_arch(device: torch.device | str | None = None) -> str:
 
 
 def choose_path(M: int, table: dict) -> str:
-    """"decode", "prefill" or "dequant" for `M` rows under one arch's table."""
+    """"gemv", "decode", "prefill" or "dequant" for `M` rows under one arch's table."""
+    if M <= table.get("gemv_max_m", 0):
+        return "gemv"
     if M <= table["decode_max_m"]:
         return "decode"
     if M < table["dequant_min_m"]:
@@ -61,9 +65,10 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     K = qweight.shape[0] * 64
     M = x.numel() // K if K else 0
     path = choose_path(M, table)
-    if x.device.type == "cpu":  # Triton interpreter (tests): small tiles, same kernels
-        cfg = INTERPRET_CONFIG
-        y = (w4a16_gemm(x, qweight, scales, zeros, group_size, cfg) if path != "dequant"
+    if path == "gemv":
+        y = w4a16_gemv(x, qweight, scales, zeros, group_size, None if x.device.type == "cpu" else table["gemv"])
+    elif x.device.type == "cpu":  # Triton interpreter (tests): small tiles, same kernels
+        y = (w4a16_gemm(x, qweight, scales, zeros, group_size, INTERPRET_CONFIG) if path != "dequant"
              else x @ w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
     elif path == "dequant":
         y = torch.matmul(x, w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
