@@ -25,22 +25,17 @@ SWEEP = {
                                       (128, 256, 8), (64, 512, 4), (16, 256, 2))],
     },
     "decode": {
-        "ms": [1, 16, 32],
-        "configs": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=1, num_warps=w, num_stages=st,
-                         SWAP_AB=sw)
-                    for bn, bk, sk, w, st, sw in (
-                        (128, 256, 0, 4, 2, True), (64, 256, 0, 4, 3, True), (128, 256, 0, 4, 3, False),
-                        (128, 256, 1, 4, 2, True), (128, 256, 2, 4, 2, True), (128, 256, 4, 4, 2, True),
-                        (64, 256, 1, 4, 2, True), (128, 128, 0, 4, 2, True), (128, 128, 0, 4, 3, True),
-                        (128, 256, 0, 4, 1, True), (32, 256, 0, 4, 2, True), (64, 128, 0, 2, 3, True))],
+        "ms": [1, 16, 64],
+        "configs": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, GROUP_M=1, num_warps=4, num_stages=st,
+                         SWAP_AB=True, DOT_K=dk)
+                    for bn, bk, st, dk in ((128, 128, 2, 16), (128, 128, 2, 64), (128, 256, 2, 64), (64, 128, 3, 64))],
     },
     "prefill": {
-        "ms": [64, 256, 1024],
+        "ms": [256, 1024, 4096],
         "configs": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st,
-                         SWAP_AB=sw)
-                    for bm, bn, w, st, sw in ((128, 128, 8, 3, False), (128, 128, 8, 3, True), (64, 128, 4, 3, True),
-                                              (128, 128, 4, 3, True), (64, 256, 8, 3, True), (32, 128, 4, 3, True),
-                                              (16, 128, 4, 3, True))],
+                         SWAP_AB=True, DOT_K=dk)
+                    for bm, bn, w, st, dk in ((128, 128, 8, 3, 16), (128, 128, 8, 3, 64), (64, 128, 4, 3, 64),
+                                              (128, 128, 8, 4, 64), (256, 128, 8, 3, 64))],
     },
 }
 

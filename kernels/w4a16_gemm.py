@@ -79,6 +79,12 @@ def _dequant_pair(h, zq, FIRST: tl.constexpr, MAGIC: tl.constexpr, IS_BF16: tl.c
 
 
 @triton.jit
+def _cat(a, b):
+    """`[R, C]`, `[R, C]` -> `[R, 2C]` (a's columns, then b's): join, swap the new axis in, merge."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K,
@@ -87,7 +93,7 @@ def _w4a16_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, IS_BF16: tl.constexpr,
     CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,  # planes64's geometry
-    SWAP_AB: tl.constexpr,
+    SWAP_AB: tl.constexpr, DOT_K: tl.constexpr,
     FAST_CVT: tl.constexpr,  # inline-PTX int4 -> fp16/bf16 (GPU); plain Triton under the interpreter
 ):
     # -- which output tile and which K range this program owns ------------------------------------
@@ -107,6 +113,8 @@ def _w4a16_gemm_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     lanes = tl.arange(0, LANES)  # [16]
+    lanes2 = tl.arange(0, 2 * LANES)  # [32]
+    lanes4 = tl.arange(0, CHUNK_K)  # [64]
 
     k_tiles = K // BLOCK_K
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
@@ -144,20 +152,41 @@ def _w4a16_gemm_kernel(
                 chunk = (kt + gi * G) // CHUNK_K + cc
                 h = tl.load(qw_rows + chunk * N * LANES, mask=n_mask[:, None], other=0,
                             eviction_policy="evict_first")  # [BN, 16] int16
-                for ii in tl.static_range(PLANES_PER_GROUP // 2):
-                    # -- dequantize two planes: q - z exactly, no int-to-float conversion ---------
-                    # first plane of the pair: i = (gi * G) % CHUNK_K // LANES + 2 * ii (a constexpr)
-                    w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
-                                           FAST_CVT)  # [BN, 16] each
-                    k0 = chunk * CHUNK_K + LANES * ((gi * G) % CHUNK_K // LANES + 2 * ii)  # plane i's first k
-                    a0 = tl.load(x_rows + (k0 + lanes)[None, :], mask=m_mask[:, None], other=0.0)  # [BM, 16]
-                    a1 = tl.load(x_rows + (k0 + LANES + lanes)[None, :], mask=m_mask[:, None], other=0.0)
+                if DOT_K == 64 and PLANES_PER_GROUP == 4:
+                    # -- the whole chunk in one K = 64 dot: planes 0..3 side by side are k = 0..63 -----
+                    w0, w1 = _dequant_pair(h, zq, 0, MAGIC, IS_BF16, FAST_CVT)  # [BN, 16] q - z, exact
+                    w2, w3 = _dequant_pair(h, zq, 2, MAGIC, IS_BF16, FAST_CVT)
+                    w = _cat(_cat(w0, w1), _cat(w2, w3))  # [BN, 64]
+                    a = tl.load(x_rows + (chunk * CHUNK_K + lanes4)[None, :], mask=m_mask[:, None],
+                                other=0.0)  # [BM, 64]
                     if SWAP_AB:
-                        part = tl.dot(w0, tl.trans(a0), part)  # [BN, BM]
-                        part = tl.dot(w1, tl.trans(a1), part)
+                        part = tl.dot(w, tl.trans(a), part)  # [BN, BM]
                     else:
-                        part = tl.dot(a0, tl.trans(w0), part)  # [BM, BN]
-                        part = tl.dot(a1, tl.trans(w1), part)
+                        part = tl.dot(a, tl.trans(w), part)  # [BM, BN]
+                else:
+                    for ii in tl.static_range(PLANES_PER_GROUP // 2):
+                        # -- dequantize two planes: q - z exactly, no int-to-float conversion -----
+                        # first plane of the pair: i = (gi * G) % CHUNK_K // LANES + 2 * ii (a constexpr)
+                        w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
+                                               FAST_CVT)  # [BN, 16] each
+                        k0 = chunk * CHUNK_K + LANES * ((gi * G) % CHUNK_K // LANES + 2 * ii)  # plane i's 1st k
+                        if DOT_K >= 32:
+                            # one K = 32 dot per pair: planes i, i + 1 are 32 contiguous input channels
+                            w01 = _cat(w0, w1)  # [BN, 32]
+                            a01 = tl.load(x_rows + (k0 + lanes2)[None, :], mask=m_mask[:, None], other=0.0)
+                            if SWAP_AB:
+                                part = tl.dot(w01, tl.trans(a01), part)  # [BN, BM]
+                            else:
+                                part = tl.dot(a01, tl.trans(w01), part)  # [BM, BN]
+                        else:
+                            a0 = tl.load(x_rows + (k0 + lanes)[None, :], mask=m_mask[:, None], other=0.0)
+                            a1 = tl.load(x_rows + (k0 + LANES + lanes)[None, :], mask=m_mask[:, None], other=0.0)
+                            if SWAP_AB:
+                                part = tl.dot(w0, tl.trans(a0), part)  # [BN, BM]
+                                part = tl.dot(w1, tl.trans(a1), part)
+                            else:
+                                part = tl.dot(a0, tl.trans(w0), part)  # [BM, BN]
+                                part = tl.dot(a1, tl.trans(w1), part)
             # -- the group ends: apply its scale once to the partial sum --------------------------
             if SWAP_AB:
                 acc += part * s[:, None]
@@ -186,9 +215,9 @@ def _w4a16_gemm_kernel(
 # ---------------------------------------------------------------------------------------------
 _GEMV = {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 0, "num_warps": 4, "num_stages": 1}
 _DECODE = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1, "num_warps": 4,
-           "num_stages": 2, "SWAP_AB": True}
+           "num_stages": 2, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
-                     "num_warps": 8, "num_stages": 3, "SWAP_AB": True}
+                     "num_warps": 8, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
 _CROSS = {"gemv_max_m": 1, "decode_max_m": 64, "dequant_min_m": 65}
 CONFIGS: dict[str, dict] = {
@@ -266,6 +295,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         SPLIT_K=split_k, GROUP_M=cfg["GROUP_M"], IS_BF16=x.dtype == torch.bfloat16,
         CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES,
         FAST_CVT=x.device.type == "cuda", SWAP_AB=cfg.get("SWAP_AB", False),
+        DOT_K=cfg.get("DOT_K", 16),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.reshape(*lead, N)

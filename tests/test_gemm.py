@@ -85,14 +85,16 @@ def test_gemv_odd_shape_and_split(split_k, device):
         w4a16_gemv(x[..., :128], p["qweight"], p["scales"], p["zeros"], G)
 
 
+@pytest.mark.parametrize("dot_k", [16, 32, 64])
 @pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_gemm_split_k_explicit(split_k, swap_ab, device):
-    N, K, G = 48, 384, 64
+def test_gemm_configs(split_k, swap_ab, dot_k, device):
+    """Split-K, swapped operands and 16/32/64-wide dots (G = 32 falls back to 32) give the same result."""
+    N, K, G = 48, 384, 64 if dot_k != 32 else 32
     p = random_packed(N, K, G, device)
     x = torch.randn(4, K, device=device).half()
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": split_k, "GROUP_M": 1,
-           "num_warps": 4, "num_stages": 1, "SWAP_AB": swap_ab}
+           "num_warps": 4, "num_stages": 1, "SWAP_AB": swap_ab, "DOT_K": dot_k}
     out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
     ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
     assert rel_err(out, ref) < TOL[torch.float16]
