@@ -35,7 +35,7 @@ SWEEP = {
         "configs": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st,
                          SWAP_AB=True, DOT_K=dk)
                     for bm, bn, w, st, dk in ((128, 128, 8, 3, 16), (128, 128, 8, 3, 64), (64, 128, 4, 3, 64),
-                                              (128, 128, 8, 4, 64), (256, 128, 8, 3, 64))],
+                                              (128, 128, 8, 4, 64))],
     },
 }
 
