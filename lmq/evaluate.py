@@ -120,6 +120,7 @@ class KldResult:
     tokens: int
     windows: int
     seqlen: int
+    kv_dtype: str
     seconds: float
 
 
@@ -169,4 +170,4 @@ def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_
             bar.update(task, advance=1, info=f"kld {kld / count:.4f}")
     return KldResult(model=path, reference=reference, kld=kld / count, top1_agree=agree / count,
                      ppl=math.exp(nll_q / count), ppl_ref=math.exp(nll_r / count), tokens=count,
-                     windows=ids.shape[0], seqlen=seqlen, seconds=time.time() - t0)
+                     windows=ids.shape[0], seqlen=seqlen, kv_dtype=kv_dtype, seconds=time.time() - t0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 from rich.table import Table
 
@@ -11,7 +12,9 @@ from lmq.console import out
 
 
 def print_json(data) -> None:
-    out.print_json(json.dumps(data, default=str))
+    """Plain JSON on stdout (no wrapping or colour), for machines."""
+    sys.stdout.write(json.dumps(data, default=str, indent=2) + "\n")
+    sys.stdout.flush()
 
 
 def _gb(n: int) -> str:

@@ -51,7 +51,7 @@ class QuantizedWeight:
 def check_group_size(K: int, group_size: int, name: str = "weight") -> None:
     """Raise a clear error when `group_size` does not split `K` input channels into whole groups."""
     if group_size <= 0 or K % group_size != 0:
-        divisors = [g for g in SUPPORTED_GROUP_SIZES if K % g == 0]
+        divisors = [g for g in sorted(SUPPORTED_GROUP_SIZES, reverse=True) if K % g == 0]
         fix = (
             f"use --group-size {' or '.join(map(str, divisors))}"
             if divisors

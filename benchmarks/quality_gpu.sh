@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Quality run on a lent GPU (docs/quality.md): SmolLM2-135M-Instruct, AWQ vs RTN at group sizes 64
+# and 32, perplexity on wikitext-2 test, KL divergence to the unquantized model, KV-cache precisions.
+#
+# The model travels in two parts (the device tool carries 64 MiB per call): call 1 carries
+# .devcarry/p1 (first half of the GGUF, the texts, the gguf wheel), call 2 carries .devcarry/p2 and
+# runs everything. Parts are kept in $W, outside the repo copy, while the machine stays warm.
+set -euo pipefail
+W=/tmp/lmqdev
+mkdir -p "$W"
+for p in .devcarry/p1 .devcarry/p2; do [ -d "$p" ] && cp -r "$p"/. "$W"/; done
+if [ ! -f "$W/ggufpart-aa" ] || [ ! -f "$W/ggufpart-ab" ]; then
+  echo "have: $(ls "$W")"; echo "waiting for the other part"; exit 0
+fi
+export LMQ_CACHE=$W/cache PYTHONUNBUFFERED=1
+mkdir -p "$LMQ_CACHE/gguf"
+[ -f "$LMQ_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" ] || cat "$W"/ggufpart-aa "$W"/ggufpart-ab > "$LMQ_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W"/gguf-*.whl
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+MODEL=$(python3 -m lmq.models.smollm2 2>/dev/null | tail -1)
+DATA=$W/wiki.test.raw
+CALIB=$W/c4.txt
+R=$OUT
+: "${SEQLEN:=1024}"
+for g in 64 32; do
+  lmq quantize "$MODEL" -o "$W/rtn-g$g" --method rtn --group-size "$g" --force --json > "$R/quant-rtn-g$g.json"
+  lmq quantize "$MODEL" -o "$W/awq-g$g" --method awq --group-size "$g" --calib-data "$CALIB" \
+    --calib-samples 128 --calib-seqlen 512 --device cuda --force --json > "$R/quant-awq-g$g.json"
+done
+{
+  for m in "$MODEL" "$W/rtn-g64" "$W/awq-g64" "$W/rtn-g32" "$W/awq-g32"; do
+    lmq eval ppl "$m" --data "$DATA" --seqlen "$SEQLEN" --device cuda --json
+  done
+  for m in "$W/rtn-g64" "$W/awq-g64" "$W/rtn-g32" "$W/awq-g32"; do
+    lmq eval kld "$m" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --json
+  done
+  for kv in int8 int4; do
+    lmq eval ppl "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --kv-dtype "$kv" --json
+    lmq eval kld "$MODEL" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --kv-dtype "$kv" --json
+  done
+} > "$R/eval.jsonl"
+python3 benchmarks/quality_table.py "$R"
