@@ -53,13 +53,15 @@ class CheckpointWriter:
         if exc_type is None:
             try:
                 self._finish()
-            except BaseException:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
-            return False
+                return False
+            except BaseException as e:  # the final flush or rename failed: clean up the same way
+                exc = e
         shutil.rmtree(self.tmp, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise LmqError(f"writing {self.out} failed ({exc}); nothing was left at {self.out}: free space and retry") from exc
+            raise LmqError(f"writing {self.out} failed ({exc}); nothing was left at {self.out}: "
+                           "free space (or fix permissions) and retry") from exc
+        if exc_type is None:
+            raise exc
         return False
 
     # -- tensors ---------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ For each scaling group (arch table: a norm or linear `prev` feeding `linears`):
     keep the best s; fold 1/s into prev, s into the linears' input columns.
 
 Then a clipping search per linear (except q/k): for each output row and group, the max |w| kept
-before quantization is searched over (1 - i/n) * max for i < n/2, minimizing the error of that
-group's partial dot products on a sample of calibration tokens. That local criterion weighs typical
+before quantization is searched over (1 - i/n) * max for i < n/2 (with zero points: the max and
+the min shrink independently), minimizing the error of that group's partial dot products on a
+sample of calibration tokens. That local criterion weighs typical
 tokens and can ruin rare outlier tokens (seen on SmolLM2's last layers: 20x worse layer output), so
 a linear's clipping is kept only if it does not raise the whole layer's output error.
 
@@ -20,7 +21,7 @@ All search math runs in fp32 on the compute device; a bf16-trained model never o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -153,35 +154,50 @@ def apply_scale(group: ScaleGroup, lw: dict, s: torch.Tensor, cap: LayerCapture)
 
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, qs: QuantSettings, rows_per_chunk: int = 1024) -> torch.Tensor:
-    """Best clipping threshold per output row and group: returns `[N, K/G]` max |w| to keep."""
+def search_clip(w: torch.Tensor, x: torch.Tensor, qs: QuantSettings, rows_per_chunk: int = 1024
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best clipping range per output row and group: returns `(lo, hi)`, each `[N, K/G]`.
+
+    Symmetric quantization searches one threshold, `[-m, m]` with m = (1 - i/n) * max|w|.
+    Asymmetric quantization (zero points) shrinks the group's max and min independently,
+    `[(1 - j/n) * min, (1 - i/n) * max]`, since its grid need not be centred on zero.
+    """
     N, K = w.shape
     G = qs.group_size
     xs = x.reshape(-1, K)  # [tokens, K]
     step = max(1, xs.shape[0] // qs.clip_tokens)
     xs = xs[::step][: qs.clip_tokens].float()  # [n, K]
     xg = xs.reshape(-1, K // G, G).transpose(0, 1)  # [K/G, n, G]
-    best_all = []
+    steps = int(qs.max_shrink * qs.n_grid)
+    if qs.zero_point:
+        shrinks = [(i / qs.n_grid, j / qs.n_grid) for i in range(steps) for j in range(steps)]
+    else:
+        shrinks = [(i / qs.n_grid, i / qs.n_grid) for i in range(steps)]
+    los, his = [], []
     for r0 in range(0, N, rows_per_chunk):
-        wc = w[r0:r0 + rows_per_chunk].float()  # [R, K]
-        R = wc.shape[0]
-        wg = wc.reshape(R, K // G, G)  # [R, K/G, G]
-        org_max = wg.abs().amax(dim=-1, keepdim=True)  # [R, K/G, 1]
+        wg = w[r0:r0 + rows_per_chunk].float()
+        R = wg.shape[0]
+        wg = wg.reshape(R, K // G, G)  # [R, K/G, G]
+        if qs.zero_point:
+            top, bot = wg.amax(-1, keepdim=True).clamp(min=0), wg.amin(-1, keepdim=True).clamp(max=0)
+        else:
+            top = wg.abs().amax(-1, keepdim=True)
+            bot = -top  # [R, K/G, 1]
         # Partial dot products per group as batched matmuls: [K/G, n, G] @ [K/G, G, R] -> [K/G, n, R]
         org_out = torch.bmm(xg, wg.permute(1, 2, 0))
-        best_max = org_max.clone()
-        min_err = torch.full_like(org_max, float("inf"))
-        for i in range(int(qs.max_shrink * qs.n_grid)):
-            max_val = org_max * (1 - i / qs.n_grid)
-            cur = torch.clamp(wg, -max_val, max_val).reshape(R, K)
-            q = fake_quantize(cur, qs.bits, G, qs.zero_point).reshape(R, K // G, G)
-            err = (torch.bmm(xg, q.permute(1, 2, 0)) - org_out).pow(2).mean(dim=1)  # [K/G, R]
+        best_lo, best_hi = bot.clone(), top.clone()
+        min_err = torch.full_like(top, float("inf"))
+        for a, b in shrinks:
+            hi, lo = top * (1 - a), bot * (1 - b)
+            q = fake_quantize(torch.minimum(torch.maximum(wg, lo), hi).reshape(R, K), qs.bits, G, qs.zero_point)
+            err = (torch.bmm(xg, q.reshape(R, K // G, G).permute(1, 2, 0)) - org_out).pow(2).mean(dim=1)
             err = err.t()[..., None]  # [R, K/G, 1]
             better = err < min_err
             min_err = torch.where(better, err, min_err)
-            best_max = torch.where(better, max_val, best_max)
-        best_all.append(best_max[..., 0])
-    return torch.cat(best_all)  # [N, K/G]
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+        los.append(best_lo[..., 0])
+        his.append(best_hi[..., 0])
+    return torch.cat(los), torch.cat(his)  # [N, K/G] each
 
 
 @torch.no_grad()
@@ -192,7 +208,42 @@ def layer_error(lw: dict, x: torch.Tensor, ref: torch.Tensor, cos, sin, cfg: Mod
     return (layer_forward(q, x, cos, sin, cfg) - ref).pow(2).mean().item()
 
 
-def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
+def apply_clip(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Clamp each group of `w [N, K]` into `[lo, hi]` (each `[N, K/G]`)."""
     N, K = w.shape
-    m = max_val[..., None]  # [N, K/G, 1]
-    return torch.clamp(w.reshape(N, K // group_size, group_size), -m, m).reshape(N, K)
+    wg = w.reshape(N, K // group_size, group_size)
+    return torch.minimum(torch.maximum(wg, lo[..., None]), hi[..., None]).reshape(N, K)
+
+
+@torch.no_grad()
+def awq_layer(lw: dict, cap: LayerCapture, xs: torch.Tensor, ref: torch.Tensor, cos, sin, cfg: ModelConfig,
+              qs: QuantSettings) -> tuple[dict, float, dict[str, float], list[str]]:
+    """AWQ for one decoder layer: scale search and folding, then gated clipping.
+
+    `cap` holds the float inputs of every linear (from `capture`); `xs`/`ref` are a few samples of
+    the layer's input and float output on which the whole-layer error is measured. Returns the new
+    weights (not yet quantized), their whole-layer error, the chosen ratio per group, and the
+    linears whose clipping was kept.
+    """
+    ratios: dict[str, float] = {}
+    found = []
+    for g in cfg.arch.scale_groups:  # every search sees the original weights, as in AutoAWQ
+        if group_applies(g, lw):
+            s, r, _, _ = search_scale(g, lw, cap.inputs[g.linears[0]], cos, sin, cfg, qs)
+            found.append((g, s))
+            ratios[g.prev] = r
+    lw = dict(lw)
+    for g, s in found:
+        apply_scale(g, lw, s, cap)
+    err = layer_error(lw, xs, ref, cos, sin, cfg, qs)
+    clipped = []
+    for lin in cfg.arch.linears:
+        if lin in cfg.arch.no_clip:
+            continue
+        lo, hi = search_clip(lw[f"{lin}.weight"], cap.inputs[lin], qs)
+        trial = dict(lw, **{f"{lin}.weight": apply_clip(lw[f"{lin}.weight"], lo, hi, qs.group_size)})
+        trial_err = layer_error(trial, xs, ref, cos, sin, cfg, qs)
+        if trial_err <= err:
+            lw, err = trial, trial_err
+            clipped.append(lin.split(".")[-1])
+    return lw, err, ratios, clipped

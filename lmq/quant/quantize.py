@@ -158,28 +158,8 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
                     cap = awq.capture(lw, x, cos, sin, cfg, qs.batch_size)
                     xs, ref = x[:n_stat], cap.output[:n_stat]
                     st.rtn_err = awq.layer_error(lw, xs, ref, cos, sin, cfg, qs)
-                    search = spec.method == "awq" and (spec.max_layers is None or i < spec.max_layers)
-                    if search:
-                        found = []
-                        for g in cfg.arch.scale_groups:
-                            if not awq.group_applies(g, lw):
-                                continue
-                            s, r, _, _ = awq.search_scale(g, lw, cap.inputs[g.linears[0]], cos, sin, cfg, qs)
-                            found.append((g, s))
-                            st.ratios[g.prev] = r
-                        for g, s in found:
-                            awq.apply_scale(g, lw, s, cap)
-                        err = awq.layer_error(lw, xs, ref, cos, sin, cfg, qs)
-                        for lin in cfg.arch.linears:
-                            if lin in cfg.arch.no_clip:
-                                continue
-                            mx = awq.search_clip(lw[f"{lin}.weight"], cap.inputs[lin], qs)
-                            trial = dict(lw, **{f"{lin}.weight": awq.apply_clip(lw[f"{lin}.weight"], mx, qs.group_size)})
-                            trial_err = awq.layer_error(trial, xs, ref, cos, sin, cfg, qs)
-                            if trial_err <= err:
-                                lw, err = trial, trial_err
-                                st.clipped.append(lin.split(".")[-1])
-                        st.awq_err = err
+                    if spec.method == "awq" and (spec.max_layers is None or i < spec.max_layers):
+                        lw, st.awq_err, st.ratios, st.clipped = awq.awq_layer(lw, cap, xs, ref, cos, sin, cfg, qs)
                     else:
                         st.awq_err = st.rtn_err
                     x_next = cap.output

@@ -1,0 +1,140 @@
+"""Every bad input gets one clear `error:` line and exit code 1, and leaves nothing behind."""
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_tiny_model
+from lmq.cli import app
+
+runner = CliRunner()
+
+
+def lmq(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_error(res, *fragments, code=1):
+    assert res.exit_code == code, (res.exit_code, res.output, res.exception)
+    err = res.stderr
+    assert "error:" in err, err
+    for f in fragments:
+        assert f in " ".join(err.split()), (f, err)
+
+
+def leftovers(folder):
+    return [p for p in os.listdir(folder) if ".tmp-" in p or ".old-" in p]
+
+
+def test_missing_path(tmp_path):
+    assert_error(lmq("quantize", tmp_path / "nope", "-o", tmp_path / "out"), "does not exist")
+
+
+def test_file_instead_of_folder(tmp_path):
+    f = tmp_path / "model.txt"
+    f.write_text("x")
+    assert_error(lmq("quantize", f, "-o", tmp_path / "out"), "is a file")
+
+
+def test_not_a_model_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_error(lmq("quantize", tmp_path / "empty", "-o", tmp_path / "out"), "not a model folder", "config.json")
+
+
+def test_unsupported_architecture(tmp_path, smollm2):
+    m = make_tiny_model(tmp_path / "m", smollm2, model_type="gpt2")
+    assert_error(lmq("quantize", m, "-o", tmp_path / "out"), "model_type 'gpt2' is not supported",
+                 "llama, mistral, qwen2, qwen3")
+
+
+def test_group_size_not_dividing_k_names_the_layer(tmp_path, smollm2):
+    res = lmq("quantize", smollm2, "-o", tmp_path / "out", "--group-size", "128")
+    assert_error(res, "group size 128 does not divide", "K=576", "model.layers.0.self_attn.q_proj",
+                 "--group-size 64 or 32")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights(tmp_path, smollm2):
+    m = make_tiny_model(tmp_path / "m", smollm2, poison="model.layers.1.mlp.up_proj.weight")
+    res = lmq("quantize", m, "-o", tmp_path / "out", "--method", "rtn", "--group-size", "64")
+    assert_error(res, "model.layers.1.mlp.up_proj.weight", "NaN/inf")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_output_exists_needs_force(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_error(lmq("quantize", tiny_model, "-o", out, "--method", "rtn", "--group-size", "64"),
+                 "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    res = lmq("quantize", tiny_model, "-o", out, "--method", "rtn", "--group-size", "64", "--force")
+    assert res.exit_code == 0, res.output
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("exc,code", [(OSError(28, "No space left on device"), 1), (KeyboardInterrupt(), 130)])
+def test_disk_full_or_ctrl_c_leaves_nothing(tmp_path, tiny_model, monkeypatch, exc, code):
+    import safetensors.torch
+
+    def fail(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    res = lmq("quantize", tiny_model, "-o", tmp_path / "out", "--method", "rtn", "--group-size", "64")
+    assert_error(res, code=code)
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_corrupt_safetensors(tmp_path, tiny_model):
+    data = (tiny_model / "model.safetensors").read_bytes()
+    (tiny_model / "model.safetensors").write_bytes(data[: len(data) // 3])
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--method", "rtn", "--group-size", "64"),
+                 "corrupt")
+
+
+def test_pickled_weights_are_never_loaded(tmp_path, tiny_model):
+    os.replace(tiny_model / "model.safetensors", tiny_model / "pytorch_model.bin")
+    assert_error(lmq("inspect", tiny_model), "pickled weights", "never loads")
+
+
+def test_calibration_too_short(tmp_path, tiny_model):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--group-size", "64", "--calib-data", short,
+                     "--calib-samples", "4", "--calib-seqlen", "64"), "fewer than", "4 x 64")
+
+
+def test_bad_recipe_key(tmp_path, tiny_model):
+    r = tmp_path / "r.toml"
+    r.write_text("[quantize]\ngroup_sise = 64\n")
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--recipe", r), "unknown keys", "group_sise")
+
+
+def test_newer_checkpoint_format_refused(tmp_path, tiny_model):
+    out = tmp_path / "q"
+    assert lmq("quantize", tiny_model, "-o", out, "--method", "rtn", "--group-size", "64").exit_code == 0
+    m = json.loads((out / "manifest.json").read_text())
+    m["format_version"] = 99
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert_error(lmq("inspect", out), "format_version 99", "upgrade lmq")
+
+
+def test_eval_missing_data_file(tmp_path, tiny_model):
+    assert_error(lmq("eval", "ppl", tiny_model, "--data", tmp_path / "none.txt"), "is not a file")
+
+
+def test_recipe_sets_defaults_and_cli_wins(tmp_path, tiny_model):
+    r = tmp_path / "r.toml"
+    r.write_text('[quantize]\nmethod = "rtn"\ngroup_size = 32\nzero_point = false\n')
+    out = tmp_path / "q"
+    res = lmq("quantize", tiny_model, "-o", out, "--recipe", r, "--group-size", "64", "--json")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg == {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": False, "version": "gemm",
+                   "modules_to_not_convert": None}
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["method"] == "rtn"
