@@ -29,16 +29,19 @@ for g in 64 32; do
   lmq quantize "$MODEL" -o "$W/awq-g$g" --method awq --group-size "$g" --calib-data "$CALIB" \
     --calib-samples 128 --calib-seqlen 512 --device cuda --force --json > "$R/quant-awq-g$g.json"
 done
+# The same AWQ calibrated on wikitext-2 *train* text: how much a domain-matched calibration set helps.
+lmq quantize "$MODEL" -o "$W/awq-g64-wikicalib" --method awq --group-size 64 --calib-data "$W/wiki.txt" \
+  --calib-samples 128 --calib-seqlen 512 --device cuda --force --json > "$R/quant-awq-g64-wikicalib.json"
 {
-  for m in "$MODEL" "$W/rtn-g64" "$W/awq-g64" "$W/rtn-g32" "$W/awq-g32"; do
-    lmq eval ppl "$m" --data "$DATA" --seqlen "$SEQLEN" --device cuda --json
+  for m in "$MODEL" "$W/rtn-g64" "$W/awq-g64" "$W/rtn-g32" "$W/awq-g32" "$W/awq-g64-wikicalib"; do
+    lmq eval ppl "$m" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 8 --json
   done
   for m in "$W/rtn-g64" "$W/awq-g64" "$W/rtn-g32" "$W/awq-g32"; do
-    lmq eval kld "$m" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --json
+    lmq eval kld "$m" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 4 --json
   done
   for kv in int8 int4; do
-    lmq eval ppl "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --kv-dtype "$kv" --json
-    lmq eval kld "$MODEL" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --kv-dtype "$kv" --json
+    lmq eval ppl "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 8 --kv-dtype "$kv" --json
+    lmq eval kld "$MODEL" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 4 --kv-dtype "$kv" --json
   done
 } > "$R/eval.jsonl"
 python3 benchmarks/quality_table.py "$R"

@@ -163,6 +163,7 @@ def eval_kld(
     max_windows: Optional[int] = typer.Option(None, help="Score only the first N windows."),
     kv_dtype: str = typer.Option("fp16", help="KV cache precision to simulate for CHECKPOINT."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(1, help="Windows per forward pass."),
     json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
 ) -> None:
     """Mean KL divergence to a reference model and same-top-token rate."""
@@ -172,7 +173,7 @@ def eval_kld(
         from lmq.evaluate import kl_divergence
         from lmq.render import kld_table, print_json
 
-        r = kl_divergence(checkpoint, reference, data, seqlen, max_windows, device, kv_dtype)
+        r = kl_divergence(checkpoint, reference, data, seqlen, max_windows, device, kv_dtype, batch_size)
         print_json(asdict(r)) if json_out else kld_table(r)
 
 

@@ -145,7 +145,7 @@ def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: Optional[i
 
 
 def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_windows: Optional[int] = None,
-                  device: str = "auto", kv_dtype: str = "fp16") -> KldResult:
+                  device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1) -> KldResult:
     t0 = time.time()
     ref = load_model(reference, device)
     model = load_model(path, device, kv_dtype)
@@ -157,17 +157,17 @@ def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_
     count = 0
     with progress() as bar:
         task = bar.add_task("KL divergence", total=ids.shape[0], info="")
-        for i in range(ids.shape[0]):
-            w = ids[i:i + 1]
-            lp_r = F.log_softmax(ref.logits(w)[0, :-1], dim=-1)  # [T-1, V]
-            lp_q = F.log_softmax(model.logits(w)[0, :-1], dim=-1)
-            tgt = w[0, 1:].to(lp_r.device)
+        for i in range(0, ids.shape[0], batch_size):
+            w = ids[i:i + batch_size]  # [B, T]
+            lp_r = F.log_softmax(ref.logits(w)[:, :-1], dim=-1)  # [B, T-1, V]
+            lp_q = F.log_softmax(model.logits(w)[:, :-1], dim=-1)
+            tgt = w[:, 1:].to(lp_r.device)  # [B, T-1]
             kld += (lp_r.exp() * (lp_r - lp_q)).sum().item()
             agree += (lp_r.argmax(-1) == lp_q.argmax(-1)).sum().item()
-            nll_r -= lp_r.gather(-1, tgt[:, None]).sum().item()
-            nll_q -= lp_q.gather(-1, tgt[:, None]).sum().item()
+            nll_r -= lp_r.gather(-1, tgt[..., None]).sum().item()
+            nll_q -= lp_q.gather(-1, tgt[..., None]).sum().item()
             count += tgt.numel()
-            bar.update(task, advance=1, info=f"kld {kld / count:.4f}")
+            bar.update(task, advance=w.shape[0], info=f"kld {kld / count:.4f}")
     return KldResult(model=path, reference=reference, kld=kld / count, top1_agree=agree / count,
                      ppl=math.exp(nll_q / count), ppl_ref=math.exp(nll_r / count), tokens=count,
                      windows=ids.shape[0], seqlen=seqlen, kv_dtype=kv_dtype, seconds=time.time() - t0)
