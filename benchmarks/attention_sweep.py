@@ -4,14 +4,18 @@ Decode: per KV dtype and (batch, context), the % of the copy-bandwidth floor eac
 (block size, BLOCK_N, warps, stages, programs per SM) reaches, so the table in
 kernels/attention_decode.py (_GPU_CONFIG, PROGRAMS_PER_SM) is chosen from data.
 Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a contiguous fp16 cache.
-Usage on the GPU machine: python3 benchmarks/attention_sweep.py
+--asm-compare: only time the default config with the PTX code conversions on and off.
+Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--asm-compare]
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import lmq.bench_attention as ba
+import lmq.kernels.kv_quant as kvq
 import lmq.kernels.attention_decode as dec
 from lmq.kernels.attention_prefill import prefill_attention
 from lmq.kernels.kv_quant import kv_bytes_per_token_head
@@ -75,9 +79,35 @@ def time_prefill() -> None:
         print(f"prefill L={L} {kd}: lmq {us:.0f}us {flops / us / 1e6:.0f} TFLOP/s", flush=True)
 
 
+def asm_compare(bw: float) -> None:
+    torch.manual_seed(0)
+    for kd in ("int8", "int4"):
+        for B, L in ((8, 16384), (64, 4096)):
+            kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head(kd, D)
+            n = ba._copies(kv_bytes)
+            nb = -(-L // ba.BLOCK_SIZE)
+            cache = ba._random_paged(kd, n * B * nb, HKV, D)
+            tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
+            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+            q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+            cells = []
+            for on in (True, False):
+                kvq.DEQUANT_ASM = on
+                us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L)
+                                       for t in tables], calls=max(n, 10))
+                cells.append(f"asm={'on' if on else 'off'}: {us:.1f}us = {100 * kv_bytes / bw / us * 1e6:.0f}% of floor")
+            kvq.DEQUANT_ASM = True
+            print(f"{kd} B={B} L={L} block {ba.BLOCK_SIZE}: " + ", ".join(cells), flush=True)
+            del cache, tables
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     bw = ba.copy_bandwidth_bytes_s()
     print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
+    if "--asm-compare" in sys.argv:
+        asm_compare(bw)
+        return
     time_prefill()
     sweep_decode(bw)
 

@@ -32,6 +32,7 @@ from lmq.kernels.kv_quant import (
     gather_kv_ref,
     load_tile_meta,
     needs_off64,
+    use_asm,
 )
 
 
@@ -44,6 +45,7 @@ def _decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, DIRECT: tl.constexpr, OFF64: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     split = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -74,7 +76,7 @@ def _decode_split_kernel(
                 stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64)
             m_i, l_i, acc_lo, acc_hi = attend_tile(
                 q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
-                offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE)
+                offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM)
         # -- normalized partial (or final) output
         inv_l = 1.0 / l_i
         out_lo = acc_lo * inv_l[:, None]
@@ -115,7 +117,10 @@ def _decode_merge_kernel(
 
 # Launch configuration, one place: (BLOCK_N, num_warps, num_stages) by head-dim bucket; BLOCK_N is
 # capped at the cache's block size.
-_GPU_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
+# Measured on H100 (benchmarks/attention_sweep.py, docs/benchmarks.md): 128-token tiles beat 64 for
+# 8/4-bit caches (per-tile overhead amortized: int8 B=64 L=4k 112% vs 88% of the copy floor), equal
+# for fp16. D=256: 64-token tiles keep two programs per SM without spills.
+_GPU_CONFIG = {64: (128, 4, 3), 128: (128, 4, 3), 256: (64, 4, 2)}
 _CPU_CONFIG = (16, 1, 1)  # interpreter: small tiles keep programs x iterations small
 MAX_SPLITS = 128
 PROGRAMS_PER_SM = 2  # split until B * H_kv * splits reaches this many programs per SM
@@ -200,7 +205,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
         GROUP=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HALF=half,
         BLOCK_DH=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
-        KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
+        KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q), DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _decode_merge_kernel[(H, B)](

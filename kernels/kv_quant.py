@@ -151,23 +151,66 @@ class PagedKV:
 # ---------------------------------------------------------------------------------------------
 
 
+# The GPU converts codes with a few PTX instructions per 32-bit word (prmt / lop3 / f16x2 math,
+# the magic-number trick below); the interpreter cannot run inline assembly, so CPU runs take the
+# plain-Triton branch (same values, exactly), and the GPU tests check the assembly branch.
+DEQUANT_ASM = True
+
+# int8: bytes b0..b3 -> fp16 pairs (1024 + b0, 1024 + b1), (1024 + b2, 1024 + b3) by placing 0x64
+# above each byte (prmt), then one f16x2 subtraction of 1024 per pair.
+_ASM_INT8 = tl.constexpr("""{
+.reg .b32 m;
+mov.b32 m, 0x64006400;
+prmt.b32 $0, $2, 0x64646464, 0x4140;
+prmt.b32 $1, $2, 0x64646464, 0x4342;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+}""")
+
+# int4: bytes b0..b3 -> low nibbles ($0, $1) and high nibbles ($2, $3) as fp16 pairs. Spread the
+# bytes to one per 16-bit lane (prmt), then (x & 0x000F000F) | 0x6400.. = 1024 + lo and
+# (x & 0x00F000F0) | 0x6400.. = 1024 + 16 hi (lop3), then subtract / scale back in f16x2.
+_ASM_INT4 = tl.constexpr("""{
+.reg .b32 x, y, m, s, z;
+mov.b32 m, 0x64006400;
+mov.b32 s, 0x2C002C00;
+mov.b32 z, 0xD400D400;
+prmt.b32 x, $4, 0, 0x4140;
+prmt.b32 y, $4, 0, 0x4342;
+lop3.b32 $0, x, 0x000F000F, m, 0xEA;
+lop3.b32 $1, y, 0x000F000F, m, 0xEA;
+lop3.b32 $2, x, 0x00F000F0, m, 0xEA;
+lop3.b32 $3, y, 0x00F000F0, m, 0xEA;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+fma.rn.f16x2 $2, $2, s, z;
+fma.rn.f16x2 $3, $3, s, z;
+}""")
+
+
 @triton.jit
-def codes_to_f16(c):
+def codes_to_f16(c, ASM: tl.constexpr):
     """uint8 codes (0..255) -> exact fp16 without int->float: 0x6400 | c is 1024 + c."""
+    if ASM:
+        return tl.inline_asm_elementwise(_ASM_INT8, "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
     return ((c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)) - 1024.0
 
 
 @triton.jit
-def unpack_int4_f16(b):
+def unpack_int4_f16(b, ASM: tl.constexpr):
     """Packed int4 bytes -> (low-nibble, high-nibble) codes as exact fp16, same shape each."""
-    b16 = b.to(tl.uint16)
-    lo = ((b16 & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-    hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(_ASM_INT4, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=4)
+    else:
+        b16 = b.to(tl.uint16)
+        lo = ((b16 & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
     return lo, hi
 
 
 @triton.jit
-def load_k_halves(ptr, krow, offs_dh, mask_n, HALF: tl.constexpr, KV_MODE: tl.constexpr):
+def load_k_halves(ptr, krow, offs_dh, mask_n, HALF: tl.constexpr, KV_MODE: tl.constexpr, ASM: tl.constexpr):
     """K tile of BLOCK_N token rows as its two head-dim halves, [BLOCK_N, BLOCK_DH] each.
 
     Float cache: the values. int8/int4: the codes as exact fp16 (scale/zero not applied).
@@ -176,19 +219,19 @@ def load_k_halves(ptr, krow, offs_dh, mask_n, HALF: tl.constexpr, KV_MODE: tl.co
     mask = mask_n[:, None] & (offs_dh[None, :] < HALF)
     ptrs = ptr + krow[:, None] + offs_dh[None, :]
     if KV_MODE == 2:
-        lo, hi = unpack_int4_f16(tl.load(ptrs, mask=mask, other=0))
+        lo, hi = unpack_int4_f16(tl.load(ptrs, mask=mask, other=0), ASM)
     else:
         lo = tl.load(ptrs, mask=mask, other=0)
         hi = tl.load(ptrs + HALF, mask=mask, other=0)
         if KV_MODE == 1:
-            lo = codes_to_f16(lo)
-            hi = codes_to_f16(hi)
+            lo = codes_to_f16(lo, ASM)
+            hi = codes_to_f16(hi, ASM)
     return lo, hi
 
 
 @triton.jit
 def load_vt_halves(ptr, vcol, offs_dh, mask_n, HALF: tl.constexpr, PAGE: tl.constexpr, RUN: tl.constexpr,
-                   KV_MODE: tl.constexpr):
+                   KV_MODE: tl.constexpr, ASM: tl.constexpr):
     """V^T tile (blocks store V transposed) as two halves [BLOCK_DH, BLOCK_N]; `vcol` [BLOCK_N] is
     each token's element offset at d = 0.
 
@@ -201,13 +244,13 @@ def load_vt_halves(ptr, vcol, offs_dh, mask_n, HALF: tl.constexpr, PAGE: tl.cons
     off = vcol[None, :] + offs_dh[:, None] * PAGE
     off = tl.max_contiguous(tl.multiple_of(off, [1, RUN]), [1, RUN])
     if KV_MODE == 2:
-        lo, hi = unpack_int4_f16(tl.load(ptr + off, mask=mask, other=0))
+        lo, hi = unpack_int4_f16(tl.load(ptr + off, mask=mask, other=0), ASM)
     else:
         lo = tl.load(ptr + off, mask=mask, other=0)
         hi = tl.load(ptr + off + HALF * PAGE, mask=mask, other=0)
         if KV_MODE == 1:
-            lo = codes_to_f16(lo)
-            hi = codes_to_f16(hi)
+            lo = codes_to_f16(lo, ASM)
+            hi = codes_to_f16(hi, ASM)
         else:
             lo = tl.where(mask_n[None, :], lo, 0.0)
             hi = tl.where(mask_n[None, :], hi, 0.0)
@@ -463,7 +506,8 @@ def gather_kv_ref(cache: PagedKV, block_table: torch.Tensor, length: int) -> tup
 @triton.jit
 def attend_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
                 offs_dh, mask_n, valid, qk_scale,
-                HALF: tl.constexpr, PAGE: tl.constexpr, RUN: tl.constexpr, KV_MODE: tl.constexpr):
+                HALF: tl.constexpr, PAGE: tl.constexpr, RUN: tl.constexpr, KV_MODE: tl.constexpr,
+                ASM: tl.constexpr):
     """One BLOCK_N tile of keys/values for BLOCK_M query rows, flash-attention style (log2 domain).
 
     q_lo/q_hi [BLOCK_M, BLOCK_DH]; qsum [BLOCK_M] fp32 = sum_d q (quantized modes); m_i, l_i
@@ -473,7 +517,7 @@ def attend_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow
     V: c*s + z per element in fp16 registers.
     """
     # -- scores
-    k_lo, k_hi = load_k_halves(kc_ptr, krow, offs_dh, mask_n, HALF, KV_MODE)  # [BLOCK_N, BLOCK_DH]
+    k_lo, k_hi = load_k_halves(kc_ptr, krow, offs_dh, mask_n, HALF, KV_MODE, ASM)  # [BLOCK_N, BLOCK_DH]
     qk = tl.dot(q_lo, tl.trans(k_lo.to(q_lo.dtype)))
     qk += tl.dot(q_hi, tl.trans(k_hi.to(q_lo.dtype)))  # [BLOCK_M, BLOCK_N] fp32
     if KV_MODE != 0:
@@ -486,7 +530,7 @@ def attend_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow
     p = tl.math.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     # -- values: V^T halves [BLOCK_DH, BLOCK_N]
-    v_lo, v_hi = load_vt_halves(vc_ptr, vcol, offs_dh, mask_n, HALF, PAGE, RUN, KV_MODE)
+    v_lo, v_hi = load_vt_halves(vc_ptr, vcol, offs_dh, mask_n, HALF, PAGE, RUN, KV_MODE, ASM)
     if KV_MODE != 0:
         v_s, v_z = split_scale_zero(v_sz)
         v_lo = v_lo * v_s[None, :] + v_z[None, :]
@@ -495,6 +539,11 @@ def attend_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow
     acc_lo = acc_lo * alpha[:, None] + tl.dot(p, tl.trans(v_lo.to(q_lo.dtype)))
     acc_hi = acc_hi * alpha[:, None] + tl.dot(p, tl.trans(v_hi.to(q_lo.dtype)))
     return m_new, l_i, acc_lo, acc_hi
+
+
+def use_asm(x: torch.Tensor) -> bool:
+    """Whether the kernels take the inline-assembly conversions (on a CUDA device, when enabled)."""
+    return DEQUANT_ASM and x.is_cuda and torch.version.hip is None
 
 
 def needs_off64(cache: PagedKV) -> bool:

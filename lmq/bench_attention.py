@@ -22,7 +22,7 @@ import torch
 
 from lmq.errors import InputError, UnsupportedError
 
-BLOCK_SIZE = 64  # tokens per cache block (the engine default)
+BLOCK_SIZE = 128  # tokens per cache block (the engine default)
 MEMORY_FRACTION = 0.8  # of free GPU memory one configuration's buffers may take
 
 

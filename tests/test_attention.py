@@ -46,6 +46,7 @@ def make_paged(kv_dtype, lens, num_kv_heads, head_dim, device, block_size=16, sh
     """
     g = torch.Generator().manual_seed(seed)
     dtype = act_dtype(kv_dtype)
+    assert all(L >= shared_blocks * block_size for L in lens[1:]), "a shared prefix needs full blocks"
     n_own = [-(-L // block_size) - (shared_blocks if b else 0) for b, L in enumerate(lens)]
     total = sum(n_own) + 3
     perm = torch.randperm(total, generator=g).tolist()
@@ -199,9 +200,13 @@ def test_decode_rejects_bad_inputs(device):
 @pytest.mark.parametrize("kv_dtype", ["fp16", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_decode_gpu_long(device, kv_dtype, head_dim):
+    # the GPU's own tile sizes (blocks of 128 tokens) and small blocks, shared prefixes, one long split run
     _check_decode(device, kv_dtype, head_dim, [1000, 1, 2, 17, 255, 3000, 1000, 5],
-                  num_heads=32, num_kv_heads=8, shared_blocks=0)
-    _check_decode(device, kv_dtype, head_dim, [4096], num_heads=8, num_kv_heads=8)
+                  num_heads=32, num_kv_heads=8, block_size=128)
+    _check_decode(device, kv_dtype, head_dim, [1000, 300, 3000], num_heads=32, num_kv_heads=8, shared_blocks=2,
+                  block_size=128)
+    _check_decode(device, kv_dtype, head_dim, [1000, 3, 300], num_heads=32, num_kv_heads=8)
+    _check_decode(device, kv_dtype, head_dim, [4096], num_heads=8, num_kv_heads=8, block_size=128)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +215,10 @@ def test_decode_gpu_long(device, kv_dtype, head_dim):
 
 
 def _check_prefill(device, kv_dtype, head_dim, q_lens, prefix_lens, num_heads, num_kv_heads,
-                   shared_blocks=0):
+                   shared_blocks=0, block_size=16):
     lens = [n + p for n, p in zip(q_lens, prefix_lens)]
     cache, tables, seq_lens, _ = make_paged(kv_dtype, lens, num_kv_heads, head_dim, device,
-                                            shared_blocks=shared_blocks)
+                                            block_size=block_size, shared_blocks=shared_blocks)
     cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
     q = torch.randn(sum(q_lens), num_heads, head_dim, device=device).to(act_dtype(kv_dtype))
     out = torch.full_like(q, float("nan"))
@@ -254,6 +259,8 @@ def test_prefill_equals_decode_on_last_row(device):
 def test_prefill_gpu_long(device, kv_dtype, head_dim):
     _check_prefill(device, kv_dtype, head_dim, q_lens=[1000, 1, 2, 17, 255, 300], prefix_lens=[0, 0, 5, 0, 100, 700],
                    num_heads=32, num_kv_heads=8)
+    _check_prefill(device, kv_dtype, head_dim, q_lens=[1000, 2, 255], prefix_lens=[0, 300, 129],
+                   num_heads=32, num_kv_heads=8, block_size=128)
 
 
 @pytest.mark.gpu
@@ -261,7 +268,7 @@ def test_prefill_gpu_long(device, kv_dtype, head_dim):
 def test_decode_matches_sdpa_on_float_cache(device, kv_dtype):
     # an independent reference: torch SDPA on the dequantized, contiguous K/V
     L, H, Hkv, D = 777, 32, 8, 128
-    cache, tables, seq_lens, _ = make_paged(kv_dtype, [L], Hkv, D, device)
+    cache, tables, seq_lens, _ = make_paged(kv_dtype, [L], Hkv, D, device, block_size=128)
     k, v = gather_kv_ref(cache, tables[0], L)  # [L, H_kv, D]
     q = torch.randn(1, H, D, device=device).to(act_dtype(kv_dtype))
     out = decode_attention(q, cache, tables, seq_lens)

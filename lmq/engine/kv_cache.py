@@ -27,7 +27,7 @@ import torch
 from lmq.errors import InputError, LmqError
 from lmq.kernels.kv_quant import KV_DTYPES, PagedKV, write_kv
 
-DEFAULT_BLOCK_SIZE = 64  # tokens per block: one attention tile reads one block
+DEFAULT_BLOCK_SIZE = 128  # tokens per block: a decode tile (128 tokens on GPU) reads one block
 
 
 class OutOfBlocks(LmqError):
