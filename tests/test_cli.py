@@ -138,3 +138,14 @@ def test_recipe_sets_defaults_and_cli_wins(tmp_path, tiny_model):
     assert cfg == {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": False, "version": "gemm",
                    "modules_to_not_convert": None}
     assert json.loads((out / "manifest.json").read_text())["quantization"]["method"] == "rtn"
+
+
+def test_shipped_recipes_parse():
+    from pathlib import Path
+
+    from lmq.cli import QUANT_DEFAULTS, load_recipe
+
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
+    assert recipes
+    for r in recipes:
+        assert set(load_recipe(r)) <= set(QUANT_DEFAULTS)
