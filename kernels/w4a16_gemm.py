@@ -13,6 +13,10 @@ One kernel, two regimes chosen by its config (`CONFIGS`, one table per arch):
   narrow BLOCK_N and split-K so that every SM streams weights; the splits add their partial sums
   into the zeroed output with atomics.
 - prefill (large M, compute-bound): large tensor-core tiles, dequantization in registers.
+Config switches: SWAP_AB computes out^T = w_hat @ x^T so the dequantized weights are tl.dot's first
+operand (on sm90 Triton then issues wgmma with that operand in registers); DOT_K = 16/32/64 joins 1,
+2 or 4 planes (contiguous K) into one dot, which cuts the matrix unit's waits per chunk.
+M = 1 has its own CUDA-core kernel (w4a16_gemv.py); the dispatcher is lmq/engine/qlinear.py.
 
 Per K chunk and plane: `(h >> 4i) & 0xF | MAGIC` bitcast to fp16 (MAGIC 0x6400 = 1024.0) or bf16
 (0x4300 = 128.0) is exactly MAGIC + q; minus the zero prepared the same way gives q - z exactly, so

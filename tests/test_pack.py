@@ -164,3 +164,18 @@ def test_pack_cli(tmp_path):
     assert json.loads((tmp_path / "p" / "manifest.json").read_text())["arch"] == "sm89"
     r = CliRunner().invoke(app, ["pack", str(src), "--arch", "sm89", "-o", str(tmp_path / "p")])
     assert r.exit_code == 1 and "--force" in r.output
+
+
+def test_load_linears_packed_or_portable(tmp_path):
+    """The runtime's loader gets the same arch-layout tensors from a packed and from a portable folder."""
+    src = tmp_path / "q"
+    write_portable(src)
+    api.pack_checkpoint(src, tmp_path / "p", "sm86")
+    G1, from_packed = api.load_linears(tmp_path / "p", "sm86")
+    G2, from_portable = api.load_linears(src, "sm86")
+    assert G1 == G2 == 64 and sorted(from_packed) == sorted(LINEARS)
+    for prefix in LINEARS:
+        for k in ("qweight", "scales", "zeros"):
+            assert torch.equal(from_packed[prefix][k], from_portable[prefix][k])
+    with pytest.raises(CheckpointError, match="lmq pack .* --arch sm90"):
+        api.load_linears(tmp_path / "p", "sm90")

@@ -242,12 +242,28 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
             "bytes": written, "out": str(out)}
 
 
-def load_packed_linear(folder: Path, prefix: str, arch: str) -> dict[str, torch.Tensor]:
-    """One linear's packed tensors from a packed checkpoint (after `check_packed_for`)."""
+def load_linears(folder: Path, arch: str) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+    """`(group_size, {prefix: {"qweight", "scales", "zeros"}})` of every quantized linear, in `arch`'s layout.
+
+    A packed checkpoint is checked (`check_packed_for`: another arch is refused with the exact
+    `lmq pack` command) and read as it is; a portable one is packed for `arch` while loading, and
+    the log says so (and how to pack it once instead).
+    """
+    from lmq.console import log
+
     folder = Path(folder)
-    reader = _Reader(folder, _shard_map(folder))
-    layout, _ = LAYOUTS[arch]
-    try:
-        return {k: reader.get(f"{prefix}.{k}") for k in ("qweight", "scales", "zeros")}
-    except KeyError:
-        raise CheckpointError(f"{folder} has no packed linear {prefix!r} ({layout.NAME} tensors)") from None
+    m = read_manifest(folder)
+    shard_of = _shard_map(folder)
+    reader = _Reader(folder, shard_of)
+    if m is not None and m.get("kind") == "packed":
+        check_packed_for(folder, arch)
+        G = int(m["group_size"])
+        prefixes = sorted(n[: -len(".qweight")] for n in shard_of if n.endswith(".qweight"))
+        return G, {p: {k: reader.get(f"{p}.{k}") for k in ("qweight", "scales", "zeros")} for p in prefixes}
+    qc = _quant_config(folder)["quantization_config"]
+    G = int(qc.get("group_size", qc.get("q_group_size")))
+    log(f"{folder} is a portable checkpoint: packing it for {arch} while loading "
+        f"(to do it once: lmq pack {folder} --arch {arch} -o {folder}-{arch})")
+    return G, {p: pack_linear(reader.get(p + ".qweight"), reader.get(p + ".qzeros"), reader.get(p + ".scales"),
+                              G, arch, p)
+               for p in quantized_prefixes(shard_of)}

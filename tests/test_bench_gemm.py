@@ -1,0 +1,47 @@
+"""`lmq bench gemm`: option parsing on any machine, one small real run on the GPU."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lmq.bench import GEMM_SHAPES, bench_gemm, parse_gemm_shapes
+from lmq.cli import app
+from lmq.errors import InputError
+
+
+def test_parse_named_and_explicit_shapes():
+    shapes, ms = parse_gemm_shapes("llama3-8b")
+    assert shapes == GEMM_SHAPES["llama3-8b"] and ms is None
+    assert ("gate_up_proj", 28672, 4096) in shapes
+    shapes, ms = parse_gemm_shapes("1,4096,4096; 16,576,1536")
+    assert shapes == [("4096x4096", 4096, 4096), ("576x1536", 576, 1536)] and ms == [1, 16]
+
+
+@pytest.mark.parametrize("bad", ["llama-9", "1,2", "0,64,64", "a,b,c"])
+def test_parse_rejects_bad_shapes(bad):
+    with pytest.raises(InputError, match="--shapes"):
+        parse_gemm_shapes(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cli_without_gpu_says_so():
+    r = CliRunner().invoke(app, ["bench", "gemm", "--m", "1"])
+    assert r.exit_code == 1 and "needs a CUDA GPU" in r.output
+
+
+def test_cli_rejects_bad_m():
+    r = CliRunner().invoke(app, ["bench", "gemm", "--m", "1,x"])
+    assert r.exit_code == 1 and "--m" in r.output
+
+
+@pytest.mark.gpu
+def test_bench_gemm_small_run():
+    report = bench_gemm([("t", 576, 1536)], [1, 17], group_size=64)
+    assert report["copy_bandwidth_GB_s"] > 100
+    assert [r["M"] for r in report["rows"]] == [1, 17]
+    for r in report["rows"]:
+        assert r["lmq_us"] > 0 and r["cublas_fp16_us"] > 0 and r["floor_us"] > 0
+        assert r["lmq_rel_err"] < 2e-3
+    json.dumps(report)  # --json must serialize
