@@ -157,3 +157,67 @@ def test_cache_end_to_end_with_manager(device, kv_dtype):
     assert ((out[0].float().cpu() - ref).norm() / ref.norm()) < 5e-3
     # and the kernel's own reference agrees on the cache contents
     assert torch.allclose(out, decode_attention_ref(q, cache.layers[1], table, lens), atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp16", "int8", "int4"])
+def test_engine_step_sequence_matches_dense_attention(device, kv_dtype):
+    """Chunked prefill, prefix reuse across sequences and decode steps through `KVCache.attention`
+    give, row for row, causal attention over RoPE'd, fake-quantized K/V computed densely."""
+    from lmq.engine.kv_cache import build_batch
+    from lmq.kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
+
+    H, H_kv, D, bs = 4, 2, 64, 16
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=H_kv, head_dim=D, kv_dtype=kv_dtype, block_size=bs)
+    cache = KVCache(spec, 12, device)
+    m = BlockManager(cache.num_blocks, bs)
+    cos, sin = rope_cos_sin(rope_inv_freq(D, 500000.0), 128, device)
+    g = torch.Generator().manual_seed(1)
+    prompt = list(range(40))
+    # per-token q/k/v of each sequence (what the model would produce), before RoPE
+    toks = {s: [torch.randn(3, H + 2 * H_kv, D, generator=g).half()[0] for _ in range(44)] for s in (0, 1)}
+    for p in range(32):  # sequence 1 shares sequence 0's first 32 tokens: the same K/V there
+        toks[1][p] = toks[0][p]
+    outs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def step(spans, is_prefill):
+        batch = build_batch(m, spans, is_prefill, device)
+        rows = torch.stack([toks[s][p] for s, a, b in spans for p in range(a, b)]).to(device)
+        pos = batch.positions
+        q = apply_rope_ref(rows[:, :H].contiguous(), pos, cos, sin)
+        k = apply_rope_ref(rows[:, H:H + H_kv].contiguous(), pos, cos, sin)
+        v = rows[:, H + H_kv:].contiguous()
+        out = cache.attention(0, q, k, v, batch)
+        i = 0
+        for s, a, b in spans:
+            for p in range(a, b):
+                outs[(s, p)] = out[i].float().cpu()
+                i += 1
+
+    assert m.allocate(0, prompt) == 0
+    step([(0, 0, 20)], True)  # first chunk
+    step([(0, 20, 40)], True)  # second chunk: 20 new tokens over a 20-token prefix in the cache
+    cached = m.allocate(1, prompt[:32] + [99] * 8)
+    assert cached == 32
+    step([(1, 32, 40)], True)  # only the tail of sequence 1 is computed
+    for _ in range(4):  # decode both together
+        for s in (0, 1):
+            m.append_slot(s)
+        n0, n1 = m.seqs[0].num_tokens, m.seqs[1].num_tokens
+        step([(0, n0 - 1, n0), (1, n1 - 1, n1)], False)
+
+    # dense reference
+    for s in (0, 1):
+        n = m.seqs[s].num_tokens
+        rows = torch.stack(toks[s][:n]).float()
+        pos = torch.arange(n)
+        q = apply_rope_ref(rows[:, :H], pos, cos.cpu(), sin.cpu())
+        k = fake_quantize_kv(apply_rope_ref(rows[:, H:H + H_kv].half(), pos, cos.cpu(), sin.cpu()), kv_dtype).float()
+        v = fake_quantize_kv(rows[:, H + H_kv:].half(), kv_dtype).float()
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # [n, H, D]
+        for p in range(n):
+            if (s, p) not in outs:
+                continue
+            w = (torch.einsum("hd,lhd->hl", q[p], k[:p + 1]) / 8).softmax(-1)
+            ref = torch.einsum("hl,lhd->hd", w, v[:p + 1])
+            assert ((outs[(s, p)] - ref).norm() / ref.norm()) < 5e-3, (s, p)
+    assert len(outs) == 40 + 8 + 8

@@ -123,9 +123,11 @@ class BlockManager:
 
     # -- lifecycle
     def allocate(self, seq_id: int, token_ids: list[int]) -> int:
-        """Give a new sequence blocks for its prompt; returns how many leading tokens are already
-        in the cache (whole shared blocks), which prefill can skip. At least one token is always
-        left to compute, so the step produces logits."""
+        """Give a new sequence blocks for its whole prompt; returns how many leading tokens are
+        already in the cache (whole shared blocks), which prefill can skip. At least one token is
+        always left to compute, so the step produces logits. Full blocks are keyed by their tokens
+        now, before prefill writes them: a scheduler running a prompt in chunks must not start a
+        sequence that reuses a block before the chunk that writes it has run."""
         if seq_id in self.seqs:
             raise ValueError(f"sequence {seq_id} already has blocks")
         n = len(token_ids)
@@ -236,6 +238,57 @@ class BlockManager:
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention metadata for one step (passed to every layer; no global context)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionBatch:
+    """What the attention kernels need for one step, built once and shared by all layers.
+
+    Prefill: sequence b contributes rows cu_seqlens_q[b]..cu_seqlens_q[b+1] of the packed
+    q [T, H, D]; decode: one row per sequence (cu_seqlens_q = 0, 1, .., B).
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V is written
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    seq_lens: torch.Tensor  # [B] int32: cache tokens after this step's writes
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    positions: torch.Tensor  # [T] int64: each new token's position (RoPE)
+    max_q_len: int
+    max_seq_len: int
+    is_prefill: bool
+
+
+def build_batch(manager: BlockManager, spans: list[tuple[int, int, int]], is_prefill: bool,
+                device: torch.device | str = "cuda") -> AttentionBatch:
+    """Metadata for a step that computes tokens start..end-1 of each (seq_id, start, end); their
+    slots exist already (`allocate` gave the whole prompt blocks, `append_slot` one more token).
+    Chunked prefill runs a prompt as several spans; tokens before `start` must be in the cache."""
+    slots: list[int] = []
+    positions: list[int] = []
+    lens: list[int] = []
+    cu = [0]
+    for sid, start, end in spans:
+        if not 0 <= start < end <= manager.seqs[sid].num_tokens:
+            raise ValueError(f"sequence {sid}: span {start}..{end} outside its {manager.seqs[sid].num_tokens} tokens")
+        slots += manager.slots(sid, start, end)
+        positions += list(range(start, end))
+        lens.append(end)
+        cu.append(cu[-1] + end - start)
+    tables = [manager.block_table(sid) for sid, _, _ in spans]
+    width = max(len(t) for t in tables)
+    return AttentionBatch(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        max_q_len=max(e - s for _, s, e in spans), max_seq_len=max(lens), is_prefill=is_prefill,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Tensors
 # ---------------------------------------------------------------------------------------------
 
@@ -323,6 +376,24 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """New K/V [T, H_kv, D] (after RoPE) of one layer -> quantize and scatter to their slots."""
         write_kv(k, v, self.layers[layer], slot_mapping)
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  batch: AttentionBatch, sm_scale: float | None = None) -> torch.Tensor:
+        """One layer's attention for a step: write the new K/V [T, H_kv, D], then attend with
+        q [T, H, D] over the cache (prefill: causal over prefix + new; decode: one row per
+        sequence). Returns [T, H, D]."""
+        from lmq.kernels.attention_decode import decode_attention
+        from lmq.kernels.attention_prefill import prefill_attention
+
+        if not batch.is_prefill and batch.max_q_len != 1:
+            raise ValueError(f"a decode step computes one token per sequence, got up to {batch.max_q_len}")
+        self.write(layer, k, v, batch.slot_mapping)
+        cache = self.layers[layer]
+        if batch.is_prefill:
+            return prefill_attention(q, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens,
+                                     max_q_len=batch.max_q_len, sm_scale=sm_scale)
+        return decode_attention(q, cache, batch.block_tables, batch.seq_lens, sm_scale=sm_scale,
+                                max_seq_len=batch.max_seq_len)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Run the copy-on-write copies `BlockManager.append_slot` asked for, in every layer."""
