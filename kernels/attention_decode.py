@@ -118,8 +118,9 @@ def _decode_merge_kernel(
 # Launch configuration, one place: (BLOCK_N, num_warps, num_stages) by head-dim bucket; BLOCK_N is
 # capped at the cache's block size.
 # Measured on H100 (benchmarks/attention_sweep.py, docs/benchmarks.md): 128-token tiles beat 64 for
-# 8/4-bit caches (per-tile overhead amortized: int8 B=64 L=4k 112% vs 88% of the copy floor), equal
-# for fp16. D=256: 64-token tiles keep two programs per SM without spills.
+# 8/4-bit caches (per-tile overhead amortized: int8 B=64 L=4k 112% vs 88% of the copy floor); fp16
+# is equal at B=64 but prefers 64 at B=8 (104% vs 91%): a per-dtype entry is the next step.
+# D=256: 64-token tiles keep two programs per SM without spills.
 _GPU_CONFIG = {64: (128, 4, 3), 128: (128, 4, 3), 256: (64, 4, 2)}
 _CPU_CONFIG = (16, 1, 1)  # interpreter: small tiles keep programs x iterations small
 MAX_SPLITS = 128

@@ -11,7 +11,8 @@ token t and head h, over the head dimension d in [0, D):
 All arithmetic is fp32 on the fp16-rounded scale and zero, so `fake_quantize_kv` (plain PyTorch),
 `write_kv_ref` and the Triton `write_kv` produce identical codes.
 
-Layout of one layer's pool (`PagedKV`), `B_s` = block size (tokens per block, a power of two):
+Layout of one layer's pool (`PagedKV`), `B_s` = block size (tokens per block, a power of two >= 16;
+an attention tile of BLOCK_N <= B_s tokens never straddles two blocks):
 
     k               [num_blocks, H_kv, B_s, W]      token-major rows
     v               [num_blocks, H_kv, W, B_s]      transposed within the block
@@ -43,7 +44,7 @@ import triton.language as tl
 from lmq.errors import ShapeError
 
 KV_DTYPES = ("fp16", "bf16", "int8", "int4")
-# kv_dtype -> (kernel mode, largest code); mode 0 = float cache, 1 = int8, 2 = int4
+# kv_dtype -> kernel mode: 0 = float cache, 1 = int8 codes, 2 = int4 codes (two per byte)
 KV_MODE = {"fp16": 0, "bf16": 0, "int8": 1, "int4": 2}
 QMAX = {"int8": 255, "int4": 15}
 _TORCH_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}

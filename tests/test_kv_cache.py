@@ -159,7 +159,7 @@ def test_cache_end_to_end_with_manager(device, kv_dtype):
     assert torch.allclose(out, decode_attention_ref(q, cache.layers[1], table, lens), atol=5e-3, rtol=0)
 
 
-@pytest.mark.parametrize("kv_dtype", ["fp16", "int8", "int4"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
 def test_engine_step_sequence_matches_dense_attention(device, kv_dtype):
     """Chunked prefill, prefix reuse across sequences and decode steps through `KVCache.attention`
     give, row for row, causal attention over RoPE'd, fake-quantized K/V computed densely."""
@@ -199,7 +199,7 @@ def test_engine_step_sequence_matches_dense_attention(device, kv_dtype):
     cached = m.allocate(1, prompt[:32] + [99] * 8)
     assert cached == 32
     step([(1, 32, 40)], True)  # only the tail of sequence 1 is computed
-    for _ in range(4):  # decode both together
+    for _ in range(2):  # decode both together
         for s in (0, 1):
             m.append_slot(s)
         n0, n1 = m.seqs[0].num_tokens, m.seqs[1].num_tokens
@@ -220,4 +220,4 @@ def test_engine_step_sequence_matches_dense_attention(device, kv_dtype):
             w = (torch.einsum("hd,lhd->hl", q[p], k[:p + 1]) / 8).softmax(-1)
             ref = torch.einsum("hl,lhd->hd", w, v[:p + 1])
             assert ((outs[(s, p)] - ref).norm() / ref.norm()) < 5e-3, (s, p)
-    assert len(outs) == 40 + 8 + 8
+    assert len(outs) == 40 + 8 + 4
