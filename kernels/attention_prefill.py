@@ -148,7 +148,7 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
 def prefill_attention_ref(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                           seq_lens: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
     """Plain PyTorch: per sequence, causal fp32 attention of its new rows over the dequantized cache."""
-    T, H, D = q.shape
+    _, H, D = q.shape
     G = H // cache.num_kv_heads
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
