@@ -1,7 +1,8 @@
 """Calibration text -> token blocks `[n_samples, seqlen]` for AWQ.
 
 Sources (`--calib-data`):
-- a local `.txt` file (documents separated by blank lines), read directly;
+- a local `.txt` file, read directly: documents are paragraphs separated by blank lines, or lines
+  when the file has no blank line (one document per line, as C4 dumps are);
 - a local `.jsonl` / `.json` / `.parquet` / `.csv` file with a `text` column, read through `datasets`;
 - a folder: every such file in it;
 - a hub data set when online: `pileval`, `wikitext2`, `c4`, or any `org/name` with a `text` column.
@@ -34,13 +35,18 @@ def _read_text_file(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"calibration file {path} is not UTF-8 text ({e}); give a .txt, .jsonl or .parquet file") from e
-    return [d.strip() for d in text.split("\n\n") if d.strip()]
+    sep = "\n\n" if "\n\n" in text else "\n"
+    return [d.strip() for d in text.split(sep) if d.strip()]
 
 
 def _read_table(path: Path) -> list[str]:
     import datasets
 
-    ds = datasets.load_dataset(TABLE_EXTS[path.suffix], data_files=str(path), split="train")
+    try:
+        ds = datasets.load_dataset(TABLE_EXTS[path.suffix], data_files=str(path), split="train")
+    except Exception as e:  # empty or malformed files surface as assorted errors from datasets
+        raise InputError(f"calibration file {path} could not be read as {TABLE_EXTS[path.suffix]} "
+                         f"({type(e).__name__}: {e}); is it empty or malformed?") from e
     if "text" not in ds.column_names:
         raise InputError(f"calibration file {path} has no 'text' column (columns: {ds.column_names})")
     return [t for t in ds["text"] if isinstance(t, str) and t.strip()]

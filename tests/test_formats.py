@@ -1,0 +1,112 @@
+"""Checkpoint formats end to end on toy models: shards, dtypes, calibration file kinds, hub ids offline."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_tiny_model
+from lmq.cli import app
+from lmq.format.source import WeightSource
+from lmq.format.writer import CheckpointWriter
+from lmq.quant.calib import calibration_tokens
+
+runner = CliRunner()
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    tensors = {f"t{i}": torch.randn(64, 64) for i in range(5)}
+    out = tmp_path / "ck"
+    with CheckpointWriter(out, shard_bytes=20_000) as w:
+        for k, v in tensors.items():
+            w.add(k, v)
+        w.write_json("config.json", {"model_type": "llama"})
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) == 3 and files[0] == "model-00001-of-00003.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    from safetensors import safe_open
+
+    for k, v in tensors.items():
+        with safe_open(str(out / index["weight_map"][k]), "pt") as f:
+            assert torch.equal(f.get_tensor(k), v)
+
+
+def test_bf16_model_keeps_bf16_and_reads_across_shards(tmp_path, smollm2):
+    m = make_tiny_model(tmp_path / "m", smollm2, tie=False)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(m / "model.safetensors"))
+    (m / "model.safetensors").unlink()
+    names = sorted(sd)
+    save_file({k: sd[k].bfloat16() for k in names[::2]}, str(m / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k].bfloat16() for k in names[1::2]}, str(m / "model-00002-of-00002.safetensors"))
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["torch_dtype"] = "bfloat16"
+    (m / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "q"
+    res = runner.invoke(app, ["quantize", str(m), "-o", str(out), "--method", "rtn", "--group-size", "32"])
+    assert res.exit_code == 0, res.output
+    src = WeightSource(out)
+    assert src.get("model.norm.weight").dtype == torch.bfloat16
+    assert src.get("lm_head.weight").dtype == torch.bfloat16  # untied head kept in float
+    assert src.get("model.layers.1.mlp.down_proj.scales").dtype == torch.float16
+    out16 = tmp_path / "q16"
+    res = runner.invoke(app, ["quantize", str(m), "-o", str(out16), "--method", "rtn", "--group-size", "32",
+                              "--dtype", "float16"])
+    assert res.exit_code == 0, res.output
+    assert WeightSource(out16).get("model.norm.weight").dtype == torch.float16
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "folder"])
+def test_calibration_from_table_files_and_folders(tmp_path, smollm2, calib_file, kind):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2))
+    from lmq.quant.calib import load_documents
+
+    docs = load_documents(calib_file)[:40]
+    assert len(docs) == 40
+    if kind == "jsonl":
+        path = tmp_path / "c.jsonl"
+        path.write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "c.parquet"
+        pq.write_table(pa.table({"text": docs}), str(path))
+    else:
+        path = tmp_path / "calib"
+        path.mkdir()
+        (path / "a.txt").write_text("\n\n".join(docs[:20]))
+        (path / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[20:]))
+    ids = calibration_tokens(str(path), tok, 4, 32, seed=0)
+    assert ids.shape == (4, 32) and ids.dtype == torch.int64
+    assert torch.equal(ids, calibration_tokens(str(path), tok, 4, 32, seed=0))  # deterministic
+
+
+def test_hub_id_offline_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = runner.invoke(app, ["quantize", "some-org/some-model", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1
+    assert "could not be fetched from the Hugging Face hub" in " ".join(res.stderr.split())
+
+
+def test_text_file_documents_by_paragraph_or_line(tmp_path):
+    from lmq.quant.calib import load_documents
+
+    (tmp_path / "p.txt").write_text("first para\nstill first\n\nsecond\n\n\nthird\n")
+    assert load_documents(str(tmp_path / "p.txt")) == ["first para\nstill first", "second", "third"]
+    (tmp_path / "l.txt").write_text("doc one\ndoc two\ndoc four\n")
+    assert load_documents(str(tmp_path / "l.txt")) == ["doc one", "doc two", "doc four"]
+
+
+def test_empty_table_file_is_a_clear_error(tmp_path):
+    from lmq.errors import InputError
+    from lmq.quant.calib import load_documents
+
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(InputError, match="empty or malformed"):
+        load_documents(str(tmp_path / "e.jsonl"))
