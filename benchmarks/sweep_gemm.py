@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|prefill ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode_rp|decode|prefill ...]
 """
 
 import itertools
@@ -12,6 +12,7 @@ import torch
 
 from lmq.bench import GEMM_SHAPES, _copies_for, _graph_time_us
 from lmq.kernels.w4a16_gemm import w4a16_gemm
+from lmq.kernels.w4a16_decode import w4a16_decode
 from lmq.kernels.w4a16_gemv import w4a16_gemv
 from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
@@ -24,11 +25,16 @@ SWEEP = {
                     for bn, bk, w in ((32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 4),
                                       (128, 256, 8), (64, 512, 4), (16, 256, 2))],
     },
+    "decode_rp": {
+        "ms": [1, 16, 64],
+        "configs": [dict(BLOCK_M=16, BLOCK_N=bn, SPLIT_K=0, num_warps=w, WAVES=wv)
+                    for bn, w, wv in ((32, 4, 4), (64, 4, 4), (64, 4, 8), (128, 4, 4), (128, 8, 4))],
+    },
     "decode": {
         "ms": [1, 16, 64],
         "configs": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, GROUP_M=1, num_warps=4, num_stages=st,
                          SWAP_AB=True, DOT_K=dk)
-                    for bn, bk, st, dk in ((128, 128, 2, 16), (128, 128, 2, 64), (128, 256, 2, 64), (64, 128, 3, 64))],
+                    for bn, bk, st, dk in ((64, 128, 3, 64),)],
     },
     "prefill": {
         "ms": [256, 1024, 4096],
@@ -57,7 +63,7 @@ def main(regimes):
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                    kernel = w4a16_gemv if regime == "gemv" else w4a16_gemm
+                    kernel = {"gemv": w4a16_gemv, "decode_rp": w4a16_decode}.get(regime, w4a16_gemm)
                     fns = [lambda pp=pp: kernel(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
                            for pp in packs]
                     per.append(_graph_time_us(fns, calls=max(20, len(fns)), reps=9))

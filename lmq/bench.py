@@ -148,10 +148,8 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
     """Time lmq's W4A16 paths, cuBLAS fp16 and torch's int4 kernel per (shape, M); returns a report dict."""
     if not torch.cuda.is_available():
         raise UnsupportedError("lmq bench gemm needs a CUDA GPU; none is visible")
-    from lmq.engine.qlinear import choose_path, local_arch, qlinear
-    from lmq.kernels.w4a16_gemv import w4a16_gemv
-    from lmq.kernels.w4a16_dequant import w4a16_dequant
-    from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm
+    from lmq.engine.qlinear import choose_path, local_arch, qlinear, run_path
+    from lmq.kernels.w4a16_gemm import CONFIGS
     from lmq.pack import planes64
     from lmq.quant.rtn import QuantizedWeight
 
@@ -194,15 +192,8 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
             for path in ("gemv", "decode", "prefill", "dequant"):
                 if (path == "gemv" and M > 4) or (path == "decode" and M > 256):
                     continue  # never the choice at this M
-                if path == "gemv":
-                    fns = [lambda pp=pp: w4a16_gemv(x, pp["qweight"], pp["scales"], pp["zeros"], G, table["gemv"])
-                           for pp in packs]
-                elif path == "dequant":
-                    fns = [lambda pp=pp: torch.matmul(
-                        x, w4a16_dequant(pp["qweight"], pp["scales"], pp["zeros"], G).t()) for pp in packs]
-                else:
-                    fns = [lambda pp=pp, c=table[path]: w4a16_gemm(
-                        x, pp["qweight"], pp["scales"], pp["zeros"], G, c) for pp in packs]
+                fns = [lambda pp=pp, path=path: run_path(path, x, pp["qweight"], pp["scales"], pp["zeros"], G, table)
+                       for pp in packs]
                 paths[path] = _graph_time_us(fns, calls=max(len(fns), 20))
             chosen = choose_path(M, table)
             cublas = _graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in w16s], calls=max(n_f, 20))

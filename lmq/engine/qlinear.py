@@ -4,7 +4,9 @@
 
 By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`):
     M <= gemv_max_m            -> W4A16 GEMV (CUDA cores, weights straight to registers, split-K)
-    M <= decode_max_m          -> W4A16 kernel, decode config (split-K, bandwidth-bound)
+    M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K), or
+                                  w4a16_decode (register-prefetched weights) when the config says
+                                  "KERNEL": "prefetch"
     M <  dequant_min_m         -> W4A16 kernel, prefill config (tensor-core tiles)
     otherwise                  -> dequantize to fp16/bf16, then cuBLAS (torch.matmul)
 """
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from lmq.errors import UnsupportedError
+from lmq.kernels.w4a16_decode import w4a16_decode
 from lmq.kernels.w4a16_dequant import w4a16_dequant
 from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm
 from lmq.kernels.w4a16_gemv import w4a16_gemv
@@ -59,21 +62,25 @@ def choose_path(M: int, table: dict) -> str:
     return "dequant"
 
 
+def run_path(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+             group_size: int, table: dict) -> torch.Tensor:
+    """One of the dispatcher's paths, whatever M is (the benchmark times each path through this)."""
+    if path == "gemv":
+        return w4a16_gemv(x, qweight, scales, zeros, group_size, None if x.device.type == "cpu" else table["gemv"])
+    if path == "dequant":
+        return torch.matmul(x, w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
+    cfg = table[path]
+    if path == "decode" and cfg.get("KERNEL") == "prefetch":
+        return w4a16_decode(x, qweight, scales, zeros, group_size, None if x.device.type == "cpu" else cfg)
+    return w4a16_gemm(x, qweight, scales, zeros, group_size, INTERPRET_CONFIG if x.device.type == "cpu" else cfg)
+
+
 def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
             group_size: int, table: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x [..., K] -> [..., N]` through the kernel `table` picks for this M."""
     K = qweight.shape[0] * 64
     M = x.numel() // K if K else 0
-    path = choose_path(M, table)
-    if path == "gemv":
-        y = w4a16_gemv(x, qweight, scales, zeros, group_size, None if x.device.type == "cpu" else table["gemv"])
-    elif x.device.type == "cpu":  # Triton interpreter (tests): small tiles, same kernels
-        y = (w4a16_gemm(x, qweight, scales, zeros, group_size, INTERPRET_CONFIG) if path != "dequant"
-             else x @ w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
-    elif path == "dequant":
-        y = torch.matmul(x, w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
-    else:
-        y = w4a16_gemm(x, qweight, scales, zeros, group_size, table[path])
+    y = run_path(choose_path(M, table), x, qweight, scales, zeros, group_size, table)
     if bias is not None:
         y = y + bias
     return y
