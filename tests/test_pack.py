@@ -179,3 +179,27 @@ def test_load_linears_packed_or_portable(tmp_path):
             assert torch.equal(from_packed[prefix][k], from_portable[prefix][k])
     with pytest.raises(CheckpointError, match="lmq pack .* --arch sm90"):
         api.load_linears(tmp_path / "p", "sm90")
+
+
+def test_quantize_then_pack_then_kernel(tmp_path, tiny_model):
+    """`lmq quantize` (RTN) -> `lmq pack` -> the GEMM kernel on every packed linear == the portable weight."""
+    from safetensors import safe_open
+
+    from lmq.format.source import TOKENIZER_FILES
+
+    q_dir, p_dir = tmp_path / "q", tmp_path / "p"
+    r = CliRunner().invoke(app, ["quantize", str(tiny_model), "-o", str(q_dir), "--method", "rtn", "--group-size", "64"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["pack", str(q_dir), "--arch", "sm80", "-o", str(p_dir)])
+    assert r.exit_code == 0, r.output
+    assert any((p_dir / f).exists() for f in TOKENIZER_FILES)
+    G, linears = api.load_linears(p_dir, "sm80")
+    assert G == 64 and len(linears) > 0
+    with safe_open(str(q_dir / "model.safetensors"), "pt") as f:
+        for name, t in sorted(linears.items())[:3]:
+            q = awq_gemm.unpack(f.get_tensor(name + ".qweight"), f.get_tensor(name + ".qzeros"),
+                                f.get_tensor(name + ".scales"), G, name)
+            x = torch.randn(2, q.codes.shape[1]).half()
+            want = x.float() @ q.dequantize().t()
+            out = w4a16_gemm(x, t["qweight"], t["scales"], t["zeros"], G).float()
+            assert ((out - want).norm() / want.norm()) < 2e-3, name

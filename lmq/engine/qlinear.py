@@ -21,6 +21,7 @@ from lmq.kernels.w4a16_decode import w4a16_decode
 from lmq.kernels.w4a16_dequant import w4a16_dequant
 from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm
 from lmq.kernels.w4a16_gemv import w4a16_gemv
+from lmq.pack import planes64
 
 ARCHS = tuple(CONFIGS)
 
@@ -78,7 +79,7 @@ def run_path(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
             group_size: int, table: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x [..., K] -> [..., N]` through the kernel `table` picks for this M."""
-    K = qweight.shape[0] * 64
+    K = qweight.shape[0] * planes64.CHUNK_K
     M = x.numel() // K if K else 0
     y = run_path(choose_path(M, table), x, qweight, scales, zeros, group_size, table)
     if bias is not None:
@@ -101,7 +102,7 @@ class QLinear(nn.Module):
         self.group_size = group_size
         self.arch = arch
         self.table = table or CONFIGS[arch]
-        self.in_features = qweight.shape[0] * 64
+        self.in_features = qweight.shape[0] * planes64.CHUNK_K
         self.out_features = qweight.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
