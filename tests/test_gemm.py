@@ -227,3 +227,13 @@ def test_dequant_and_dispatch_gpu(dtype):
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"])
         assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype]
+
+
+def test_runtime_imports_no_quantizer():
+    """The dispatcher and kernels load without lmq.quant (the runtime imports no calibration machinery)."""
+    import subprocess
+    import sys
+
+    code = "import sys, lmq.engine.qlinear; print(sorted(m for m in sys.modules if m.startswith('lmq.quant')))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"

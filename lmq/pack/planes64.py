@@ -29,16 +29,21 @@ Why this order:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from lmq.errors import ShapeError
-from lmq.quant.rtn import SUPPORTED_GROUP_SIZES, QuantizedWeight
+
+if TYPE_CHECKING:  # the runtime (kernels, engine) imports this module without lmq.quant
+    from lmq.quant.rtn import QuantizedWeight
 
 NAME = "planes64"
 VERSION = 1
 CHUNK_K = 64  # input channels per chunk
 PLANES = 4  # nibbles per int16 lane
 LANES = 16  # int16 lanes per chunk row = input channels per plane
+GROUP_SIZES = (32, 64, 128)  # multiples of LANES, so a plane never straddles a group
 
 
 def k_index(chunk: int, plane: int, lane: int) -> int:
@@ -48,9 +53,9 @@ def k_index(chunk: int, plane: int, lane: int) -> int:
 
 def check_shape(N: int, K: int, group_size: int, name: str = "weight") -> None:
     """Raise when a `[N, K]` weight cannot be stored in this layout."""
-    if group_size not in SUPPORTED_GROUP_SIZES:
+    if group_size not in GROUP_SIZES:
         raise ShapeError(
-            f"{name}: group size {group_size} is not supported by layout {NAME}; use one of {SUPPORTED_GROUP_SIZES}"
+            f"{name}: group size {group_size} is not supported by layout {NAME}; use one of {GROUP_SIZES}"
         )
     if K % CHUNK_K != 0 or K % group_size != 0:
         raise ShapeError(
@@ -61,7 +66,7 @@ def check_shape(N: int, K: int, group_size: int, name: str = "weight") -> None:
         raise ShapeError(f"{name}: out_features must be positive, got N={N}")
 
 
-def pack(q: QuantizedWeight, name: str = "weight") -> dict[str, torch.Tensor]:
+def pack(q: "QuantizedWeight", name: str = "weight") -> dict[str, torch.Tensor]:
     """Layout-free 4-bit weight -> `{"qweight", "scales", "zeros"}` in this layout (CPU tensors)."""
     if q.bits != 4:
         raise ShapeError(f"{name}: layout {NAME} stores 4-bit weights, got bits={q.bits}")
@@ -84,8 +89,10 @@ def pack(q: QuantizedWeight, name: str = "weight") -> dict[str, torch.Tensor]:
 
 
 def unpack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-           name: str = "weight") -> QuantizedWeight:
+           name: str = "weight") -> "QuantizedWeight":
     """This layout -> layout-free 4-bit weight, exactly; checks dtypes and shapes."""
+    from lmq.quant.rtn import QuantizedWeight
+
     check_tensors(qweight, scales, zeros, group_size, name)
     C, N, _ = qweight.shape
     K = C * CHUNK_K
