@@ -203,3 +203,12 @@ def test_quantize_then_pack_then_kernel(tmp_path, tiny_model):
             want = x.float() @ q.dequantize().t()
             out = w4a16_gemm(x, t["qweight"], t["scales"], t["zeros"], G).float()
             assert ((out - want).norm() / want.norm()) < 2e-3, name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message of --arch auto")
+def test_pack_auto_without_gpu_says_so(tmp_path):
+    src = tmp_path / "q"
+    write_portable(src)
+    with pytest.raises(UnsupportedError, match="no CUDA GPU"):
+        api.pack_checkpoint(src, tmp_path / "o", "auto")
+    assert not (tmp_path / "o").exists()
