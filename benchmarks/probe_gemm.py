@@ -17,8 +17,8 @@ from lmq.quant.rtn import QuantizedWeight
 M, N, K = (int(v) for v in sys.argv[1:4])
 G = 128
 table = CONFIGS["sm90"]
-path = choose_path(M, table)
-cfg = dict(table["prefill" if path == "dequant" else path])
+path = choose_path(M, table, N * K)
+cfg = dict(table["prefill" if path in ("dequant", "gemv") else path])
 if len(sys.argv) > 4:
     cfg.update(json.loads(sys.argv[4]))
 q = QuantizedWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8), (torch.rand(N, K // G) * 0.01).half(),

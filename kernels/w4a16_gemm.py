@@ -223,10 +223,11 @@ _DECODE = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M"
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
                      "num_warps": 8, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
-# Measured on sm90 (H100, Llama-3-8B shapes, g128): GEMV wins at M=1 on 3 of 4 shapes, the decode
-# kernel from M=2 to 64; at M=256 the prefill kernel and dequantize + cuBLAS tie (436 vs 425 us over
+# Measured on sm90 (H100, Llama-3-8B shapes, g128): at M=1 the GEMV wins on the three weights of
+# >= 25.2M elements and the decode kernel on o_proj's 16.8M (9.7-10.3 vs 11.6-11.9 us), so the GEMV
+# threshold sits between them at 20M; the decode kernel wins from M=2 to 64; at M=256 the prefill kernel and dequantize + cuBLAS tie (436 vs 425 us over
 # the four shapes) and from M=1024 dequantize + cuBLAS wins, so sm90 never picks "prefill".
-_CROSS = {"gemv_max_m": 1, "decode_max_m": 64, "dequant_min_m": 65}
+_CROSS = {"gemv_max_m": 1, "gemv_min_numel": 20_000_000, "decode_max_m": 64, "dequant_min_m": 65}
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},

@@ -195,7 +195,7 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
                 fns = [lambda pp=pp, path=path: run_path(path, x, pp["qweight"], pp["scales"], pp["zeros"], G, table)
                        for pp in packs]
                 paths[path] = _graph_time_us(fns, calls=max(len(fns), 20))
-            chosen = choose_path(M, table)
+            chosen = choose_path(M, table, N * K)
             cublas = _graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in w16s], calls=max(n_f, 20))
             # correctness of what was timed, on this very input
             ref = x.float() @ w16.float().t()  # [M, N]; w16 = w_hat rounded to fp16

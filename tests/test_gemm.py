@@ -138,14 +138,15 @@ def test_dequant_matches_ref(G, device):
 def test_qlinear_every_path(M, device):
     """The dispatcher's three paths (decode, prefill, dequant + matmul) give the reference result."""
     N, K, G = 40, 128, 64
-    table = {**CONFIGS["sm80"], "gemv_max_m": 1, "decode_max_m": 16, "dequant_min_m": 256}
+    table = {**CONFIGS["sm80"], "gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 16, "dequant_min_m": 256}
     p = random_packed(N, K, G, device)
     bias = torch.randn(N, device=device).half()
     x = torch.randn(M, K, device=device).half()
     out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table, bias)
     ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G).float() + bias.float()
     assert rel_err(out, ref) < TOL[torch.float16]
-    assert choose_path(M, table) == {1: "gemv", 8: "decode", 40: "prefill", 300: "dequant"}[M]
+    assert choose_path(M, table, N * K) == {1: "gemv", 8: "decode", 40: "prefill", 300: "dequant"}[M]
+    assert choose_path(1, {**table, "gemv_min_numel": N * K + 1}, N * K) == "decode"  # small weights
 
 
 def test_qlinear_module(device):

@@ -3,7 +3,8 @@
     y[..., N] = x[..., K] @ w_hat[N, K]^T (+ bias),   M = number of rows of x
 
 By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`):
-    M <= gemv_max_m            -> W4A16 GEMV (CUDA cores, weights straight to registers, split-K)
+    M <= gemv_max_m            -> W4A16 GEMV (CUDA cores, weights straight to registers, split-K),
+                                  for weights of at least gemv_min_numel = N*K elements
     M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K), or
                                   w4a16_decode (register-prefetched weights) when the config says
                                   "KERNEL": "prefetch"
@@ -52,9 +53,9 @@ def local_arch(device: torch.device | str | None = None) -> str:
     return arch_of_capability(major, minor)
 
 
-def choose_path(M: int, table: dict) -> str:
-    """"gemv", "decode", "prefill" or "dequant" for `M` rows under one arch's table."""
-    if M <= table.get("gemv_max_m", 0):
+def choose_path(M: int, table: dict, weight_numel: int = 0) -> str:
+    """"gemv", "decode", "prefill" or "dequant" for `M` rows of a `weight_numel` = N*K weight."""
+    if M <= table.get("gemv_max_m", 0) and weight_numel >= table.get("gemv_min_numel", 0):
         return "gemv"
     if M <= table["decode_max_m"]:
         return "decode"
@@ -81,7 +82,8 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     """`x [..., K] -> [..., N]` through the kernel `table` picks for this M."""
     K = qweight.shape[0] * planes64.CHUNK_K
     M = x.numel() // K if K else 0
-    y = run_path(choose_path(M, table), x, qweight, scales, zeros, group_size, table)
+    N = qweight.shape[1]
+    y = run_path(choose_path(M, table, N * K), x, qweight, scales, zeros, group_size, table)
     if bias is not None:
         y = y + bias
     return y
