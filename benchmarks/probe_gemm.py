@@ -8,9 +8,9 @@ import json
 import sys
 
 import torch
+from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm
 
 from lmq.engine.qlinear import choose_path
-from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm
 from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
 

@@ -5,15 +5,14 @@ prints, per (regime, M), each config's time per shape and its total; the fastest
 Usage: python3 benchmarks/sweep_gemm.py [gemv|decode_rp|decode|prefill ...]
 """
 
-import itertools
 import sys
 
 import torch
+from lmq.kernels.w4a16_decode import w4a16_decode
+from lmq.kernels.w4a16_gemm import w4a16_gemm
+from lmq.kernels.w4a16_gemv import w4a16_gemv
 
 from lmq.bench import GEMM_SHAPES, _copies_for, _graph_time_us
-from lmq.kernels.w4a16_gemm import w4a16_gemm
-from lmq.kernels.w4a16_decode import w4a16_decode
-from lmq.kernels.w4a16_gemv import w4a16_gemv
 from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
 
@@ -64,7 +63,7 @@ def main(regimes):
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                     kernel = {"gemv": w4a16_gemv, "decode_rp": w4a16_decode}.get(regime, w4a16_gemm)
-                    fns = [lambda pp=pp: kernel(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
+                    fns = [lambda pp=pp, kernel=kernel, x=x, cfg=cfg: kernel(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
                            for pp in packs]
                     per.append(_graph_time_us(fns, calls=max(20, len(fns)), reps=9))
                 results.append((sum(per), per, cfg))

@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lmq.kernels.w4a16_gemm import _cat, _dequant_pair, _num_sms, w4a16_gemm_ref
 
 from lmq.errors import ShapeError
-from lmq.kernels.w4a16_gemm import _cat, _dequant_pair, _num_sms, w4a16_gemm_ref
 from lmq.pack import planes64
 
 
@@ -41,7 +41,7 @@ def _w4a16_decode_kernel(
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
     IS_BF16: tl.constexpr, CHUNK_K: tl.constexpr, LANES: tl.constexpr, FAST_CVT: tl.constexpr,
 ):
-    KT: tl.constexpr = G if G > CHUNK_K else CHUNK_K  # input channels per tile
+    KT: tl.constexpr = max(CHUNK_K, G)  # input channels per tile
     COLS: tl.constexpr = KT // 4  # int16 lanes per tile row
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)

@@ -21,7 +21,6 @@ from lmq.errors import ShapeError
 from lmq.pack import planes64
 
 
-
 @triton.jit
 def _w4a16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G: tl.constexpr, BLOCK_N: tl.constexpr,
                           CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr):

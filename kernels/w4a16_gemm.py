@@ -37,7 +37,6 @@ from lmq.errors import ShapeError
 from lmq.pack import planes64
 
 
-
 @constexpr_function
 def _pair_asm(first, bf16):
     """PTX for planes `first` and `first + 1` of two packed int16 lanes ($2) minus the zero ($3).

@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lmq.kernels.w4a16_gemm import _dequant_pair, _num_sms, pick_block_k, w4a16_gemm_ref
 
 from lmq.errors import ShapeError
-from lmq.kernels.w4a16_gemm import _dequant_pair, _num_sms, pick_block_k, w4a16_gemm_ref
 from lmq.pack import planes64
 
 

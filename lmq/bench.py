@@ -110,7 +110,7 @@ def copy_bandwidth_bytes_s(nbytes: int = 1 << 30) -> float:
     a = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda")
     a.uniform_()
     b = torch.empty_like(a)
-    t_us = _graph_time_us([lambda: b.copy_(a)], calls=5, reps=10)
+    t_us = _graph_time_us([lambda a=a, b=b: b.copy_(a)], calls=5, reps=10)
     del a, b
     return 2 * nbytes / (t_us * 1e-6)
 
@@ -192,11 +192,12 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
             for path in ("gemv", "decode", "prefill", "dequant"):
                 if (path == "gemv" and M > 4) or (path == "decode" and M > 256):
                     continue  # never the choice at this M
-                fns = [lambda pp=pp, path=path: run_path(path, x, pp["qweight"], pp["scales"], pp["zeros"], G, table)
+                fns = [lambda pp=pp, path=path, x=x: run_path(path, x, pp["qweight"], pp["scales"], pp["zeros"], G,
+                                                              table)
                        for pp in packs]
                 paths[path] = _graph_time_us(fns, calls=max(len(fns), 20))
             chosen = choose_path(M, table, N * K)
-            cublas = _graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in w16s], calls=max(n_f, 20))
+            cublas = _graph_time_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in w16s], calls=max(n_f, 20))
             # correctness of what was timed, on this very input
             ref = x.float() @ w16.float().t()  # [M, N]; w16 = w_hat rounded to fp16
             got = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table).float()
@@ -205,7 +206,7 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
             if t4 is not None:
                 _, mm = int4_ops
                 xb = x.to(torch.bfloat16)
-                t4_us = _graph_time_us([lambda a=a, b=b: mm(xb, a, G, b) for a, b in t4], calls=max(n_q, 20))
+                t4_us = _graph_time_us([lambda a=a, b=b, xb=xb: mm(xb, a, G, b) for a, b in t4], calls=max(n_q, 20))
                 got4 = mm(xb, t4[0][0], G, t4[0][1]).float()
                 t4_err = ((got4 - ref).norm() / ref.norm()).item()
             row = GemmRow(

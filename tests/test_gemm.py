@@ -6,13 +6,13 @@ tests run every arch's decode and prefill configurations, bf16 included, at mode
 
 import pytest
 import torch
+from lmq.kernels.w4a16_decode import w4a16_decode, w4a16_decode_ref
+from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
+from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemv import w4a16_gemv, w4a16_gemv_ref
 
 from lmq.engine.qlinear import QLinear, choose_path, qlinear
 from lmq.errors import ShapeError
-from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
-from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
-from lmq.kernels.w4a16_decode import w4a16_decode, w4a16_decode_ref
-from lmq.kernels.w4a16_gemv import w4a16_gemv, w4a16_gemv_ref
 from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
 

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lmq.cli import app
 from lmq.errors import CheckpointError, InputError, ShapeError, UnsupportedError
 from lmq.format import awq_gemm
-from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
 from lmq.pack import api, planes64
 from lmq.quant.rtn import QuantizedWeight, quantize
 

@@ -66,7 +66,7 @@ def check_shape(N: int, K: int, group_size: int, name: str = "weight") -> None:
         raise ShapeError(f"{name}: out_features must be positive, got N={N}")
 
 
-def pack(q: "QuantizedWeight", name: str = "weight") -> dict[str, torch.Tensor]:
+def pack(q: QuantizedWeight, name: str = "weight") -> dict[str, torch.Tensor]:
     """Layout-free 4-bit weight -> `{"qweight", "scales", "zeros"}` in this layout (CPU tensors)."""
     if q.bits != 4:
         raise ShapeError(f"{name}: layout {NAME} stores 4-bit weights, got bits={q.bits}")
@@ -89,7 +89,7 @@ def pack(q: "QuantizedWeight", name: str = "weight") -> dict[str, torch.Tensor]:
 
 
 def unpack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-           name: str = "weight") -> "QuantizedWeight":
+           name: str = "weight") -> QuantizedWeight:
     """This layout -> layout-free 4-bit weight, exactly; checks dtypes and shapes."""
     from lmq.quant.rtn import QuantizedWeight
 
