@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import constexpr_function
 
-from lmq.errors import ShapeError
+from lmq.errors import ShapeError, UnsupportedError
 from lmq.pack import planes64
 
 
@@ -250,6 +250,16 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def check_bf16_support(x: torch.Tensor, op: str) -> None:
+    """bf16 activations need compute capability 8.0 (the bf16x2 instructions); Turing has none."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(x.device)
+        raise UnsupportedError(
+            f"{op}: bfloat16 activations need compute capability >= 8.0, this GPU has {major}.{minor}; "
+            f"run the model in float16 (--dtype float16)"
+        )
+
+
 def pick_block_k(K: int, group_size: int, want: int) -> int:
     """The largest multiple of max(G, 64) that is <= `want` and divides K (so tiles never straddle K)."""
     step = max(group_size, planes64.CHUNK_K)
@@ -275,6 +285,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     N, K = planes64.check_tensors(qweight, scales, zeros, group_size, "w4a16_gemm weight")
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ShapeError(f"w4a16_gemm: activations must be float16 or bfloat16, got {x.dtype}")
+    check_bf16_support(x, "w4a16_gemm")
     if x.shape[-1] != K:
         raise ShapeError(f"w4a16_gemm: x has {x.shape[-1]} input features, the weight has K={K}")
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):

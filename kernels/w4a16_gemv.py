@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lmq.kernels.w4a16_gemm import _dequant_pair, _num_sms, pick_block_k, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemm import _dequant_pair, _num_sms, check_bf16_support, pick_block_k, w4a16_gemm_ref
 
 from lmq.errors import ShapeError
 from lmq.pack import planes64
@@ -97,6 +97,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     N, K = planes64.check_tensors(qweight, scales, zeros, group_size, "w4a16_gemv weight")
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ShapeError(f"w4a16_gemv: activations must be float16 or bfloat16, got {x.dtype}")
+    check_bf16_support(x, "w4a16_gemv")
     if x.shape[-1] != K:
         raise ShapeError(f"w4a16_gemv: x has {x.shape[-1]} input features, the weight has K={K}")
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):

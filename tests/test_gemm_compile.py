@@ -1,0 +1,63 @@
+"""Every kernel variant compiles to machine code for the archs lmq packs for (no GPU needed: Triton's
+own ptxas), so PTX or layout errors surface in CI, not first on a user's GPU.
+
+The compiles run in a child process without TRITON_INTERPRET (conftest sets it for this one).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def compile_all(arch: str, dt: str) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lmq.kernels.w4a16_decode import _w4a16_decode_kernel
+    from lmq.kernels.w4a16_gemm import CONFIGS, _w4a16_gemm_kernel
+    from lmq.kernels.w4a16_gemv import _w4a16_gemv_kernel
+    from lmq.pack import planes64
+
+    cc = int(arch[2:])
+    geometry = {"CHUNK_K": planes64.CHUNK_K, "LANES": planes64.LANES}
+    ptrs = {"x_ptr": f"*{dt}", "qw_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": f"*{dt}"}
+
+    def build(kernel, scalars, consts, num_warps, num_stages):
+        sig = {**ptrs, **{s: "i32" for s in scalars}, **{k: "constexpr" for k in consts}}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
+        k = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+        assert k.asm["cubin"]
+
+    mnk = ["M", "N", "K", "stride_xm", "stride_om"]
+    for regime in ("decode", "prefill"):
+        cfg = CONFIGS[arch][regime]
+        build(_w4a16_gemm_kernel, mnk,
+              {"G": 128, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
+               "SPLIT_K": 2, "GROUP_M": cfg["GROUP_M"], "IS_BF16": dt == "bf16", "PLANES": planes64.PLANES,
+               "SWAP_AB": cfg.get("SWAP_AB", False), "DOT_K": cfg.get("DOT_K", 16), "FAST_CVT": True, **geometry},
+              cfg["num_warps"], cfg["num_stages"])
+    g = CONFIGS[arch]["gemv"]
+    build(_w4a16_gemv_kernel, ["N", "K", "stride_xm", "stride_om"],
+          {"G": 128, "BLOCK_N": g["BLOCK_N"], "BLOCK_K": g["BLOCK_K"], "SPLIT_K": 2, "IS_BF16": dt == "bf16",
+           "PLANES": planes64.PLANES, "FAST_CVT": True, **geometry}, g["num_warps"], 1)
+    build(_w4a16_decode_kernel, mnk,
+          {"G": 128, "BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 2, "IS_BF16": dt == "bf16", "FAST_CVT": True,
+           **geometry}, 4, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,dt", [("sm75", "fp16"), ("sm80", "fp16"), ("sm80", "bf16"), ("sm90", "fp16"),
+                                     ("sm90", "bf16")])
+def test_kernels_compile(arch, dt):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, __file__, arch, dt], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    compile_all(sys.argv[1], sys.argv[2])
