@@ -41,17 +41,17 @@ def inspect_checkpoint(path: str) -> Inspection:
     kind = m["kind"] if m else ("autoawq" if src.quant else "float")
     q_count, params, q_params, q_bytes = 0, 0, 0, 0
     for name, f in src._files.items():
+        sl = src._open(f).get_slice(name)
         n = 1
-        for d in src._open(f).get_slice(name).get_shape():
+        for d in sl.get_shape():
             n *= d
-        if name.endswith(".qweight"):  # int32 words of 8 codes
+        nbytes = n * {"I32": 4, "I16": 2, "U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4}.get(sl.get_dtype(), 4)
+        if name.endswith(".qweight"):  # integer words of 4-bit codes, in any layout
             q_count += 1
-            q_params += n * 8
-            q_bytes += n * 4
-        elif name.endswith(".qzeros"):
-            q_bytes += n * 4
-        elif name.endswith(".scales"):
-            q_bytes += n * 2
+            q_params += nbytes * 2
+            q_bytes += nbytes
+        elif name.endswith((".qzeros", ".zeros", ".scales")):
+            q_bytes += nbytes
         else:
             params += n
     bpw = q_bytes * 8 / q_params if q_params else None

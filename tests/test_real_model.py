@@ -225,3 +225,18 @@ def test_transformers_awq_loader_matches_when_available(awq_checkpoint):
         ref = hf(ids.to(dev)).logits.float().cpu()
     ours = load_model(str(out), "cpu").logits(ids)
     assert (ours - ref).abs().max().item() < 3e-2 * ref.abs().max().item()
+
+
+def test_packed_checkpoint_reads_the_same_numbers(awq_checkpoint, tmp_path):
+    """`lmq pack` output is read back (inspect, eval) through its layout's exact unpack."""
+    out, _ = awq_checkpoint
+    packed = tmp_path / "packed"
+    res = runner.invoke(app, ["pack", str(out), "--arch", "sm80", "-o", str(packed)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["inspect", str(packed), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["kind"] == "packed"
+    a, b = WeightSource(packed), WeightSource(out)
+    for i in (0, 29):
+        la, lb = a.layer(i, torch.float32), b.layer(i, torch.float32)
+        assert all(torch.equal(la[k], lb[k]) for k in lb)

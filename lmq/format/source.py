@@ -69,14 +69,14 @@ class QuantConfig:
     version: str = "gemm"
 
     @classmethod
-    def from_hf(cls, qc: dict, where: Path) -> "QuantConfig":
+    def from_hf(cls, qc: dict, where: Path, packed_version: Optional[str] = None) -> "QuantConfig":
         method = str(qc.get("quant_method", "")).lower()
         if method != "awq":
             raise UnsupportedError(
                 f"{where}: quant_method {method!r} is not readable; lmq reads AWQ (gemm) checkpoints"
             )
         version = str(qc.get("version", "gemm")).lower()
-        if version != "gemm":
+        if version != "gemm" and version != packed_version:
             raise UnsupportedError(f"{where}: AWQ version {version!r} is not readable; lmq reads version 'gemm'")
         bits = int(qc.get("bits", qc.get("w_bit", 4)))
         if bits != 4:
@@ -109,8 +109,20 @@ class WeightSource:
             raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download or re-create the model") from e
         self.cfg = ModelConfig.from_hf(self.config)
         self.manifest = read_manifest(self.path)
+        # A packed checkpoint (`lmq pack`) stores its linears in one arch's layout; its module
+        # unpacks them exactly, so every reader here sees the same numbers as the portable one.
+        self.packed = None
+        packed_version = None
+        if self.manifest and self.manifest.get("kind") == "packed":
+            from lmq.pack.api import LAYOUTS
+
+            arch = self.manifest.get("arch")
+            if arch not in LAYOUTS:
+                raise CheckpointError(f"{self.path} is packed for unknown arch {arch!r}; re-pack it with `lmq pack`")
+            self.packed = LAYOUTS[arch][0]
+            packed_version = f"lmq-{self.packed.NAME}"
         qc = self.config.get("quantization_config")
-        self.quant = QuantConfig.from_hf(qc, self.path) if qc else None
+        self.quant = QuantConfig.from_hf(qc, self.path, packed_version) if qc else None
         self._files = self._index()
         self._handles: dict[Path, object] = {}
 
@@ -182,6 +194,9 @@ class WeightSource:
     def quantized_linear(self, prefix: str) -> QuantizedWeight:
         if self.quant is None:
             raise CheckpointError(f"{self.path} has {prefix}.qweight but no quantization_config in config.json")
+        if self.packed is not None:
+            return self.packed.unpack(self.get(f"{prefix}.qweight"), self.get(f"{prefix}.scales"),
+                                      self.get(f"{prefix}.zeros"), self.quant.group_size, name=prefix)
         return awq_gemm.unpack(
             self.get(f"{prefix}.qweight"), self.get(f"{prefix}.qzeros"), self.get(f"{prefix}.scales"),
             self.quant.group_size, name=prefix,
