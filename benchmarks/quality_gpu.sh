@@ -24,22 +24,32 @@ DATA=$W/wiki.test.raw
 CALIB=$W/c4.txt
 R=$OUT
 : "${SEQLEN:=1024}"
-for g in 64 32; do
+# What to run (defaults: everything docs/quality.md shows).
+: "${METHODS:=awq awq-gptq}" "${GSIZES:=64 32}" "${KV:=int8 int4}" "${WIKICALIB:=1}"
+models=("$MODEL")
+for g in $GSIZES; do
   lmq quantize "$MODEL" -o "$W/rtn-g$g" --method rtn --group-size "$g" --force --json > "$R/quant-rtn-g$g.json"
-  lmq quantize "$MODEL" -o "$W/awq-g$g" --method awq --group-size "$g" --calib-data "$CALIB" \
-    --calib-samples 128 --calib-seqlen 512 --device cuda --force --json > "$R/quant-awq-g$g.json"
+  models+=("$W/rtn-g$g")
+  for meth in $METHODS; do
+    lmq quantize "$MODEL" -o "$W/$meth-g$g" --method "$meth" --group-size "$g" --calib-data "$CALIB" \
+      --calib-samples 128 --calib-seqlen 512 --device cuda --force --json > "$R/quant-$meth-g$g.json"
+    models+=("$W/$meth-g$g")
+  done
 done
-# The same AWQ calibrated on wikitext-2 *train* text: how much a domain-matched calibration set helps.
-lmq quantize "$MODEL" -o "$W/awq-g64-wikicalib" --method awq --group-size 64 --calib-data "$W/wiki.txt" \
-  --calib-samples 128 --calib-seqlen 512 --device cuda --force --json > "$R/quant-awq-g64-wikicalib.json"
+if [ "$WIKICALIB" = 1 ]; then
+  # AWQ calibrated on wikitext-2 *train* text: how much a domain-matched calibration set helps.
+  lmq quantize "$MODEL" -o "$W/awq-g64-wikicalib" --method awq --group-size 64 --calib-data "$W/wiki.txt" \
+    --calib-samples 128 --calib-seqlen 512 --device cuda --force --json > "$R/quant-awq-g64-wikicalib.json"
+  models+=("$W/awq-g64-wikicalib")
+fi
 {
-  for m in "$MODEL" "$W/rtn-g64" "$W/awq-g64" "$W/rtn-g32" "$W/awq-g32" "$W/awq-g64-wikicalib"; do
+  for m in "${models[@]}"; do
     lmq eval ppl "$m" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 8 --json
   done
-  for m in "$W/rtn-g64" "$W/awq-g64" "$W/rtn-g32" "$W/awq-g32"; do
+  for m in "${models[@]:1}"; do
     lmq eval kld "$m" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 4 --json
   done
-  for kv in int8 int4; do
+  for kv in $KV; do
     lmq eval ppl "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 8 --kv-dtype "$kv" --json
     lmq eval kld "$MODEL" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 4 --kv-dtype "$kv" --json
   done

@@ -35,14 +35,16 @@ def main(folder: str) -> None:
         print(f"| {name(r['model'])} | {r['kv_dtype']} | {r['windows']} x {r['seqlen']} | {r['ppl']:.4f} | "
               f"{100 * (r['ppl'] / base - 1):+.2f}% | {kl} | {t1} |")
     print()
-    print("| group size | RTN ppl | AWQ ppl | AWQ recovers of RTN's loss |")
-    print("|---|---|---|---|")
+    print("| group size | method | RTN ppl | ppl | recovers of RTN's loss |")
+    print("|---|---|---|---|---|")
     for g in (64, 32):
-        rtn, awq = by.get(f"rtn-g{g}"), by.get(f"awq-g{g}")
-        if rtn is None or awq is None:
-            continue
-        rec = (rtn - awq) / (rtn - base) if rtn != base else float("nan")
-        print(f"| {g} | {rtn:.4f} | {awq:.4f} | {100 * rec:.1f}% |")
+        rtn = by.get(f"rtn-g{g}")
+        for meth in ("awq", "awq-gptq"):
+            q = by.get(f"{meth}-g{g}")
+            if rtn is None or q is None:
+                continue
+            rec = (rtn - q) / (rtn - base) if rtn != base else float("nan")
+            print(f"| {g} | {meth} | {rtn:.4f} | {q:.4f} | {100 * rec:.1f}% |")
 
 
 if __name__ == "__main__":

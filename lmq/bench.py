@@ -78,7 +78,7 @@ class GemmRow:
         return d
 
 
-def _graph_time_us(fns: list, calls: int, reps: int = 15) -> float:
+def graph_time_us(fns: list, calls: int, reps: int = 15) -> float:
     """Median time per call (us) of `calls` calls cycling through `fns`, replayed from one CUDA graph."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -110,12 +110,12 @@ def copy_bandwidth_bytes_s(nbytes: int = 1 << 30) -> float:
     a = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda")
     a.uniform_()
     b = torch.empty_like(a)
-    t_us = _graph_time_us([lambda a=a, b=b: b.copy_(a)], calls=5, reps=10)
+    t_us = graph_time_us([lambda a=a, b=b: b.copy_(a)], calls=5, reps=10)
     del a, b
     return 2 * nbytes / (t_us * 1e-6)
 
 
-def _copies_for(nbytes: int) -> int:
+def copies_for(nbytes: int) -> int:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     return max(1, min(64, math.ceil(2 * l2 / max(nbytes, 1))))
 
@@ -171,10 +171,10 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
         )
         p = {k: v.cuda() for k, v in planes64.pack(q).items()}
         int4_bytes = sum(t.numel() * t.element_size() for t in p.values())
-        n_q = _copies_for(int4_bytes)
+        n_q = copies_for(int4_bytes)
         packs = [p] + [{k: v.clone() for k, v in p.items()} for _ in range(n_q - 1)]
         w16 = q.dequantize(torch.float16)  # [N, K]
-        n_f = _copies_for(w16.numel() * 2)
+        n_f = copies_for(w16.numel() * 2)
         w16s = [w16] + [w16.clone() for _ in range(n_f - 1)]
         t4, int4_error = None, None if int4_ops is not None else "this torch has no _weight_int4pack_mm"
         if int4_ops is not None:
@@ -195,9 +195,9 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
                 fns = [lambda pp=pp, path=path, x=x: run_path(path, x, pp["qweight"], pp["scales"], pp["zeros"], G,
                                                               table)
                        for pp in packs]
-                paths[path] = _graph_time_us(fns, calls=max(len(fns), 20))
+                paths[path] = graph_time_us(fns, calls=max(len(fns), 20))
             chosen = choose_path(M, table, N * K)
-            cublas = _graph_time_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in w16s], calls=max(n_f, 20))
+            cublas = graph_time_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in w16s], calls=max(n_f, 20))
             # correctness of what was timed, on this very input
             ref = x.float() @ w16.float().t()  # [M, N]; w16 = w_hat rounded to fp16
             got = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table).float()
@@ -206,7 +206,7 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
             if t4 is not None:
                 _, mm = int4_ops
                 xb = x.to(torch.bfloat16)
-                t4_us = _graph_time_us([lambda a=a, b=b, xb=xb: mm(xb, a, G, b) for a, b in t4], calls=max(n_q, 20))
+                t4_us = graph_time_us([lambda a=a, b=b, xb=xb: mm(xb, a, G, b) for a, b in t4], calls=max(n_q, 20))
                 got4 = mm(xb, t4[0][0], G, t4[0][1]).float()
                 t4_err = ((got4 - ref).norm() / ref.norm()).item()
             row = GemmRow(

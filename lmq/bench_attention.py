@@ -14,12 +14,11 @@ configuration is also checked: lmq's output for sequence 0 against SDPA on its d
 
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import asdict, dataclass
 
 import torch
 
+from lmq.bench import copies_for, copy_bandwidth_bytes_s, graph_time_us
 from lmq.errors import InputError, UnsupportedError
 
 BLOCK_SIZE = 128  # tokens per cache block (the engine default)
@@ -74,48 +73,6 @@ class AttnRow:
         return d
 
 
-def graph_time_us(fns: list, calls: int, reps: int = 10) -> float:
-    """Median time per call (us) of `calls` calls cycling through `fns`, replayed from one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for f in fns:  # warm-up: compile, pick kernels
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000.0 / calls)
-    del graph
-    return statistics.median(times)
-
-
-def copy_bandwidth_bytes_s(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
-    a = torch.empty(nbytes // 2, dtype=torch.float16, device="cuda")
-    a.uniform_()
-    b = torch.empty_like(a)
-    t_us = graph_time_us([lambda: b.copy_(a)], calls=5, reps=10)
-    del a, b
-    return 2 * nbytes / (t_us * 1e-6)
-
-
-def _copies(nbytes: int) -> int:
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(1, min(64, math.ceil(2 * l2 / max(nbytes, 1))))
-
-
 def _random_paged(kv_dtype: str, n_blocks: int, n_kv: int, D: int):
     """A pool of random contents: codes, positive scales, zeros around -scale*QMAX/2."""
     from lmq.kernels.kv_quant import QMAX, PagedKV
@@ -162,7 +119,7 @@ def bench_attention(kv_dtypes: list[str], contexts: list[int], batches: list[int
             sdpa_bytes = 2 * B * Hkv * L * D * 2
             sdpa_us = None
             if sdpa_bytes <= free:
-                n = _copies(sdpa_bytes) if sdpa_bytes * _copies(sdpa_bytes) <= free else 1
+                n = copies_for(sdpa_bytes) if sdpa_bytes * copies_for(sdpa_bytes) <= free else 1
                 kvs = [(torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16),
                         torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16)) for _ in range(n)]
                 q4 = q[:, :, None]  # [B, H, 1, D]
@@ -182,7 +139,7 @@ def bench_attention(kv_dtypes: list[str], contexts: list[int], batches: list[int
                     row.note = "skipped: cache exceeds GPU memory"
                     rows.append(row)
                     continue
-                n = _copies(kv_bytes) if kv_bytes * _copies(kv_bytes) <= free else 1
+                n = copies_for(kv_bytes) if kv_bytes * copies_for(kv_bytes) <= free else 1
                 blocks_per_seq = -(-L // BLOCK_SIZE)
                 n_blocks = n * B * blocks_per_seq
                 cache = _random_paged(kd, n_blocks, Hkv, D)
