@@ -24,34 +24,32 @@ DATA=$W/wiki.test.raw
 CALIB=$W/c4.txt
 R=$OUT
 : "${SEQLEN:=1024}"
-# What to run (defaults: everything docs/quality.md shows).
-: "${METHODS:=awq awq-gptq}" "${GSIZES:=64 32}" "${KV:=int8 int4}" "${WIKICALIB:=1}"
-models=("$MODEL")
+# What to run (defaults: everything docs/quality.md shows). Each model is scored as soon as it is
+# written, so a run cut short still returns whole rows.
+: "${METHODS:=awq awq-gptq}" "${GSIZES:=64 32}" "${KV:=int8 int4}" "${WIKICALIB:=1}" "${KLD_RTN:=1}"
+ppl() { lmq eval ppl "$@" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 8 --json >> "$R/eval.jsonl"; }
+kld() { lmq eval kld "$@" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 4 --json >> "$R/eval.jsonl"; }
+: > "$R/eval.jsonl"
+ppl "$MODEL"
 for g in $GSIZES; do
   lmq quantize "$MODEL" -o "$W/rtn-g$g" --method rtn --group-size "$g" --force --json > "$R/quant-rtn-g$g.json"
-  models+=("$W/rtn-g$g")
+  ppl "$W/rtn-g$g"
+  [ "$KLD_RTN" = 1 ] && kld "$W/rtn-g$g"
   for meth in $METHODS; do
     lmq quantize "$MODEL" -o "$W/$meth-g$g" --method "$meth" --group-size "$g" --calib-data "$CALIB" \
       --calib-samples 128 --calib-seqlen 512 --device cuda --force --json > "$R/quant-$meth-g$g.json"
-    models+=("$W/$meth-g$g")
+    ppl "$W/$meth-g$g"
+    kld "$W/$meth-g$g"
   done
 done
 if [ "$WIKICALIB" = 1 ]; then
   # AWQ calibrated on wikitext-2 *train* text: how much a domain-matched calibration set helps.
   lmq quantize "$MODEL" -o "$W/awq-g64-wikicalib" --method awq --group-size 64 --calib-data "$W/wiki.txt" \
     --calib-samples 128 --calib-seqlen 512 --device cuda --force --json > "$R/quant-awq-g64-wikicalib.json"
-  models+=("$W/awq-g64-wikicalib")
+  ppl "$W/awq-g64-wikicalib"
 fi
-{
-  for m in "${models[@]}"; do
-    lmq eval ppl "$m" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 8 --json
-  done
-  for m in "${models[@]:1}"; do
-    lmq eval kld "$m" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 4 --json
-  done
-  for kv in $KV; do
-    lmq eval ppl "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 8 --kv-dtype "$kv" --json
-    lmq eval kld "$MODEL" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 4 --kv-dtype "$kv" --json
-  done
-} > "$R/eval.jsonl"
+for kv in $KV; do
+  ppl "$MODEL" --kv-dtype "$kv"
+  kld "$MODEL" --kv-dtype "$kv"
+done
 python3 benchmarks/quality_table.py "$R"
