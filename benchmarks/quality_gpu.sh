@@ -26,7 +26,7 @@ R=$OUT
 : "${SEQLEN:=1024}"
 # What to run (defaults: everything docs/quality.md shows). Each model is scored as soon as it is
 # written, so a run cut short still returns whole rows.
-: "${METHODS:=awq awq-gptq}" "${GSIZES:=64 32}" "${KV:=int8 int4}" "${WIKICALIB:=1}" "${KLD_RTN:=1}"
+: "${METHODS:=awq}" "${GSIZES:=64 32}" "${KV-int8 int4}" "${WIKICALIB:=1}" "${KLD_RTN:=1}"
 ppl() { lmq eval ppl "$@" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 8 --json >> "$R/eval.jsonl"; }
 kld() { lmq eval kld "$@" --reference "$MODEL" --data "$DATA" --seqlen "$SEQLEN" --device cuda --batch-size 4 --json >> "$R/eval.jsonl"; }
 : > "$R/eval.jsonl"

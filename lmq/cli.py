@@ -80,7 +80,7 @@ def load_recipe(path: Path) -> dict:
 def quantize(
     model: str = typer.Argument(..., help="Hugging Face model folder, or a hub id (org/name) when online."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for the portable 4-bit checkpoint."),
-    method: Optional[str] = typer.Option(None, help="awq (activation-aware, default), awq-gptq (AWQ scales, then GPTQ's error-compensating rounding) or rtn (round-to-nearest)."),
+    method: Optional[str] = typer.Option(None, help="awq (activation-aware, default) or rtn (round-to-nearest)."),
     bits: Optional[int] = typer.Option(None, help="Weight bits (4)."),
     group_size: Optional[int] = typer.Option(None, help="Input channels per scale/zero group: 32, 64 or 128 (default)."),
     zero_point: Optional[bool] = typer.Option(None, "--zero-point/--symmetric",

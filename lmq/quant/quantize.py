@@ -21,15 +21,14 @@ from lmq.format import awq_gemm
 from lmq.format.manifest import write_manifest
 from lmq.format.source import TOKENIZER_FILES, QuantConfig, WeightSource, resolve_model_path
 from lmq.format.writer import CheckpointWriter, check_output_path
-from lmq.models.llama import layer_forward, rope_cos_sin
-from lmq.quant import awq, gptq
+from lmq.models.llama import rope_cos_sin
+from lmq.quant import awq
 from lmq.quant.rtn import check_group_size, quantize
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # awq: AWQ scales + clipping, then round-to-nearest (AutoAWQ's algorithm);
-# awq-gptq: the same scales and clipping, then GPTQ's error-compensating rounding;
-# rtn: round-to-nearest, no calibration. All three write the same checkpoint format.
-METHODS = ("awq", "awq-gptq", "rtn")
+# rtn: round-to-nearest, no calibration. Both write the same checkpoint format.
+METHODS = ("awq", "rtn")
 
 
 @dataclass
@@ -55,7 +54,7 @@ class QuantizeSpec:
 class LayerStats:
     layer: int
     rtn_err: float  # mean squared error of the layer output with RTN weights
-    awq_err: float  # ... with the weights written (AWQ, AWQ+GPTQ; == rtn_err for --method rtn)
+    awq_err: float  # ... with the weights written (== rtn_err for --method rtn)
     ratios: dict[str, float] = field(default_factory=dict)
     clipped: list[str] = field(default_factory=list)  # linears whose clipping search was kept
     seconds: float = 0.0
@@ -151,7 +150,6 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
             x = src.embed(torch.float32)[tokens].to(dev)  # [S, T, C]
             pos = torch.arange(tokens.shape[1], device=dev)
             cos, sin = rope_cos_sin(cfg, pos, torch.float32)
-        hessians: dict[int, torch.Tensor] = {}  # per layer: q/k/v (and gate/up) share one input
         with progress() as bar:
             task = bar.add_task(f"{spec.method.upper()} layers", total=cfg.num_layers, info="")
             for i in range(cfg.num_layers):
@@ -163,24 +161,14 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
                     cap = awq.capture(lw, x, cos, sin, cfg, qs.batch_size)
                     xs, ref = x[:n_stat], cap.output[:n_stat]
                     st.rtn_err = awq.layer_error(lw, xs, ref, cos, sin, cfg, qs)
-                    searched = spec.max_layers is None or i < spec.max_layers
-                    if spec.method in ("awq", "awq-gptq") and searched:
+                    if spec.max_layers is None or i < spec.max_layers:
+                        # awq_layer's error is measured on exactly the RTN grid written below
                         lw, st.awq_err, st.ratios, st.clipped = awq.awq_layer(lw, cap, xs, ref, cos, sin, cfg, qs)
-                    x_next = cap.output
-                q = {}
-                for lin in cfg.arch.linears:
-                    name = f"{prefix}.{lin}"
-                    if spec.method == "awq-gptq" and x is not None and searched:
-                        H = hessians.setdefault(id(cap.inputs[lin]), gptq.hessian(cap.inputs[lin]))
-                        q[lin] = gptq.gptq_quantize(lw[f"{lin}.weight"], H, qs.bits, qs.group_size, qs.zero_point, name)
                     else:
-                        q[lin] = quantize(lw[f"{lin}.weight"], qs.bits, qs.group_size, qs.zero_point, name)
-                if x is not None:
-                    # The error of the weights actually written, whatever the method.
-                    deq = {f"{lin}.weight": qw.dequantize(torch.float32).to(dev) for lin, qw in q.items()}
-                    st.awq_err = (layer_forward(dict(lw, **deq), xs, cos, sin, cfg) - ref).pow(2).mean().item()
-                    x = x_next
-                    hessians.clear()
+                        st.awq_err = st.rtn_err
+                    x = cap.output  # the float layer's output feeds the next layer's search
+                q = {lin: quantize(lw[f"{lin}.weight"], qs.bits, qs.group_size, qs.zero_point, f"{prefix}.{lin}")
+                     for lin in cfg.arch.linears}
                 for lin, qw in q.items():
                     for k, t in awq_gemm.pack(qw).items():
                         w.add(f"{prefix}.{lin}.{k}", t)
