@@ -149,3 +149,11 @@ def test_shipped_recipes_parse():
     assert recipes
     for r in recipes:
         assert set(load_recipe(r)) <= set(QUANT_DEFAULTS)
+
+
+def test_output_parent_folders_are_created_but_not_through_a_file(tmp_path, tiny_model):
+    out = tmp_path / "a" / "b" / "q"
+    assert lmq("quantize", tiny_model, "-o", out, "--method", "rtn", "--group-size", "64").exit_code == 0
+    assert (out / "manifest.json").exists()
+    (tmp_path / "f").write_text("x")
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "f" / "q", "--method", "rtn"), "is a file")

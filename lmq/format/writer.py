@@ -25,8 +25,9 @@ def check_output_path(out: Path, force: bool) -> None:
     """Refuse to overwrite an existing output unless asked to (checked before any long work)."""
     if out.exists() and not force:
         raise InputError(f"output folder {out} already exists; choose another -o, or pass --force to replace it")
-    if not out.parent.exists():
-        raise InputError(f"the parent folder of {out} does not exist; create {out.parent} first")
+    for parent in [out.parent, *out.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"cannot write {out}: {parent} is a file, not a folder; choose another -o")
 
 
 class CheckpointWriter:
@@ -45,6 +46,7 @@ class CheckpointWriter:
 
     def __enter__(self) -> "CheckpointWriter":
         check_output_path(self.out, self.force)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         os.chmod(self.tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
         return self
