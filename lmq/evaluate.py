@@ -78,16 +78,34 @@ def load_model(path: str, device: str = "auto", kv_dtype: str = "fp16") -> Dense
     return DenseModel(src, dev, dtype, kv_transform_for(kv_dtype))
 
 
-def windows(model_path: Path, data: str, seqlen: int, max_windows: Optional[int]) -> torch.Tensor:
-    """Token windows `[W, seqlen]` of the text file `data`, tokenized with the model's tokenizer."""
-    from transformers import AutoTokenizer
-
+def check_data(data: str, seqlen: int) -> Path:
+    """Fail fast, before any model is loaded, on a missing text file or a silly window size."""
     p = Path(data).expanduser()
     if not p.is_file():
         raise InputError(f"evaluation text {data} is not a file; pass e.g. --data wikitext-2-raw/wiki.test.raw")
     if seqlen < 2:
         raise InputError(f"--seqlen must be at least 2, got {seqlen}")
+    return p
+
+
+def check_seqlen(model: DenseModel, seqlen: int) -> None:
+    """The reference decoder attends to the whole window: refuse windows the model cannot see whole."""
+    cfg = model.cfg
+    if cfg.sliding_window and seqlen > cfg.sliding_window:
+        raise InputError(f"--seqlen {seqlen} exceeds {model.src.path}'s sliding window of {cfg.sliding_window} "
+                         f"tokens, which lmq's evaluation does not model; use --seqlen {cfg.sliding_window} or less")
+    if seqlen > cfg.max_position_embeddings:
+        raise InputError(f"--seqlen {seqlen} exceeds the model's context of {cfg.max_position_embeddings} tokens; "
+                         "use a shorter --seqlen")
+
+
+def windows(model_path: Path, data: str, seqlen: int, max_windows: Optional[int]) -> torch.Tensor:
+    """Token windows `[W, seqlen]` of the text file `data`, tokenized with the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    p = check_data(data, seqlen)
     tok = AutoTokenizer.from_pretrained(str(model_path))
+    tok.model_max_length = 1 << 62  # the text is tokenized whole, then cut into windows
     ids = tok(p.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     n = ids.numel() // seqlen
     if max_windows is not None:
@@ -127,7 +145,9 @@ class KldResult:
 def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: Optional[int] = None,
                device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1) -> PplResult:
     t0 = time.time()
+    check_data(data, seqlen)
     model = load_model(path, device, kv_dtype)
+    check_seqlen(model, seqlen)
     ids = windows(model.src.path, data, seqlen, max_windows)
     nll, count = 0.0, 0
     with progress() as bar:
@@ -147,11 +167,14 @@ def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: Optional[i
 def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_windows: Optional[int] = None,
                   device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1) -> KldResult:
     t0 = time.time()
+    check_data(data, seqlen)
     ref = load_model(reference, device)
     model = load_model(path, device, kv_dtype)
     if ref.cfg.vocab_size != model.cfg.vocab_size:
         raise InputError(f"{path} (vocab {model.cfg.vocab_size}) and reference {reference} "
                          f"(vocab {ref.cfg.vocab_size}) are not the same model family")
+    check_seqlen(ref, seqlen)
+    check_seqlen(model, seqlen)
     ids = windows(ref.src.path, data, seqlen, max_windows)
     kld = agree = nll_q = nll_r = 0.0
     count = 0

@@ -157,3 +157,40 @@ def test_output_parent_folders_are_created_but_not_through_a_file(tmp_path, tiny
     assert (out / "manifest.json").exists()
     (tmp_path / "f").write_text("x")
     assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "f" / "q", "--method", "rtn"), "is a file")
+
+
+def test_eval_window_longer_than_the_context(tmp_path, tiny_model, wiki_file):
+    assert_error(lmq("eval", "ppl", tiny_model, "--data", wiki_file, "--seqlen", "4096"),
+                 "exceeds the model's context of 512")
+
+
+def test_output_inside_the_source_is_refused(tmp_path, tiny_model):
+    assert_error(lmq("quantize", tiny_model, "-o", tiny_model, "--method", "rtn", "--group-size", "64", "--force"),
+                 "would overwrite the source model")
+    assert (tiny_model / "model.safetensors").exists()
+
+
+def test_biased_llama_config_is_refused(tmp_path, smollm2):
+    m = make_tiny_model(tmp_path / "m", smollm2)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["mlp_bias"] = True
+    (m / "config.json").write_text(json.dumps(cfg))
+    assert_error(lmq("inspect", m), "mlp_bias=true", "not support")
+
+
+def test_force_swap_failure_keeps_the_old_checkpoint(tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "out"
+    assert lmq("quantize", tiny_model, "-o", out, "--method", "rtn", "--group-size", "64").exit_code == 0
+    before = (out / "manifest.json").read_text()
+    real_replace = os.replace
+
+    def flaky(src, dst):
+        if str(src).startswith(str(tmp_path / ".out.tmp-")) and str(dst) == str(out):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    res = lmq("quantize", tiny_model, "-o", out, "--method", "rtn", "--group-size", "32", "--force")
+    assert_error(res, "previous checkpoint there is unchanged")
+    assert (out / "manifest.json").read_text() == before
+    assert leftovers(tmp_path) == []

@@ -110,3 +110,27 @@ def test_empty_table_file_is_a_clear_error(tmp_path):
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(InputError, match="empty or malformed"):
         load_documents(str(tmp_path / "e.jsonl"))
+
+
+def test_sharded_source_follows_its_index(tmp_path, smollm2):
+    from safetensors.torch import load_file, save_file
+
+    from lmq.errors import CheckpointError
+
+    m = make_tiny_model(tmp_path / "m", smollm2)
+    sd = load_file(str(m / "model.safetensors"))
+    (m / "model.safetensors").unlink()
+    names = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, ns in shards.items():
+        save_file({k: sd[k] for k in ns}, str(m / f))
+    (m / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ns in shards.items() for k in ns}}))
+    # A stray consolidated file (as Mistral repos ship) with conflicting contents is not read.
+    save_file({names[0]: torch.full_like(sd[names[0]], 7.0)}, str(m / "consolidated.safetensors"))
+    src = WeightSource(m)
+    assert torch.equal(src.get(names[0]), sd[names[0]])
+    assert (m / "consolidated.safetensors") not in src.weight_files
+    (m / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing shard.*model-00002-of-00002"):
+        WeightSource(m)

@@ -95,6 +95,11 @@ def test_scale_folding_preserves_the_float_layer(smollm2, tokenizer, calib_file)
             awq.apply_scale(g, folded, s, cap)
     out = layer_forward(folded, x, cos, sin, cfg)
     assert (out - cap.output).abs().max().item() < 1e-3 * cap.output.abs().max().item()
+    # The captured inputs follow the folding: they equal a fresh capture of the folded layer.
+    fresh = awq.capture(folded, x, cos, sin, cfg, 16)
+    for name, t in cap.inputs.items():
+        assert torch.allclose(t, fresh.inputs[name], rtol=1e-3, atol=1e-4 * t.abs().max().item()), name
+    assert cap.inputs["self_attn.q_proj"] is cap.inputs["self_attn.v_proj"]
 
 
 def independent_dequant(qweight, qzeros, scales, G):

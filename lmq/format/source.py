@@ -128,6 +128,19 @@ class WeightSource:
 
     # -- files -----------------------------------------------------------------------------------
     def _index(self) -> dict[str, Path]:
+        """Tensor name -> file. A sharded checkpoint's index json is authoritative: stray
+        `*.safetensors` beside it (e.g. Mistral's consolidated.safetensors) are not read."""
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download the model") from e
+            missing = sorted({f for f in weight_map.values() if not (self.path / f).exists()})
+            if missing:
+                raise CheckpointError(f"{self.path} is missing shard(s) {', '.join(missing)} named by its index; "
+                                      "the download is incomplete")
+            return {name: self.path / f for name, f in weight_map.items()}
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt")):

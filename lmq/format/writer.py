@@ -59,9 +59,10 @@ class CheckpointWriter:
             except BaseException as e:  # the final flush or rename failed: clean up the same way
                 exc = e
         shutil.rmtree(self.tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise LmqError(f"writing {self.out} failed ({exc}); nothing was left at {self.out}: "
-                           "free space (or fix permissions) and retry") from exc
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":  # safetensors' I/O errors
+            kept = "the previous checkpoint there is unchanged" if self.out.exists() else "nothing was left there"
+            raise LmqError(f"writing {self.out} failed ({exc}); {kept}: free space (or fix permissions) "
+                           "and retry") from exc
         if exc_type is None:
             raise exc
         return False
@@ -111,7 +112,12 @@ class CheckpointWriter:
         if self.out.exists():  # --force: swap the old folder out only once the new one is complete
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
             os.replace(self.out, old / "x")
-            os.replace(self.tmp, self.out)
+            try:
+                os.replace(self.tmp, self.out)
+            except BaseException:
+                os.replace(old / "x", self.out)  # put the previous checkpoint back
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.out)

@@ -39,10 +39,15 @@ class ModelConfig:
     tie_word_embeddings: bool
     max_position_embeddings: int
     arch: Arch = field(repr=False)
+    sliding_window: Optional[int] = None  # Mistral v0.1: attention sees at most this many tokens
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
         arch = arch_for(cfg.get("model_type"))
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key) and not (key == "attention_bias" and arch.qkv_bias):
+                raise UnsupportedError(f"{cfg.get('model_type')} config sets {key}=true, which lmq does not support "
+                                       "yet (its biases would be dropped)")
         heads = cfg["num_attention_heads"]
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -62,6 +67,7 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             arch=arch,
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
         )
 
 

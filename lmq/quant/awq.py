@@ -142,15 +142,13 @@ def apply_scale(group: ScaleGroup, lw: dict, s: torch.Tensor, cap: LayerCapture)
         lw[f"{prev}.weight"] = lw[f"{prev}.weight"] / s
     for n in group.linears:
         lw[f"{n}.weight"] = lw[f"{n}.weight"] * s[None, :]
-    seen = set()
-    for n in group.linears:  # q/k/v share one input tensor: divide it once
-        t = cap.inputs[n]
-        if id(t) not in seen:
-            seen.add(id(t))
-            cap.inputs[n] = t / s
-            for m in group.linears:
-                if cap.inputs[m] is t:
-                    cap.inputs[m] = cap.inputs[n]
+    old = {n: cap.inputs[n] for n in group.linears}  # q/k/v (gate/up) share one input tensor
+    scaled: dict[int, torch.Tensor] = {}
+    for n in group.linears:  # divide each distinct tensor exactly once, keep the sharing
+        t = old[n]
+        if id(t) not in scaled:
+            scaled[id(t)] = t / s
+        cap.inputs[n] = scaled[id(t)]
 
 
 @torch.no_grad()

@@ -43,9 +43,9 @@ def _read_table(path: Path) -> list[str]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(TABLE_EXTS[path.suffix], data_files=str(path), split="train")
+        ds = datasets.load_dataset(TABLE_EXTS[path.suffix.lower()], data_files=str(path), split="train")
     except Exception as e:  # empty or malformed files surface as assorted errors from datasets
-        raise InputError(f"calibration file {path} could not be read as {TABLE_EXTS[path.suffix]} "
+        raise InputError(f"calibration file {path} could not be read as {TABLE_EXTS[path.suffix.lower()]} "
                          f"({type(e).__name__}: {e}); is it empty or malformed?") from e
     if "text" not in ds.column_names:
         raise InputError(f"calibration file {path} has no 'text' column (columns: {ds.column_names})")
@@ -56,16 +56,16 @@ def load_documents(spec: str) -> list[str]:
     """All calibration documents named by `spec` (file, folder or hub data set)."""
     path = Path(spec).expanduser()
     if path.is_file():
-        if path.suffix in TABLE_EXTS:
+        if path.suffix.lower() in TABLE_EXTS:
             return _read_table(path)
         return _read_text_file(path)
     if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.suffix in TEXT_EXTS or f.suffix in TABLE_EXTS)
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in TEXT_EXTS or f.suffix.lower() in TABLE_EXTS)
         if not files:
             raise InputError(f"calibration folder {path} holds no .txt/.jsonl/.json/.parquet/.csv files")
         docs: list[str] = []
         for f in files:
-            docs += _read_table(f) if f.suffix in TABLE_EXTS else _read_text_file(f)
+            docs += _read_table(f) if f.suffix.lower() in TABLE_EXTS else _read_text_file(f)
         return docs
     if spec in HUB_SETS or ("/" in spec and not spec.startswith((".", "/", "~"))):
         name, config, split = HUB_SETS.get(spec, (spec, None, "train"))

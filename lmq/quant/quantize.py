@@ -88,6 +88,15 @@ def _hash_files(files: list[Path]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _finite_cast(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Cast a tensor left in float (norms after AWQ folding, embeddings) and refuse overflow to inf."""
+    c = t.to(dtype)
+    if not torch.isfinite(c).all():
+        raise InputError(f"{name} overflows {str(dtype).replace('torch.', '')} (max |value| "
+                         f"{t.abs().max().item():.3g}); write the unquantized tensors with --dtype bfloat16")
+    return c
+
+
 def _finite(d: dict) -> dict:
     """JSON has no NaN: statistics that were not measured (RTN needs no calibration) become null."""
     return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
@@ -115,7 +124,10 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
     out = Path(spec.out)
     check_output_path(out, spec.force)
     src_path = resolve_model_path(spec.model)
+    if out.resolve() == src_path.resolve() or out.resolve() in src_path.resolve().parents:
+        raise InputError(f"-o {out} would overwrite the source model {src_path}; choose another output folder")
     src = WeightSource(src_path)
+    bytes_in = src.weight_bytes()
     if src.quant is not None:
         raise InputError(f"{src_path} is already quantized ({src.config['quantization_config'].get('quant_method')}); "
                          "give the original float model")
@@ -174,7 +186,7 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
                         w.add(f"{prefix}.{lin}.{k}", t)
                 for k, t in lw.items():
                     if k[:-len(".weight")] not in cfg.arch.linears:
-                        w.add(f"{prefix}.{k}", t.to(out_dtype))
+                        w.add(f"{prefix}.{k}", _finite_cast(t, out_dtype, f"{prefix}.{k}"))
                 st.seconds = time.time() - tl
                 stats.append(st)
                 info = f"err awq/rtn {st.awq_err / st.rtn_err:.2f}" if x is not None and st.rtn_err > 0 else ""
@@ -182,10 +194,10 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
                 del lw, q
 
         arch = cfg.arch
-        w.add(arch.embed, src.embed(out_dtype))
-        w.add(arch.final_norm, src.final_norm(out_dtype))
+        w.add(arch.embed, _finite_cast(src.embed(torch.float32), out_dtype, arch.embed))
+        w.add(arch.final_norm, _finite_cast(src.final_norm(torch.float32), out_dtype, arch.final_norm))
         if src.has(arch.lm_head):
-            w.add(arch.lm_head, src.get(arch.lm_head, out_dtype))
+            w.add(arch.lm_head, _finite_cast(src.get(arch.lm_head, torch.float32), out_dtype, arch.lm_head))
         qc = QuantConfig(spec.bits, spec.group_size, spec.zero_point)
         config = dict(src.config)
         config["quantization_config"] = qc.to_hf()
@@ -208,5 +220,5 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
             "layers": [_finite(asdict(s)) for s in stats],
         })
     bytes_out = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return QuantizeReport(out=out, layers=stats, bytes_in=src.weight_bytes(), bytes_out=bytes_out,
+    return QuantizeReport(out=out, layers=stats, bytes_in=bytes_in, bytes_out=bytes_out,
                           seconds=time.time() - t0)

@@ -63,8 +63,11 @@ def check_group_size(K: int, group_size: int, name: str = "weight") -> None:
         )
 
 
-def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+def _fp16_scale(scale: torch.Tensor, name: str = "weight") -> torch.Tensor:
     """Round fp32 scales to fp16, never below the fp32 value (keeps the s/2 error bound exact)."""
+    if scale.numel() and scale.max().item() > 65504.0:
+        raise ShapeError(f"{name} has a group whose scale {scale.max().item():.3g} exceeds fp16's range (weights "
+                         "near 1e6); the AWQ format stores fp16 scales, so this weight cannot be quantized to it")
     s16 = scale.clamp(min=1e-8, max=65504.0).to(torch.float16)
     low = s16.float() < scale
     s16 = torch.where(low, torch.nextafter(s16, torch.full_like(s16, 65504.0)), s16)
@@ -85,12 +88,12 @@ def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, zero_point: 
     if zero_point:
         wmax = wg.amax(dim=-1).clamp(min=0)  # [N, K/G]; include 0 so z stays in range
         wmin = wg.amin(dim=-1).clamp(max=0)
-        scales = _fp16_scale((wmax - wmin) / qmax)  # [N, K/G] fp16
+        scales = _fp16_scale((wmax - wmin) / qmax, name)  # [N, K/G] fp16
         s = scales.float()
         zeros = torch.round(-wmin / s).clamp(0, qmax)
     else:
         absmax = wg.abs().amax(dim=-1)
-        scales = _fp16_scale(absmax / (2 ** (bits - 1) - 1))
+        scales = _fp16_scale(absmax / (2 ** (bits - 1) - 1), name)
         s = scales.float()
         zeros = torch.full_like(s, 2 ** (bits - 1))
     codes = torch.clamp(torch.round(wg / s[..., None]) + zeros[..., None], 0, qmax)  # [N, K/G, G]
