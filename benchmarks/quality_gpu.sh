@@ -5,6 +5,15 @@
 # The model travels in two parts (the device tool carries 64 MiB per call): call 1 carries
 # .devcarry/p1 (first half of the GGUF, the texts, the gguf wheel), call 2 carries .devcarry/p2 and
 # runs everything. Parts are kept in $W, outside the repo copy, while the machine stays warm.
+# Make the parts here once (.devcarry/ is git-ignored):
+#   mkdir -p .devcarry/p1 .devcarry/p2
+#   split -b 50M ~/.cache/lmq/gguf/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/ggufpart-   # after python -m lmq.models.smollm2
+#   mv /tmp/ggufpart-aa .devcarry/p1/; mv /tmp/ggufpart-ab .devcarry/p2/
+#   cp ../shared/data/wikitext-2-raw/wiki.test.raw ../shared/data/calib/c4.txt .devcarry/p1/
+#   cp ../shared/data/calib/wiki.txt .devcarry/p2/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d .devcarry/p1 gguf==0.19.0
+# then: run(command="bash benchmarks/quality_gpu.sh", carry=[".devcarry/p1"]), and the same with p2.
 set -euo pipefail
 W=/tmp/lmqdev
 mkdir -p "$W"
