@@ -134,3 +134,15 @@ def test_sharded_source_follows_its_index(tmp_path, smollm2):
     (m / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing shard.*model-00002-of-00002"):
         WeightSource(m)
+
+
+def test_awq_is_deterministic_for_a_seed(tmp_path, tiny_model, calib_file):
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        res = runner.invoke(app, ["quantize", str(tiny_model), "-o", str(out), "--group-size", "32",
+                                  "--calib-data", calib_file, "--calib-samples", "4", "--calib-seqlen", "32",
+                                  "--seed", "3", "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
