@@ -260,6 +260,29 @@ def check_bf16_support(x: torch.Tensor, op: str) -> None:
         )
 
 
+
+def check_inputs(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int, op: str) -> tuple[int, int, tuple, torch.Tensor]:
+    """Every W4A16 launcher's checks: the packed weight, the activations' dtype, width and device.
+
+    Returns `(N, K, lead, x2)` with `x2 = x` viewed as `[M, K]`, unit stride along K.
+    """
+    N, K = planes64.check_tensors(qweight, scales, zeros, group_size, f"{op} weight")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ShapeError(f"{op}: activations must be float16 or bfloat16, got {x.dtype}")
+    check_bf16_support(x, op)
+    if x.shape[-1] != K:
+        raise ShapeError(f"{op}: x has {x.shape[-1]} input features, the weight has K={K}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t.device != x.device:
+            raise ShapeError(f"{op}: {name} is on {t.device}, x on {x.device}; move both to one device")
+        if not t.is_contiguous():
+            raise ShapeError(f"{op}: {name} must be contiguous")
+    x2 = x.reshape(-1, K)  # [M, K]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return N, K, x.shape[:-1], x2
+
 def pick_block_k(K: int, group_size: int, want: int) -> int:
     """The largest multiple of max(G, 64) that is <= `want` and divides K (so tiles never straddle K)."""
     step = max(group_size, planes64.CHUNK_K)
@@ -282,21 +305,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                group_size: int, config: dict | None = None) -> torch.Tensor:
     """`x [..., K]` fp16/bf16 times the packed `[N, K]` weight -> `[..., N]` in x's dtype."""
     # -- 1. check ---------------------------------------------------------------------------------
-    N, K = planes64.check_tensors(qweight, scales, zeros, group_size, "w4a16_gemm weight")
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ShapeError(f"w4a16_gemm: activations must be float16 or bfloat16, got {x.dtype}")
-    check_bf16_support(x, "w4a16_gemm")
-    if x.shape[-1] != K:
-        raise ShapeError(f"w4a16_gemm: x has {x.shape[-1]} input features, the weight has K={K}")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if t.device != x.device:
-            raise ShapeError(f"w4a16_gemm: {name} is on {t.device}, x on {x.device}; move both to one device")
-        if not t.is_contiguous():
-            raise ShapeError(f"w4a16_gemm: {name} must be contiguous")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)  # [M, K]
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemm")
     M = x2.shape[0]
     cfg = dict(config or (INTERPRET_CONFIG if x.device.type == "cpu" else CONFIGS["sm80"]["decode"]))
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])

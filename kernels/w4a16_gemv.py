@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lmq.kernels.w4a16_gemm import _dequant_pair, _num_sms, check_bf16_support, pick_block_k, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemm import _dequant_pair, _num_sms, check_inputs, pick_block_k, w4a16_gemm_ref
 
-from lmq.errors import ShapeError
 from lmq.pack import planes64
 
 
@@ -94,19 +93,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                group_size: int, config: dict | None = None) -> torch.Tensor:
     """`x [..., K]` fp16/bf16 (few rows) times the packed `[N, K]` weight -> `[..., N]` in x's dtype."""
     # -- 1. check ---------------------------------------------------------------------------------
-    N, K = planes64.check_tensors(qweight, scales, zeros, group_size, "w4a16_gemv weight")
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ShapeError(f"w4a16_gemv: activations must be float16 or bfloat16, got {x.dtype}")
-    check_bf16_support(x, "w4a16_gemv")
-    if x.shape[-1] != K:
-        raise ShapeError(f"w4a16_gemv: x has {x.shape[-1]} input features, the weight has K={K}")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if t.device != x.device:
-            raise ShapeError(f"w4a16_gemv: {name} is on {t.device}, x on {x.device}; move both to one device")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)  # [M, K]
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemv")
     M = x2.shape[0]
     cfg = config or {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "num_warps": 4, "num_stages": 1}
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
