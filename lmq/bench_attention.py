@@ -148,7 +148,7 @@ def bench_attention(kv_dtypes: list[str], contexts: list[int], batches: list[int
                 lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
                 out = torch.empty_like(q)
                 row.lmq_us = graph_time_us(
-                    [lambda t=t: decode_attention(q, cache, t, lens, max_seq_len=L, out=out) for t in tables],
+                    [lambda t=t, c=cache: decode_attention(q, c, t, lens, max_seq_len=L, out=out) for t in tables],
                     calls=max(n, 10))
                 # what was timed is right: sequence 0 against SDPA on its dequantized rows
                 got = decode_attention(q, cache, tables[0], lens, max_seq_len=L)[0].float()  # [H, D]

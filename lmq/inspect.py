@@ -40,12 +40,12 @@ def inspect_checkpoint(path: str) -> Inspection:
     m = src.manifest
     kind = m["kind"] if m else ("autoawq" if src.quant else "float")
     q_count, params, q_params, q_bytes = 0, 0, 0, 0
-    for name, f in src._files.items():
-        sl = src._open(f).get_slice(name)
+    for name in src.names:
+        shape, dtype = src.info(name)
         n = 1
-        for d in sl.get_shape():
+        for d in shape:
             n *= d
-        nbytes = n * {"I32": 4, "I16": 2, "U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4}.get(sl.get_dtype(), 4)
+        nbytes = n * {"I32": 4, "I16": 2, "U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4}.get(dtype, 4)
         if name.endswith(".qweight"):  # integer words of 4-bit codes, in any layout
             q_count += 1
             q_params += nbytes * 2

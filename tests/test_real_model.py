@@ -156,7 +156,7 @@ def test_checkpoint_logits_reproduced_by_dequantized_reference(awq_checkpoint, s
     config = AutoConfig.from_pretrained(str(smollm2))
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     sd = {}
-    for name in src._files:
+    for name in src.names:
         if name.endswith(".qweight"):
             p = name[: -len(".qweight")]
             sd[f"{p}.weight"] = independent_dequant(src.get(f"{p}.qweight"), src.get(f"{p}.qzeros"),

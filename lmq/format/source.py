@@ -178,6 +178,15 @@ class WeightSource:
     def has(self, name: str) -> bool:
         return name in self._files
 
+    @property
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def info(self, name: str) -> tuple[list[int], str]:
+        """A tensor's shape and safetensors dtype string ("F16", "I32", ...), read from the header only."""
+        sl = self._open(self._files[name]).get_slice(name)
+        return sl.get_shape(), sl.get_dtype()
+
     def get(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """One tensor by its full name; floating tensors are checked for NaN/inf."""
         if name not in self._files:

@@ -108,10 +108,9 @@ def check_layer_shapes(src: WeightSource, group_size: int) -> None:
         prefix = src.layer_prefix(i)
         for lin in src.cfg.arch.linears:
             name = f"{prefix}.{lin}"
-            K = src._open(src._files[f"{name}.weight"]).get_slice(f"{name}.weight").get_shape()[1] \
-                if src.has(f"{name}.weight") else None
-            if K is None:
+            if not src.has(f"{name}.weight"):
                 raise UnsupportedError(f"{src.path} has no {name}.weight; is it already quantized or a different layout?")
+            K = src.info(f"{name}.weight")[0][1]
             check_group_size(K, group_size, name)
 
 
