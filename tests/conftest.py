@@ -104,3 +104,17 @@ def make_tiny_model(folder, smollm2_dir, model_type="llama", poison=None, tie=Tr
 @pytest.fixture
 def tiny_model(tmp_path, smollm2):
     return make_tiny_model(tmp_path / "tiny", smollm2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_rtn(smollm2, tmp_path_factory):
+    """SmolLM2 quantized with RTN (g64, no calibration: fast), written by `lmq quantize`."""
+    from typer.testing import CliRunner
+
+    from lmq.cli import app
+
+    out = tmp_path_factory.mktemp("engine") / "smollm2-rtn-g64"
+    res = CliRunner().invoke(app, ["quantize", str(smollm2), "-o", str(out), "--method", "rtn",
+                                   "--group-size", "64", "--device", "cpu"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    return out

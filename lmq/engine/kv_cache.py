@@ -110,6 +110,15 @@ class BlockManager:
         """Whether a new sequence of `num_tokens` fits even with no prefix reuse."""
         return self.blocks_needed(num_tokens) <= self.allocator.num_free
 
+    def can_append(self, seq_id: int) -> bool:
+        """Whether `append_slot` can run without a free block being short (a new block, or a
+        copy-on-write of a shared last block, each need one)."""
+        seq = self.seqs[seq_id]
+        pos = seq.num_tokens
+        if pos == len(seq.table) * self.block_size or self.allocator.refcount[seq.table[pos // self.block_size]] > 1:
+            return self.allocator.num_free >= 1
+        return True
+
     def block_table(self, seq_id: int) -> list[int]:
         return self.seqs[seq_id].table
 
@@ -163,7 +172,8 @@ class BlockManager:
             for b in table:
                 self._release(b)
             raise
-        self.seqs[seq_id] = SeqBlocks(table, n, h if n % bs == 0 else None)
+        # h: the chained hash of the last full block, the parent of the next block to be sealed
+        self.seqs[seq_id] = SeqBlocks(table, n, h)
         return cached
 
     def append_slot(self, seq_id: int) -> tuple[int, list[tuple[int, int]]]:
@@ -207,19 +217,30 @@ class BlockManager:
             self.allocator.incref(b)
         self.seqs[child] = SeqBlocks(list(p.table), p.num_tokens, p.last_hash)
 
-    def free(self, seq_id: int) -> None:
-        for b in self.seqs.pop(seq_id).table:
+    def free(self, seq_id: int, num_computed: int | None = None) -> None:
+        """Release a sequence's blocks. `num_computed`: how many of its tokens were actually
+        written; blocks past that were keyed by their tokens at `allocate` but hold nothing yet,
+        so they are forgotten instead of being offered to later prompts (a preempted or aborted
+        chunked prefill)."""
+        seq = self.seqs.pop(seq_id)
+        first_unwritten = len(seq.table) if num_computed is None else num_computed // self.block_size
+        for i, b in enumerate(seq.table):
+            if i >= first_unwritten and self.allocator.refcount[b] == 1:
+                self._forget(b)
             self._release(b)
 
     # -- internals
     def _fresh_block(self) -> int:
         """A block from the free list; whatever prefix it held is forgotten (it gets overwritten)."""
         block = self.allocator.allocate()
+        self._forget(block)
+        return block
+
+    def _forget(self, block: int) -> None:
         old = self._block_hash.pop(block, None)
         self._block_tokens.pop(block, None)
         if old is not None and self._hash_to_block.get(old) == block:
             del self._hash_to_block[old]
-        return block
 
     def _lookup(self, h: int, chunk: list[int]) -> int | None:
         block = self._hash_to_block.get(h)
@@ -365,7 +386,7 @@ class KVCache:
                                         spec.kv_dtype, device) for _ in range(spec.num_layers)]
 
     @classmethod
-    def from_budget(cls, spec: KVCacheSpec, budget_bytes: int, device: torch.device | str = "cuda") -> "KVCache":
+    def from_budget(cls, spec: KVCacheSpec, budget_bytes: int, device: torch.device | str = "cuda") -> KVCache:
         return cls(spec, num_blocks_for_budget(spec, budget_bytes), device)
 
     @property

@@ -1,0 +1,244 @@
+"""The engine and its Python API: `LLM(path).generate(prompts, params)` and `LLM.stream(...)`.
+
+    engine step = scheduler.schedule() -> runner.run(step) -> sample -> advance / finish
+
+`LLM` loads a packed checkpoint (or a portable one, packed for the local GPU while loading), sizes
+the paged KV cache from the memory it may use, captures the decode CUDA graphs, and runs requests
+with continuous batching. `add_request` + `step` let a caller (the chat loop, the benchmarks)
+interleave requests; `generate` and `stream` are the two ways in that most users need.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from lmq.console import log
+from lmq.engine.kv_cache import (
+    DEFAULT_BLOCK_SIZE,
+    BlockManager,
+    KVCacheSpec,
+    num_blocks_for_budget,
+    parse_memory,
+    resolve_kv_dtype,
+)
+from lmq.engine.model import EngineModel
+from lmq.engine.runner import ModelRunner
+from lmq.engine.sampling import SamplingParams, TextStream, make_generator, sample
+from lmq.engine.scheduler import Scheduler
+from lmq.engine.sequence import RequestOutput, Sequence
+from lmq.errors import InputError
+
+CPU_CACHE_BYTES = 1 << 30  # the torch backend on CPU: 1 GiB of KV cache unless told otherwise
+ACTIVATION_SLACK_BYTES = 1 << 30  # GPU memory left free for activations, graphs and the allocator
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def eos_token_ids(path: Path, tokenizer) -> set[int]:
+    """EOS ids from generation_config.json (an int or a list) and the tokenizer."""
+    ids: set[int] = set()
+    gen = path / "generation_config.json"
+    if gen.exists():
+        try:
+            e = json.loads(gen.read_text()).get("eos_token_id")
+        except json.JSONDecodeError:
+            e = None
+        ids.update(e if isinstance(e, list) else [e] if isinstance(e, int) else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+class LLM:
+    """A 4-bit model served by lmq's engine on one device."""
+
+    def __init__(self, model: str | Path | EngineModel, *, device: str = "auto", kv_dtype: str = "auto",
+                 cache_max_memory: str | int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True, cuda_graphs: bool = True,
+                 backend: str = "auto", dtype: str | None = None):
+        from transformers import AutoTokenizer
+
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise InputError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, "
+                             f"{max_num_batched_tokens}")
+        if isinstance(model, EngineModel):  # weights already loaded (benchmarks, tests): a new cache only
+            self.model, dev = model, model.device
+        else:
+            dev = pick_device(device)
+            self.model = EngineModel(model, dev, backend, dtype)
+        self.path = self.model.src.path
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        self.eos_ids = eos_token_ids(self.path, self.tokenizer)
+        cfg = self.model.cfg
+        limit = cfg.max_position_embeddings
+        if cfg.sliding_window:
+            limit = min(limit, cfg.sliding_window)  # the kernels attend to the whole context
+        if max_model_len is not None and max_model_len > limit:
+            raise InputError(f"--max-model-len {max_model_len} exceeds the model's context of {limit} tokens")
+        self.max_model_len = max_model_len or limit
+        self.kv_dtype = resolve_kv_dtype(kv_dtype, self.model.dtype)
+        spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, block_size)
+        if cache_max_memory is not None:
+            budget = parse_memory(cache_max_memory)
+        elif dev.type == "cuda":
+            free, total = torch.cuda.mem_get_info(dev)
+            budget = int(free - (1 - gpu_memory_utilization) * total) - ACTIVATION_SLACK_BYTES \
+                - self._activation_bytes(max_num_batched_tokens)
+            budget = max(budget, 0)
+        else:
+            budget = CPU_CACHE_BYTES
+        num_blocks = num_blocks_for_budget(spec, budget)
+        self.cache_tokens = num_blocks * block_size
+        if self.cache_tokens < self.max_model_len:
+            log(f"the KV cache holds {self.cache_tokens} tokens, fewer than the context of {self.max_model_len}: "
+                f"sequences are capped at {self.cache_tokens} tokens (raise --cache-max-memory for more)")
+            self.max_model_len = self.cache_tokens
+        max_num_seqs = min(max_num_seqs, num_blocks)
+        self.max_num_seqs = max_num_seqs
+        self.manager = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.manager, max_num_seqs, max(max_num_batched_tokens, 1))
+        self.runner = ModelRunner(self.model, spec, num_blocks, max_num_seqs, self.max_model_len, cuda_graphs)
+        log(f"KV cache: {num_blocks} blocks x {block_size} tokens ({self.cache_tokens} tokens, "
+            f"{self.runner.cache.nbytes / 2**30:.2f} GiB, {self.kv_dtype})")
+        self._ids = itertools.count()
+        self.seqs: dict[int, Sequence] = {}
+
+    def _activation_bytes(self, tokens: int) -> int:
+        """A generous bound on one prefill step's activations (fp16/bf16), logits of one row each."""
+        cfg = self.model.cfg
+        width = 2 * cfg.intermediate_size + 3 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        return 4 * tokens * width * 2
+
+    # -- requests ---------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return [int(t) for t in prompt]
+
+    def check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InputError("the prompt is empty; give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise InputError(f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                             f"(prompt + answer); shorten it, or raise --max-model-len / --cache-max-memory")
+        vocab = self.model.cfg.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.encode(prompt)
+        self.check_prompt(ids)
+        sid = next(self._ids)
+        seq = Sequence(sid, ids, params,
+                       stream=TextStream(self.tokenizer, params.stop),
+                       generator=make_generator(params, self.model.device))
+        self.seqs[sid] = seq
+        self.scheduler.add(seq)
+        return sid
+
+    def abort(self, request_id: int) -> None:
+        seq = self.seqs.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one engine step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns an update for every request that got a token (or finished)."""
+        step = self.scheduler.schedule()
+        if step is None:
+            if self.scheduler.waiting:  # nothing fits and nothing runs: cannot happen with check_prompt
+                raise InputError("the KV cache cannot hold the next request; raise --cache-max-memory")
+            return []
+        now = time.perf_counter()
+        for sp in step.spans:
+            if sp.seq.metrics.first_scheduled is None:
+                sp.seq.metrics.first_scheduled = now
+        self.runner.cache.copy_blocks(step.copies)
+        logits = self.runner.run(step, self.manager)  # [S, V]
+        for sp in step.spans:
+            self.scheduler.advance(sp)
+        sampled = [sp.seq for sp in step.spans if sp.sample]
+        if not sampled:
+            return []
+        tokens = sample(logits, [s.params for s in sampled], [s.token_ids for s in sampled],
+                        [s.generator for s in sampled]).tolist()
+        now = time.perf_counter()
+        outputs = []
+        for seq, tok in zip(sampled, tokens):
+            seq.token_ids.append(tok)
+            m = seq.metrics
+            m.token_times.append(now)
+            if m.first_token is None:
+                m.first_token = now
+            delta = seq.stream.push(tok)
+            reason = self._finish_reason(seq, tok)
+            if reason is not None:
+                delta += seq.stream.finish()
+                self.scheduler.finish(seq, reason)
+                m.finished = now
+            outputs.append(self._output(seq, delta))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        if seq.stream.stopped or (tok in self.eos_ids and not seq.params.ignore_eos):
+            return "stop"
+        if len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence, delta: str = "") -> RequestOutput:
+        return RequestOutput(seq.seq_id, seq.prompt_ids, seq.output_ids, seq.stream.text, seq.is_finished,
+                             seq.finish_reason, seq.metrics, delta)
+
+    # -- the two ways in ---------------------------------------------------------------------------
+    def generate(self, prompts: Iterable[str | list[int]] | str,
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion with continuous batching; outputs in prompt order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InputError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        try:
+            while any(not self.seqs[i].is_finished for i in ids):
+                self.step()
+        except BaseException:
+            for i in ids:
+                self.abort(i)
+            raise
+        return [self._output(self.seqs.pop(i)) for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield an update (with `.delta`, the new text) for every token of one request. Closing the
+        iterator early (break, Ctrl-C) aborts the request and keeps everything else."""
+        rid = self.add_request(prompt, params)
+        seq = self.seqs[rid]
+        try:
+            while not seq.is_finished:
+                for out in self.step():
+                    if out.request_id == rid:
+                        yield out
+        finally:
+            self.abort(rid)
+            self.seqs.pop(rid, None)

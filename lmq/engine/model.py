@@ -1,0 +1,260 @@
+"""The runtime decoder: a Llama-family model on lmq's kernels, reading a paged KV cache.
+
+One forward computes a step's packed tokens `input_ids [T]` (spans of several sequences, see
+`lmq.engine.scheduler`) through every layer:
+
+    residual = embed[input_ids]                                              [T, C]
+    per layer:
+        h, residual = rms_norm(x, w_in, residual)      fused add + RMSNorm  [T, C]
+        q | k | v  = h @ W_qkv^T (+ b_qkv)             one fused W4A16 linear [T, (H + 2 H_kv) D]
+        (q, k = rms_norm per head: Qwen3)               then RoPE in place
+        write k, v into the cache; o = attention(q, cache)                   [T, H, D]
+        h, residual = rms_norm(o @ W_o^T, w_post, residual)
+        x = silu_mul(h @ W_gate_up^T) @ W_down^T        fused gate|up linear, fused SiLU * up
+    logits = rms_norm(x, w_final, residual)[rows] @ W_head^T                 [S, V] fp32
+
+Two backends compute the same function:
+- "triton" (CUDA): 4-bit weights in the `planes64` layout through the W4A16 dispatcher
+  (`lmq.engine.qlinear`), the fused RMSNorm / SiLU*mul / RoPE / KV-write kernels and the paged
+  prefill and decode attention kernels;
+- "torch" (any device, the CPU default): the plain-PyTorch `_ref` twin of every kernel, with the
+  weights dequantized once at load. Tests and CI run the real engine (scheduler, cache, prefix
+  reuse) this way.
+Embeddings and lm_head stay in fp16/bf16 (fp32 on the torch backend on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmq.console import log, progress
+from lmq.engine.kv_cache import AttentionBatch, KVCache
+from lmq.errors import InputError, UnsupportedError
+from lmq.format.source import WeightSource, resolve_model_path
+from lmq.kernels import (
+    attention_decode,
+    attention_prefill,
+    kv_quant,
+    rmsnorm,
+    rope,
+    silu_mul,
+)
+from lmq.models.llama import ModelConfig
+
+
+@dataclass
+class Linear:
+    """One (possibly fused) 4-bit linear `x [T, K] -> [T, N]`.
+
+    Triton backend: `qweight [K/64, N, 16]`, `scales`/`zeros [K/G, N]` (planes64) and the arch's
+    dispatch table; torch backend: `weight [N, K]` dequantized. Fusing concatenates outputs (N).
+    """
+
+    qweight: torch.Tensor | None
+    scales: torch.Tensor | None
+    zeros: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    group_size: int
+    table: dict | None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0] if self.weight is not None else self.qweight.shape[1]
+
+
+def fuse_linears(parts: list[dict[str, torch.Tensor]], biases: list[torch.Tensor] | None, group_size: int,
+                 backend: str, dtype: torch.dtype, device: torch.device, table: dict | None) -> Linear:
+    """planes64 tensors of linears that read the same input -> one Linear with their outputs side by side."""
+    bias = torch.cat(biases).to(device, dtype) if biases else None
+    qweight = torch.cat([p["qweight"] for p in parts], dim=1)  # [K/64, sum N, 16]
+    scales = torch.cat([p["scales"] for p in parts], dim=1)  # [K/G, sum N]
+    zeros = torch.cat([p["zeros"] for p in parts], dim=1)  # [K/G, sum N]
+    if backend == "torch":
+        from lmq.kernels.w4a16_dequant import w4a16_dequant_ref
+
+        weight = w4a16_dequant_ref(qweight, scales, zeros, group_size, torch.float32).to(device, dtype)  # [N, K]
+        return Linear(None, None, None, weight, bias, group_size, None)
+    return Linear(qweight.to(device), scales.to(device), zeros.to(device), None, bias, group_size, table)
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor  # [C]
+    post_norm: torch.Tensor  # [C]
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+    q_norm: torch.Tensor | None  # [D] (Qwen3)
+    k_norm: torch.Tensor | None
+
+
+def _pick_dtype(src: WeightSource, device: torch.device, backend: str, dtype: str | None) -> torch.dtype:
+    if dtype not in (None, "auto"):
+        table = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype not in table:
+            raise InputError(f"--dtype {dtype!r}: expected auto, float16 or bfloat16")
+        return table[dtype]
+    if backend == "torch" and device.type == "cpu":
+        return torch.float32  # CPUs run fp16 matmuls slowly and inexactly
+    return torch.bfloat16 if src.source_dtype() == torch.bfloat16 else torch.float16
+
+
+class EngineModel:
+    """All weights of a 4-bit checkpoint on one device, and the forward of one engine step."""
+
+    def __init__(self, path: str | Path, device: torch.device, backend: str = "auto", dtype: str | None = None):
+        from lmq.pack.api import load_linears
+
+        self.device = device
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "torch"
+        if backend not in ("triton", "torch"):
+            raise InputError(f"backend {backend!r}: expected auto, triton or torch")
+        if backend == "triton" and device.type != "cuda":
+            raise UnsupportedError("the triton backend runs on a CUDA GPU; on CPU use the torch backend")
+        self.backend = backend
+        self.src = src = WeightSource(resolve_model_path(str(path)))
+        if src.quant is None:
+            raise InputError(f"{src.path} is not a 4-bit checkpoint (no quantization_config); make one first: "
+                             f"lmq quantize {src.path} -o {src.path.name}-awq")
+        self.cfg: ModelConfig = src.cfg
+        self.dtype = _pick_dtype(src, device, backend, dtype)
+        if backend == "triton":
+            from lmq.engine.qlinear import local_arch
+            from lmq.kernels.w4a16_gemm import check_bf16_support
+
+            self.arch = local_arch(device)
+            if self.dtype == torch.bfloat16:
+                check_bf16_support(torch.empty(0, dtype=self.dtype, device=device), "the engine")
+        else:  # the reference path reads whatever layout the checkpoint was packed in
+            self.arch = (src.manifest or {}).get("arch") if src.packed is not None else "sm80"
+        from lmq.kernels.w4a16_gemm import CONFIGS
+
+        table = CONFIGS[self.arch] if backend == "triton" else None
+        G, lin = load_linears(src.path, self.arch)
+        self.group_size = G
+        cfg, arch = self.cfg, self.cfg.arch
+        dt, dev = self.dtype, device
+        self.layers: list[Layer] = []
+        with progress(transient=True) as bar:
+            task = bar.add_task(f"loading {src.path.name}", total=cfg.num_layers, info="")
+            for i in range(cfg.num_layers):
+                self.layers.append(self._load_layer(src, lin, i, G, table))
+                bar.advance(task)
+        self.embed = src.embed(dt).to(dev)  # [V, C]
+        tied = not src.has(arch.lm_head) and cfg.tie_word_embeddings
+        self.lm_head = self.embed if tied else src.lm_head(dt).to(dev)  # [V, C]
+        self.norm = src.final_norm(dt).to(dev)
+        inv_freq = rope.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # [D/2]
+        self.max_positions = cfg.max_position_embeddings
+        self.cos, self.sin = rope.rope_cos_sin(inv_freq, self.max_positions, dev)  # [P, D/2] fp32
+        log(f"loaded {src.path.name}: {cfg.num_layers} layers, 4-bit g{G}, {backend} backend on {dev}"
+            + (f" ({self.arch})" if backend == "triton" else ""))
+
+    def _load_layer(self, src: WeightSource, lin: dict, i: int, G: int, table: dict | None) -> Layer:
+        arch, dt, dev, backend = self.cfg.arch, self.dtype, self.device, self.backend
+        p = src.layer_prefix(i)
+        q, k, v, o, gate, up, down = (lin[f"{p}.{name}"] for name in arch.linears)
+        qkv_bias = [src.get(f"{p}.self_attn.{x}_proj.bias") for x in "qkv"] if arch.qkv_bias else None
+        return Layer(
+            input_norm=src.get(f"{p}.input_layernorm.weight", dt).to(dev),
+            post_norm=src.get(f"{p}.post_attention_layernorm.weight", dt).to(dev),
+            qkv=fuse_linears([q, k, v], qkv_bias, G, backend, dt, dev, table),
+            o=fuse_linears([o], None, G, backend, dt, dev, table),
+            gate_up=fuse_linears([gate, up], None, G, backend, dt, dev, table),
+            down=fuse_linears([down], None, G, backend, dt, dev, table),
+            q_norm=src.get(f"{p}.self_attn.q_norm.weight", dt).to(dev) if arch.qk_norm else None,
+            k_norm=src.get(f"{p}.self_attn.k_norm.weight", dt).to(dev) if arch.qk_norm else None,
+        )
+
+    # -- the ops each backend runs ------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        if lin.weight is not None:
+            return F.linear(x, lin.weight, lin.bias)
+        from lmq.engine.qlinear import qlinear
+
+        return qlinear(x, lin.qweight, lin.scales, lin.zeros, lin.group_size, lin.table, lin.bias)
+
+    def rms_norm(self, x, weight, residual=None):
+        fn = rmsnorm.rms_norm if self.backend == "triton" else rmsnorm.rms_norm_ref
+        return fn(x, weight, self.cfg.rms_eps, residual)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return (silu_mul.silu_mul if self.backend == "triton" else silu_mul.silu_mul_ref)(gate_up)
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+        if self.backend == "triton":
+            rope.apply_rope(q, k, positions, self.cos, self.sin)
+        else:
+            q.copy_(rope.apply_rope_ref(q, positions, self.cos, self.sin))
+            k.copy_(rope.apply_rope_ref(k, positions, self.cos, self.sin))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: kv_quant.PagedKV,
+                  batch: AttentionBatch) -> torch.Tensor:
+        """Write the new K/V [T, H_kv, D] into the layer's cache, then attend with q [T, H, D]."""
+        if self.backend == "triton":
+            kv_quant.write_kv(k, v, cache, batch.slot_mapping)
+            if batch.is_prefill:
+                return attention_prefill.prefill_attention(q, cache, batch.block_tables, batch.cu_seqlens_q,
+                                                           batch.seq_lens, max_q_len=batch.max_q_len)
+            return attention_decode.decode_attention(q, cache, batch.block_tables, batch.seq_lens,
+                                                     max_seq_len=batch.max_seq_len)
+        kv_quant.write_kv_ref(k, v, cache, batch.slot_mapping)
+        if batch.is_prefill:
+            return attention_prefill.prefill_attention_ref(q, cache, batch.block_tables, batch.cu_seqlens_q,
+                                                           batch.seq_lens)
+        return attention_decode.decode_attention_ref(q, cache, batch.block_tables, batch.seq_lens)
+
+    # -- forward ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, batch: AttentionBatch,
+                sample_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`input_ids [T]` at `batch.positions` -> fp32 logits `[S, V]` of the rows `sample_rows [S]`
+        (all rows when None)."""
+        cfg = self.cfg
+        T = input_ids.shape[0]
+        H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        x = self.embed[input_ids]  # [T, C]
+        residual = None
+        for i, lw in enumerate(self.layers):
+            if residual is None:
+                residual = x
+                h = self.rms_norm(x, lw.input_norm)
+            else:
+                h, residual = self.rms_norm(x, lw.input_norm, residual)
+            qkv = self.linear(h, lw.qkv)  # [T, (H + 2 Hkv) D]
+            q = qkv[:, : H * D].view(T, H, D)
+            k = qkv[:, H * D: (H + Hkv) * D].view(T, Hkv, D)
+            v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
+            if lw.q_norm is not None:
+                q = self.rms_norm(q.contiguous(), lw.q_norm)
+                k = self.rms_norm(k.contiguous(), lw.k_norm)
+            self.rope(q, k, batch.positions)
+            o = self.attention(q, k, v, cache.layers[i], batch)  # [T, H, D]
+            h, residual = self.rms_norm(self.linear(o.view(T, H * D), lw.o), lw.post_norm, residual)
+            x = self.linear(self.silu_mul(self.linear(h, lw.gate_up)), lw.down)  # [T, C]
+        if sample_rows is not None:
+            x, residual = x[sample_rows], residual[sample_rows]  # [S, C]
+        h, _ = self.rms_norm(x, self.norm, residual)
+        return F.linear(h, self.lm_head).float()  # [S, V]
+
+    # -- sizes ---------------------------------------------------------------------------------------
+    def weight_bytes(self) -> int:
+        """Bytes of every tensor the model holds (the tied embedding counted once)."""
+        seen, total = set(), 0
+        tensors = [self.embed, self.lm_head, self.norm]
+        for lw in self.layers:
+            tensors += [lw.input_norm, lw.post_norm, lw.q_norm, lw.k_norm]
+            for lin in (lw.qkv, lw.o, lw.gate_up, lw.down):
+                tensors += [lin.qweight, lin.scales, lin.zeros, lin.weight, lin.bias]
+        for t in tensors:
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
