@@ -92,7 +92,7 @@ def test_scale_folding_preserves_the_float_layer(smollm2, tokenizer, calib_file)
     for g in cfg.arch.scale_groups:
         if awq.group_applies(g, lw):
             s, *_ = awq.search_scale(g, lw, cap.inputs[g.linears[0]], cos, sin, cfg, qs)
-            awq.apply_scale(g, folded, s, cap)
+            awq.apply_scale(g, folded, s, cap, cfg.head_dim)
     out = layer_forward(folded, x, cos, sin, cfg)
     assert (out - cap.output).abs().max().item() < 1e-3 * cap.output.abs().max().item()
     # The captured inputs follow the folding: they equal a fresh capture of the folded layer.
@@ -100,6 +100,10 @@ def test_scale_folding_preserves_the_float_layer(smollm2, tokenizer, calib_file)
     for name, t in cap.inputs.items():
         assert torch.allclose(t, fresh.inputs[name], rtol=1e-3, atol=1e-4 * t.abs().max().item()), name
     assert cap.inputs["self_attn.q_proj"] is cap.inputs["self_attn.v_proj"]
+    # SmolLM2 has GQA (9 query heads, 3 KV heads): v_proj -> o_proj is still a scaling group.
+    assert cfg.num_kv_heads < cfg.num_heads
+    assert awq.group_applies(cfg.arch.scale_groups[1], lw)
+    assert not torch.equal(folded["self_attn.o_proj.weight"], lw["self_attn.o_proj.weight"])
 
 
 def independent_dequant(qweight, qzeros, scales, G):

@@ -9,6 +9,10 @@ For each scaling group (arch table: a norm or linear `prev` feeding `linears`):
         loss(r) = || block(x; Q(W * s) / s) - block(x; W) ||^2
     keep the best s; fold 1/s into prev, s into the linears' input columns.
 
+With GQA the v_proj -> o_proj group still applies (AutoAWQ skips it): one scale per v_proj output
+channel multiplies the `H / Hkv` o_proj input columns that read it, and x_mean / w_mean are averaged
+over those columns. o_proj is otherwise the one linear left unscaled.
+
 Then a clipping search per linear (except q/k): for each output row and group, the max |w| kept
 before quantization is searched over (1 - i/n) * max for i < n/2 (with zero points: the max and
 the min shrink independently), minimizing the error of that group's partial dot products on a
@@ -89,10 +93,34 @@ def _block_fn(group: ScaleGroup, cos, sin, cfg: ModelConfig) -> Callable[[dict, 
 
 
 def group_applies(group: ScaleGroup, lw: dict) -> bool:
-    """v_proj -> o_proj only when v's output channels are o's input channels (no GQA)."""
+    """A linear `prev` (v_proj -> o_proj) needs its outputs to tile the linears' inputs: equal with
+    MHA, `rep` copies with GQA (each KV head serves `rep` query heads)."""
     if group.prev.endswith("_proj"):
-        return lw[f"{group.prev}.weight"].shape[0] == lw[f"{group.linears[0]}.weight"].shape[1]
+        return lw[f"{group.linears[0]}.weight"].shape[1] % lw[f"{group.prev}.weight"].shape[0] == 0
     return True
+
+
+def _rep(group: ScaleGroup, lw: dict) -> int:
+    """How many input channels of the linears one scaled channel of `prev` feeds (GQA: H / Hkv)."""
+    if group.prev.endswith("_proj"):
+        return lw[f"{group.linears[0]}.weight"].shape[1] // lw[f"{group.prev}.weight"].shape[0]
+    return 1
+
+
+def _expand(s: torch.Tensor, rep: int, head_dim: int) -> torch.Tensor:
+    """`s [Hkv*D]` (v_proj's outputs) -> `[H*D]` (o_proj's inputs): query head h reads KV head
+    h // rep (attention_core's repeat_interleave)."""
+    if rep == 1:
+        return s
+    hkv = s.numel() // head_dim
+    return s.view(hkv, 1, head_dim).expand(hkv, rep, head_dim).reshape(-1)  # [H*D]
+
+
+def _tie(v: torch.Tensor, rep: int, head_dim: int) -> torch.Tensor:
+    """`[H*D]` per-input statistics -> `[Hkv*D]`: the mean over the query heads sharing a KV head."""
+    if rep == 1:
+        return v
+    return v.view(-1, rep, head_dim).mean(1).reshape(-1)  # [Hkv*D]
 
 
 @torch.no_grad()
@@ -104,11 +132,12 @@ def search_scale(group: ScaleGroup, lw: dict, x: torch.Tensor, cos, sin, cfg: Mo
     """
     fn = _block_fn(group, cos, sin, cfg)
     C = x.shape[-1]
-    x_mean = x.abs().reshape(-1, C).float().mean(0)  # [C]
+    rep, D = _rep(group, lw), cfg.head_dim
+    x_mean = _tie(x.abs().reshape(-1, C).float().mean(0), rep, D)  # [C / rep]
     W = torch.cat([lw[f"{n}.weight"] for n in group.linears])  # [sum N, C]
     Wg = W.abs().reshape(-1, qs.group_size)  # [sum N * C / G, G]
     Wg = Wg / Wg.amax(dim=1, keepdim=True).clamp(min=1e-12)
-    w_mean = Wg.reshape(W.shape).mean(0)  # [C]
+    w_mean = _tie(Wg.reshape(W.shape).mean(0), rep, D)  # [C / rep]
 
     ref = torch.cat([fn(lw, xb) for xb in _chunks(x, qs.batch_size)])
     best = (float("inf"), 0.0, None)
@@ -117,9 +146,10 @@ def search_scale(group: ScaleGroup, lw: dict, x: torch.Tensor, cos, sin, cfg: Mo
         r = i / qs.n_grid
         s = (x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4)).clamp(min=1e-4)  # [C]
         s = s / (s.max() * s.min()).sqrt()
+        sx = _expand(s, rep, D)  # [C]
         trial = dict(lw)
         for n in group.linears:
-            trial[f"{n}.weight"] = fake_quantize(lw[f"{n}.weight"] * s, qs.bits, qs.group_size, qs.zero_point) / s
+            trial[f"{n}.weight"] = fake_quantize(lw[f"{n}.weight"] * sx, qs.bits, qs.group_size, qs.zero_point) / sx
         loss = 0.0
         for xb, rb in zip(_chunks(x, qs.batch_size), _chunks(ref, qs.batch_size)):
             loss += (fn(trial, xb) - rb).float().pow(2).sum().item()
@@ -131,9 +161,15 @@ def search_scale(group: ScaleGroup, lw: dict, x: torch.Tensor, cos, sin, cfg: Mo
     return best[2], best[1], loss0, best[0]
 
 
-def apply_scale(group: ScaleGroup, lw: dict, s: torch.Tensor, cap: LayerCapture) -> None:
-    """Fold `s` into the weights (function unchanged in exact arithmetic) and the captured inputs."""
+def apply_scale(group: ScaleGroup, lw: dict, s: torch.Tensor, cap: LayerCapture, head_dim: int = 0) -> None:
+    """Fold `s` into the weights (function unchanged in exact arithmetic) and the captured inputs.
+
+    `s` has one entry per output channel of `prev`; with GQA (v_proj -> o_proj) each entry scales
+    the `rep` o_proj inputs that read that channel, which needs `head_dim`.
+    """
     prev = group.prev
+    rep = _rep(group, lw)
+    sx = _expand(s, rep, head_dim) if rep > 1 else s  # [linears' K]
     if prev.endswith("_proj"):  # a linear: divide its output rows (and bias)
         lw[f"{prev}.weight"] = lw[f"{prev}.weight"] / s[:, None]
         if f"{prev}.bias" in lw:
@@ -141,13 +177,13 @@ def apply_scale(group: ScaleGroup, lw: dict, s: torch.Tensor, cap: LayerCapture)
     else:  # an RMSNorm weight
         lw[f"{prev}.weight"] = lw[f"{prev}.weight"] / s
     for n in group.linears:
-        lw[f"{n}.weight"] = lw[f"{n}.weight"] * s[None, :]
+        lw[f"{n}.weight"] = lw[f"{n}.weight"] * sx[None, :]
     old = {n: cap.inputs[n] for n in group.linears}  # q/k/v (gate/up) share one input tensor
     scaled: dict[int, torch.Tensor] = {}
     for n in group.linears:  # divide each distinct tensor exactly once, keep the sharing
         t = old[n]
         if id(t) not in scaled:
-            scaled[id(t)] = t / s
+            scaled[id(t)] = t / sx
         cap.inputs[n] = scaled[id(t)]
 
 
@@ -241,7 +277,7 @@ def awq_layer(lw: dict, cap: LayerCapture, xs: torch.Tensor, ref: torch.Tensor, 
             ratios[g.prev] = r
     lw = dict(lw)
     for g, s in found:
-        apply_scale(g, lw, s, cap)
+        apply_scale(g, lw, s, cap, cfg.head_dim)
     err = layer_error(lw, xs, ref, cos, sin, cfg, qs)
     clipped = []
     for lin in cfg.arch.linears:

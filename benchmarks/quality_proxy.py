@@ -1,0 +1,119 @@
+"""A cheap CPU proxy of the AWQ quality run (docs/quality.md): quantize in memory, score perplexity.
+
+Runs `lmq.quant.awq` layer by layer as `lmq quantize` does, but keeps the fake-quantized weights in
+memory and scores wikitext-2 test perplexity on the first `--windows` windows right away, next to
+RTN's and the unquantized model's on the same windows. Prints one JSON line per run (recovery =
+(ppl_rtn - ppl_awq) / (ppl_rtn - ppl_fp)).
+
+    python benchmarks/quality_proxy.py --samples 16 --windows 32 --group-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmq.evaluate import windows
+from lmq.format.source import WeightSource, resolve_model_path
+from lmq.models.llama import layer_forward, rms_norm, rope_cos_sin
+from lmq.quant import awq
+from lmq.quant.calib import calibration_tokens
+from lmq.quant.rtn import fake_quantize
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@torch.no_grad()
+def ppl(src: WeightSource, layers: list[dict], ids: torch.Tensor, dev: torch.device, bs: int = 4) -> float:
+    cfg = src.cfg
+    embed, norm, head = (t.to(dev) for t in (src.embed(torch.float32), src.final_norm(torch.float32),
+                                              src.lm_head(torch.float32)))
+    cos, sin = rope_cos_sin(cfg, torch.arange(ids.shape[1], device=dev), torch.float32)
+    ids = ids.to(dev)
+    nll, n = 0.0, 0
+    for i in range(0, ids.shape[0], bs):
+        b = ids[i:i + bs]  # [B, T]
+        x = embed[b]  # [B, T, C]
+        for lw in layers:
+            x = layer_forward(lw, x, cos, sin, cfg)
+        logits = F.linear(rms_norm(x, norm, cfg.rms_eps), head)  # [B, T, V]
+        nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum").item()
+        n += b[:, 1:].numel()
+    return math.exp(nll / n)
+
+
+def fq(lw: dict, cfg, qs: awq.QuantSettings) -> dict:
+    return {k: (fake_quantize(v, qs.bits, qs.group_size, qs.zero_point) if k[:-len(".weight")] in cfg.arch.linears
+                else v) for k, v in lw.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(Path.home() / ".cache" / "lmq" / "SmolLM2-135M-Instruct"))
+    ap.add_argument("--calib", default=str(SHARED / "calib" / "c4.txt"))
+    ap.add_argument("--data", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--quant-inputs", action="store_true", help="next layer's inputs from the quantized layer")
+    ap.add_argument("--baselines", action="store_true", help="also score the unquantized model and RTN")
+    ap.add_argument("--set", nargs="*", default=[], help="QuantSettings overrides, name=value")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--old-vo", action="store_true", help="no v_proj -> o_proj scaling under GQA (before run 4)")
+    args = ap.parse_args()
+
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    path = resolve_model_path(args.model)
+    src = WeightSource(path)
+    cfg = src.cfg
+    qs = awq.QuantSettings(group_size=args.group_size)
+    for kv in args.set:
+        k, v = kv.split("=")
+        setattr(qs, k, type(getattr(qs, k))(v) if not isinstance(getattr(qs, k), bool) else v in ("1", "true"))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tokens = calibration_tokens(args.calib, tok, args.samples, args.seqlen, 0)
+    ids = windows(path, args.data, 1024, args.windows)
+    dev = torch.device(args.device)
+    fp_layers = [{k: v.to(dev) for k, v in src.layer(i, torch.float32).items()} for i in range(cfg.num_layers)]
+    if args.old_vo:
+        awq.group_applies = lambda g, lw: (not g.prev.endswith("_proj") or
+                                           lw[f"{g.prev}.weight"].shape[0] == lw[f"{g.linears[0]}.weight"].shape[1])
+    res: dict = {"tag": args.tag, "samples": args.samples, "windows": args.windows, "group_size": args.group_size,
+                 "quant_inputs": args.quant_inputs, "settings": args.set}
+    if args.baselines:
+        res["ppl_fp"] = ppl(src, fp_layers, ids, dev)
+        res["ppl_rtn"] = ppl(src, [fq(lw, cfg, qs) for lw in fp_layers], ids, dev)
+
+    torch.manual_seed(0)
+    x = src.embed(torch.float32)[tokens].to(dev)  # [S, T, C]
+    cos, sin = rope_cos_sin(cfg, torch.arange(tokens.shape[1], device=dev), torch.float32)
+    q_layers, ratios = [], []
+    for i, lw in enumerate(fp_layers):
+        cap = awq.capture(lw, x, cos, sin, cfg, qs.batch_size)
+        new, err, r, clipped = awq.awq_layer(lw, cap, x[:8], cap.output[:8], cos, sin, cfg, qs)
+        q = fq(new, cfg, qs)
+        q_layers.append(q)
+        ratios.append(r)
+        print(f"layer {i} err {err:.4g} {r} {clipped} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+        if args.quant_inputs:
+            x = torch.cat([layer_forward(q, xb, cos, sin, cfg) for xb in x.split(qs.batch_size)])
+        else:
+            x = cap.output
+    res["ppl_awq"] = ppl(src, q_layers, ids, dev)
+    res["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
