@@ -6,6 +6,7 @@ Results go to stdout; logs, progress and errors go to stderr (lmq.console).
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -262,6 +263,106 @@ def bench_attention_cmd(
             out.print_json(json.dumps(report))
         else:
             out.print(render_attention_table(report))
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime: chat
+# ---------------------------------------------------------------------------------------------
+CHAT_HELP = "commands: /reset (new conversation), /stats (last answer's numbers), /exit (or Ctrl-D); " \
+            "Ctrl-C stops an answer, Ctrl-C at the prompt quits"
+
+
+@app.command()
+def chat(
+    checkpoint: str = typer.Argument(..., help="A packed or portable 4-bit checkpoint of a chat (instruct) model."),
+    kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV cache: auto (the model's dtype), fp16, bf16, int8, int4."),
+    system: str | None = typer.Option(None, "--system", help="System message (kept by /reset)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Most tokens per answer."),
+    temperature: float = typer.Option(0.7, "--temperature", help="0 for greedy decoding."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the K most likely tokens (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats (1 = off)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Answer this one message, print only the answer, exit."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length, conversation + answer (default: the model's)."),
+    cache_max_memory: str | None = typer.Option(None, "--cache-max-memory", help="KV cache size, e.g. 4GiB (default: what the GPU has free)."),
+    block_size: int | None = typer.Option(None, "--block-size", hidden=True, help="Tokens per KV block (tests)."),
+) -> None:
+    """Chat with a 4-bit model in the terminal; earlier turns' KV is reused from the prefix cache."""
+    with guard():
+        from rich.markup import escape
+
+        from lmq.console import console, log
+        from lmq.engine.chat import ChatSession
+        from lmq.engine.llm import LLM
+        from lmq.engine.sampling import SamplingParams
+        from lmq.errors import InputError
+
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, seed=seed).validate()
+        extra = {} if block_size is None else {"block_size": block_size}
+        log(f"loading {checkpoint} ...")
+        llm = LLM(checkpoint, device=device, kv_dtype=kv_dtype, cache_max_memory=cache_max_memory,
+                  max_model_len=max_model_len, **extra)
+        session = ChatSession(llm, system, params)
+        if prompt is not None:
+            _chat_turn(session, prompt)  # InputError -> `error: ...`, exit 1
+            return
+        log(f"ready: context {llm.max_model_len} tokens; {CHAT_HELP}")
+        prompt_mark = ""  # no prompt when stdin is a pipe: the log would show a row of them
+        if sys.stdin.isatty():
+            import readline  # noqa: F401  (line editing and history for input())
+
+            prompt_mark = "[bold green]>>> [/]"
+        while True:
+            try:
+                line = console.input(prompt_mark)
+            except EOFError:
+                log("")
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                session.reset()
+                log("conversation cleared")
+            elif text == "/stats":
+                log(_chat_stats(session.last_stats))
+            elif text.startswith("/") and " " not in text:
+                log(f"unknown command {escape(text)}; {CHAT_HELP}")
+            else:
+                try:
+                    _chat_turn(session, text)
+                except InputError as e:  # the conversation is too long, ...: say so and go on
+                    log(f"[yellow]{escape(str(e))}[/]")
+                except KeyboardInterrupt:
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                    log("[dim](answer stopped; the part shown stays in the conversation)[/]")
+
+
+def _chat_turn(session, text: str) -> None:
+    """Stream one answer to stdout, flushed piece by piece, then a newline."""
+    from contextlib import closing
+
+    with closing(session.ask(text)) as pieces:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _chat_stats(s) -> str:
+    if s is None:
+        return "no answer yet"
+    ttft = "-" if s.ttft_s is None else f"{s.ttft_s:.3f} s"
+    rate = "-" if s.output_tok_s is None else f"{s.output_tok_s:.1f} tok/s"
+    return (f"TTFT {ttft}, output {rate}, prompt {s.prompt_tokens} tokens ({s.cached_tokens} cached), "
+            f"{s.generated_tokens} generated ({s.finish_reason})")
 
 
 def main() -> None:
