@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 
 from lmq.console import error
 
@@ -23,7 +24,19 @@ app = typer.Typer(
     add_completion=False,
 )
 eval_app = typer.Typer(help="Measure what quantization cost in quality.", no_args_is_help=True)
-bench_app = typer.Typer(help="Measure kernel and end-to-end speed against peers.", no_args_is_help=True)
+
+
+class _BenchGroup(typer.core.TyperGroup):
+    """`lmq bench CHECKPOINT ...` and `lmq bench --synthetic X ...` mean `lmq bench e2e ...`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["e2e", *args]
+        return super().parse_args(ctx, args)
+
+
+bench_app = typer.Typer(help="Measure kernel and end-to-end speed against peers. `lmq bench CHECKPOINT` runs the "
+                        "end-to-end benchmark (`e2e`).", no_args_is_help=True, cls=_BenchGroup)
 app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
 
@@ -263,6 +276,53 @@ def bench_attention_cmd(
             out.print_json(json.dumps(report))
         else:
             out.print(render_attention_table(report))
+
+
+# ---------------------------------------------------------------------------------------------
+# engine: bench (end to end)
+# ---------------------------------------------------------------------------------------------
+
+
+@bench_app.command("e2e")
+def bench_e2e_cmd(
+    checkpoint: Optional[str] = typer.Argument(None, help="A packed or portable 4-bit checkpoint (or use --synthetic)."),
+    synthetic: Optional[str] = typer.Option(None, "--synthetic", help="Random 4-bit weights at a known shape: llama3-8b, qwen2.5-7b, smollm2-135m."),
+    mode: str = typer.Option("latency,throughput,multiturn", "--mode", help="Comma-separated: latency, throughput, multiturn."),
+    batch: str = typer.Option("1,8,32", "--batch", help="Latency: comma-separated batch sizes."),
+    input_len: str = typer.Option("128,1024", "--input-len", help="Latency: comma-separated prompt lengths (tokens)."),
+    output_len: str = typer.Option("128", "--output-len", help="Latency: comma-separated output lengths (tokens)."),
+    num_requests: int = typer.Option(256, "--num-requests", help="Throughput: requests (random lengths around the first --input-len / --output-len, +-50%)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Throughput: a jsonl file of {\"prompt\", \"max_tokens\"} lines instead of random requests."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Throughput: at most this many requests in flight."),
+    turns: int = typer.Option(8, "--turns", help="Multi-turn: turns of one conversation (32-token questions)."),
+    answer_len: int = typer.Option(128, "--answer-len", help="Multi-turn: tokens per answer."),
+    baseline: str = typer.Option("none", "--baseline", help="none, or hf: transformers generate in fp16 on the same device, printed beside."),
+    kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV cache: auto, fp16, bf16, int8, int4."),
+    max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Most sequences in one batch."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Context length (default: the model's)."),
+    cache_max_memory: Optional[str] = typer.Option(None, "--cache-max-memory", help="KV cache size, e.g. 8GiB (default: 90% of GPU memory less weights)."),
+    group_size: int = typer.Option(128, "--group-size", help="Synthetic weights: quantization group size."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random prompts."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+) -> None:
+    """End-to-end engine speed: latency, throughput, multi-turn TTFT (vLLM's metric names)."""
+    with guard():
+        from lmq.bench_e2e import run_bench
+
+        _, text = run_bench(
+            checkpoint=checkpoint, synthetic=synthetic, modes=mode, batches=batch, input_lens=input_len,
+            output_lens=output_len, num_requests=num_requests, dataset=dataset, concurrency=concurrency,
+            turns=turns, answer_len=answer_len, baseline=baseline, kv_dtype=kv_dtype, max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len, cache_max_memory=cache_max_memory, group_size=group_size,
+            device=device, seed=seed, json_out=json_out,
+        )
+        from lmq.console import out
+
+        if json_out:
+            out.print_json(text)
+        else:
+            out.print(text)
 
 
 # ---------------------------------------------------------------------------------------------

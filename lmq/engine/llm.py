@@ -79,9 +79,10 @@ class LLM:
         else:
             dev = pick_device(device)
             self.model = EngineModel(model, dev, backend, dtype)
-        self.path = self.model.src.path
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-        self.eos_ids = eos_token_ids(self.path, self.tokenizer)
+        # a synthetic model (random weights, `EngineModel.synthetic`) has no tokenizer: token ids only
+        self.path = self.model.src.path if self.model.src is not None else None
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path)) if self.path else None
+        self.eos_ids = eos_token_ids(self.path, self.tokenizer) if self.path else set()
         cfg = self.model.cfg
         limit = cfg.max_position_embeddings
         if cfg.sliding_window:
@@ -125,6 +126,8 @@ class LLM:
     # -- requests ---------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("this model has no tokenizer (synthetic weights): give prompts as token ids")
             return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         return [int(t) for t in prompt]
 
@@ -146,7 +149,7 @@ class LLM:
         self.check_prompt(ids)
         sid = next(self._ids)
         seq = Sequence(sid, ids, params,
-                       stream=TextStream(self.tokenizer, params.stop),
+                       stream=TextStream(self.tokenizer, params.stop) if self.tokenizer else None,
                        generator=make_generator(params, self.model.device))
         self.seqs[sid] = seq
         self.scheduler.add(seq)
@@ -189,24 +192,25 @@ class LLM:
             m.token_times.append(now)
             if m.first_token is None:
                 m.first_token = now
-            delta = seq.stream.push(tok)
+            delta = seq.stream.push(tok) if seq.stream else ""
             reason = self._finish_reason(seq, tok)
             if reason is not None:
-                delta += seq.stream.finish()
+                delta += seq.stream.finish() if seq.stream else ""
                 self.scheduler.finish(seq, reason)
                 m.finished = now
             outputs.append(self._output(seq, delta))
         return outputs
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
-        if seq.stream.stopped or (tok in self.eos_ids and not seq.params.ignore_eos):
+        if (seq.stream is not None and seq.stream.stopped) or (tok in self.eos_ids and not seq.params.ignore_eos):
             return "stop"
         if len(seq.output_ids) >= seq.params.max_new_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
 
     def _output(self, seq: Sequence, delta: str = "") -> RequestOutput:
-        return RequestOutput(seq.seq_id, seq.prompt_ids, seq.output_ids, seq.stream.text, seq.is_finished,
+        text = seq.stream.text if seq.stream else ""
+        return RequestOutput(seq.seq_id, seq.prompt_ids, seq.output_ids, text, seq.is_finished,
                              seq.finish_reason, seq.metrics, delta)
 
     # -- the two ways in ---------------------------------------------------------------------------

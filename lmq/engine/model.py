@@ -151,11 +151,68 @@ class EngineModel:
         tied = not src.has(arch.lm_head) and cfg.tie_word_embeddings
         self.lm_head = self.embed if tied else src.lm_head(dt).to(dev)  # [V, C]
         self.norm = src.final_norm(dt).to(dev)
-        inv_freq = rope.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # [D/2]
-        self.max_positions = cfg.max_position_embeddings
-        self.cos, self.sin = rope.rope_cos_sin(inv_freq, self.max_positions, dev)  # [P, D/2] fp32
+        self._init_rope()
         log(f"loaded {src.path.name}: {cfg.num_layers} layers, 4-bit g{G}, {backend} backend on {dev}"
             + (f" ({self.arch})" if backend == "triton" else ""))
+
+    def _init_rope(self) -> None:
+        cfg = self.cfg
+        inv_freq = rope.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # [D/2]
+        self.max_positions = cfg.max_position_embeddings
+        self.cos, self.sin = rope.rope_cos_sin(inv_freq, self.max_positions, self.device)  # [P, D/2] fp32
+
+    @classmethod
+    def synthetic(cls, name: str, device: torch.device, group_size: int = 128, backend: str = "auto",
+                  seed: int = 0) -> EngineModel:
+        """Random weights at a real model's shape (`SYNTHETIC_CONFIGS`), made directly in the packed
+        layout on `device`: what speed is measured on where no checkpoint can be downloaded. Scales
+        keep every layer's output at unit scale, so activations stay finite at any depth."""
+        from lmq.kernels.w4a16_gemm import CONFIGS
+        from lmq.models.configs import synthetic_config
+
+        self = cls.__new__(cls)
+        self.device, self.src, self.group_size = device, None, group_size
+        self.backend = ("triton" if device.type == "cuda" else "torch") if backend == "auto" else backend
+        self.cfg = cfg = ModelConfig.from_hf(synthetic_config(name))
+        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.arch = "sm80"
+        if self.backend == "triton":
+            from lmq.engine.qlinear import local_arch
+
+            self.arch = local_arch(device)
+        table = CONFIGS[self.arch] if self.backend == "triton" else None
+        g = torch.Generator(device).manual_seed(seed)
+
+        def packed(N: int, K: int) -> dict[str, torch.Tensor]:
+            qweight = torch.randint(-2**15, 2**15, (K // 64, N, 16), generator=g, device=device,
+                                    dtype=torch.int32).to(torch.int16)  # [K/64, N, 16]
+            # codes - zero spread ~ 4.6: scale 1 / (4.6 sqrt(K)) gives outputs of unit variance
+            scales = torch.full((K // group_size, N), 1.0 / (4.6 * K ** 0.5), device=device, dtype=torch.float16)
+            zeros = torch.randint(7, 9, (K // group_size, N), generator=g, device=device, dtype=torch.uint8)
+            return {"qweight": qweight, "scales": scales, "zeros": zeros}
+
+        C, H, Hkv, D, inter = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+        dt = self.dtype
+        ones = torch.ones(C, device=device, dtype=dt)
+        def lin(N: int, K: int) -> Linear:
+            return fuse_linears([packed(N, K)], None, group_size, self.backend, dt, device, table)
+
+        self.layers = []
+        for _ in range(cfg.num_layers):
+            self.layers.append(Layer(
+                input_norm=ones, post_norm=ones,
+                qkv=lin((H + 2 * Hkv) * D, C), o=lin(C, H * D), gate_up=lin(2 * inter, C), down=lin(C, inter),
+                q_norm=torch.ones(D, device=device, dtype=dt) if cfg.arch.qk_norm else None,
+                k_norm=torch.ones(D, device=device, dtype=dt) if cfg.arch.qk_norm else None,
+            ))
+        self.embed = torch.randn(cfg.vocab_size, C, generator=g, device=device).to(dt)  # [V, C]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else \
+            (torch.randn(cfg.vocab_size, C, generator=g, device=device) / C ** 0.5).to(dt)
+        self.norm = ones
+        self._init_rope()
+        log(f"synthetic {name}: random 4-bit weights (g{group_size}) at the real shape, {self.backend} backend "
+            f"on {device}")
+        return self
 
     def _load_layer(self, src: WeightSource, lin: dict, i: int, G: int, table: dict | None) -> Layer:
         arch, dt, dev, backend = self.cfg.arch, self.dtype, self.device, self.backend
