@@ -181,7 +181,7 @@ def test_load_linears_packed_or_portable(tmp_path):
         api.load_linears(tmp_path / "p", "sm90")
 
 
-def test_quantize_then_pack_then_kernel(tmp_path, tiny_model):
+def test_quantize_then_pack_then_kernel(tmp_path, tiny_model, device):
     """`lmq quantize` (RTN) -> `lmq pack` -> the GEMM kernel on every packed linear == the portable weight."""
     from safetensors import safe_open
 
@@ -201,7 +201,8 @@ def test_quantize_then_pack_then_kernel(tmp_path, tiny_model):
                                 f.get_tensor(name + ".scales"), G, name)
             x = torch.randn(2, q.codes.shape[1]).half()
             want = x.float() @ q.dequantize().t()
-            out = w4a16_gemm(x, t["qweight"], t["scales"], t["zeros"], G).float()
+            qw, s, z = (t[k].to(device) for k in ("qweight", "scales", "zeros"))
+            out = w4a16_gemm(x.to(device), qw, s, z, G).float().cpu()
             assert ((out - want).norm() / want.norm()) < 2e-3, name
 
 
