@@ -1,0 +1,63 @@
+"""Where a batch-1 decode step's time goes: per-kernel GPU time of one eager decode forward on
+synthetic Llama-3-8B weights (torch.profiler), beside the CUDA-graph step time.
+
+    python benchmarks/profile_decode.py [--batch 1] [--context 1024] [--kv-dtype int8]
+"""
+
+import argparse
+import collections
+import time
+
+import torch
+
+from lmq.engine.llm import LLM
+from lmq.engine.model import EngineModel
+from lmq.engine.sampling import SamplingParams
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--batch", type=int, default=1)
+ap.add_argument("--context", type=int, default=1024)
+ap.add_argument("--kv-dtype", default="int8")
+ap.add_argument("--model", default="llama3-8b")
+args = ap.parse_args()
+
+dev = torch.device("cuda")
+model = EngineModel.synthetic(args.model, dev)
+llm = LLM(model, kv_dtype=args.kv_dtype, max_model_len=4096, cache_max_memory="8GiB", max_num_seqs=max(args.batch, 1))
+prompts = [[1000 + i] * args.context for i in range(args.batch)]
+ids = [llm.add_request(p, SamplingParams(max_new_tokens=64, ignore_eos=True)) for p in prompts]
+while any(len(llm.seqs[i].output_ids) < 2 for i in ids):
+    llm.step()
+# graph step time
+torch.cuda.synchronize()
+t = time.perf_counter()
+n = 20
+for _ in range(n):
+    llm.step()
+torch.cuda.synchronize()
+print(f"decode step (graph + sampling + host): {1e3 * (time.perf_counter() - t) / n:.3f} ms")
+step = llm.scheduler.schedule()
+graph, _ = llm.runner.graphs[next(b for b in llm.runner.buckets if b >= len(step.spans))]
+torch.cuda.synchronize()
+t = time.perf_counter()
+for _ in range(n):
+    graph.replay()
+torch.cuda.synchronize()
+print(f"graph replay alone: {1e3 * (time.perf_counter() - t) / n:.3f} ms")
+# eager forward under the profiler: kernel breakdown
+llm.runner.graphs = {}
+from torch.profiler import ProfilerActivity, profile
+
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    llm.runner.run(step, llm.manager)
+    torch.cuda.synchronize()
+tot = collections.Counter()
+cnt = collections.Counter()
+for e in prof.events():
+    if e.device_type == torch.autograd.DeviceType.CUDA:
+        tot[e.name[:60]] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        cnt[e.name[:60]] += 1
+s = sum(tot.values())
+print(f"eager forward, GPU kernel time total {s / 1e3:.3f} ms")
+for name, us in tot.most_common(14):
+    print(f"{us / 1e3:8.3f} ms {100 * us / s:5.1f}%  x{cnt[name]:4d}  {name}")
