@@ -1,0 +1,60 @@
+"""`lmq bench` end to end on a synthetic small model (random weights at SmolLM2's shape): the
+report's structure and metric relations, `lmq bench --synthetic` routing, the transformers
+baseline, and bad options. Speed itself is measured on the GPU (docs/benchmarks.md), not here."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lmq.bench_e2e import render_e2e, run_bench
+from lmq.cli import app
+from lmq.errors import InputError
+
+SMALL = {"batches": "1,2", "input_lens": "8", "output_lens": "3", "num_requests": 4, "turns": 2, "answer_len": 3,
+             "max_model_len": 256, "cache_max_memory": "16MiB", "group_size": 64, "device": "cpu"}
+
+
+def test_report_has_vllm_metrics_and_a_baseline():
+    report, text = run_bench(None, "smollm2-135m", baseline="hf", **SMALL)
+    lat = report["latency"]
+    assert [(r["batch"], r["input_len"], r["output_len"]) for r in lat] == [(1, 8, 3), (2, 8, 3)]
+    for r in lat:
+        assert r["output_tokens"] == r["batch"] * 3 and r["requests"] == r["batch"]
+        assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"]
+        assert r["tpot_ms"]["mean"] > 0 and r["itl_ms"]["p99"] >= r["itl_ms"]["p50"] > 0
+        assert r["hf"]["output_tok_s"] > 0 and r["speedup_output_tok_s"] > 0
+    tp = report["throughput"]
+    assert tp["requests"] == 4 and tp["output_tokens"] > 0 and tp["req_s"] > 0
+    assert tp["total_tok_s"] > tp["output_tok_s"] and tp["hf"]["req_s"] > 0
+    turns = report["multiturn"]
+    assert [t["turn"] for t in turns] == [1, 2] and turns[1]["prompt_tokens"] == 32 + 3 + 32
+    assert "| batch |" in text and "| turn |" in text and report["hf"]["weights"] == "random"
+
+
+def test_cli_routes_bench_to_e2e_and_prints_json():
+    res = CliRunner().invoke(app, ["bench", "--synthetic", "smollm2-135m", "--group-size", "64", "--device", "cpu",
+                                   "--mode", "latency", "--batch", "1", "--input-len", "4", "--output-len", "2",
+                                   "--max-model-len", "128", "--cache-max-memory", "8MiB", "--json"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    report = json.loads(res.stdout)
+    assert report["latency"][0]["output_tokens"] == 2 and "throughput" not in report
+    assert render_e2e(report).startswith("model: synthetic smollm2-135m")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"synthetic": "llama9"}, "not a known shape"),
+    ({"synthetic": None}, "a checkpoint folder or --synthetic"),
+    ({"modes": "speed"}, "--mode"),
+    ({"batches": "0"}, "--batch"),
+    ({"baseline": "vllm"}, "--baseline"),
+])
+def test_bad_options_are_refused(kw, match):
+    args = {"checkpoint": None, "synthetic": "smollm2-135m", **SMALL, **kw}
+    with pytest.raises(InputError, match=match):
+        run_bench(**args)
+
+
+def test_cli_bad_option_is_one_error_line():
+    res = CliRunner().invoke(app, ["bench", "--synthetic", "nope", "--device", "cpu"])
+    assert res.exit_code == 1 and "error:" in res.output and "not a known shape" in res.output
