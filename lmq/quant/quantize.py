@@ -2,7 +2,8 @@
 
 Memory-bounded: weights are read one decoder layer at a time from the safetensors shards, moved to
 the compute device, searched and quantized there, written to the output shards and dropped. The
-calibration activations `[S, T, C]` are the only model-sized state carried from layer to layer.
+calibration activations `[S, T, C]` are the only model-sized state carried from layer to layer:
+each layer's search sees the output of the already-quantized layers before it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from lmq.format import awq_gemm
 from lmq.format.manifest import write_manifest
 from lmq.format.source import TOKENIZER_FILES, QuantConfig, WeightSource, resolve_model_path
 from lmq.format.writer import CheckpointWriter, check_output_path
-from lmq.models.llama import rope_cos_sin
+from lmq.models.llama import layer_forward, rope_cos_sin
 from lmq.quant import awq
 from lmq.quant.rtn import check_group_size, quantize
 
@@ -177,9 +178,15 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
                         lw, st.awq_err, st.ratios, st.clipped = awq.awq_layer(lw, cap, xs, ref, cos, sin, cfg, qs)
                     else:
                         st.awq_err = st.rtn_err
-                    x = cap.output  # the float layer's output feeds the next layer's search
                 q = {lin: quantize(lw[f"{lin}.weight"], qs.bits, qs.group_size, qs.zero_point, f"{prefix}.{lin}")
                      for lin in cfg.arch.linears}
+                if x is not None:
+                    # The next layer is searched on what the quantized model feeds it, so its scales and
+                    # clipping also absorb the error made so far (GPU run 4: 47.3% -> 51.8% of RTN's
+                    # perplexity loss recovered at g64, vs the float layers' output as AutoAWQ does).
+                    qlw = dict(lw, **{f"{lin}.weight": qw.dequantize(torch.float32) for lin, qw in q.items()})
+                    x = torch.cat([layer_forward(qlw, xb, cos, sin, cfg) for xb in x.split(qs.batch_size)])
+                    del cap, qlw
                 for lin, qw in q.items():
                     for k, t in awq_gemm.pack(qw).items():
                         w.add(f"{prefix}.{lin}.{k}", t)
