@@ -47,7 +47,7 @@ class Arch:
     )
     scale_groups: tuple[ScaleGroup, ...] = (
         ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "attn"),
-        # Only where v_proj's outputs line up one-to-one with o_proj's inputs (no GQA).
+        # Under GQA one scale per v_proj output channel, applied to every o_proj input column that reads it.
         ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
         ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
