@@ -3,8 +3,13 @@
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
 Usage: python3 benchmarks/sweep_gemm.py [gemv|decode_rp|decode|prefill ...]
+       python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
+The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
+candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
+from git), the decode kernel and cuBLAS fp16, on each shape: us, TB/s of int4 bytes, x cuBLAS.
 """
 
+import importlib.util
 import sys
 
 import torch
@@ -12,7 +17,7 @@ from lmq.kernels.w4a16_decode import w4a16_decode
 from lmq.kernels.w4a16_gemm import w4a16_gemm
 from lmq.kernels.w4a16_gemv import w4a16_gemv
 
-from lmq.bench import GEMM_SHAPES, _copies_for, _graph_time_us
+from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us
 from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
 
@@ -54,7 +59,7 @@ def main(regimes):
                             torch.randint(0, 16, (N, K // G), dtype=torch.uint8), 4, G)
         p = {k: v.cuda() for k, v in planes64.pack(q).items()}
         nbytes = sum(t.numel() * t.element_size() for t in p.values())
-        weights.append((name, K, [p] + [{k: v.clone() for k, v in p.items()} for _ in range(_copies_for(nbytes) - 1)]))
+        weights.append((name, K, [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]))
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
             results = []
@@ -65,7 +70,7 @@ def main(regimes):
                     kernel = {"gemv": w4a16_gemv, "decode_rp": w4a16_decode}.get(regime, w4a16_gemm)
                     fns = [lambda pp=pp, kernel=kernel, x=x, cfg=cfg: kernel(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
                            for pp in packs]
-                    per.append(_graph_time_us(fns, calls=max(20, len(fns)), reps=9))
+                    per.append(graph_time_us(fns, calls=max(20, len(fns)), reps=9))
                 results.append((sum(per), per, cfg))
                 print(f"{regime} M={M} {cfg} -> " + " ".join(f"{t:.1f}" for t in per) + f" sum {sum(per):.1f} us",
                       flush=True)
@@ -74,5 +79,67 @@ def main(regimes):
                   + " ".join(f"{t:.1f}" for t in best[1]), flush=True)
 
 
+# (BLOCK_N, BLOCK_K, num_warps, WAVES) of the tile-at-once GEMV (kernels/w4a16_gemv.py)
+GEMV_CANDIDATES = [(64, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (32, 512, 4, 4), (128, 256, 8, 4),
+                   (64, 256, 4, 8)]
+
+
+def _load_module(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def gemv_compare(variants):
+    """M=1: correctness on the GPU, then us / TB/s / x cuBLAS per shape for every kernel and config."""
+    from lmq.kernels.w4a16_gemm import CONFIGS
+
+    torch.manual_seed(0)
+    kernels = [("cur", w4a16_gemv)] + [(n, _load_module(f"gemv_{n}", p).w4a16_gemv) for n, p in variants]
+    runs = [(f"{kn} {bn}x{bk} w{w} waves{wv}", kf, dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, WAVES=wv, num_warps=w,
+                                                          num_stages=1))
+            for kn, kf in kernels
+            for bn, bk, w, wv in {"cur": GEMV_CANDIDATES, "v1": []}.get(kn, GEMV_CANDIDATES[:3])]
+    runs.append(("v1 table (64x256 w4)", dict(kernels).get("v1"), CONFIGS["sm90"]["gemv"]))
+    runs.append(("decode kernel (table)", w4a16_gemm, CONFIGS["sm90"]["decode"]))
+    runs = [r for r in runs if r[1] is not None]
+    table = {}
+    for name, N, K in GEMM_SHAPES["llama3-8b"]:
+        q = QuantizedWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8),
+                            (torch.rand(N, K // G) * 0.01 + 0.001).half(),
+                            torch.randint(0, 16, (N, K // G), dtype=torch.uint8), 4, G)
+        p = {k: v.cuda() for k, v in planes64.pack(q).items()}
+        nbytes = sum(t.numel() * t.element_size() for t in p.values())
+        # reference on the GPU from the layout-free codes: fp32 dequantize, fp32 matmul
+        w = ((q.codes.cuda().float() - q.zeros.cuda().float().repeat_interleave(G, 1))
+             * q.scales.cuda().float().repeat_interleave(G, 1))  # [N, K]
+        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+        ref = x.float() @ w.t()  # [1, N]
+        w16 = w.half()
+        del w
+        packs = [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]
+        ws = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2) - 1)]
+        cublas = graph_time_us([lambda ww=ww: torch.matmul(x, ww.t()) for ww in ws], calls=max(20, len(ws)), reps=9)
+        print(f"{name} N={N} K={K} int4 bytes {nbytes / 1e6:.1f} MB; cuBLAS fp16 {cublas:.1f} us "
+              f"({w16.numel() * 2 / cublas / 1e6:.2f} TB/s)", flush=True)
+        for label, kern, cfg in runs:
+            out = kern(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            t = graph_time_us([lambda pp=pp: kern(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg) for pp in packs],
+                              calls=max(20, len(packs)), reps=9)
+            table.setdefault(label, []).append(t)
+            print(f"  {label:34s} {t:7.1f} us {nbytes / t / 1e6:5.2f} TB/s {cublas / t:5.2f}x cuBLAS "
+                  f"rel_err {err:.1e}{'  WRONG' if not err < 2e-3 else ''}", flush=True)
+        del packs, ws, w16
+        torch.cuda.empty_cache()
+    print("sums over the four shapes (us): qkv / o / gate_up / down -> total", flush=True)
+    for label, ts in sorted(table.items(), key=lambda kv: sum(kv[1])):
+        print(f"  {label:34s} " + " / ".join(f"{t:.1f}" for t in ts) + f" -> {sum(ts):.1f}", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["decode", "prefill"])
+    if sys.argv[1:2] == ["gemv-compare"]:
+        gemv_compare([a.split("=", 1) for a in sys.argv[2:]])
+    else:
+        main(sys.argv[1:] or ["decode", "prefill"])
