@@ -16,7 +16,7 @@ class Inspection:
     model_type: str
     num_layers: int
     hidden_size: int
-    kind: str  # "float", "quantized", "packed", "autoawq"
+    kind: str  # "float", "quantized", "packed", "autoawq", or a GPTQ checkpoint's format: "gptq" (v1), "gptq_v2"
     quantization: Optional[dict]
     manifest: Optional[dict]
     weight_bytes: int
@@ -38,7 +38,12 @@ def inspect_checkpoint(path: str) -> Inspection:
         raise InputError(f"checkpoint path {path} does not exist")
     src = WeightSource(p)
     m = src.manifest
-    kind = m["kind"] if m else ("autoawq" if src.quant else "float")
+    if m:
+        kind = m["kind"]
+    elif src.quant is None:
+        kind = "float"
+    else:
+        kind = "autoawq" if src.quant.method == "awq" else src.quant.version
     q_count, params, q_params, q_bytes = 0, 0, 0, 0
     for name in src.names:
         shape, dtype = src.info(name)
@@ -50,7 +55,7 @@ def inspect_checkpoint(path: str) -> Inspection:
             q_count += 1
             q_params += nbytes * 2
             q_bytes += nbytes
-        elif name.endswith((".qzeros", ".zeros", ".scales")):
+        elif name.endswith((".qzeros", ".zeros", ".scales", ".g_idx")):
             q_bytes += nbytes
         else:
             params += n

@@ -1,5 +1,6 @@
-"""Read any checkpoint folder lmq accepts: a Hugging Face model, an lmq portable checkpoint, or an
-AutoAWQ (gemm) checkpoint. Only safetensors are read; pickled `.bin` weights are refused.
+"""Read any checkpoint folder lmq accepts: a Hugging Face model, an lmq portable or packed checkpoint,
+an AutoAWQ (gemm) checkpoint, or a GPTQ one (AutoGPTQ / GPTQModel, formats gptq and gptq_v2). Only
+safetensors are read; pickled `.bin` weights are refused.
 
 `WeightSource` is lazy: tensors are read from the safetensors shards when asked for, so the
 quantizer can hold one decoder layer in memory at a time.
@@ -12,12 +13,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from lmq.errors import CheckpointError, InputError, UnsupportedError
-from lmq.format import awq_gemm
+from lmq.format import awq_gemm, gptq
 from lmq.format.manifest import read_manifest
 from lmq.models.llama import ModelConfig, layer_weight_names
 from lmq.quant.rtn import QuantizedWeight
@@ -61,19 +62,30 @@ def resolve_model_path(model: str) -> Path:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """config.json's `quantization_config` for AWQ gemm checkpoints (lmq's and AutoAWQ's)."""
+    """config.json's `quantization_config`, for the two portable formats lmq reads.
+
+    - AWQ gemm (lmq's and AutoAWQ's): `method="awq"`, `version="gemm"` (or a packed layout's
+      `"lmq-<layout>"`), tensors in `lmq.format.awq_gemm`'s layout.
+    - GPTQ (AutoGPTQ / GPTQModel): `method="gptq"`, `version` = the checkpoint format, "gptq" (v1,
+      stored zero = zero - 1) or "gptq_v2"; `zero_point = not sym`; tensors in `lmq.format.gptq`'s
+      layout. `desc_act` is recorded for messages: the tensors' g_idx decides what is readable.
+    """
 
     bits: int
     group_size: int
     zero_point: bool
     version: str = "gemm"
+    method: str = "awq"
+    desc_act: bool = False
 
     @classmethod
     def from_hf(cls, qc: dict, where: Path, packed_version: Optional[str] = None) -> "QuantConfig":
         method = str(qc.get("quant_method", "")).lower()
+        if method == "gptq":
+            return cls._from_gptq(qc, where)
         if method != "awq":
             raise UnsupportedError(
-                f"{where}: quant_method {method!r} is not readable; lmq reads AWQ (gemm) checkpoints"
+                f"{where}: quant_method {method!r} is not readable; lmq reads AWQ (gemm) and GPTQ checkpoints"
             )
         version = str(qc.get("version", "gemm")).lower()
         if version != "gemm" and version != packed_version:
@@ -84,7 +96,43 @@ class QuantConfig:
         return cls(bits, int(qc.get("group_size", qc.get("q_group_size", 128))),
                    bool(qc.get("zero_point", True)), version)
 
+    @classmethod
+    def _from_gptq(cls, qc: dict, where: Path) -> "QuantConfig":
+        # GPTQModel writes `format` (newer) and/or `checkpoint_format`; AutoGPTQ the latter or nothing (v1).
+        named = {str(qc[k]).lower() for k in ("checkpoint_format", "format") if qc.get(k)}
+        if len(named) > 1:
+            raise CheckpointError(f"{where}: quantization_config names two GPTQ formats {sorted(named)}; keep one")
+        fmt = named.pop() if named else "gptq"
+        if fmt not in gptq.CHECKPOINT_FORMATS:
+            raise UnsupportedError(
+                f"{where}: GPTQ checkpoint_format {fmt!r} is not readable; lmq reads 'gptq' and 'gptq_v2' (re-save "
+                "the model in the gptq format with GPTQModel)"
+            )
+        bits = int(qc.get("bits", 4))
+        if bits != 4:
+            raise UnsupportedError(f"{where}: {bits}-bit GPTQ is not readable; lmq reads 4-bit")
+        if str(qc.get("pack_dtype", "int32")).lower().removeprefix("torch.") != "int32":
+            raise UnsupportedError(
+                f"{where}: GPTQ pack_dtype {qc.get('pack_dtype')!r} is not readable; lmq reads int32"
+            )
+        if qc.get("dynamic"):
+            raise UnsupportedError(
+                f"{where}: the GPTQ config sets per-module overrides (`dynamic`), which lmq does not read; "
+                "re-quantize with one bits/group_size for every module"
+            )
+        return cls(bits, int(qc.get("group_size", 128)), not bool(qc.get("sym", True)), fmt, "gptq",
+                   bool(qc.get("desc_act", False)))
+
     def to_hf(self) -> dict:
+        if self.method == "gptq":
+            return {
+                "quant_method": "gptq",
+                "bits": self.bits,
+                "group_size": self.group_size,
+                "sym": not self.zero_point,
+                "desc_act": self.desc_act,
+                "checkpoint_format": self.version,
+            }
         return {
             "quant_method": "awq",
             "bits": self.bits,
@@ -93,6 +141,15 @@ class QuantConfig:
             "version": self.version,
             "modules_to_not_convert": None,
         }
+
+    def unpack(self, get: Callable[[str], torch.Tensor], has: Callable[[str], bool], prefix: str) -> QuantizedWeight:
+        """The quantized linear `prefix` of a portable checkpoint, read through `get`/`has` (tensor by full name)."""
+        if self.method == "gptq":
+            g_idx = get(f"{prefix}.g_idx") if has(f"{prefix}.g_idx") else None
+            return gptq.unpack_gptq(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"), g_idx,
+                                    self.bits, self.group_size, self.version, name=prefix, desc_act=self.desc_act)
+        return awq_gemm.unpack(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"),
+                               self.group_size, name=prefix)
 
 
 class WeightSource:
@@ -219,10 +276,7 @@ class WeightSource:
         if self.packed is not None:
             return self.packed.unpack(self.get(f"{prefix}.qweight"), self.get(f"{prefix}.scales"),
                                       self.get(f"{prefix}.zeros"), self.quant.group_size, name=prefix)
-        return awq_gemm.unpack(
-            self.get(f"{prefix}.qweight"), self.get(f"{prefix}.qzeros"), self.get(f"{prefix}.scales"),
-            self.quant.group_size, name=prefix,
-        )
+        return self.quant.unpack(self.get, self.has, prefix)
 
     def dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A tensor by full name; `X.weight` of a quantized linear is dequantized."""

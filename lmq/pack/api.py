@@ -1,17 +1,26 @@
 """`lmq pack`: a portable 4-bit checkpoint -> a packed checkpoint for one GPU generation.
 
-Input: any folder whose config.json has `quantization_config` {quant_method: "awq", bits: 4,
-group_size, zero_point, version: "gemm"} (lmq's portable checkpoints and AutoAWQ's), read with
-safetensors directly: `<prefix>.qweight/.qzeros/.scales` per quantized linear, plain tensors else.
+Input: any folder whose config.json has a 4-bit `quantization_config` that
+`lmq.format.source.QuantConfig` reads, with group size 32, 64 or 128, read with safetensors directly:
+    {quant_method: "awq", version: "gemm", ...}   lmq's portable checkpoints and AutoAWQ's;
+                                                  `<prefix>.qweight/.qzeros/.scales` (lmq/format/awq_gemm.py)
+    {quant_method: "gptq", checkpoint_format: "gptq" | "gptq_v2", sym, desc_act, ...}
+                                                  AutoGPTQ's and GPTQModel's; the same three tensors plus
+                                                  `<prefix>.g_idx` (lmq/format/gptq.py; act-order refused)
+Every other tensor is plain and copied.
 
 Output (written atomically: a temporary folder beside the target, renamed at the end):
     <prefix>.qweight/.scales/.zeros  in the arch's layout (`LAYOUTS[arch]`, e.g. lmq/pack/planes64.py)
     every other tensor               unchanged
     config.json                      quantization_config.version = "lmq-<layout>" so other tools
-                                     refuse the folder instead of misreading it
+                                     refuse the folder instead of misreading it; a GPTQ source's is
+                                     rewritten as {quant_method: "awq", bits, group_size, zero_point,
+                                     version: "lmq-<layout>"}, the one form every packed folder has
+                                     (the packed tensors are lmq's whatever the source)
     tokenizer and other files        copied
     manifest.json                    kind "packed", arch, layout name + version, minimum compute
-                                     capability, the kernel configuration, and the source
+                                     capability, the kernel configuration, and the source (path,
+                                     kind, its quantization_config)
 
 Packing is deterministic: tensors are visited in sorted order and nothing time-dependent is written.
 """
@@ -29,6 +38,7 @@ import torch
 
 from lmq.errors import CheckpointError, InputError, UnsupportedError
 from lmq.format import awq_gemm
+from lmq.format.source import QuantConfig
 from lmq.pack import planes64
 
 # arch -> (layout module, minimum compute capability). One layout serves every arch today; the
@@ -42,7 +52,11 @@ LAYOUTS: dict[str, tuple[ModuleType, str]] = {
     "sm90": (planes64, "9.0"),
 }
 QUANT_SUFFIXES = (".qweight", ".qzeros", ".scales")
-_WEIGHT_FILES = ("model.safetensors.index.json", "manifest.json", "config.json")
+GPTQ_SUFFIXES = (".g_idx",)  # read with a GPTQ linear, not copied
+# Not copied: weights and configs the packer writes itself, and GPTQ's quantize_config.json, which
+# GPTQ loaders read before config.json and would misread the packed tensors by.
+_WEIGHT_FILES = ("model.safetensors.index.json", "manifest.json", "config.json", "quantize_config.json",
+                 "quant_config.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +113,8 @@ def check_packed_for(folder: Path, arch: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # reading the portable checkpoint
 # ---------------------------------------------------------------------------------------------
-def _quant_config(src: Path) -> dict[str, Any]:
+def _quant_config(src: Path) -> tuple[dict[str, Any], QuantConfig]:
+    """`(config.json, its quantization_config parsed)` of a portable checkpoint `lmq pack` can read."""
     cfg_path = src / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{src} has no config.json; give a quantized checkpoint folder (from `lmq quantize`)")
@@ -113,18 +128,18 @@ def _quant_config(src: Path) -> dict[str, Any]:
             f"{src} is not a quantized checkpoint (config.json has no quantization_config); run `lmq quantize` first"
         )
     method, version = str(qc.get("quant_method", "")).lower(), str(qc.get("version", "gemm")).lower()
-    if method != "awq" or version != "gemm":
+    if method not in ("awq", "gptq") or (method == "awq" and version != "gemm"):
         hint = " (it is already packed)" if version.startswith("lmq-") else ""
         raise UnsupportedError(
             f"{src}: quantization_config is {method!r} version {version!r}{hint}; lmq pack reads AWQ 'gemm' "
-            f"checkpoints (from `lmq quantize` or AutoAWQ)"
+            f"checkpoints (from `lmq quantize` or AutoAWQ) and GPTQ ones (AutoGPTQ, GPTQModel)"
         )
     if int(qc.get("bits", qc.get("w_bit", 0))) != 4:
         raise UnsupportedError(f"{src}: bits={qc.get('bits')}; lmq packs 4-bit checkpoints only")
-    G = int(qc.get("group_size", qc.get("q_group_size", 0)))
-    if G not in (32, 64, 128):
-        raise UnsupportedError(f"{src}: group_size={G}; lmq's kernels take 32, 64 or 128")
-    return cfg
+    quant = QuantConfig.from_hf(qc, src)
+    if quant.group_size not in (32, 64, 128):
+        raise UnsupportedError(f"{src}: group_size={quant.group_size}; lmq's kernels take 32, 64 or 128")
+    return cfg, quant
 
 
 def _shard_map(src: Path) -> dict[str, str]:
@@ -134,11 +149,15 @@ def _shard_map(src: Path) -> dict[str, str]:
         return dict(json.loads(index.read_text())["weight_map"])
     single = src / "model.safetensors"
     if not single.exists():
-        raise CheckpointError(f"{src} has neither model.safetensors nor model.safetensors.index.json")
+        # AutoGPTQ names its single file after the settings (gptq_model-4bit-128g.safetensors).
+        files = sorted(src.glob("*.safetensors"))
+        if len(files) != 1:
+            raise CheckpointError(f"{src} has neither model.safetensors nor model.safetensors.index.json")
+        single = files[0]
     from safetensors import safe_open
 
     with safe_open(str(single), "pt") as f:
-        return {k: "model.safetensors" for k in f.keys()}
+        return {k: single.name for k in f.keys()}
 
 
 class _Reader:
@@ -153,6 +172,9 @@ class _Reader:
     def get(self, name: str) -> torch.Tensor:
         return self._files[self._shard_of[name]].get_tensor(name)
 
+    def has(self, name: str) -> bool:
+        return name in self._shard_of
+
 
 def pack_linear(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                 arch: str, name: str = "linear") -> dict[str, torch.Tensor]:
@@ -160,6 +182,12 @@ def pack_linear(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     layout, _ = LAYOUTS[arch]
     q = awq_gemm.unpack(qweight, qzeros, scales, group_size, name)
     return layout.pack(q, name)
+
+
+def _pack_source_linear(reader: _Reader, quant: QuantConfig, prefix: str, arch: str) -> dict[str, torch.Tensor]:
+    """One linear of a portable checkpoint (AWQ or GPTQ, as `quant` says) -> the arch's layout."""
+    layout, _ = LAYOUTS[arch]
+    return layout.pack(quant.unpack(reader.get, reader.has, prefix), prefix)
 
 
 def quantized_prefixes(names: Iterator[str] | list[str]) -> list[str]:
@@ -185,9 +213,9 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
     if out.resolve() == src.resolve():
         raise InputError(f"-o {out} is the source folder; write the packed checkpoint to another folder")
     check_output_path(out, force)
-    cfg = _quant_config(src)
+    cfg, quant = _quant_config(src)
     qc = cfg["quantization_config"]
-    G = int(qc.get("group_size", qc.get("q_group_size")))
+    G = quant.group_size
     src_manifest = read_manifest(src)
     if src_manifest is not None and src_manifest.get("kind") == "packed":
         raise InputError(f"{src} is already packed (for {src_manifest.get('arch')}); pack its source instead")
@@ -195,7 +223,7 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
     prefixes = quantized_prefixes(shard_of)
     if not prefixes:
         raise CheckpointError(f"{src} holds no quantized linears (no <name>.qweight/.qzeros/.scales tensors)")
-    quant_names = {p + s for p in prefixes for s in QUANT_SUFFIXES}
+    quant_names = {p + s for p in prefixes for s in QUANT_SUFFIXES + GPTQ_SUFFIXES}
     plain = sorted(n for n in shard_of if n not in quant_names)
     layout, min_cc = LAYOUTS[arch]
     reader = _Reader(src, shard_of)
@@ -204,8 +232,7 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
         task = bar.add_task(f"packing for {arch}", total=len(prefixes) + len(plain), info="")
         written = 0
         for p in prefixes:
-            packed = pack_linear(reader.get(p + ".qweight"), reader.get(p + ".qzeros"), reader.get(p + ".scales"),
-                                 G, arch, p)
+            packed = _pack_source_linear(reader, quant, p, arch)
             for suffix, t in sorted(packed.items()):
                 w.add(f"{p}.{suffix}", t)
                 written += t.numel() * t.element_size()
@@ -219,7 +246,8 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
         for f in sorted(src.iterdir()):
             if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(".safetensors"):
                 shutil.copyfile(f, w.tmp / f.name)
-        cfg = {**cfg, "quantization_config": {**qc, "version": f"lmq-{layout.NAME}"}}
+        packed_qc = qc if quant.method == "awq" else QuantConfig(4, G, quant.zero_point).to_hf()
+        cfg = {**cfg, "quantization_config": {**packed_qc, "version": f"lmq-{layout.NAME}"}}
         w.write_json("config.json", cfg)
         write_manifest(w.tmp, {
             "kind": "packed",
@@ -229,11 +257,12 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
             "kernel_config": CONFIGS[arch],
             "bits": 4,
             "group_size": G,
-            "zero_point": bool(qc.get("zero_point", True)),
+            "zero_point": quant.zero_point,
             "quantized_linears": len(prefixes),
             "source": {
                 "path": str(src),
-                "kind": (src_manifest or {}).get("kind", "autoawq"),
+                "kind": (src_manifest or {}).get("kind", "autoawq" if quant.method == "awq" else quant.version),
+                "quantization_config": qc,
                 "format_version": (src_manifest or {}).get("format_version"),
                 "settings": {k: v for k, v in (src_manifest or {}).items()
                              if k not in ("kind", "format_version", "lmq_version")},
@@ -261,10 +290,7 @@ def load_linears(folder: Path, arch: str) -> tuple[int, dict[str, dict[str, torc
         G = int(m["group_size"])
         prefixes = sorted(n[: -len(".qweight")] for n in shard_of if n.endswith(".qweight"))
         return G, {p: {k: reader.get(f"{p}.{k}") for k in ("qweight", "scales", "zeros")} for p in prefixes}
-    qc = _quant_config(folder)["quantization_config"]
-    G = int(qc.get("group_size", qc.get("q_group_size")))
+    _, quant = _quant_config(folder)
     log(f"{folder} is a portable checkpoint: packing it for {arch} while loading "
         f"(to do it once: lmq pack {folder} --arch {arch} -o {folder}-{arch})")
-    return G, {p: pack_linear(reader.get(p + ".qweight"), reader.get(p + ".qzeros"), reader.get(p + ".scales"),
-                              G, arch, p)
-               for p in quantized_prefixes(shard_of)}
+    return quant.group_size, {p: _pack_source_linear(reader, quant, p, arch) for p in quantized_prefixes(shard_of)}
