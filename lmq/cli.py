@@ -196,7 +196,7 @@ def eval_kld(
 # ---------------------------------------------------------------------------------------------
 @app.command("pack")
 def pack_cmd(
-    checkpoint: Path = typer.Argument(..., help="A portable 4-bit checkpoint folder (lmq's or AutoAWQ's)."),
+    checkpoint: Path = typer.Argument(..., help="A portable 4-bit checkpoint folder (lmq's, AutoAWQ's or GPTQ's)."),
     arch: str = typer.Option(..., "--arch", help="GPU generation: sm75, sm80, sm86, sm89, sm90, or auto (the local GPU)."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the packed checkpoint to."),
     force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),

@@ -194,3 +194,22 @@ def test_bad_requests_are_refused(llm, smollm2):
     with pytest.raises(InputError, match="not a 4-bit checkpoint"):
         LLM(smollm2, device="cpu")
     assert not llm.has_unfinished()
+
+
+def test_packed_checkpoint_runs_like_the_portable_one(smollm2_rtn, prompts, greedy, tmp_path):
+    """`lmq pack` output loads into the engine as it is and gives the same tokens."""
+    from typer.testing import CliRunner
+
+    from lmq.cli import app
+
+    arch = "sm80"
+    if torch.cuda.is_available():
+        from lmq.engine.qlinear import local_arch
+
+        arch = local_arch()
+    packed = tmp_path / "packed"
+    res = CliRunner().invoke(app, ["pack", str(smollm2_rtn), "--arch", arch, "-o", str(packed)])
+    assert res.exit_code == 0, res.output
+    llm = make_llm(packed)
+    assert llm.model.arch == arch
+    assert prefix(llm.generate(prompts[:1], SHORT), 12) == prefix(greedy[:1], 12)
