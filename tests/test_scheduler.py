@@ -1,0 +1,129 @@
+"""The scheduler and the block bookkeeping it relies on, without a model: token budget, decode
+before prefill, chunked prefill, admission, recompute preemption, prefix reuse of blocks that are
+written (and not of blocks that are only reserved)."""
+
+
+from lmq.engine.kv_cache import BlockManager
+from lmq.engine.sampling import SamplingParams
+from lmq.engine.scheduler import Scheduler
+from lmq.engine.sequence import Sequence, Status
+
+BS = 16
+
+
+def seq(i, n, first=0):
+    return Sequence(i, list(range(first, first + n)), SamplingParams(max_new_tokens=8))
+
+
+def run(sched, step, new_token=7):
+    """What the engine does after the runner: advance every span, append a token to sampling spans."""
+    for sp in step.spans:
+        sched.advance(sp)
+    for sp in step.spans:
+        if sp.sample:
+            sp.seq.token_ids.append(new_token)
+
+
+def spans(step):
+    return [(sp.seq.seq_id, sp.start, sp.end) for sp in step.spans]
+
+
+def test_prompts_are_chunked_within_the_token_budget_and_decode_goes_first():
+    sched = Scheduler(BlockManager(64, BS), max_num_seqs=8, max_num_batched_tokens=40)
+    a, b = seq(0, 30), seq(1, 50, first=1000)
+    sched.add(a)
+    sched.add(b)
+    step = sched.schedule()
+    assert spans(step) == [(0, 0, 30), (1, 0, 10)] and not step.is_decode
+    assert step.spans[0].sample and not step.spans[1].sample
+    run(sched, step)
+    step = sched.schedule()  # a decodes (1 token), b continues with the rest of the budget
+    assert spans(step) == [(0, 30, 31), (1, 10, 49)]
+    run(sched, step)
+    step = sched.schedule()
+    assert spans(step) == [(0, 31, 32), (1, 49, 50)] and step.is_decode
+    run(sched, step)
+    assert a.num_computed == 32 and b.num_computed == 50 and b.num_tokens == 51
+
+
+def test_sequence_cap_and_free_blocks_gate_admission():
+    sched = Scheduler(BlockManager(4, BS), max_num_seqs=2, max_num_batched_tokens=1000)
+    for i in range(3):
+        sched.add(seq(i, 20, first=100 * i))  # 2 blocks each: only two fit, and only two may run
+    step = sched.schedule()
+    assert [s[0] for s in spans(step)] == [0, 1] and len(sched.waiting) == 1
+    run(sched, step)
+    sched.finish(sched.running[0], "stop")
+    step = sched.schedule()
+    assert [s[0] for s in spans(step)] == [1, 2]  # the freed blocks admit the third
+
+
+def test_a_full_pool_preempts_the_newest_and_it_is_recomputed():
+    manager = BlockManager(4, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=1000)
+    a, b = seq(0, 32), seq(1, 32, first=500)  # each fills two whole blocks: the pool is full
+    sched.add(a)
+    sched.add(b)
+    run(sched, sched.schedule())
+    step = sched.schedule()  # a needs a third block: b (newest) is preempted, a decodes
+    assert spans(step) == [(0, 32, 33)]
+    assert b.status is Status.WAITING and b.num_computed == 0 and b.metrics.num_preemptions == 1
+    assert sched.waiting[0] is b
+    run(sched, step)
+    sched.finish(a, "stop")
+    step = sched.schedule()  # b comes back: its prompt + token, partly from the prefix cache
+    assert spans(step)[0][0] == 1 and step.spans[0].end == 33 and step.spans[0].sample
+
+
+def test_a_sequence_preempted_mid_prefill_leaves_no_reusable_garbage():
+    manager = BlockManager(8, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=16)
+    a = seq(0, 64)
+    sched.add(a)
+    run(sched, sched.schedule())  # 16 of 64 prompt tokens written
+    sched.preempt(a)
+    b = seq(1, 64)  # the same prompt
+    cached = manager.allocate(b.seq_id, b.token_ids)
+    assert cached == 16  # only the written block is offered again
+
+
+def test_blocks_reserved_by_a_running_prefill_are_not_reused_before_they_are_written():
+    manager = BlockManager(16, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=20)
+    a = seq(0, 40)
+    sched.add(a)
+    run(sched, sched.schedule())  # a: 20 of 40 written (block 0 whole, block 1 partly)
+    b = seq(1, 40)  # the same prompt: allocate offers blocks 0 and 1 (32 tokens)
+    sched.add(b)
+    sched.max_num_batched_tokens = 40  # room for b in the next step
+    step = sched.schedule()
+    assert spans(step) == [(0, 20, 40), (1, 16, 36)]  # b recomputes block 1: a had not written it
+    assert b.metrics.num_cached_tokens == 16
+
+
+def test_decode_sealed_blocks_are_found_by_later_prompts():
+    manager = BlockManager(16, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=1000)
+    a = seq(0, 10)
+    sched.add(a)
+    run(sched, sched.schedule())
+    while a.num_computed < 40:  # decode past two block boundaries, sealing each full block
+        run(sched, sched.schedule(), new_token=a.num_tokens)
+    sched.finish(a, "stop")
+    b = Sequence(1, a.token_ids[:40] + [999], SamplingParams())
+    assert manager.allocate(b.seq_id, b.token_ids) == 32
+
+
+def test_can_append_sees_copy_on_write_and_block_boundaries():
+    manager = BlockManager(3, BS)
+    manager.allocate(0, list(range(8)))  # one block, half full
+    manager.fork(0, 1)  # now shared by 0 and 1
+    assert manager.can_append(1)
+    _, copies = manager.append_slot(1)  # copy-on-write: 1 gets its own block
+    assert len(copies) == 1 and manager.allocator.num_free == 1
+    manager.allocate(2, list(range(16)))  # takes the last free block
+    assert manager.allocator.num_free == 0
+    assert manager.can_append(0)  # 0's block is no longer shared and has room
+    for _ in range(8):
+        manager.append_slot(0)
+    assert not manager.can_append(0)  # the block is full and none is free
