@@ -350,7 +350,8 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
               num_requests: int = 256, dataset: str | None = None, concurrency: int | None = None, turns: int = 8,
               answer_len: int = 128,
               baseline: str = "none", kv_dtype: str = "auto", max_num_seqs: int = 64,
-              max_model_len: int | None = None, cache_max_memory: str | None = None, group_size: int = 128,
+              max_model_len: int | None = None, cache_max_memory: str | None = None,
+              gpu_memory_utilization: float = 0.9, group_size: int = 128,
               device: str = "auto", seed: int = 0, json_out: bool = False) -> tuple[dict, str]:
     """Build the engine, run the chosen workloads, return (report, rendered text or JSON)."""
     from lmq.engine.llm import pick_device
@@ -367,6 +368,8 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
     if concurrency is not None and concurrency < 1:
         raise InputError(f"--concurrency must be >= 1, got {concurrency}")
     B, n_in, n_out = _ints(batches, "--batch"), _ints(input_lens, "--input-len"), _ints(output_lens, "--output-len")
+    if dataset is not None and not Path(dataset).is_file():  # before minutes of loading
+        raise InputError(f"--dataset {dataset} is not a file; give a jsonl file of {{\"prompt\", \"max_tokens\"}} lines")
     dev = pick_device(device)
     model = EngineModel.synthetic(synthetic, dev, group_size) if synthetic else EngineModel(checkpoint, dev)
     hf = None
@@ -374,7 +377,8 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
         log("loading the transformers fp16 baseline")
         hf = HFBaseline.for_model(model, synthetic)
     llm = LLM(model, kv_dtype=kv_dtype, max_num_seqs=max(max_num_seqs, max(B)),
-              max_model_len=max_model_len, cache_max_memory=cache_max_memory)
+              max_model_len=max_model_len, cache_max_memory=cache_max_memory,
+              gpu_memory_utilization=gpu_memory_utilization)
     name = f"synthetic {synthetic} (random weights, g{group_size})" if synthetic else str(llm.path)
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     report: dict = {"model": name, "device": gpu, "kv_dtype": llm.kv_dtype, "date": time.strftime("%Y-%m-%d"),

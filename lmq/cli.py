@@ -300,7 +300,8 @@ def bench_e2e_cmd(
     kv_dtype: str = typer.Option("auto", "--kv-dtype", help="KV cache: auto, fp16, bf16, int8, int4."),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Most sequences in one batch."),
     max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="Context length (default: the model's)."),
-    cache_max_memory: Optional[str] = typer.Option(None, "--cache-max-memory", help="KV cache size, e.g. 8GiB (default: 90% of GPU memory less weights)."),
+    cache_max_memory: Optional[str] = typer.Option(None, "--cache-max-memory", help="KV cache size, e.g. 8GiB (default: from --gpu-memory-utilization)."),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="Share of the GPU's memory lmq may use in all (weights, cache, activations) when --cache-max-memory is not given."),
     group_size: int = typer.Option(128, "--group-size", help="Synthetic weights: quantization group size."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts."),
@@ -314,7 +315,8 @@ def bench_e2e_cmd(
             checkpoint=checkpoint, synthetic=synthetic, modes=mode, batches=batch, input_lens=input_len,
             output_lens=output_len, num_requests=num_requests, dataset=dataset, concurrency=concurrency,
             turns=turns, answer_len=answer_len, baseline=baseline, kv_dtype=kv_dtype, max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len, cache_max_memory=cache_max_memory, group_size=group_size,
+            max_model_len=max_model_len, cache_max_memory=cache_max_memory,
+            gpu_memory_utilization=gpu_memory_utilization, group_size=group_size,
             device=device, seed=seed, json_out=json_out,
         )
         from lmq.console import out
@@ -346,7 +348,8 @@ def chat(
     prompt: str | None = typer.Option(None, "--prompt", help="Answer this one message, print only the answer, exit."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     max_model_len: int | None = typer.Option(None, "--max-model-len", help="Context length, conversation + answer (default: the model's)."),
-    cache_max_memory: str | None = typer.Option(None, "--cache-max-memory", help="KV cache size, e.g. 4GiB (default: what the GPU has free)."),
+    cache_max_memory: str | None = typer.Option(None, "--cache-max-memory", help="KV cache size, e.g. 4GiB (default: from --gpu-memory-utilization)."),
+    gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization", help="Share of the GPU's memory lmq may use in all when --cache-max-memory is not given."),
     block_size: int | None = typer.Option(None, "--block-size", hidden=True, help="Tokens per KV block (tests)."),
 ) -> None:
     """Chat with a 4-bit model in the terminal; earlier turns' KV is reused from the prefix cache."""
@@ -364,6 +367,7 @@ def chat(
         extra = {} if block_size is None else {"block_size": block_size}
         log(f"loading {checkpoint} ...")
         llm = LLM(checkpoint, device=device, kv_dtype=kv_dtype, cache_max_memory=cache_max_memory,
+                  gpu_memory_utilization=gpu_memory_utilization,
                   max_model_len=max_model_len, **extra)
         session = ChatSession(llm, system, params)
         if prompt is not None:

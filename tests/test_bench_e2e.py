@@ -58,3 +58,18 @@ def test_bad_options_are_refused(kw, match):
 def test_cli_bad_option_is_one_error_line():
     res = CliRunner().invoke(app, ["bench", "--synthetic", "nope", "--device", "cpu"])
     assert res.exit_code == 1 and "error:" in res.output and "not a known shape" in res.output
+
+
+def test_throughput_reads_a_jsonl_request_file(tmp_path):
+    data = tmp_path / "requests.jsonl"
+    data.write_text('{"prompt": [5, 6, 7, 8], "max_tokens": 2}\n\n{"prompt": [9, 10], "max_tokens": 3}\n')
+    report, _ = run_bench(None, "smollm2-135m", modes="throughput", dataset=str(data), concurrency=1,
+                          **{k: v for k, v in SMALL.items() if k not in ("turns", "answer_len", "num_requests")})
+    tp = report["throughput"]
+    assert tp["requests"] == 2 and tp["output_tokens"] == 5 and tp["input_tokens"] == 6 and tp["concurrency"] == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt key"}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:1: expected"):
+        run_bench(None, "smollm2-135m", modes="throughput", dataset=str(bad), **SMALL)
+    with pytest.raises(InputError, match="is not a file"):
+        run_bench(None, "smollm2-135m", modes="throughput", dataset=str(tmp_path / "missing.jsonl"), **SMALL)

@@ -95,10 +95,18 @@ class LLM:
         if cache_max_memory is not None:
             budget = parse_memory(cache_max_memory)
         elif dev.type == "cuda":
+            if not 0 < gpu_memory_utilization <= 1:
+                raise InputError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
             free, total = torch.cuda.mem_get_info(dev)
             budget = int(free - (1 - gpu_memory_utilization) * total) - ACTIVATION_SLACK_BYTES \
                 - self._activation_bytes(max_num_batched_tokens)
-            budget = max(budget, 0)
+            if budget < spec.bytes_per_block:
+                raise InputError(
+                    f"no GPU memory is left for the KV cache: {free / 2**30:.1f} of {total / 2**30:.1f} GiB are free "
+                    f"after loading the weights, and --gpu-memory-utilization {gpu_memory_utilization} keeps "
+                    f"{(1 - gpu_memory_utilization) * total / 2**30:.1f} GiB back plus "
+                    f"{(ACTIVATION_SLACK_BYTES + self._activation_bytes(max_num_batched_tokens)) / 2**30:.1f} GiB for "
+                    "activations; free the GPU, raise --gpu-memory-utilization, or give --cache-max-memory")
         else:
             budget = CPU_CACHE_BYTES
         num_blocks = num_blocks_for_budget(spec, budget)
