@@ -163,7 +163,7 @@ class EngineModel:
 
     @classmethod
     def synthetic(cls, name: str, device: torch.device, group_size: int = 128, backend: str = "auto",
-                  seed: int = 0) -> EngineModel:
+                  seed: int = 0, dtype: torch.dtype | None = None) -> EngineModel:
         """Random weights at a real model's shape (`SYNTHETIC_CONFIGS`), made directly in the packed
         layout on `device`: what speed is measured on where no checkpoint can be downloaded. Scales
         keep every layer's output at unit scale, so activations stay finite at any depth."""
@@ -174,7 +174,7 @@ class EngineModel:
         self.device, self.src, self.group_size = device, None, group_size
         self.backend = ("triton" if device.type == "cuda" else "torch") if backend == "auto" else backend
         self.cfg = cfg = ModelConfig.from_hf(synthetic_config(name))
-        self.dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         self.arch = "sm80"
         if self.backend == "triton":
             from lmq.engine.qlinear import local_arch
