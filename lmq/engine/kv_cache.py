@@ -86,6 +86,7 @@ class SeqBlocks:
     table: list[int]
     num_tokens: int = 0
     last_hash: int | None = None  # chained hash of its last full block
+    num_hashed: int = 0  # leading full blocks whose chained hash is known (last_hash: the last of them)
 
 
 class BlockManager:
@@ -173,7 +174,7 @@ class BlockManager:
                 self._release(b)
             raise
         # h: the chained hash of the last full block, the parent of the next block to be sealed
-        self.seqs[seq_id] = SeqBlocks(table, n, h)
+        self.seqs[seq_id] = SeqBlocks(table, n, h, n // bs)
         return cached
 
     def append_slot(self, seq_id: int) -> tuple[int, list[tuple[int, int]]]:
@@ -202,9 +203,12 @@ class BlockManager:
         if not self.prefix_caching or seq.num_tokens % bs or seq.num_tokens == 0:
             return
         i = seq.num_tokens // bs - 1
+        if i != seq.num_hashed:  # keyed already (a re-admitted sequence's prompt, by `allocate`)
+            return
         chunk = token_ids[i * bs:(i + 1) * bs]
         h = hash((seq.last_hash if i else None, tuple(chunk)))
         seq.last_hash = h
+        seq.num_hashed = i + 1
         if h not in self._hash_to_block:
             self._register(seq.table[i], h, chunk)
 
@@ -215,7 +219,7 @@ class BlockManager:
         p = self.seqs[parent]
         for b in p.table:
             self.allocator.incref(b)
-        self.seqs[child] = SeqBlocks(list(p.table), p.num_tokens, p.last_hash)
+        self.seqs[child] = SeqBlocks(list(p.table), p.num_tokens, p.last_hash, p.num_hashed)
 
     def free(self, seq_id: int, num_computed: int | None = None) -> None:
         """Release a sequence's blocks. `num_computed`: how many of its tokens were actually
