@@ -127,3 +127,40 @@ def test_can_append_sees_copy_on_write_and_block_boundaries():
     for _ in range(8):
         manager.append_slot(0)
     assert not manager.can_append(0)  # the block is full and none is free
+
+
+def test_a_readmitted_sequence_keeps_its_hash_chain():
+    """A preempted sequence whose tokens fill whole blocks is re-admitted: `allocate` already keyed
+    its last full block, so sealing it again after the prefill must not chain that block onto
+    itself (which offered it to a later prompt at the wrong position)."""
+    manager = BlockManager(8, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=1000)
+    a = seq(0, 16)
+    sched.add(a)
+    run(sched, sched.schedule(), new_token=100)
+    while a.num_tokens < 32:  # generate tokens 100..115: a's tokens are A + B, two whole blocks
+        run(sched, sched.schedule(), new_token=100 + a.num_tokens - 16)
+    sched.preempt(a)
+    step = sched.schedule()  # re-admitted: block 0 from the cache, block 1 recomputed
+    assert spans(step) == [(0, 16, 32)]
+    run(sched, step)
+    sched.finish(a, "stop")
+    A, B = list(range(16)), list(range(100, 116))
+    c = A + B + B + [999]  # block 2 has B's tokens, but at positions 32..47
+    assert manager.allocate(1, c) == 32
+
+
+def test_a_prefill_with_one_token_left_at_a_block_boundary_needs_no_new_block():
+    """The last prompt token of a chunked prefill already has its slot: computing it must not
+    preempt anyone (the sequence itself included) for a block it does not need."""
+    manager = BlockManager(4, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=51)
+    a, b = seq(0, 20), seq(1, 32, first=500)  # 2 blocks each: the pool is full
+    sched.add(a)
+    sched.add(b)
+    step = sched.schedule()
+    assert spans(step) == [(0, 0, 20), (1, 0, 31)]
+    run(sched, step)
+    step = sched.schedule()
+    assert spans(step) == [(0, 20, 21), (1, 31, 32)]
+    assert b.metrics.num_preemptions == 0

@@ -78,9 +78,10 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.num_uncomputed != 1 or budget == 0:
                 continue
-            if not self._make_room(seq):
-                continue  # seq itself was preempted
+            # a new token needs a slot; the last token of a chunked prefill already has one
             if self.manager.seqs[seq.seq_id].num_tokens < seq.num_tokens:
+                if not self._make_room(seq):
+                    continue  # seq itself was preempted
                 _, cow = self.manager.append_slot(seq.seq_id)
                 copies += cow
             spans.append(Span(seq, seq.num_computed, seq.num_tokens))
