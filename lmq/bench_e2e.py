@@ -228,7 +228,9 @@ class HFBaseline:
             config.quantization_config = None
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
-            with torch.device("meta"):
+            # built on the device, not on "meta": buffers that are not in the checkpoint (the rotary
+            # inv_freq) must exist; the random weights are replaced by the checkpoint's
+            with torch.device(dev):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             sd = {}
             for name in src.names:
@@ -237,7 +239,7 @@ class HFBaseline:
                     sd[f"{p}.weight"] = src.dense(f"{p}.weight", dtype)
                 elif not name.endswith((".qzeros", ".scales", ".zeros")):
                     sd[name] = src.get(name, dtype)
-            model.load_state_dict(sd, strict=False, assign=True)
+            model.load_state_dict(sd, strict=False, assign=True)  # frees the random ones on the device
             model.tie_weights()
             model.to(dev)
         model.eval()

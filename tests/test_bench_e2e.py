@@ -73,3 +73,17 @@ def test_throughput_reads_a_jsonl_request_file(tmp_path):
         run_bench(None, "smollm2-135m", modes="throughput", dataset=str(bad), **SMALL)
     with pytest.raises(InputError, match="is not a file"):
         run_bench(None, "smollm2-135m", modes="throughput", dataset=str(tmp_path / "missing.jsonl"), **SMALL)
+
+
+def test_hf_baseline_loads_a_real_checkpoint(smollm2_rtn):
+    """`--baseline hf` on a checkpoint (not --synthetic): the dequantized model must be complete on
+    the device (a model built on the meta device kept its rotary buffers there and failed to move)."""
+    import torch
+
+    from lmq.bench_e2e import HFBaseline
+    from lmq.engine.model import EngineModel
+
+    hf = HFBaseline.for_model(EngineModel(smollm2_rtn, torch.device("cpu")), None)
+    assert not any(t.is_meta for t in [*hf.model.parameters(), *hf.model.buffers()])
+    r = hf.latency(1, 8, 2, 0)
+    assert r["output_tok_s"] > 0 and hf.notes["weights"] == "dequantized checkpoint"
