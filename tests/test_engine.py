@@ -213,3 +213,24 @@ def test_packed_checkpoint_runs_like_the_portable_one(smollm2_rtn, prompts, gree
     llm = make_llm(packed)
     assert llm.model.arch == arch
     assert prefix(llm.generate(prompts[:1], SHORT), 12) == prefix(greedy[:1], 12)
+
+
+def test_an_interrupted_step_leaves_the_requests_runnable(weights, prompts, monkeypatch):
+    """Ctrl-C (or an error) while a step samples: the requests it computed must be computed again
+    by the next step, not left with nothing to compute and never finishing."""
+    import lmq.engine.llm as llm_mod
+
+    eng = make_llm(weights)
+    ids = [eng.add_request(p, SamplingParams(max_new_tokens=2, ignore_eos=True)) for p in prompts[:2]]
+    real = llm_mod.sample
+
+    def interrupted(*a, **kw):
+        monkeypatch.setattr(llm_mod, "sample", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm_mod, "sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eng.step()
+    for _ in range(6):
+        eng.step()
+    assert all(eng.seqs[i].is_finished and len(eng.seqs[i].output_ids) == 2 for i in ids)

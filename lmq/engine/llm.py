@@ -185,13 +185,15 @@ class LLM:
                 sp.seq.metrics.first_scheduled = now
         self.runner.cache.copy_blocks(step.copies)
         logits = self.runner.run(step, self.manager)  # [S, V]
+        sampled = [sp.seq for sp in step.spans if sp.sample]
+        tokens = sample(logits, [s.params for s in sampled], [s.token_ids for s in sampled],
+                        [s.generator for s in sampled]).tolist() if sampled else []
+        # only now, with the tokens in hand: an interrupted step (Ctrl-C, an error) is recomputed by
+        # the next one, instead of leaving sequences computed to the end with no token to add
         for sp in step.spans:
             self.scheduler.advance(sp)
-        sampled = [sp.seq for sp in step.spans if sp.sample]
         if not sampled:
             return []
-        tokens = sample(logits, [s.params for s in sampled], [s.token_ids for s in sampled],
-                        [s.generator for s in sampled]).tolist()
         now = time.perf_counter()
         outputs = []
         for seq, tok in zip(sampled, tokens):
