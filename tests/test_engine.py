@@ -234,3 +234,13 @@ def test_an_interrupted_step_leaves_the_requests_runnable(weights, prompts, monk
     for _ in range(6):
         eng.step()
     assert all(eng.seqs[i].is_finished and len(eng.seqs[i].output_ids) == 2 for i in ids)
+
+
+def test_out_of_memory_in_a_step_is_explained_and_leaves_nothing_running(llm, prompts, monkeypatch):
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(llm.runner, "run", oom)
+    with pytest.raises(InputError, match="ran out of memory in a step of"):
+        llm.generate(prompts[:2], SHORT)
+    assert not llm.has_unfinished()

@@ -184,7 +184,13 @@ class LLM:
             if sp.seq.metrics.first_scheduled is None:
                 sp.seq.metrics.first_scheduled = now
         self.runner.cache.copy_blocks(step.copies)
-        logits = self.runner.run(step, self.manager)  # [S, V]
+        try:
+            logits = self.runner.run(step, self.manager)  # [S, V]
+        except torch.cuda.OutOfMemoryError as e:  # the cache took what the activations needed
+            raise InputError(
+                f"the GPU ran out of memory in a step of {step.num_tokens} tokens over {len(step.spans)} "
+                "sequences; leave more room for activations: lower --gpu-memory-utilization or "
+                "--cache-max-memory, or max_num_batched_tokens (Python API)") from e
         sampled = [sp.seq for sp in step.spans if sp.sample]
         tokens = sample(logits, [s.params for s in sampled], [s.token_ids for s in sampled],
                         [s.generator for s in sampled]).tolist() if sampled else []
