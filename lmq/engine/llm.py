@@ -115,7 +115,8 @@ class LLM:
             log(f"the KV cache holds {self.cache_tokens} tokens, fewer than the context of {self.max_model_len}: "
                 f"sequences are capped at {self.cache_tokens} tokens (raise --cache-max-memory for more)")
             self.max_model_len = self.cache_tokens
-        max_num_seqs = min(max_num_seqs, num_blocks)
+        # every running sequence must get its decode token each step (vLLM asks the same)
+        max_num_seqs = min(max_num_seqs, num_blocks, max_num_batched_tokens)
         self.max_num_seqs = max_num_seqs
         self.manager = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.manager, max_num_seqs, max(max_num_batched_tokens, 1))

@@ -93,6 +93,7 @@ class ModelRunner:
         # one int32 buffer: [ids | positions | slots | lens | cu (G+1) | tables (G x W)]
         self._host = torch.zeros(5 * G + 1 + G * W, dtype=torch.int32, pin_memory=True)
         self._host_np = self._host.numpy()  # the same memory: cheap element writes from Python
+        self._copied = torch.cuda.Event()  # the last host -> device copy of the buffer is done
         self._dev = torch.zeros_like(self._host, device=dev)
         d = self._dev
         self._ids, self._pos, self._slots, self._lens = d[:G], d[G:2 * G], d[2 * G:3 * G], d[3 * G:4 * G]
@@ -128,6 +129,7 @@ class ModelRunner:
         B = len(step.spans)
         bs = next(b for b in self.buckets if b >= B)
         G, W, P = self.buckets[-1], self.max_blocks, self.block_size
+        self._copied.synchronize()  # a step without sampling rows returns before the copy finishes
         self._reset_static(G)
         h = self._host_np
         base = 5 * G + 1
@@ -140,6 +142,7 @@ class ModelRunner:
             h[3 * G + r] = p + 1  # cache length after the write
             h[base + r * W: base + r * W + len(table)] = table
         self._dev.copy_(self._host, non_blocking=True)
+        self._copied.record()
         graph, out = self.graphs[bs]
         graph.replay()
         rows = [r for r, sp in enumerate(step.spans) if sp.sample]
