@@ -174,7 +174,8 @@ def test_the_engine_runs_no_more_sequences_than_its_token_budget():
     from lmq.engine.model import EngineModel
 
     model = EngineModel.synthetic("smollm2-135m", torch.device("cpu"), group_size=64)
-    llm = LLM(model, max_num_seqs=64, max_num_batched_tokens=4, max_model_len=128, cache_max_memory="8MiB")
+    llm = LLM(model, max_num_seqs=64, max_num_batched_tokens=4, max_model_len=128, cache_max_memory="32MiB",
+              block_size=16)
     assert llm.max_num_seqs == 4 and llm.scheduler.max_num_seqs == 4
     outs = llm.generate([[5, 6, 7]] * 6, SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [3] * 6
