@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per scored window")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--quant-inputs", action="store_true", help="next layer's inputs from the quantized layer")
     ap.add_argument("--baselines", action="store_true", help="also score the unquantized model and RTN")
@@ -83,13 +84,14 @@ def main() -> None:
         setattr(qs, k, type(getattr(qs, k))(v) if not isinstance(getattr(qs, k), bool) else v in ("1", "true"))
     tok = AutoTokenizer.from_pretrained(str(path))
     tokens = calibration_tokens(args.calib, tok, args.samples, args.seqlen, 0)
-    ids = windows(path, args.data, 1024, args.windows)
+    ids = windows(path, args.data, args.eval_seqlen, args.windows)
     dev = torch.device(args.device)
     fp_layers = [{k: v.to(dev) for k, v in src.layer(i, torch.float32).items()} for i in range(cfg.num_layers)]
     if args.old_vo:
         awq.group_applies = lambda g, lw: (not g.prev.endswith("_proj") or
                                            lw[f"{g.prev}.weight"].shape[0] == lw[f"{g.linears[0]}.weight"].shape[1])
-    res: dict = {"tag": args.tag, "samples": args.samples, "windows": args.windows, "group_size": args.group_size,
+    res: dict = {"tag": args.tag, "samples": args.samples, "windows": args.windows,
+                 "eval_seqlen": args.eval_seqlen, "seqlen": args.seqlen, "group_size": args.group_size,
                  "quant_inputs": args.quant_inputs, "settings": args.set}
     if args.baselines:
         res["ppl_fp"] = ppl(src, fp_layers, ids, dev)
