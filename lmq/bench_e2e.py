@@ -356,8 +356,8 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
               gpu_memory_utilization: float = 0.9, group_size: int = 128,
               device: str = "auto", seed: int = 0, json_out: bool = False) -> tuple[dict, str]:
     """Build the engine, run the chosen workloads, return (report, rendered text or JSON)."""
-    from lmq.engine.llm import pick_device
     from lmq.engine.model import EngineModel
+    from lmq.evaluate import pick_device
 
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     bad = [m for m in mode_list if m not in ("latency", "throughput", "multiturn")]

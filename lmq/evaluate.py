@@ -17,7 +17,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ class DenseModel:
     """All weights of a checkpoint, dequantized, on one device: logits for token windows."""
 
     def __init__(self, src: WeightSource, device: torch.device, dtype: torch.dtype,
-                 kv_transform: Optional[KVTransform] = None):
+                 kv_transform: KVTransform | None = None):
         self.src, self.cfg, self.device, self.dtype = src, src.cfg, device, dtype
         self.kv_transform = kv_transform
         self.embed = src.embed(dtype).to(device)
@@ -52,14 +51,15 @@ class DenseModel:
 
 
 def pick_device(name: str) -> torch.device:
+    """`auto` -> CUDA when torch sees a GPU, else CPU; `cuda`/`cuda:N` without a GPU is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
 
 
-def kv_transform_for(kv_dtype: str) -> Optional[KVTransform]:
+def kv_transform_for(kv_dtype: str) -> KVTransform | None:
     if kv_dtype in ("fp16", "bf16", "auto", "none"):
         return None
     if kv_dtype not in ("int8", "int4"):
@@ -99,7 +99,7 @@ def check_seqlen(model: DenseModel, seqlen: int) -> None:
                          "use a shorter --seqlen")
 
 
-def windows(model_path: Path, data: str, seqlen: int, max_windows: Optional[int]) -> torch.Tensor:
+def windows(model_path: Path, data: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
     """Token windows `[W, seqlen]` of the text file `data`, tokenized with the model's tokenizer."""
     from transformers import AutoTokenizer
 
@@ -142,7 +142,7 @@ class KldResult:
     seconds: float
 
 
-def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: Optional[int] = None,
+def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: int | None = None,
                device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1) -> PplResult:
     t0 = time.time()
     check_data(data, seqlen)
@@ -164,7 +164,7 @@ def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: Optional[i
                      seqlen=seqlen, kv_dtype=kv_dtype, seconds=time.time() - t0)
 
 
-def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_windows: Optional[int] = None,
+def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_windows: int | None = None,
                   device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1) -> KldResult:
     t0 = time.time()
     check_data(data, seqlen)

@@ -33,17 +33,10 @@ from lmq.engine.sampling import SamplingParams, TextStream, make_generator, samp
 from lmq.engine.scheduler import Scheduler
 from lmq.engine.sequence import RequestOutput, Sequence
 from lmq.errors import InputError
+from lmq.evaluate import pick_device
 
 CPU_CACHE_BYTES = 1 << 30  # the torch backend on CPU: 1 GiB of KV cache unless told otherwise
 ACTIVATION_SLACK_BYTES = 1 << 30  # GPU memory left free for activations, graphs and the allocator
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
 
 
 def eos_token_ids(path: Path, tokenizer) -> set[int]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from lmq.console import log, progress
 from lmq.engine.kv_cache import AttentionBatch, KVCache
+from lmq.engine.qlinear import qlinear
 from lmq.errors import InputError, UnsupportedError
 from lmq.format.source import WeightSource, resolve_model_path
 from lmq.kernels import (
@@ -234,8 +235,6 @@ class EngineModel:
     def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
         if lin.weight is not None:
             return F.linear(x, lin.weight, lin.bias)
-        from lmq.engine.qlinear import qlinear
-
         return qlinear(x, lin.qweight, lin.scales, lin.zeros, lin.group_size, lin.table, lin.bias)
 
     def rms_norm(self, x, weight, residual=None):

@@ -15,7 +15,13 @@ import numpy as np
 import torch
 
 from lmq.console import log
-from lmq.engine.kv_cache import AttentionBatch, BlockManager, KVCache, KVCacheSpec
+from lmq.engine.kv_cache import (
+    AttentionBatch,
+    BlockManager,
+    KVCache,
+    KVCacheSpec,
+    build_batch,
+)
 from lmq.engine.model import EngineModel
 from lmq.engine.scheduler import Step
 
@@ -41,36 +47,16 @@ class ModelRunner:
         """Logits `[S, V]` fp32 of the step's sampling spans, in span order."""
         if step.is_decode and self.graphs and len(step.spans) <= self.buckets[-1]:
             return self._replay(step, manager)
+        batch = build_batch(manager, [(sp.seq.seq_id, sp.start, sp.end) for sp in step.spans],
+                            is_prefill=not step.is_decode, device=self.device)
         ids: list[int] = []
-        slots: list[int] = []
-        positions: list[int] = []
-        lens: list[int] = []
-        cu = [0]
-        rows: list[int] = []
-        tables = []
+        rows: list[int] = []  # the last row of each sampling span
         for sp in step.spans:
-            sid = sp.seq.seq_id
             ids += sp.seq.token_ids[sp.start:sp.end]
-            slots += manager.slots(sid, sp.start, sp.end)
-            positions += range(sp.start, sp.end)
-            lens.append(sp.end)
-            cu.append(cu[-1] + sp.end - sp.start)
             if sp.sample:
-                rows.append(cu[-1] - 1)
-            tables.append(manager.block_table(sid))
-        width = max(len(t) for t in tables)
-        dev = self.device
-        batch = AttentionBatch(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            max_q_len=max(sp.end - sp.start for sp in step.spans), max_seq_len=max(lens),
-            is_prefill=not step.is_decode,
-        )
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
-        sample_rows = torch.tensor(rows, dtype=torch.int64, device=dev)
+                rows.append(len(ids) - 1)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        sample_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
         return self.model.forward(input_ids, self.cache, batch, sample_rows)
 
     # -- CUDA graphs for decode -------------------------------------------------------------------

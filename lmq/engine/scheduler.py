@@ -90,7 +90,7 @@ class Scheduler:
         for seq in self.running:
             if budget == 0:
                 break
-            if seq.num_uncomputed > 1 and not any(s.seq is seq for s in spans):
+            if seq.num_uncomputed > 1:  # (decode took only sequences with exactly one left)
                 n = min(seq.num_uncomputed, budget)
                 spans.append(Span(seq, seq.num_computed, seq.num_computed + n))
                 budget -= n
