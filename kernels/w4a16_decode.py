@@ -28,7 +28,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lmq.kernels.w4a16_gemm import _cat, _dequant_pair, _num_sms, check_inputs, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemm import (
+    _cat,
+    _dequant_pair,
+    _num_sms,
+    _store_or_add,
+    check_inputs,
+    w4a16_gemm_ref,
+)
 
 from lmq.pack import planes64
 
@@ -109,10 +116,7 @@ def _w4a16_decode_kernel(
     out = acc.to(out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BN, BM]
     mask = m_mask[None, :] & n_mask[:, None]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, out, mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, out, mask=mask, sem="relaxed")
+    _store_or_add(out_ptrs, out, mask, SPLIT_K)
 
 
 def w4a16_decode(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

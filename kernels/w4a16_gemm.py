@@ -82,6 +82,15 @@ def _dequant_pair(h, zq, FIRST: tl.constexpr, MAGIC: tl.constexpr, IS_BF16: tl.c
 
 
 @triton.jit
+def _store_or_add(ptrs, out, mask, SPLIT_K: tl.constexpr):
+    """The epilogue of every W4A16 kernel: store, or add into the zeroed output when K is split."""
+    if SPLIT_K == 1:
+        tl.store(ptrs, out, mask=mask)
+    else:
+        tl.atomic_add(ptrs, out, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _cat(a, b):
     """`[R, C]`, `[R, C]` -> `[R, 2C]` (a's columns, then b's): join, swap the new axis in, merge."""
     return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
@@ -203,10 +212,7 @@ def _w4a16_gemm_kernel(
     else:
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]  # [BM, BN]
         mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, out, mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, out, mask=mask, sem="relaxed")
+    _store_or_add(out_ptrs, out, mask, SPLIT_K)
 
 
 # ---------------------------------------------------------------------------------------------

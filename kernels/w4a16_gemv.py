@@ -21,7 +21,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lmq.kernels.w4a16_gemm import _dequant_pair, _num_sms, check_inputs, pick_block_k, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemm import (
+    _dequant_pair,
+    _num_sms,
+    _store_or_add,
+    check_inputs,
+    pick_block_k,
+    w4a16_gemm_ref,
+)
 
 from lmq.pack import planes64
 
@@ -83,10 +90,7 @@ def _w4a16_gemv_kernel(
 
     out = acc.to(out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + m * stride_om + offs_n
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, out, mask=n_mask)
-    else:
-        tl.atomic_add(out_ptrs, out, mask=n_mask, sem="relaxed")
+    _store_or_add(out_ptrs, out, n_mask, SPLIT_K)
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
