@@ -50,15 +50,20 @@ SWEEP = {
 }
 
 
+def random_packed(N, K):
+    """Random g128 codes/scales/zeros [N, K], their planes64 tensors on the GPU and those tensors' bytes."""
+    q = QuantizedWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8),
+                        (torch.rand(N, K // G) * 0.01 + 0.001).half(),
+                        torch.randint(0, 16, (N, K // G), dtype=torch.uint8), 4, G)
+    p = {k: v.cuda() for k, v in planes64.pack(q).items()}
+    return q, p, sum(t.numel() * t.element_size() for t in p.values())
+
+
 def main(regimes):
     torch.manual_seed(0)
     weights = []
     for name, N, K in GEMM_SHAPES["llama3-8b"]:
-        q = QuantizedWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8),
-                            (torch.rand(N, K // G) * 0.01 + 0.001).half(),
-                            torch.randint(0, 16, (N, K // G), dtype=torch.uint8), 4, G)
-        p = {k: v.cuda() for k, v in planes64.pack(q).items()}
-        nbytes = sum(t.numel() * t.element_size() for t in p.values())
+        _, p, nbytes = random_packed(N, K)
         weights.append((name, K, [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]))
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
@@ -106,11 +111,7 @@ def gemv_compare(variants):
     runs = [r for r in runs if r[1] is not None]
     table = {}
     for name, N, K in GEMM_SHAPES["llama3-8b"]:
-        q = QuantizedWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8),
-                            (torch.rand(N, K // G) * 0.01 + 0.001).half(),
-                            torch.randint(0, 16, (N, K // G), dtype=torch.uint8), 4, G)
-        p = {k: v.cuda() for k, v in planes64.pack(q).items()}
-        nbytes = sum(t.numel() * t.element_size() for t in p.values())
+        q, p, nbytes = random_packed(N, K)
         # reference on the GPU from the layout-free codes: fp32 dequantize, fp32 matmul
         w = ((q.codes.cuda().float() - q.zeros.cuda().float().repeat_interleave(G, 1))
              * q.scales.cuda().float().repeat_interleave(G, 1))  # [N, K]
