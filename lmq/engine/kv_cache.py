@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from lmq.errors import InputError, LmqError
+from lmq.kernels.attention_decode import decode_attention
+from lmq.kernels.attention_prefill import prefill_attention
 from lmq.kernels.kv_quant import KV_DTYPES, PagedKV, write_kv
 
 DEFAULT_BLOCK_SIZE = 128  # tokens per block: a decode tile (128 tokens on GPU) reads one block
@@ -407,9 +409,6 @@ class KVCache:
         """One layer's attention for a step: write the new K/V [T, H_kv, D], then attend with
         q [T, H, D] over the cache (prefill: causal over prefix + new; decode: one row per
         sequence). Returns [T, H, D]."""
-        from lmq.kernels.attention_decode import decode_attention
-        from lmq.kernels.attention_prefill import prefill_attention
-
         if not batch.is_prefill and batch.max_q_len != 1:
             raise ValueError(f"a decode step computes one token per sequence, got up to {batch.max_q_len}")
         self.write(layer, k, v, batch.slot_mapping)

@@ -63,10 +63,6 @@ class Linear:
     group_size: int
     table: dict | None
 
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0] if self.weight is not None else self.qweight.shape[1]
-
 
 def fuse_linears(parts: list[dict[str, torch.Tensor]], biases: list[torch.Tensor] | None, group_size: int,
                  backend: str, dtype: torch.dtype, device: torch.device, table: dict | None) -> Linear:
@@ -251,21 +247,17 @@ class EngineModel:
             q.copy_(rope.apply_rope_ref(q, positions, self.cos, self.sin))
             k.copy_(rope.apply_rope_ref(k, positions, self.cos, self.sin))
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: kv_quant.PagedKV,
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
                   batch: AttentionBatch) -> torch.Tensor:
         """Write the new K/V [T, H_kv, D] into the layer's cache, then attend with q [T, H, D]."""
         if self.backend == "triton":
-            kv_quant.write_kv(k, v, cache, batch.slot_mapping)
-            if batch.is_prefill:
-                return attention_prefill.prefill_attention(q, cache, batch.block_tables, batch.cu_seqlens_q,
-                                                           batch.seq_lens, max_q_len=batch.max_q_len)
-            return attention_decode.decode_attention(q, cache, batch.block_tables, batch.seq_lens,
-                                                     max_seq_len=batch.max_seq_len)
-        kv_quant.write_kv_ref(k, v, cache, batch.slot_mapping)
+            return cache.attention(layer, q, k, v, batch)
+        pool = cache.layers[layer]
+        kv_quant.write_kv_ref(k, v, pool, batch.slot_mapping)
         if batch.is_prefill:
-            return attention_prefill.prefill_attention_ref(q, cache, batch.block_tables, batch.cu_seqlens_q,
+            return attention_prefill.prefill_attention_ref(q, pool, batch.block_tables, batch.cu_seqlens_q,
                                                            batch.seq_lens)
-        return attention_decode.decode_attention_ref(q, cache, batch.block_tables, batch.seq_lens)
+        return attention_decode.decode_attention_ref(q, pool, batch.block_tables, batch.seq_lens)
 
     # -- forward ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -292,7 +284,7 @@ class EngineModel:
                 q = self.rms_norm(q.contiguous(), lw.q_norm)
                 k = self.rms_norm(k.contiguous(), lw.k_norm)
             self.rope(q, k, batch.positions)
-            o = self.attention(q, k, v, cache.layers[i], batch)  # [T, H, D]
+            o = self.attention(q, k, v, cache, i, batch)  # [T, H, D]
             h, residual = self.rms_norm(self.linear(o.view(T, H * D), lw.o), lw.post_norm, residual)
             x = self.linear(self.silu_mul(self.linear(h, lw.gate_up)), lw.down)  # [T, C]
         if sample_rows is not None:
