@@ -10,7 +10,6 @@ Shapes: B batch, T tokens, H query heads, Hkv key/value heads, D head dim, C hid
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -72,29 +71,16 @@ class ModelConfig:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies `[D/2]` (fp32), with Llama-3 / linear rope scaling where configured."""
-    D = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))  # [D/2]
-    sc = cfg.rope_scaling
-    if sc:
-        kind = sc.get("rope_type", sc.get("type"))
-        if kind == "linear":
-            inv_freq = inv_freq / sc["factor"]
-        elif kind == "llama3":
-            factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
-            old_ctx = sc["original_max_position_embeddings"]
-            low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-            wavelen = 2 * math.pi / inv_freq
-            scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            mid = (1 - smooth) * scaled / factor + smooth * scaled
-            is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-            inv_freq = torch.where(is_mid, mid, scaled)
-        else:
-            raise UnsupportedError(
-                f"rope scaling type {kind!r} is not supported; lmq supports default, linear and llama3"
-            )
-    return inv_freq.float()
+    """Inverse frequencies `[D/2]` (fp32), with Llama-3 / linear rope scaling where configured; the
+    one definition is `lmq.kernels.rope.rope_inv_freq`, which the runtime uses too."""
+    from lmq.kernels.rope import rope_inv_freq as inv_freq_for
+
+    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise UnsupportedError(
+            f"rope scaling type {kind!r} is not supported; lmq supports default, linear and llama3"
+        )
+    return inv_freq_for(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
 
 def rope_cos_sin(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
