@@ -87,6 +87,8 @@ def main(regimes):
 # (BLOCK_N, BLOCK_K, num_warps, WAVES) of the tile-at-once GEMV (kernels/w4a16_gemv.py)
 GEMV_CANDIDATES = [(64, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (32, 512, 4, 4), (128, 256, 8, 4),
                    (64, 256, 4, 8)]
+# (SUM_PLANES, REDUCE) of the current GEMV, each tried with every candidate
+GEMV_OPTIONS = [(1, "atomic"), (2, "atomic"), (4, "atomic"), (2, "workspace"), (4, "workspace")]
 
 
 def _load_module(name, path):
@@ -102,10 +104,13 @@ def gemv_compare(variants):
 
     torch.manual_seed(0)
     kernels = [("cur", w4a16_gemv)] + [(n, _load_module(f"gemv_{n}", p).w4a16_gemv) for n, p in variants]
-    runs = [(f"{kn} {bn}x{bk} w{w} waves{wv}", kf, dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, WAVES=wv, num_warps=w,
-                                                          num_stages=1))
+    runs = [(f"{kn} {bn}x{bk} w{w} waves{wv}" + (f" sum{sp} {red[:4]}" if kn == "cur" else ""), kf,
+             dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, WAVES=wv, num_warps=w, num_stages=1,
+                  **(dict(SUM_PLANES=sp, REDUCE=red) if kn == "cur" else {})))
             for kn, kf in kernels
-            for bn, bk, w, wv in {"cur": GEMV_CANDIDATES, "v1": []}.get(kn, GEMV_CANDIDATES[:3])]
+            for bn, bk, w, wv in {"cur": GEMV_CANDIDATES, "v1": []}.get(kn, GEMV_CANDIDATES[:3])
+            for sp, red in (GEMV_OPTIONS if kn == "cur" else [(1, "atomic")])]
+    runs.append(("cur table", w4a16_gemv, CONFIGS["sm90"]["gemv"]))
     runs.append(("v1 table (64x256 w4)", dict(kernels).get("v1"), CONFIGS["sm90"]["gemv"]))
     runs.append(("decode kernel (table)", w4a16_gemm, CONFIGS["sm90"]["decode"]))
     runs = [r for r in runs if r[1] is not None]

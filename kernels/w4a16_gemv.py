@@ -11,7 +11,19 @@ its shared-memory footprint caps occupancy. Here weights go straight from global
 registers, are converted with the same exact int4 -> fp16/bf16 trick, multiplied with the
 activation in packed fp16/bf16 (each product (q - z) * x is rounded once; |q - z| <= 15, so it
 overflows only where |x| > 4366), and summed in fp32; each group's partial sums get their scale
-once. Split-K programs add into the zeroed output with atomics.
+once.
+
+Two config switches cut the instructions per weight, which bound this kernel on an H100 (SASS:
+~4.5 per weight of math per thread, against ~2 that would let the weights stream at full speed):
+- `SUM_PLANES` (fp16 only; 1, 2 or 4): the products of 1, 2 or 4 planes are summed in fp16 (packed
+  fma) before one conversion to fp32 and one fp32 add, instead of converting and adding each product.
+  Each extra plane adds one fp16 rounding of a partial sum and divides the overflow bound: products of
+  2 planes overflow only where |x| > 2183, of 4 where |x| > 1091. bf16 always uses 1 (its 8-bit
+  mantissa would round the sums too coarsely).
+- `REDUCE` for split-K: "atomic" adds each split's fp16 result into an output zeroed first (one
+  fill kernel per call); "workspace" adds fp32 partial sums into a per-stream workspace that is all
+  zeros between calls, counts arrivals per column block, and the last program to arrive writes the
+  output and clears its slice of the workspace and its counter (no fill kernel, fp32 split-K sums).
 
 `w4a16_gemv_ref` is the plain-PyTorch twin.
 """
@@ -33,13 +45,48 @@ from lmq.kernels.w4a16_gemm import (
 from lmq.pack import planes64
 
 
+# Four planes of two packed int16 lanes ($4) as fp16 q - z, 9 instructions for 8 weights: planes 0 and
+# 2 are `(r & 0x000F000F) | 0x64006400` = 1024 + q, minus 1024 + z ($5); planes 1 and 3 are left in
+# place, `(r & 0x00F000F0) | 0x64006400` = 1024 + 16q, and one fma by 1/16 (exact) with -(64 + z)
+# gives q - z; one shift by 8 serves planes 2 and 3.
+_QUAD_ASM = tl.constexpr("""{
+.reg .b32 t0, t1, t2, t3, hi, nz, r16;
+mov.b32 r16, 0x2C002C00;
+lop3.b32 t0, $4, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t1, $4, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 hi, $4, 8;
+lop3.b32 t2, hi, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t3, hi, 0x00F000F0, 0x64006400, 0xEA;
+xor.b32 nz, $6, 0x80008000;
+sub.f16x2 $0, t0, $5;
+fma.rn.f16x2 $1, t1, r16, nz;
+sub.f16x2 $2, t2, $5;
+fma.rn.f16x2 $3, t3, r16, nz;
+}""")
+
+
+@triton.jit
+def _dequant_quad_f16(h, zq, zq64, FAST: tl.constexpr):
+    """All four planes of `h [BN, 16]` int16 as fp16 q - z (exact); `zq` = 1024 + z, `zq64` = 64 + z."""
+    zb = tl.broadcast_to(zq[:, None], h.shape)
+    if FAST:
+        zb64 = tl.broadcast_to(zq64[:, None], h.shape)
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            _QUAD_ASM, "=r,=r,=r,=r,r,r,r", [h, zb, zb64], dtype=(zb.dtype, zb.dtype, zb.dtype, zb.dtype),
+            is_pure=True, pack=2)
+    else:
+        w0, w1 = _dequant_pair(h, zq, 0, 0x6400, False, False)
+        w2, w3 = _dequant_pair(h, zq, 2, 0x6400, False, False)
+    return w0, w1, w2, w3
+
+
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
     N, K, stride_xm, stride_om,
     G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     IS_BF16: tl.constexpr, CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,
-    FAST_CVT: tl.constexpr,
+    FAST_CVT: tl.constexpr, SUM_PLANES: tl.constexpr, REDUCE_WS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -69,6 +116,7 @@ def _w4a16_gemv_kernel(
             g = (kt + gi * G) // G
             z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
             zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN]
+            zq64 = ((z.to(tl.int16) << 4) | 0x5400).to(wdt, bitcast=True)  # [BN] 64 + z (fp16 path)
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
             part = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # per-lane partial sums of the group
             for cc in tl.static_range(CHUNKS_PER_GROUP):
@@ -76,21 +124,48 @@ def _w4a16_gemv_kernel(
                 chunk = (kt + gi * G) // CHUNK_K + cc
                 h = tl.load(qw_rows + chunk * N * LANES, mask=n_mask[:, None], other=0,
                             eviction_policy="evict_first")  # [BN, 16] int16
-                for ii in tl.static_range(PLANES_PER_GROUP // 2):
-                    w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
-                                           FAST_CVT)  # [BN, 16] q - z, exact
-                    k0 = chunk * CHUNK_K + LANES * ((gi * G) % CHUNK_K // LANES + 2 * ii)
-                    a0 = tl.load(x_row + k0 + lanes)  # [16]
-                    a1 = tl.load(x_row + k0 + LANES + lanes)  # [16]
-                    # products in the activation dtype (packed, exact up to one rounding: |q - z| <= 15),
-                    # sums in fp32
-                    part += (w0 * a0[None, :]).to(tl.float32) + (w1 * a1[None, :]).to(tl.float32)
+                if SUM_PLANES == 4 and PLANES_PER_GROUP == PLANES and not IS_BF16:
+                    # the whole chunk's four planes summed in fp16 (packed fma), then one fp32 add
+                    w0, w1, w2, w3 = _dequant_quad_f16(h, zq, zq64, FAST_CVT)  # [BN, 16] q - z, exact
+                    xk = x_row + chunk * CHUNK_K + lanes
+                    a0 = tl.load(xk)  # [16]
+                    a1 = tl.load(xk + LANES)
+                    a2 = tl.load(xk + 2 * LANES)
+                    a3 = tl.load(xk + 3 * LANES)
+                    pp = w0 * a0[None, :] + w1 * a1[None, :] + w2 * a2[None, :] + w3 * a3[None, :]
+                    part += pp.to(tl.float32)
+                else:
+                    for ii in tl.static_range(PLANES_PER_GROUP // 2):
+                        w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
+                                               FAST_CVT)  # [BN, 16] q - z, exact
+                        k0 = chunk * CHUNK_K + LANES * ((gi * G) % CHUNK_K // LANES + 2 * ii)
+                        a0 = tl.load(x_row + k0 + lanes)  # [16]
+                        a1 = tl.load(x_row + k0 + LANES + lanes)  # [16]
+                        if SUM_PLANES >= 2 and not IS_BF16:
+                            # two planes' products summed in fp16 (one packed mul + one packed fma)
+                            part += (w0 * a0[None, :] + w1 * a1[None, :]).to(tl.float32)
+                        else:
+                            # products in the activation dtype (packed, exact up to one rounding:
+                            # |q - z| <= 15), sums in fp32
+                            part += (w0 * a0[None, :]).to(tl.float32) + (w1 * a1[None, :]).to(tl.float32)
             # -- the group ends: reduce its lanes, apply its scale once ---------------------------
             acc += tl.sum(part, axis=1) * s
 
-    out = acc.to(out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + m * stride_om + offs_n
-    _store_or_add(out_ptrs, out, n_mask, SPLIT_K)
+    if REDUCE_WS and SPLIT_K > 1:
+        # fp32 partial sums into the all-zero workspace; the last split to arrive finishes the block
+        ws_ptrs = ws_ptr + m * N + offs_n
+        tl.atomic_add(ws_ptrs, acc, mask=n_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds are issued before the program counts itself in
+        cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel")  # release our adds, acquire the others'
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws_ptrs, mask=n_mask, other=0.0, cache_modifier=".cg")  # from L2
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(ws_ptrs, tl.zeros_like(total), mask=n_mask)  # all zeros again for the next call
+            tl.store(cnt, 0)
+    else:
+        _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), n_mask, SPLIT_K)
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -99,27 +174,55 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     # -- 1. check ---------------------------------------------------------------------------------
     N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemv")
     M = x2.shape[0]
-    cfg = config or {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "num_warps": 4, "num_stages": 1}
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
     if cfg["SPLIT_K"] > 0:
         split_k = min(cfg["SPLIT_K"], K // block_k)
     else:
-        split_k = max(1, min(triton.cdiv(4 * _num_sms(x.device), triton.cdiv(N, cfg["BLOCK_N"]) * max(M, 1)),
+        waves = cfg.get("WAVES", 4)
+        split_k = max(1, min(triton.cdiv(waves * _num_sms(x.device), triton.cdiv(N, cfg["BLOCK_N"]) * max(M, 1)),
                              K // block_k, 16))
+    if cfg["REDUCE"] not in ("atomic", "workspace") or cfg["SUM_PLANES"] not in (1, 2, 4):
+        raise ValueError(f"w4a16_gemv: bad config {cfg}: REDUCE is 'atomic' or 'workspace', SUM_PLANES 1, 2 or 4")
     # -- 2. allocate ------------------------------------------------------------------------------
-    out = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    use_ws = split_k > 1 and cfg["REDUCE"] == "workspace"
+    out = (torch.zeros if split_k > 1 and not use_ws else torch.empty)((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out.reshape(*lead, N)
+    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    ws, cnt = _workspace(x.device, M * N, M * n_blocks) if use_ws else (out, out)  # unused unless use_ws
     # -- 3. launch --------------------------------------------------------------------------------
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), split_k, M)
+    grid = (n_blocks, split_k, M)
     _w4a16_gemv_kernel[grid](
-        x2, qweight, scales, zeros, out, N, K, x2.stride(0), out.stride(0),
+        x2, qweight, scales, zeros, out, ws, cnt, N, K, x2.stride(0), out.stride(0),
         G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k,
         IS_BF16=x.dtype == torch.bfloat16, CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES,
         PLANES=planes64.PLANES, FAST_CVT=x.device.type == "cuda",
+        SUM_PLANES=cfg["SUM_PLANES"], REDUCE_WS=use_ws,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.reshape(*lead, N)
+
+
+DEFAULT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "num_warps": 4, "num_stages": 1,
+                  "SUM_PLANES": 1, "REDUCE": "atomic"}
+
+# Split-K workspaces, one per (device, stream): fp32 partial sums and int32 arrival counters, all zero
+# between calls (each call's last programs clear what they used). They only grow; a grown one keeps
+# the old tensors alive, since a captured CUDA graph may still point at them.
+_WORKSPACES: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _workspace(device: torch.device, n_sums: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    held = _WORKSPACES.setdefault(key, [])
+    if not held or held[-1][0].numel() < n_sums or held[-1][1].numel() < n_counters:
+        size = max(n_sums, held[-1][0].numel() if held else 0)
+        count = max(n_counters, held[-1][1].numel() if held else 0)
+        held.append((torch.zeros(size, dtype=torch.float32, device=device),
+                     torch.zeros(count, dtype=torch.int32, device=device)))
+    return held[-1]
 
 
 def w4a16_gemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -108,6 +108,33 @@ def test_gemv_odd_shape_and_split(split_k, device):
     with pytest.raises(ShapeError, match="K=192"):
         w4a16_gemv(x[..., :128], p["qweight"], p["scales"], p["zeros"], G)
 
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("sum_planes,reduce", [(2, "atomic"), (4, "atomic"), (4, "workspace"), (1, "workspace")])
+def test_gemv_fp16_sums_and_workspace_split(sum_planes, reduce, G, device):
+    """Products summed in fp16 over 2 or 4 planes, and the zero-fill-free split-K reduction: the same
+    function as the reference; the workspace is all zeros again after every call, so calls repeat."""
+    from lmq.kernels.w4a16_gemv import _WORKSPACES
+
+    N, K = 72, 512
+    p = random_packed(N, K, G, device)
+    cfg = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 3, "num_warps": 4, "num_stages": 1,
+           "SUM_PLANES": sum_planes, "REDUCE": reduce}
+    # the interpreter computes bf16 arithmetic on raw bits (../shared/TRITON-CPU.md): bf16 on the GPU only
+    dtypes = (torch.float16, torch.bfloat16) if device == "cuda" else (torch.float16,)
+    for dtype in dtypes:
+        x = torch.randn(2, K, device=device).to(dtype)
+        ref = w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)
+        first = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+        assert rel_err(first, ref) < TOL[dtype]
+        again = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+        assert torch.equal(first, again) or rel_err(again, first) < 1e-3  # fp32 atomics: order may vary
+        if reduce == "workspace":
+            for ws, cnt in (pair for held in _WORKSPACES.values() for pair in held):
+                assert not ws.any() and not cnt.any()
+    with pytest.raises(ValueError, match="SUM_PLANES"):
+        w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, {**cfg, "SUM_PLANES": 3})
+
+
 
 @pytest.mark.parametrize("dot_k", [16, 32, 64])
 @pytest.mark.parametrize("swap_ab", [False, True])
