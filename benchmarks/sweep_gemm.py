@@ -85,10 +85,10 @@ def main(regimes):
 
 
 # (BLOCK_N, BLOCK_K, num_warps, WAVES) of the tile-at-once GEMV (kernels/w4a16_gemv.py)
-GEMV_CANDIDATES = [(64, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (32, 512, 4, 4), (128, 256, 8, 4),
-                   (64, 256, 4, 8)]
+GEMV_CANDIDATES = [(64, 128, 4, 4), (64, 128, 4, 6), (64, 128, 4, 8), (64, 256, 4, 4), (64, 256, 4, 8),
+                   (128, 128, 8, 4), (128, 256, 8, 4), (128, 256, 8, 8), (32, 128, 4, 4), (32, 128, 4, 8)]
 # (SUM_PLANES, REDUCE) of the current GEMV, each tried with every candidate
-GEMV_OPTIONS = [(1, "atomic"), (2, "atomic"), (4, "atomic"), (2, "workspace"), (4, "workspace")]
+GEMV_OPTIONS = [(4, "workspace")]
 
 
 def _load_module(name, path):

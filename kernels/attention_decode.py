@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from lmq.errors import ShapeError
+from lmq.kernels.pdl import use_pdl
 from lmq.kernels.kv_quant import (
     KV_MODE,
     PagedKV,
@@ -97,8 +98,10 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     o_ptr, po_ptr, plse_ptr, lens_ptr, split_len,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, LAUNCH_DEPS: tl.constexpr,
 ):
+    if LAUNCH_DEPS:
+        tl.extra.cuda.gdc_launch_dependents()  # the o_proj GEMV may launch now (lmq.kernels.pdl)
     h = tl.program_id(0)
     b = tl.program_id(1)
     n_splits = tl.cdiv(tl.load(lens_ptr + b), split_len)
@@ -213,7 +216,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
             out, po, plse, seq_lens, split_len,
             out.stride(0), out.stride(1), *ps, *ls,
             D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
-            num_warps=4 if q.device.type == "cuda" else 1,
+            num_warps=4 if q.device.type == "cuda" else 1, LAUNCH_DEPS=use_pdl(q.device),
         )
     return out
 

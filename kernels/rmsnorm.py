@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from lmq.errors import ShapeError
+from lmq.kernels.pdl import use_pdl
 
 MAX_D = 16384
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,7 +32,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr,
                     stride_xt, stride_xh, stride_rt, stride_rh,
                     R, H, D, eps,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                    LAUNCH_DEPS: tl.constexpr):
+    if LAUNCH_DEPS:
+        tl.extra.cuda.gdc_launch_dependents()  # the next GEMV may launch now (lmq.kernels.pdl)
     # rows handled by this program, split into (t, h) so strided [T, H, D] views need no copy
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
     offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
@@ -109,6 +113,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
             x3, r3, weight, out, x3.stride(0), x3.stride(1), r3.stride(0), r3.stride(1),
             R, x3.shape[1], D, float(eps),
             HAS_RESIDUAL=residual is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,
+            LAUNCH_DEPS=use_pdl(x.device),
         )
     if residual is None:
         return out

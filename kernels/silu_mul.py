@@ -15,12 +15,15 @@ import triton
 import triton.language as tl
 
 from lmq.errors import ShapeError
+from lmq.kernels.pdl import use_pdl
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_xt, I, BLOCK_I: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_xt, I, BLOCK_I: tl.constexpr, LAUNCH_DEPS: tl.constexpr):
+    if LAUNCH_DEPS:
+        tl.extra.cuda.gdc_launch_dependents()  # the down GEMV may launch now (lmq.kernels.pdl)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # [BLOCK_I]
     mask = offs < I
@@ -49,7 +52,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     BLOCK_I = min(triton.next_power_of_2(I), 1024)
     num_warps = 1 if not gate_up.is_cuda else max(1, min(8, BLOCK_I // 256))
     _silu_mul_kernel[(T, triton.cdiv(I, BLOCK_I))](gate_up, out, gate_up.stride(0), I,
-                                                   BLOCK_I=BLOCK_I, num_warps=num_warps)
+                                                   BLOCK_I=BLOCK_I, num_warps=num_warps,
+                                                   LAUNCH_DEPS=use_pdl(gate_up.device))
     return out
 
 

@@ -222,7 +222,8 @@ def _w4a16_gemm_kernel(
 # sm90's entries and crossovers were measured on an H100 (benchmarks/NOTES-gemm.md, `lmq bench gemm`);
 # the other archs' rows are scaled to their shared memory and not yet measured.
 # ---------------------------------------------------------------------------------------------
-_GEMV = {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 0, "num_warps": 4, "num_stages": 1}
+_GEMV = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "WAVES": 8, "num_warps": 4, "num_stages": 1, "SUM_PLANES": 4,
+         "REDUCE": "workspace"}
 _DECODE = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1, "num_warps": 4,
            "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
@@ -232,7 +233,7 @@ _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_
 # >= 25.2M elements and the decode kernel on o_proj's 16.8M (9.7-10.3 vs 11.6-11.9 us), so the GEMV
 # threshold sits between them at 20M; the decode kernel wins from M=2 to 64; at M=256 the prefill kernel and dequantize + cuBLAS tie (436 vs 425 us over
 # the four shapes) and from M=1024 dequantize + cuBLAS wins, so sm90 never picks "prefill".
-_CROSS = {"gemv_max_m": 1, "gemv_min_numel": 20_000_000, "decode_max_m": 64, "dequant_min_m": 65}
+_CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min_m": 65}
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},

@@ -42,6 +42,7 @@ from lmq.kernels.w4a16_gemm import (
     w4a16_gemm_ref,
 )
 
+from lmq.kernels.pdl import use_pdl
 from lmq.pack import planes64
 
 
@@ -86,7 +87,7 @@ def _w4a16_gemv_kernel(
     N, K, stride_xm, stride_om,
     G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     IS_BF16: tl.constexpr, CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,
-    FAST_CVT: tl.constexpr, SUM_PLANES: tl.constexpr, REDUCE_WS: tl.constexpr,
+    FAST_CVT: tl.constexpr, SUM_PLANES: tl.constexpr, REDUCE_WS: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -110,6 +111,10 @@ def _w4a16_gemv_kernel(
     x_row = x_ptr + m * stride_xm
     qw_rows = qw_ptr + offs_n[:, None] * LANES + lanes[None, :]  # [BN, 16], chunk 0
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if PDL:
+        # launched early (programmatic dependent launch): wait for the previous kernel's writes (x,
+        # the workspace) before the first read of anything but weights
+        tl.extra.cuda.gdc_wait()
     for kt in range(k_lo, k_hi, BLOCK_K):
         for gi in tl.static_range(BLOCK_K // G):
             # -- one group: zero (as MAGIC + z) and scale for BLOCK_N rows ------------------------
@@ -179,8 +184,11 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if cfg["SPLIT_K"] > 0:
         split_k = min(cfg["SPLIT_K"], K // block_k)
     else:
+        # as many splits as keep the programs within WAVES x SMs, rounded down: on an H100 (sweep_gemm.py,
+        # NOTES-gemm.md run 8) rounding up put gate_up's 448 column blocks into 3 splits (1.45 resident
+        # waves, 28.8 us) where 2 take 23.9 us, while the narrow shapes gain from up to 16 splits
         waves = cfg.get("WAVES", 4)
-        split_k = max(1, min(triton.cdiv(waves * _num_sms(x.device), triton.cdiv(N, cfg["BLOCK_N"]) * max(M, 1)),
+        split_k = max(1, min((waves * _num_sms(x.device)) // (triton.cdiv(N, cfg["BLOCK_N"]) * max(M, 1)),
                              K // block_k, 16))
     if cfg["REDUCE"] not in ("atomic", "workspace") or cfg["SUM_PLANES"] not in (1, 2, 4):
         raise ValueError(f"w4a16_gemv: bad config {cfg}: REDUCE is 'atomic' or 'workspace', SUM_PLANES 1, 2 or 4")
@@ -192,14 +200,15 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     ws, cnt = _workspace(x.device, M * N, M * n_blocks) if use_ws else (out, out)  # unused unless use_ws
     # -- 3. launch --------------------------------------------------------------------------------
+    pdl = use_pdl(x.device)
     grid = (n_blocks, split_k, M)
     _w4a16_gemv_kernel[grid](
         x2, qweight, scales, zeros, out, ws, cnt, N, K, x2.stride(0), out.stride(0),
         G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k,
         IS_BF16=x.dtype == torch.bfloat16, CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES,
         PLANES=planes64.PLANES, FAST_CVT=x.device.type == "cuda",
-        SUM_PLANES=cfg["SUM_PLANES"], REDUCE_WS=use_ws,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SUM_PLANES=cfg["SUM_PLANES"], REDUCE_WS=use_ws, PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
     return out.reshape(*lead, N)
 

@@ -25,12 +25,13 @@ def compile_all(arch: str, dt: str) -> None:
     geometry = {"CHUNK_K": planes64.CHUNK_K, "LANES": planes64.LANES}
     ptrs = {"x_ptr": f"*{dt}", "qw_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": f"*{dt}"}
 
-    def build(kernel, scalars, consts, num_warps, num_stages):
-        sig = {**ptrs, **{s: "i32" for s in scalars}, **{k: "constexpr" for k in consts}}
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
+    def build(kernel, scalars, consts, num_warps, num_stages, extra_ptrs=None, pdl=False):
+        all_ptrs = {**ptrs, **(extra_ptrs or {})}
+        sig = {**all_ptrs, **{s: "i32" for s in scalars}, **{k: "constexpr" for k in consts}}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(all_ptrs))}
         k = triton.compile(ASTSource(kernel, sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
-                           options={"num_warps": num_warps, "num_stages": num_stages})
+                           options={"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": pdl})
         assert k.asm["cubin"]
 
     mnk = ["M", "N", "K", "stride_xm", "stride_om"]
@@ -42,9 +43,11 @@ def compile_all(arch: str, dt: str) -> None:
                "SWAP_AB": cfg.get("SWAP_AB", False), "DOT_K": cfg.get("DOT_K", 16), "FAST_CVT": True, **geometry},
               cfg["num_warps"], cfg["num_stages"])
     g = CONFIGS[arch]["gemv"]
-    build(_w4a16_gemv_kernel, ["N", "K", "stride_xm", "stride_om"],
-          {"G": 128, "BLOCK_N": g["BLOCK_N"], "BLOCK_K": g["BLOCK_K"], "SPLIT_K": 2, "IS_BF16": dt == "bf16",
-           "PLANES": planes64.PLANES, "FAST_CVT": True, **geometry}, g["num_warps"], 1)
+    for sum_planes, ws, pdl in ((1, False, False), (g["SUM_PLANES"], g["REDUCE"] == "workspace", cc >= 90)):
+        build(_w4a16_gemv_kernel, ["N", "K", "stride_xm", "stride_om"],
+              {"G": 128, "BLOCK_N": g["BLOCK_N"], "BLOCK_K": g["BLOCK_K"], "SPLIT_K": 2, "IS_BF16": dt == "bf16",
+               "PLANES": planes64.PLANES, "FAST_CVT": True, "SUM_PLANES": sum_planes, "REDUCE_WS": ws, "PDL": pdl,
+               **geometry}, g["num_warps"], 1, {"ws_ptr": "*fp32", "cnt_ptr": "*i32"}, pdl)
     build(_w4a16_decode_kernel, mnk,
           {"G": 128, "BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 2, "IS_BF16": dt == "bf16", "FAST_CVT": True,
            **geometry}, 4, 1)
