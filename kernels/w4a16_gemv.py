@@ -42,6 +42,7 @@ from lmq.kernels.w4a16_gemm import (
     w4a16_gemm_ref,
 )
 
+from lmq.errors import ShapeError
 from lmq.kernels.pdl import use_pdl
 from lmq.pack import planes64
 
@@ -83,11 +84,12 @@ def _dequant_quad_f16(h, zq, zq64, FAST: tl.constexpr):
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
-    N, K, stride_xm, stride_om,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, pos_ptr, cos_ptr, sin_ptr,
+    N, K, stride_xm, stride_om, stride_cp, rope_cols,
     G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     IS_BF16: tl.constexpr, CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,
     FAST_CVT: tl.constexpr, SUM_PLANES: tl.constexpr, REDUCE_WS: tl.constexpr, PDL: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -165,22 +167,56 @@ def _w4a16_gemv_kernel(
         cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(cnt, 1, sem="acq_rel")  # release our adds, acquire the others'
         if arrived == SPLIT_K - 1:
-            total = tl.load(ws_ptrs, mask=n_mask, other=0.0, cache_modifier=".cg")  # from L2
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-            tl.store(ws_ptrs, tl.zeros_like(total), mask=n_mask)  # all zeros again for the next call
+            if ROPE:
+                # this block is one head (BLOCK_N = head_dim): rotate its halves at the row's
+                # position if it lies in the first rope_cols columns (q and k of a fused qkv)
+                HALF: tl.constexpr = BLOCK_N // 2
+                offs_lo = pid_n * BLOCK_N + tl.arange(0, HALF)
+                lo_mask = offs_lo < N
+                hi_mask = offs_lo + HALF < N
+                lo = tl.load(ws_ptr + m * N + offs_lo, mask=lo_mask, other=0.0, cache_modifier=".cg")
+                hi = tl.load(ws_ptr + m * N + offs_lo + HALF, mask=hi_mask, other=0.0, cache_modifier=".cg")
+                pos = tl.load(pos_ptr + m).to(tl.int64)
+                c = tl.load(cos_ptr + pos * stride_cp + tl.arange(0, HALF))  # [HALF] fp32
+                sn = tl.load(sin_ptr + pos * stride_cp + tl.arange(0, HALF))
+                rotate = pid_n * BLOCK_N < rope_cols
+                lo_out = tl.where(rotate, lo * c - hi * sn, lo)
+                hi_out = tl.where(rotate, hi * c + lo * sn, hi)
+                o_lo = out_ptr + m * stride_om + offs_lo
+                tl.store(o_lo, lo_out.to(out_ptr.dtype.element_ty), mask=lo_mask)
+                tl.store(o_lo + HALF, hi_out.to(out_ptr.dtype.element_ty), mask=hi_mask)
+                tl.store(ws_ptr + m * N + offs_lo, tl.zeros_like(lo), mask=lo_mask)  # all zeros again
+                tl.store(ws_ptr + m * N + offs_lo + HALF, tl.zeros_like(hi), mask=hi_mask)
+            else:
+                total = tl.load(ws_ptrs, mask=n_mask, other=0.0, cache_modifier=".cg")  # from L2
+                tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+                tl.store(ws_ptrs, tl.zeros_like(total), mask=n_mask)  # all zeros again for the next call
             tl.store(cnt, 0)
     else:
         _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), n_mask, SPLIT_K)
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               group_size: int, config: dict | None = None) -> torch.Tensor:
-    """`x [..., K]` fp16/bf16 (few rows) times the packed `[N, K]` weight -> `[..., N]` in x's dtype."""
+               group_size: int, config: dict | None = None, rope: tuple | None = None) -> torch.Tensor:
+    """`x [..., K]` fp16/bf16 (few rows) times the packed `[N, K]` weight -> `[..., N]` in x's dtype.
+
+    `rope = (positions [M] int, cos, sin [P, D/2] fp32, rope_cols)` also rotates (RoPE, rotate-half)
+    each D-wide head among the first `rope_cols` output columns at its row's position, in the
+    split-K epilogue (one rounding); check `can_fuse_rope` first.
+    """
     # -- 1. check ---------------------------------------------------------------------------------
     N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemv")
     M = x2.shape[0]
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
+    if rope is not None:
+        positions, cos, sin, rope_cols = rope
+        D = 2 * cos.shape[1]
+        if not can_fuse_rope(N, K, group_size, D, cfg) or rope_cols % D or positions.shape != (M,):
+            raise ShapeError(f"w4a16_gemv: cannot fuse RoPE (head_dim {D}, N={N}, K={K}, rope_cols {rope_cols}, "
+                             f"{tuple(positions.shape)} positions for {M} rows)")
+        # one head per column block; the rotation happens where the splits meet, so split at least 2
+        cfg = {**cfg, "BLOCK_N": D, "REDUCE": "workspace", "num_warps": max(cfg["num_warps"], D // 16)}
     if cfg["SPLIT_K"] > 0:
         split_k = min(cfg["SPLIT_K"], K // block_k)
     else:
@@ -190,6 +226,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         waves = cfg.get("WAVES", 4)
         split_k = max(1, min((waves * _num_sms(x.device)) // (triton.cdiv(N, cfg["BLOCK_N"]) * max(M, 1)),
                              K // block_k, 16))
+    if rope is not None:
+        split_k = max(split_k, 2)
     if cfg["REDUCE"] not in ("atomic", "workspace") or cfg["SUM_PLANES"] not in (1, 2, 4):
         raise ValueError(f"w4a16_gemv: bad config {cfg}: REDUCE is 'atomic' or 'workspace', SUM_PLANES 1, 2 or 4")
     # -- 2. allocate ------------------------------------------------------------------------------
@@ -202,15 +240,26 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     # -- 3. launch --------------------------------------------------------------------------------
     pdl = use_pdl(x.device)
     grid = (n_blocks, split_k, M)
+    if rope is None:
+        positions, cos, sin, rope_cols = out, out, out, 0  # unused
     _w4a16_gemv_kernel[grid](
-        x2, qweight, scales, zeros, out, ws, cnt, N, K, x2.stride(0), out.stride(0),
+        x2, qweight, scales, zeros, out, ws, cnt, positions, cos, sin, N, K, x2.stride(0), out.stride(0),
+        cos.stride(0) if rope is not None else 0, rope_cols,
         G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k,
         IS_BF16=x.dtype == torch.bfloat16, CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES,
         PLANES=planes64.PLANES, FAST_CVT=x.device.type == "cuda",
-        SUM_PLANES=cfg["SUM_PLANES"], REDUCE_WS=use_ws, PDL=pdl,
+        SUM_PLANES=cfg["SUM_PLANES"], REDUCE_WS=use_ws, PDL=pdl, ROPE=rope is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
     return out.reshape(*lead, N)
+
+
+def can_fuse_rope(N: int, K: int, group_size: int, head_dim: int, config: dict | None = None) -> bool:
+    """Whether `w4a16_gemv(..., rope=...)` can rotate heads of `head_dim` in its epilogue: a power-of-two
+    head dim of 32..128 that divides N, and K long enough for two splits."""
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    return (head_dim in (32, 64, 128) and N % head_dim == 0
+            and K // pick_block_k(K, group_size, cfg["BLOCK_K"]) >= 2)
 
 
 DEFAULT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "num_warps": 4, "num_stages": 1,

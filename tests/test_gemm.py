@@ -108,6 +108,33 @@ def test_gemv_odd_shape_and_split(split_k, device):
     with pytest.raises(ShapeError, match="K=192"):
         w4a16_gemv(x[..., :128], p["qweight"], p["scales"], p["zeros"], G)
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gemv_fused_rope(head_dim, device):
+    """RoPE in the GEMV's split-K epilogue = the GEMV, then rotate the first rope_cols columns (q and k
+    of a fused qkv; v untouched), per row at its own position."""
+    from lmq.kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
+    from lmq.kernels.w4a16_gemv import can_fuse_rope
+
+    H, Hkv, G = 4, 2, 64
+    N, K = (H + 2 * Hkv) * head_dim, 256
+    p = random_packed(N, K, G, device)
+    cos, sin = rope_cos_sin(rope_inv_freq(head_dim, 500000.0), 4096, device)
+    x = torch.randn(2, K, device=device).half()
+    positions = torch.tensor([3, 4000], dtype=torch.int32, device=device)
+    rope_cols = (H + Hkv) * head_dim
+    assert can_fuse_rope(N, K, G, head_dim)
+    out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, {"SUM_PLANES": 4},
+                     rope=(positions, cos, sin, rope_cols))
+    y = w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)  # [2, N]
+    qk = y[:, :rope_cols].view(2, H + Hkv, head_dim)
+    ref = torch.cat([apply_rope_ref(qk, positions, cos, sin).view(2, rope_cols), y[:, rope_cols:]], dim=1)
+    assert rel_err(out[:, :rope_cols], ref[:, :rope_cols]) < TOL[torch.float16]
+    assert rel_err(out[:, rope_cols:], ref[:, rope_cols:]) < TOL[torch.float16]
+    assert not can_fuse_rope(N, K, G, 96) and not can_fuse_rope(N, 64, G, head_dim)
+    with pytest.raises(ShapeError, match="cannot fuse RoPE"):
+        w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, rope=(positions, cos, sin, rope_cols + 1))
+
+
 @pytest.mark.parametrize("G", [32, 64, 128])
 @pytest.mark.parametrize("sum_planes,reduce", [(2, "atomic"), (4, "atomic"), (4, "workspace"), (1, "workspace")])
 def test_gemv_fp16_sums_and_workspace_split(sum_planes, reduce, G, device):

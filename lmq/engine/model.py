@@ -7,7 +7,8 @@ One forward computes a step's packed tokens `input_ids [T]` (spans of several se
     per layer:
         h, residual = rms_norm(x, w_in, residual)      fused add + RMSNorm  [T, C]
         q | k | v  = h @ W_qkv^T (+ b_qkv)             one fused W4A16 linear [T, (H + 2 H_kv) D]
-        (q, k = rms_norm per head: Qwen3)               then RoPE in place
+        (q, k = rms_norm per head: Qwen3)               then RoPE in place (at M = 1 on the GPU,
+                                                        in the qkv GEMV's epilogue instead)
         write k, v into the cache; o = attention(q, cache)                   [T, H, D]
         h, residual = rms_norm(o @ W_o^T, w_post, residual)
         x = silu_mul(h @ W_gate_up^T) @ W_down^T        fused gate|up linear, fused SiLU * up
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from lmq.console import log, progress
 from lmq.engine.kv_cache import AttentionBatch, KVCache
-from lmq.engine.qlinear import qlinear
+from lmq.engine.qlinear import qlinear, qlinear_rope
 from lmq.errors import InputError, UnsupportedError
 from lmq.format.source import WeightSource, resolve_model_path
 from lmq.kernels import (
@@ -233,6 +234,16 @@ class EngineModel:
             return F.linear(x, lin.weight, lin.bias)
         return qlinear(x, lin.qweight, lin.scales, lin.zeros, lin.group_size, lin.table, lin.bias)
 
+    def qkv_rope(self, h: torch.Tensor, lw, positions: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The fused qkv linear; with RoPE already applied to q and k (True) where the W4A16 GEMV can
+        do it in its epilogue: Triton backend, no qkv bias, no q/k norm between the two."""
+        lin = lw.qkv
+        if self.backend != "triton" or lin.weight is not None or lin.bias is not None or lw.q_norm is not None:
+            return self.linear(h, lin), False
+        cfg = self.cfg
+        rope = (positions, self.cos, self.sin, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim)
+        return qlinear_rope(h, lin.qweight, lin.scales, lin.zeros, lin.group_size, lin.table, rope)
+
     def rms_norm(self, x, weight, residual=None):
         fn = rmsnorm.rms_norm if self.backend == "triton" else rmsnorm.rms_norm_ref
         return fn(x, weight, self.cfg.rms_eps, residual)
@@ -276,14 +287,15 @@ class EngineModel:
                 h = self.rms_norm(x, lw.input_norm)
             else:
                 h, residual = self.rms_norm(x, lw.input_norm, residual)
-            qkv = self.linear(h, lw.qkv)  # [T, (H + 2 Hkv) D]
+            qkv, roped = self.qkv_rope(h, lw, batch.positions)  # [T, (H + 2 Hkv) D]
             q = qkv[:, : H * D].view(T, H, D)
             k = qkv[:, H * D: (H + Hkv) * D].view(T, Hkv, D)
             v = qkv[:, (H + Hkv) * D:].view(T, Hkv, D)
             if lw.q_norm is not None:
                 q = self.rms_norm(q.contiguous(), lw.q_norm)
                 k = self.rms_norm(k.contiguous(), lw.k_norm)
-            self.rope(q, k, batch.positions)
+            if not roped:
+                self.rope(q, k, batch.positions)
             o = self.attention(q, k, v, cache, i, batch)  # [T, H, D]
             h, residual = self.rms_norm(self.linear(o.view(T, H * D), lw.o), lw.post_norm, residual)
             x = self.linear(self.silu_mul(self.linear(h, lw.gate_up)), lw.down)  # [T, C]
