@@ -22,9 +22,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from lmq.errors import ShapeError
-from lmq.kernels.pdl import use_pdl
 from lmq.kernels.kv_quant import (
     KV_MODE,
     PagedKV,
@@ -35,6 +32,9 @@ from lmq.kernels.kv_quant import (
     needs_off64,
     use_asm,
 )
+from lmq.kernels.pdl import use_pdl
+
+from lmq.errors import ShapeError
 
 
 @triton.jit

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lmq.kernels.pdl import use_pdl
 
 from lmq.errors import ShapeError
-from lmq.kernels.pdl import use_pdl
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

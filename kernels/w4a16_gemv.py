@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lmq.kernels.pdl import use_pdl
 from lmq.kernels.w4a16_gemm import (
     _dequant_pair,
     _num_sms,
@@ -43,9 +44,7 @@ from lmq.kernels.w4a16_gemm import (
 )
 
 from lmq.errors import ShapeError
-from lmq.kernels.pdl import use_pdl
 from lmq.pack import planes64
-
 
 # Four planes of two packed int16 lanes ($4) as fp16 q - z, 9 instructions for 8 weights: planes 0 and
 # 2 are `(r & 0x000F000F) | 0x64006400` = 1024 + q, minus 1024 + z ($5); planes 1 and 3 are left in
