@@ -167,6 +167,23 @@ def test_seeded_sampling_is_reproducible(llm, prompts):
         assert a.token_ids == again.token_ids
 
 
+def test_overlapped_decode_gives_the_same_tokens(weights, prompts, greedy, monkeypatch):
+    """Lookahead steps (the next decode step launched before this one's tokens are read) give the
+    tokens of plain steps, and drop the extra row of a request that stops on EOS or a stop string."""
+    plain = make_llm(weights, overlap=False)
+    eng = make_llm(weights)
+    launched = []
+    real = eng._lookahead
+    monkeypatch.setattr(eng, "_lookahead", lambda cur: launched.append(real(cur)) or launched[-1])
+    params = [GREEDY, SamplingParams(max_new_tokens=200), SamplingParams(max_new_tokens=40, stop=("the",))]
+    a, b = (e.generate(prompts, params) for e in (plain, eng))
+    assert [o.token_ids for o in a] == [o.token_ids for o in b] and [o.text for o in a] == [o.text for o in b]
+    assert [o.finish_reason for o in b] == [o.finish_reason for o in a]
+    assert prefix(b[:1], 32) == prefix(greedy[:1], 32)
+    assert sum(s is not None for s in launched) > 10  # most decode steps were lookahead steps
+    assert not eng.has_unfinished() and not eng.scheduler.running
+
+
 def test_stop_strings_and_streaming(llm, prompts, greedy):
     full = greedy[0].text
     stop = full.split()[2]

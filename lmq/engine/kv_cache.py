@@ -122,6 +122,13 @@ class BlockManager:
             return self.allocator.num_free >= 1
         return True
 
+    def has_room(self, seq_id: int) -> bool:
+        """Whether `append_slot` would need no new block and no copy (the token lands in the
+        sequence's own, unshared last block)."""
+        seq = self.seqs[seq_id]
+        pos = seq.num_tokens
+        return pos < len(seq.table) * self.block_size and self.allocator.refcount[seq.table[pos // self.block_size]] == 1
+
     def block_table(self, seq_id: int) -> list[int]:
         return self.seqs[seq_id].table
 

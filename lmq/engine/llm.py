@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,8 +32,8 @@ from lmq.engine.kv_cache import (
 from lmq.engine.model import EngineModel
 from lmq.engine.runner import ModelRunner
 from lmq.engine.sampling import SamplingParams, TextStream, make_generator, sample
-from lmq.engine.scheduler import Scheduler
-from lmq.engine.sequence import RequestOutput, Sequence
+from lmq.engine.scheduler import Scheduler, Span, Step
+from lmq.engine.sequence import RequestOutput, Sequence, Status
 from lmq.errors import InputError
 from lmq.evaluate import pick_device
 
@@ -54,6 +56,17 @@ def eos_token_ids(path: Path, tokenizer) -> set[int]:
     return ids
 
 
+@dataclass
+class _Launched:
+    """A step queued on the device: its sampled tokens (device), and for CUDA their pinned host copy
+    and the event after which that copy is complete."""
+
+    step: Step
+    tokens: torch.Tensor | None
+    host: torch.Tensor | None
+    done: torch.cuda.Event | None
+
+
 class LLM:
     """A 4-bit model served by lmq's engine on one device."""
 
@@ -61,7 +74,7 @@ class LLM:
                  cache_max_memory: str | int | None = None, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True, cuda_graphs: bool = True,
-                 backend: str = "auto", dtype: str | None = None):
+                 backend: str = "auto", dtype: str | None = None, overlap: bool = True):
         from transformers import AutoTokenizer
 
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
@@ -118,6 +131,9 @@ class LLM:
             f"{self.runner.cache.nbytes / 2**30:.2f} GiB, {self.kv_dtype})")
         self._ids = itertools.count()
         self.seqs: dict[int, Sequence] = {}
+        # overlapped decode: the next decode step is launched before this one's tokens are read back
+        self.overlap = overlap and os.environ.get("LMQ_OVERLAP", "1") != "0"
+        self._pending: _Launched | None = None  # a launched step whose tokens are not applied yet
 
     def _activation_bytes(self, tokens: int) -> int:
         """A generous bound on one prefill step's activations (fp16/bf16), logits of one row each."""
@@ -167,36 +183,102 @@ class LLM:
 
     # -- one engine step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns an update for every request that got a token (or finished)."""
-        step = self.scheduler.schedule()
-        if step is None:
-            if self.scheduler.waiting:  # nothing fits and nothing runs: cannot happen with check_prompt
-                raise InputError("the KV cache cannot hold the next request; raise --cache-max-memory")
-            return []
+        """Run one step; returns an update for every request that got a token (or finished).
+
+        Overlapped decode: when the step just launched is a plain decode step of every running
+        sequence and the next one is certain to be the same sequences one token further (nothing
+        waiting, no sequence at its length limit, no new block needed, no repetition penalty), the
+        next step is launched first, with the sampled tokens fed to it on the device, and only then
+        are this step's tokens read back and applied. The host's work then overlaps the GPU's. A
+        sequence that stops on EOS or a stop string meanwhile has its extra row dropped.
+        """
+        if self._pending is None:
+            step = self.scheduler.schedule()
+            if step is None:
+                if self.scheduler.waiting:  # nothing fits and nothing runs: cannot happen with check_prompt
+                    raise InputError("the KV cache cannot hold the next request; raise --cache-max-memory")
+                return []
+            self._pending = self._launch(step)
+        cur, self._pending = self._pending, None
+        nxt = self._lookahead(cur)
+        if nxt is not None:
+            self._pending = self._launch(nxt, cur.tokens)
+        return self._apply(cur)
+
+    def _launch(self, step: Step, ids: torch.Tensor | None = None) -> _Launched:
+        """Queue the step and the sampling of its tokens on the device; `ids` [B] (on the device)
+        are the input tokens of a lookahead step, whose last token the host does not have yet."""
         now = time.perf_counter()
         for sp in step.spans:
             if sp.seq.metrics.first_scheduled is None:
                 sp.seq.metrics.first_scheduled = now
         self.runner.cache.copy_blocks(step.copies)
         try:
-            logits = self.runner.run(step, self.manager)  # [S, V]
+            logits = self.runner.run(step, self.manager, ids)  # [S, V]
         except torch.cuda.OutOfMemoryError as e:  # the cache took what the activations needed
             raise InputError(
                 f"the GPU ran out of memory in a step of {step.num_tokens} tokens over {len(step.spans)} "
                 "sequences; leave more room for activations: lower --gpu-memory-utilization or "
                 "--cache-max-memory, or max_num_batched_tokens (Python API)") from e
         sampled = [sp.seq for sp in step.spans if sp.sample]
-        tokens = sample(logits, [s.params for s in sampled], [s.token_ids for s in sampled],
-                        [s.generator for s in sampled]).tolist() if sampled else []
-        # only now, with the tokens in hand: an interrupted step (Ctrl-C, an error) is recomputed by
-        # the next one, instead of leaving sequences computed to the end with no token to add
-        for sp in step.spans:
-            self.scheduler.advance(sp)
         if not sampled:
+            return _Launched(step, None, None, None)
+        tokens = sample(logits, [s.params for s in sampled], [s.token_ids for s in sampled],
+                        [s.generator for s in sampled])  # [S] on the device
+        if tokens.device.type != "cuda":
+            return _Launched(step, tokens, None, None)
+        # read back through pinned memory with an event: a .tolist() would queue behind the next step
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Launched(step, tokens, host, done)
+
+    def _lookahead(self, cur: _Launched) -> Step | None:
+        """The next decode step, if it is certain to be `cur`'s sequences one token further; the
+        slots of the new tokens are reserved here."""
+        step = cur.step
+        if not self.overlap or cur.tokens is None or not step.is_decode or self.scheduler.waiting:
+            return None
+        running = self.scheduler.running
+        if len(step.spans) != len(running) or not all(sp.sample for sp in step.spans):
+            return None
+        for sp in step.spans:
+            seq = sp.seq
+            if (seq.status is not Status.RUNNING or seq.params.repetition_penalty != 1.0
+                    or len(seq.output_ids) + 2 > seq.params.max_new_tokens
+                    or seq.num_tokens + 2 > self.max_model_len or not self.manager.has_room(seq.seq_id)):
+                return None
+        spans = []
+        for sp in step.spans:
+            self.manager.append_slot(sp.seq.seq_id)  # has_room: no new block, no copy
+            spans.append(Span(sp.seq, sp.end, sp.end + 1))
+        return Step(spans, [])
+
+    def _apply(self, cur: _Launched) -> list[RequestOutput]:
+        """Read the step's tokens back and apply them: advance, append, stop checks, outputs."""
+        if cur.tokens is None:
+            tokens = []
+        elif cur.host is None:
+            tokens = cur.tokens.tolist()
+        else:
+            cur.done.synchronize()
+            tokens = cur.host.tolist()
+        # only now, with the tokens in hand: an interrupted step (Ctrl-C, an error) is recomputed by
+        # the next one, instead of leaving sequences computed to the end with no token to add.
+        # A lookahead step's rows of sequences that stopped or were aborted meanwhile are dropped.
+        live = [sp for sp in cur.step.spans if sp.seq.status is Status.RUNNING]
+        for sp in live:
+            self.scheduler.advance(sp)
+        if not tokens:
             return []
         now = time.perf_counter()
         outputs = []
-        for seq, tok in zip(sampled, tokens):
+        sampled = [sp for sp in cur.step.spans if sp.sample]  # the rows of `tokens`, in order
+        for sp, tok in zip(sampled, tokens):
+            seq = sp.seq
+            if seq.status is not Status.RUNNING:
+                continue
             seq.token_ids.append(tok)
             m = seq.metrics
             m.token_times.append(now)

@@ -43,19 +43,20 @@ class ModelRunner:
             self._capture()
 
     # -- eager steps ------------------------------------------------------------------------------
-    def run(self, step: Step, manager: BlockManager) -> torch.Tensor:
-        """Logits `[S, V]` fp32 of the step's sampling spans, in span order."""
+    def run(self, step: Step, manager: BlockManager, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `[S, V]` fp32 of the step's sampling spans, in span order. `ids` [B] on the device
+        replace the input tokens of a decode step (a lookahead step: the host does not have them)."""
         if step.is_decode and self.graphs and len(step.spans) <= self.buckets[-1]:
-            return self._replay(step, manager)
+            return self._replay(step, manager, ids)
         batch = build_batch(manager, [(sp.seq.seq_id, sp.start, sp.end) for sp in step.spans],
                             is_prefill=not step.is_decode, device=self.device)
-        ids: list[int] = []
+        dev_ids, ids = ids, []
         rows: list[int] = []  # the last row of each sampling span
         for sp in step.spans:
-            ids += sp.seq.token_ids[sp.start:sp.end]
+            ids += sp.seq.token_ids[sp.start:sp.end] if dev_ids is None else [0]
             if sp.sample:
                 rows.append(len(ids) - 1)
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device) if dev_ids is None else dev_ids
         sample_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
         return self.model.forward(input_ids, self.cache, batch, sample_rows)
 
@@ -109,7 +110,7 @@ class ModelRunner:
         h[3 * G:4 * G] = 1  # lens: padded rows attend over one token
         h[4 * G:5 * G + 1] = np.arange(G + 1, dtype=np.int32)
 
-    def _replay(self, step: Step, manager: BlockManager) -> torch.Tensor:
+    def _replay(self, step: Step, manager: BlockManager, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Fill the static buffers through a numpy view of the pinned host buffer (a few
         microseconds per step: this host work sits between two graph replays), copy, replay."""
         B = len(step.spans)
@@ -122,13 +123,16 @@ class ModelRunner:
         for r, sp in enumerate(step.spans):
             p = sp.start
             table = manager.block_table(sp.seq.seq_id)
-            h[r] = sp.seq.token_ids[p]  # input id
+            if ids is None:
+                h[r] = sp.seq.token_ids[p]  # input id
             h[G + r] = p  # position
             h[2 * G + r] = table[p // P] * P + p % P  # slot of the new token
             h[3 * G + r] = p + 1  # cache length after the write
             h[base + r * W: base + r * W + len(table)] = table
         self._dev.copy_(self._host, non_blocking=True)
         self._copied.record()
+        if ids is not None:
+            self._ids[:B].copy_(ids)  # queued after the copy above, so it wins
         graph, out = self.graphs[bs]
         graph.replay()
         rows = [r for r, sp in enumerate(step.spans) if sp.sample]

@@ -35,7 +35,8 @@ class Span:
 
     @property
     def sample(self) -> bool:
-        return self.end == self.seq.num_tokens
+        # (> for a lookahead step: its input token is sampled on the device, not yet appended)
+        return self.end >= self.seq.num_tokens
 
 
 @dataclass
