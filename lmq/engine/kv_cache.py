@@ -205,13 +205,15 @@ class BlockManager:
         seq.num_tokens = pos + 1
         return seq.table[pos // bs] * bs + pos % bs, copies
 
-    def seal_block(self, seq_id: int, token_ids: list[int]) -> None:
-        """After decode filled a block, key it by its tokens so later prompts can reuse it."""
+    def seal_block(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
+        """After decode wrote the K/V of the first `num_computed` tokens, key the block that this
+        filled (if any) by its tokens, so later prompts can reuse it. (`num_computed`, not the slots
+        reserved: an overlapped step may already hold the slot of the next token.)"""
         seq = self.seqs[seq_id]
         bs = self.block_size
-        if not self.prefix_caching or seq.num_tokens % bs or seq.num_tokens == 0:
+        if not self.prefix_caching or num_computed % bs or num_computed == 0:
             return
-        i = seq.num_tokens // bs - 1
+        i = num_computed // bs - 1
         if i != seq.num_hashed:  # keyed already (a re-admitted sequence's prompt, by `allocate`)
             return
         chunk = token_ids[i * bs:(i + 1) * bs]

@@ -143,7 +143,7 @@ class Scheduler:
         seq = span.seq
         seq.num_computed = span.end
         if span.end > seq.num_prompt_tokens:  # prompt blocks were keyed at allocate
-            self.manager.seal_block(seq.seq_id, seq.token_ids)
+            self.manager.seal_block(seq.seq_id, seq.token_ids, span.end)
 
     def preempt(self, seq: Sequence) -> None:
         self.manager.free(seq.seq_id, seq.num_computed)
