@@ -17,9 +17,12 @@ Two config switches cut the instructions per weight, which bound this kernel on 
 ~4.5 per weight of math per thread, against ~2 that would let the weights stream at full speed):
 - `SUM_PLANES` (fp16 only; 1, 2 or 4): the products of 1, 2 or 4 planes are summed in fp16 (packed
   fma) before one conversion to fp32 and one fp32 add, instead of converting and adding each product.
-  Each extra plane adds one fp16 rounding of a partial sum and divides the overflow bound: products of
-  2 planes overflow only where |x| > 2183, of 4 where |x| > 1091. bf16 always uses 1 (its 8-bit
-  mantissa would round the sums too coarsely).
+  Each extra plane adds one fp16 rounding of a partial sum. Overflow needs one lane's 2 or 4
+  products (input channels k, k + 16, k + 32, k + 48 of one row) to sum past 65504: all of them
+  large at once (|x| > 2183 for 2 planes, > 1091 for 4), or a single channel past |x| ~ 4366 as with
+  1 plane. Outlier ("massive") activations sit in a handful of channels, so the single-channel bound
+  is the one that matters in practice. bf16 always uses 1 (its 8-bit mantissa would round the sums
+  too coarsely).
 - `REDUCE` for split-K: "atomic" adds each split's fp16 result into an output zeroed first (one
   fill kernel per call); "workspace" adds fp32 partial sums into a per-stream workspace that is all
   zeros between calls, counts arrivals per column block, and the last program to arrive writes the
