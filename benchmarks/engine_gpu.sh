@@ -7,7 +7,7 @@
 # carries .devcarry/e2 (second part) and runs. Make .devcarry/e2 here with
 #   split -b 50M ~/.cache/lmq/gguf/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/ggufpart-
 #   mkdir -p .devcarry/e2 && mv /tmp/ggufpart-ab .devcarry/e2/
-# STAGES picks what runs (default "tests bench"); BENCH_ARGS adds options to the bench.
+# STAGES picks what runs (default "tests bench"); TESTS the test files; BENCH_ARGS adds options to the bench.
 set -euo pipefail
 W=/tmp/lmqdev
 mkdir -p "$W"
@@ -27,8 +27,10 @@ for stage in $STAGES; do
     G=$LMQ_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
     [ -f "$G" ] || cat "$W"/ggufpart-aa "$W"/ggufpart-ab > "$G"
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$W"/gguf-*.whl
-    PYTHONPATH=/tmp/site timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_fused_ops.py \
-      tests/test_sampling.py 2>&1 | tee "$OUT/tests.log" || echo "tests failed or timed out"
+    # TESTS overrides which test files run (default: the engine, fused-op and sampling tests)
+    PYTHONPATH=/tmp/site timeout 300 python3 -m pytest -q -x -p no:cacheprovider \
+      ${TESTS:-tests/test_engine.py tests/test_fused_ops.py tests/test_sampling.py} 2>&1 | tee "$OUT/tests.log" \
+      || echo "tests failed or timed out"
     ;;
   bench)
     lmq bench --synthetic llama3-8b --batch 1,16,64 --input-len 128,1024 --output-len 128 --num-requests 256 \
