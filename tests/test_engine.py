@@ -265,6 +265,34 @@ def test_an_interrupted_step_leaves_the_requests_runnable(weights, prompts, monk
     assert all(eng.seqs[i].is_finished and len(eng.seqs[i].output_ids) == 2 for i in ids)
 
 
+def test_an_interrupted_overlapped_step_leaves_the_requests_runnable(weights, prompts, monkeypatch):
+    """Ctrl-C while a step's tokens are read back, with the next step already launched: the tokens
+    of the interrupted step are computed again, none is lost or shifted, and the requests finish."""
+    plain = make_llm(weights, overlap=False).generate(prompts[:2], SHORT)
+    eng = make_llm(weights)
+    ids = [eng.add_request(p, SHORT) for p in prompts[:2]]
+    real = eng._apply
+    state = {"armed": False}
+
+    def interrupted(cur):
+        if state["armed"] and eng._pending is not None:
+            state["armed"] = False
+            raise KeyboardInterrupt
+        return real(cur)
+
+    monkeypatch.setattr(eng, "_apply", interrupted)
+    for _ in range(4):
+        eng.step()
+    state["armed"] = True
+    with pytest.raises(KeyboardInterrupt):
+        eng.step()
+    for _ in range(30):
+        if not eng.has_unfinished():
+            break
+        eng.step()
+    assert [eng.seqs[i].output_ids for i in ids] == [o.token_ids for o in plain]
+
+
 def test_out_of_memory_in_a_step_is_explained_and_leaves_nothing_running(llm, prompts, monkeypatch):
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

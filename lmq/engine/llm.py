@@ -203,7 +203,11 @@ class LLM:
         nxt = self._lookahead(cur)
         if nxt is not None:
             self._pending = self._launch(nxt, cur.tokens)
-        return self._apply(cur)
+        try:
+            return self._apply(cur)
+        except BaseException:  # Ctrl-C while reading back: `cur` is computed again by the next step,
+            self._pending = None  # so the lookahead fed from its tokens is dropped (its slot stays reserved)
+            raise
 
     def _launch(self, step: Step, ids: torch.Tensor | None = None) -> _Launched:
         """Queue the step and the sampling of its tokens on the device; `ids` [B] (on the device)
