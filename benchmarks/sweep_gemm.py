@@ -85,8 +85,8 @@ def main(regimes):
 
 
 # (BLOCK_N, BLOCK_K, num_warps, WAVES) of the tile-at-once GEMV (kernels/w4a16_gemv.py)
-GEMV_CANDIDATES = [(64, 128, 4, 4), (64, 128, 4, 6), (64, 128, 4, 8), (64, 256, 4, 4), (64, 256, 4, 8),
-                   (128, 128, 8, 4), (128, 256, 8, 4), (128, 256, 8, 8), (32, 128, 4, 4), (32, 128, 4, 8)]
+GEMV_CANDIDATES = [(64, 128, 4, 8), (64, 128, 4, 16, 32), (64, 128, 4, 12, 32), (32, 128, 4, 8), (32, 128, 2, 16, 32),
+                   (32, 128, 2, 8), (128, 128, 8, 16, 32), (64, 256, 4, 16, 32)]  # (BN, BK, warps, WAVES[, MAX_SPLIT])
 # (SUM_PLANES, REDUCE) of the current GEMV, each tried with every candidate
 GEMV_OPTIONS = [(4, "workspace")]
 
@@ -104,11 +104,11 @@ def gemv_compare(variants):
 
     torch.manual_seed(0)
     kernels = [("cur", w4a16_gemv)] + [(n, _load_module(f"gemv_{n}", p).w4a16_gemv) for n, p in variants]
-    runs = [(f"{kn} {bn}x{bk} w{w} waves{wv}" + (f" sum{sp} {red[:4]}" if kn == "cur" else ""), kf,
-             dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, WAVES=wv, num_warps=w, num_stages=1,
+    runs = [(f"{kn} {bn}x{bk} w{w} waves{wv} max{(*ms, 16)[0]}" + (f" sum{sp} {red[:4]}" if kn == "cur" else ""), kf,
+             dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, WAVES=wv, num_warps=w, num_stages=1, MAX_SPLIT=(*ms, 16)[0],
                   **(dict(SUM_PLANES=sp, REDUCE=red) if kn == "cur" else {})))
             for kn, kf in kernels
-            for bn, bk, w, wv in {"cur": GEMV_CANDIDATES, "v1": []}.get(kn, GEMV_CANDIDATES[:3])
+            for bn, bk, w, wv, *ms in {"cur": GEMV_CANDIDATES, "v1": []}.get(kn, GEMV_CANDIDATES[:3])
             for sp, red in (GEMV_OPTIONS if kn == "cur" else [(1, "atomic")])]
     runs.append(("cur table", w4a16_gemv, CONFIGS["sm90"]["gemv"]))
     runs.append(("v1 table (64x256 w4)", dict(kernels).get("v1"), CONFIGS["sm90"]["gemv"]))

@@ -227,7 +227,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         # waves, 28.8 us) where 2 take 23.9 us, while the narrow shapes gain from up to 16 splits
         waves = cfg.get("WAVES", 4)
         split_k = max(1, min((waves * _num_sms(x.device)) // (triton.cdiv(N, cfg["BLOCK_N"]) * max(M, 1)),
-                             K // block_k, 16))
+                             K // block_k, cfg.get("MAX_SPLIT", 16)))
     if rope is not None:
         split_k = max(split_k, 2)
     if cfg["REDUCE"] not in ("atomic", "workspace") or cfg["SUM_PLANES"] not in (1, 2, 4):
