@@ -293,6 +293,58 @@ def test_an_interrupted_overlapped_step_leaves_the_requests_runnable(weights, pr
     assert [eng.seqs[i].output_ids for i in ids] == [o.token_ids for o in plain]
 
 
+def test_decode_graphs_are_captured_on_their_warm_up_stream(weights, monkeypatch):
+    """The W4A16 GEMV's split-K workspace is per stream and made at its first use: each decode graph
+    must be captured on the stream its warm-up ran on, so the workspace is made (and zeroed) in the
+    warm-up and not inside the capture (allocated in the graphs' shared pool, zeroed only by replays
+    of that one graph, and handed to every later capture). Checked with stand-ins for torch.cuda."""
+    from contextlib import contextmanager
+
+    eng = make_llm(weights, max_num_seqs=2)
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    default = Stream()
+    current, calls = [default], []
+
+    class Event:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    @contextmanager
+    def on(stream):
+        prev, current[0] = current[0], stream
+        try:
+            yield
+        finally:
+            current[0] = prev
+
+    capture_stream = Stream()
+
+    @contextmanager
+    def graph(g, pool=None, stream=None):
+        with on(stream if stream is not None else capture_stream):
+            calls.append("capture")
+            yield
+
+    real_zeros, real_forward = torch.zeros, eng.runner.model.forward
+    monkeypatch.setattr(torch, "zeros", lambda *a, pin_memory=False, **k: real_zeros(*a, **k))
+    for name, fake in [("Stream", Stream), ("Event", Event), ("stream", on), ("graph", graph),
+                       ("CUDAGraph", object), ("graph_pool_handle", object),
+                       ("current_stream", lambda *a: current[0]), ("synchronize", lambda *a: None)]:
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(eng.runner.model, "forward", lambda *a, **k: calls.append(current[0]) or real_forward(*a, **k))
+    eng.runner._capture()
+    warm_ups = calls[0::3]
+    captures = calls[2::3]
+    assert calls[1::3] == ["capture"] * len(eng.runner.buckets) and all(s is not default for s in warm_ups)
+    assert captures == warm_ups
+
+
 def test_out_of_memory_in_a_step_is_explained_and_leaves_nothing_running(llm, prompts, monkeypatch):
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")

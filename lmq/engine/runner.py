@@ -97,7 +97,9 @@ class ModelRunner:
                 self.model.forward(ids, self.cache, batch)  # warm-up: compiles and autotunes kernels
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # captured on the warm-up's stream: per-stream state made at first use (the GEMV's split-K
+            # workspace) is made and zeroed by the warm-up, not allocated inside the capture
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 out = self.model.forward(ids, self.cache, batch)  # [bs, V]
             self.graphs[bs] = (graph, out)
         torch.cuda.synchronize()
