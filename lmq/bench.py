@@ -88,7 +88,9 @@ def graph_time_us(fns: list, calls: int, reps: int = 15) -> float:
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # captured on the warm-up stream: per-stream state made there (the GEMV's split-K workspace) is
+    # then really allocated and zeroed, not made inside this capture
+    with torch.cuda.graph(graph, stream=side):
         for i in range(calls):
             fns[i % len(fns)]()
     graph.replay()
