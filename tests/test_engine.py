@@ -196,6 +196,17 @@ def test_overlapped_decode_gives_the_same_tokens(weights, prompts, greedy, monke
     assert not eng.has_unfinished() and not eng.scheduler.running
 
 
+def test_a_new_request_does_not_wait_behind_a_stopped_lookahead(weights, prompts):
+    """A request that stops on a stop string leaves a lookahead step behind; the next request's
+    first step() prefills it (and gives its first token) instead of reading that leftover step."""
+    eng = make_llm(weights)
+    cut = eng.generate([prompts[0]], SamplingParams(max_new_tokens=32, stop=("the",), ignore_eos=True))[0]
+    assert cut.finish_reason == "stop" and eng._pending is not None  # the leftover lookahead
+    rid = eng.add_request(prompts[1], SamplingParams(max_new_tokens=4))
+    outs = eng.step()
+    assert [o.request_id for o in outs] == [rid] and len(outs[0].token_ids) == 1
+
+
 def test_stop_strings_and_streaming(llm, prompts, greedy):
     full = greedy[0].text
     stop = full.split()[2]

@@ -192,6 +192,8 @@ class LLM:
         are this step's tokens read back and applied. The host's work then overlaps the GPU's. A
         sequence that stops on EOS or a stop string meanwhile has its extra row dropped.
         """
+        if self._pending is not None and not any(sp.seq.status is Status.RUNNING for sp in self._pending.step.spans):
+            self._pending = None  # a lookahead of requests that all stopped meanwhile: nothing to read
         if self._pending is None:
             step = self.scheduler.schedule()
             if step is None:
