@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode_rp|decode|prefill ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|prefill ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
@@ -13,7 +13,6 @@ import importlib.util
 import sys
 
 import torch
-from lmq.kernels.w4a16_decode import w4a16_decode
 from lmq.kernels.w4a16_gemm import w4a16_gemm
 from lmq.kernels.w4a16_gemv import w4a16_gemv
 
@@ -28,11 +27,6 @@ SWEEP = {
         "configs": [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, num_warps=w, num_stages=1)
                     for bn, bk, w in ((32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 4),
                                       (128, 256, 8), (64, 512, 4), (16, 256, 2))],
-    },
-    "decode_rp": {
-        "ms": [1, 16, 64],
-        "configs": [dict(BLOCK_M=16, BLOCK_N=bn, SPLIT_K=0, num_warps=w, WAVES=wv)
-                    for bn, w, wv in ((32, 4, 4), (64, 4, 4), (64, 4, 8), (128, 4, 4), (128, 8, 4))],
     },
     "decode": {
         "ms": [1, 16, 64],
@@ -72,7 +66,7 @@ def main(regimes):
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                    kernel = {"gemv": w4a16_gemv, "decode_rp": w4a16_decode}.get(regime, w4a16_gemm)
+                    kernel = w4a16_gemv if regime == "gemv" else w4a16_gemm
                     fns = [lambda pp=pp, kernel=kernel, x=x, cfg=cfg: kernel(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
                            for pp in packs]
                     per.append(graph_time_us(fns, calls=max(20, len(fns)), reps=9))

@@ -6,7 +6,6 @@ tests run every arch's decode and prefill configurations, bf16 included, at mode
 
 import pytest
 import torch
-from lmq.kernels.w4a16_decode import w4a16_decode, w4a16_decode_ref
 from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
 from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
 from lmq.kernels.w4a16_gemv import w4a16_gemv, w4a16_gemv_ref
@@ -69,29 +68,6 @@ def test_gemv_matches_ref(M, G, device):
     out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G)
     ref = w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)
     assert out.shape == (M, N) and rel_err(out, ref) < TOL[torch.float16]
-
-
-@pytest.mark.parametrize("G", [32, 64, 128])
-@pytest.mark.parametrize("M", [1, 3, 17])
-def test_decode_kernel_matches_ref(M, G, device):
-    N, K = 40, 256
-    p = random_packed(N, K, G, device)
-    x = torch.randn(M, K, device=device).half()
-    out = w4a16_decode(x, p["qweight"], p["scales"], p["zeros"], G)
-    ref = w4a16_decode_ref(x, p["qweight"], p["scales"], p["zeros"], G)
-    assert out.shape == (M, N) and rel_err(out, ref) < TOL[torch.float16]
-
-
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_decode_kernel_odd_shape_and_split(split_k, device):
-    N, K, G = 72, 576, 64
-    p = random_packed(N, K, G, device)
-    x = torch.randn(2, K, device=device).half()
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "SPLIT_K": split_k, "num_warps": 4}
-    out = w4a16_decode(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
-    assert rel_err(out, w4a16_decode_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
-    with pytest.raises(ShapeError, match="float16 or bfloat16"):
-        w4a16_decode(x.float(), p["qweight"], p["scales"], p["zeros"], G)
 
 
 @pytest.mark.parametrize("split_k", [1, 2])
@@ -244,20 +220,6 @@ def test_gemm_gpu_configs(arch, regime, dtype):
             out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS[arch][regime])
             ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
             assert rel_err(out, ref) < TOL[dtype], (arch, regime, N, K, G, M)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_kernel_gpu(dtype):
-    for (N, K, G) in [(576, 1536, 32), (1536, 576, 64), (4096, 4096, 128)]:
-        p = random_packed(N, K, G, "cuda")
-        for bn in (32, 64, 128):
-            cfg = {"BLOCK_M": 16, "BLOCK_N": bn, "SPLIT_K": 0, "num_warps": 4}
-            for M in (1, 2, 16, 17, 64):
-                x = torch.randn(M, K, device="cuda", dtype=dtype)
-                out = w4a16_decode(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
-                ref = w4a16_decode_ref(x, p["qweight"], p["scales"], p["zeros"], G)
-                assert rel_err(out, ref) < TOL[dtype], (N, K, G, bn, M)
 
 
 @pytest.mark.gpu

@@ -13,12 +13,11 @@ import pytest
 
 def compile_all(arch: str, dt: str) -> None:
     import triton
+    from lmq.kernels.w4a16_gemm import CONFIGS, _w4a16_gemm_kernel
+    from lmq.kernels.w4a16_gemv import _w4a16_gemv_kernel
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lmq.kernels.w4a16_decode import _w4a16_decode_kernel
-    from lmq.kernels.w4a16_gemm import CONFIGS, _w4a16_gemm_kernel
-    from lmq.kernels.w4a16_gemv import _w4a16_gemv_kernel
     from lmq.pack import planes64
 
     cc = int(arch[2:])
@@ -50,9 +49,6 @@ def compile_all(arch: str, dt: str) -> None:
                "IS_BF16": dt == "bf16", "PLANES": planes64.PLANES, "FAST_CVT": True, "SUM_PLANES": sum_planes,
                "REDUCE_WS": ws, "PDL": pdl, "ROPE": rope, **geometry}, g["num_warps"], 1,
               {"ws_ptr": "*fp32", "cnt_ptr": "*i32", "pos_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}, pdl)
-    build(_w4a16_decode_kernel, mnk,
-          {"G": 128, "BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": 2, "IS_BF16": dt == "bf16", "FAST_CVT": True,
-           **geometry}, 4, 1)
 
 
 @pytest.mark.slow

@@ -5,9 +5,7 @@
 By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`):
     M <= gemv_max_m            -> W4A16 GEMV (CUDA cores, weights straight to registers, split-K),
                                   for weights of at least gemv_min_numel = N*K elements
-    M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K), or
-                                  w4a16_decode (register-prefetched weights) when the config says
-                                  "KERNEL": "prefetch"
+    M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K)
     M <  dequant_min_m         -> W4A16 kernel, prefill config (tensor-core tiles)
     otherwise                  -> dequantize to fp16/bf16, then cuBLAS (torch.matmul)
 """
@@ -18,7 +16,6 @@ import torch
 from torch import nn
 
 from lmq.errors import UnsupportedError
-from lmq.kernels.w4a16_decode import w4a16_decode
 from lmq.kernels.w4a16_dequant import w4a16_dequant
 from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm
 from lmq.kernels.w4a16_gemv import can_fuse_rope, w4a16_gemv
@@ -72,8 +69,6 @@ def run_path(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if path == "dequant":
         return torch.matmul(x, w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
     cfg = table[path]
-    if path == "decode" and cfg.get("KERNEL") == "prefetch":
-        return w4a16_decode(x, qweight, scales, zeros, group_size, None if x.device.type == "cpu" else cfg)
     return w4a16_gemm(x, qweight, scales, zeros, group_size, INTERPRET_CONFIG if x.device.type == "cpu" else cfg)
 
 
