@@ -17,12 +17,14 @@ Two config switches cut the instructions per weight, which bound this kernel on 
 ~4.5 per weight of math per thread, against ~2 that would let the weights stream at full speed):
 - `SUM_PLANES` (fp16 only; 1, 2 or 4): the products of 1, 2 or 4 planes are summed in fp16 (packed
   fma) before one conversion to fp32 and one fp32 add, instead of converting and adding each product.
-  Each extra plane adds one fp16 rounding of a partial sum. Overflow needs one lane's 2 or 4
-  products (input channels k, k + 16, k + 32, k + 48 of one row) to sum past 65504: all of them
-  large at once (|x| > 2183 for 2 planes, > 1091 for 4), or a single channel past |x| ~ 4366 as with
-  1 plane. Outlier ("massive") activations sit in a handful of channels, so the single-channel bound
-  is the one that matters in practice. bf16 always uses 1 (its 8-bit mantissa would round the sums
-  too coarsely).
+  Each extra plane adds one fp16 rounding of a partial sum. With 4 (the tables' choice) the weights
+  are dequantized to (q - z) / 16, still exact, and the 16 comes back with the group's scale in
+  fp32: a lane's four products (input channels k, k + 16, k + 32, k + 48 of one row) then overflow
+  only if all four exceed |x| ~ 17466, and one channel alone cannot (fp16 itself ends at 65504).
+  With 2 (q - z unscaled) the bounds are |x| > 2183 for both, 4366 for one, as with 1 plane.
+  Products of activations below ~1e-3 fall into fp16's subnormal range with 4 (they lose relative
+  precision, not the sum). bf16 always uses 1 (its 8-bit mantissa would round the sums too
+  coarsely).
 - `REDUCE` for split-K: "atomic" adds each split's fp16 result into an output zeroed first (one
   fill kernel per call); "workspace" adds fp32 partial sums into a per-stream workspace that is all
   zeros between calls, counts arrivals per column block, and the last program to arrive writes the
@@ -49,38 +51,43 @@ from lmq.kernels.w4a16_gemm import (
 from lmq.errors import ShapeError
 from lmq.pack import planes64
 
-# Four planes of two packed int16 lanes ($4) as fp16 q - z, 9 instructions for 8 weights: planes 0 and
-# 2 are `(r & 0x000F000F) | 0x64006400` = 1024 + q, minus 1024 + z ($5); planes 1 and 3 are left in
-# place, `(r & 0x00F000F0) | 0x64006400` = 1024 + 16q, and one fma by 1/16 (exact) with -(64 + z)
-# gives q - z; one shift by 8 serves planes 2 and 3.
+# Four planes of two packed int16 lanes ($4) as fp16 (q - z) / 16, exact, 9 instructions for 8
+# weights: planes 0 and 2 are `(r & 0x000F000F) | 0x64006400` = 1024 + q, and one fma by 1/16 with
+# -(64 + z/16) ($5) gives (q - z) / 16; planes 1 and 3 are left in place,
+# `(r & 0x00F000F0) | 0x64006400` = 1024 + 16q, and one fma by 1/256 with -(4 + z/16) ($6) gives the
+# same; one shift by 8 serves planes 2 and 3. Every intermediate is exact in fp16.
 _QUAD_ASM = tl.constexpr("""{
-.reg .b32 t0, t1, t2, t3, hi, nz, r16;
+.reg .b32 t0, t1, t2, t3, hi, n0, n1, r16, r256;
 mov.b32 r16, 0x2C002C00;
+mov.b32 r256, 0x1C001C00;
 lop3.b32 t0, $4, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 t1, $4, 0x00F000F0, 0x64006400, 0xEA;
 shr.u32 hi, $4, 8;
 lop3.b32 t2, hi, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 t3, hi, 0x00F000F0, 0x64006400, 0xEA;
-xor.b32 nz, $6, 0x80008000;
-sub.f16x2 $0, t0, $5;
-fma.rn.f16x2 $1, t1, r16, nz;
-sub.f16x2 $2, t2, $5;
-fma.rn.f16x2 $3, t3, r16, nz;
+xor.b32 n0, $5, 0x80008000;
+xor.b32 n1, $6, 0x80008000;
+fma.rn.f16x2 $0, t0, r16, n0;
+fma.rn.f16x2 $1, t1, r256, n1;
+fma.rn.f16x2 $2, t2, r16, n0;
+fma.rn.f16x2 $3, t3, r256, n1;
 }""")
 
 
 @triton.jit
-def _dequant_quad_f16(h, zq, zq64, FAST: tl.constexpr):
-    """All four planes of `h [BN, 16]` int16 as fp16 q - z (exact); `zq` = 1024 + z, `zq64` = 64 + z."""
-    zb = tl.broadcast_to(zq[:, None], h.shape)
+def _dequant_quad_f16(h, zq, z64, z4, FAST: tl.constexpr):
+    """All four planes of `h [BN, 16]` int16 as fp16 (q - z) / 16 (exact); `zq` = 1024 + z,
+    `z64` = 64 + z/16, `z4` = 4 + z/16 (fp16, [BN])."""
     if FAST:
-        zb64 = tl.broadcast_to(zq64[:, None], h.shape)
+        c0 = tl.broadcast_to(z64[:, None], h.shape)
+        c1 = tl.broadcast_to(z4[:, None], h.shape)
         w0, w1, w2, w3 = tl.inline_asm_elementwise(
-            _QUAD_ASM, "=r,=r,=r,=r,r,r,r", [h, zb, zb64], dtype=(zb.dtype, zb.dtype, zb.dtype, zb.dtype),
+            _QUAD_ASM, "=r,=r,=r,=r,r,r,r", [h, c0, c1], dtype=(c0.dtype, c0.dtype, c0.dtype, c0.dtype),
             is_pure=True, pack=2)
     else:
         w0, w1 = _dequant_pair(h, zq, 0, 0x6400, False, False)
         w2, w3 = _dequant_pair(h, zq, 2, 0x6400, False, False)
+        w0, w1, w2, w3 = w0 * 0.0625, w1 * 0.0625, w2 * 0.0625, w3 * 0.0625  # exact in fp16
     return w0, w1, w2, w3
 
 
@@ -104,6 +111,8 @@ def _w4a16_gemv_kernel(
     k_lo = pid_k * tiles_per_split * BLOCK_K
     k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
     CHUNKS_PER_GROUP: tl.constexpr = G // CHUNK_K if G > CHUNK_K else 1
+    # the four-plane fp16 path works on (q - z) / 16: the 16 comes back with the scale, in fp32
+    QUAD_UNSCALE: tl.constexpr = 16.0 if (SUM_PLANES == 4 and G >= CHUNK_K and not IS_BF16) else 1.0
     PLANES_PER_GROUP: tl.constexpr = PLANES if G >= CHUNK_K else G // LANES
     if IS_BF16:
         MAGIC: tl.constexpr = 0x4300  # bf16 128.0
@@ -125,7 +134,8 @@ def _w4a16_gemv_kernel(
             g = (kt + gi * G) // G
             z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
             zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN]
-            zq64 = ((z.to(tl.int16) << 4) | 0x5400).to(wdt, bitcast=True)  # [BN] 64 + z (fp16 path)
+            z64 = (z.to(tl.int16) | 0x5400).to(wdt, bitcast=True)  # [BN] 64 + z/16 (fp16 four-plane path)
+            z4 = ((z.to(tl.int16) << 4) | 0x4400).to(wdt, bitcast=True)  # [BN] 4 + z/16
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
             part = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # per-lane partial sums of the group
             for cc in tl.static_range(CHUNKS_PER_GROUP):
@@ -135,7 +145,7 @@ def _w4a16_gemv_kernel(
                             eviction_policy="evict_first")  # [BN, 16] int16
                 if SUM_PLANES == 4 and PLANES_PER_GROUP == PLANES and not IS_BF16:
                     # the whole chunk's four planes summed in fp16 (packed fma), then one fp32 add
-                    w0, w1, w2, w3 = _dequant_quad_f16(h, zq, zq64, FAST_CVT)  # [BN, 16] q - z, exact
+                    w0, w1, w2, w3 = _dequant_quad_f16(h, zq, z64, z4, FAST_CVT)  # [BN, 16] (q - z) / 16
                     xk = x_row + chunk * CHUNK_K + lanes
                     a0 = tl.load(xk)  # [16]
                     a1 = tl.load(xk + LANES)
@@ -158,7 +168,7 @@ def _w4a16_gemv_kernel(
                             # |q - z| <= 15), sums in fp32
                             part += (w0 * a0[None, :]).to(tl.float32) + (w1 * a1[None, :]).to(tl.float32)
             # -- the group ends: reduce its lanes, apply its scale once ---------------------------
-            acc += tl.sum(part, axis=1) * s
+            acc += tl.sum(part, axis=1) * (s * QUAD_UNSCALE)
 
     out_ptrs = out_ptr + m * stride_om + offs_n
     if REDUCE_WS and SPLIT_K > 1:
