@@ -84,6 +84,20 @@ def test_gemv_odd_shape_and_split(split_k, device):
     with pytest.raises(ShapeError, match="K=192"):
         w4a16_gemv(x[..., :128], p["qweight"], p["scales"], p["zeros"], G)
 
+def test_gemv_four_plane_sums_do_not_overflow_on_large_activations(device):
+    """Four channels of one lane at |x| = 3000: unscaled fp16 sums of their products would pass 65504
+    (4 x 15 x 3000); the four-plane path sums (q - z) / 16 products and stays finite and exact."""
+    N, K, G = 64, 256, 128
+    p = random_packed(N, K, G, device)
+    x = (torch.randn(1, K, device=device) * 0.5).half()
+    for k in (5, 5 + 16, 5 + 32, 5 + 48):
+        x[0, k] = 3000.0
+    cfg = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "SUM_PLANES": 4, "REDUCE": "workspace"}
+    out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gemv_fused_rope(head_dim, device):
     """RoPE in the GEMV's split-K epilogue = the GEMV, then rotate the first rope_cols columns (q and k
