@@ -111,9 +111,11 @@ def _w4a16_gemv_kernel(
     k_lo = pid_k * tiles_per_split * BLOCK_K
     k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
     CHUNKS_PER_GROUP: tl.constexpr = G // CHUNK_K if G > CHUNK_K else 1
-    # the four-plane fp16 path works on (q - z) / 16: the 16 comes back with the scale, in fp32
-    QUAD_UNSCALE: tl.constexpr = 16.0 if (SUM_PLANES == 4 and G >= CHUNK_K and not IS_BF16) else 1.0
     PLANES_PER_GROUP: tl.constexpr = PLANES if G >= CHUNK_K else G // LANES
+    # the four-plane fp16 path (a group holds whole chunks) works on (q - z) / 16: the 16 comes back
+    # with the scale, in fp32
+    QUAD: tl.constexpr = SUM_PLANES == 4 and PLANES_PER_GROUP == PLANES and not IS_BF16
+    QUAD_UNSCALE: tl.constexpr = 16.0 if QUAD else 1.0
     if IS_BF16:
         MAGIC: tl.constexpr = 0x4300  # bf16 128.0
         wdt: tl.constexpr = tl.bfloat16
@@ -143,7 +145,7 @@ def _w4a16_gemv_kernel(
                 chunk = (kt + gi * G) // CHUNK_K + cc
                 h = tl.load(qw_rows + chunk * N * LANES, mask=n_mask[:, None], other=0,
                             eviction_policy="evict_first")  # [BN, 16] int16
-                if SUM_PLANES == 4 and PLANES_PER_GROUP == PLANES and not IS_BF16:
+                if QUAD:
                     # the whole chunk's four planes summed in fp16 (packed fma), then one fp32 add
                     w0, w1, w2, w3 = _dequant_quad_f16(h, zq, z64, z4, FAST_CVT)  # [BN, 16] (q - z) / 16
                     xk = x_row + chunk * CHUNK_K + lanes
