@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from lmq.console import log, progress
 from lmq.engine.kv_cache import AttentionBatch, KVCache
-from lmq.engine.qlinear import qlinear, qlinear_rope
+from lmq.engine.qlinear import local_arch, qlinear, qlinear_rope
 from lmq.errors import InputError, UnsupportedError
 from lmq.format.source import WeightSource, resolve_model_path
 from lmq.kernels import (
@@ -45,6 +45,7 @@ from lmq.kernels import (
     rope,
     silu_mul,
 )
+from lmq.kernels.w4a16_gemm import CONFIGS, check_bf16_support
 from lmq.models.llama import ModelConfig
 
 
@@ -103,6 +104,17 @@ def _pick_dtype(src: WeightSource, device: torch.device, backend: str, dtype: st
     return torch.bfloat16 if src.source_dtype() == torch.bfloat16 else torch.float16
 
 
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto" -> triton on a CUDA device, torch elsewhere; anything else is checked against the device."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in ("triton", "torch"):
+        raise InputError(f"backend {backend!r}: expected auto, triton or torch")
+    if backend == "triton" and device.type != "cuda":
+        raise UnsupportedError("the triton backend runs on a CUDA GPU; on CPU use the torch backend")
+    return backend
+
+
 class EngineModel:
     """All weights of a 4-bit checkpoint on one device, and the forward of one engine step."""
 
@@ -110,13 +122,7 @@ class EngineModel:
         from lmq.pack.api import load_linears
 
         self.device = device
-        if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "torch"
-        if backend not in ("triton", "torch"):
-            raise InputError(f"backend {backend!r}: expected auto, triton or torch")
-        if backend == "triton" and device.type != "cuda":
-            raise UnsupportedError("the triton backend runs on a CUDA GPU; on CPU use the torch backend")
-        self.backend = backend
+        self.backend = backend = _resolve_backend(backend, device)
         self.src = src = WeightSource(resolve_model_path(str(path)))
         if src.quant is None:
             raise InputError(f"{src.path} is not a 4-bit checkpoint (no quantization_config); make one first: "
@@ -124,16 +130,11 @@ class EngineModel:
         self.cfg: ModelConfig = src.cfg
         self.dtype = _pick_dtype(src, device, backend, dtype)
         if backend == "triton":
-            from lmq.engine.qlinear import local_arch
-            from lmq.kernels.w4a16_gemm import check_bf16_support
-
             self.arch = local_arch(device)
             if self.dtype == torch.bfloat16:
                 check_bf16_support(torch.empty(0, dtype=self.dtype, device=device), "the engine")
         else:  # the reference path reads whatever layout the checkpoint was packed in
             self.arch = (src.manifest or {}).get("arch") if src.packed is not None else "sm80"
-        from lmq.kernels.w4a16_gemm import CONFIGS
-
         table = CONFIGS[self.arch] if backend == "triton" else None
         G, lin = load_linears(src.path, self.arch)
         self.group_size = G
@@ -165,19 +166,14 @@ class EngineModel:
         """Random weights at a real model's shape (`SYNTHETIC_CONFIGS`), made directly in the packed
         layout on `device`: what speed is measured on where no checkpoint can be downloaded. Scales
         keep every layer's output at unit scale, so activations stay finite at any depth."""
-        from lmq.kernels.w4a16_gemm import CONFIGS
         from lmq.models.configs import synthetic_config
 
         self = cls.__new__(cls)
         self.device, self.src, self.group_size = device, None, group_size
-        self.backend = ("triton" if device.type == "cuda" else "torch") if backend == "auto" else backend
+        self.backend = _resolve_backend(backend, device)
         self.cfg = cfg = ModelConfig.from_hf(synthetic_config(name))
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        self.arch = "sm80"
-        if self.backend == "triton":
-            from lmq.engine.qlinear import local_arch
-
-            self.arch = local_arch(device)
+        self.arch = local_arch(device) if self.backend == "triton" else "sm80"
         table = CONFIGS[self.arch] if self.backend == "triton" else None
         g = torch.Generator(device).manual_seed(seed)
 
