@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from lmq.bench_attention import parse_list
 from lmq.console import log
 from lmq.engine.llm import LLM
 from lmq.engine.sampling import SamplingParams
@@ -341,16 +342,6 @@ def report_json(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------
-def _ints(spec: str, name: str) -> list[int]:
-    try:
-        vals = [int(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        vals = []
-    if not vals or min(vals) < 1:
-        raise InputError(f"{name} {spec!r}: expected comma-separated positive integers, e.g. 1,8,32")
-    return vals
-
-
 def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "latency,throughput,multiturn",
               batches: str = "1,8,32", input_lens: str = "128,1024", output_lens: str = "128",
               num_requests: int = 256, dataset: str | None = None, concurrency: int | None = None, turns: int = 8,
@@ -373,7 +364,8 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
         raise InputError(f"--baseline {baseline!r}: expected none or hf")
     if concurrency is not None and concurrency < 1:
         raise InputError(f"--concurrency must be >= 1, got {concurrency}")
-    B, n_in, n_out = _ints(batches, "--batch"), _ints(input_lens, "--input-len"), _ints(output_lens, "--output-len")
+    B, n_in, n_out = parse_list(batches, "--batch"), parse_list(input_lens, "--input-len"), \
+        parse_list(output_lens, "--output-len")
     if dataset is not None and not Path(dataset).is_file():  # before minutes of loading
         raise InputError(f"--dataset {dataset} is not a file; give a jsonl file of {{\"prompt\", \"max_tokens\"}} lines")
     dev = pick_device(device)
