@@ -33,6 +33,14 @@ DATA=$W/wiki.test.raw
 CALIB=$W/c4.txt
 R=$OUT
 : "${SEQLEN:=1024}"
+if [ -n "${PROXY:-}" ]; then
+  # Rank AWQ variants instead (benchmarks/quality_proxy.py, fp32 scorer, all 296 windows), e.g.
+  # PROXY="--group-size 64 --baselines --variant base: --variant id:scale_identity=1"
+  # shellcheck disable=SC2086
+  python3 benchmarks/quality_proxy.py --device cuda --model "$MODEL" --calib "$CALIB" --data "$DATA" \
+    --samples 128 --windows 296 --quant-inputs $PROXY 2> "$R/proxy.err" | tee -a "$R/proxy.jsonl"
+  exit 0
+fi
 # What to run (defaults: everything docs/quality.md shows). Each model is scored as soon as it is
 # written, so a run cut short still returns whole rows.
 : "${METHODS:=awq}" "${GSIZES:=64 32}" "${KV-int8 int4}" "${WIKICALIB:=1}" "${KLD_RTN:=1}"

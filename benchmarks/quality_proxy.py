@@ -25,6 +25,7 @@ from lmq.format.source import WeightSource, resolve_model_path
 from lmq.models.llama import layer_forward, rms_norm, rope_cos_sin
 from lmq.quant import awq
 from lmq.quant.calib import calibration_tokens
+from lmq.quant.refine import refine_rounding
 from lmq.quant.rtn import fake_quantize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--baselines", action="store_true", help="also score the unquantized model and RTN")
     ap.add_argument("--set", nargs="*", default=[], help="QuantSettings overrides, name=value")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--variant", action="append", help="NAME:k=v,k=v (repeatable; one process, shared baselines)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--old-vo", action="store_true", help="no v_proj -> o_proj scaling under GQA (before run 4)")
     args = ap.parse_args()
@@ -78,10 +80,6 @@ def main() -> None:
     path = resolve_model_path(args.model)
     src = WeightSource(path)
     cfg = src.cfg
-    qs = awq.QuantSettings(group_size=args.group_size)
-    for kv in args.set:
-        k, v = kv.split("=")
-        setattr(qs, k, type(getattr(qs, k))(v) if not isinstance(getattr(qs, k), bool) else v in ("1", "true"))
     tok = AutoTokenizer.from_pretrained(str(path))
     tokens = calibration_tokens(args.calib, tok, args.samples, args.seqlen, 0)
     ids = windows(path, args.data, args.eval_seqlen, args.windows)
@@ -90,31 +88,56 @@ def main() -> None:
     if args.old_vo:
         awq.group_applies = lambda g, lw: (not g.prev.endswith("_proj") or
                                            lw[f"{g.prev}.weight"].shape[0] == lw[f"{g.linears[0]}.weight"].shape[1])
-    res: dict = {"tag": args.tag, "samples": args.samples, "windows": args.windows,
-                 "eval_seqlen": args.eval_seqlen, "seqlen": args.seqlen, "group_size": args.group_size,
-                 "quant_inputs": args.quant_inputs, "settings": args.set}
+    base: dict = {"samples": args.samples, "windows": args.windows, "eval_seqlen": args.eval_seqlen,
+                  "seqlen": args.seqlen, "group_size": args.group_size, "quant_inputs": args.quant_inputs}
     if args.baselines:
-        res["ppl_fp"] = ppl(src, fp_layers, ids, dev)
-        res["ppl_rtn"] = ppl(src, [fq(lw, cfg, qs) for lw in fp_layers], ids, dev)
-
-    torch.manual_seed(0)
-    x = src.embed(torch.float32)[tokens].to(dev)  # [S, T, C]
-    cos, sin = rope_cos_sin(cfg, torch.arange(tokens.shape[1], device=dev), torch.float32)
-    q_layers, ratios = [], []
-    for i, lw in enumerate(fp_layers):
-        cap = awq.capture(lw, x, cos, sin, cfg, qs.batch_size)
-        new, err, r, clipped = awq.awq_layer(lw, cap, x[:8], cap.output[:8], cos, sin, cfg, qs)
-        q = fq(new, cfg, qs)
-        q_layers.append(q)
-        ratios.append(r)
-        print(f"layer {i} err {err:.4g} {r} {clipped} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-        if args.quant_inputs:
-            x = torch.cat([layer_forward(q, xb, cos, sin, cfg) for xb in x.split(qs.batch_size)])
-        else:
-            x = cap.output
-    res["ppl_awq"] = ppl(src, q_layers, ids, dev)
-    res["seconds"] = round(time.time() - t0, 1)
-    print(json.dumps(res))
+        qs = awq.QuantSettings(group_size=args.group_size)
+        base["ppl_fp"] = ppl(src, fp_layers, ids, dev)
+        base["ppl_rtn"] = ppl(src, [fq(lw, cfg, qs) for lw in fp_layers], ids, dev)
+        print(json.dumps(dict(base, tag="baselines")), flush=True)
+    # --variant NAME:k=v,k=v (QuantSettings fields; refine_steps=N adds rounding refinement)
+    variants = args.variant or [f"{args.tag}:{','.join(args.set)}"]
+    for spec in variants:
+        name, _, sets = spec.partition(":")
+        qs = awq.QuantSettings(group_size=args.group_size)
+        extra = {"refine_steps": 0, "refine_lr": 0.005, "refine_batch": 8}
+        for kv in filter(None, sets.split(",")):
+            k, v = kv.split("=")
+            if k in extra:
+                extra[k] = type(extra[k])(v)
+                continue
+            cur = getattr(qs, k)
+            setattr(qs, k, (v in ("1", "true")) if isinstance(cur, bool) else type(cur)(v))
+        res = dict(base, tag=name, settings=sets)
+        t0 = time.time()
+        torch.manual_seed(0)
+        x = src.embed(torch.float32)[tokens].to(dev)  # [S, T, C]
+        cos, sin = rope_cos_sin(cfg, torch.arange(tokens.shape[1], device=dev), torch.float32)
+        q_layers = []
+        n_eval = 8
+        for i, lw in enumerate(fp_layers):
+            cap = awq.capture(lw, x, cos, sin, cfg, qs.batch_size)
+            new, err, r, clipped = awq.awq_layer(lw, cap, x[:n_eval], cap.output[:n_eval], cos, sin, cfg, qs)
+            if extra["refine_steps"]:
+                qd, e0, e1 = refine_rounding(new, x[n_eval:], cap.output[n_eval:], x[:n_eval], cap.output[:n_eval],
+                                             cos, sin, cfg, qs.bits, qs.group_size, qs.zero_point,
+                                             extra["refine_steps"], extra["refine_batch"], extra["refine_lr"])
+                q = dict(new, **{f"{lin}.weight": w.dequantize(torch.float32) for lin, w in qd.items()})
+                err = f"{e0:.4g}->{e1:.4g}"
+            else:
+                q = fq(new, cfg, qs)
+            q_layers.append(q)
+            print(f"{name} layer {i} err {err} {r} {clipped} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+            if args.quant_inputs:
+                x = torch.cat([layer_forward(q, xb, cos, sin, cfg) for xb in x.split(qs.batch_size)])
+            else:
+                x = cap.output
+            del cap
+        res["ppl_awq"] = ppl(src, q_layers, ids, dev)
+        if "ppl_rtn" in res:
+            res["recovery"] = (res["ppl_rtn"] - res["ppl_awq"]) / (res["ppl_rtn"] - res["ppl_fp"])
+        res["seconds"] = round(time.time() - t0, 1)
+        print(json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":

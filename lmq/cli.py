@@ -67,7 +67,7 @@ def guard():
 
 QUANT_DEFAULTS = {
     "method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "calib_data": "pileval",
-    "calib_samples": 128, "calib_seqlen": 512, "dtype": "auto", "device": "auto", "seed": 0,
+    "calib_samples": 128, "calib_seqlen": 512, "dtype": "auto", "device": "auto", "seed": 0, "refine_steps": 200,
 }
 
 
@@ -106,6 +106,8 @@ def quantize(
     dtype: Optional[str] = typer.Option(None, help="auto, float16 or bfloat16: dtype of unquantized tensors."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda: where each layer is searched."),
     seed: Optional[int] = typer.Option(None, help="Seed for calibration sampling."),
+    refine_steps: Optional[int] = typer.Option(None, help="AWQ: learned-rounding steps per layer after the scale "
+                                               "and clipping search (default 200; 0 = round to nearest, as AutoAWQ)."),
     recipe: Optional[Path] = typer.Option(None, help="TOML recipe with defaults for these options (recipes/)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
@@ -119,7 +121,7 @@ def quantize(
 
         given = {"method": method, "bits": bits, "group_size": group_size, "zero_point": zero_point,
                  "calib_data": calib_data, "calib_samples": calib_samples, "calib_seqlen": calib_seqlen,
-                 "dtype": dtype, "device": device, "seed": seed}
+                 "dtype": dtype, "device": device, "seed": seed, "refine_steps": refine_steps}
         settings = dict(QUANT_DEFAULTS)
         if recipe is not None:
             settings.update(load_recipe(recipe))

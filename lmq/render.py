@@ -32,7 +32,8 @@ def layer_table(layers: list[dict], title: str) -> Table:
     for s in layers:
         rtn, awq = s.get("rtn_err"), s.get("awq_err")
         rel = awq / rtn if rtn and awq is not None and not math.isnan(rtn) and not math.isnan(awq) else None
-        ratios = " ".join(f"{k.split('.')[-1]}:{v:.2f}" for k, v in (s.get("ratios") or {}).items())
+        ratios = " ".join(f"{k.split('.')[-1]}:{'off' if v < 0 else format(v, '.2f')}"
+                          for k, v in (s.get("ratios") or {}).items())  # v < 0: unscaled RTN won
         t.add_row(str(s["layer"]), _num(rtn), _num(awq), _num(rel, ".3f"), ratios, _num(s.get("seconds"), ".1f"))
     return t
 

@@ -109,6 +109,12 @@ def test_calibration_too_short(tmp_path, tiny_model):
                      "--calib-samples", "4", "--calib-seqlen", "64"), "fewer than", "4 x 64")
 
 
+def test_negative_refine_steps(tmp_path, tiny_model):
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--group-size", "64", "--refine-steps", "-1"),
+                 "--refine-steps must be 0 (off) or more", "-1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_recipe_key(tmp_path, tiny_model):
     r = tmp_path / "r.toml"
     r.write_text("[quantize]\ngroup_sise = 64\n")

@@ -124,7 +124,7 @@ def awq_checkpoint(smollm2, calib_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "smollm2-awq-g64"
     res = runner.invoke(app, ["quantize", str(smollm2), "-o", str(out), "--group-size", "64",
                               "--calib-data", calib_file, "--calib-samples", "2", "--calib-seqlen", "64",
-                              "--device", "cpu", "--json"])
+                              "--refine-steps", "3", "--device", "cpu", "--json"])
     assert res.exit_code == 0, (res.output, res.exception)
     return out, json.loads(res.stdout)
 
@@ -141,6 +141,8 @@ def test_quantize_writes_a_portable_checkpoint(awq_checkpoint, smollm2):
     assert m["kind"] == "quantized" and m["format_version"] == 1
     assert m["source"]["hash"].startswith("sha256:") and m["calibration"]["samples"] == 2
     assert len(m["layers"]) == 30 and all(lay["awq_err"] <= lay["rtn_err"] * 1.0001 for lay in m["layers"])
+    # rounding refinement only keeps codes that lower the error it is measured by
+    assert all(lay["awq_err"] <= lay["scaled_err"] for lay in m["layers"]) and m["settings"]["refine_steps"] == 3
     assert len(report["layers"]) == 30 and report["bytes_out"] < report["bytes_in"] / 2
     src = WeightSource(out)
     assert src.get("model.layers.0.self_attn.q_proj.qweight").shape == (576, 576 // 8)

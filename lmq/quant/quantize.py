@@ -24,11 +24,13 @@ from lmq.format.source import TOKENIZER_FILES, QuantConfig, WeightSource, resolv
 from lmq.format.writer import CheckpointWriter, check_output_path
 from lmq.models.llama import layer_forward, rope_cos_sin
 from lmq.quant import awq
+from lmq.quant.refine import refine_rounding
 from lmq.quant.rtn import check_group_size, quantize
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-# awq: AWQ scales + clipping, then round-to-nearest (AutoAWQ's algorithm);
-# rtn: round-to-nearest, no calibration. Both write the same checkpoint format.
+# awq: AWQ scales + clipping, then round-to-nearest (AutoAWQ's algorithm) or, with refine_steps > 0
+# (default), learned rounding on the same grid; rtn: round-to-nearest, no calibration. All write the
+# same checkpoint format.
 METHODS = ("awq", "rtn")
 
 
@@ -48,6 +50,7 @@ class QuantizeSpec:
     seed: int = 0
     force: bool = False
     n_grid: int = 20
+    refine_steps: int = 200  # rounding refinement steps per layer after AWQ (0: AWQ + round-to-nearest)
     max_layers: Optional[int] = None  # quantize only the first N layers' search (tests); rest RTN
 
 
@@ -56,6 +59,7 @@ class LayerStats:
     layer: int
     rtn_err: float  # mean squared error of the layer output with RTN weights
     awq_err: float  # ... with the weights written (== rtn_err for --method rtn)
+    scaled_err: float = float("nan")  # ... with AWQ's scales and clipping, rounded to nearest (before refinement)
     ratios: dict[str, float] = field(default_factory=dict)
     clipped: list[str] = field(default_factory=list)  # linears whose clipping search was kept
     seconds: float = 0.0
@@ -119,6 +123,8 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
     t0 = time.time()
     if spec.method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {spec.method!r}")
+    if spec.refine_steps < 0:
+        raise InputError(f"--refine-steps must be 0 (off) or more, got {spec.refine_steps}")
     if spec.dtype not in ("auto", *DTYPES):
         raise InputError(f"--dtype must be auto, float16 or bfloat16, got {spec.dtype!r}")
     out = Path(spec.out)
@@ -175,11 +181,18 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
                     st.rtn_err = awq.layer_error(lw, xs, ref, cos, sin, cfg, qs)
                     if spec.max_layers is None or i < spec.max_layers:
                         # awq_layer's error is measured on exactly the RTN grid written below
-                        lw, st.awq_err, st.ratios, st.clipped = awq.awq_layer(lw, cap, xs, ref, cos, sin, cfg, qs)
+                        lw, st.scaled_err, st.ratios, st.clipped = awq.awq_layer(lw, cap, xs, ref, cos, sin, cfg, qs)
                     else:
-                        st.awq_err = st.rtn_err
+                        st.scaled_err = st.rtn_err
+                    st.awq_err = st.scaled_err
                 q = {lin: quantize(lw[f"{lin}.weight"], qs.bits, qs.group_size, qs.zero_point, f"{prefix}.{lin}")
                      for lin in cfg.arch.linears}
+                if x is not None and spec.refine_steps > 0 and (spec.max_layers is None or i < spec.max_layers):
+                    # Learned rounding on the same grid; trained on the samples the error is not measured on.
+                    train = slice(n_stat, None) if x.shape[0] > n_stat else slice(None)
+                    q, _, st.awq_err = refine_rounding(lw, x[train], cap.output[train], xs, ref, cos, sin, cfg,
+                                                       qs.bits, qs.group_size, qs.zero_point, spec.refine_steps,
+                                                       seed=spec.seed + i, rtn=q)
                 if x is not None:
                     # The next layer is searched on what the quantized model feeds it, so its scales and
                     # clipping also absorb the error made so far (GPU run 4: 47.3% -> 51.8% of RTN's
