@@ -31,27 +31,29 @@ def _ste_round(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Rounding:
-    """One linear's RTN grid (`s`, `z` expanded to `[N, K]`) and its learnable offsets `v`."""
+    """One linear's RTN grid (per group: `s`, `z` `[N, K/G, 1]`) and its learnable offsets `v`
+    (`[N, K/G, G]`, like the weight; the grid is broadcast, not expanded, to bound memory)."""
 
     def __init__(self, qw: QuantizedWeight, w: torch.Tensor):
+        N, K = qw.shape
         G = qw.group_size
         self.qw = qw
         self.qmax = 2**qw.bits - 1
-        self.s = qw.scales.float().repeat_interleave(G, dim=1)  # [N, K]
-        self.z = qw.zeros.float().repeat_interleave(G, dim=1)  # [N, K]
-        self.u = w.float() / self.s  # [N, K]
+        self.s = qw.scales.float()[..., None]  # [N, K/G, 1]
+        self.z = qw.zeros.float()[..., None]  # [N, K/G, 1]
+        self.u = w.float().reshape(N, K // G, G) / self.s  # [N, K/G, G]
         self.v = torch.zeros_like(self.u, requires_grad=True)
 
     def codes(self, ste: bool) -> torch.Tensor:
         r = _ste_round(self.u + self.v) if ste else torch.round(self.u + self.v)
-        return torch.clamp(r + self.z, 0, self.qmax)  # [N, K]
+        return torch.clamp(r + self.z, 0, self.qmax)  # [N, K/G, G]
 
     def weight(self) -> torch.Tensor:
-        return (self.codes(ste=True) - self.z) * self.s
+        return ((self.codes(ste=True) - self.z) * self.s).reshape(self.qw.shape)  # [N, K]
 
     def quantized(self) -> QuantizedWeight:
         with torch.no_grad():
-            c = self.codes(ste=False).to(torch.uint8)
+            c = self.codes(ste=False).reshape(self.qw.shape).to(torch.uint8)
         q = self.qw
         return QuantizedWeight(codes=c, scales=q.scales, zeros=q.zeros, bits=q.bits, group_size=q.group_size)
 
