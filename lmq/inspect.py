@@ -37,6 +37,7 @@ def inspect_checkpoint(path: str) -> Inspection:
     if not p.exists():
         raise InputError(f"checkpoint path {path} does not exist")
     src = WeightSource(p)
+    cfg = src.cfg  # an unsupported model is refused before any tensor is read
     m = src.manifest
     if m:
         kind = m["kind"]
@@ -62,7 +63,7 @@ def inspect_checkpoint(path: str) -> Inspection:
     bpw = q_bytes * 8 / q_params if q_params else None
     params += q_params
     return Inspection(
-        path=str(p), model_type=src.cfg.model_type, num_layers=src.cfg.num_layers, hidden_size=src.cfg.hidden_size,
+        path=str(p), model_type=cfg.model_type, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         kind=kind, quantization=src.config.get("quantization_config"), manifest=m,
         weight_bytes=src.weight_bytes(), quantized_linears=q_count, params=params,
         bits_per_weight=bpw, layers=(m or {}).get("layers", []),

@@ -12,6 +12,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -153,7 +154,12 @@ class QuantConfig:
 
 
 class WeightSource:
-    """Lazy tensor access to one checkpoint folder."""
+    """Lazy tensor access to one checkpoint folder.
+
+    The model config (`cfg`) is parsed when first used, so a folder whose config.json has only a
+    `quantization_config` can still be read tensor by tensor (`lmq pack`); an unsupported or
+    incomplete model config raises there.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -164,7 +170,6 @@ class WeightSource:
             self.config: dict = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download or re-create the model") from e
-        self.cfg = ModelConfig.from_hf(self.config)
         self.manifest = read_manifest(self.path)
         # A packed checkpoint (`lmq pack`) stores its linears in one arch's layout; its module
         # unpacks them exactly, so every reader here sees the same numbers as the portable one.
@@ -183,10 +188,17 @@ class WeightSource:
         self._files = self._index()
         self._handles: dict[Path, object] = {}
 
+    @cached_property
+    def cfg(self) -> ModelConfig:
+        """The model's config, parsed from config.json on first use."""
+        return ModelConfig.from_hf(self.config)
+
     # -- files -----------------------------------------------------------------------------------
     def _index(self) -> dict[str, Path]:
-        """Tensor name -> file. A sharded checkpoint's index json is authoritative: stray
-        `*.safetensors` beside it (e.g. Mistral's consolidated.safetensors) are not read."""
+        """Tensor name -> file. A sharded checkpoint's index json is authoritative, and so is a
+        single model.safetensors: stray `*.safetensors` beside them (e.g. Mistral's
+        consolidated.safetensors) are not read. Without either, every `*.safetensors` is read
+        (AutoGPTQ names its single file after the settings: gptq_model-4bit-128g.safetensors)."""
         index = self.path / "model.safetensors.index.json"
         if index.exists():
             try:
@@ -198,7 +210,8 @@ class WeightSource:
                 raise CheckpointError(f"{self.path} is missing shard(s) {', '.join(missing)} named by its index; "
                                       "the download is incomplete")
             return {name: self.path / f for name, f in weight_map.items()}
-        files = sorted(self.path.glob("*.safetensors"))
+        single = self.path / "model.safetensors"
+        files = [single] if single.exists() else sorted(self.path.glob("*.safetensors"))
         if not files:
             if list(self.path.glob("*.bin")) or list(self.path.glob("*.pt")):
                 raise UnsupportedError(
