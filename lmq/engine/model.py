@@ -124,10 +124,10 @@ class EngineModel:
         self.device = device
         self.backend = backend = _resolve_backend(backend, device)
         self.src = src = WeightSource(resolve_model_path(str(path)))
+        self.cfg: ModelConfig = src.cfg  # an unsupported model is refused first
         if src.quant is None:
             raise InputError(f"{src.path} is not a 4-bit checkpoint (no quantization_config); make one first: "
                              f"lmq quantize {src.path} -o {src.path.name}-awq")
-        self.cfg: ModelConfig = src.cfg
         self.dtype = _pick_dtype(src, device, backend, dtype)
         if backend == "triton":
             self.arch = local_arch(device)
@@ -136,7 +136,7 @@ class EngineModel:
         else:  # the reference path reads whatever layout the checkpoint was packed in
             self.arch = (src.manifest or {}).get("arch") if src.packed is not None else "sm80"
         table = CONFIGS[self.arch] if backend == "triton" else None
-        G, lin = load_linears(src.path, self.arch)
+        G, lin = load_linears(src, self.arch)  # through the same open shards
         self.group_size = G
         cfg, arch = self.cfg, self.cfg.arch
         dt, dev = self.dtype, device

@@ -1,7 +1,8 @@
 """`lmq pack`: a portable 4-bit checkpoint -> a packed checkpoint for one GPU generation.
 
 Input: any folder whose config.json has a 4-bit `quantization_config` that
-`lmq.format.source.QuantConfig` reads, with group size 32, 64 or 128, read with safetensors directly:
+`lmq.format.source.QuantConfig` reads, with group size 32, 64 or 128, read through
+`lmq.format.source.WeightSource` (which finds the shards):
     {quant_method: "awq", version: "gemm", ...}   lmq's portable checkpoints and AutoAWQ's;
                                                   `<prefix>.qweight/.qzeros/.scales` (lmq/format/awq_gemm.py)
     {quant_method: "gptq", checkpoint_format: "gptq" | "gptq_v2", sym, desc_act, ...}
@@ -38,7 +39,7 @@ import torch
 
 from lmq.errors import CheckpointError, InputError, UnsupportedError
 from lmq.format import awq_gemm
-from lmq.format.source import QuantConfig
+from lmq.format.source import QuantConfig, WeightSource
 from lmq.pack import planes64
 
 # arch -> (layout module, minimum compute capability). One layout serves every arch today; the
@@ -142,40 +143,6 @@ def _quant_config(src: Path) -> tuple[dict[str, Any], QuantConfig]:
     return cfg, quant
 
 
-def _shard_map(src: Path) -> dict[str, str]:
-    """tensor name -> shard file name."""
-    index = src / "model.safetensors.index.json"
-    if index.exists():
-        return dict(json.loads(index.read_text())["weight_map"])
-    single = src / "model.safetensors"
-    if not single.exists():
-        # AutoGPTQ names its single file after the settings (gptq_model-4bit-128g.safetensors).
-        files = sorted(src.glob("*.safetensors"))
-        if len(files) != 1:
-            raise CheckpointError(f"{src} has neither model.safetensors nor model.safetensors.index.json")
-        single = files[0]
-    from safetensors import safe_open
-
-    with safe_open(str(single), "pt") as f:
-        return {k: single.name for k in f.keys()}
-
-
-class _Reader:
-    """Tensors by name from the shards, each shard opened once."""
-
-    def __init__(self, src: Path, shard_of: dict[str, str]):
-        from safetensors import safe_open
-
-        self._files = {s: safe_open(str(src / s), "pt") for s in sorted(set(shard_of.values()))}
-        self._shard_of = shard_of
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._files[self._shard_of[name]].get_tensor(name)
-
-    def has(self, name: str) -> bool:
-        return name in self._shard_of
-
-
 def pack_linear(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
                 arch: str, name: str = "linear") -> dict[str, torch.Tensor]:
     """One linear's AutoAWQ gemm tensors -> the arch's layout (also what a loader uses to pack on the fly)."""
@@ -184,10 +151,10 @@ def pack_linear(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     return layout.pack(q, name)
 
 
-def _pack_source_linear(reader: _Reader, quant: QuantConfig, prefix: str, arch: str) -> dict[str, torch.Tensor]:
+def _pack_source_linear(weights: WeightSource, quant: QuantConfig, prefix: str, arch: str) -> dict[str, torch.Tensor]:
     """One linear of a portable checkpoint (AWQ or GPTQ, as `quant` says) -> the arch's layout."""
     layout, _ = LAYOUTS[arch]
-    return layout.pack(quant.unpack(reader.get, reader.has, prefix), prefix)
+    return layout.pack(quant.unpack(weights.get, weights.has, prefix), prefix)
 
 
 def quantized_prefixes(names: Iterator[str] | list[str]) -> list[str]:
@@ -219,26 +186,25 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
     src_manifest = read_manifest(src)
     if src_manifest is not None and src_manifest.get("kind") == "packed":
         raise InputError(f"{src} is already packed (for {src_manifest.get('arch')}); pack its source instead")
-    shard_of = _shard_map(src)
-    prefixes = quantized_prefixes(shard_of)
+    weights = WeightSource(src)
+    prefixes = quantized_prefixes(weights.names)
     if not prefixes:
         raise CheckpointError(f"{src} holds no quantized linears (no <name>.qweight/.qzeros/.scales tensors)")
     quant_names = {p + s for p in prefixes for s in QUANT_SUFFIXES + GPTQ_SUFFIXES}
-    plain = sorted(n for n in shard_of if n not in quant_names)
+    plain = sorted(n for n in weights.names if n not in quant_names)
     layout, min_cc = LAYOUTS[arch]
-    reader = _Reader(src, shard_of)
 
     with CheckpointWriter(out, force) as w, progress() as bar:
         task = bar.add_task(f"packing for {arch}", total=len(prefixes) + len(plain), info="")
         written = 0
         for p in prefixes:
-            packed = _pack_source_linear(reader, quant, p, arch)
+            packed = _pack_source_linear(weights, quant, p, arch)
             for suffix, t in sorted(packed.items()):
                 w.add(f"{p}.{suffix}", t)
                 written += t.numel() * t.element_size()
             bar.update(task, advance=1, info=f"{p}  {written / 2**20:.0f} MiB")
         for n in plain:
-            t = reader.get(n)
+            t = weights.get(n)
             w.add(n, t)
             written += t.numel() * t.element_size()
             bar.update(task, advance=1, info=f"{n}  {written / 2**20:.0f} MiB")
@@ -272,25 +238,25 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
             "bytes": written, "out": str(out)}
 
 
-def load_linears(folder: Path, arch: str) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+def load_linears(folder: Path | WeightSource, arch: str) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
     """`(group_size, {prefix: {"qweight", "scales", "zeros"}})` of every quantized linear, in `arch`'s layout.
 
-    A packed checkpoint is checked (`check_packed_for`: another arch is refused with the exact
-    `lmq pack` command) and read as it is; a portable one is packed for `arch` while loading, and
-    the log says so (and how to pack it once instead).
+    `folder` is a checkpoint folder, or a `WeightSource` already open on one (the engine's, so the
+    shards are opened once). A packed checkpoint is checked (`check_packed_for`: another arch is
+    refused with the exact `lmq pack` command) and read as it is; a portable one is packed for
+    `arch` while loading, and the log says so (and how to pack it once instead).
     """
     from lmq.console import log
 
-    folder = Path(folder)
-    m = read_manifest(folder)
-    shard_of = _shard_map(folder)
-    reader = _Reader(folder, shard_of)
+    weights = folder if isinstance(folder, WeightSource) else WeightSource(Path(folder))
+    folder, m = weights.path, weights.manifest
     if m is not None and m.get("kind") == "packed":
         check_packed_for(folder, arch)
         G = int(m["group_size"])
-        prefixes = sorted(n[: -len(".qweight")] for n in shard_of if n.endswith(".qweight"))
-        return G, {p: {k: reader.get(f"{p}.{k}") for k in ("qweight", "scales", "zeros")} for p in prefixes}
+        prefixes = sorted(n[: -len(".qweight")] for n in weights.names if n.endswith(".qweight"))
+        return G, {p: {k: weights.get(f"{p}.{k}") for k in ("qweight", "scales", "zeros")} for p in prefixes}
     _, quant = _quant_config(folder)
     log(f"{folder} is a portable checkpoint: packing it for {arch} while loading "
         f"(to do it once: lmq pack {folder} --arch {arch} -o {folder}-{arch})")
-    return quant.group_size, {p: _pack_source_linear(reader, quant, p, arch) for p in quantized_prefixes(shard_of)}
+    return quant.group_size, {p: _pack_source_linear(weights, quant, p, arch)
+                              for p in quantized_prefixes(weights.names)}
