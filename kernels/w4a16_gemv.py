@@ -43,9 +43,12 @@ from lmq.kernels.w4a16_gemm import (
     _dequant_pair,
     _num_sms,
     _store_or_add,
+    _ws_arrive,
+    _ws_finish,
     check_inputs,
     pick_block_k,
     w4a16_gemm_ref,
+    workspace,
 )
 
 from lmq.errors import ShapeError
@@ -176,11 +179,8 @@ def _w4a16_gemv_kernel(
     if REDUCE_WS and SPLIT_K > 1:
         # fp32 partial sums into the all-zero workspace; the last split to arrive finishes the block
         ws_ptrs = ws_ptr + m * N + offs_n
-        tl.atomic_add(ws_ptrs, acc, mask=n_mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's adds are issued before the program counts itself in
         cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
-        arrived = tl.atomic_add(cnt, 1, sem="acq_rel")  # release our adds, acquire the others'
-        if arrived == SPLIT_K - 1:
+        if _ws_arrive(acc, ws_ptrs, n_mask, cnt, SPLIT_K):
             if ROPE:
                 # this block is one head (BLOCK_N = head_dim): rotate its halves at the row's
                 # position if it lies in the first rope_cols columns (q and k of a fused qkv)
@@ -201,11 +201,9 @@ def _w4a16_gemv_kernel(
                 tl.store(o_lo + HALF, hi_out.to(out_ptr.dtype.element_ty), mask=hi_mask)
                 tl.store(ws_ptr + m * N + offs_lo, tl.zeros_like(lo), mask=lo_mask)  # all zeros again
                 tl.store(ws_ptr + m * N + offs_lo + HALF, tl.zeros_like(hi), mask=hi_mask)
+                tl.store(cnt, 0)
             else:
-                total = tl.load(ws_ptrs, mask=n_mask, other=0.0, cache_modifier=".cg")  # from L2
-                tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-                tl.store(ws_ptrs, tl.zeros_like(total), mask=n_mask)  # all zeros again for the next call
-            tl.store(cnt, 0)
+                _ws_finish(out_ptrs, ws_ptrs, n_mask, cnt)
     else:
         _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), n_mask, SPLIT_K)
 
@@ -250,7 +248,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if M == 0:
         return out.reshape(*lead, N)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    ws, cnt = _workspace(x.device, M * N, M * n_blocks) if use_ws else (out, out)  # unused unless use_ws
+    ws, cnt = workspace(x.device, M * N, M * n_blocks) if use_ws else (out, out)  # unused unless use_ws
     # -- 3. launch --------------------------------------------------------------------------------
     pdl = use_pdl(x.device)
     grid = (n_blocks, split_k, M)
@@ -278,24 +276,6 @@ def can_fuse_rope(N: int, K: int, group_size: int, head_dim: int, config: dict |
 
 DEFAULT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "num_warps": 4, "num_stages": 1,
                   "SUM_PLANES": 1, "REDUCE": "atomic"}
-
-# Split-K workspaces, one per (device, stream): fp32 partial sums and int32 arrival counters, all zero
-# between calls (each call's last programs clear what they used). They only grow; a grown one keeps
-# the old tensors alive, since a captured CUDA graph may still point at them.
-_WORKSPACES: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-
-def _workspace(device: torch.device, n_sums: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    held = _WORKSPACES.setdefault(key, [])
-    if not held or held[-1][0].numel() < n_sums or held[-1][1].numel() < n_counters:
-        size = max(n_sums, held[-1][0].numel() if held else 0)
-        count = max(n_counters, held[-1][1].numel() if held else 0)
-        held.append((torch.zeros(size, dtype=torch.float32, device=device),
-                     torch.zeros(count, dtype=torch.int32, device=device)))
-    return held[-1]
-
 
 def w4a16_gemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    group_size: int) -> torch.Tensor:
