@@ -255,17 +255,20 @@ _DECODE = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "WAVES": 
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
                      "num_warps": 8, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
-# Measured on sm90 (H100, Llama-3-8B shapes, g128): at M=1 the GEMV wins on the three weights of
-# >= 25.2M elements and the decode kernel on o_proj's 16.8M (9.7-10.3 vs 11.6-11.9 us), so the GEMV
-# threshold sits between them at 20M; the decode kernel wins from M=2 to 64; at M=256 the prefill kernel and dequantize + cuBLAS tie (436 vs 425 us over
-# the four shapes) and from M=1024 dequantize + cuBLAS wins, so sm90 never picks "prefill".
+# Measured on sm90 (H100, Llama-3-8B shapes, g128): at M=1 the GEMV wins on every weight (session 3);
+# with 4-wave splits the decode kernel wins from M=2 up to M=160, summed over the four shapes
+# (M=96 / 128 / 160: decode 244 / 313 / 392 us, prefill 336 / 357 / 433, dequantize + cuBLAS 389 / 392 /
+# 403; benchmarks/results/2026-11-22-session4-h100/gemm-m.json); from M=192 dequantize + cuBLAS wins
+# (414 vs 437 prefill, 463 decode), and at M >= 1024 by more, so sm90 never picks "prefill".
+# The other archs keep the crossover at 64 (not measured).
 _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min_m": 65}
+_CROSS_SM90 = {**_CROSS, "decode_max_m": 160, "dequant_min_m": 161}
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},
     "sm86": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm89": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
-    "sm90": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},
+    "sm90": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS_SM90},
 }
 # The interpreter runs one program at a time on the CPU: small tiles keep tests fast there.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1,
