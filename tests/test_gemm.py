@@ -168,6 +168,18 @@ def test_gemm_configs(split_k, swap_ab, dot_k, device):
     assert rel_err(out, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("M", [5, 17, 40])
+def test_gemm_rows_per_tile_grow_with_m(M, device):
+    """BLOCK_M_MAX: the tile takes the next power of two >= M rows (16..64), masked past M."""
+    N, K, G = 48, 256, 64
+    p = random_packed(N, K, G, device)
+    x = torch.randn(M, K, device=device).half()
+    cfg = {"BLOCK_M": 16, "BLOCK_M_MAX": 64, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "GROUP_M": 1,
+           "num_warps": 4, "num_stages": 1, "SWAP_AB": True, "DOT_K": 64}
+    out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+    assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("M", [3, 20])
 def test_gemm_workspace_split(M, swap_ab, device):

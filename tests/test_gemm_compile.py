@@ -34,10 +34,10 @@ def compile_all(arch: str, dt: str) -> None:
         assert k.asm["cubin"]
 
     mnk = ["M", "N", "K", "stride_xm", "stride_om"]
-    for regime, ws in (("decode", False), ("decode", True), ("prefill", False)):
+    for regime, ws, bm in (("decode", False, 16), ("decode", True, 16), ("decode", False, 64), ("prefill", False, 0)):
         cfg = CONFIGS[arch][regime]
         build(_w4a16_gemm_kernel, mnk,
-              {"G": 128, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
+              {"G": 128, "BLOCK_M": bm or cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                "SPLIT_K": 2, "GROUP_M": cfg["GROUP_M"], "IS_BF16": dt == "bf16", "PLANES": planes64.PLANES,
                "SWAP_AB": cfg.get("SWAP_AB", False), "DOT_K": cfg.get("DOT_K", 16), "FAST_CVT": True,
                "REDUCE_WS": ws, **geometry},
