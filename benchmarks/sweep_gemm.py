@@ -29,11 +29,11 @@ SWEEP = {
                                       (128, 256, 8), (64, 512, 4), (16, 256, 2))],
     },
     "decode": {
-        "ms": [4, 16],
-        "configs": [dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=0, GROUP_M=1, num_warps=4, num_stages=st,
+        "ms": [16, 32, 64, 96, 128, 160],
+        "configs": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=0, GROUP_M=1, num_warps=w, num_stages=st,
                          SWAP_AB=True, DOT_K=64, REDUCE="atomic", WAVES=waves, MAX_SPLIT=32)
-                    for bn, bk, st, waves in ((64, 128, 3, 4), (64, 128, 2, 8), (32, 128, 3, 4), (64, 256, 2, 4),
-                                              (128, 128, 3, 8), (64, 128, 4, 4), (32, 128, 2, 8))],
+                    for bm, bn, w, st, waves in ((16, 64, 4, 3, 4), (32, 64, 4, 3, 4), (64, 64, 4, 3, 4),
+                                                 (64, 128, 4, 3, 4), (64, 128, 8, 3, 4), (64, 64, 4, 2, 8))],
     },
     "prefill": {
         "ms": [256, 1024, 4096],
