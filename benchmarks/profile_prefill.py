@@ -23,6 +23,7 @@ ap.add_argument("--new", default="64,96,128,160")
 ap.add_argument("--kv-dtype", default="int8")
 ap.add_argument("--model", default="llama3-8b")
 ap.add_argument("--reps", type=int, default=4)
+ap.add_argument("--host", type=int, default=0, help="also print the N host-side ops with the most self CPU time")
 ap.add_argument("--decode-max-m", type=int, default=0, help="try another decode/dequant crossover (sm90 table)")
 args = ap.parse_args()
 if args.decode_max_m:
@@ -66,3 +67,5 @@ for n in news:
           f"GPU kernel time {gpu:.2f} ms in {sum(cnt.values())} kernels", flush=True)
     for name, us in tot.most_common(8):
         print(f"    {us / 1e3:7.3f} ms x{cnt[name]:4d}  {name}", flush=True)
+    if args.host:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.host), flush=True)
