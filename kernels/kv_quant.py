@@ -96,16 +96,19 @@ class PagedKV:
         width = head_dim // 2 if kv_dtype == "int4" else head_dim
         kshape = (num_blocks, num_kv_heads, block_size, width)  # [nb, H_kv, B_s, W]
         vshape = (num_blocks, num_kv_heads, width, block_size)  # [nb, H_kv, W, B_s]
+        # Zeros, not torch.empty: a padded prefill row (the runner's prefill graphs) and the masked tail
+        # of a key tile read slots nothing has written yet; their weight is 0, and 0 * NaN from stale
+        # bytes (an fp16 scale made of old int8 codes) would poison the real rows' sums.
         if kv_dtype in _TORCH_FLOAT:
             dt = _TORCH_FLOAT[kv_dtype]
-            return PagedKV(torch.empty(kshape, dtype=dt, device=device),
-                           torch.empty(vshape, dtype=dt, device=device), None, None, kv_dtype, head_dim)
+            return PagedKV(torch.zeros(kshape, dtype=dt, device=device),
+                           torch.zeros(vshape, dtype=dt, device=device), None, None, kv_dtype, head_dim)
         sshape = (num_blocks, num_kv_heads, block_size, 2)  # [nb, H_kv, B_s, (scale, zero)]
         return PagedKV(
-            torch.empty(kshape, dtype=torch.uint8, device=device),
-            torch.empty(vshape, dtype=torch.uint8, device=device),
-            torch.empty(sshape, dtype=torch.float16, device=device),
-            torch.empty(sshape, dtype=torch.float16, device=device),
+            torch.zeros(kshape, dtype=torch.uint8, device=device),
+            torch.zeros(vshape, dtype=torch.uint8, device=device),
+            torch.zeros(sshape, dtype=torch.float16, device=device),
+            torch.zeros(sshape, dtype=torch.float16, device=device),
             kv_dtype, head_dim,
         )
 

@@ -307,13 +307,13 @@ def test_an_interrupted_overlapped_step_leaves_the_requests_runnable(weights, pr
 @pytest.mark.skipif(torch.cuda.is_available(), reason="stand-ins for torch.cuda; on a GPU every engine test "
                     "captures real graphs")
 def test_decode_graphs_are_captured_on_their_warm_up_stream(weights, monkeypatch):
-    """The W4A16 GEMV's split-K workspace is per stream and made at its first use: each decode graph
-    must be captured on the stream its warm-up ran on, so the workspace is made (and zeroed) in the
+    """The W4A16 GEMV's split-K workspace is per stream and made at its first use: each decode (and
+    prefill) graph must be captured on the stream its warm-up ran on, so the workspace is made (and zeroed) in the
     warm-up and not inside the capture (allocated in the graphs' shared pool, zeroed only by replays
     of that one graph, and handed to every later capture). Checked with stand-ins for torch.cuda."""
     from contextlib import contextmanager
 
-    eng = make_llm(weights, max_num_seqs=2)
+    eng = make_llm(weights, max_num_seqs=2, prefill_graphs=True)
     class Stream:
         def wait_stream(self, other):
             pass
@@ -354,7 +354,8 @@ def test_decode_graphs_are_captured_on_their_warm_up_stream(weights, monkeypatch
     eng.runner._capture()
     warm_ups = calls[0::3]
     captures = calls[2::3]
-    assert calls[1::3] == ["capture"] * len(eng.runner.buckets) and all(s is not default for s in warm_ups)
+    n_graphs = len(eng.runner.buckets) + len(eng.runner.prefill_buckets)  # decode and prefill graphs
+    assert calls[1::3] == ["capture"] * n_graphs and all(s is not default for s in warm_ups)
     assert captures == warm_ups
 
 
@@ -366,3 +367,25 @@ def test_out_of_memory_in_a_step_is_explained_and_leaves_nothing_running(llm, pr
     with pytest.raises(InputError, match="ran out of memory in a step of"):
         llm.generate(prompts[:2], SHORT)
     assert not llm.has_unfinished()
+
+
+@pytest.mark.parametrize("n_new", [2, 37])
+def test_padded_prefill_matches_the_eager_prefill(weights, n_new):
+    """What a prefill graph computes, run eagerly: the span padded to its token-count bucket (padded
+    rows write nothing, sit at position 0 and come after every real row) gives the eager prefill's
+    logits for the last real row, after a cached prefix."""
+    eng = make_llm(weights, max_num_seqs=2, prefill_graphs=True)
+    r = eng.runner
+    r._prefill_buffers()
+    prefix = list(range(1000, 1048))  # 3 whole blocks
+    eng.generate([prefix + [7, 8]], SamplingParams(max_new_tokens=1, ignore_eos=True))
+    eng.add_request(prefix + list(range(2000, 2000 + n_new)), SamplingParams(max_new_tokens=1, ignore_eos=True))
+    step = eng.scheduler.schedule()
+    assert step.spans[0].start == 48 and r._prefill_graph_fits(step, None) is False  # no graphs captured
+    ref = r.run(step, eng.manager).float()  # eager: [1, V]
+    tb = r._stage_prefill(step, eng.manager)
+    assert tb == (32 if n_new <= 32 else 64)
+    ids, batch = r._prefill_batch(tb)
+    got = r.model.forward(ids, r.cache, batch, r._p_row.long()).float()
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item() > 0.9999
+    assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()

@@ -33,3 +33,33 @@ def test_triton_backend_matches_torch_backend(dtype):
                 llm.scheduler.advance(sp)
             for sp, tok in zip(st.spans, logits[1].argmax(-1).tolist()):  # the same tokens in both
                 sp.seq.token_ids.append(tok)
+
+
+@pytest.mark.parametrize("n_new", [2, 37, 64, 100])
+def test_prefill_graph_matches_eager_prefill(n_new):
+    """A single-sequence prefill replays the CUDA graph of its token-count bucket (padded rows write
+    nothing and are never attended): its logits match the eager prefill's, after a cached prefix too,
+    and the cache holds the same K/V (the next decode step agrees)."""
+    dev = torch.device("cuda")
+    model = EngineModel.synthetic("smollm2-135m", dev, group_size=64)
+    engines = [LLM(model, block_size=16, max_model_len=512, cache_max_memory="64MiB", max_num_seqs=2,
+                   cuda_graphs=g, prefill_graphs=g) for g in (True, False)]
+    assert engines[0].runner.prefill_graphs and not engines[1].runner.prefill_graphs
+    prefix = list(range(1000, 1048))  # 3 whole blocks: cached by the first request
+    for llm in engines:
+        llm.generate([prefix + [7, 8]], SamplingParams(max_new_tokens=1, ignore_eos=True))
+        llm.add_request(prefix + list(range(2000, 2000 + n_new)), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    used, starts = [], []
+    for _ in range(2):  # the prefill (graph on engine 0), then one decode step
+        steps = [llm.scheduler.schedule() for llm in engines]
+        used.append(engines[0].runner._prefill_graph_fits(steps[0], None))
+        starts.append(steps[0].spans[0].start)
+        logits = [llm.runner.run(st, llm.manager).float() for llm, st in zip(engines, steps)]  # [1, V]
+        cos = torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1)
+        assert cos.min().item() > 0.999, (steps[0].is_decode, cos)
+        for llm, st in zip(engines, steps):
+            for sp in st.spans:
+                llm.scheduler.advance(sp)
+                sp.seq.token_ids.append(int(logits[1][0].argmax()))
+    assert used == [True, False]
+    assert starts == [48, 48 + n_new]  # the prefix came from the cache

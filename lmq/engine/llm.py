@@ -74,7 +74,8 @@ class LLM:
                  cache_max_memory: str | int | None = None, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True, cuda_graphs: bool = True,
-                 backend: str = "auto", dtype: str | None = None, overlap: bool = True):
+                 backend: str = "auto", dtype: str | None = None, overlap: bool = True,
+                 prefill_graphs: bool | None = None):
         from transformers import AutoTokenizer
 
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
@@ -126,7 +127,10 @@ class LLM:
         self.max_num_seqs = max_num_seqs
         self.manager = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.manager, max_num_seqs, max(max_num_batched_tokens, 1))
-        self.runner = ModelRunner(self.model, spec, num_blocks, max_num_seqs, self.max_model_len, cuda_graphs)
+        if prefill_graphs is None:  # experimental: off unless LMQ_PREFILL_GRAPHS=1 (see ModelRunner)
+            prefill_graphs = os.environ.get("LMQ_PREFILL_GRAPHS", "0") == "1"
+        self.runner = ModelRunner(self.model, spec, num_blocks, max_num_seqs, self.max_model_len, cuda_graphs,
+                                  prefill_graphs)
         log(f"KV cache: {num_blocks} blocks x {block_size} tokens ({self.cache_tokens} tokens, "
             f"{self.runner.cache.nbytes / 2**30:.2f} GiB, {self.kv_dtype})")
         self._ids = itertools.count()

@@ -7,6 +7,14 @@ every span is one token (pure decode) run as a CUDA graph captured for the small
 bucket that holds them: the inputs are copied into the graph's static buffers in one host-to-device
 copy, padded rows write to slot -1 (skipped) and attend over one token of block 0, and decode
 attention is planned for `max_model_len` so the graph's launch grid never changes.
+
+With `prefill_graphs` (experimental, off by default: `LLM(prefill_graphs=True)` or
+LMQ_PREFILL_GRAPHS=1), a step that prefills one sequence's last `T <= 512` prompt tokens alone (a
+chat turn, a request arriving at an idle engine) also replays a graph, captured per token-count bucket: the span is
+padded to the bucket with tokens that write nothing (slot -1), sit at position 0 for RoPE and, being
+after every real token, are never attended by one; only the last real row's logits are computed. An
+eager prefill of that size is host-bound (about 430 kernel launches for Llama-3-8B: 22-37 ms of host
+time around 8-15 ms of kernels on an H100, benchmarks/profile_prefill.py).
 """
 
 from __future__ import annotations
@@ -26,11 +34,12 @@ from lmq.engine.model import EngineModel
 from lmq.engine.scheduler import Step
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+PREFILL_BUCKETS = (32, 64, 128, 256, 512)  # new-token counts of the single-sequence prefill graphs
 
 
 class ModelRunner:
     def __init__(self, model: EngineModel, spec: KVCacheSpec, num_blocks: int, max_num_seqs: int,
-                 max_model_len: int, cuda_graphs: bool = True):
+                 max_model_len: int, cuda_graphs: bool = True, prefill_graphs: bool = False):
         self.model = model
         self.device = model.device
         self.cache = KVCache(spec, num_blocks, self.device)
@@ -38,6 +47,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // spec.block_size)  # block-table width
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_buckets = [b for b in PREFILL_BUCKETS if b <= max_model_len] if prefill_graphs else []
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]  # ascending
         if cuda_graphs and self.device.type == "cuda" and model.backend == "triton":
             self._capture()
@@ -48,6 +59,8 @@ class ModelRunner:
         replace the input tokens of a decode step (a lookahead step: the host does not have them)."""
         if step.is_decode and self.graphs and len(step.spans) <= self.buckets[-1]:
             return self._replay(step, manager, ids)
+        if self._prefill_graph_fits(step, ids):
+            return self._replay_prefill(step, manager)
         batch = build_batch(manager, [(sp.seq.seq_id, sp.start, sp.end) for sp in step.spans],
                             is_prefill=not step.is_decode, device=self.device)
         dev_ids, ids = ids, []
@@ -90,6 +103,7 @@ class ModelRunner:
         self._dev.copy_(self._host)  # padding everywhere: warm-up writes nothing, attends one token
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
+        self._capture_prefill(pool, stream)  # the largest temporaries first
         for bs in reversed(self.buckets):  # largest first: the smaller graphs reuse its pool
             ids, batch = self._static_batch(bs)
             stream.wait_stream(torch.cuda.current_stream())
@@ -103,7 +117,93 @@ class ModelRunner:
                 out = self.model.forward(ids, self.cache, batch)  # [bs, V]
             self.graphs[bs] = (graph, out)
         torch.cuda.synchronize()
-        log(f"captured decode CUDA graphs for batch sizes {self.buckets} in {time.perf_counter() - t0:.1f}s")
+        log(f"captured decode CUDA graphs for batch sizes {self.buckets} and prefill graphs for "
+            f"{self.prefill_buckets} new tokens in {time.perf_counter() - t0:.1f}s")
+
+    # -- CUDA graphs for single-sequence prefill ------------------------------------------------------
+    def _prefill_batch(self, tb: int) -> tuple[torch.Tensor, AttentionBatch]:
+        ids = self._p_ids[:tb]
+        batch = AttentionBatch(
+            slot_mapping=self._p_slots[:tb], block_tables=self._p_table, seq_lens=self._p_lens,
+            cu_seqlens_q=self._p_cu, positions=self._p_pos[:tb], max_q_len=tb, max_seq_len=self.max_model_len,
+            is_prefill=True,
+        )
+        return ids, batch
+
+    def _prefill_buffers(self) -> None:
+        """The prefill graphs' static inputs: one pinned host buffer and its device copy."""
+        tm = self.prefill_buckets[-1]
+        # the sequence's block table, with room for the padded rows past its last real token
+        self._p_width = self.max_blocks + -(-tm // self.block_size)
+        # one int32 buffer: [ids | positions | slots (tm each) | len | cu (2) | table | sample row]
+        self._p_host = torch.zeros(3 * tm + 3 + self._p_width + 1, dtype=torch.int32,
+                                   pin_memory=self.device.type == "cuda")
+        self._p_np = self._p_host.numpy()
+        self._p_copied = torch.cuda.Event() if self.device.type == "cuda" else None
+        d = self._p_dev = torch.zeros_like(self._p_host, device=self.device)
+        self._p_ids, self._p_pos, self._p_slots = d[:tm], d[tm:2 * tm], d[2 * tm:3 * tm]
+        self._p_lens, self._p_cu = d[3 * tm:3 * tm + 1], d[3 * tm + 1:3 * tm + 3]
+        self._p_table = d[3 * tm + 3:3 * tm + 3 + self._p_width].view(1, self._p_width)
+        self._p_row = d[-1:]
+
+    def _capture_prefill(self, pool, stream: torch.cuda.Stream) -> None:
+        if not self.prefill_buckets:
+            return
+        self._prefill_buffers()
+        for tb in reversed(self.prefill_buckets):
+            self._fill_prefill(tb, [0], 0, [-1], [0], tb)  # warm-up: writes nothing, attends block 0
+            self._p_dev.copy_(self._p_host)
+            ids, batch = self._prefill_batch(tb)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.model.forward(ids, self.cache, batch, self._p_row.long())
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                out = self.model.forward(ids, self.cache, batch, self._p_row.long())  # [1, V]
+            self.prefill_graphs[tb] = (graph, out)
+
+    def _fill_prefill(self, tb: int, ids: list[int], start: int, slots: list[int], table: list[int],
+                      seq_len: int) -> None:
+        """The static inputs of a `tb`-row prefill: real rows first, then padding."""
+        tm = self.prefill_buckets[-1]
+        h = self._p_np
+        T = len(ids)
+        h[:] = 0
+        h[:T] = ids
+        h[tm:tm + T] = np.arange(start, start + T)  # positions; padded rows sit at 0
+        h[2 * tm:3 * tm] = -1  # padded rows write nothing
+        h[2 * tm:2 * tm + T] = slots
+        h[3 * tm] = seq_len  # prefix + tb rows (the padded ones only attend)
+        h[3 * tm + 2] = tb  # cu_seqlens_q = [0, tb]
+        h[3 * tm + 3:3 * tm + 3 + len(table)] = table
+        h[-1] = T - 1  # the row whose logits are returned
+
+    def _prefill_graph_fits(self, step: Step, ids: torch.Tensor | None) -> bool:
+        if not self.prefill_graphs or ids is not None or step.is_decode or len(step.spans) != 1:
+            return False
+        sp = step.spans[0]
+        return sp.sample and 1 < sp.end - sp.start <= self.prefill_buckets[-1]
+
+    def _stage_prefill(self, step: Step, manager: BlockManager) -> int:
+        """Copy the single prefill span of `step`, padded, into the static inputs; returns its bucket."""
+        sp = step.spans[0]
+        T = sp.end - sp.start
+        tb = next(b for b in self.prefill_buckets if b >= T)
+        sid = sp.seq.seq_id
+        if self._p_copied is not None:
+            self._p_copied.synchronize()  # the previous replay's inputs have left the host buffer
+        self._fill_prefill(tb, sp.seq.token_ids[sp.start:sp.end], sp.start, manager.slots(sid, sp.start, sp.end),
+                           manager.block_table(sid), sp.start + tb)
+        self._p_dev.copy_(self._p_host, non_blocking=True)
+        if self._p_copied is not None:
+            self._p_copied.record()
+        return tb
+
+    def _replay_prefill(self, step: Step, manager: BlockManager) -> torch.Tensor:
+        graph, out = self.prefill_graphs[self._stage_prefill(step, manager)]
+        graph.replay()
+        return out
 
     def _reset_static(self, G: int) -> None:
         h = self._host_np
