@@ -9,9 +9,11 @@ Reads layout `planes64` (lmq/pack/planes64.py, which derives it):
     zeros   uint8   [K/G, N]
 
 One kernel, two regimes chosen by its config (`CONFIGS`, one table per arch):
-- decode (small M, bandwidth-bound): BLOCK_M = 16 (tl.dot's minimum; rows past M are masked),
-  narrow BLOCK_N and split-K so that every SM streams weights; the splits add their partial sums
-  into the zeroed output with atomics.
+- decode (small and medium M): BLOCK_M = the next power of two >= M between 16 (tl.dot's minimum;
+  rows past M are masked) and BLOCK_M_MAX, so each dequantized weight tile serves as many rows as it
+  can; narrow BLOCK_N and split-K over WAVES waves of SMs so that every SM streams weights; the
+  splits add their partial sums into the zeroed output with atomics (REDUCE="atomic") or into the
+  self-clearing fp32 workspace the GEMV uses (REDUCE="workspace", no zero-fill).
 - prefill (large M, compute-bound): large tensor-core tiles, dequantization in registers.
 Config switches: SWAP_AB computes out^T = w_hat @ x^T so the dequantized weights are tl.dot's first
 operand (on sm90 Triton then issues wgmma with that operand in registers); DOT_K = 16/32/64 joins 1,

@@ -27,14 +27,16 @@ def _num(v, fmt: str = ".4g") -> str:
 
 def layer_table(layers: list[dict], title: str) -> Table:
     t = Table(title=title)
-    for col in ("layer", "RTN err", "AWQ err", "AWQ/RTN", "ratios (norm/linear -> r)", "s"):
+    for col in ("layer", "RTN err", "AWQ+RTN err", "AWQ err", "AWQ/RTN", "ratios (norm/linear -> r)", "s"):
         t.add_column(col, justify="right" if col != "ratios (norm/linear -> r)" else "left")
     for s in layers:
-        rtn, awq = s.get("rtn_err"), s.get("awq_err")
+        # AWQ+RTN: scales and clipping rounded to nearest; AWQ: what was written (after rounding refinement)
+        rtn, scaled, awq = s.get("rtn_err"), s.get("scaled_err"), s.get("awq_err")
         rel = awq / rtn if rtn and awq is not None and not math.isnan(rtn) and not math.isnan(awq) else None
         ratios = " ".join(f"{k.split('.')[-1]}:{'off' if v < 0 else format(v, '.2f')}"
                           for k, v in (s.get("ratios") or {}).items())  # v < 0: unscaled RTN won
-        t.add_row(str(s["layer"]), _num(rtn), _num(awq), _num(rel, ".3f"), ratios, _num(s.get("seconds"), ".1f"))
+        t.add_row(str(s["layer"]), _num(rtn), _num(scaled), _num(awq), _num(rel, ".3f"), ratios,
+                  _num(s.get("seconds"), ".1f"))
     return t
 
 

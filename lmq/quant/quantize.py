@@ -175,19 +175,21 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
                 prefix = src.layer_prefix(i)
                 lw = {k: v.to(dev) for k, v in src.layer(i, torch.float32).items()}
                 st = LayerStats(layer=i, rtn_err=float("nan"), awq_err=float("nan"))
+                searched = x is not None and (spec.max_layers is None or i < spec.max_layers)
                 if x is not None:
                     cap = awq.capture(lw, x, cos, sin, cfg, qs.batch_size)
                     xs, ref = x[:n_stat], cap.output[:n_stat]
                     st.rtn_err = awq.layer_error(lw, xs, ref, cos, sin, cfg, qs)
-                    if spec.max_layers is None or i < spec.max_layers:
-                        # awq_layer's error is measured on exactly the RTN grid written below
+                    if searched:
+                        # awq_layer's error is measured on exactly the grid written below (scales, zeros,
+                        # and the codes too unless rounding refinement changes them)
                         lw, st.scaled_err, st.ratios, st.clipped = awq.awq_layer(lw, cap, xs, ref, cos, sin, cfg, qs)
                     else:
                         st.scaled_err = st.rtn_err
                     st.awq_err = st.scaled_err
                 q = {lin: quantize(lw[f"{lin}.weight"], qs.bits, qs.group_size, qs.zero_point, f"{prefix}.{lin}")
                      for lin in cfg.arch.linears}
-                if x is not None and spec.refine_steps > 0 and (spec.max_layers is None or i < spec.max_layers):
+                if searched and spec.refine_steps > 0:
                     # Learned rounding on the same grid; trained on the samples the error is not measured on.
                     train = slice(n_stat, None) if x.shape[0] > n_stat else slice(None)
                     q, _, st.awq_err = refine_rounding(lw, x[train], cap.output[train], xs, ref, cos, sin, cfg,
