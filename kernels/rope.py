@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmq.errors import ShapeError
+from lmq.errors import ShapeError, UnsupportedError
 
 
 def rope_inv_freq(head_dim: int, base: float = 10000.0, scaling: dict | None = None) -> torch.Tensor:
@@ -45,7 +45,7 @@ def rope_inv_freq(head_dim: int, base: float = 10000.0, scaling: dict | None = N
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
         mid = (wavelen >= orig / high) & (wavelen <= orig / low)
         return torch.where(mid, blended, scaled).float()
-    raise ShapeError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+    raise UnsupportedError(f"rope_scaling type {kind!r} is not supported; lmq supports default, linear and llama3")
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, max_positions: int,

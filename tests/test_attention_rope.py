@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmq.errors import ShapeError
+from lmq.errors import ShapeError, UnsupportedError
 from lmq.kernels.rope import apply_rope, apply_rope_ref, rope_cos_sin, rope_inv_freq
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -59,5 +59,5 @@ def test_apply_rope_rejects_bad_inputs(device):
         apply_rope(q, q.clone(), torch.zeros(3, dtype=torch.int32, device=device), cos, sin)
     with pytest.raises(ShapeError, match="cos/sin"):
         apply_rope(q, q.clone(), torch.zeros(2, dtype=torch.int32, device=device), cos.double(), sin.double())
-    with pytest.raises(ShapeError, match="rope_scaling"):
+    with pytest.raises(UnsupportedError, match="rope_scaling type 'yarn' is not supported"):
         rope_inv_freq(64, scaling={"rope_type": "yarn"})

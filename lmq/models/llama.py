@@ -72,14 +72,10 @@ class ModelConfig:
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies `[D/2]` (fp32), with Llama-3 / linear rope scaling where configured; the
-    one definition is `lmq.kernels.rope.rope_inv_freq`, which the runtime uses too."""
+    one definition is `lmq.kernels.rope.rope_inv_freq`, which the runtime uses too (it refuses other
+    scaling types with `UnsupportedError`)."""
     from lmq.kernels.rope import rope_inv_freq as inv_freq_for
 
-    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
-        raise UnsupportedError(
-            f"rope scaling type {kind!r} is not supported; lmq supports default, linear and llama3"
-        )
     return inv_freq_for(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
 
