@@ -226,9 +226,7 @@ class HFBaseline:
             with torch.device(dev):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
-            from lmq.format.source import WeightSource
-
-            src = WeightSource(engine_model.src.path)
+            src = engine_model.src  # the checkpoint the engine opened (its shard handles are reused)
             config = AutoConfig.from_pretrained(str(src.path))
             config.quantization_config = None
             if hasattr(config, "quantization_config"):
