@@ -283,32 +283,33 @@ def bench_attention_cmd(
 # ---------------------------------------------------------------------------------------------
 # engine options shared by `lmq bench e2e` and `lmq chat`
 # ---------------------------------------------------------------------------------------------
-# Flag and default of each engine setting the two commands share, defined once. The help is
-# passed in: each command words it its own way (chat: context = conversation + answer; bench:
-# the memory share covers weights, cache, activations; ...), so only flag and default are
-# common. `--seed` is not shared: the commands seed different things (bench's prompts, chat's
-# sampling) with different defaults (0, none). The LLM(...) call is built in one place per
-# command (here for chat, in lmq.bench_e2e.run_bench for bench).
+# Flag, default and help of each engine setting the two commands share, defined once (a fresh
+# typer.Option per use). `--seed` is not shared: the commands seed different things (bench's
+# prompts, chat's sampling) with different defaults (0, none). The LLM(...) call is built in one
+# place per command (here for chat, in lmq.bench_e2e.run_bench for bench).
 
 
-def _kv_dtype_option(help: str):
-    return typer.Option("auto", "--kv-dtype", help=help)
+def _kv_dtype_option():
+    return typer.Option("auto", "--kv-dtype", help="KV cache: auto (the model's dtype), fp16, bf16, int8, int4.")
 
 
-def _max_model_len_option(help: str):
-    return typer.Option(None, "--max-model-len", help=help)
+def _max_model_len_option():
+    return typer.Option(None, "--max-model-len", help="Context length in tokens, prompt or conversation + answer "
+                        "(default: the model's).")
 
 
-def _cache_max_memory_option(help: str):
-    return typer.Option(None, "--cache-max-memory", help=help)
+def _cache_max_memory_option():
+    return typer.Option(None, "--cache-max-memory", help="KV cache size, e.g. 8GiB (default: from "
+                        "--gpu-memory-utilization).")
 
 
-def _gpu_memory_utilization_option(help: str):
-    return typer.Option(0.9, "--gpu-memory-utilization", help=help)
+def _gpu_memory_utilization_option():
+    return typer.Option(0.9, "--gpu-memory-utilization", help="Share of the GPU's memory lmq may use in all "
+                        "(weights, cache, activations) when --cache-max-memory is not given.")
 
 
-def _device_option(help: str):
-    return typer.Option("auto", "--device", help=help)
+def _device_option():
+    return typer.Option("auto", "--device", help="auto, cpu or cuda.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,15 +331,13 @@ def bench_e2e_cmd(
     turns: int = typer.Option(8, "--turns", help="Multi-turn: turns of one conversation (32-token questions)."),
     answer_len: int = typer.Option(128, "--answer-len", help="Multi-turn: tokens per answer."),
     baseline: str = typer.Option("none", "--baseline", help="none, or hf: transformers generate in fp16 on the same device, printed beside."),
-    kv_dtype: str = _kv_dtype_option("KV cache: auto, fp16, bf16, int8, int4."),
+    kv_dtype: str = _kv_dtype_option(),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Most sequences in one batch."),
-    max_model_len: Optional[int] = _max_model_len_option("Context length (default: the model's)."),
-    cache_max_memory: Optional[str] = _cache_max_memory_option(
-        "KV cache size, e.g. 8GiB (default: from --gpu-memory-utilization)."),
-    gpu_memory_utilization: float = _gpu_memory_utilization_option(
-        "Share of the GPU's memory lmq may use in all (weights, cache, activations) when --cache-max-memory is not given."),
+    max_model_len: Optional[int] = _max_model_len_option(),
+    cache_max_memory: Optional[str] = _cache_max_memory_option(),
+    gpu_memory_utilization: float = _gpu_memory_utilization_option(),
     group_size: int = typer.Option(128, "--group-size", help="Synthetic weights: quantization group size."),
-    device: str = _device_option("auto, cuda or cpu."),
+    device: str = _device_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
@@ -372,7 +371,7 @@ CHAT_HELP = "commands: /reset (new conversation), /stats (last answer's numbers)
 @app.command()
 def chat(
     checkpoint: str = typer.Argument(..., help="A packed or portable 4-bit checkpoint of a chat (instruct) model."),
-    kv_dtype: str = _kv_dtype_option("KV cache: auto (the model's dtype), fp16, bf16, int8, int4."),
+    kv_dtype: str = _kv_dtype_option(),
     system: str | None = typer.Option(None, "--system", help="System message (kept by /reset)."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Most tokens per answer."),
     temperature: float = typer.Option(0.7, "--temperature", help="0 for greedy decoding."),
@@ -381,12 +380,10 @@ def chat(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats (1 = off)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     prompt: str | None = typer.Option(None, "--prompt", help="Answer this one message, print only the answer, exit."),
-    device: str = _device_option("auto, cpu or cuda."),
-    max_model_len: int | None = _max_model_len_option("Context length, conversation + answer (default: the model's)."),
-    cache_max_memory: str | None = _cache_max_memory_option(
-        "KV cache size, e.g. 4GiB (default: from --gpu-memory-utilization)."),
-    gpu_memory_utilization: float = _gpu_memory_utilization_option(
-        "Share of the GPU's memory lmq may use in all when --cache-max-memory is not given."),
+    device: str = _device_option(),
+    max_model_len: int | None = _max_model_len_option(),
+    cache_max_memory: str | None = _cache_max_memory_option(),
+    gpu_memory_utilization: float = _gpu_memory_utilization_option(),
     block_size: int | None = typer.Option(None, "--block-size", hidden=True, help="Tokens per KV block (tests)."),
 ) -> None:
     """Chat with a 4-bit model in the terminal; earlier turns' KV is reused from the prefix cache."""
