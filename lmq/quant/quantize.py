@@ -155,6 +155,9 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
         tok = AutoTokenizer.from_pretrained(str(src_path))
         tokens = calibration_tokens(spec.calib_data, tok, spec.calib_samples, spec.calib_seqlen, spec.seed)
         log(f"calibration: {tokens.shape[0]} samples x {tokens.shape[1]} tokens from {spec.calib_data}")
+        if spec.refine_steps and dev.type == "cpu":
+            log(f"rounding refinement runs {spec.refine_steps} steps per layer, slow on a CPU "
+                "(a GPU does it in about a second a layer for small models); --refine-steps 0 skips it")
 
     log(f"hashing source weights ({src.weight_bytes() / 1e9:.2f} GB)")
     src_hash = _hash_files(src.weight_files)
