@@ -10,9 +10,10 @@ attention is planned for `max_model_len` so the graph's launch grid never change
 
 With `prefill_graphs` (experimental, off by default: `LLM(prefill_graphs=True)` or
 LMQ_PREFILL_GRAPHS=1), a step that prefills one sequence's last `T <= 512` prompt tokens alone (a
-chat turn, a request arriving at an idle engine) also replays a graph, captured per token-count bucket: the span is
-padded to the bucket with tokens that write nothing (slot -1), sit at position 0 for RoPE and, being
-after every real token, are never attended by one; only the last real row's logits are computed. An
+chat turn, a request arriving at an idle engine) also replays a graph, captured per token-count
+bucket: the span is padded to the bucket with tokens that write nothing (slot -1), sit at position 0
+for RoPE and, being after every real token, are never attended by one; only the last real row's
+logits are computed. An
 eager prefill of that size is host-bound (about 430 kernel launches for Llama-3-8B: 22-37 ms of host
 time around 8-15 ms of kernels on an H100, benchmarks/profile_prefill.py).
 """
@@ -106,19 +107,11 @@ class ModelRunner:
         self._capture_prefill(pool, stream)  # the largest temporaries first
         for bs in reversed(self.buckets):  # largest first: the smaller graphs reuse its pool
             ids, batch = self._static_batch(bs)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.model.forward(ids, self.cache, batch)  # warm-up: compiles and autotunes kernels
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            # captured on the warm-up's stream: per-stream state made at first use (the GEMV's split-K
-            # workspace) is made and zeroed by the warm-up, not allocated inside the capture
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                out = self.model.forward(ids, self.cache, batch)  # [bs, V]
-            self.graphs[bs] = (graph, out)
+            self.graphs[bs] = self._capture_one(lambda i=ids, b=batch: self.model.forward(i, self.cache, b),
+                                                pool, stream)  # [bs, V]
         torch.cuda.synchronize()
-        log(f"captured decode CUDA graphs for batch sizes {self.buckets} and prefill graphs for "
-            f"{self.prefill_buckets} new tokens in {time.perf_counter() - t0:.1f}s")
+        prefill = f" and prefill graphs for {self.prefill_buckets} new tokens" if self.prefill_buckets else ""
+        log(f"captured decode CUDA graphs for batch sizes {self.buckets}{prefill} in {time.perf_counter() - t0:.1f}s")
 
     # -- CUDA graphs for single-sequence prefill ------------------------------------------------------
     def _prefill_batch(self, tb: int) -> tuple[torch.Tensor, AttentionBatch]:
@@ -154,14 +147,8 @@ class ModelRunner:
             self._fill_prefill(tb, [0], 0, [-1], [0], tb)  # warm-up: writes nothing, attends block 0
             self._p_dev.copy_(self._p_host)
             ids, batch = self._prefill_batch(tb)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.model.forward(ids, self.cache, batch, self._p_row.long())
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                out = self.model.forward(ids, self.cache, batch, self._p_row.long())  # [1, V]
-            self.prefill_graphs[tb] = (graph, out)
+            self.prefill_graphs[tb] = self._capture_one(
+                lambda i=ids, b=batch: self.model.forward(i, self.cache, b, self._p_row.long()), pool, stream)  # [1, V]
 
     def _fill_prefill(self, tb: int, ids: list[int], start: int, slots: list[int], table: list[int],
                       seq_len: int) -> None:
@@ -204,6 +191,20 @@ class ModelRunner:
         graph, out = self.prefill_graphs[self._stage_prefill(step, manager)]
         graph.replay()
         return out
+
+    @staticmethod
+    def _capture_one(forward, pool, stream: torch.cuda.Stream) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm `forward` up on `stream` (compiles and autotunes kernels), then capture it there: per-stream
+        state made at first use (the GEMV's split-K workspace) is made and zeroed by the warm-up, not
+        allocated inside the capture. Returns the graph and its static output."""
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = forward()
+        return graph, out
 
     def _reset_static(self, G: int) -> None:
         h = self._host_np
