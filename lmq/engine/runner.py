@@ -13,9 +13,9 @@ LMQ_PREFILL_GRAPHS=1), a step that prefills one sequence's last `T <= 512` promp
 chat turn, a request arriving at an idle engine) also replays a graph, captured per token-count
 bucket: the span is padded to the bucket with tokens that write nothing (slot -1), sit at position 0
 for RoPE and, being after every real token, are never attended by one; only the last real row's
-logits are computed. An
-eager prefill of that size is host-bound (about 430 kernel launches for Llama-3-8B: 22-37 ms of host
-time around 8-15 ms of kernels on an H100, benchmarks/profile_prefill.py).
+logits are computed. An eager prefill of that size is host-bound (about 430 kernel launches for
+Llama-3-8B: 22-37 ms of host time around 8-15 ms of kernels on an H100,
+benchmarks/profile_prefill.py).
 """
 
 from __future__ import annotations
