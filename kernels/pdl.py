@@ -19,12 +19,7 @@ _PDL: dict[int, bool] = {}
 
 
 def use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch for this device: compute capability >= 9.0 and LMQ_PDL not "0".
-
-    A kernel launched with it may start while the kernel before it finishes: the W4A16 GEMV does its
-    set-up, then waits (`gdc_wait`) before it reads anything the previous kernel wrote; the small
-    kernels that precede GEMVs (RMSNorm, SiLU*mul, attention merge) let it launch at their start.
-    """
+    """PDL for this device (module docstring): compute capability >= 9.0 and LMQ_PDL not "0"."""
     if device.type != "cuda":
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()

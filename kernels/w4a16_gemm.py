@@ -104,12 +104,18 @@ def _ws_arrive(acc, ws_ptrs, mask, cnt_ptr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
+def _ws_clear(ws_ptrs, mask, cnt_ptr):
+    """After the last split has read its tile: the workspace slice and the counter are zero again."""
+    tl.store(ws_ptrs, tl.zeros(ws_ptrs.shape, tl.float32), mask=mask)
+    tl.store(cnt_ptr, 0)
+
+
+@triton.jit
 def _ws_finish(out_ptrs, ws_ptrs, mask, cnt_ptr):
     """The last split's epilogue: write the summed tile, leave its workspace slice and counter zero."""
     total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # from L2
     tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
-    tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)  # all zeros again for the next call
-    tl.store(cnt_ptr, 0)
+    _ws_clear(ws_ptrs, mask, cnt_ptr)
 
 
 @triton.jit
@@ -260,12 +266,12 @@ _DECODE = {"BLOCK_M": 16, "BLOCK_M_MAX": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPL
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
                      "num_warps": 8, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
-# Measured on sm90 (H100, Llama-3-8B shapes, g128): at M=1 the GEMV wins on every weight (session 3);
-# with 4-wave splits the decode kernel wins from M=2 up to M=160, summed over the four shapes
-# (M=96 / 128 / 160: decode 244 / 313 / 392 us, prefill 336 / 357 / 433, dequantize + cuBLAS 389 / 392 /
-# 403; benchmarks/results/2026-11-22-session4-h100/gemm-m.json); from M=192 dequantize + cuBLAS wins
-# (414 vs 437 prefill, 463 decode), and at M >= 1024 by more, so sm90 never picks "prefill".
-# The other archs keep the crossover at 64 (not measured).
+# Measured on sm90 (H100, Llama-3-8B shapes, g128): at M=1 the GEMV wins on every weight; with 4-wave
+# splits and rows per tile growing with M, the decode kernel wins from M=2 up to M=256, summed over the
+# four shapes (M=128 / 256: decode 176 / 310 us, dequantize + cuBLAS 392 / 425, prefill kernel 351 /
+# 448; benchmarks/results/2026-11-22-session4-h100/blockm/gemm-m2.json); at M=384 dequantize + cuBLAS
+# wins (481 vs 561 for the prefill kernel), so sm90 never picks "prefill". The other archs keep the
+# crossover at 64 (not measured).
 _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min_m": 65}
 _CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 257}
 CONFIGS: dict[str, dict] = {

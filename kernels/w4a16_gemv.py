@@ -44,6 +44,7 @@ from lmq.kernels.w4a16_gemm import (
     _num_sms,
     _store_or_add,
     _ws_arrive,
+    _ws_clear,
     _ws_finish,
     check_inputs,
     pick_block_k,
@@ -139,8 +140,9 @@ def _w4a16_gemv_kernel(
             g = (kt + gi * G) // G
             z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
             zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN]
-            z64 = (z.to(tl.int16) | 0x5400).to(wdt, bitcast=True)  # [BN] 64 + z/16 (fp16 four-plane path)
-            z4 = ((z.to(tl.int16) << 4) | 0x4400).to(wdt, bitcast=True)  # [BN] 4 + z/16
+            if QUAD:
+                z64 = (z.to(tl.int16) | 0x5400).to(wdt, bitcast=True)  # [BN] 64 + z/16
+                z4 = ((z.to(tl.int16) << 4) | 0x4400).to(wdt, bitcast=True)  # [BN] 4 + z/16
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
             part = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # per-lane partial sums of the group
             for cc in tl.static_range(CHUNKS_PER_GROUP):
@@ -199,9 +201,7 @@ def _w4a16_gemv_kernel(
                 o_lo = out_ptr + m * stride_om + offs_lo
                 tl.store(o_lo, lo_out.to(out_ptr.dtype.element_ty), mask=lo_mask)
                 tl.store(o_lo + HALF, hi_out.to(out_ptr.dtype.element_ty), mask=hi_mask)
-                tl.store(ws_ptr + m * N + offs_lo, tl.zeros_like(lo), mask=lo_mask)  # all zeros again
-                tl.store(ws_ptr + m * N + offs_lo + HALF, tl.zeros_like(hi), mask=hi_mask)
-                tl.store(cnt, 0)
+                _ws_clear(ws_ptrs, n_mask, cnt)  # the two halves are the block's columns
             else:
                 _ws_finish(out_ptrs, ws_ptrs, n_mask, cnt)
     else:
