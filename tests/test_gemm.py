@@ -202,6 +202,30 @@ def test_gemm_workspace_split(M, swap_ab, device):
         w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, {**cfg, "REDUCE": "tree"})
 
 
+@pytest.mark.parametrize("M", [1, 3])
+def test_qlinear_rope_rotates_only_on_the_gemv_path(M, device):
+    """`qlinear_rope` (a qkv weight whose RoPE can be fused): at M=1 the GEMV rotates q and k in its
+    epilogue; at larger M it returns the plain product and says the caller must rotate."""
+    from lmq.engine.qlinear import qlinear_rope
+    from lmq.kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
+
+    H, Hkv, D, G = 2, 1, 64, 64
+    N, K = (H + 2 * Hkv) * D, 256
+    p = random_packed(N, K, G, device)
+    cos, sin = rope_cos_sin(rope_inv_freq(D), 64, device)
+    x = torch.randn(M, K, device=device).half()
+    positions = torch.arange(5, 5 + M, dtype=torch.int32, device=device)
+    rope_cols = (H + Hkv) * D
+    out, roped = qlinear_rope(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"],
+                              (positions, cos, sin, rope_cols))
+    y = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)  # [M, N]
+    assert roped == (M == 1)
+    if roped:
+        qk = apply_rope_ref(y[:, :rope_cols].view(M, H + Hkv, D), positions, cos, sin).view(M, rope_cols)
+        y = torch.cat([qk, y[:, rope_cols:]], dim=1)
+    assert rel_err(out, y) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("G", [32, 128])
 def test_dequant_matches_ref(G, device):
     N, K = 40, 256

@@ -46,6 +46,7 @@ from lmq.kernels import (
     silu_mul,
 )
 from lmq.kernels.w4a16_gemm import CONFIGS, check_bf16_support
+from lmq.kernels.w4a16_gemv import can_fuse_rope
 from lmq.models.llama import ModelConfig
 
 
@@ -159,6 +160,14 @@ class EngineModel:
         inv_freq = rope.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # [D/2]
         self.max_positions = cfg.max_position_embeddings
         self.cos, self.sin = rope.rope_cos_sin(inv_freq, self.max_positions, self.device)  # [P, D/2] fp32
+        # Whether the qkv GEMV (batch-1 decode on the GPU) may rotate q and k in its epilogue, decided
+        # once for all layers: Triton backend, a packed qkv without bias, no q/k norm in between, and
+        # shapes the GEMV can split (every layer has the same).
+        qkv = self.layers[0].qkv
+        self.fuse_qkv_rope = (
+            self.backend == "triton" and qkv.weight is None and qkv.bias is None and self.layers[0].q_norm is None
+            and can_fuse_rope(qkv.qweight.shape[1], cfg.hidden_size, qkv.group_size, cfg.head_dim,
+                              qkv.table["gemv"]))
 
     @classmethod
     def synthetic(cls, name: str, device: torch.device, group_size: int = 128, backend: str = "auto",
@@ -231,10 +240,10 @@ class EngineModel:
         return qlinear(x, lin.qweight, lin.scales, lin.zeros, lin.group_size, lin.table, lin.bias)
 
     def qkv_rope(self, h: torch.Tensor, lw, positions: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """The fused qkv linear; with RoPE already applied to q and k (True) where the W4A16 GEMV can
-        do it in its epilogue: Triton backend, no qkv bias, no q/k norm between the two."""
+        """The fused qkv linear; with RoPE already applied to q and k (True) where the W4A16 GEMV does
+        it in its epilogue (`fuse_qkv_rope`, and this M takes the GEMV)."""
         lin = lw.qkv
-        if self.backend != "triton" or lin.weight is not None or lin.bias is not None or lw.q_norm is not None:
+        if not self.fuse_qkv_rope:
             return self.linear(h, lin), False
         cfg = self.cfg
         rope = (positions, self.cos, self.sin, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim)

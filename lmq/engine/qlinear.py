@@ -18,7 +18,7 @@ from torch import nn
 from lmq.errors import UnsupportedError
 from lmq.kernels.w4a16_dequant import w4a16_dequant
 from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm
-from lmq.kernels.w4a16_gemv import can_fuse_rope, w4a16_gemv
+from lmq.kernels.w4a16_gemv import w4a16_gemv
 from lmq.pack import planes64
 
 ARCHS = tuple(CONFIGS)
@@ -86,15 +86,13 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
 
 def qlinear_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int, table: dict, rope: tuple) -> tuple[torch.Tensor, bool]:
-    """`qlinear` of a fused qkv weight that also applies RoPE where it can: when this M takes the GEMV
-    path on a GPU, the GEMV rotates q and k in its epilogue (`rope` as in `w4a16_gemv`). Returns the
-    output and whether it was rotated; if not, the caller rotates."""
+    """`qlinear` of a fused qkv weight whose RoPE the GEMV can fuse (the caller checked `can_fuse_rope`
+    once, at load): when this M takes the GEMV path, the GEMV rotates q and k in its epilogue (`rope`
+    as in `w4a16_gemv`). Returns the output and whether it was rotated; if not, the caller rotates."""
     K = qweight.shape[0] * planes64.CHUNK_K
     M = x.numel() // K if K else 0
-    N = qweight.shape[1]
-    path = choose_path(M, table, N * K)
-    head_dim = 2 * rope[1].shape[1]
-    if x.device.type == "cuda" and path == "gemv" and can_fuse_rope(N, K, group_size, head_dim, table["gemv"]):
+    path = choose_path(M, table, qweight.shape[1] * K)
+    if path == "gemv":
         return w4a16_gemv(x, qweight, scales, zeros, group_size, table["gemv"], rope=rope), True
     return run_path(path, x, qweight, scales, zeros, group_size, table), False
 
