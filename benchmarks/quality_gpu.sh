@@ -38,7 +38,7 @@ if [ -n "${PROXY:-}" ]; then
   # PROXY="--group-size 64 --baselines --variant base: --variant id:scale_identity=1"
   # shellcheck disable=SC2086
   python3 benchmarks/quality_proxy.py --device cuda --model "$MODEL" --calib "$CALIB" --data "$DATA" \
-    --samples 128 --windows 296 --quant-inputs $PROXY 2> "$R/proxy.err" | tee -a "$R/proxy.jsonl"
+    --samples 128 --windows 296 $PROXY 2> "$R/proxy.err" | tee -a "$R/proxy.jsonl"
   exit 0
 fi
 # What to run (defaults: everything docs/quality.md shows). Each model is scored as soon as it is

@@ -1,7 +1,7 @@
 """A cheap CPU proxy of the AWQ quality run (docs/quality.md): quantize in memory, score perplexity.
 
-Runs `lmq.quant.awq` layer by layer as `lmq quantize` does, but keeps the fake-quantized weights in
-memory and scores wikitext-2 test perplexity on the first `--windows` windows right away, next to
+Runs `lmq.quant.quantize.quantize_layer` layer by layer as `lmq quantize` does, but keeps the
+dequantized weights in memory and scores wikitext-2 test perplexity on the first `--windows` windows right away, next to
 RTN's and the unquantized model's on the same windows. Prints one JSON line per run (recovery =
 (ppl_rtn - ppl_awq) / (ppl_rtn - ppl_fp)).
 
@@ -25,7 +25,7 @@ from lmq.format.source import WeightSource, resolve_model_path
 from lmq.models.llama import layer_forward, rms_norm, rope_cos_sin
 from lmq.quant import awq
 from lmq.quant.calib import calibration_tokens
-from lmq.quant.refine import refine_rounding
+from lmq.quant.quantize import quantize_layer
 from lmq.quant.rtn import fake_quantize
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -65,7 +65,6 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per scored window")
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--quant-inputs", action="store_true", help="next layer's inputs from the quantized layer")
     ap.add_argument("--baselines", action="store_true", help="also score the unquantized model and RTN")
     ap.add_argument("--set", nargs="*", default=[], help="QuantSettings overrides, name=value")
     ap.add_argument("--tag", default="")
@@ -89,7 +88,7 @@ def main() -> None:
         awq.group_applies = lambda g, lw: (not g.prev.endswith("_proj") or
                                            lw[f"{g.prev}.weight"].shape[0] == lw[f"{g.linears[0]}.weight"].shape[1])
     base: dict = {"samples": args.samples, "windows": args.windows, "eval_seqlen": args.eval_seqlen,
-                  "seqlen": args.seqlen, "group_size": args.group_size, "quant_inputs": args.quant_inputs}
+                  "seqlen": args.seqlen, "group_size": args.group_size}
     if args.baselines:
         qs = awq.QuantSettings(group_size=args.group_size)
         base["ppl_fp"] = ppl(src, fp_layers, ids, dev)
@@ -100,12 +99,8 @@ def main() -> None:
     for spec in variants:
         name, _, sets = spec.partition(":")
         qs = awq.QuantSettings(group_size=args.group_size)
-        extra = {"refine_steps": 0, "refine_lr": 0.005, "refine_batch": 8}
-        for kv in filter(None, sets.split(",")):
+        for kv in filter(None, sets.split(",")):  # QuantSettings fields, e.g. refine_steps=200
             k, v = kv.split("=")
-            if k in extra:
-                extra[k] = type(extra[k])(v)
-                continue
             cur = getattr(qs, k)
             setattr(qs, k, (v in ("1", "true")) if isinstance(cur, bool) else type(cur)(v))
         res = dict(base, tag=name, settings=sets)
@@ -114,25 +109,12 @@ def main() -> None:
         x = src.embed(torch.float32)[tokens].to(dev)  # [S, T, C]
         cos, sin = rope_cos_sin(cfg, torch.arange(tokens.shape[1], device=dev), torch.float32)
         q_layers = []
-        n_eval = 8
         for i, lw in enumerate(fp_layers):
-            cap = awq.capture(lw, x, cos, sin, cfg, qs.batch_size)
-            new, err, r, clipped = awq.awq_layer(lw, cap, x[:n_eval], cap.output[:n_eval], cos, sin, cfg, qs)
-            if extra["refine_steps"]:
-                qd, e0, e1 = refine_rounding(new, x[n_eval:], cap.output[n_eval:], x[:n_eval], cap.output[:n_eval],
-                                             cos, sin, cfg, qs.bits, qs.group_size, qs.zero_point,
-                                             extra["refine_steps"], extra["refine_batch"], extra["refine_lr"])
-                q = dict(new, **{f"{lin}.weight": w.dequantize(torch.float32) for lin, w in qd.items()})
-                err = f"{e0:.4g}->{e1:.4g}"
-            else:
-                q = fq(new, cfg, qs)
-            q_layers.append(q)
-            print(f"{name} layer {i} err {err} {r} {clipped} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
-            if args.quant_inputs:
-                x = torch.cat([layer_forward(q, xb, cos, sin, cfg) for xb in x.split(qs.batch_size)])
-            else:
-                x = cap.output
-            del cap
+            # what lmq quantize does per layer (each searched on the quantized layers' output)
+            lw, q, st, x = quantize_layer(i, lw, x, cos, sin, cfg, qs, seed=i)
+            q_layers.append(dict(lw, **{f"{lin}.weight": w.dequantize(torch.float32) for lin, w in q.items()}))
+            print(f"{name} layer {i} err rtn {st.rtn_err:.4g} awq {st.scaled_err:.4g} written {st.awq_err:.4g} "
+                  f"{st.ratios} {st.clipped} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         res["ppl_awq"] = ppl(src, q_layers, ids, dev)
         if "ppl_rtn" in res:
             res["recovery"] = (res["ppl_rtn"] - res["ppl_awq"]) / (res["ppl_rtn"] - res["ppl_fp"])

@@ -49,6 +49,9 @@ class QuantSettings:
     max_shrink: float = 0.7  # clipping may cut up to this share of a group's range (AutoAWQ: 0.5; CPU proxy: 0.7 better)
     clip_tokens: int = 512  # calibration tokens the clipping search looks at
     batch_size: int = 16  # calibration samples per forward chunk (bounds activation memory)
+    refine_steps: int = 0  # rounding refinement after AWQ (lmq.quant.refine); lmq quantize's default is 200
+    refine_lr: float = 0.005
+    refine_batch: int = 8  # calibration samples per refinement step
 
 
 @dataclass

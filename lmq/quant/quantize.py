@@ -25,7 +25,7 @@ from lmq.format.writer import CheckpointWriter, check_output_path
 from lmq.models.llama import layer_forward, rope_cos_sin
 from lmq.quant import awq
 from lmq.quant.refine import refine_rounding
-from lmq.quant.rtn import check_group_size, quantize
+from lmq.quant.rtn import QuantizedWeight, check_group_size, quantize
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # awq: AWQ scales + clipping, then round-to-nearest (AutoAWQ's algorithm) or, with refine_steps > 0
@@ -119,6 +119,46 @@ def check_layer_shapes(src: WeightSource, group_size: int) -> None:
             check_group_size(K, group_size, name)
 
 
+N_STAT = 8  # calibration samples the per-layer error statistics (and refinement's keep-or-drop) use
+
+
+def quantize_layer(i: int, lw: dict, x: torch.Tensor | None, cos, sin, cfg, qs: awq.QuantSettings, seed: int,
+                   search: bool = True, prefix: str = "layer") -> tuple[dict, dict[str, QuantizedWeight], LayerStats,
+                                                                       torch.Tensor | None]:
+    """Quantize decoder layer `i` (float weights `lw` on the compute device).
+
+    `x [S, T, C]`: the layer's calibration input, i.e. the already-quantized layers' output (None:
+    round to nearest, no statistics). With `search`, AWQ's scale and clipping search and, with
+    `qs.refine_steps`, rounding refinement. Returns the weights with AWQ's scales folded in, the
+    quantized linears, the layer's statistics and the next layer's input (this layer's quantized
+    output, so the next search also absorbs the error made so far: GPU run 4, 47.3% -> 51.8% of
+    RTN's perplexity loss recovered at g64, against the float layers' output as AutoAWQ uses).
+    """
+    st = LayerStats(layer=i, rtn_err=float("nan"), awq_err=float("nan"))
+    if x is not None:
+        cap = awq.capture(lw, x, cos, sin, cfg, qs.batch_size)
+        xs, ref = x[:N_STAT], cap.output[:N_STAT]
+        st.rtn_err = st.scaled_err = awq.layer_error(lw, xs, ref, cos, sin, cfg, qs)
+        if search:
+            # measured on exactly the grid written below (scales, zeros, and the codes too unless
+            # rounding refinement changes them)
+            lw, st.scaled_err, st.ratios, st.clipped = awq.awq_layer(lw, cap, xs, ref, cos, sin, cfg, qs)
+        st.awq_err = st.scaled_err
+    q = {lin: quantize(lw[f"{lin}.weight"], qs.bits, qs.group_size, qs.zero_point, f"{prefix}.{lin}")
+         for lin in cfg.arch.linears}
+    if x is None:
+        return lw, q, st, None
+    if search and qs.refine_steps > 0:
+        # learned rounding on the same grid, trained on the samples the error is not measured on
+        train = slice(N_STAT, None) if x.shape[0] > N_STAT else slice(None)
+        q, _, st.awq_err = refine_rounding(lw, x[train], cap.output[train], xs, ref, cos, sin, cfg, qs.bits,
+                                           qs.group_size, qs.zero_point, qs.refine_steps, qs.refine_batch,
+                                           qs.refine_lr, seed=seed, rtn=q)
+    qlw = dict(lw, **{f"{lin}.weight": qw.dequantize(torch.float32) for lin, qw in q.items()})
+    x = torch.cat([layer_forward(qlw, xb, cos, sin, cfg) for xb in x.split(qs.batch_size)])
+    return lw, q, st, x
+
+
 def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
     t0 = time.time()
     if spec.method not in METHODS:
@@ -138,7 +178,8 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
         raise InputError(f"{src_path} is already quantized ({src.config['quantization_config'].get('quant_method')}); "
                          "give the original float model")
     cfg = src.cfg
-    qs = awq.QuantSettings(bits=spec.bits, group_size=spec.group_size, zero_point=spec.zero_point, n_grid=spec.n_grid)
+    qs = awq.QuantSettings(bits=spec.bits, group_size=spec.group_size, zero_point=spec.zero_point, n_grid=spec.n_grid,
+                           refine_steps=spec.refine_steps)
     quantize(torch.zeros(1, spec.group_size), spec.bits, spec.group_size)  # validates bits early
     check_layer_shapes(src, spec.group_size)
     dev = _device(spec.device)
@@ -163,10 +204,9 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
     src_hash = _hash_files(src.weight_files)
     torch.manual_seed(spec.seed)
     stats: list[LayerStats] = []
-    n_stat = 8  # calibration samples the per-layer error statistics are measured on
 
     with CheckpointWriter(out, spec.force) as w:
-        x = None
+        x, cos, sin = None, None, None
         if tokens is not None:
             x = src.embed(torch.float32)[tokens].to(dev)  # [S, T, C]
             pos = torch.arange(tokens.shape[1], device=dev)
@@ -177,34 +217,8 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
                 tl = time.time()
                 prefix = src.layer_prefix(i)
                 lw = {k: v.to(dev) for k, v in src.layer(i, torch.float32).items()}
-                st = LayerStats(layer=i, rtn_err=float("nan"), awq_err=float("nan"))
-                searched = x is not None and (spec.max_layers is None or i < spec.max_layers)
-                if x is not None:
-                    cap = awq.capture(lw, x, cos, sin, cfg, qs.batch_size)
-                    xs, ref = x[:n_stat], cap.output[:n_stat]
-                    st.rtn_err = awq.layer_error(lw, xs, ref, cos, sin, cfg, qs)
-                    if searched:
-                        # awq_layer's error is measured on exactly the grid written below (scales, zeros,
-                        # and the codes too unless rounding refinement changes them)
-                        lw, st.scaled_err, st.ratios, st.clipped = awq.awq_layer(lw, cap, xs, ref, cos, sin, cfg, qs)
-                    else:
-                        st.scaled_err = st.rtn_err
-                    st.awq_err = st.scaled_err
-                q = {lin: quantize(lw[f"{lin}.weight"], qs.bits, qs.group_size, qs.zero_point, f"{prefix}.{lin}")
-                     for lin in cfg.arch.linears}
-                if searched and spec.refine_steps > 0:
-                    # Learned rounding on the same grid; trained on the samples the error is not measured on.
-                    train = slice(n_stat, None) if x.shape[0] > n_stat else slice(None)
-                    q, _, st.awq_err = refine_rounding(lw, x[train], cap.output[train], xs, ref, cos, sin, cfg,
-                                                       qs.bits, qs.group_size, qs.zero_point, spec.refine_steps,
-                                                       seed=spec.seed + i, rtn=q)
-                if x is not None:
-                    # The next layer is searched on what the quantized model feeds it, so its scales and
-                    # clipping also absorb the error made so far (GPU run 4: 47.3% -> 51.8% of RTN's
-                    # perplexity loss recovered at g64, vs the float layers' output as AutoAWQ does).
-                    qlw = dict(lw, **{f"{lin}.weight": qw.dequantize(torch.float32) for lin, qw in q.items()})
-                    x = torch.cat([layer_forward(qlw, xb, cos, sin, cfg) for xb in x.split(qs.batch_size)])
-                    del cap, qlw
+                searched = spec.max_layers is None or i < spec.max_layers
+                lw, q, st, x = quantize_layer(i, lw, x, cos, sin, cfg, qs, spec.seed + i, searched, prefix)
                 for lin, qw in q.items():
                     for k, t in awq_gemm.pack(qw).items():
                         w.add(f"{prefix}.{lin}.{k}", t)
