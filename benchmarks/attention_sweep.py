@@ -4,8 +4,8 @@ Decode: per KV dtype and (batch, context), the % of the copy-bandwidth floor eac
 (block size, BLOCK_N, warps, stages, programs per SM) reaches, so the table in
 kernels/attention_decode.py (_GPU_CONFIG, PROGRAMS_PER_SM) is chosen from data.
 Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a contiguous fp16 cache.
---asm-compare: only time the default config with the PTX code conversions on and off.
-Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--asm-compare]
+--compare: only time the default config against a few variants (`compare`).
+Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare]
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import sys
 import torch
 
 import lmq.bench_attention as ba
-import lmq.kernels.kv_quant as kvq
 import lmq.kernels.attention_decode as dec
 from lmq.kernels.attention_prefill import prefill_attention
 from lmq.kernels.kv_quant import kv_bytes_per_token_head
@@ -32,7 +31,7 @@ def sweep_decode(bw: float) -> None:
         for B, L in SHAPES:
             kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head(kd, D)
             floor = kv_bytes / bw * 1e6
-            n = ba._copies(kv_bytes)
+            n = ba.copies_for(kv_bytes)
             q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
             out = torch.empty_like(q)
             lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
@@ -79,25 +78,40 @@ def time_prefill() -> None:
         print(f"prefill L={L} {kd}: lmq {us:.0f}us {flops / us / 1e6:.0f} TFLOP/s", flush=True)
 
 
-def asm_compare(bw: float) -> None:
+def compare(bw: float) -> None:
+    """The default decode config against variants, same caches and queries: raw codes off (exact
+    fp16 codes, the bf16-query path), more programs per SM (more splits), 64-token fp16 tiles."""
     torch.manual_seed(0)
-    for kd in ("int8", "int4"):
-        for B, L in ((8, 16384), (64, 4096)):
+    default_cfg, default_pps, raw = dec._GPU_CONFIG[128], dec.PROGRAMS_PER_SM, dec.raw_codes
+
+    def variants(kd):
+        yield "default", lambda: None
+        if kd != "fp16":
+            yield "raw off", lambda: setattr(dec, "raw_codes", lambda q, c: False)
+        for pps in (4, 8):
+            yield f"pps {pps}", lambda pps=pps: setattr(dec, "PROGRAMS_PER_SM", pps)
+        if kd == "fp16":
+            for pps in (2, 4):
+                yield f"tile 64 pps {pps}", lambda pps=pps: (dec._GPU_CONFIG.__setitem__(128, (64, 4, 3)),
+                                                             setattr(dec, "PROGRAMS_PER_SM", pps))
+
+    for kd in ("fp16", "int8", "int4"):
+        for B, L in ((1, 4096), (1, 16384), (8, 4096), (8, 16384), (64, 16384)):
             kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head(kd, D)
-            n = ba._copies(kv_bytes)
+            n = ba.copies_for(kv_bytes)
             nb = -(-L // ba.BLOCK_SIZE)
             cache = ba._random_paged(kd, n * B * nb, HKV, D)
             tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
             lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
             q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
             cells = []
-            for on in (True, False):
-                kvq.DEQUANT_ASM = on
+            for name, setup in variants(kd):
+                setup()
                 us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L)
                                        for t in tables], calls=max(n, 10))
-                cells.append(f"asm={'on' if on else 'off'}: {us:.1f}us = {100 * kv_bytes / bw / us * 1e6:.0f}% of floor")
-            kvq.DEQUANT_ASM = True
-            print(f"{kd} B={B} L={L} block {ba.BLOCK_SIZE}: " + ", ".join(cells), flush=True)
+                dec._GPU_CONFIG[128], dec.PROGRAMS_PER_SM, dec.raw_codes = default_cfg, default_pps, raw
+                cells.append(f"{name} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}%")
+            print(f"{kd} B={B} L={L}: " + ", ".join(cells), flush=True)
             del cache, tables
             torch.cuda.empty_cache()
 
@@ -105,8 +119,8 @@ def asm_compare(bw: float) -> None:
 def main() -> None:
     bw = ba.copy_bandwidth_bytes_s()
     print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
-    if "--asm-compare" in sys.argv:
-        asm_compare(bw)
+    if "--compare" in sys.argv:
+        compare(bw)
         return
     time_prefill()
     sweep_decode(bw)

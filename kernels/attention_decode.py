@@ -30,6 +30,8 @@ from lmq.kernels.kv_quant import (
     gather_kv_ref,
     load_tile_meta,
     needs_off64,
+    prepare_query,
+    raw_codes,
     use_asm,
 )
 from lmq.kernels.pdl import use_pdl
@@ -46,7 +48,7 @@ def _decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, DIRECT: tl.constexpr, OFF64: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, RAW: tl.constexpr,
 ):
     split = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -63,7 +65,7 @@ def _decode_split_kernel(
         q_ptrs = q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_dh[None, :]
         q_lo = tl.load(q_ptrs, mask=qmask, other=0.0)
         q_hi = tl.load(q_ptrs + HALF, mask=qmask, other=0.0)
-        qsum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)  # [BLOCK_G]
+        q_lo, q_hi, qsum, qoff = prepare_query(q_lo, q_hi, KV_MODE, RAW)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc_lo = tl.zeros([BLOCK_G, BLOCK_DH], tl.float32)
@@ -76,8 +78,8 @@ def _decode_split_kernel(
                 bt_row, n0, end, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
                 stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64)
             m_i, l_i, acc_lo, acc_hi = attend_tile(
-                q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
-                offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM)
+                q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
+                offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW)
         # -- normalized partial (or final) output
         inv_l = 1.0 / l_i
         out_lo = acc_lo * inv_l[:, None]
@@ -209,7 +211,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
         GROUP=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HALF=half,
         BLOCK_DH=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
-        KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q), DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
+        KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache),
+        DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _decode_merge_kernel[(H, B)](

@@ -31,6 +31,8 @@ from lmq.kernels.kv_quant import (
     gather_kv_ref,
     load_tile_meta,
     needs_off64,
+    prepare_query,
+    raw_codes,
     use_asm,
 )
 
@@ -43,7 +45,7 @@ def _prefill_kernel(
     stride_cb, stride_ch, stride_ct, stride_vb, stride_vh, stride_sb, stride_sh, stride_btb,
     GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, OFF64: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, RAW: tl.constexpr,
 ):
     m_blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -62,7 +64,7 @@ def _prefill_kernel(
         q_ptrs = q_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_qt + h * stride_qh + offs_dh[None, :]
         q_lo = tl.load(q_ptrs, mask=qmask, other=0.0)
         q_hi = tl.load(q_ptrs + HALF, mask=qmask, other=0.0)
-        qsum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)  # [BLOCK_M]
+        q_lo, q_hi, qsum, qoff = prepare_query(q_lo, q_hi, KV_MODE, RAW)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc_lo = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
@@ -77,8 +79,8 @@ def _prefill_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             valid = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])  # causal
             m_i, l_i, acc_lo, acc_hi = attend_tile(
-                q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
-                offs_dh, mask_n, valid, qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM)
+                q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
+                offs_dh, mask_n, valid, qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW)
         inv_l = 1.0 / l_i
         o_ptrs = o_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_dh[None, :]
         tl.store(o_ptrs, (acc_lo * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
@@ -139,7 +141,8 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
         ks.stride(0), ks.stride(1), block_tables.stride(0),
         GROUP=G, HALF=half, BLOCK_DH=max(16, triton.next_power_of_2(half)),
-        BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q),
+        BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
+        OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -161,7 +161,12 @@ class PagedKV:
 DEQUANT_ASM = True
 
 # int8: bytes b0..b3 -> fp16 pairs (1024 + b0, 1024 + b1), (1024 + b2, 1024 + b3) by placing 0x64
-# above each byte (prmt), then one f16x2 subtraction of 1024 per pair.
+# above each byte (prmt). The attention kernels keep the 1024 offset (see `attend_tile`); the exact
+# variant subtracts it with one f16x2 subtraction per pair.
+_ASM_INT8_RAW = tl.constexpr("""{
+prmt.b32 $0, $2, 0x64646464, 0x4140;
+prmt.b32 $1, $2, 0x64646464, 0x4342;
+}""")
 _ASM_INT8 = tl.constexpr("""{
 .reg .b32 m;
 mov.b32 m, 0x64006400;
@@ -173,7 +178,17 @@ sub.f16x2 $1, $1, m;
 
 # int4: bytes b0..b3 -> low nibbles ($0, $1) and high nibbles ($2, $3) as fp16 pairs. Spread the
 # bytes to one per 16-bit lane (prmt), then (x & 0x000F000F) | 0x6400.. = 1024 + lo and
-# (x & 0x00F000F0) | 0x6400.. = 1024 + 16 hi (lop3), then subtract / scale back in f16x2.
+# (x & 0x00F000F0) | 0x6400.. = 1024 + 16 hi (lop3): that is the raw form; the exact one then
+# subtracts / scales back in f16x2.
+_ASM_INT4_RAW = tl.constexpr("""{
+.reg .b32 x, y;
+prmt.b32 x, $4, 0, 0x4140;
+prmt.b32 y, $4, 0, 0x4342;
+lop3.b32 $0, x, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $1, y, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $2, x, 0x00F000F0, 0x64006400, 0xEA;
+lop3.b32 $3, y, 0x00F000F0, 0x64006400, 0xEA;
+}""")
 _ASM_INT4 = tl.constexpr("""{
 .reg .b32 x, y, m, s, z;
 mov.b32 m, 0x64006400;
@@ -193,68 +208,85 @@ fma.rn.f16x2 $3, $3, s, z;
 
 
 @triton.jit
-def codes_to_f16(c, ASM: tl.constexpr):
-    """uint8 codes (0..255) -> exact fp16 without int->float: 0x6400 | c is 1024 + c."""
+def codes_to_f16(c, ASM: tl.constexpr, RAW: tl.constexpr):
+    """uint8 codes (0..255) -> fp16 without int->float: 0x6400 | c is 1024 + c (RAW), minus 1024 exact."""
     if ASM:
+        if RAW:
+            return tl.inline_asm_elementwise(_ASM_INT8_RAW, "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
         return tl.inline_asm_elementwise(_ASM_INT8, "=r,=r,r", [c], dtype=tl.float16, is_pure=True, pack=4)
-    return ((c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)) - 1024.0
+    x = (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    if RAW:
+        return x
+    return x - 1024.0
 
 
 @triton.jit
-def unpack_int4_f16(b, ASM: tl.constexpr):
-    """Packed int4 bytes -> (low-nibble, high-nibble) codes as exact fp16, same shape each."""
+def unpack_int4_f16(b, ASM: tl.constexpr, RAW: tl.constexpr):
+    """Packed int4 bytes -> (low-nibble, high-nibble) codes as fp16, same shape each: exact codes, or
+    RAW (1024 + lo, 1024 + 16 hi), the bit patterns before any arithmetic."""
     if ASM:
-        lo, hi = tl.inline_asm_elementwise(_ASM_INT4, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
-                                           is_pure=True, pack=4)
+        if RAW:
+            lo, hi = tl.inline_asm_elementwise(_ASM_INT4_RAW, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_ASM_INT4, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
     else:
         b16 = b.to(tl.uint16)
-        lo = ((b16 & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-        hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        lo = ((b16 & 0xF) | 0x6400).to(tl.float16, bitcast=True)
+        if RAW:
+            hi = ((b16 & 0xF0) | 0x6400).to(tl.float16, bitcast=True)
+        else:
+            lo = lo - 1024.0
+            hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
     return lo, hi
 
 
 @triton.jit
-def load_k_halves(ptr, krow, offs_dh, mask_n, HALF: tl.constexpr, KV_MODE: tl.constexpr, ASM: tl.constexpr):
+def load_k_halves(ptr, krow, offs_dh, mask_n, HALF: tl.constexpr, KV_MODE: tl.constexpr, ASM: tl.constexpr,
+                  RAW: tl.constexpr):
     """K tile of BLOCK_N token rows as its two head-dim halves, [BLOCK_N, BLOCK_DH] each.
 
-    Float cache: the values. int8/int4: the codes as exact fp16 (scale/zero not applied).
-    `krow` [BLOCK_N] is each row's element offset; masked rows and padded columns read 0.
+    Float cache: the values. int8/int4: the codes as fp16 (exact, or RAW as in `unpack_int4_f16`;
+    scale/zero not applied). `krow` [BLOCK_N] is each row's element offset; masked rows and padded
+    columns read code 0.
     """
     mask = mask_n[:, None] & (offs_dh[None, :] < HALF)
     ptrs = ptr + krow[:, None] + offs_dh[None, :]
     if KV_MODE == 2:
-        lo, hi = unpack_int4_f16(tl.load(ptrs, mask=mask, other=0), ASM)
+        lo, hi = unpack_int4_f16(tl.load(ptrs, mask=mask, other=0), ASM, RAW)
     else:
         lo = tl.load(ptrs, mask=mask, other=0)
         hi = tl.load(ptrs + HALF, mask=mask, other=0)
         if KV_MODE == 1:
-            lo = codes_to_f16(lo, ASM)
-            hi = codes_to_f16(hi, ASM)
+            lo = codes_to_f16(lo, ASM, RAW)
+            hi = codes_to_f16(hi, ASM, RAW)
     return lo, hi
 
 
 @triton.jit
 def load_vt_halves(ptr, vcol, offs_dh, mask_n, HALF: tl.constexpr, PAGE: tl.constexpr, RUN: tl.constexpr,
-                   KV_MODE: tl.constexpr, ASM: tl.constexpr):
+                   KV_MODE: tl.constexpr, ASM: tl.constexpr, RAW: tl.constexpr):
     """V^T tile (blocks store V transposed) as two halves [BLOCK_DH, BLOCK_N]; `vcol` [BLOCK_N] is
-    each token's element offset at d = 0.
+    each token's element offset at d = 0. Codes as in `load_k_halves`.
 
     A tile is RUN = BLOCK_N consecutive slots of one block starting at a multiple of RUN, which
     the hints tell the compiler, and the load is not masked along the tokens, so it is wide.
     That is safe: a masked token's block id reads as block 0, so the address is inside the pool;
-    its garbage is zeroed (float cache) or multiplied by a zero scale (quantized cache).
+    its garbage is zeroed (float cache) or multiplied by a zero weight (quantized cache: the
+    token's probability times its scale).
     """
     mask = (offs_dh[:, None] < HALF) & (mask_n[None, :] | True)
     off = vcol[None, :] + offs_dh[:, None] * PAGE
     off = tl.max_contiguous(tl.multiple_of(off, [1, RUN]), [1, RUN])
     if KV_MODE == 2:
-        lo, hi = unpack_int4_f16(tl.load(ptr + off, mask=mask, other=0), ASM)
+        lo, hi = unpack_int4_f16(tl.load(ptr + off, mask=mask, other=0), ASM, RAW)
     else:
         lo = tl.load(ptr + off, mask=mask, other=0)
         hi = tl.load(ptr + off + HALF * PAGE, mask=mask, other=0)
         if KV_MODE == 1:
-            lo = codes_to_f16(lo, ASM)
-            hi = codes_to_f16(hi, ASM)
+            lo = codes_to_f16(lo, ASM, RAW)
+            hi = codes_to_f16(hi, ASM, RAW)
         else:
             lo = tl.where(mask_n[None, :], lo, 0.0)
             hi = tl.where(mask_n[None, :], hi, 0.0)
@@ -508,41 +540,89 @@ def gather_kv_ref(cache: PagedKV, block_table: torch.Tensor, length: int) -> tup
 
 
 @triton.jit
-def attend_tile(q_lo, q_hi, qsum, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
+def prepare_query(q_lo, q_hi, KV_MODE: tl.constexpr, RAW: tl.constexpr):
+    """Query halves [BLOCK_M, BLOCK_DH] -> (q_lo, q_hi, qsum, qoff) for `attend_tile`.
+
+    qsum [BLOCK_M] fp32 = sum_d q (the term of the keys' zeros). With RAW codes (int4 high nibbles
+    read 1024 + 16 c) q_hi enters the score dot divided by 16 (exact, a power of two), and qoff
+    [BLOCK_M] fp32 is what the codes' offsets add to the dot: 1024 * the sum of the operand rows.
+    """
+    qsum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
+    if RAW:
+        if KV_MODE == 2:
+            q_hi = (q_hi.to(tl.float32) * 0.0625).to(q_lo.dtype)
+        qoff = 1024.0 * (tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1))
+    else:
+        qoff = qsum * 0.0
+    return q_lo, q_hi, qsum, qoff
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def attend_tile(q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
                 offs_dh, mask_n, valid, qk_scale,
                 HALF: tl.constexpr, PAGE: tl.constexpr, RUN: tl.constexpr, KV_MODE: tl.constexpr,
-                ASM: tl.constexpr):
+                ASM: tl.constexpr, RAW: tl.constexpr):
     """One BLOCK_N tile of keys/values for BLOCK_M query rows, flash-attention style (log2 domain).
 
-    q_lo/q_hi [BLOCK_M, BLOCK_DH]; qsum [BLOCK_M] fp32 = sum_d q (quantized modes); m_i, l_i
-    [BLOCK_M] fp32 running max / sum; acc_lo/acc_hi [BLOCK_M, BLOCK_DH] fp32; krow/vcol/k_sz/v_sz
-    from `load_tile_meta`; valid [BLOCK_M, BLOCK_N]. K: scale and zero applied after the dot,
-    q . (c*s + z) = s * (q . c) + z * sum(q), so the K tile is only converted to fp16 codes.
-    V: c*s + z per element in fp16 registers.
+    q_lo/q_hi, qsum, qoff from `prepare_query`; m_i, l_i [BLOCK_M] fp32 running max / sum;
+    acc_lo/acc_hi [BLOCK_M, BLOCK_DH] fp32; krow/vcol/k_sz/v_sz from `load_tile_meta`; valid
+    [BLOCK_M, BLOCK_N]. A quantized tile is never dequantized element by element: its codes only
+    become fp16 (RAW: the bit patterns 1024 + c, no arithmetic at all) and the per-token scale s and
+    zero z act on the small [BLOCK_M, BLOCK_N] tiles instead:
+      keys    q . (c s + z) = s (q . c) + z sum(q), with q . c = the dot - qoff (RAW);
+      values  sum_t p_t (c_t s_t + z_t) = (p s) @ c + sum_t p_t z_t, where (p s) @ c made of RAW codes
+              carries 1024 sum_t (p s)_t (int4 high nibbles: 16 x the codes), taken off per row.
     """
     # -- scores
-    k_lo, k_hi = load_k_halves(kc_ptr, krow, offs_dh, mask_n, HALF, KV_MODE, ASM)  # [BLOCK_N, BLOCK_DH]
+    k_lo, k_hi = load_k_halves(kc_ptr, krow, offs_dh, mask_n, HALF, KV_MODE, ASM, RAW)  # [BLOCK_N, BLOCK_DH]
     qk = tl.dot(q_lo, tl.trans(k_lo.to(q_lo.dtype)))
     qk += tl.dot(q_hi, tl.trans(k_hi.to(q_lo.dtype)))  # [BLOCK_M, BLOCK_N] fp32
     if KV_MODE != 0:
         k_s, k_z = split_scale_zero(k_sz)
+        if RAW:
+            qk = qk - qoff[:, None]
         qk = qk * k_s.to(tl.float32)[None, :] + qsum[:, None] * k_z.to(tl.float32)[None, :]
     qk = tl.where(valid, qk * qk_scale, float("-inf"))
     # -- online softmax
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
     # -- values: V^T halves [BLOCK_DH, BLOCK_N]
-    v_lo, v_hi = load_vt_halves(vc_ptr, vcol, offs_dh, mask_n, HALF, PAGE, RUN, KV_MODE, ASM)
+    v_lo, v_hi = load_vt_halves(vc_ptr, vcol, offs_dh, mask_n, HALF, PAGE, RUN, KV_MODE, ASM, RAW)
     if KV_MODE != 0:
         v_s, v_z = split_scale_zero(v_sz)
-        v_lo = v_lo * v_s[None, :] + v_z[None, :]
-        v_hi = v_hi * v_s[None, :] + v_z[None, :]
-    p = p.to(q_lo.dtype)
-    acc_lo = acc_lo * alpha[:, None] + tl.dot(p, tl.trans(v_lo.to(q_lo.dtype)))
-    acc_hi = acc_hi * alpha[:, None] + tl.dot(p, tl.trans(v_hi.to(q_lo.dtype)))
+        ps = (p * v_s.to(tl.float32)[None, :]).to(q_lo.dtype)  # the scales move onto the probabilities
+        # the row sums of p, p z and p s in one reduction (one exchange between warps, not three)
+        p_sum, pz, ps_sum = tl.reduce((p, p * v_z.to(tl.float32)[None, :], ps.to(tl.float32)), 1, _add3)
+        l_i = l_i * alpha + p_sum
+        add_lo = pz
+        add_hi = pz
+        if RAW:
+            add_lo = pz - 1024.0 * ps_sum
+            add_hi = pz - (64.0 if KV_MODE == 2 else 1024.0) * ps_sum
+        pv_lo = tl.dot(ps, tl.trans(v_lo.to(q_lo.dtype)))
+        pv_hi = tl.dot(ps, tl.trans(v_hi.to(q_lo.dtype)))
+        if RAW and KV_MODE == 2:
+            pv_hi = pv_hi * 0.0625
+        acc_lo = acc_lo * alpha[:, None] + pv_lo + add_lo[:, None]
+        acc_hi = acc_hi * alpha[:, None] + pv_hi + add_hi[:, None]
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(q_lo.dtype)
+        acc_lo = acc_lo * alpha[:, None] + tl.dot(p, tl.trans(v_lo.to(q_lo.dtype)))
+        acc_hi = acc_hi * alpha[:, None] + tl.dot(p, tl.trans(v_hi.to(q_lo.dtype)))
     return m_new, l_i, acc_lo, acc_hi
+
+
+def raw_codes(q: torch.Tensor, cache: PagedKV) -> bool:
+    """Whether the attention kernels keep quantized codes in their raw fp16 form (1024 + c): only
+    with fp16 queries (1024 + c is not a bf16 number) over an int8 / int4 cache."""
+    return q.dtype == torch.float16 and KV_MODE[cache.kv_dtype] != 0
 
 
 def use_asm(x: torch.Tensor) -> bool:

@@ -152,14 +152,14 @@ def test_write_kv_rejects_bad_inputs(device):
 
 
 def _check_decode(device, kv_dtype, head_dim, lens, num_heads, num_kv_heads, shared_blocks=0,
-                  split_len=None, block_size=16):
+                  split_len=None, block_size=16, q_dtype=None):
     cache, tables, seq_lens, _ = make_paged(kv_dtype, lens, num_kv_heads, head_dim, device,
                                             block_size=block_size, shared_blocks=shared_blocks)
-    q = torch.randn(len(lens), num_heads, head_dim, device=device).to(act_dtype(kv_dtype))
+    q = torch.randn(len(lens), num_heads, head_dim, device=device).to(q_dtype or act_dtype(kv_dtype))
     out = torch.full_like(q, float("nan"))
     decode_attention(q, cache, tables, seq_lens, split_len=split_len, out=out)
     ref = decode_attention_ref(q, cache, tables, seq_lens)
-    assert rel_err(out, ref) < TOL[kv_dtype]
+    assert rel_err(out, ref) < TOL["bf16" if q.dtype == torch.bfloat16 else kv_dtype]
 
 
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
@@ -215,16 +215,16 @@ def test_decode_gpu_long(device, kv_dtype, head_dim):
 
 
 def _check_prefill(device, kv_dtype, head_dim, q_lens, prefix_lens, num_heads, num_kv_heads,
-                   shared_blocks=0, block_size=16):
+                   shared_blocks=0, block_size=16, q_dtype=None):
     lens = [n + p for n, p in zip(q_lens, prefix_lens)]
     cache, tables, seq_lens, _ = make_paged(kv_dtype, lens, num_kv_heads, head_dim, device,
                                             block_size=block_size, shared_blocks=shared_blocks)
     cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
-    q = torch.randn(sum(q_lens), num_heads, head_dim, device=device).to(act_dtype(kv_dtype))
+    q = torch.randn(sum(q_lens), num_heads, head_dim, device=device).to(q_dtype or act_dtype(kv_dtype))
     out = torch.full_like(q, float("nan"))
     prefill_attention(q, cache, tables, cu, seq_lens, out=out)
     ref = prefill_attention_ref(q, cache, tables, cu, seq_lens)
-    assert rel_err(out, ref) < TOL[kv_dtype]
+    assert rel_err(out, ref) < TOL["bf16" if q.dtype == torch.bfloat16 else kv_dtype]
 
 
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
@@ -240,6 +240,17 @@ def test_prefill_chunked_with_shared_prefix(device, kv_dtype):
     # two sequences share a 32-token prefix (2 blocks) and each prefills a new chunk after it
     _check_prefill(device, kv_dtype, 64, q_lens=[19, 7], prefix_lens=[32, 35], num_heads=2, num_kv_heads=1,
                    shared_blocks=2)
+
+
+@pytest.mark.gpu  # the interpreter computes bf16 dots on raw bits (TRITON-CPU.md)
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("head_dim", [64, 96])
+def test_bf16_queries_over_a_quantized_cache(device, kv_dtype, head_dim):
+    # bf16 models read exact codes (1024 + c is not a bf16 number): the other conversion path
+    _check_decode(device, kv_dtype, head_dim, [1, 17, 40], num_heads=4, num_kv_heads=2, split_len=16,
+                  q_dtype=torch.bfloat16)
+    _check_prefill(device, kv_dtype, head_dim, q_lens=[1, 17, 2], prefix_lens=[0, 0, 21], num_heads=4,
+                   num_kv_heads=2, q_dtype=torch.bfloat16)
 
 
 def test_prefill_equals_decode_on_last_row(device):

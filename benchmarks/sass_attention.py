@@ -1,0 +1,95 @@
+"""Offline (no GPU): compile the decode-attention split kernel for sm_90 with Triton's own ptxas and
+count what one K/V tile costs in machine instructions, per KV dtype, at the production config.
+
+Prints registers, shared memory, and the instructions of the main loop body (the block that ends in
+the loop's backward branch), by opcode. Used to predict before spending device time.
+Usage: python benchmarks/sass_attention.py [--dump MODE]   (run without TRITON_INTERPRET)
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from lmq.kernels.attention_decode import _GPU_CONFIG, _decode_split_kernel
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, cc: int = 90, raw: bool = True):
+    block_n, warps, stages = _GPU_CONFIG[64 if d <= 64 else 128 if d <= 128 else 256]
+    code = "*u8" if kv_mode else "*fp16"
+    ptrs = {"q_ptr": "*fp16", "kc_ptr": code, "vc_ptr": code, "ks_ptr": "*i32", "vs_ptr": "*i32",
+            "bt_ptr": "*i32", "lens_ptr": "*i32", "o_ptr": "*fp16", "po_ptr": "*fp32", "plse_ptr": "*fp32"}
+    scalars = ["stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_cb", "stride_ch", "stride_ct",
+               "stride_vb", "stride_vh", "stride_sb", "stride_sh", "stride_btb", "stride_pb", "stride_ph",
+               "stride_ps", "stride_lb", "stride_lh"]
+    half = d // 2
+    consts = {"GROUP": group, "BLOCK_G": max(16, triton.next_power_of_2(group)), "HALF": half,
+              "BLOCK_DH": max(16, triton.next_power_of_2(half)), "BLOCK_N": min(block_n, page), "PAGE": page,
+              "KV_MODE": kv_mode, "DIRECT": False, "OFF64": False, "ASM": True,
+              "RAW": raw and kv_mode != 0}
+    sig = {**ptrs, "qk_scale": "fp32", "split_len": "i32", **{s: "i32" for s in scalars},
+           **{k: "constexpr" for k in consts}}
+    # what a launch specializes on: pointers and the strides that are multiples of 16 in practice
+    # (head dims, block sizes, codes per row; not the block table's or the split count's)
+    names = list(sig)
+    aligned = [n for n in names if n in ptrs or (n.startswith("stride_") and n not in ("stride_btb", "stride_lh"))
+               or n == "split_len"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(ASTSource(_decode_split_kernel, sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def cuobjdump(kernel, flag: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([os.path.join(BIN, "cuobjdump"), flag, f.name],
+                              capture_output=True, text=True, check=True).stdout
+
+
+def loop_body(text: str) -> list[str]:
+    """Instructions between the target of the last backward branch and that branch."""
+    lines = [ln for ln in text.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    best = None
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA\s+.*?0x([0-9a-f]+)", ln)
+        if m:
+            t = int(m.group(1), 16)
+            if t < addr[i] and (best is None or addr[i] - t > best[1] - best[0]):
+                best = (t, addr[i])
+    if best is None:
+        return []
+    return [ln for a, ln in zip(addr, lines) if best[0] <= a <= best[1]]
+
+
+def opcode(ln: str) -> str:
+    ins = re.sub(r"^\s+/\*[0-9a-f]+\*/\s+", "", ln)
+    ins = re.sub(r"^@!?U?P\w+\s+", "", ins)
+    return ins.split()[0].split(".")[0] if ins.split() else "?"
+
+
+def main() -> None:
+    for mode, name in ((0, "fp16"), (1, "int8"), (2, "int4")):
+        k = compile_split(mode)
+        body = loop_body(cuobjdump(k, "-sass"))
+        ops = collections.Counter(opcode(ln) for ln in body)
+        regs = re.search(r"REG:(\d+)", cuobjdump(k, "-res-usage")).group(1)
+        print(f"{name}: regs {regs} shared {k.metadata.shared} B, loop body {len(body)} instr/warp/tile: "
+              + " ".join(f"{o}:{c}" for o, c in ops.most_common(18)))
+        if "--dump" in sys.argv and sys.argv[sys.argv.index("--dump") + 1] == name:
+            print("\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
