@@ -2,7 +2,7 @@
 
 Decode: per KV dtype and (batch, context), the % of the copy-bandwidth floor each
 (block size, BLOCK_N, warps, stages, programs per SM) reaches, so the table in
-kernels/attention_decode.py (_GPU_CONFIG, PROGRAMS_PER_SM) is chosen from data.
+kernels/attention_decode.py (_GPU_CONFIG, the split plan) is chosen from data.
 Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a contiguous fp16 cache.
 --compare: only time the default config against a few variants (`compare`).
 Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare]
@@ -79,21 +79,24 @@ def time_prefill() -> None:
 
 
 def compare(bw: float) -> None:
-    """The default decode config against variants, same caches and queries: raw codes off (exact
-    fp16 codes, the bf16-query path), more programs per SM (more splits), 64-token fp16 tiles."""
+    """The default decode config against variants, same caches and queries: the values' scales
+    applied the other way (`kv_quant.scale_probs`), the split plan before (2 programs per SM, any
+    tile count), 64-token fp16 tiles."""
     torch.manual_seed(0)
-    default_cfg, default_pps, raw = dec._GPU_CONFIG[128], dec.PROGRAMS_PER_SM, dec.raw_codes
+    saved = {k: getattr(dec, k) for k in ("PROGRAMS_PER_SM", "MIN_SPLIT_TILES", "scale_probs")}
+    flipped = {"scale_probs": lambda cache: not saved["scale_probs"](cache)}
+    cfg = dec._GPU_CONFIG[128]
+    old_plan = {"PROGRAMS_PER_SM": 2, "MIN_SPLIT_TILES": 1}
 
     def variants(kd):
-        yield "default", lambda: None
+        yield "default", {}
         if kd != "fp16":
-            yield "raw off", lambda: setattr(dec, "raw_codes", lambda q, c: False)
-        for pps in (4, 8):
-            yield f"pps {pps}", lambda pps=pps: setattr(dec, "PROGRAMS_PER_SM", pps)
+            yield "values the other way", flipped
+            yield "values the other way, old plan", {**flipped, **old_plan}
+        yield "old plan", old_plan
+        yield "min tiles 2", {"MIN_SPLIT_TILES": 2}
         if kd == "fp16":
-            for pps in (2, 4):
-                yield f"tile 64 pps {pps}", lambda pps=pps: (dec._GPU_CONFIG.__setitem__(128, (64, 4, 3)),
-                                                             setattr(dec, "PROGRAMS_PER_SM", pps))
+            yield "tile 64", {"cfg": (64, 4, 3)}
 
     for kd in ("fp16", "int8", "int4"):
         for B, L in ((1, 4096), (1, 16384), (8, 4096), (8, 16384), (64, 16384)):
@@ -105,12 +108,18 @@ def compare(bw: float) -> None:
             lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
             q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
             cells = []
-            for name, setup in variants(kd):
-                setup()
+            for name, setting in [*variants(kd), ("default again", {})]:
+                dec._GPU_CONFIG[128] = setting.get("cfg", cfg)
+                for k, v in setting.items():
+                    if k != "cfg":
+                        setattr(dec, k, v)
                 us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L)
                                        for t in tables], calls=max(n, 10))
-                dec._GPU_CONFIG[128], dec.PROGRAMS_PER_SM, dec.raw_codes = default_cfg, default_pps, raw
-                cells.append(f"{name} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}%")
+                splits = -(-L // dec.plan_splits(B, HKV, L, dec._GPU_CONFIG[128][0], dec._sm_count(q.device)))
+                dec._GPU_CONFIG[128] = cfg
+                for k, v in saved.items():
+                    setattr(dec, k, v)
+                cells.append(f"{name} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}% ({splits})")
             print(f"{kd} B={B} L={L}: " + ", ".join(cells), flush=True)
             del cache, tables
             torch.cuda.empty_cache()

@@ -23,7 +23,8 @@ from triton.compiler import ASTSource
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, cc: int = 90, raw: bool = True):
+def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, cc: int = 90, raw: bool = True,
+                  scale_p: bool | None = None):
     block_n, warps, stages = _GPU_CONFIG[64 if d <= 64 else 128 if d <= 128 else 256]
     code = "*u8" if kv_mode else "*fp16"
     ptrs = {"q_ptr": "*fp16", "kc_ptr": code, "vc_ptr": code, "ks_ptr": "*i32", "vs_ptr": "*i32",
@@ -35,7 +36,7 @@ def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, c
     consts = {"GROUP": group, "BLOCK_G": max(16, triton.next_power_of_2(group)), "HALF": half,
               "BLOCK_DH": max(16, triton.next_power_of_2(half)), "BLOCK_N": min(block_n, page), "PAGE": page,
               "KV_MODE": kv_mode, "DIRECT": False, "OFF64": False, "ASM": True,
-              "RAW": raw and kv_mode != 0}
+              "RAW": raw and kv_mode != 0, "SCALE_P": kv_mode == 1 if scale_p is None else scale_p}
     sig = {**ptrs, "qk_scale": "fp32", "split_len": "i32", **{s: "i32" for s in scalars},
            **{k: "constexpr" for k in consts}}
     # what a launch specializes on: pointers and the strides that are multiples of 16 in practice
@@ -80,8 +81,10 @@ def opcode(ln: str) -> str:
 
 
 def main() -> None:
-    for mode, name in ((0, "fp16"), (1, "int8"), (2, "int4")):
-        k = compile_split(mode)
+    for mode, name, scale_p in ((0, "fp16", None), (1, "int8", True), (1, "int8", False), (2, "int4", True),
+                                (2, "int4", False)):
+        k = compile_split(mode, scale_p=scale_p)
+        name += "" if scale_p is None else f" scale_p={scale_p}"
         body = loop_body(cuobjdump(k, "-sass"))
         ops = collections.Counter(opcode(ln) for ln in body)
         regs = re.search(r"REG:(\d+)", cuobjdump(k, "-res-usage")).group(1)

@@ -32,6 +32,7 @@ from lmq.kernels.kv_quant import (
     needs_off64,
     prepare_query,
     raw_codes,
+    scale_probs,
     use_asm,
 )
 from lmq.kernels.pdl import use_pdl
@@ -48,7 +49,7 @@ def _decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, DIRECT: tl.constexpr, OFF64: tl.constexpr,
-    ASM: tl.constexpr, RAW: tl.constexpr,
+    ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr,
 ):
     split = tl.program_id(0)
     hkv = tl.program_id(1)
@@ -79,7 +80,7 @@ def _decode_split_kernel(
                 stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64)
             m_i, l_i, acc_lo, acc_hi = attend_tile(
                 q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
-                offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW)
+                offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P)
         # -- normalized partial (or final) output
         inv_l = 1.0 / l_i
         out_lo = acc_lo * inv_l[:, None]
@@ -129,7 +130,14 @@ def _decode_merge_kernel(
 _GPU_CONFIG = {64: (128, 4, 3), 128: (128, 4, 3), 256: (64, 4, 2)}
 _CPU_CONFIG = (16, 1, 1)  # interpreter: small tiles keep programs x iterations small
 MAX_SPLITS = 128
-PROGRAMS_PER_SM = 2  # split until B * H_kv * splits reaches this many programs per SM
+# Split plan (H100, benchmarks/attention_sweep.py --compare, docs/benchmarks.md): with B * H_kv
+# programs at PROGRAMS_FULL per SM already no split pays. Below that, split to at least PROGRAMS_FULL
+# programs per SM, and further, towards PROGRAMS_PER_SM, while every split keeps MIN_SPLIT_TILES
+# tiles (a split costs a prologue and a merge row). B=8 L=16k: 16 splits instead of 5, int8 143 ->
+# 111 us; B=1 keeps 32 splits (64 at 16k and 8 at 4k were both slower).
+PROGRAMS_FULL = 2
+PROGRAMS_PER_SM = 8
+MIN_SPLIT_TILES = 4
 
 
 def _config(device: torch.device, head_dim: int) -> tuple[int, int, int]:
@@ -146,9 +154,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int) -> int:
-    """Tokens per split: enough programs (B * H_kv * splits ~ PROGRAMS_PER_SM per SM), whole tiles."""
-    want = max(1, -(-PROGRAMS_PER_SM * sm_count // (batch * num_kv_heads)))
-    want = min(want, MAX_SPLITS, max(1, -(-max_len // block_n)))
+    """Tokens per split (whole tiles), from the policy above."""
+    rows = batch * num_kv_heads
+    tiles = max(1, -(-max_len // block_n))
+    want = 1
+    if rows < PROGRAMS_FULL * sm_count:
+        enough = -(-PROGRAMS_FULL * sm_count // rows)
+        more = min(-(-PROGRAMS_PER_SM * sm_count // rows), tiles // MIN_SPLIT_TILES)
+        want = min(max(enough, more), MAX_SPLITS, tiles)
     split_len = -(-max_len // want)
     return max(block_n, -(-split_len // block_n) * block_n)
 
@@ -212,7 +225,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         GROUP=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HALF=half,
         BLOCK_DH=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
         KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache),
-        DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
+        SCALE_P=scale_probs(cache), DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         _decode_merge_kernel[(H, B)](

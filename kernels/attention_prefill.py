@@ -33,6 +33,7 @@ from lmq.kernels.kv_quant import (
     needs_off64,
     prepare_query,
     raw_codes,
+    scale_probs,
     use_asm,
 )
 
@@ -45,7 +46,7 @@ def _prefill_kernel(
     stride_cb, stride_ch, stride_ct, stride_vb, stride_vh, stride_sb, stride_sh, stride_btb,
     GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, OFF64: tl.constexpr,
-    ASM: tl.constexpr, RAW: tl.constexpr,
+    ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr,
 ):
     m_blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -80,7 +81,7 @@ def _prefill_kernel(
             valid = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])  # causal
             m_i, l_i, acc_lo, acc_hi = attend_tile(
                 q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
-                offs_dh, mask_n, valid, qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW)
+                offs_dh, mask_n, valid, qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P)
         inv_l = 1.0 / l_i
         o_ptrs = o_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_dh[None, :]
         tl.store(o_ptrs, (acc_lo * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
@@ -142,7 +143,7 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
         ks.stride(0), ks.stride(1), block_tables.stride(0),
         GROUP=G, HALF=half, BLOCK_DH=max(16, triton.next_power_of_2(half)),
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
-        OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache),
+        OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache), SCALE_P=scale_probs(cache),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -566,17 +566,19 @@ def _add3(a0, a1, a2, b0, b1, b2):
 def attend_tile(q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
                 offs_dh, mask_n, valid, qk_scale,
                 HALF: tl.constexpr, PAGE: tl.constexpr, RUN: tl.constexpr, KV_MODE: tl.constexpr,
-                ASM: tl.constexpr, RAW: tl.constexpr):
+                ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr):
     """One BLOCK_N tile of keys/values for BLOCK_M query rows, flash-attention style (log2 domain).
 
     q_lo/q_hi, qsum, qoff from `prepare_query`; m_i, l_i [BLOCK_M] fp32 running max / sum;
     acc_lo/acc_hi [BLOCK_M, BLOCK_DH] fp32; krow/vcol/k_sz/v_sz from `load_tile_meta`; valid
-    [BLOCK_M, BLOCK_N]. A quantized tile is never dequantized element by element: its codes only
-    become fp16 (RAW: the bit patterns 1024 + c, no arithmetic at all) and the per-token scale s and
-    zero z act on the small [BLOCK_M, BLOCK_N] tiles instead:
-      keys    q . (c s + z) = s (q . c) + z sum(q), with q . c = the dot - qoff (RAW);
-      values  sum_t p_t (c_t s_t + z_t) = (p s) @ c + sum_t p_t z_t, where (p s) @ c made of RAW codes
-              carries 1024 sum_t (p s)_t (int4 high nibbles: 16 x the codes), taken off per row.
+    [BLOCK_M, BLOCK_N]. Quantized keys are never dequantized element by element: the codes only
+    become fp16 (RAW: the bit patterns 1024 + c, no arithmetic at all) and the per-token scale s
+    and zero z act on the small score tile, q . (c s + z) = s (q . c) + z sum(q), with
+    q . c = the dot - qoff (RAW). Values, two ways (`scale_probs` picks, measured per KV dtype):
+      SCALE_P   sum_t p_t (c_t s_t + z_t) = (p s) @ c + sum_t p_t z_t: the scales move onto the
+                probabilities, and (p s) @ c made of RAW codes carries 1024 sum_t (p s)_t (int4 high
+                nibbles: 16 x the codes), taken off per row;
+      otherwise c s + z per element of the V tile (exact codes), then p @ V.
     """
     # -- scores
     k_lo, k_hi = load_k_halves(kc_ptr, krow, offs_dh, mask_n, HALF, KV_MODE, ASM, RAW)  # [BLOCK_N, BLOCK_DH]
@@ -593,6 +595,16 @@ def attend_tile(q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(qk - m_new[:, None])
     # -- values: V^T halves [BLOCK_DH, BLOCK_N]
+    if KV_MODE != 0 and not SCALE_P:
+        v_lo, v_hi = load_vt_halves(vc_ptr, vcol, offs_dh, mask_n, HALF, PAGE, RUN, KV_MODE, ASM, False)
+        v_s, v_z = split_scale_zero(v_sz)
+        v_lo = v_lo * v_s[None, :] + v_z[None, :]
+        v_hi = v_hi * v_s[None, :] + v_z[None, :]
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(q_lo.dtype)
+        acc_lo = acc_lo * alpha[:, None] + tl.dot(p, tl.trans(v_lo.to(q_lo.dtype)))
+        acc_hi = acc_hi * alpha[:, None] + tl.dot(p, tl.trans(v_hi.to(q_lo.dtype)))
+        return m_new, l_i, acc_lo, acc_hi
     v_lo, v_hi = load_vt_halves(vc_ptr, vcol, offs_dh, mask_n, HALF, PAGE, RUN, KV_MODE, ASM, RAW)
     if KV_MODE != 0:
         v_s, v_z = split_scale_zero(v_sz)
@@ -623,6 +635,16 @@ def raw_codes(q: torch.Tensor, cache: PagedKV) -> bool:
     """Whether the attention kernels keep quantized codes in their raw fp16 form (1024 + c): only
     with fp16 queries (1024 + c is not a bf16 number) over an int8 / int4 cache."""
     return q.dtype == torch.float16 and KV_MODE[cache.kv_dtype] != 0
+
+
+# Values: scales on the probabilities (True) or per V element (False), by KV dtype. H100, decode,
+# same run (docs/benchmarks.md): int8 B=64 L=16k 768 vs 796 us; int4 617 vs 583 us.
+_SCALE_PROBS = {"int8": True, "int4": False}
+
+
+def scale_probs(cache: PagedKV) -> bool:
+    """The SCALE_P choice of `attend_tile` for this cache (float caches: unused)."""
+    return _SCALE_PROBS.get(cache.kv_dtype, False)
 
 
 def use_asm(x: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import lmq.kernels.kv_quant as kvq
 from lmq.errors import ShapeError
 from lmq.kernels.attention_decode import decode_attention, decode_attention_ref
 from lmq.kernels.attention_prefill import prefill_attention, prefill_attention_ref
@@ -166,6 +167,15 @@ def _check_decode(device, kv_dtype, head_dim, lens, num_heads, num_kv_heads, sha
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_decode_matches_ref(device, kv_dtype, head_dim):
     _check_decode(device, kv_dtype, head_dim, [1, 2, 17, 255], num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_values_scaled_either_way(device, kv_dtype, monkeypatch):
+    # both value paths of attend_tile (scales on the probabilities, or per V element) are right,
+    # whichever one the table picks for this dtype
+    monkeypatch.setitem(kvq._SCALE_PROBS, kv_dtype, not kvq._SCALE_PROBS[kv_dtype])
+    _check_decode(device, kv_dtype, 80, [1, 17, 40], num_heads=4, num_kv_heads=2, split_len=16)
+    _check_prefill(device, kv_dtype, 64, q_lens=[1, 17, 2], prefix_lens=[0, 0, 21], num_heads=4, num_kv_heads=2)
 
 
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
