@@ -133,11 +133,13 @@ MAX_SPLITS = 128
 # Split plan (H100, benchmarks/attention_sweep.py --compare, docs/benchmarks.md): with B * H_kv
 # programs at PROGRAMS_FULL per SM already no split pays. Below that, split to at least PROGRAMS_FULL
 # programs per SM, and further, towards PROGRAMS_PER_SM, while every split keeps MIN_SPLIT_TILES
-# tiles (a split costs a prologue and a merge row). B=8 L=16k: 16 splits instead of 5, int8 143 ->
-# 111 us; B=1 keeps 32 splits (64 at 16k and 8 at 4k were both slower).
+# tiles and there are at most MORE_SPLITS_MAX (a split costs a prologue and a merge row; B=1 has only
+# H merge programs). B=8 L=16k: 16 splits instead of 5, int8 142 -> 110 us; B=1 keeps about 32 (64
+# at 16k and 32k and 8 at 4k were all slower).
 PROGRAMS_FULL = 2
 PROGRAMS_PER_SM = 8
 MIN_SPLIT_TILES = 4
+MORE_SPLITS_MAX = 32
 
 
 def _config(device: torch.device, head_dim: int) -> tuple[int, int, int]:
@@ -160,7 +162,7 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
     want = 1
     if rows < PROGRAMS_FULL * sm_count:
         enough = -(-PROGRAMS_FULL * sm_count // rows)
-        more = min(-(-PROGRAMS_PER_SM * sm_count // rows), tiles // MIN_SPLIT_TILES)
+        more = min(-(-PROGRAMS_PER_SM * sm_count // rows), tiles // MIN_SPLIT_TILES, MORE_SPLITS_MAX)
         want = min(max(enough, more), MAX_SPLITS, tiles)
     split_len = -(-max_len // want)
     return max(block_n, -(-split_len // block_n) * block_n)

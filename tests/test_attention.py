@@ -296,3 +296,17 @@ def test_decode_matches_sdpa_on_float_cache(device, kv_dtype):
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float()[:, :, None], k.permute(1, 0, 2)[None], v.permute(1, 0, 2)[None], enable_gqa=True)
     assert rel_err(out, ref[:, :, 0]) < TOL[kv_dtype] * math.sqrt(2)
+
+
+def test_split_plan():
+    # 132 SMs (H100), 8 KV heads, 128-token tiles: the plan measured best in docs/benchmarks.md
+    from lmq.kernels.attention_decode import plan_splits
+
+    def splits(B, L):
+        split_len = plan_splits(B, 8, L, 128, 132)
+        assert split_len % 128 == 0
+        return -(-L // split_len)
+
+    assert [splits(64, L) for L in (1024, 16384)] == [1, 1]  # B * H_kv already fills the GPU
+    assert [splits(8, L) for L in (1024, 4096, 16384, 32768)] == [4, 8, 16, 16]
+    assert [splits(1, L) for L in (100, 1024, 4096, 16384, 32768)] == [1, 8, 32, 32, 32]
