@@ -27,6 +27,7 @@ H, HKV, D = 32, 8, 128
 
 def sweep_decode(bw: float) -> None:
     torch.manual_seed(0)
+    default_cfg, default_pps = dec._GPU_CONFIG[128], dec.PROGRAMS_PER_SM
     for kd in ("fp16", "int8", "int4"):
         for B, L in SHAPES:
             kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head(kd, D)
@@ -45,12 +46,13 @@ def sweep_decode(bw: float) -> None:
                     if cfg[0] > page:
                         continue
                     dec._GPU_CONFIG[128] = cfg
-                    for pps in ((2, 4) if cfg[0] == 64 else (2,)):
+                    for pps in (default_pps, 2):  # the split plan's upper target, and the old plan's
                         dec.PROGRAMS_PER_SM = pps
                         us = ba.graph_time_us(
                             [lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L, out=out)
                              for t in tables], calls=max(n, 10))
                         cells.append((floor / us, f"pg{page}/{cfg[0]}/{cfg[1]}/{cfg[2]}/p{pps}:{us:.1f}us={100 * floor / us:.0f}%"))
+                    dec._GPU_CONFIG[128], dec.PROGRAMS_PER_SM = default_cfg, default_pps
                 del cache, tables
                 torch.cuda.empty_cache()
             cells.sort(reverse=True)
