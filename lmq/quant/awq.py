@@ -254,11 +254,16 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, qs: QuantSettings, rows_per_ch
 
 
 @torch.no_grad()
+def output_error(lw: dict, x: torch.Tensor, ref: torch.Tensor, cos, sin, cfg: ModelConfig) -> float:
+    """MSE of the layer output with the weights `lw` as given, against `ref`."""
+    return (layer_forward(lw, x, cos, sin, cfg) - ref).pow(2).mean().item()
+
+
 def layer_error(lw: dict, x: torch.Tensor, ref: torch.Tensor, cos, sin, cfg: ModelConfig, qs: QuantSettings) -> float:
     """MSE of the layer output when every linear of `lw` is fake-quantized; `ref` is the float output."""
     q = {k: (fake_quantize(v, qs.bits, qs.group_size, qs.zero_point) if k[: -len(".weight")] in cfg.arch.linears
              else v) for k, v in lw.items()}
-    return (layer_forward(q, x, cos, sin, cfg) - ref).pow(2).mean().item()
+    return output_error(q, x, ref, cos, sin, cfg)
 
 
 def apply_clip(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -153,7 +153,7 @@ def quantize_layer(i: int, lw: dict, x: torch.Tensor | None, cos, sin, cfg, qs: 
         train = slice(N_STAT, None) if x.shape[0] > N_STAT else slice(None)
         q, _, st.awq_err = refine_rounding(lw, x[train], cap.output[train], xs, ref, cos, sin, cfg, qs.bits,
                                            qs.group_size, qs.zero_point, qs.refine_steps, qs.refine_batch,
-                                           qs.refine_lr, seed=seed, rtn=q)
+                                           qs.refine_lr, seed=seed, rtn=q, before=st.scaled_err)
     qlw = dict(lw, **{f"{lin}.weight": qw.dequantize(torch.float32) for lin, qw in q.items()})
     x = torch.cat([layer_forward(qlw, xb, cos, sin, cfg) for xb in x.split(qs.batch_size)])
     return lw, q, st, x

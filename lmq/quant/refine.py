@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from lmq.models.llama import ModelConfig, layer_forward
+from lmq.quant.awq import output_error
 from lmq.quant.rtn import QuantizedWeight, quantize
 
 
@@ -58,30 +59,30 @@ class _Rounding:
         return QuantizedWeight(codes=c, scales=q.scales, zeros=q.zeros, bits=q.bits, group_size=q.group_size)
 
 
-def _layer_mse(lw: dict, q: dict[str, QuantizedWeight], x: torch.Tensor, ref: torch.Tensor, cos, sin,
-               cfg: ModelConfig, bs: int) -> float:
-    trial = dict(lw, **{f"{lin}.weight": qw.dequantize(torch.float32) for lin, qw in q.items()})
-    err = sum((layer_forward(trial, xb, cos, sin, cfg) - rb).pow(2).sum().item()
-              for xb, rb in zip(x.split(bs), ref.split(bs)))
-    return err / ref.numel()
+def _quantized_error(lw: dict, q: dict[str, QuantizedWeight], x: torch.Tensor, ref: torch.Tensor, cos, sin,
+                     cfg: ModelConfig) -> float:
+    return output_error(dict(lw, **{f"{lin}.weight": qw.dequantize(torch.float32) for lin, qw in q.items()}),
+                        x, ref, cos, sin, cfg)
 
 
 def refine_rounding(lw: dict, x: torch.Tensor, ref: torch.Tensor, xs: torch.Tensor, refs: torch.Tensor, cos, sin,
                     cfg: ModelConfig, bits: int, group_size: int, zero_point: bool, steps: int,
-                    batch: int = 8, lr: float = 0.005, seed: int = 0, rtn: dict[str, QuantizedWeight] | None = None
-                    ) -> tuple[dict[str, QuantizedWeight], float, float]:
+                    batch: int = 8, lr: float = 0.005, seed: int = 0, rtn: dict[str, QuantizedWeight] | None = None,
+                    before: float | None = None) -> tuple[dict[str, QuantizedWeight], float, float]:
     """Quantize every linear of `lw` (AWQ-scaled and clipped float weights) with learned rounding.
 
     `x [S, T, C]` / `ref [S, T, C]`: calibration inputs of the layer and the float layer's outputs
     on them (the training set); `xs` / `refs`: held-out samples that decide whether to keep the
-    result. `rtn`: the round-to-nearest quantization of `lw`'s linears if already made. Returns
+    result. `rtn`: the round-to-nearest quantization of `lw`'s linears if already made, and `before`
+    its error on `xs` if already measured (`awq.layer_error`: the same number). Returns
     `(weights, error before, error after)`, the errors being the layer output's mean squared error
     on `xs` with RTN and with the returned weights.
     """
     lins = cfg.arch.linears
     if rtn is None:
         rtn = {lin: quantize(lw[f"{lin}.weight"], bits, group_size, zero_point) for lin in lins}
-    before = _layer_mse(lw, rtn, xs, refs, cos, sin, cfg, batch)
+    if before is None:
+        before = _quantized_error(lw, rtn, xs, refs, cos, sin, cfg)
     if steps <= 0:
         return rtn, before, before
     rnd = {lin: _Rounding(rtn[lin], lw[f"{lin}.weight"]) for lin in lins}
@@ -99,7 +100,7 @@ def refine_rounding(lw: dict, x: torch.Tensor, ref: torch.Tensor, xs: torch.Tens
                 for v, g in zip(params, grads):
                     v.sub_(step * torch.sign(g)).clamp_(-0.5, 0.5)
     refined = {lin: r.quantized() for lin, r in rnd.items()}
-    after = _layer_mse(lw, refined, xs, refs, cos, sin, cfg, batch)
+    after = _quantized_error(lw, refined, xs, refs, cos, sin, cfg)
     if after >= before:
         return rtn, before, before
     return refined, before, after
