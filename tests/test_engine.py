@@ -376,7 +376,8 @@ def test_padded_prefill_matches_the_eager_prefill(weights, n_new):
     logits for the last real row, after a cached prefix."""
     eng = make_llm(weights, max_num_seqs=2, prefill_graphs=True)
     r = eng.runner
-    r._prefill_buffers()
+    if not r.prefill_graphs:  # no graphs captured (CPU): make their inputs; on a GPU the graphs read these
+        r._prefill_buffers()
     prefix = list(range(1000, 1048))  # 3 whole blocks
     eng.generate([prefix + [7, 8]], SamplingParams(max_new_tokens=1, ignore_eos=True))
     eng.add_request(prefix + list(range(2000, 2000 + n_new)), SamplingParams(max_new_tokens=1, ignore_eos=True))
@@ -389,10 +390,5 @@ def test_padded_prefill_matches_the_eager_prefill(weights, n_new):
     assert tb == (32 if n_new <= 32 else 64)
     ids, batch = r._prefill_batch(tb)
     got = r.model.forward(ids, r.cache, batch, r._p_row.long()).float()
-    if got.is_cuda:  # open: why prefill graphs stay off by default (docs/benchmarks.md)
-        cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item()
-        if cos < 0.9999 or got.argmax(-1).tolist() != ref.argmax(-1).tolist():
-            pytest.xfail(f"on the GPU the padded prefill of the real model differs from the eager one (cosine {cos:.4f}; "
-                         "H100 runs: 0.9983, 0.9992, argmax 126 vs 904)")
     assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item() > 0.9999
     assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
