@@ -8,8 +8,8 @@ bucket that holds them: the inputs are copied into the graph's static buffers in
 copy, padded rows write to slot -1 (skipped) and attend over one token of block 0, and decode
 attention is planned for `max_model_len` so the graph's launch grid never changes.
 
-With `prefill_graphs` (experimental, off by default: `LLM(prefill_graphs=True)` or
-LMQ_PREFILL_GRAPHS=1), a step that prefills one sequence's last `T <= 512` prompt tokens alone (a
+With `prefill_graphs` (on by default where decode graphs are captured; `LLM(prefill_graphs=False)`
+or LMQ_PREFILL_GRAPHS=0 turns them off), a step that prefills one sequence's last `T <= 512` prompt tokens alone (a
 chat turn, a request arriving at an idle engine) also replays a graph, captured per token-count
 bucket: the span is padded to the bucket with tokens that write nothing (slot -1), sit at position 0
 for RoPE and, being after every real token, are never attended by one; only the last real row's
