@@ -31,7 +31,7 @@ SWEEP = {
     "decode": {
         "ms": [16, 32, 64, 96, 128, 160],
         "configs": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=0, GROUP_M=1, num_warps=w, num_stages=st,
-                         SWAP_AB=True, DOT_K=64, REDUCE="atomic", WAVES=waves, MAX_SPLIT=32)
+                         SWAP_AB=True, DOT_K=64, WAVES=waves, MAX_SPLIT=32)
                     for bm, bn, w, st, waves in ((16, 64, 4, 3, 4), (32, 64, 4, 3, 4), (64, 64, 4, 3, 4),
                                                  (64, 128, 4, 3, 4), (64, 128, 8, 3, 4), (64, 64, 4, 2, 8))],
     },

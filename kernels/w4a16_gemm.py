@@ -12,8 +12,8 @@ One kernel, two regimes chosen by its config (`CONFIGS`, one table per arch):
 - decode (small and medium M): BLOCK_M = the next power of two >= M between 16 (tl.dot's minimum;
   rows past M are masked) and BLOCK_M_MAX, so each dequantized weight tile serves as many rows as it
   can; narrow BLOCK_N and split-K over WAVES waves of SMs so that every SM streams weights; the
-  splits add their partial sums into the zeroed output with atomics (REDUCE="atomic") or into the
-  self-clearing fp32 workspace the GEMV uses (REDUCE="workspace", no zero-fill).
+  splits add their partial sums into the zeroed output with atomics. (The GEMV's fp32 workspace,
+  tried here too, measured within 3% of that and was dropped: NOTES-gemm.md, run 11.)
 - prefill (large M, compute-bound): large tensor-core tiles, dequantization in registers.
 Config switches: SWAP_AB computes out^T = w_hat @ x^T so the dequantized weights are tl.dot's first
 operand (on sm90 Triton then issues wgmma with that operand in registers); DOT_K = 16/32/64 joins 1,
@@ -93,32 +93,6 @@ def _store_or_add(ptrs, out, mask, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def _ws_arrive(acc, ws_ptrs, mask, cnt_ptr, SPLIT_K: tl.constexpr):
-    """Split-K through a workspace (`REDUCE="workspace"`): add this split's fp32 partial sums into the
-    all-zero workspace and count this program in at `cnt_ptr`; True for the last split to arrive,
-    which then owns the finished sums (`_ws_finish`) and must clear them and the counter."""
-    tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-    tl.debug_barrier()  # every thread's adds are issued before the program counts itself in
-    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")  # release our adds, acquire the others'
-    return arrived == SPLIT_K - 1
-
-
-@triton.jit
-def _ws_clear(ws_ptrs, mask, cnt_ptr):
-    """After the last split has read its tile: the workspace slice and the counter are zero again."""
-    tl.store(ws_ptrs, tl.zeros(ws_ptrs.shape, tl.float32), mask=mask)
-    tl.store(cnt_ptr, 0)
-
-
-@triton.jit
-def _ws_finish(out_ptrs, ws_ptrs, mask, cnt_ptr):
-    """The last split's epilogue: write the summed tile, leave its workspace slice and counter zero."""
-    total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # from L2
-    tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
-    _ws_clear(ws_ptrs, mask, cnt_ptr)
-
-
-@triton.jit
 def _cat(a, b):
     """`[R, C]`, `[R, C]` -> `[R, 2C]` (a's columns, then b's): join, swap the new axis in, merge."""
     return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
@@ -126,7 +100,7 @@ def _cat(a, b):
 
 @triton.jit
 def _w4a16_gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_om,
     G: tl.constexpr,
@@ -135,7 +109,6 @@ def _w4a16_gemm_kernel(
     CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,  # planes64's geometry
     SWAP_AB: tl.constexpr, DOT_K: tl.constexpr,
     FAST_CVT: tl.constexpr,  # inline-PTX int4 -> fp16/bf16 (GPU); plain Triton under the interpreter
-    REDUCE_WS: tl.constexpr,  # split-K through the self-clearing fp32 workspace (else atomics into zeros)
 ):
     # -- which output tile and which K range this program owns ------------------------------------
     pid = tl.program_id(0)
@@ -236,17 +209,11 @@ def _w4a16_gemm_kernel(
 
     if SWAP_AB:
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BN, BM]
-        ws_ptrs = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
         mask = m_mask[None, :] & n_mask[:, None]
     else:
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]  # [BM, BN]
-        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
-    if REDUCE_WS and SPLIT_K > 1:
-        if _ws_arrive(acc, ws_ptrs, mask, cnt_ptr + pid, SPLIT_K):
-            _ws_finish(out_ptrs, ws_ptrs, mask, cnt_ptr + pid)
-    else:
-        _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask, SPLIT_K)
+    _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask, SPLIT_K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +229,7 @@ _GEMV = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "WAVES": 8, "num_warps": 4
 # dequantized weight tile serves up to 64 rows; sm90, sum of the four shapes: M=64 99.9 us with 64-row
 # tiles vs 171.6 with 16, M=128 179.5 vs 318.6, M=32 80.7 (32 rows) vs 97.8 (sweep-decode-4.log).
 _DECODE = {"BLOCK_M": 16, "BLOCK_M_MAX": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "WAVES": 4,
-           "REDUCE": "atomic", "GROUP_M": 1, "num_warps": 4, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
+           "GROUP_M": 1, "num_warps": 4, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
                      "num_warps": 8, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
@@ -360,46 +327,22 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         cfg["BLOCK_M"] = min(cfg["BLOCK_M_MAX"], max(cfg["BLOCK_M"], triton.next_power_of_2(M)))
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
     split_k = pick_split_k(M, N, K, cfg, block_k, x.device)
-    reduce = cfg.get("REDUCE", "atomic")
-    if reduce not in ("atomic", "workspace"):
-        raise ValueError(f"w4a16_gemm: bad config {cfg}: REDUCE is 'atomic' or 'workspace'")
-    use_ws = split_k > 1 and reduce == "workspace"
     # -- 2. allocate ------------------------------------------------------------------------------
-    out = (torch.zeros if split_k > 1 and not use_ws else torch.empty)((M, N), dtype=x.dtype, device=x.device)
+    out = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
     if M == 0:
         return out.reshape(*lead, N)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    ws, cnt = workspace(x.device, M * N, tiles) if use_ws else (out, out)  # unused unless use_ws
     # -- 3. launch --------------------------------------------------------------------------------
-    grid = (tiles, split_k)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
     _w4a16_gemm_kernel[grid](
-        x2, qweight, scales, zeros, out, ws, cnt, M, N, K, x2.stride(0), out.stride(0),
+        x2, qweight, scales, zeros, out, M, N, K, x2.stride(0), out.stride(0),
         G=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
         SPLIT_K=split_k, GROUP_M=cfg["GROUP_M"], IS_BF16=x.dtype == torch.bfloat16,
         CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES,
         FAST_CVT=x.device.type == "cuda", SWAP_AB=cfg.get("SWAP_AB", False),
-        DOT_K=cfg.get("DOT_K", 16), REDUCE_WS=use_ws,
+        DOT_K=cfg.get("DOT_K", 16),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.reshape(*lead, N)
-
-
-# Split-K workspaces, one per (device, stream): fp32 partial sums and int32 arrival counters, all zero
-# between calls (each call's last programs clear what they used). They only grow; a grown one keeps
-# the old tensors alive, since a captured CUDA graph may still point at them.
-_WORKSPACES: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-
-def workspace(device: torch.device, n_sums: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    held = _WORKSPACES.setdefault(key, [])
-    if not held or held[-1][0].numel() < n_sums or held[-1][1].numel() < n_counters:
-        size = max(n_sums, held[-1][0].numel() if held else 0)
-        count = max(n_counters, held[-1][1].numel() if held else 0)
-        held.append((torch.zeros(size, dtype=torch.float32, device=device),
-                     torch.zeros(count, dtype=torch.int32, device=device)))
-    return held[-1]
 
 
 def w4a16_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -43,13 +43,9 @@ from lmq.kernels.w4a16_gemm import (
     _dequant_pair,
     _num_sms,
     _store_or_add,
-    _ws_arrive,
-    _ws_clear,
-    _ws_finish,
     check_inputs,
     pick_block_k,
     w4a16_gemm_ref,
-    workspace,
 )
 
 from lmq.errors import ShapeError
@@ -93,6 +89,32 @@ def _dequant_quad_f16(h, zq, z64, z4, FAST: tl.constexpr):
         w2, w3 = _dequant_pair(h, zq, 2, 0x6400, False, False)
         w0, w1, w2, w3 = w0 * 0.0625, w1 * 0.0625, w2 * 0.0625, w3 * 0.0625  # exact in fp16
     return w0, w1, w2, w3
+
+
+@triton.jit
+def _ws_arrive(acc, ws_ptrs, mask, cnt_ptr, SPLIT_K: tl.constexpr):
+    """Split-K through the workspace (`REDUCE="workspace"`): add this split's fp32 partial sums into the
+    all-zero workspace and count this program in at `cnt_ptr`; True for the last split to arrive,
+    which then owns the finished sums (`_ws_finish`) and must clear them and the counter."""
+    tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+    tl.debug_barrier()  # every thread's adds are issued before the program counts itself in
+    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")  # release our adds, acquire the others'
+    return arrived == SPLIT_K - 1
+
+
+@triton.jit
+def _ws_clear(ws_ptrs, mask, cnt_ptr):
+    """After the last split has read its tile: the workspace slice and the counter are zero again."""
+    tl.store(ws_ptrs, tl.zeros(ws_ptrs.shape, tl.float32), mask=mask)
+    tl.store(cnt_ptr, 0)
+
+
+@triton.jit
+def _ws_finish(out_ptrs, ws_ptrs, mask, cnt_ptr):
+    """The last split's epilogue: write the summed tile, leave its workspace slice and counter zero."""
+    total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # from L2
+    tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+    _ws_clear(ws_ptrs, mask, cnt_ptr)
 
 
 @triton.jit
@@ -248,7 +270,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if M == 0:
         return out.reshape(*lead, N)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-    ws, cnt = workspace(x.device, M * N, M * n_blocks) if use_ws else (out, out)  # unused unless use_ws
+    ws, cnt = _workspace(x.device, M * N, M * n_blocks) if use_ws else (out, out)  # unused unless use_ws
     # -- 3. launch --------------------------------------------------------------------------------
     pdl = use_pdl(x.device)
     grid = (n_blocks, split_k, M)
@@ -276,6 +298,24 @@ def can_fuse_rope(N: int, K: int, group_size: int, head_dim: int, config: dict |
 
 DEFAULT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "num_warps": 4, "num_stages": 1,
                   "SUM_PLANES": 1, "REDUCE": "atomic"}
+
+# Split-K workspaces, one per (device, stream): fp32 partial sums and int32 arrival counters, all zero
+# between calls (each call's last programs clear what they used). They only grow; a grown one keeps
+# the old tensors alive, since a captured CUDA graph may still point at them.
+_WORKSPACES: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _workspace(device: torch.device, n_sums: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    held = _WORKSPACES.setdefault(key, [])
+    if not held or held[-1][0].numel() < n_sums or held[-1][1].numel() < n_counters:
+        size = max(n_sums, held[-1][0].numel() if held else 0)
+        count = max(n_counters, held[-1][1].numel() if held else 0)
+        held.append((torch.zeros(size, dtype=torch.float32, device=device),
+                     torch.zeros(count, dtype=torch.int32, device=device)))
+    return held[-1]
+
 
 def w4a16_gemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    group_size: int) -> torch.Tensor:

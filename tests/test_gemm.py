@@ -130,7 +130,7 @@ def test_gemv_fused_rope(head_dim, device):
 def test_gemv_fp16_sums_and_workspace_split(sum_planes, reduce, G, device):
     """Products summed in fp16 over 2 or 4 planes, and the zero-fill-free split-K reduction: the same
     function as the reference; the workspace is all zeros again after every call, so calls repeat."""
-    from lmq.kernels.w4a16_gemm import _WORKSPACES
+    from lmq.kernels.w4a16_gemv import _WORKSPACES
 
     N, K = 72, 512
     p = random_packed(N, K, G, device)
@@ -178,28 +178,6 @@ def test_gemm_rows_per_tile_grow_with_m(M, device):
            "num_warps": 4, "num_stages": 1, "SWAP_AB": True, "DOT_K": 64}
     out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
     assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
-
-
-@pytest.mark.parametrize("swap_ab", [False, True])
-@pytest.mark.parametrize("M", [3, 20])
-def test_gemm_workspace_split(M, swap_ab, device):
-    """Split-K through the self-clearing fp32 workspace (no zero-filled output): the reference result,
-    odd M and N (masked rows and columns), and the workspace and counters all zero after each call."""
-    from lmq.kernels.w4a16_gemm import _WORKSPACES
-
-    N, K, G = 72, 512, 64
-    p = random_packed(N, K, G, device)
-    x = torch.randn(M, K, device=device).half()
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 3, "GROUP_M": 1, "num_warps": 4,
-           "num_stages": 1, "SWAP_AB": swap_ab, "DOT_K": 64, "REDUCE": "workspace"}
-    ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
-    for _ in range(2):
-        out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
-        assert rel_err(out, ref) < TOL[torch.float16]
-        for ws, cnt in (pair for held in _WORKSPACES.values() for pair in held):
-            assert not ws.any() and not cnt.any()
-    with pytest.raises(ValueError, match="REDUCE"):
-        w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, {**cfg, "REDUCE": "tree"})
 
 
 @pytest.mark.parametrize("M", [1, 3])

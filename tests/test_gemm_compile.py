@@ -34,14 +34,14 @@ def compile_all(arch: str, dt: str) -> None:
         assert k.asm["cubin"]
 
     mnk = ["M", "N", "K", "stride_xm", "stride_om"]
-    for regime, ws, bm in (("decode", False, 16), ("decode", True, 16), ("decode", False, 64), ("prefill", False, 0)):
+    for regime, bm in (("decode", 16), ("decode", 64), ("prefill", 0)):
         cfg = CONFIGS[arch][regime]
         build(_w4a16_gemm_kernel, mnk,
               {"G": 128, "BLOCK_M": bm or cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                "SPLIT_K": 2, "GROUP_M": cfg["GROUP_M"], "IS_BF16": dt == "bf16", "PLANES": planes64.PLANES,
                "SWAP_AB": cfg.get("SWAP_AB", False), "DOT_K": cfg.get("DOT_K", 16), "FAST_CVT": True,
-               "REDUCE_WS": ws, **geometry},
-              cfg["num_warps"], cfg["num_stages"], {"ws_ptr": "*fp32", "cnt_ptr": "*i32"})
+               **geometry},
+              cfg["num_warps"], cfg["num_stages"])
     g = CONFIGS[arch]["gemv"]
     for sum_planes, ws, pdl, rope in ((1, False, False, False), (g["SUM_PLANES"], g["REDUCE"] == "workspace", cc >= 90,
                                                                   False), (4, True, cc >= 90, True)):
