@@ -13,7 +13,8 @@ import importlib.util
 import sys
 
 import torch
-from lmq.kernels.w4a16_gemm import w4a16_gemm
+from lmq.kernels.w4a16_gemm import w4a16_gemm, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemm_ws import w4a16_gemm_ws
 from lmq.kernels.w4a16_gemv import w4a16_gemv
 
 from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us
@@ -37,10 +38,24 @@ SWEEP = {
     },
     "prefill": {
         "ms": [256, 1024, 4096],
-        "configs": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st,
-                         SWAP_AB=True, DOT_K=dk)
-                    for bm, bn, w, st, dk in ((128, 128, 8, 3, 16), (128, 128, 8, 3, 64), (64, 128, 4, 3, 64),
-                                              (128, 128, 8, 4, 64))],
+        # the group-wise loop (scales late, on the partial sums) and the SCALE_EARLY loop (scales in the
+        # dequantized weights, one dot per K tile), weights as the register operand (SWAP_AB) or not
+        "configs": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=3,
+                         SWAP_AB=True, DOT_K=64)]
+        + [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st,
+                SWAP_AB=swap, SCALE_EARLY=True)
+           for bm, bn, w, st, swap in ((128, 128, 8, 3, True), (128, 256, 8, 3, True), (64, 128, 4, 3, True),
+                                       (128, 128, 8, 3, False), (128, 128, 8, 2, False), (128, 128, 4, 2, False),
+                                       (128, 256, 8, 2, False), (256, 128, 8, 2, False), (64, 128, 4, 3, False))],
+    },
+    # the warp-specialized Hopper kernel (kernels/w4a16_gemm_ws.py), fp16
+    "ws": {
+        "ms": [256, 1024, 4096],
+        "configs": [dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=st, GROUP_M=gm, num_warps=8, CONVERT_WARPS=cw,
+                         CONVERT_REGS=cr, LOADER_REGS=40, **({"maxnreg": mr} if mr else {}))
+                    for bm, bn, st, gm, cw, cr, mr in ((256, 128, 4, 8, 4, 96, 0), (256, 128, 4, 8, 2, 152, 168),
+                                                       (128, 256, 3, 8, 2, 152, 168), (128, 256, 3, 16, 2, 152, 168),
+                                                       (128, 256, 3, 8, 2, 120, 168))],
     },
 }
 
@@ -62,12 +77,26 @@ def main(regimes):
         weights.append((name, K, [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]))
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
+            if regime in ("prefill", "ws"):  # the peer, and a GPU check of every config against the reference
+                per = []
+                for name, K, packs in weights:
+                    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+                    w16 = torch.randn(packs[0]["scales"].shape[1], K, device="cuda", dtype=torch.float16)
+                    per.append(graph_time_us([lambda x=x, w16=w16: x @ w16.t()], calls=20, reps=9))
+                print(f"cuBLAS fp16 M={M} -> " + " ".join(f"{t:.1f}" for t in per) + f" sum {sum(per):.1f} us")
+                pp, K = weights[1][2][0], weights[1][1]
+                x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+                ref = w4a16_gemm_ref(x, pp["qweight"], pp["scales"], pp["zeros"], G).float()
+                for cfg in SWEEP[regime]["configs"]:
+                    out = (w4a16_gemm_ws if regime == "ws" else w4a16_gemm)(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg).float()
+                    err = ((out - ref).norm() / ref.norm()).item()
+                    print(f"check M={M} {cfg}: rel err {err:.2e}" + ("" if err < 2e-3 else "  FAILED"))
             results = []
             for cfg in SWEEP[regime]["configs"]:
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                    kernel = w4a16_gemv if regime == "gemv" else w4a16_gemm
+                    kernel = {"gemv": w4a16_gemv, "ws": w4a16_gemm_ws}.get(regime, w4a16_gemm)
                     fns = [lambda pp=pp, kernel=kernel, x=x, cfg=cfg: kernel(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
                            for pp in packs]
                     per.append(graph_time_us(fns, calls=max(20, len(fns)), reps=9))

@@ -36,16 +36,18 @@ import triton.language as tl
 from triton.runtime.jit import constexpr_function
 
 from lmq.errors import ShapeError, UnsupportedError
+from lmq.kernels import w4a16_gemm_ws
 from lmq.pack import planes64
 
 
 @constexpr_function
-def _pair_asm(first, bf16):
+def _pair_asm(first, bf16, scaled=False):
     """PTX for planes `first` and `first + 1` of two packed int16 lanes ($2) minus the zero ($3).
 
     Each 32-bit register holds two lanes; `(r >> 4i) & 0x000F000F | MAGIC2` is plane i of both lanes
     as two fp16/bf16 values MAGIC + q (one LOP3 after the shift), and one packed subtract (fp16) or
     fma with 1.0 (bf16, sm80 has no bf16x2 sub) removes MAGIC + z: 1.5 instructions per weight.
+    `scaled` (fp16 only) multiplies by the scale ($4) too, one packed multiply: 2 per weight.
     """
     magic = "0x43004300" if bf16 else "0x64006400"
     lines = ["{", ".reg .b32 t0, t1, one, nz;"]
@@ -58,6 +60,9 @@ def _pair_asm(first, bf16):
     if bf16:
         lines += ["mov.b32 one, 0x3F803F80;", "xor.b32 nz, $3, 0x80008000;",
                   "fma.rn.bf16x2 $0, t0, one, nz;", "fma.rn.bf16x2 $1, t1, one, nz;"]
+    elif scaled:
+        lines += ["sub.f16x2 t0, t0, $3;", "sub.f16x2 t1, t1, $3;", "mul.rn.f16x2 $0, t0, $4;",
+                  "mul.rn.f16x2 $1, t1, $4;"]
     else:
         lines += ["sub.f16x2 $0, t0, $3;", "sub.f16x2 $1, t1, $3;"]
     return "\n".join(lines + ["}"])
@@ -66,13 +71,20 @@ def _pair_asm(first, bf16):
 
 
 @triton.jit
-def _dequant_pair(h, zq, FIRST: tl.constexpr, MAGIC: tl.constexpr, IS_BF16: tl.constexpr, FAST: tl.constexpr):
-    """Planes FIRST and FIRST + 1 of `h [BN, 16]` int16 as q - z in the activation dtype (exact)."""
+def _dequant_pair(h, zq, FIRST: tl.constexpr, MAGIC: tl.constexpr, IS_BF16: tl.constexpr, FAST: tl.constexpr,
+                  s=None, SCALED: tl.constexpr = False):
+    """Planes FIRST and FIRST + 1 of `h [BN, 16]` int16 as q - z in the activation dtype (exact), or,
+    with SCALED, as w_hat = (q - z) * s rounded once to that dtype (`s [BN]` fp32)."""
     if IS_BF16:
         wdt: tl.constexpr = tl.bfloat16
     else:
         wdt: tl.constexpr = tl.float16
     zb = tl.broadcast_to(zq[:, None], h.shape)  # [BN, 16] MAGIC + z
+    if FAST and SCALED and not IS_BF16:
+        sb = tl.broadcast_to(s.to(tl.float16)[:, None], h.shape)  # the stored fp16 scale, exact
+        p0, p1 = tl.inline_asm_elementwise(_pair_asm(FIRST, IS_BF16, True), "=r,=r,r,r,r", [h, zb, sb],
+                                           dtype=(zb.dtype, zb.dtype), is_pure=True, pack=2)
+        return p0, p1
     if FAST:
         p0, p1 = tl.inline_asm_elementwise(_pair_asm(FIRST, IS_BF16), "=r,=r,r,r", [h, zb], dtype=(zb.dtype, zb.dtype),
                                            is_pure=True, pack=2)
@@ -80,6 +92,9 @@ def _dequant_pair(h, zq, FIRST: tl.constexpr, MAGIC: tl.constexpr, IS_BF16: tl.c
         # Plain Triton (the interpreter has no inline assembly): the same bits, one lane at a time.
         p0 = (((h >> (4 * FIRST)) & 0xF) | MAGIC).to(tl.int16).to(wdt, bitcast=True) - zb
         p1 = (((h >> (4 * FIRST + 4)) & 0xF) | MAGIC).to(tl.int16).to(wdt, bitcast=True) - zb
+    if SCALED:
+        p0 = (p0.to(tl.float32) * s[:, None]).to(wdt)
+        p1 = (p1.to(tl.float32) * s[:, None]).to(wdt)
     return p0, p1
 
 
@@ -107,7 +122,7 @@ def _w4a16_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, IS_BF16: tl.constexpr,
     CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,  # planes64's geometry
-    SWAP_AB: tl.constexpr, DOT_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, DOT_K: tl.constexpr, SCALE_EARLY: tl.constexpr,
     FAST_CVT: tl.constexpr,  # inline-PTX int4 -> fp16/bf16 (GPU); plain Triton under the interpreter
 ):
     # -- which output tile and which K range this program owns ------------------------------------
@@ -152,60 +167,91 @@ def _w4a16_gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(k_lo, k_hi, BLOCK_K):
-        for gi in tl.static_range(BLOCK_K // G):
-            # -- one group: its zero (as MAGIC + z) and scale, one contiguous row of N each -------
-            g = (kt + gi * G) // G
-            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
-            zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN] MAGIC + z
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
-            part = tl.zeros_like(acc)
-            for cc in tl.static_range(CHUNKS_PER_GROUP):
-                # -- stream one chunk of weights: BLOCK_N rows x 32 contiguous bytes --------------
-                # (G = 32: both groups of a chunk load it; the second load hits L1)
-                chunk = (kt + gi * G) // CHUNK_K + cc
+    if SCALE_EARLY:
+        # -- prefill: scales applied in the dequantization, one dot per K tile -----------------------
+        # w_hat = (q - z) * s rounded once to the activation dtype (as a dequantized fp16 weight would
+        # be), so the whole K tile is one dot accumulating straight into acc: the matrix unit never
+        # waits for a per-group rescale, and the next tile's dequantization overlaps this tile's dot.
+        for kt in range(k_lo, k_hi, BLOCK_K):
+            for cc in tl.static_range(BLOCK_K // CHUNK_K):
+                chunk = kt // CHUNK_K + cc
                 h = tl.load(qw_rows + chunk * N * LANES, mask=n_mask[:, None], other=0,
                             eviction_policy="evict_first")  # [BN, 16] int16
-                if DOT_K == 64 and PLANES_PER_GROUP == 4:
-                    # -- the whole chunk in one K = 64 dot: planes 0..3 side by side are k = 0..63 -----
-                    w0, w1 = _dequant_pair(h, zq, 0, MAGIC, IS_BF16, FAST_CVT)  # [BN, 16] q - z, exact
-                    w2, w3 = _dequant_pair(h, zq, 2, MAGIC, IS_BF16, FAST_CVT)
-                    w = _cat(_cat(w0, w1), _cat(w2, w3))  # [BN, 64]
-                    a = tl.load(x_rows + (chunk * CHUNK_K + lanes4)[None, :], mask=m_mask[:, None],
-                                other=0.0)  # [BM, 64]
-                    if SWAP_AB:
-                        part = tl.dot(w, tl.trans(a), part)  # [BN, BM]
+                for pp in tl.static_range(2):
+                    if pp == 0 or G < CHUNK_K:  # planes 2, 3 start a new group only when G = 32
+                        g = (chunk * CHUNK_K + 2 * LANES * pp) // G
+                        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
+                        zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN] MAGIC + z
+                        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+                    w0, w1 = _dequant_pair(h, zq, 2 * pp, MAGIC, IS_BF16, FAST_CVT, s, True)  # [BN, 16] w_hat
+                    if pp == 0:
+                        wc = _cat(w0, w1)  # [BN, 32]
                     else:
-                        part = tl.dot(a, tl.trans(w), part)  # [BM, BN]
+                        wc = _cat(wc, _cat(w0, w1))  # [BN, 64]: planes 0..3 are k = 0..63 of the chunk
+                if cc == 0:
+                    w = wc
                 else:
-                    for ii in tl.static_range(PLANES_PER_GROUP // 2):
-                        # -- dequantize two planes: q - z exactly, no int-to-float conversion -----
-                        # first plane of the pair: i = (gi * G) % CHUNK_K // LANES + 2 * ii (a constexpr)
-                        w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
-                                               FAST_CVT)  # [BN, 16] each
-                        k0 = chunk * CHUNK_K + LANES * ((gi * G) % CHUNK_K // LANES + 2 * ii)  # plane i's 1st k
-                        if DOT_K >= 32:
-                            # one K = 32 dot per pair: planes i, i + 1 are 32 contiguous input channels
-                            w01 = _cat(w0, w1)  # [BN, 32]
-                            a01 = tl.load(x_rows + (k0 + lanes2)[None, :], mask=m_mask[:, None], other=0.0)
-                            if SWAP_AB:
-                                part = tl.dot(w01, tl.trans(a01), part)  # [BN, BM]
-                            else:
-                                part = tl.dot(a01, tl.trans(w01), part)  # [BM, BN]
-                        else:
-                            a0 = tl.load(x_rows + (k0 + lanes)[None, :], mask=m_mask[:, None], other=0.0)
-                            a1 = tl.load(x_rows + (k0 + LANES + lanes)[None, :], mask=m_mask[:, None], other=0.0)
-                            if SWAP_AB:
-                                part = tl.dot(w0, tl.trans(a0), part)  # [BN, BM]
-                                part = tl.dot(w1, tl.trans(a1), part)
-                            else:
-                                part = tl.dot(a0, tl.trans(w0), part)  # [BM, BN]
-                                part = tl.dot(a1, tl.trans(w1), part)
-            # -- the group ends: apply its scale once to the partial sum --------------------------
+                    w = _cat(w, wc)  # [BN, 64 * (cc + 1)]
+            a = tl.load(x_rows + (kt + tl.arange(0, BLOCK_K))[None, :], mask=m_mask[:, None], other=0.0)  # [BM, BK]
             if SWAP_AB:
-                acc += part * s[:, None]
+                acc = tl.dot(w, tl.trans(a), acc)  # [BN, BM]
             else:
-                acc += part * s[None, :]
+                acc = tl.dot(a, tl.trans(w), acc)  # [BM, BN]
+    else:
+        for kt in range(k_lo, k_hi, BLOCK_K):
+            for gi in tl.static_range(BLOCK_K // G):
+                # -- one group: its zero (as MAGIC + z) and scale, one contiguous row of N each -------
+                g = (kt + gi * G) // G
+                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
+                zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN] MAGIC + z
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+                part = tl.zeros_like(acc)
+                for cc in tl.static_range(CHUNKS_PER_GROUP):
+                    # -- stream one chunk of weights: BLOCK_N rows x 32 contiguous bytes --------------
+                    # (G = 32: both groups of a chunk load it; the second load hits L1)
+                    chunk = (kt + gi * G) // CHUNK_K + cc
+                    h = tl.load(qw_rows + chunk * N * LANES, mask=n_mask[:, None], other=0,
+                                eviction_policy="evict_first")  # [BN, 16] int16
+                    if DOT_K == 64 and PLANES_PER_GROUP == 4:
+                        # -- the whole chunk in one K = 64 dot: planes 0..3 side by side are k = 0..63 -----
+                        w0, w1 = _dequant_pair(h, zq, 0, MAGIC, IS_BF16, FAST_CVT)  # [BN, 16] q - z, exact
+                        w2, w3 = _dequant_pair(h, zq, 2, MAGIC, IS_BF16, FAST_CVT)
+                        w = _cat(_cat(w0, w1), _cat(w2, w3))  # [BN, 64]
+                        a = tl.load(x_rows + (chunk * CHUNK_K + lanes4)[None, :], mask=m_mask[:, None],
+                                    other=0.0)  # [BM, 64]
+                        if SWAP_AB:
+                            part = tl.dot(w, tl.trans(a), part)  # [BN, BM]
+                        else:
+                            part = tl.dot(a, tl.trans(w), part)  # [BM, BN]
+                    else:
+                        for ii in tl.static_range(PLANES_PER_GROUP // 2):
+                            # -- dequantize two planes: q - z exactly, no int-to-float conversion -----
+                            # first plane of the pair: i = (gi * G) % CHUNK_K // LANES + 2 * ii (a constexpr)
+                            w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
+                                                   FAST_CVT)  # [BN, 16] each
+                            k0 = chunk * CHUNK_K + LANES * ((gi * G) % CHUNK_K // LANES + 2 * ii)  # plane i's 1st k
+                            if DOT_K >= 32:
+                                # one K = 32 dot per pair: planes i, i + 1 are 32 contiguous input channels
+                                w01 = _cat(w0, w1)  # [BN, 32]
+                                a01 = tl.load(x_rows + (k0 + lanes2)[None, :], mask=m_mask[:, None], other=0.0)
+                                if SWAP_AB:
+                                    part = tl.dot(w01, tl.trans(a01), part)  # [BN, BM]
+                                else:
+                                    part = tl.dot(a01, tl.trans(w01), part)  # [BM, BN]
+                            else:
+                                a0 = tl.load(x_rows + (k0 + lanes)[None, :], mask=m_mask[:, None], other=0.0)
+                                a1 = tl.load(x_rows + (k0 + LANES + lanes)[None, :], mask=m_mask[:, None], other=0.0)
+                                if SWAP_AB:
+                                    part = tl.dot(w0, tl.trans(a0), part)  # [BN, BM]
+                                    part = tl.dot(w1, tl.trans(a1), part)
+                                else:
+                                    part = tl.dot(a0, tl.trans(w0), part)  # [BM, BN]
+                                    part = tl.dot(a1, tl.trans(w1), part)
+                # -- the group ends: apply its scale once to the partial sum --------------------------
+                if SWAP_AB:
+                    acc += part * s[:, None]
+                else:
+                    acc += part * s[None, :]
 
     if SWAP_AB:
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BN, BM]
@@ -239,14 +285,22 @@ _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_
 # 448; benchmarks/results/2026-11-22-session4-h100/blockm/gemm-m2.json); at M=384 dequantize + cuBLAS
 # wins (481 vs 561 for the prefill kernel), so sm90 never picks "prefill". The other archs keep the
 # crossover at 64 (not measured).
+# sm90's prefill path for fp16 activations is the warp-specialized kernel (w4a16_gemm_ws.py); its
+# tile [256 rows x 128 weights], 4 stages, 4 converting warps won sweep-ws-3.log (NOTES-gemm.md, run 16).
+_PREFILL_WS = w4a16_gemm_ws.DEFAULT_CONFIG
 _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min_m": 65}
-_CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 257}
+# sm90 crossovers, `lmq bench gemm --m ...,512,1024,2048,4096` (docs/benchmarks.md, GEMM "Latest run"): the
+# warp-specialized prefill beats dequantize + cuBLAS on gate_up / down (>= 58M weights) at M = 512..1024
+# (gate_up 239 vs 287 us at 512, 455 vs 473 at 1024) but not qkv / o_proj, whose 48 / 32 column tiles leave
+# SMs idle (o_proj at M=512: 57 vs 42); from M=2048 dequantize + cuBLAS wins on every shape.
+_CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 2048, "prefill_min_numel": 50_000_000}
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},
     "sm86": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm89": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
-    "sm90": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS_SM90},
+    "sm90": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, "prefill_ws": _PREFILL_WS,
+             **_CROSS_SM90},
 }
 # The interpreter runs one program at a time on the CPU: small tiles keep tests fast there.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1,
@@ -325,7 +379,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     cfg = dict(config or (INTERPRET_CONFIG if x.device.type == "cpu" else CONFIGS["sm80"]["decode"]))
     if "BLOCK_M_MAX" in cfg:  # rows per tile grow with M: each dequantized weight tile serves more rows
         cfg["BLOCK_M"] = min(cfg["BLOCK_M_MAX"], max(cfg["BLOCK_M"], triton.next_power_of_2(M)))
-    block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
+    # SCALE_EARLY joins a whole K tile into one dot: one or two 64-wide chunks
+    block_k = pick_block_k(K, group_size, min(cfg["BLOCK_K"], 128) if cfg.get("SCALE_EARLY") else cfg["BLOCK_K"])
     split_k = pick_split_k(M, N, K, cfg, block_k, x.device)
     # -- 2. allocate ------------------------------------------------------------------------------
     out = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
@@ -339,7 +394,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         SPLIT_K=split_k, GROUP_M=cfg["GROUP_M"], IS_BF16=x.dtype == torch.bfloat16,
         CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES,
         FAST_CVT=x.device.type == "cuda", SWAP_AB=cfg.get("SWAP_AB", False),
-        DOT_K=cfg.get("DOT_K", 16),
+        DOT_K=cfg.get("DOT_K", 16), SCALE_EARLY=cfg.get("SCALE_EARLY", False),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.reshape(*lead, N)

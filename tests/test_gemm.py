@@ -8,10 +8,11 @@ import pytest
 import torch
 from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
 from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemm_ws import w4a16_gemm_ws, w4a16_gemm_ws_ref
 from lmq.kernels.w4a16_gemv import w4a16_gemv, w4a16_gemv_ref
 
 from lmq.engine.qlinear import QLinear, choose_path, qlinear
-from lmq.errors import ShapeError
+from lmq.errors import ShapeError, UnsupportedError
 from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
 
@@ -168,6 +169,20 @@ def test_gemm_configs(split_k, swap_ab, dot_k, device):
     assert rel_err(out, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("G,block_k", [(32, 64), (64, 128), (128, 128), (128, 256)])
+def test_gemm_scale_early(G, block_k, swap_ab, device):
+    """SCALE_EARLY (the prefill loop): w_hat = (q - z) * s rounded once, one dot per 64- or 128-wide K tile
+    (a requested 256 falls back to 128), a group boundary inside a chunk when G = 32, K and N off the tile."""
+    N, K = 40, 384 if G < 128 else 640
+    p = random_packed(N, K, G, device)
+    x = torch.randn(19, K, device=device).half()
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": 1, "GROUP_M": 2, "num_warps": 4,
+           "num_stages": 1, "SWAP_AB": swap_ab, "SCALE_EARLY": True}
+    out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+    assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("M", [5, 17, 40])
 def test_gemm_rows_per_tile_grow_with_m(M, device):
     """BLOCK_M_MAX: the tile takes the next power of two >= M rows (16..64), masked past M."""
@@ -227,6 +242,7 @@ def test_qlinear_every_path(M, device):
     assert rel_err(out, ref) < TOL[torch.float16]
     assert choose_path(M, table, N * K) == {1: "gemv", 8: "decode", 40: "prefill", 300: "dequant"}[M]
     assert choose_path(1, {**table, "gemv_min_numel": N * K + 1}, N * K) == "decode"  # small weights
+    assert choose_path(40, {**table, "prefill_min_numel": N * K + 1}, N * K) == "dequant"  # small weights
 
 
 def test_qlinear_module(device):
@@ -272,6 +288,35 @@ def test_gemm_gpu_configs(arch, regime, dtype):
             assert rel_err(out, ref) < TOL[dtype], (arch, regime, N, K, G, M)
 
 
+def test_gemm_ws_refuses_what_it_cannot_run(device):
+    """Not Hopper / not fp16 / N % 16: a clear error naming the fix; the dispatcher then takes dequantize + cuBLAS."""
+    N, K, G = 40, 256, 64
+    p = random_packed(N, K, G, device)
+    x = torch.randn(300, K, device=device).half()
+    with pytest.raises(UnsupportedError, match="use w4a16_gemm"):
+        w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G)
+    table = {**CONFIGS["sm90"], "decode_max_m": 1, "dequant_min_m": 4096, "prefill_min_numel": 0}
+    assert choose_path(300, table) == "prefill"
+    out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table)
+    assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 3, "CONVERT_REGS": 112}, {"BLOCK_M": 64, "num_warps": 4, "CONVERT_REGS": 128}])
+def test_gemm_ws_gpu(config):
+    """The warp-specialized Hopper prefill kernel against its twin: M, N, K off the tile, every group size."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("w4a16_gemm_ws is a Hopper (sm90) kernel")
+    for (N, K, G) in [(576, 1536, 32), (1536, 576, 64), (4096, 4096, 128), (6144, 4096, 128)]:
+        p = random_packed(N, K, G, "cuda")
+        for M in (1, 17, 127, 300, 1024):
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            out = w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G, config)
+            ref = w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], G)
+            assert rel_err(out, ref) < 1e-3, (N, K, G, M)
+            assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_gpu(dtype):
@@ -290,9 +335,10 @@ def test_dequant_and_dispatch_gpu(dtype):
     p = random_packed(N, K, G, "cuda")
     w = w4a16_dequant(p["qweight"], p["scales"], p["zeros"], G, dtype)
     torch.testing.assert_close(w, w4a16_dequant_ref(p["qweight"], p["scales"], p["zeros"], G, dtype))
-    for M in (1, 2, 64, 65, 4096):
+    table = {**CONFIGS["sm90"], "prefill_min_numel": 0}  # this small weight takes every path
+    for M in (1, 2, 64, 65, 300, 1024, 4096):  # on sm90, 300 and 1024 take the warp-specialized prefill (fp16)
         x = torch.randn(M, K, device="cuda", dtype=dtype)
-        out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"])
+        out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table)
         assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype]
 
 

@@ -52,6 +52,42 @@ def compile_all(arch: str, dt: str) -> None:
               {"ws_ptr": "*fp32", "cnt_ptr": "*i32", "pos_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}, pdl)
 
 
+def compile_ws() -> None:
+    """The warp-specialized Hopper prefill kernel (Gluon) at its table config and with G = 32 (two scale rows)."""
+    import torch
+    import triton
+    from lmq.kernels.w4a16_gemm_ws import DEFAULT_CONFIG, _w4a16_gemm_ws_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    cfg = DEFAULT_CONFIG
+    BM, BN, N, K = cfg["BLOCK_M"], cfg["BLOCK_N"], 4096, 4096
+    flat = {8: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=1),
+            16: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=1)}
+    descs = {
+        "x_desc": TensorDescriptor.from_tensor(torch.zeros(512, K, dtype=torch.float16), [BM, 64],
+                                               gl.NVMMASharedLayout.get_default_for([BM, 64], gl.float16)),
+        "q_desc": TensorDescriptor.from_tensor(torch.zeros(K // 64 * N, 16, dtype=torch.int16), [BN, 16],
+                                               gl.NVMMASharedLayout.get_default_for([BN, 16], gl.int16)),
+        "s_desc": TensorDescriptor.from_tensor(torch.zeros(K // 32 * N, dtype=torch.float16), [BN], flat[16]),
+        "z_desc": TensorDescriptor.from_tensor(torch.zeros(K // 32 * N, dtype=torch.uint8), [BN], flat[8]),
+    }
+    for G in (128, 32):
+        consts = {"G": G, "BLOCK_M": BM, "BLOCK_N": BN, "STAGES": cfg["STAGES"], "GROUP_M": cfg["GROUP_M"],
+                  "CONVERT_WARPS": cfg["CONVERT_WARPS"], "CONVERT_REGS": cfg["CONVERT_REGS"],
+                  "LOADER_REGS": cfg["LOADER_REGS"], "num_warps": cfg["num_warps"]}
+        sig = {**{k: mangle_type(v) for k, v in descs.items()}, "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
+               "stride_om": "i32", **{k: "constexpr" for k in consts}}
+        names = list(sig)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("out_ptr", "N", "K", "stride_om")}
+        k = triton.compile(GluonASTSource(_w4a16_gemm_ws_kernel, sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 64), options={"num_warps": cfg["num_warps"]})
+        assert k.asm["cubin"] and k.metadata.shared <= 227 * 1024, k.metadata.shared
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,dt", [("sm75", "fp16"), ("sm80", "fp16"), ("sm80", "bf16"), ("sm90", "fp16"),
                                      ("sm90", "bf16")])
@@ -61,5 +97,15 @@ def test_kernels_compile(arch, dt):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_ws_kernel_compiles():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, __file__, "ws"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 if __name__ == "__main__":
-    compile_all(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "ws":
+        compile_ws()
+    else:
+        compile_all(sys.argv[1], sys.argv[2])

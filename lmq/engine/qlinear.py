@@ -6,7 +6,9 @@ By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`)
     M <= gemv_max_m            -> W4A16 GEMV (CUDA cores, weights straight to registers, split-K),
                                   for weights of at least gemv_min_numel = N*K elements
     M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K)
-    M <  dequant_min_m         -> W4A16 kernel, prefill config (tensor-core tiles)
+    M <  dequant_min_m         -> prefill, for weights of at least prefill_min_numel elements: on Hopper with fp16 activations the warp-specialized kernel
+                                  (`w4a16_gemm_ws`, config "prefill_ws"), else the W4A16 kernel's
+                                  prefill config (tensor-core tiles)
     otherwise                  -> dequantize to fp16/bf16, then cuBLAS (torch.matmul)
 """
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from lmq.errors import UnsupportedError
 from lmq.kernels.w4a16_dequant import w4a16_dequant
+from lmq.kernels import w4a16_gemm_ws
 from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm
 from lmq.kernels.w4a16_gemv import w4a16_gemv
 from lmq.pack import planes64
@@ -56,7 +59,7 @@ def choose_path(M: int, table: dict, weight_numel: int = 0) -> str:
         return "gemv"
     if M <= table["decode_max_m"]:
         return "decode"
-    if M < table["dequant_min_m"]:
+    if M < table["dequant_min_m"] and weight_numel >= table.get("prefill_min_numel", 0):
         return "prefill"
     return "dequant"
 
@@ -66,6 +69,10 @@ def run_path(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     """One of the dispatcher's paths, whatever M is (the benchmark times each path through this)."""
     if path == "gemv":
         return w4a16_gemv(x, qweight, scales, zeros, group_size, None if x.device.type == "cpu" else table["gemv"])
+    if path == "prefill" and "prefill_ws" in table:
+        if w4a16_gemm_ws.supported(x, qweight.shape[1]):
+            return w4a16_gemm_ws.w4a16_gemm_ws(x, qweight, scales, zeros, group_size, table["prefill_ws"])
+        path = "dequant"  # bf16 (or N % 16 != 0): dequantize + cuBLAS beats the Triton prefill kernel there
     if path == "dequant":
         return torch.matmul(x, w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
     cfg = table[path]

@@ -1,0 +1,265 @@
+"""W4A16 prefill GEMM for Hopper (sm90): warp-specialized, written in Gluon (Triton's explicit dialect).
+
+    out[M, N] = x[M, K] @ w_hat[N, K]^T,   w_hat[n, k] = (q[n, k] - z[g, n]) * s[g, n],  g = k // G
+
+Same layout (`planes64`) and function as `w4a16_gemm`; fp16 activations. Why a second kernel: in the
+Triton kernel the warps that dequantize are the warps that issue the matrix instructions, and Triton
+3.6 serializes wgmma whose operand sits in registers (ptxas C7515), so the tensor cores idle while
+weights are converted (NOTES-gemm.md, runs 2-4: 0.5-0.6x cuBLAS at M >= 256). Here three groups of
+warps run side by side on one output tile [BLOCK_M, BLOCK_N], one 64-wide K chunk per step:
+
+    loader  (1 warp)   TMA: x tile [BM, 64], int4 chunk [BN, 16] int16, the chunk's scales and zeros
+                       -> ring A (STAGES deep), signalled by `a_ready[s]` (transaction bytes)
+    convert (4 warps)  ring A -> w_hat [BN, 64] fp16 (scales applied: one rounding, as a dequantized
+                       fp16 weight would have) -> ring W, signalled by `w_ready[s]`
+    mma     (default)  wgmma x_tile @ w_hat^T from shared memory into the fp32 accumulator, one
+                       outstanding; frees stage s of both rings (`a_free[s]`, `w_free[s]`)
+
+so conversion overlaps the tensor cores and loads overlap both. Tails: TMA zero-fills x rows past M;
+weight rows past N (which read the next chunk's rows or zeros) only reach masked output columns.
+`w4a16_gemm_ws_ref` is the plain-PyTorch twin. The interpreter cannot run Gluon: tested on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.runtime.jit import constexpr_function
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from lmq.errors import ShapeError, UnsupportedError
+from lmq.pack import planes64
+
+CHUNK_K = gl.constexpr(planes64.CHUNK_K)  # 64 input channels per step
+LANES = gl.constexpr(planes64.LANES)  # 16 int16 lanes per chunk row
+# sm90's table entry (CONFIGS["sm90"]["prefill_ws"]): the fastest of benchmarks/sweep_gemm.py ws on an H100
+# (NOTES-gemm.md, run 16): 256 activation rows x 128 weight rows per tile, 4 stages (210 KiB of shared memory),
+# 8 warps on the tensor cores, 4 converting, 1 loading
+DEFAULT_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "STAGES": 4, "GROUP_M": 8, "num_warps": 8,
+                  "CONVERT_WARPS": 4, "CONVERT_REGS": 96, "LOADER_REGS": 40}
+
+
+@constexpr_function
+def _scaled_planes_asm(first):
+    """PTX: planes `first`, `first + 1` of two packed int16 lanes ($2), minus MAGIC + z ($3), times s ($4)."""
+    lines = ["{", ".reg .b32 t0, t1;"]
+    for o, i in ((0, first), (1, first + 1)):
+        src = "$2"
+        if i:
+            lines.append(f"shr.u32 t{o}, $2, {4 * i};")
+            src = f"t{o}"
+        lines.append(f"lop3.b32 t{o}, {src}, 0x000F000F, 0x64006400, 0xEA;")  # (r & 0xF000F) | 1024.0 x2
+    lines += ["sub.f16x2 t0, t0, $3;", "sub.f16x2 t1, t1, $3;", "mul.rn.f16x2 $0, t0, $4;",
+              "mul.rn.f16x2 $1, t1, $4;", "}"]
+    return "\n".join(lines)
+
+
+@constexpr_function
+def _stage_bytes(x_bytes, q_bytes, sz_bytes, sub):
+    """Bytes the TMA copies of one stage deliver (what its barrier expects)."""
+    x_bytes, q_bytes, sz_bytes, sub = (int(getattr(v, "value", v)) for v in (x_bytes, q_bytes, sz_bytes, sub))
+    return x_bytes + q_bytes + sub * sz_bytes
+
+
+@constexpr_function
+def _mma_warps(num_warps):
+    return [num_warps, 1]
+
+
+@gluon.jit
+def _cat(a, b):
+    """`[R, C]`, `[R, C]` -> `[R, 2C]`: a's columns, then b's."""
+    return gl.reshape(gl.permute(gl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@gluon.jit
+def _scaled_pair(h, z, s, FIRST: gl.constexpr):
+    """Planes FIRST, FIRST + 1 of `h [BN, 16]` int16 as w_hat = (q - z) * s in fp16 (`z` uint8, `s` fp16, [BN])."""
+    zq = (z.to(gl.int16) | 0x6400).to(gl.float16, bitcast=True)  # MAGIC + z
+    zb = gl.broadcast(gl.expand_dims(zq, 1), h)[0]
+    sb = gl.broadcast(gl.expand_dims(s, 1), h)[0]
+    w0, w1 = gl.inline_asm_elementwise(_scaled_planes_asm(FIRST), "=r,=r,r,r,r", [h, zb, sb],
+                                       dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
+    return w0, w1
+
+
+@gluon.jit
+def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, off_m, off_n, N, k_steps, G):
+    # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes
+    x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
+    a_ready, a_free, w_ready, w_free = bars
+    STAGES: gl.constexpr = x_bufs.type.shape[0]
+    SUB: gl.constexpr = s_bufs.type.shape[0] // x_bufs.type.shape[0]  # scale/zero rows per chunk: 2 when G = 32
+    nbytes: gl.constexpr = _stage_bytes(x_desc.block_type.nbytes, q_desc.block_type.nbytes,
+                                        s_desc.block_type.nbytes + z_desc.block_type.nbytes, SUB)
+    for i in range(k_steps):
+        st = i % STAGES
+        mbarrier.wait(a_free.index(st), ((i // STAGES) & 1) ^ 1)  # barriers start as "phase 1 complete"
+        bar = a_ready.index(st)
+        mbarrier.expect(bar, nbytes)
+        tma.async_copy_global_to_shared(x_desc, [off_m, i * CHUNK_K], bar, x_bufs.index(st))
+        tma.async_copy_global_to_shared(q_desc, [i * N + off_n, 0], bar, q_bufs.index(st))
+        for r in gl.static_range(SUB):
+            g = (i * CHUNK_K + r * (CHUNK_K // 2)) // G
+            tma.async_copy_global_to_shared(s_desc, [g * N + off_n], bar, s_bufs.index(st * SUB + r))
+            tma.async_copy_global_to_shared(z_desc, [g * N + off_n], bar, z_bufs.index(st * SUB + r))
+
+
+@gluon.jit
+def _convert(x_desc, q_desc, s_desc, z_desc, bufs, bars, off_m, off_n, N, k_steps, G):
+    # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes
+    x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
+    a_ready, a_free, w_ready, w_free = bars
+    STAGES: gl.constexpr = x_bufs.type.shape[0]
+    SUB: gl.constexpr = s_bufs.type.shape[0] // x_bufs.type.shape[0]  # scale/zero rows per chunk: 2 when G = 32
+    # each thread holds 8 contiguous lanes (16 bytes) of a row: 4 warps cover 64 rows per repeat
+    hl: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [gl.num_warps(), 1], [1, 0])
+    vl: gl.constexpr = gl.SliceLayout(1, hl)
+    for i in range(k_steps):
+        st = i % STAGES
+        ph = (i // STAGES) & 1
+        mbarrier.wait(a_ready.index(st), ph)
+        h = q_bufs.index(st).load(hl)  # [BN, 16] int16
+        z0 = z_bufs.index(st * SUB).load(vl)  # [BN] uint8, planes 0, 1
+        s0 = s_bufs.index(st * SUB).load(vl)  # [BN] fp16
+        z1 = z_bufs.index(st * SUB + SUB - 1).load(vl)  # planes 2, 3 (another group only when G = 32)
+        s1 = s_bufs.index(st * SUB + SUB - 1).load(vl)
+        fence_async_shared()  # order these shared reads before the loader's next TMA write to the stage
+        mbarrier.arrive(a_free.index(st))  # the loader may refill this stage (the mma partition too must free it)
+        w0, w1 = _scaled_pair(h, z0, s0, 0)
+        w2, w3 = _scaled_pair(h, z1, s1, 2)
+        w = _cat(_cat(w0, w1), _cat(w2, w3))  # [BN, 64]: plane i holds k = 16 i + lane
+        mbarrier.wait(w_free.index(st), ph ^ 1)
+        w_bufs.index(st).store(w)
+        fence_async_shared()  # order the generic-proxy store before the wgmma's async-proxy read
+        mbarrier.arrive(w_ready.index(st))
+
+
+@gluon.jit
+def _mma(bufs, bars, k_steps, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
+    a_ready, a_free, w_ready, w_free = bars
+    BN: gl.constexpr = w_bufs.type.shape[1]
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_mma_warps(num_warps),
+                                                     instr_shape=[16, BN, 16])
+    acc = gl.zeros((BLOCK_M, BN), dtype=gl.float32, layout=layout)
+    for i in range(k_steps):
+        st = i % STAGES
+        ph = (i // STAGES) & 1
+        mbarrier.wait(a_ready.index(st), ph)
+        mbarrier.wait(w_ready.index(st), ph)
+        acc = warpgroup_mma(x_bufs.index(st), w_bufs.index(st).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        # the previous step's wgmma is done: its stage may be refilled
+        prev = (i + STAGES - 1) % STAGES
+        mbarrier.arrive(a_free.index(prev), pred=i > 0)
+        mbarrier.arrive(w_free.index(prev), pred=i > 0)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    return (acc,)  # the default partition's results are a tuple
+
+
+@gluon.jit
+def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stride_om,
+                          G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                          GROUP_M: gl.constexpr, CONVERT_WARPS: gl.constexpr, CONVERT_REGS: gl.constexpr,
+                          LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    # -- which output tile: grouped order, GROUP_M row blocks share a column block while it is in L2
+    pid = gl.program_id(0)
+    num_m = gl.cdiv(M, BLOCK_M)
+    num_n = gl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    rows = gl.minimum(num_m - first_m, GROUP_M)
+    off_m = (first_m + (pid % width) % rows) * BLOCK_M
+    off_n = ((pid % width) // rows) * BLOCK_N
+    k_steps = K // CHUNK_K
+
+    # -- the two rings and their barriers -----------------------------------------------------------
+    w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, CHUNK_K], gl.float16)
+    x_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, CHUNK_K], x_desc.layout)
+    q_bufs = gl.allocate_shared_memory(gl.int16, [STAGES, BLOCK_N, LANES], q_desc.layout)
+    SUB: gl.constexpr = 2 if G < CHUNK_K else 1
+    s_bufs = gl.allocate_shared_memory(gl.float16, [STAGES * SUB, BLOCK_N], s_desc.layout)
+    z_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES * SUB, BLOCK_N], z_desc.layout)
+    w_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, CHUNK_K], w_layout)
+    a_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    a_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    w_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(a_ready.index(i), count=1)
+        mbarrier.init(a_free.index(i), count=2)  # the convert and the mma partitions both release it
+        mbarrier.init(w_ready.index(i), count=1)
+        mbarrier.init(w_free.index(i), count=1)
+    bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
+    bars = (a_ready, a_free, w_ready, w_free)
+
+    worker_args = (x_desc, q_desc, s_desc, z_desc, bufs, bars, off_m, off_n, N, k_steps, G)
+    (acc,) = gl.warp_specialize([
+        (_mma, (bufs, bars, k_steps, BLOCK_M, STAGES, num_warps)),
+        (_loader, worker_args),
+        (_convert, worker_args),
+    ], [1, CONVERT_WARPS], [LOADER_REGS, CONVERT_REGS])
+
+    # -- epilogue: fp32 -> fp16, masked store -----------------------------------------------------------
+    layout: gl.constexpr = acc.type.layout
+    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+    ptrs = out_ptr + gl.expand_dims(offs_m, 1) * stride_om + gl.expand_dims(offs_n, 0)
+    mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
+    gl.store(ptrs, acc.to(gl.float16), mask=mask)
+
+
+def supported(x: torch.Tensor, N: int) -> bool:
+    """Whether this kernel can run these inputs: Hopper, fp16 activations, N a multiple of 16 (TMA rows)."""
+    return (x.device.type == "cuda" and x.dtype == torch.float16 and N % 16 == 0
+            and torch.cuda.get_device_capability(x.device)[0] == 9)
+
+
+def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int, config: dict | None = None) -> torch.Tensor:
+    """`x [..., K]` fp16 times the packed `[N, K]` weight -> `[..., N]` fp16 (Hopper only)."""
+    from lmq.kernels.w4a16_gemm import check_inputs
+
+    N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemm_ws")
+    if not supported(x, N):
+        raise UnsupportedError(f"w4a16_gemm_ws needs a Hopper GPU, float16 activations and N % 16 == 0; got "
+                               f"{x.device} {x.dtype}, N={N}; use w4a16_gemm")
+    if x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+        if x2.data_ptr() % 16:
+            raise ShapeError("w4a16_gemm_ws: activations must start on a 16-byte boundary")
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*lead, N)
+    ck, lanes = planes64.CHUNK_K, planes64.LANES
+    x_desc = TensorDescriptor.from_tensor(x2, [BM, ck], gl.NVMMASharedLayout.get_default_for([BM, ck], gl.float16))
+    q2 = qweight.view(-1, lanes)  # [K/64 * N, 16]: chunk c's rows start at c * N
+    q_desc = TensorDescriptor.from_tensor(q2, [BN, lanes], gl.NVMMASharedLayout.get_default_for([BN, lanes], gl.int16))
+    flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=1)
+    s_desc = TensorDescriptor.from_tensor(scales.view(-1), [BN], flat)
+    z_desc = TensorDescriptor.from_tensor(zeros.view(-1), [BN],
+                                          gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=1))
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    _w4a16_gemm_ws_kernel[grid](
+        x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
+        G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
+        CONVERT_WARPS=cfg["CONVERT_WARPS"], CONVERT_REGS=cfg["CONVERT_REGS"], LOADER_REGS=cfg["LOADER_REGS"],
+        num_warps=cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
+    )
+    return out.reshape(*lead, N)
+
+
+def w4a16_gemm_ws_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    """Plain-PyTorch twin: w_hat rounded to fp16 as the kernel rounds it, then an fp32 matmul."""
+    q = planes64.unpack(qweight, scales, zeros, group_size)
+    w = q.dequantize(torch.float32).to(torch.float16).float().to(x.device)  # [N, K]
+    return (x.float() @ w.t()).to(x.dtype)
