@@ -50,12 +50,11 @@ SWEEP = {
     },
     # the warp-specialized Hopper kernel (kernels/w4a16_gemm_ws.py), fp16
     "ws": {
-        "ms": [256, 1024, 4096],
-        "configs": [dict(BLOCK_M=bm, BLOCK_N=bn, STAGES=st, GROUP_M=gm, num_warps=8, CONVERT_WARPS=cw,
-                         CONVERT_REGS=cr, LOADER_REGS=40, **({"maxnreg": mr} if mr else {}))
-                    for bm, bn, st, gm, cw, cr, mr in ((256, 128, 4, 8, 4, 96, 0), (256, 128, 4, 8, 2, 152, 168),
-                                                       (128, 256, 3, 8, 2, 152, 168), (128, 256, 3, 16, 2, 152, 168),
-                                                       (128, 256, 3, 8, 2, 120, 168))],
+        "ms": [256, 512, 1024, 2048, 4096],
+        # the table's config (persistent; 128-row tiles and split-K when 256-row tiles leave SMs idle),
+        # the same without either, 3 stages, 2 converting warps
+        "configs": [{}, {"BLOCK_M_SMALL": 0, "SPLIT_K": 1}, {"STAGES": 3},
+                    {"CONVERT_WARPS": 2, "CONVERT_REGS": 152, "maxnreg": 168}],
     },
 }
 

@@ -289,11 +289,12 @@ _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_
 # tile [256 rows x 128 weights], 4 stages, 4 converting warps won sweep-ws-3.log (NOTES-gemm.md, run 16).
 _PREFILL_WS = w4a16_gemm_ws.DEFAULT_CONFIG
 _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min_m": 65}
-# sm90 crossovers, `lmq bench gemm --m ...,512,1024,2048,4096` (docs/benchmarks.md, GEMM "Latest run"): the
-# warp-specialized prefill beats dequantize + cuBLAS on gate_up / down (>= 58M weights) at M = 512..1024
-# (gate_up 239 vs 287 us at 512, 455 vs 473 at 1024) but not qkv / o_proj, whose 48 / 32 column tiles leave
-# SMs idle (o_proj at M=512: 57 vs 42); from M=2048 dequantize + cuBLAS wins on every shape.
-_CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 2048, "prefill_min_numel": 50_000_000}
+# sm90 crossovers (`lmq bench gemm --m ...`, docs/benchmarks.md, GEMM "Latest run"; NOTES-gemm.md, run 17):
+# the warp-specialized prefill beats the decode kernel and dequantize + cuBLAS on gate_up / down (>= 50M
+# weights) from M=256 to 1024; qkv / o_proj stay on the decode kernel to M=256, then dequantize + cuBLAS;
+# from M=2048 dequantize + cuBLAS wins on every shape.
+_CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 2048, "prefill_min_numel": 50_000_000,
+               "prefill_min_m": 256}
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},

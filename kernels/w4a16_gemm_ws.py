@@ -39,8 +39,8 @@ LANES = gl.constexpr(planes64.LANES)  # 16 int16 lanes per chunk row
 # sm90's table entry (CONFIGS["sm90"]["prefill_ws"]): the fastest of benchmarks/sweep_gemm.py ws on an H100
 # (NOTES-gemm.md, run 16): 256 activation rows x 128 weight rows per tile, 4 stages (210 KiB of shared memory),
 # 8 warps on the tensor cores, 4 converting, 1 loading
-DEFAULT_CONFIG = {"BLOCK_M": 256, "BLOCK_N": 128, "STAGES": 4, "GROUP_M": 8, "num_warps": 8,
-                  "CONVERT_WARPS": 4, "CONVERT_REGS": 96, "LOADER_REGS": 40}
+DEFAULT_CONFIG = {"BLOCK_M": 256, "BLOCK_M_SMALL": 128, "BLOCK_N": 128, "STAGES": 4, "GROUP_M": 8, "SPLIT_K": 0,
+                  "MIN_SPLIT_CHUNKS": 8, "num_warps": 8, "CONVERT_WARPS": 4, "CONVERT_REGS": 96, "LOADER_REGS": 40}
 
 
 @constexpr_function
@@ -88,95 +88,134 @@ def _scaled_pair(h, z, s, FIRST: gl.constexpr):
 
 
 @gluon.jit
-def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, off_m, off_n, N, k_steps, G):
+def _work(w, M, N, k_steps, BM: gl.constexpr, BN: gl.constexpr, GROUP_M, SPLIT_K):
+    """Work item `w` -> (off_m, off_n, first chunk, chunks): output tile w // SPLIT_K in grouped order
+    (GROUP_M row blocks share a column block while it is in L2), K split w % SPLIT_K."""
+    tile = w // SPLIT_K
+    num_m = gl.cdiv(M, BM)
+    width = GROUP_M * gl.cdiv(N, BN)
+    first_m = (tile // width) * GROUP_M
+    rows = gl.minimum(num_m - first_m, GROUP_M)
+    per = gl.cdiv(k_steps, SPLIT_K)
+    k0 = (w % SPLIT_K) * per
+    return (first_m + (tile % width) % rows) * BM, ((tile % width) // rows) * BN, k0, gl.minimum(k_steps - k0, per)
+
+
+@gluon.jit
+def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K):
     # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes
     x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
     a_ready, a_free, w_ready, w_free = bars
     STAGES: gl.constexpr = x_bufs.type.shape[0]
+    BM: gl.constexpr = x_bufs.type.shape[1]
+    BN: gl.constexpr = q_bufs.type.shape[1]
     SUB: gl.constexpr = s_bufs.type.shape[0] // x_bufs.type.shape[0]  # scale/zero rows per chunk: 2 when G = 32
     nbytes: gl.constexpr = _stage_bytes(x_desc.block_type.nbytes, q_desc.block_type.nbytes,
                                         s_desc.block_type.nbytes + z_desc.block_type.nbytes, SUB)
-    for i in range(k_steps):
-        st = i % STAGES
-        mbarrier.wait(a_free.index(st), ((i // STAGES) & 1) ^ 1)  # barriers start as "phase 1 complete"
-        bar = a_ready.index(st)
-        mbarrier.expect(bar, nbytes)
-        tma.async_copy_global_to_shared(x_desc, [off_m, i * CHUNK_K], bar, x_bufs.index(st))
-        tma.async_copy_global_to_shared(q_desc, [i * N + off_n, 0], bar, q_bufs.index(st))
-        for r in gl.static_range(SUB):
-            g = (i * CHUNK_K + r * (CHUNK_K // 2)) // G
-            tma.async_copy_global_to_shared(s_desc, [g * N + off_n], bar, s_bufs.index(st * SUB + r))
-            tma.async_copy_global_to_shared(z_desc, [g * N + off_n], bar, z_bufs.index(st * SUB + r))
+    c = 0  # ring position: continues from one work item to the next
+    for w in range(gl.program_id(0), num_work, gl.num_programs(0)):
+        off_m, off_n, k0, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
+        for i in range(k0, k0 + nk):
+            st = c % STAGES
+            mbarrier.wait(a_free.index(st), ((c // STAGES) & 1) ^ 1)  # barriers start as "phase 1 complete"
+            bar = a_ready.index(st)
+            mbarrier.expect(bar, nbytes)
+            tma.async_copy_global_to_shared(x_desc, [off_m, i * CHUNK_K], bar, x_bufs.index(st))
+            tma.async_copy_global_to_shared(q_desc, [i * N + off_n, 0], bar, q_bufs.index(st))
+            for r in gl.static_range(SUB):
+                g = (i * CHUNK_K + r * (CHUNK_K // 2)) // G
+                tma.async_copy_global_to_shared(s_desc, [g * N + off_n], bar, s_bufs.index(st * SUB + r))
+                tma.async_copy_global_to_shared(z_desc, [g * N + off_n], bar, z_bufs.index(st * SUB + r))
+            c += 1
 
 
 @gluon.jit
-def _convert(x_desc, q_desc, s_desc, z_desc, bufs, bars, off_m, off_n, N, k_steps, G):
-    # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes
+def _convert(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K):
     x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
     a_ready, a_free, w_ready, w_free = bars
     STAGES: gl.constexpr = x_bufs.type.shape[0]
-    SUB: gl.constexpr = s_bufs.type.shape[0] // x_bufs.type.shape[0]  # scale/zero rows per chunk: 2 when G = 32
+    BM: gl.constexpr = x_bufs.type.shape[1]
+    BN: gl.constexpr = q_bufs.type.shape[1]
+    SUB: gl.constexpr = s_bufs.type.shape[0] // x_bufs.type.shape[0]
     # each thread holds 8 contiguous lanes (16 bytes) of a row: 4 warps cover 64 rows per repeat
     hl: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [gl.num_warps(), 1], [1, 0])
     vl: gl.constexpr = gl.SliceLayout(1, hl)
-    for i in range(k_steps):
-        st = i % STAGES
-        ph = (i // STAGES) & 1
-        mbarrier.wait(a_ready.index(st), ph)
-        h = q_bufs.index(st).load(hl)  # [BN, 16] int16
-        z0 = z_bufs.index(st * SUB).load(vl)  # [BN] uint8, planes 0, 1
-        s0 = s_bufs.index(st * SUB).load(vl)  # [BN] fp16
-        z1 = z_bufs.index(st * SUB + SUB - 1).load(vl)  # planes 2, 3 (another group only when G = 32)
-        s1 = s_bufs.index(st * SUB + SUB - 1).load(vl)
-        fence_async_shared()  # order these shared reads before the loader's next TMA write to the stage
-        mbarrier.arrive(a_free.index(st))  # the loader may refill this stage (the mma partition too must free it)
-        w0, w1 = _scaled_pair(h, z0, s0, 0)
-        w2, w3 = _scaled_pair(h, z1, s1, 2)
-        w = _cat(_cat(w0, w1), _cat(w2, w3))  # [BN, 64]: plane i holds k = 16 i + lane
-        mbarrier.wait(w_free.index(st), ph ^ 1)
-        w_bufs.index(st).store(w)
-        fence_async_shared()  # order the generic-proxy store before the wgmma's async-proxy read
-        mbarrier.arrive(w_ready.index(st))
+    c = 0
+    for w in range(gl.program_id(0), num_work, gl.num_programs(0)):
+        off_m, off_n, k0, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
+        for i in range(nk):
+            st = c % STAGES
+            ph = (c // STAGES) & 1
+            mbarrier.wait(a_ready.index(st), ph)
+            h = q_bufs.index(st).load(hl)  # [BN, 16] int16
+            z0 = z_bufs.index(st * SUB).load(vl)  # [BN] uint8, planes 0, 1
+            s0 = s_bufs.index(st * SUB).load(vl)  # [BN] fp16
+            z1 = z_bufs.index(st * SUB + SUB - 1).load(vl)  # planes 2, 3 (another group only when G = 32)
+            s1 = s_bufs.index(st * SUB + SUB - 1).load(vl)
+            fence_async_shared()  # order these shared reads before the loader's next TMA write to the stage
+            mbarrier.arrive(a_free.index(st))  # the loader may refill the stage once the mma partition frees it too
+            w0, w1 = _scaled_pair(h, z0, s0, 0)
+            w2, w3 = _scaled_pair(h, z1, s1, 2)
+            wt = _cat(_cat(w0, w1), _cat(w2, w3))  # [BN, 64]: plane i holds k = 16 i + lane
+            mbarrier.wait(w_free.index(st), ph ^ 1)
+            w_bufs.index(st).store(wt)
+            fence_async_shared()  # order the generic-proxy store before the wgmma's async-proxy read
+            mbarrier.arrive(w_ready.index(st))
+            c += 1
 
 
 @gluon.jit
-def _mma(bufs, bars, k_steps, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M: gl.constexpr, SPLIT_K: gl.constexpr,
+         num_warps: gl.constexpr):
+    """The default partition: wgmma over each work item's chunks, then its epilogue (store, or add into
+    the zeroed output when K is split) while the other partitions already fill the rings for the next."""
     x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
     a_ready, a_free, w_ready, w_free = bars
+    STAGES: gl.constexpr = x_bufs.type.shape[0]
+    BM: gl.constexpr = x_bufs.type.shape[1]
     BN: gl.constexpr = w_bufs.type.shape[1]
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_mma_warps(num_warps),
                                                      instr_shape=[16, BN, 16])
-    acc = gl.zeros((BLOCK_M, BN), dtype=gl.float32, layout=layout)
-    for i in range(k_steps):
-        st = i % STAGES
-        ph = (i // STAGES) & 1
-        mbarrier.wait(a_ready.index(st), ph)
-        mbarrier.wait(w_ready.index(st), ph)
-        acc = warpgroup_mma(x_bufs.index(st), w_bufs.index(st).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        # the previous step's wgmma is done: its stage may be refilled
-        prev = (i + STAGES - 1) % STAGES
-        mbarrier.arrive(a_free.index(prev), pred=i > 0)
-        mbarrier.arrive(w_free.index(prev), pred=i > 0)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    return (acc,)  # the default partition's results are a tuple
+    c = 0
+    for w in range(gl.program_id(0), num_work, gl.num_programs(0)):
+        off_m, off_n, k0, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
+        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
+        for i in range(nk):
+            st = c % STAGES
+            ph = (c // STAGES) & 1
+            mbarrier.wait(a_ready.index(st), ph)
+            mbarrier.wait(w_ready.index(st), ph)
+            acc = warpgroup_mma(x_bufs.index(st), w_bufs.index(st).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            # the previous step's wgmma is done: its stage may be refilled
+            prev = (c + STAGES - 1) % STAGES
+            mbarrier.arrive(a_free.index(prev), pred=i > 0)
+            mbarrier.arrive(w_free.index(prev), pred=i > 0)
+            c += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        last = (c + STAGES - 1) % STAGES
+        mbarrier.arrive(a_free.index(last), pred=nk > 0)
+        mbarrier.arrive(w_free.index(last), pred=nk > 0)
+        # -- epilogue: fp32 -> fp16, masked ------------------------------------------------------------
+        offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+        offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+        ptrs = out_ptr + gl.expand_dims(offs_m, 1) * stride_om + gl.expand_dims(offs_n, 0)  # [BM, BN]
+        mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
+        if SPLIT_K == 1:
+            gl.store(ptrs, acc.to(gl.float16), mask=mask)
+        else:
+            gl.atomic_add(ptrs, acc.to(gl.float16), mask=mask, sem="relaxed")
 
 
 @gluon.jit
 def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stride_om,
                           G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                          GROUP_M: gl.constexpr, CONVERT_WARPS: gl.constexpr, CONVERT_REGS: gl.constexpr,
-                          LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    # -- which output tile: grouped order, GROUP_M row blocks share a column block while it is in L2
-    pid = gl.program_id(0)
-    num_m = gl.cdiv(M, BLOCK_M)
-    num_n = gl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    rows = gl.minimum(num_m - first_m, GROUP_M)
-    off_m = (first_m + (pid % width) % rows) * BLOCK_M
-    off_n = ((pid % width) // rows) * BLOCK_N
+                          GROUP_M: gl.constexpr, SPLIT_K: gl.constexpr, CONVERT_WARPS: gl.constexpr,
+                          CONVERT_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    # Persistent: program p takes work items p, p + programs, ... (a work item is an output tile and,
+    # with SPLIT_K > 1, one K range of it); all three partitions walk the same sequence.
     k_steps = K // CHUNK_K
+    num_work = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * SPLIT_K
 
     # -- the two rings and their barriers -----------------------------------------------------------
     w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, CHUNK_K], gl.float16)
@@ -198,20 +237,12 @@ def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stri
     bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
     bars = (a_ready, a_free, w_ready, w_free)
 
-    worker_args = (x_desc, q_desc, s_desc, z_desc, bufs, bars, off_m, off_n, N, k_steps, G)
-    (acc,) = gl.warp_specialize([
-        (_mma, (bufs, bars, k_steps, BLOCK_M, STAGES, num_warps)),
+    worker_args = (x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K)
+    gl.warp_specialize([
+        (_mma, (bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, num_warps)),
         (_loader, worker_args),
         (_convert, worker_args),
     ], [1, CONVERT_WARPS], [LOADER_REGS, CONVERT_REGS])
-
-    # -- epilogue: fp32 -> fp16, masked store -----------------------------------------------------------
-    layout: gl.constexpr = acc.type.layout
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-    offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-    ptrs = out_ptr + gl.expand_dims(offs_m, 1) * stride_om + gl.expand_dims(offs_n, 0)
-    mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
-    gl.store(ptrs, acc.to(gl.float16), mask=mask)
 
 
 def supported(x: torch.Tensor, N: int) -> bool:
@@ -234,9 +265,9 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         if x2.data_ptr() % 16:
             raise ShapeError("w4a16_gemm_ws: activations must start on a 16-byte boundary")
     cfg = {**DEFAULT_CONFIG, **(config or {})}
-    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    BM, BN, split = plan(M, N, K, cfg, _num_sms(x.device))
+    out = (torch.zeros if split > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out.reshape(*lead, N)
     ck, lanes = planes64.CHUNK_K, planes64.LANES
@@ -247,14 +278,46 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     s_desc = TensorDescriptor.from_tensor(scales.view(-1), [BN], flat)
     z_desc = TensorDescriptor.from_tensor(zeros.view(-1), [BN],
                                           gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=1))
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    work = triton.cdiv(M, BM) * triton.cdiv(N, BN) * split
+    grid = (min(work, _num_sms(x.device)),)
     _w4a16_gemm_ws_kernel[grid](
         x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
-        G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"],
+        G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
         CONVERT_WARPS=cfg["CONVERT_WARPS"], CONVERT_REGS=cfg["CONVERT_REGS"], LOADER_REGS=cfg["LOADER_REGS"],
         num_warps=cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )
     return out.reshape(*lead, N)
+
+
+def _num_sms(device: torch.device) -> int:
+    from lmq.kernels.w4a16_gemm import _num_sms as sms
+
+    return sms(device)
+
+
+def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, SPLIT_K) for this shape. When the 256-row tiles would fill at most half the SMs,
+    the rows per tile drop to BLOCK_M_SMALL; when the tiles still number fewer than the SMs, K is split
+    (partial tiles added into a zeroed output) if that fills the last wave better by 5% or more, each
+    split keeping at least MIN_SPLIT_CHUNKS 64-wide chunks (at most 16 splits). Measured on an H100
+    (NOTES-gemm.md, run 17): splitting a weight whose tiles already fill the SMs (gate_up at M=256) or
+    halving tiles that nearly fill them (o_proj at M=1024) was slower."""
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if 2 * triton.cdiv(M, bm) * triton.cdiv(N, bn) <= sms and cfg.get("BLOCK_M_SMALL"):
+        bm = cfg["BLOCK_M_SMALL"]
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    k_steps = K // planes64.CHUNK_K
+    if cfg.get("SPLIT_K"):
+        split = min(cfg["SPLIT_K"], k_steps)
+    else:
+        def filled(work: int) -> float:  # busy share of the SMs over the waves `work` items take
+            return work / (triton.cdiv(work, sms) * sms)
+
+        split = 1
+        for s in range(2, min(16, k_steps // cfg.get("MIN_SPLIT_CHUNKS", 8)) + 1 if tiles < sms else 0):
+            if filled(tiles * s) > filled(tiles * split) * 1.05:
+                split = s
+    return bm, bn, triton.cdiv(k_steps, triton.cdiv(k_steps, split))  # no empty split
 
 
 def w4a16_gemm_ws_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
 from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
+from lmq.kernels import w4a16_gemm_ws as w4a16_gemm_ws_module
 from lmq.kernels.w4a16_gemm_ws import w4a16_gemm_ws, w4a16_gemm_ws_ref
 from lmq.kernels.w4a16_gemv import w4a16_gemv, w4a16_gemv_ref
 
@@ -243,6 +244,8 @@ def test_qlinear_every_path(M, device):
     assert choose_path(M, table, N * K) == {1: "gemv", 8: "decode", 40: "prefill", 300: "dequant"}[M]
     assert choose_path(1, {**table, "gemv_min_numel": N * K + 1}, N * K) == "decode"  # small weights
     assert choose_path(40, {**table, "prefill_min_numel": N * K + 1}, N * K) == "dequant"  # small weights
+    assert choose_path(8, {**table, "prefill_min_m": 8}, N * K) == "prefill"  # large weights leave decode early
+    assert choose_path(8, {**table, "prefill_min_m": 8, "prefill_min_numel": N * K + 1}, N * K) == "decode"
 
 
 def test_qlinear_module(device):
@@ -288,6 +291,22 @@ def test_gemm_gpu_configs(arch, regime, dtype):
             assert rel_err(out, ref) < TOL[dtype], (arch, regime, N, K, G, M)
 
 
+def test_gemm_ws_plan():
+    """Tile rows drop to BLOCK_M_SMALL when the 256-row tiles do not cover the SMs; K splits only when
+    that fills the SMs better (never into an empty split); an explicit SPLIT_K is kept."""
+    cfg = w4a16_gemm_ws_module.DEFAULT_CONFIG
+    plan = w4a16_gemm_ws_module.plan
+    assert plan(1024, 28672, 4096, cfg, 132) == (256, 128, 1)  # 896 tiles
+    assert plan(256, 28672, 4096, cfg, 132) == (256, 128, 1)  # 224 tiles: already more than the SMs
+    assert plan(1024, 4096, 4096, cfg, 132) == (256, 128, 1)  # 128 tiles: nearly one full wave
+    assert plan(512, 4096, 4096, cfg, 132) == (128, 128, 1)  # 64 tiles of 256 rows -> 128 of 128
+    assert plan(256, 4096, 4096, cfg, 132) == (128, 128, 2)  # 32 -> 64 tiles -> 128 work items
+    assert plan(256, 6144, 4096, cfg, 132) == (128, 128, 4)  # 96 tiles: 2 or 3 splits fill no better
+    assert plan(300, 576, 576, cfg, 132) == (128, 128, 1)  # 9 chunks: too few to split
+    assert plan(17, 576, 1536, {**cfg, "SPLIT_K": 4}, 132)[2] == 4
+    assert plan(17, 576, 576, {**cfg, "SPLIT_K": 4}, 132)[2] == 3  # 9 chunks in 4 splits of 3: one would be empty
+
+
 def test_gemm_ws_refuses_what_it_cannot_run(device):
     """Not Hopper / not fp16 / N % 16: a clear error naming the fix; the dispatcher then takes dequantize + cuBLAS."""
     N, K, G = 40, 256, 64
@@ -302,7 +321,8 @@ def test_gemm_ws_refuses_what_it_cannot_run(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [{}, {"BLOCK_M": 128, "BLOCK_N": 128, "STAGES": 3, "CONVERT_REGS": 112}, {"BLOCK_M": 64, "num_warps": 4, "CONVERT_REGS": 128}])
+@pytest.mark.parametrize("config", [{}, {"BLOCK_M": 128, "BLOCK_M_SMALL": 0, "STAGES": 3, "CONVERT_REGS": 112},
+                                    {"SPLIT_K": 3}, {"BLOCK_M": 64, "num_warps": 4, "CONVERT_REGS": 128}])
 def test_gemm_ws_gpu(config):
     """The warp-specialized Hopper prefill kernel against its twin: M, N, K off the tile, every group size."""
     if torch.cuda.get_device_capability()[0] != 9:

@@ -75,8 +75,9 @@ def compile_ws() -> None:
         "s_desc": TensorDescriptor.from_tensor(torch.zeros(K // 32 * N, dtype=torch.float16), [BN], flat[16]),
         "z_desc": TensorDescriptor.from_tensor(torch.zeros(K // 32 * N, dtype=torch.uint8), [BN], flat[8]),
     }
-    for G in (128, 32):
+    for G, split in ((128, 1), (32, 3)):
         consts = {"G": G, "BLOCK_M": BM, "BLOCK_N": BN, "STAGES": cfg["STAGES"], "GROUP_M": cfg["GROUP_M"],
+                  "SPLIT_K": split,
                   "CONVERT_WARPS": cfg["CONVERT_WARPS"], "CONVERT_REGS": cfg["CONVERT_REGS"],
                   "LOADER_REGS": cfg["LOADER_REGS"], "num_warps": cfg["num_warps"]}
         sig = {**{k: mangle_type(v) for k, v in descs.items()}, "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",

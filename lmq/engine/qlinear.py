@@ -5,7 +5,8 @@
 By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`):
     M <= gemv_max_m            -> W4A16 GEMV (CUDA cores, weights straight to registers, split-K),
                                   for weights of at least gemv_min_numel = N*K elements
-    M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K)
+    M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K); weights of
+                                  at least prefill_min_numel elements leave it from M = prefill_min_m
     M <  dequant_min_m         -> prefill, for weights of at least prefill_min_numel elements: on Hopper with fp16 activations the warp-specialized kernel
                                   (`w4a16_gemm_ws`, config "prefill_ws"), else the W4A16 kernel's
                                   prefill config (tensor-core tiles)
@@ -57,9 +58,10 @@ def choose_path(M: int, table: dict, weight_numel: int = 0) -> str:
     """"gemv", "decode", "prefill" or "dequant" for `M` rows of a `weight_numel` = N*K weight."""
     if M <= table.get("gemv_max_m", 0) and weight_numel >= table.get("gemv_min_numel", 0):
         return "gemv"
-    if M <= table["decode_max_m"]:
+    large = weight_numel >= table.get("prefill_min_numel", 0)  # only these take the prefill kernel
+    if M <= table["decode_max_m"] and not (large and M >= table.get("prefill_min_m", M + 1)):
         return "decode"
-    if M < table["dequant_min_m"] and weight_numel >= table.get("prefill_min_numel", 0):
+    if M < table["dequant_min_m"] and large:
         return "prefill"
     return "dequant"
 
