@@ -66,8 +66,10 @@ def test_second_turn_reuses_the_first_turns_kv(two_turns):
     assert first.generated_tokens == second.generated_tokens == 8 and first.finish_reason == "length"
     assert first.ttft_s > 0 and first.output_tok_s > 0
     history = first.prompt_tokens + first.generated_tokens
-    assert history - 2 * BLOCK <= second.cached_tokens < second.prompt_tokens
-    assert second.cached_tokens % BLOCK == 0 and first.cached_tokens < first.prompt_tokens
+    # the whole first request is reused, its partly filled last block included, except its last
+    # generated token, whose K/V was never computed (SmolLM2's template re-tokenizes the answer as-is)
+    assert second.cached_tokens == history - 1 < second.prompt_tokens
+    assert first.cached_tokens < first.prompt_tokens
 
 
 def test_reset_keeps_the_system_message(weights):

@@ -37,6 +37,44 @@ def test_allocator_refcounts_and_free_list():
         a.allocate()
 
 
+def test_a_freed_sequences_partial_last_block_is_taken_over():
+    """The next chat turn re-sends the conversation: the partly written last block of the previous
+    request is reused up to the first token that differs (and never the prompt's last token)."""
+    m = BlockManager(8, block_size=16)
+    prev = list(range(100, 140))  # blocks 0, 1 full, block 2 holds 8 tokens
+    m.allocate(1, prev)
+    last = m.block_table(1)[2]
+    m.free(1, num_computed=40, token_ids=prev)
+    assert m.allocate(2, prev + [7, 8, 9]) == 40 and m.block_table(2)[2] == last  # taken over, no copy
+    assert m.allocator.refcount[last] == 1
+    m.free(2, num_computed=42, token_ids=prev + [7, 8, 9])  # block 2 now holds prev[32:40] + [7, 8]
+    assert m.allocate(3, prev[:37] + [0, 0, 0, 5]) == 32 + 5  # diverges inside the partial block
+    table3 = m.block_table(3)
+    m.free(3, num_computed=40, token_ids=prev[:37] + [0, 0, 0, 5])
+    assert m.allocate(4, prev[:37] + [0, 0, 0, 5]) == 40  # the prompt's last token is recomputed
+    assert m.block_table(4)[2] == table3[2]
+    m.free(4, num_computed=40, token_ids=prev[:37] + [0, 0, 0, 5])
+    assert m.allocate(5, [1] + prev[1:]) == 0  # another parent: nothing shared
+
+
+def test_a_partial_block_in_use_or_reallocated_is_not_taken():
+    m = BlockManager(3, block_size=16)
+    toks = list(range(20))
+    m.allocate(1, toks)
+    m.fork(1, 2)  # block 1 is shared: freeing 1 does not free it
+    m.free(1, num_computed=20, token_ids=toks)
+    assert m.allocate(3, toks + [5]) == 16  # only the full block; the shared partial one stays 2's
+    m.free(3)
+    m.free(2, num_computed=20, token_ids=toks)
+    m.allocate(4, list(range(50, 98)))  # takes every free block, overwriting the partial one
+    m.free(4)
+    assert m.allocate(5, toks + [5]) == 0
+    off = BlockManager(3, block_size=16, prefix_caching=False)
+    off.allocate(1, toks)
+    off.free(1, num_computed=20, token_ids=toks)
+    assert off.allocate(2, toks + [5]) == 0
+
+
 def test_block_tables_and_slots():
     m = BlockManager(8, block_size=16, prefix_caching=False)
     assert m.allocate(1, list(range(20))) == 0

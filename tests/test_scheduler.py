@@ -111,7 +111,7 @@ def test_decode_sealed_blocks_are_found_by_later_prompts():
         run(sched, sched.schedule(), new_token=a.num_tokens)
     sched.finish(a, "stop")
     b = Sequence(1, a.token_ids[:40] + [999], SamplingParams())
-    assert manager.allocate(b.seq_id, b.token_ids) == 32
+    assert manager.allocate(b.seq_id, b.token_ids) == 40  # two sealed blocks and the third's 8 written tokens
 
 
 def test_can_append_sees_copy_on_write_and_block_boundaries():

@@ -2,11 +2,11 @@
 
 Each turn renders the WHOLE conversation with the tokenizer's chat template and sends it as a new
 request. The KV of the earlier turns is not kept by this class: the engine's prefix cache keys
-every full KV block by its tokens, so the re-rendered history (system + earlier questions and
-answers) finds its blocks still in the cache and only the new message is prefilled. What is
-reused shows in `last_stats.cached_tokens`; it falls short of the whole history by the block that
-holds the end of the previous answer (the template closes that answer with its own end-of-turn
-tokens) and whatever a re-tokenization of the answer text changed.
+every full KV block by its tokens, and keeps the previous request's partly filled last block, so the
+re-rendered history (system + earlier questions and answers) finds its K/V still in the cache and
+only what differs is prefilled: the template's end-of-turn tokens after the previous answer, the new
+message, and whatever a re-tokenization of the answer text changed. What is reused shows in
+`last_stats.cached_tokens`.
 
 Interrupting an answer (Ctrl-C, or closing the iterator early): the text produced so far is KEPT
 as the assistant message, so the history matches what the user saw and the next turn reuses its

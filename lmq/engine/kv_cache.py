@@ -7,7 +7,10 @@ vLLM's PagedAttention idea (https://arxiv.org/abs/2309.06180), split the way nan
 - `BlockManager`: per-sequence block tables over one allocator. Full blocks are keyed by a hash of
   their tokens chained with the previous block's, so a new sequence whose prompt starts with a
   cached prefix reuses those blocks (prefill then runs only on the rest: chunked prefill over a
-  prefix in the cache). `fork` shares a whole table; writing into a shared block first copies it
+  prefix in the cache). A finished sequence's last, partly filled block is kept too, keyed by its
+  parent's hash: a later prompt that continues the same tokens (the next turn of a chat, which
+  re-sends the conversation) takes it over and reuses its leading tokens, so only what differs is
+  prefilled. `fork` shares a whole table; writing into a shared block first copies it
   (copy-on-write), returned as (src, dst) pairs for the tensor owner to execute.
 - `KVCache`: owns the tensors, one `PagedKV` pool per layer (layout in kernels/kv_quant.py), sized
   from a memory budget; writes new K/V through the fused quantize+scatter kernel.
@@ -104,6 +107,10 @@ class BlockManager:
         self._hash_to_block: dict[int, int] = {}
         self._block_hash: dict[int, int] = {}
         self._block_tokens: dict[int, tuple[int, ...]] = {}
+        # partly filled blocks of freed sequences: parent's chained hash (None: first block) -> block,
+        # and block -> (parent hash, its written tokens)
+        self._partial: dict[int | None, int] = {}
+        self._block_partial: dict[int, tuple[int | None, tuple[int, ...]]] = {}
 
     # -- queries
     def blocks_needed(self, num_tokens: int) -> int:
@@ -161,6 +168,7 @@ class BlockManager:
             for i in range(self.blocks_needed(n)):
                 chunk = token_ids[i * bs:(i + 1) * bs]
                 full = len(chunk) == bs
+                parent = h
                 if full:
                     h = hash((h, tuple(chunk)))
                 # the block holding the last prompt token is recomputed: its logits are needed
@@ -173,8 +181,13 @@ class BlockManager:
                         self.allocator.incref(block)
                     cached += bs
                 else:
+                    partial = self._take_partial(parent, chunk[:n - i * bs - 1]) if reusing else None
                     reusing = False
-                    block = self._fresh_block()
+                    if partial is not None:  # a freed sequence's last block continues this prompt
+                        block, reused = partial
+                        cached += reused
+                    else:
+                        block = self._fresh_block()
                     if full and self.prefix_caching:
                         self._register(block, h, chunk)
                 table.append(block)
@@ -232,16 +245,22 @@ class BlockManager:
             self.allocator.incref(b)
         self.seqs[child] = SeqBlocks(list(p.table), p.num_tokens, p.last_hash, p.num_hashed)
 
-    def free(self, seq_id: int, num_computed: int | None = None) -> None:
+    def free(self, seq_id: int, num_computed: int | None = None, token_ids: list[int] | None = None) -> None:
         """Release a sequence's blocks. `num_computed`: how many of its tokens were actually
         written; blocks past that were keyed by their tokens at `allocate` but hold nothing yet,
         so they are forgotten instead of being offered to later prompts (a preempted or aborted
-        chunked prefill)."""
+        chunked prefill). With `token_ids` (its tokens), a partly written last block is kept for a
+        later prompt that continues those tokens (`allocate` takes it over)."""
         seq = self.seqs.pop(seq_id)
-        first_unwritten = len(seq.table) if num_computed is None else num_computed // self.block_size
+        bs = self.block_size
+        written = len(seq.table) * bs if num_computed is None else num_computed
+        first_unwritten = written // bs
         for i, b in enumerate(seq.table):
             if i >= first_unwritten and self.allocator.refcount[b] == 1:
                 self._forget(b)
+                if (i == first_unwritten and written % bs and token_ids is not None and self.prefix_caching
+                        and i == seq.num_hashed):
+                    self._keep_partial(b, seq.last_hash if i else None, token_ids[i * bs:written])
             self._release(b)
 
     # -- internals
@@ -256,6 +275,35 @@ class BlockManager:
         self._block_tokens.pop(block, None)
         if old is not None and self._hash_to_block.get(old) == block:
             del self._hash_to_block[old]
+        partial = self._block_partial.pop(block, None)
+        if partial is not None and self._partial.get(partial[0]) == block:
+            del self._partial[partial[0]]
+
+    def _keep_partial(self, block: int, parent: int | None, tokens: list[int]) -> None:
+        """Offer a freed sequence's partly written block to prompts that continue its parent."""
+        old = self._partial.get(parent)
+        if old is not None and old != block:
+            self._block_partial.pop(old, None)
+        self._partial[parent] = block
+        self._block_partial[block] = (parent, tuple(tokens))
+
+    def _take_partial(self, parent: int | None, want: list[int]) -> tuple[int, int] | None:
+        """The free partial block under `parent` and how many of its leading tokens equal `want`'s
+        (at least one), taken off the free list for the caller to write on; None if there is none."""
+        block = self._partial.get(parent)
+        if block is None or self.allocator.refcount[block] != 0:
+            return None
+        tokens = self._block_partial[block][1]
+        same = 0
+        for a, b in zip(tokens, want):
+            if a != b:
+                break
+            same += 1
+        if same == 0:
+            return None
+        self.allocator.revive(block)
+        self._forget(block)  # its tokens past `same` get overwritten: it is this sequence's block now
+        return block, same
 
     def _lookup(self, h: int, chunk: list[int]) -> int | None:
         block = self._hash_to_block.get(h)

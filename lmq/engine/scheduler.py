@@ -155,9 +155,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Remove a finished or aborted sequence; its blocks stay in the prefix cache."""
+        """Remove a finished or aborted sequence; its blocks stay in the prefix cache (its partly
+        filled last block too, for a next chat turn that continues its tokens)."""
         if seq in self.running:
-            self.manager.free(seq.seq_id, seq.num_computed)
+            self.manager.free(seq.seq_id, seq.num_computed, seq.token_ids)
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
