@@ -22,6 +22,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from lmq.kernels import next_pow2
 from lmq.kernels.kv_quant import (
     KV_MODE,
     PagedKV,
@@ -224,8 +225,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
         ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
-        GROUP=G, BLOCK_G=max(16, triton.next_power_of_2(G)), HALF=half,
-        BLOCK_DH=max(16, triton.next_power_of_2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
+        GROUP=G, BLOCK_G=max(16, next_pow2(G)), HALF=half,
+        BLOCK_DH=max(16, next_pow2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
         KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache),
         SCALE_P=scale_probs(cache), DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
     )
@@ -233,7 +234,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         _decode_merge_kernel[(H, B)](
             out, po, plse, seq_lens, split_len,
             out.stride(0), out.stride(1), *ps, *ls,
-            D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=max(2, triton.next_power_of_2(n_splits)),
+            D=D, BLOCK_D=next_pow2(D), BLOCK_S=max(2, next_pow2(n_splits)),
             num_warps=4 if q.device.type == "cuda" else 1, LAUNCH_DEPS=use_pdl(q.device),
         )
     return out

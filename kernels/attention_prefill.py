@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lmq.kernels import cdiv, next_pow2
 from lmq.errors import ShapeError
+from lmq.kernels.attention_decode import _sm_count
 from lmq.kernels.kv_quant import (
     KV_MODE,
     PagedKV,
@@ -100,6 +102,15 @@ def _config(device: torch.device, head_dim: int) -> tuple[int, int, int, int]:
     return _GPU_CONFIG[bucket]
 
 
+def pick_block_m(max_q_len: int, heads: int, batch: int, block_m: int, sm_count: int) -> int:
+    """Query rows per program. A short chunk over a long cached prefix (a chat turn's new message)
+    has too few query tiles to fill the GPU (33 rows x 32 heads: 32 programs of 64 rows for 132 SMs),
+    so the tile halves, down to tl.dot's 16, while there are fewer than 2 programs per SM."""
+    while block_m > 16 and cdiv(max_q_len, block_m) * heads * batch < 2 * sm_count:
+        block_m //= 2
+    return block_m
+
+
 def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       seq_lens: torch.Tensor, max_q_len: int | None = None, sm_scale: float | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,16 +143,18 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
     block_m, block_n, num_warps, num_stages = _config(q.device, D)
+    if q.device.type == "cuda":
+        block_m = pick_block_m(max_q_len, H, B, block_m, _sm_count(q.device))
     block_n = min(block_n, cache.block_size)  # a tile never straddles two blocks
     half = D // 2
     ks, vs = cache.scale_words()
-    _prefill_kernel[(triton.cdiv(max_q_len, block_m), H, B)](
+    _prefill_kernel[(cdiv(max_q_len, block_m), H, B)](
         q, cache.k, cache.v, ks, vs, block_tables, cu_seqlens_q, seq_lens, out,
         sm_scale * math.log2(math.e),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
         ks.stride(0), ks.stride(1), block_tables.stride(0),
-        GROUP=G, HALF=half, BLOCK_DH=max(16, triton.next_power_of_2(half)),
+        GROUP=G, HALF=half, BLOCK_DH=max(16, next_pow2(half)),
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
         OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache), SCALE_P=scale_probs(cache),
         num_warps=num_warps, num_stages=num_stages,

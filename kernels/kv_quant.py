@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmq.kernels import next_pow2
 from lmq.errors import ShapeError
 
 KV_DTYPES = ("fp16", "bf16", "int8", "int4")
@@ -443,7 +444,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: tor
         cache.k.stride(0), cache.k.stride(1),
         ks.stride(0), ks.stride(1), ks.stride(2),
         H, BLOCK_SIZE=cache.block_size, WIDTH=cache.k.shape[3],
-        HALF=half, BLOCK_H=triton.next_power_of_2(H), BLOCK_DH=triton.next_power_of_2(half),
+        HALF=half, BLOCK_H=next_pow2(H), BLOCK_DH=next_pow2(half),
         KV_MODE=mode, QMAX=QMAX.get(cache.kv_dtype, 1), num_warps=4,
     )
 

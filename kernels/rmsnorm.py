@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lmq.kernels import cdiv, next_pow2
 from lmq.kernels.pdl import use_pdl
 
 from lmq.errors import ShapeError
@@ -106,10 +107,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     r3 = _rows_view(residual, "residual") if residual is not None else x3
     R = x3.shape[0] * x3.shape[1]
     if R > 0:
-        BLOCK_D = triton.next_power_of_2(D)
+        BLOCK_D = next_pow2(D)
         BLOCK_R = max(1, min(16, 2048 // BLOCK_D))
         num_warps = 1 if not x.is_cuda else min(16, max(1, BLOCK_R * BLOCK_D // 512))
-        _rmsnorm_kernel[(triton.cdiv(R, BLOCK_R),)](
+        _rmsnorm_kernel[(cdiv(R, BLOCK_R),)](
             x3, r3, weight, out, x3.stride(0), x3.stride(1), r3.stride(0), r3.stride(1),
             R, x3.shape[1], D, float(eps),
             HAS_RESIDUAL=residual is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmq.kernels import next_pow2
 from lmq.errors import ShapeError, UnsupportedError
 
 
@@ -98,8 +99,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
     half = D // 2
     _rope_kernel[(T,)](
         q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        H, k.shape[1], HALF=half, BLOCK_H=triton.next_power_of_2(max(H, k.shape[1])),
-        BLOCK_DH=triton.next_power_of_2(half), num_warps=4 if q.is_cuda else 1,
+        H, k.shape[1], HALF=half, BLOCK_H=next_pow2(max(H, k.shape[1])),
+        BLOCK_DH=next_pow2(half), num_warps=4 if q.is_cuda else 1,
     )
     return q, k
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lmq.kernels import cdiv, next_pow2
 from lmq.kernels.pdl import use_pdl
 
 from lmq.errors import ShapeError
@@ -49,9 +50,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(T, I, dtype=gate_up.dtype, device=gate_up.device)  # [T, I]
     if T == 0 or I == 0:
         return out
-    BLOCK_I = min(triton.next_power_of_2(I), 1024)
+    BLOCK_I = min(next_pow2(I), 1024)
     num_warps = 1 if not gate_up.is_cuda else max(1, min(8, BLOCK_I // 256))
-    _silu_mul_kernel[(T, triton.cdiv(I, BLOCK_I))](gate_up, out, gate_up.stride(0), I,
+    _silu_mul_kernel[(T, cdiv(I, BLOCK_I))](gate_up, out, gate_up.stride(0), I,
                                                    BLOCK_I=BLOCK_I, num_warps=num_warps,
                                                    LAUNCH_DEPS=use_pdl(gate_up.device))
     return out

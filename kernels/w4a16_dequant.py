@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmq.kernels import cdiv
 from lmq.errors import ShapeError
 from lmq.pack import planes64
 
@@ -49,7 +50,7 @@ def w4a16_dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
         raise ShapeError(f"w4a16_dequant: dtype must be float16 or bfloat16, got {dtype}")
     w = torch.empty((N, K), dtype=dtype, device=qweight.device)  # [N, K]
     BLOCK_N = 32 if qweight.device.type == "cpu" else 128
-    grid = (K // planes64.CHUNK_K, triton.cdiv(N, BLOCK_N))
+    grid = (K // planes64.CHUNK_K, cdiv(N, BLOCK_N))
     _w4a16_dequant_kernel[grid](qweight, scales, zeros, w, N, K, G=group_size, BLOCK_N=BLOCK_N,
                                 CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES, num_warps=4)
     return w

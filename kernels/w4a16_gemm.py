@@ -36,7 +36,7 @@ import triton.language as tl
 from triton.runtime.jit import constexpr_function
 
 from lmq.errors import ShapeError, UnsupportedError
-from lmq.kernels import w4a16_gemm_ws
+from lmq.kernels import cdiv, next_pow2, w4a16_gemm_ws
 from lmq.pack import planes64
 
 
@@ -366,8 +366,8 @@ def pick_split_k(M: int, N: int, K: int, cfg: dict, block_k: int, device: torch.
     at most MAX_SPLIT (default 16)."""
     if cfg["SPLIT_K"] > 0:
         return min(cfg["SPLIT_K"], K // block_k)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    want = triton.cdiv(cfg.get("WAVES", 2) * _num_sms(device), tiles)
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+    want = cdiv(cfg.get("WAVES", 2) * _num_sms(device), tiles)
     return max(1, min(want, K // block_k, cfg.get("MAX_SPLIT", 16)))
 
 
@@ -379,7 +379,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     M = x2.shape[0]
     cfg = dict(config or (INTERPRET_CONFIG if x.device.type == "cpu" else CONFIGS["sm80"]["decode"]))
     if "BLOCK_M_MAX" in cfg:  # rows per tile grow with M: each dequantized weight tile serves more rows
-        cfg["BLOCK_M"] = min(cfg["BLOCK_M_MAX"], max(cfg["BLOCK_M"], triton.next_power_of_2(M)))
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M_MAX"], max(cfg["BLOCK_M"], next_pow2(M)))
     # SCALE_EARLY joins a whole K tile into one dot: one or two 64-wide chunks
     block_k = pick_block_k(K, group_size, min(cfg["BLOCK_K"], 128) if cfg.get("SCALE_EARLY") else cfg["BLOCK_K"])
     split_k = pick_split_k(M, N, K, cfg, block_k, x.device)
@@ -388,7 +388,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if M == 0:
         return out.reshape(*lead, N)
     # -- 3. launch --------------------------------------------------------------------------------
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split_k)
     _w4a16_gemm_kernel[grid](
         x2, qweight, scales, zeros, out, M, N, K, x2.stride(0), out.stride(0),
         G=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,

@@ -23,7 +23,6 @@ weight rows past N (which read the next chunk's rows or zeros) only reach masked
 from __future__ import annotations
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.runtime.jit import constexpr_function
 from triton.experimental.gluon import language as gl
@@ -31,6 +30,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from lmq.kernels import cdiv
 from lmq.errors import ShapeError, UnsupportedError
 from lmq.pack import planes64
 
@@ -245,10 +245,49 @@ def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stri
     ], [1, CONVERT_WARPS], [LOADER_REGS, CONVERT_REGS])
 
 
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
 def supported(x: torch.Tensor, N: int) -> bool:
     """Whether this kernel can run these inputs: Hopper, fp16 activations, N a multiple of 16 (TMA rows)."""
-    return (x.device.type == "cuda" and x.dtype == torch.float16 and N % 16 == 0
-            and torch.cuda.get_device_capability(x.device)[0] == 9)
+    if x.device.type != "cuda" or x.dtype != torch.float16 or N % 16:
+        return False
+    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPABILITY[idx][0] == 9
+
+
+# A launch takes a TMA descriptor per operand; the weight's three depend only on the weight and the
+# tile width, so they are made once per weight (a descriptor holds an address, a shape and strides: one
+# made for a freed weight stays right for whatever tensor later has that address, shape and strides).
+_LAYOUTS: dict[tuple, gl.NVMMASharedLayout] = {}
+_WEIGHT_DESCS: dict[tuple, tuple[TensorDescriptor, TensorDescriptor, TensorDescriptor]] = {}
+
+
+def _layout(shape: tuple[int, ...], dtype) -> gl.NVMMASharedLayout:
+    key = (shape, dtype)
+    if key not in _LAYOUTS:
+        if len(shape) == 1:
+            _LAYOUTS[key] = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=dtype.primitive_bitwidth, rank=1)
+        else:
+            _LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for(list(shape), dtype)
+    return _LAYOUTS[key]
+
+
+def _weight_descs(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, BN: int):
+    key = (qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), tuple(qweight.shape), tuple(scales.shape), BN)
+    descs = _WEIGHT_DESCS.get(key)
+    if descs is None:
+        lanes = planes64.LANES
+        q2 = qweight.view(-1, lanes)  # [K/64 * N, 16]: chunk c's rows start at c * N
+        descs = (TensorDescriptor.from_tensor(q2, [BN, lanes], _layout((BN, lanes), gl.int16)),
+                 TensorDescriptor.from_tensor(scales.view(-1), [BN], _layout((BN,), gl.float16)),
+                 TensorDescriptor.from_tensor(zeros.view(-1), [BN], _layout((BN,), gl.uint8)))
+        if len(_WEIGHT_DESCS) > 4096:  # a model's linears x tile widths; more means weights come and go
+            _WEIGHT_DESCS.clear()
+        _WEIGHT_DESCS[key] = descs
+    return descs
 
 
 def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -270,15 +309,10 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     out = (torch.zeros if split > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out.reshape(*lead, N)
-    ck, lanes = planes64.CHUNK_K, planes64.LANES
-    x_desc = TensorDescriptor.from_tensor(x2, [BM, ck], gl.NVMMASharedLayout.get_default_for([BM, ck], gl.float16))
-    q2 = qweight.view(-1, lanes)  # [K/64 * N, 16]: chunk c's rows start at c * N
-    q_desc = TensorDescriptor.from_tensor(q2, [BN, lanes], gl.NVMMASharedLayout.get_default_for([BN, lanes], gl.int16))
-    flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=1)
-    s_desc = TensorDescriptor.from_tensor(scales.view(-1), [BN], flat)
-    z_desc = TensorDescriptor.from_tensor(zeros.view(-1), [BN],
-                                          gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=1))
-    work = triton.cdiv(M, BM) * triton.cdiv(N, BN) * split
+    ck = planes64.CHUNK_K
+    x_desc = TensorDescriptor.from_tensor(x2, [BM, ck], _layout((BM, ck), gl.float16))
+    q_desc, s_desc, z_desc = _weight_descs(qweight, scales, zeros, BN)
+    work = cdiv(M, BM) * cdiv(N, BN) * split
     grid = (min(work, _num_sms(x.device)),)
     _w4a16_gemm_ws_kernel[grid](
         x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
@@ -303,21 +337,21 @@ def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:
     (NOTES-gemm.md, run 17): splitting a weight whose tiles already fill the SMs (gate_up at M=256) or
     halving tiles that nearly fill them (o_proj at M=1024) was slower."""
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    if 2 * triton.cdiv(M, bm) * triton.cdiv(N, bn) <= sms and cfg.get("BLOCK_M_SMALL"):
+    if 2 * cdiv(M, bm) * cdiv(N, bn) <= sms and cfg.get("BLOCK_M_SMALL"):
         bm = cfg["BLOCK_M_SMALL"]
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
     k_steps = K // planes64.CHUNK_K
     if cfg.get("SPLIT_K"):
         split = min(cfg["SPLIT_K"], k_steps)
     else:
         def filled(work: int) -> float:  # busy share of the SMs over the waves `work` items take
-            return work / (triton.cdiv(work, sms) * sms)
+            return work / (cdiv(work, sms) * sms)
 
         split = 1
         for s in range(2, min(16, k_steps // cfg.get("MIN_SPLIT_CHUNKS", 8)) + 1 if tiles < sms else 0):
             if filled(tiles * s) > filled(tiles * split) * 1.05:
                 split = s
-    return bm, bn, triton.cdiv(k_steps, triton.cdiv(k_steps, split))  # no empty split
+    return bm, bn, cdiv(k_steps, cdiv(k_steps, split))  # no empty split
 
 
 def w4a16_gemm_ws_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

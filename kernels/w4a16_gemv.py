@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lmq.kernels import cdiv
 from lmq.kernels.pdl import use_pdl
 from lmq.kernels.w4a16_gemm import (
     _dequant_pair,
@@ -258,7 +259,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         # NOTES-gemm.md run 8) rounding up put gate_up's 448 column blocks into 3 splits (1.45 resident
         # waves, 28.8 us) where 2 take 23.9 us, while the narrow shapes gain from up to 16 splits
         waves = cfg.get("WAVES", 4)
-        split_k = max(1, min((waves * _num_sms(x.device)) // (triton.cdiv(N, cfg["BLOCK_N"]) * max(M, 1)),
+        split_k = max(1, min((waves * _num_sms(x.device)) // (cdiv(N, cfg["BLOCK_N"]) * max(M, 1)),
                              K // block_k, cfg.get("MAX_SPLIT", 16)))
     if rope is not None:
         split_k = max(split_k, 2)
@@ -269,7 +270,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     out = (torch.zeros if split_k > 1 and not use_ws else torch.empty)((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out.reshape(*lead, N)
-    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    n_blocks = cdiv(N, cfg["BLOCK_N"])
     ws, cnt = _workspace(x.device, M * N, M * n_blocks) if use_ws else (out, out)  # unused unless use_ws
     # -- 3. launch --------------------------------------------------------------------------------
     pdl = use_pdl(x.device)

@@ -13,7 +13,7 @@ import torch
 import lmq.kernels.kv_quant as kvq
 from lmq.errors import ShapeError
 from lmq.kernels.attention_decode import decode_attention, decode_attention_ref
-from lmq.kernels.attention_prefill import prefill_attention, prefill_attention_ref
+from lmq.kernels.attention_prefill import pick_block_m, prefill_attention, prefill_attention_ref
 from lmq.kernels.kv_quant import (
     PagedKV,
     fake_quantize_kv,
@@ -282,6 +282,16 @@ def test_prefill_gpu_long(device, kv_dtype, head_dim):
                    num_heads=32, num_kv_heads=8)
     _check_prefill(device, kv_dtype, head_dim, q_lens=[1000, 2, 255], prefix_lens=[0, 300, 129],
                    num_heads=32, num_kv_heads=8, block_size=128)
+    # a chat turn: a short chunk over a long cached prefix runs in 16-row query tiles
+    _check_prefill(device, kv_dtype, head_dim, q_lens=[33], prefix_lens=[1119], num_heads=32, num_kv_heads=8,
+                   block_size=128)
+
+
+def test_prefill_query_tile_shrinks_for_short_chunks():
+    assert pick_block_m(33, 32, 1, 64, 132) == 16  # 32 programs of 64 rows -> 96 of 16
+    assert pick_block_m(300, 32, 1, 64, 132) == 32  # 160 -> 320 programs
+    assert pick_block_m(1024, 32, 1, 64, 132) == 64  # 512 programs already
+    assert pick_block_m(1, 4, 1, 64, 132) == 16  # never below tl.dot's 16
 
 
 @pytest.mark.gpu

@@ -1,0 +1,46 @@
+"""Host cost per call of each W4A16 path (the engine's eager prefill pays it on every linear).
+
+For each path: the time the Python call takes to return (launch overhead, no sync), and the
+time per call of a loop of calls ended by one sync (whichever of host or GPU is slower), at the
+Llama-3-8B gate_up and down shapes. Usage: python3 benchmarks/host_overhead.py [M ...]
+"""
+
+import sys
+import time
+
+import torch
+
+from lmq.engine.qlinear import run_path
+from lmq.kernels.w4a16_gemm import CONFIGS
+from lmq.pack import planes64
+from lmq.quant.rtn import QuantizedWeight
+
+
+def main(ms):
+    table = CONFIGS["sm90"]
+    for name, N, K in (("gate_up", 28672, 4096), ("down", 4096, 14336), ("o", 4096, 4096)):
+        q = QuantizedWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8), (torch.rand(N, K // 128) * 0.01).half(),
+                            torch.randint(0, 16, (N, K // 128), dtype=torch.uint8), 4, 128)
+        p = {k: v.cuda() for k, v in planes64.pack(q).items()}
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            for path in ("prefill", "dequant") + (("decode",) if M <= 256 else ()):
+                def call():
+                    return run_path(path, x, p["qweight"], p["scales"], p["zeros"], 128, table)
+                for _ in range(3):
+                    call()
+                torch.cuda.synchronize()
+                n = 50
+                host = 0.0
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    a = time.perf_counter()
+                    call()
+                    host += time.perf_counter() - a
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) / n
+                print(f"{name} M={M} {path}: host {host / n * 1e6:.1f} us/call, loop {wall * 1e6:.1f} us/call", flush=True)
+
+
+if __name__ == "__main__":
+    main([int(a) for a in sys.argv[1:]] or [256, 1024])
