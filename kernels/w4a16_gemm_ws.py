@@ -13,7 +13,9 @@ warps run side by side on one output tile [BLOCK_M, BLOCK_N], one 64-wide K chun
     convert (4 warps)  ring A -> w_hat [BN, 64] fp16 (scales applied: one rounding, as a dequantized
                        fp16 weight would have) -> ring W, signalled by `w_ready[s]`
     mma     (default)  wgmma x_tile @ w_hat^T from shared memory into the fp32 accumulator, one
-                       outstanding; frees stage s of both rings (`a_free[s]`, `w_free[s]`)
+                       outstanding; frees stage s of both rings with one arrival (`done[s]`): the
+                       converter read stage s of ring A before it signalled `w_ready[s]`, so the
+                       mma partition being done with s means everyone is
 
 so conversion overlaps the tensor cores and loads overlap both. Tails: TMA zero-fills x rows past M;
 weight rows past N (which read the next chunk's rows or zeros) only reach masked output columns.
@@ -105,7 +107,7 @@ def _work(w, M, N, k_steps, BM: gl.constexpr, BN: gl.constexpr, GROUP_M, SPLIT_K
 def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K):
     # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes
     x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-    a_ready, a_free, w_ready, w_free = bars
+    a_ready, w_ready, done = bars
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     BM: gl.constexpr = x_bufs.type.shape[1]
     BN: gl.constexpr = q_bufs.type.shape[1]
@@ -117,7 +119,7 @@ def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work,
         off_m, off_n, k0, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
         for i in range(k0, k0 + nk):
             st = c % STAGES
-            mbarrier.wait(a_free.index(st), ((c // STAGES) & 1) ^ 1)  # barriers start as "phase 1 complete"
+            mbarrier.wait(done.index(st), ((c // STAGES) & 1) ^ 1)  # barriers start as "phase 1 complete"
             bar = a_ready.index(st)
             mbarrier.expect(bar, nbytes)
             tma.async_copy_global_to_shared(x_desc, [off_m, i * CHUNK_K], bar, x_bufs.index(st))
@@ -132,7 +134,7 @@ def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work,
 @gluon.jit
 def _convert(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K):
     x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-    a_ready, a_free, w_ready, w_free = bars
+    a_ready, w_ready, done = bars
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     BM: gl.constexpr = x_bufs.type.shape[1]
     BN: gl.constexpr = q_bufs.type.shape[1]
@@ -152,14 +154,12 @@ def _convert(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work
             s0 = s_bufs.index(st * SUB).load(vl)  # [BN] fp16
             z1 = z_bufs.index(st * SUB + SUB - 1).load(vl)  # planes 2, 3 (another group only when G = 32)
             s1 = s_bufs.index(st * SUB + SUB - 1).load(vl)
-            fence_async_shared()  # order these shared reads before the loader's next TMA write to the stage
-            mbarrier.arrive(a_free.index(st))  # the loader may refill the stage once the mma partition frees it too
             w0, w1 = _scaled_pair(h, z0, s0, 0)
             w2, w3 = _scaled_pair(h, z1, s1, 2)
             wt = _cat(_cat(w0, w1), _cat(w2, w3))  # [BN, 64]: plane i holds k = 16 i + lane
-            mbarrier.wait(w_free.index(st), ph ^ 1)
+            mbarrier.wait(done.index(st), ph ^ 1)  # the mma partition is done with this stage's last use
             w_bufs.index(st).store(wt)
-            fence_async_shared()  # order the generic-proxy store before the wgmma's async-proxy read
+            fence_async_shared()  # order the generic-proxy reads and store before async-proxy reads/writes
             mbarrier.arrive(w_ready.index(st))
             c += 1
 
@@ -170,7 +170,7 @@ def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M: gl.co
     """The default partition: wgmma over each work item's chunks, then its epilogue (store, or add into
     the zeroed output when K is split) while the other partitions already fill the rings for the next."""
     x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-    a_ready, a_free, w_ready, w_free = bars
+    a_ready, w_ready, done = bars
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     BM: gl.constexpr = x_bufs.type.shape[1]
     BN: gl.constexpr = w_bufs.type.shape[1]
@@ -187,15 +187,13 @@ def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M: gl.co
             mbarrier.wait(w_ready.index(st), ph)
             acc = warpgroup_mma(x_bufs.index(st), w_bufs.index(st).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            # the previous step's wgmma is done: its stage may be refilled
+            # the previous step's wgmma is done: its stage may be refilled (one arrival frees both rings)
             prev = (c + STAGES - 1) % STAGES
-            mbarrier.arrive(a_free.index(prev), pred=i > 0)
-            mbarrier.arrive(w_free.index(prev), pred=i > 0)
+            mbarrier.arrive(done.index(prev), pred=i > 0)
             c += 1
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         last = (c + STAGES - 1) % STAGES
-        mbarrier.arrive(a_free.index(last), pred=nk > 0)
-        mbarrier.arrive(w_free.index(last), pred=nk > 0)
+        mbarrier.arrive(done.index(last), pred=nk > 0)
         # -- epilogue: fp32 -> fp16, masked ------------------------------------------------------------
         offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
         offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
@@ -226,16 +224,14 @@ def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stri
     z_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES * SUB, BLOCK_N], z_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, CHUNK_K], w_layout)
     a_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    a_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    w_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    done = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(a_ready.index(i), count=1)
-        mbarrier.init(a_free.index(i), count=2)  # the convert and the mma partitions both release it
         mbarrier.init(w_ready.index(i), count=1)
-        mbarrier.init(w_free.index(i), count=1)
+        mbarrier.init(done.index(i), count=1)
     bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
-    bars = (a_ready, a_free, w_ready, w_free)
+    bars = (a_ready, w_ready, done)
 
     worker_args = (x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K)
     gl.warp_specialize([
