@@ -9,9 +9,9 @@ import sys
 import time
 
 import torch
+from lmq.kernels.w4a16_gemm import CONFIGS
 
 from lmq.engine.qlinear import run_path
-from lmq.kernels.w4a16_gemm import CONFIGS
 from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
 
@@ -25,7 +25,7 @@ def main(ms):
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             for path in ("prefill", "dequant") + (("decode",) if M <= 256 else ()):
-                def call():
+                def call(path=path, x=x, p=p):
                     return run_path(path, x, p["qweight"], p["scales"], p["zeros"], 128, table)
                 for _ in range(3):
                     call()

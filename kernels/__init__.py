@@ -14,3 +14,17 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (n >= 1), for host ints (see `cdiv`)."""
     return 1 << (n - 1).bit_length()
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def cuda_sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device, looked up once (the property query costs
+    microseconds, and the launchers plan their grids on every call)."""
+    import torch
+
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]

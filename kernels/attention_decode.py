@@ -22,7 +22,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from lmq.kernels import next_pow2
+from lmq.kernels import cuda_sm_count, next_pow2
 from lmq.kernels.kv_quant import (
     KV_MODE,
     PagedKV,
@@ -151,9 +151,7 @@ def _config(device: torch.device, head_dim: int) -> tuple[int, int, int]:
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return cuda_sm_count(device) if device.type == "cuda" else 2
 
 
 def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int) -> int:

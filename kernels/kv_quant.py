@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
 from lmq.kernels import next_pow2
+
 from lmq.errors import ShapeError
 
 KV_DTYPES = ("fp16", "bf16", "int8", "int4")

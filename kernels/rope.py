@@ -23,8 +23,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-
 from lmq.kernels import next_pow2
+
 from lmq.errors import ShapeError, UnsupportedError
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from lmq.kernels import cdiv
+
 from lmq.errors import ShapeError
 from lmq.pack import planes64
 

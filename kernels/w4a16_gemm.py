@@ -23,7 +23,9 @@ M = 1 has its own CUDA-core kernel (w4a16_gemv.py); the dispatcher is lmq/engine
 Per K chunk and plane: `(h >> 4i) & 0xF | MAGIC` bitcast to fp16 (MAGIC 0x6400 = 1024.0) or bf16
 (0x4300 = 128.0) is exactly MAGIC + q; minus the zero prepared the same way gives q - z exactly, so
 the dot runs on small exact integers and the scale is applied once per group on the [BLOCK_M,
-BLOCK_N] partial sum ("apply scales late"), never per weight element.
+BLOCK_N] partial sum ("apply scales late"), never per weight element. SCALE_EARLY (a switch no table
+uses: measured slower, NOTES-gemm.md run 15) instead multiplies each weight by its scale, rounded once
+to the activation dtype, and runs one dot per K tile.
 
 `w4a16_gemm_ref` is the plain-PyTorch twin (same function, fp32 math).
 """
@@ -33,10 +35,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from lmq.kernels import cdiv, cuda_sm_count, next_pow2
 from triton.runtime.jit import constexpr_function
 
 from lmq.errors import ShapeError, UnsupportedError
-from lmq.kernels import cdiv, next_pow2, w4a16_gemm_ws
 from lmq.pack import planes64
 
 
@@ -263,9 +265,12 @@ def _w4a16_gemm_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-arch configurations: the one table (recorded in the packed manifest, read by the dispatcher).
-#   M <= gemv_max_m -> w4a16_gemv ("gemv"); M <= decode_max_m -> this kernel, "decode";
-#   M < dequant_min_m -> this kernel, "prefill"; else dequantize + cuBLAS.
+# Per-arch configurations: the one table (recorded in the packed manifest, read by the dispatcher,
+# lmq/engine/qlinear.py `choose_path`):
+#   M <= gemv_max_m -> w4a16_gemv ("gemv"); M <= decode_max_m -> this kernel, "decode" (weights of
+#   >= prefill_min_numel elements leave it from M = prefill_min_m); M < dequant_min_m, weights of
+#   >= prefill_min_numel -> "prefill": w4a16_gemm_ws with "prefill_ws" where the table has it (sm90,
+#   fp16; else dequantize + cuBLAS), this kernel's "prefill" config otherwise; else dequantize + cuBLAS.
 # sm90's entries and crossovers were measured on an H100 (benchmarks/NOTES-gemm.md, `lmq bench gemm`);
 # the other archs' rows are scaled to their shared memory and not yet measured.
 # ---------------------------------------------------------------------------------------------
@@ -283,11 +288,16 @@ _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_
 # splits and rows per tile growing with M, the decode kernel wins from M=2 up to M=256, summed over the
 # four shapes (M=128 / 256: decode 176 / 310 us, dequantize + cuBLAS 392 / 425, prefill kernel 351 /
 # 448; benchmarks/results/2026-11-22-session4-h100/blockm/gemm-m2.json); at M=384 dequantize + cuBLAS
-# wins (481 vs 561 for the prefill kernel), so sm90 never picks "prefill". The other archs keep the
+# wins (481 vs 561 for this kernel's prefill config). So on sm90 that config is never dispatched (it
+# stays in the table for the GPU tests and the benchmark's comparisons); the other archs keep the
 # crossover at 64 (not measured).
-# sm90's prefill path for fp16 activations is the warp-specialized kernel (w4a16_gemm_ws.py); its
-# tile [256 rows x 128 weights], 4 stages, 4 converting warps won sweep-ws-3.log (NOTES-gemm.md, run 16).
-_PREFILL_WS = w4a16_gemm_ws.DEFAULT_CONFIG
+# sm90's prefill path for fp16 activations is the warp-specialized kernel (w4a16_gemm_ws.py, its
+# config "prefill_ws"): 256 activation rows x 128 weight rows per tile (128 rows when 256-row tiles
+# would fill at most half the SMs: `w4a16_gemm_ws.plan`), 4 stages (210 KiB of shared memory), 8 warps
+# on the tensor cores, 4 converting, 1 loading; the fastest in sweep-ws-3.log (NOTES-gemm.md, run 16).
+_PREFILL_WS = {"BLOCK_M": 256, "BLOCK_M_SMALL": 128, "BLOCK_N": 128, "STAGES": 4, "GROUP_M": 8, "SPLIT_K": 0,
+               "MIN_SPLIT_CHUNKS": 8, "MAX_SPLIT": 2, "num_warps": 8, "CONVERT_WARPS": 4, "CONVERT_REGS": 96,
+               "LOADER_REGS": 40}
 _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min_m": 65}
 # sm90 crossovers (`lmq bench gemm --m ...`, docs/benchmarks.md, GEMM "Latest run"; NOTES-gemm.md, run 17):
 # the warp-specialized prefill beats the decode kernel and dequantize + cuBLAS on gate_up / down (>= 50M
@@ -307,16 +317,8 @@ CONFIGS: dict[str, dict] = {
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1,
                     "num_warps": 4, "num_stages": 1}
 
-_SM_COUNT: dict[int, int] = {}
-
-
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    return cuda_sm_count(device) if device.type == "cuda" else 4
 
 
 def check_bf16_support(x: torch.Tensor, op: str) -> None:

@@ -5,8 +5,8 @@
 Same layout (`planes64`) and function as `w4a16_gemm`; fp16 activations. Why a second kernel: in the
 Triton kernel the warps that dequantize are the warps that issue the matrix instructions, and Triton
 3.6 serializes wgmma whose operand sits in registers (ptxas C7515), so the tensor cores idle while
-weights are converted (NOTES-gemm.md, runs 2-4: 0.5-0.6x cuBLAS at M >= 256). Here three groups of
-warps run side by side on one output tile [BLOCK_M, BLOCK_N], one 64-wide K chunk per step:
+weights are converted (NOTES-gemm.md, runs 2-4 and 15: 0.5-0.6x cuBLAS at M >= 256). Here three groups
+of warps run side by side, one 64-wide K chunk per step:
 
     loader  (1 warp)   TMA: x tile [BM, 64], int4 chunk [BN, 16] int16, the chunk's scales and zeros
                        -> ring A (STAGES deep), signalled by `a_ready[s]` (transaction bytes)
@@ -17,47 +17,38 @@ warps run side by side on one output tile [BLOCK_M, BLOCK_N], one 64-wide K chun
                        converter read stage s of ring A before it signalled `w_ready[s]`, so the
                        mma partition being done with s means everyone is
 
-so conversion overlaps the tensor cores and loads overlap both. Tails: TMA zero-fills x rows past M;
-weight rows past N (which read the next chunk's rows or zeros) only reach masked output columns.
-`w4a16_gemm_ws_ref` is the plain-PyTorch twin. The interpreter cannot run Gluon: tested on the GPU.
+so conversion overlaps the tensor cores and loads overlap both. Persistent: one program per SM walks
+work items (an output tile [BM, BN], or with SPLIT_K > 1 one K range of it, added in fp16 into a
+zeroed output); during a tile's epilogue the loader and converter already fill the next tile's stages.
+`plan` picks BM and SPLIT_K per shape. Tails: TMA zero-fills x rows past M; weight rows past N (which
+read the next chunk's rows or zeros) only reach masked output columns.
+`w4a16_gemm_ws_ref` is the plain-PyTorch twin. The interpreter cannot run Gluon: tested on the GPU
+(and compiled offline for sm_90a in tests/test_gemm_compile.py).
 """
 
 from __future__ import annotations
 
 import torch
-from triton.experimental import gluon
-from triton.runtime.jit import constexpr_function
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
 from lmq.kernels import cdiv
-from lmq.errors import ShapeError, UnsupportedError
+from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, _pair_asm, check_inputs
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime.jit import constexpr_function
+
+from lmq.errors import UnsupportedError
 from lmq.pack import planes64
 
 CHUNK_K = gl.constexpr(planes64.CHUNK_K)  # 64 input channels per step
 LANES = gl.constexpr(planes64.LANES)  # 16 int16 lanes per chunk row
-# sm90's table entry (CONFIGS["sm90"]["prefill_ws"]): the fastest of benchmarks/sweep_gemm.py ws on an H100
-# (NOTES-gemm.md, run 16): 256 activation rows x 128 weight rows per tile, 4 stages (210 KiB of shared memory),
-# 8 warps on the tensor cores, 4 converting, 1 loading
-DEFAULT_CONFIG = {"BLOCK_M": 256, "BLOCK_M_SMALL": 128, "BLOCK_N": 128, "STAGES": 4, "GROUP_M": 8, "SPLIT_K": 0,
-                  "MIN_SPLIT_CHUNKS": 8, "num_warps": 8, "CONVERT_WARPS": 4, "CONVERT_REGS": 96, "LOADER_REGS": 40}
-
-
-@constexpr_function
-def _scaled_planes_asm(first):
-    """PTX: planes `first`, `first + 1` of two packed int16 lanes ($2), minus MAGIC + z ($3), times s ($4)."""
-    lines = ["{", ".reg .b32 t0, t1;"]
-    for o, i in ((0, first), (1, first + 1)):
-        src = "$2"
-        if i:
-            lines.append(f"shr.u32 t{o}, $2, {4 * i};")
-            src = f"t{o}"
-        lines.append(f"lop3.b32 t{o}, {src}, 0x000F000F, 0x64006400, 0xEA;")  # (r & 0xF000F) | 1024.0 x2
-    lines += ["sub.f16x2 t0, t0, $3;", "sub.f16x2 t1, t1, $3;", "mul.rn.f16x2 $0, t0, $4;",
-              "mul.rn.f16x2 $1, t1, $4;", "}"]
-    return "\n".join(lines)
+DEFAULT_CONFIG = CONFIGS["sm90"]["prefill_ws"]  # the table's entry (kernels/w4a16_gemm.py says why)
 
 
 @constexpr_function
@@ -84,7 +75,7 @@ def _scaled_pair(h, z, s, FIRST: gl.constexpr):
     zq = (z.to(gl.int16) | 0x6400).to(gl.float16, bitcast=True)  # MAGIC + z
     zb = gl.broadcast(gl.expand_dims(zq, 1), h)[0]
     sb = gl.broadcast(gl.expand_dims(s, 1), h)[0]
-    w0, w1 = gl.inline_asm_elementwise(_scaled_planes_asm(FIRST), "=r,=r,r,r,r", [h, zb, sb],
+    w0, w1 = gl.inline_asm_elementwise(_pair_asm(FIRST, False, True), "=r,=r,r,r,r", [h, zb, sb],
                                        dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
     return w0, w1
 
@@ -106,8 +97,8 @@ def _work(w, M, N, k_steps, BM: gl.constexpr, BN: gl.constexpr, GROUP_M, SPLIT_K
 @gluon.jit
 def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K):
     # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes
-    x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-    a_ready, w_ready, done = bars
+    x_bufs, q_bufs, s_bufs, z_bufs, _w_bufs = bufs
+    a_ready, _w_ready, done = bars
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     BM: gl.constexpr = x_bufs.type.shape[1]
     BN: gl.constexpr = q_bufs.type.shape[1]
@@ -144,7 +135,7 @@ def _convert(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work
     vl: gl.constexpr = gl.SliceLayout(1, hl)
     c = 0
     for w in range(gl.program_id(0), num_work, gl.num_programs(0)):
-        off_m, off_n, k0, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
+        _, _, _, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
         for i in range(nk):
             st = c % STAGES
             ph = (c // STAGES) & 1
@@ -169,7 +160,7 @@ def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M: gl.co
          num_warps: gl.constexpr):
     """The default partition: wgmma over each work item's chunks, then its epilogue (store, or add into
     the zeroed output when K is split) while the other partitions already fill the rings for the next."""
-    x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
+    x_bufs, _q_bufs, _s_bufs, _z_bufs, w_bufs = bufs
     a_ready, w_ready, done = bars
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     BM: gl.constexpr = x_bufs.type.shape[1]
@@ -178,7 +169,7 @@ def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M: gl.co
                                                      instr_shape=[16, BN, 16])
     c = 0
     for w in range(gl.program_id(0), num_work, gl.num_programs(0)):
-        off_m, off_n, k0, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
+        off_m, off_n, _, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
         acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
         for i in range(nk):
             st = c % STAGES
@@ -245,7 +236,8 @@ _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
 def supported(x: torch.Tensor, N: int) -> bool:
-    """Whether this kernel can run these inputs: Hopper, fp16 activations, N a multiple of 16 (TMA rows)."""
+    """Whether this kernel can run these inputs: Hopper, fp16 activations, N a multiple of 16 (the scale
+    and zero rows of a group start at g * N: TMA needs 16-byte-aligned starts, N * 1 byte for the zeros)."""
     if x.device.type != "cuda" or x.dtype != torch.float16 or N % 16:
         return False
     idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -254,14 +246,11 @@ def supported(x: torch.Tensor, N: int) -> bool:
     return _CAPABILITY[idx][0] == 9
 
 
-# A launch takes a TMA descriptor per operand; the weight's three depend only on the weight and the
-# tile width, so they are made once per weight (a descriptor holds an address, a shape and strides: one
-# made for a freed weight stays right for whatever tensor later has that address, shape and strides).
 _LAYOUTS: dict[tuple, gl.NVMMASharedLayout] = {}
-_WEIGHT_DESCS: dict[tuple, tuple[TensorDescriptor, TensorDescriptor, TensorDescriptor]] = {}
 
 
 def _layout(shape: tuple[int, ...], dtype) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of a TMA box, made once per shape (each launch needs four)."""
     key = (shape, dtype)
     if key not in _LAYOUTS:
         if len(shape) == 1:
@@ -271,43 +260,27 @@ def _layout(shape: tuple[int, ...], dtype) -> gl.NVMMASharedLayout:
     return _LAYOUTS[key]
 
 
-def _weight_descs(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, BN: int):
-    key = (qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), tuple(qweight.shape), tuple(scales.shape), BN)
-    descs = _WEIGHT_DESCS.get(key)
-    if descs is None:
-        lanes = planes64.LANES
-        q2 = qweight.view(-1, lanes)  # [K/64 * N, 16]: chunk c's rows start at c * N
-        descs = (TensorDescriptor.from_tensor(q2, [BN, lanes], _layout((BN, lanes), gl.int16)),
-                 TensorDescriptor.from_tensor(scales.view(-1), [BN], _layout((BN,), gl.float16)),
-                 TensorDescriptor.from_tensor(zeros.view(-1), [BN], _layout((BN,), gl.uint8)))
-        if len(_WEIGHT_DESCS) > 4096:  # a model's linears x tile widths; more means weights come and go
-            _WEIGHT_DESCS.clear()
-        _WEIGHT_DESCS[key] = descs
-    return descs
-
-
 def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   group_size: int, config: dict | None = None) -> torch.Tensor:
     """`x [..., K]` fp16 times the packed `[N, K]` weight -> `[..., N]` fp16 (Hopper only)."""
-    from lmq.kernels.w4a16_gemm import check_inputs
-
     N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemm_ws")
     if not supported(x, N):
         raise UnsupportedError(f"w4a16_gemm_ws needs a Hopper GPU, float16 activations and N % 16 == 0; got "
                                f"{x.device} {x.dtype}, N={N}; use w4a16_gemm")
-    if x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
-        if x2.data_ptr() % 16:
-            raise ShapeError("w4a16_gemm_ws: activations must start on a 16-byte boundary")
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
     M = x2.shape[0]
-    BM, BN, split = plan(M, N, K, cfg, _num_sms(x.device))
-    out = (torch.zeros if split > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
-        return out.reshape(*lead, N)
-    ck = planes64.CHUNK_K
+        return x.new_empty(*lead, N)
+    if x2.stride(0) % 8 or x2.data_ptr() % 16:  # TMA: 16-byte-aligned start and row stride
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    BM, BN, split = plan(M, N, K, cfg, _num_sms(x.device))
+    out = (torch.zeros if split > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    ck, lanes = planes64.CHUNK_K, planes64.LANES
     x_desc = TensorDescriptor.from_tensor(x2, [BM, ck], _layout((BM, ck), gl.float16))
-    q_desc, s_desc, z_desc = _weight_descs(qweight, scales, zeros, BN)
+    q_desc = TensorDescriptor.from_tensor(qweight.view(-1, lanes), [BN, lanes],  # chunk c's rows start at c * N
+                                          _layout((BN, lanes), gl.int16))
+    s_desc = TensorDescriptor.from_tensor(scales.view(-1), [BN], _layout((BN,), gl.float16))
+    z_desc = TensorDescriptor.from_tensor(zeros.view(-1), [BN], _layout((BN,), gl.uint8))
     work = cdiv(M, BM) * cdiv(N, BN) * split
     grid = (min(work, _num_sms(x.device)),)
     _w4a16_gemm_ws_kernel[grid](
@@ -319,22 +292,17 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return out.reshape(*lead, N)
 
 
-def _num_sms(device: torch.device) -> int:
-    from lmq.kernels.w4a16_gemm import _num_sms as sms
-
-    return sms(device)
-
-
 def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, SPLIT_K) for this shape. When the 256-row tiles would fill at most half the SMs,
     the rows per tile drop to BLOCK_M_SMALL; when the tiles still number fewer than the SMs, K is split
     (partial tiles added into a zeroed output) if that fills the last wave better by 5% or more, each
-    split keeping at least MIN_SPLIT_CHUNKS 64-wide chunks (at most 16 splits). Measured on an H100
+    split keeping at least MIN_SPLIT_CHUNKS 64-wide chunks, into at most MAX_SPLIT (2 in the table: two
+    fp16 additions into a zeroed output give the same bits in either order, three would not). On an H100
     (NOTES-gemm.md, run 17): splitting a weight whose tiles already fill the SMs (gate_up at M=256) or
     halving tiles that nearly fill them (o_proj at M=1024) was slower."""
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if 2 * cdiv(M, bm) * cdiv(N, bn) <= sms and cfg.get("BLOCK_M_SMALL"):
-        bm = cfg["BLOCK_M_SMALL"]
+        bm = min(bm, cfg["BLOCK_M_SMALL"])
     tiles = cdiv(M, bm) * cdiv(N, bn)
     k_steps = K // planes64.CHUNK_K
     if cfg.get("SPLIT_K"):
@@ -344,7 +312,8 @@ def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:
             return work / (cdiv(work, sms) * sms)
 
         split = 1
-        for s in range(2, min(16, k_steps // cfg.get("MIN_SPLIT_CHUNKS", 8)) + 1 if tiles < sms else 0):
+        most = min(cfg.get("MAX_SPLIT", 2), k_steps // cfg.get("MIN_SPLIT_CHUNKS", 8)) if 0 < tiles < sms else 1
+        for s in range(2, most + 1):
             if filled(tiles * s) > filled(tiles * split) * 1.05:
                 split = s
     return bm, bn, cdiv(k_steps, cdiv(k_steps, split))  # no empty split

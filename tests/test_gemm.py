@@ -6,12 +6,13 @@ tests run every arch's decode and prefill configurations, bf16 included, at mode
 
 import pytest
 import torch
+from lmq.kernels import w4a16_gemm_ws as w4a16_gemm_ws_module
 from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
 from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
-from lmq.kernels import w4a16_gemm_ws as w4a16_gemm_ws_module
 from lmq.kernels.w4a16_gemm_ws import w4a16_gemm_ws, w4a16_gemm_ws_ref
 from lmq.kernels.w4a16_gemv import w4a16_gemv, w4a16_gemv_ref
 
+from lmq.engine import qlinear as qlinear_module
 from lmq.engine.qlinear import QLinear, choose_path, qlinear
 from lmq.errors import ShapeError, UnsupportedError
 from lmq.pack import planes64
@@ -200,8 +201,9 @@ def test_gemm_rows_per_tile_grow_with_m(M, device):
 def test_qlinear_rope_rotates_only_on_the_gemv_path(M, device):
     """`qlinear_rope` (a qkv weight whose RoPE can be fused): at M=1 the GEMV rotates q and k in its
     epilogue; at larger M it returns the plain product and says the caller must rotate."""
-    from lmq.engine.qlinear import qlinear_rope
     from lmq.kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
+
+    from lmq.engine.qlinear import qlinear_rope
 
     H, Hkv, D, G = 2, 1, 64, 64
     N, K = (H + 2 * Hkv) * D, 256
@@ -301,13 +303,16 @@ def test_gemm_ws_plan():
     assert plan(1024, 4096, 4096, cfg, 132) == (256, 128, 1)  # 128 tiles: nearly one full wave
     assert plan(512, 4096, 4096, cfg, 132) == (128, 128, 1)  # 64 tiles of 256 rows -> 128 of 128
     assert plan(256, 4096, 4096, cfg, 132) == (128, 128, 2)  # 32 -> 64 tiles -> 128 work items
-    assert plan(256, 6144, 4096, cfg, 132) == (128, 128, 4)  # 96 tiles: 2 or 3 splits fill no better
+    assert plan(256, 6144, 4096, cfg, 132) == (128, 128, 1)  # 96 tiles: 2 splits fill no better
+    assert plan(256, 6144, 4096, {**cfg, "MAX_SPLIT": 4}, 132) == (128, 128, 4)  # 4 would (3 would not)
+    assert plan(1, 576, 1536, {**cfg, "BLOCK_M": 64}, 132)[0] == 64  # BLOCK_M_SMALL never grows a tile
+    assert plan(0, 4096, 4096, cfg, 132)[2] == 1
     assert plan(300, 576, 576, cfg, 132) == (128, 128, 1)  # 9 chunks: too few to split
     assert plan(17, 576, 1536, {**cfg, "SPLIT_K": 4}, 132)[2] == 4
     assert plan(17, 576, 576, {**cfg, "SPLIT_K": 4}, 132)[2] == 3  # 9 chunks in 4 splits of 3: one would be empty
 
 
-def test_gemm_ws_refuses_what_it_cannot_run(device):
+def test_gemm_ws_refuses_what_it_cannot_run(device, monkeypatch):
     """Not Hopper / not fp16 / N % 16: a clear error naming the fix; the dispatcher then takes dequantize + cuBLAS."""
     N, K, G = 40, 256, 64
     p = random_packed(N, K, G, device)
@@ -316,7 +321,10 @@ def test_gemm_ws_refuses_what_it_cannot_run(device):
         w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G)
     table = {**CONFIGS["sm90"], "decode_max_m": 1, "dequant_min_m": 4096, "prefill_min_numel": 0}
     assert choose_path(300, table) == "prefill"
+    calls = []
+    monkeypatch.setattr(qlinear_module, "w4a16_dequant", lambda *a: calls.append(a) or w4a16_dequant(*a))
     out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table)
+    assert len(calls) == 1  # the prefill path fell back to dequantize + cuBLAS
     assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
 
 
@@ -329,6 +337,11 @@ def test_gemm_ws_gpu(config):
         pytest.skip("w4a16_gemm_ws is a Hopper (sm90) kernel")
     for (N, K, G) in [(576, 1536, 32), (1536, 576, 64), (4096, 4096, 128), (6144, 4096, 128)]:
         p = random_packed(N, K, G, "cuda")
+        empty = w4a16_gemm_ws(torch.randn(0, K, device="cuda").half(), p["qweight"], p["scales"], p["zeros"], G)
+        assert empty.shape == (0, N)
+        odd = torch.randn(3 * K + 1, device="cuda").half()[1:].view(3, K)  # starts 2 bytes off 16: copied
+        assert rel_err(w4a16_gemm_ws(odd, p["qweight"], p["scales"], p["zeros"], G, config),
+                       w4a16_gemm_ws_ref(odd, p["qweight"], p["scales"], p["zeros"], G)) < 1e-3
         for M in (1, 17, 127, 300, 1024):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             out = w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G, config)

@@ -53,7 +53,7 @@ def compile_all(arch: str, dt: str) -> None:
 
 
 def compile_ws() -> None:
-    """The warp-specialized Hopper prefill kernel (Gluon) at its table config and with G = 32 (two scale rows)."""
+    """The warp-specialized Hopper prefill kernel (Gluon) at the table's configs."""
     import torch
     import triton
     from lmq.kernels.w4a16_gemm_ws import DEFAULT_CONFIG, _w4a16_gemm_ws_kernel
@@ -64,21 +64,22 @@ def compile_ws() -> None:
     from triton.runtime.jit import mangle_type
 
     cfg = DEFAULT_CONFIG
-    BM, BN, N, K = cfg["BLOCK_M"], cfg["BLOCK_N"], 4096, 4096
+    BN, N, K = cfg["BLOCK_N"], 4096, 4096
     flat = {8: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=1),
             16: gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=1)}
-    descs = {
-        "x_desc": TensorDescriptor.from_tensor(torch.zeros(512, K, dtype=torch.float16), [BM, 64],
-                                               gl.NVMMASharedLayout.get_default_for([BM, 64], gl.float16)),
+    weights = {
         "q_desc": TensorDescriptor.from_tensor(torch.zeros(K // 64 * N, 16, dtype=torch.int16), [BN, 16],
                                                gl.NVMMASharedLayout.get_default_for([BN, 16], gl.int16)),
         "s_desc": TensorDescriptor.from_tensor(torch.zeros(K // 32 * N, dtype=torch.float16), [BN], flat[16]),
         "z_desc": TensorDescriptor.from_tensor(torch.zeros(K // 32 * N, dtype=torch.uint8), [BN], flat[8]),
     }
-    for G, split in ((128, 1), (32, 3)):
+    # the table's tile, with G = 32 (two scale rows per chunk) and split-K, and the 128-row tile
+    for G, BM, split in ((128, cfg["BLOCK_M"], 1), (32, cfg["BLOCK_M"], 3), (128, cfg["BLOCK_M_SMALL"], 2)):
+        x_desc = TensorDescriptor.from_tensor(torch.zeros(512, K, dtype=torch.float16), [BM, 64],
+                                              gl.NVMMASharedLayout.get_default_for([BM, 64], gl.float16))
+        descs = {"x_desc": x_desc, **weights}
         consts = {"G": G, "BLOCK_M": BM, "BLOCK_N": BN, "STAGES": cfg["STAGES"], "GROUP_M": cfg["GROUP_M"],
-                  "SPLIT_K": split,
-                  "CONVERT_WARPS": cfg["CONVERT_WARPS"], "CONVERT_REGS": cfg["CONVERT_REGS"],
+                  "SPLIT_K": split, "CONVERT_WARPS": cfg["CONVERT_WARPS"], "CONVERT_REGS": cfg["CONVERT_REGS"],
                   "LOADER_REGS": cfg["LOADER_REGS"], "num_warps": cfg["num_warps"]}
         sig = {**{k: mangle_type(v) for k, v in descs.items()}, "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
                "stride_om": "i32", **{k: "constexpr" for k in consts}}
@@ -101,7 +102,8 @@ def test_kernels_compile(arch, dt):
 @pytest.mark.slow
 def test_ws_kernel_compiles():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, __file__, "ws"], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, __file__, "ws"], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
     assert res.returncode == 0, res.stderr[-3000:]
 
 

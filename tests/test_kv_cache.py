@@ -65,10 +65,13 @@ def test_a_partial_block_in_use_or_reallocated_is_not_taken():
     m.free(1, num_computed=20, token_ids=toks)
     assert m.allocate(3, toks + [5]) == 16  # only the full block; the shared partial one stays 2's
     m.free(3)
-    m.free(2, num_computed=20, token_ids=toks)
-    m.allocate(4, list(range(50, 98)))  # takes every free block, overwriting the partial one
+    m.free(2)
+    m = BlockManager(2, block_size=16)
+    m.allocate(1, toks)
+    m.free(1, num_computed=20, token_ids=toks)  # block 1 kept with tokens 16..19
+    m.allocate(4, toks[:16] + [50, 51, 52, 53])  # reuses block 0; block 1 is handed out and overwritten
     m.free(4)
-    assert m.allocate(5, toks + [5]) == 0
+    assert m.allocate(5, toks + [5]) == 16  # block 1 no longer holds 16..19
     off = BlockManager(3, block_size=16, prefix_caching=False)
     off.allocate(1, toks)
     off.free(1, num_computed=20, token_ids=toks)

@@ -150,7 +150,8 @@ class BlockManager:
     # -- lifecycle
     def allocate(self, seq_id: int, token_ids: list[int]) -> int:
         """Give a new sequence blocks for its whole prompt; returns how many leading tokens are
-        already in the cache (whole shared blocks), which prefill can skip. At least one token is
+        already in the cache (whole shared blocks, then the leading tokens of a freed sequence's
+        partly filled block that this prompt continues), which prefill can skip. At least one token is
         always left to compute, so the step produces logits. Full blocks are keyed by their tokens
         now, before prefill writes them: a scheduler running a prompt in chunks must not start a
         sequence that reuses a block before the chunk that writes it has run."""

@@ -5,11 +5,13 @@
 By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`):
     M <= gemv_max_m            -> W4A16 GEMV (CUDA cores, weights straight to registers, split-K),
                                   for weights of at least gemv_min_numel = N*K elements
-    M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K); weights of
-                                  at least prefill_min_numel elements leave it from M = prefill_min_m
-    M <  dequant_min_m         -> prefill, for weights of at least prefill_min_numel elements: on Hopper with fp16 activations the warp-specialized kernel
-                                  (`w4a16_gemm_ws`, config "prefill_ws"), else the W4A16 kernel's
-                                  prefill config (tensor-core tiles)
+    M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K);
+                                  weights of at least prefill_min_numel elements leave it from
+                                  M = prefill_min_m
+    M <  dequant_min_m         -> prefill, for weights of at least prefill_min_numel elements: where
+                                  the table has "prefill_ws" (sm90), the warp-specialized kernel
+                                  `w4a16_gemm_ws` for fp16 activations and dequantize + cuBLAS for
+                                  the rest (bf16); elsewhere the W4A16 kernel's prefill config
     otherwise                  -> dequantize to fp16/bf16, then cuBLAS (torch.matmul)
 """
 
@@ -19,8 +21,8 @@ import torch
 from torch import nn
 
 from lmq.errors import UnsupportedError
-from lmq.kernels.w4a16_dequant import w4a16_dequant
 from lmq.kernels import w4a16_gemm_ws
+from lmq.kernels.w4a16_dequant import w4a16_dequant
 from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm
 from lmq.kernels.w4a16_gemv import w4a16_gemv
 from lmq.pack import planes64
