@@ -28,9 +28,12 @@ read the next chunk's rows or zeros) only reach masked output columns.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from lmq.kernels import cdiv
 from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, _pair_asm, check_inputs
+from triton.compiler.errors import CompilationError
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -41,6 +44,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime.errors import PTXASError
 from triton.runtime.jit import constexpr_function
 
 from lmq.errors import UnsupportedError
@@ -48,6 +52,11 @@ from lmq.pack import planes64
 
 CHUNK_K = gl.constexpr(planes64.CHUNK_K)  # 64 input channels per step
 LANES = gl.constexpr(planes64.LANES)  # 16 int16 lanes per chunk row
+_BUILD_ERRORS = (CompilationError, PTXASError)  # what a Triton whose Gluon API moved raises at the first launch
+
+# TMA copy of a box into shared memory, completing on a barrier: (desc, coord, barrier, dst). Triton 3.9
+# renamed the op (async_copy_global_to_shared raises there), same arguments.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 DEFAULT_CONFIG = CONFIGS["sm90"]["prefill_ws"]  # the table's entry (kernels/w4a16_gemm.py says why)
 
 
@@ -113,12 +122,12 @@ def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work,
             mbarrier.wait(done.index(st), ((c // STAGES) & 1) ^ 1)  # barriers start as "phase 1 complete"
             bar = a_ready.index(st)
             mbarrier.expect(bar, nbytes)
-            tma.async_copy_global_to_shared(x_desc, [off_m, i * CHUNK_K], bar, x_bufs.index(st))
-            tma.async_copy_global_to_shared(q_desc, [i * N + off_n, 0], bar, q_bufs.index(st))
+            _tma_load(x_desc, [off_m, i * CHUNK_K], bar, x_bufs.index(st))
+            _tma_load(q_desc, [i * N + off_n, 0], bar, q_bufs.index(st))
             for r in gl.static_range(SUB):
                 g = (i * CHUNK_K + r * (CHUNK_K // 2)) // G
-                tma.async_copy_global_to_shared(s_desc, [g * N + off_n], bar, s_bufs.index(st * SUB + r))
-                tma.async_copy_global_to_shared(z_desc, [g * N + off_n], bar, z_bufs.index(st * SUB + r))
+                _tma_load(s_desc, [g * N + off_n], bar, s_bufs.index(st * SUB + r))
+                _tma_load(z_desc, [g * N + off_n], bar, z_bufs.index(st * SUB + r))
             c += 1
 
 
@@ -235,10 +244,18 @@ def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stri
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
+class KernelUnavailable(UnsupportedError):
+    """This Triton could not build the kernel (Gluon is experimental and its API moves between releases)."""
+
+
+_BUILD_FAILED: str | None = None  # set once a build failed: the callers then take another path
+
+
 def supported(x: torch.Tensor, N: int) -> bool:
     """Whether this kernel can run these inputs: Hopper, fp16 activations, N a multiple of 16 (the scale
-    and zero rows of a group start at g * N: TMA needs 16-byte-aligned starts, N * 1 byte for the zeros)."""
-    if x.device.type != "cuda" or x.dtype != torch.float16 or N % 16:
+    and zero rows of a group start at g * N: TMA needs 16-byte-aligned starts, N * 1 byte for the zeros),
+    and a Triton that built it (or has not tried yet)."""
+    if _BUILD_FAILED or x.device.type != "cuda" or x.dtype != torch.float16 or N % 16:
         return False
     idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if idx not in _CAPABILITY:
@@ -283,12 +300,20 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     z_desc = TensorDescriptor.from_tensor(zeros.view(-1), [BN], _layout((BN,), gl.uint8))
     work = cdiv(M, BM) * cdiv(N, BN) * split
     grid = (min(work, _num_sms(x.device)),)
-    _w4a16_gemm_ws_kernel[grid](
-        x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
-        G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
-        CONVERT_WARPS=cfg["CONVERT_WARPS"], CONVERT_REGS=cfg["CONVERT_REGS"], LOADER_REGS=cfg["LOADER_REGS"],
-        num_warps=cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
-    )
+    try:
+        _w4a16_gemm_ws_kernel[grid](
+            x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
+            G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
+            CONVERT_WARPS=cfg["CONVERT_WARPS"], CONVERT_REGS=cfg["CONVERT_REGS"], LOADER_REGS=cfg["LOADER_REGS"],
+            num_warps=cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
+        )
+    except _BUILD_ERRORS as e:
+        global _BUILD_FAILED
+        _BUILD_FAILED = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        warnings.warn(f"lmq: the Hopper prefill GEMM (w4a16_gemm_ws) does not build with this Triton "
+                      f"({_BUILD_FAILED}); prefill uses dequantize + cuBLAS instead (slower from 256 rows). "
+                      "Triton 3.6 to 3.9 build it.", RuntimeWarning, stacklevel=2)
+        raise KernelUnavailable(f"w4a16_gemm_ws does not build with this Triton: {_BUILD_FAILED}") from e
     return out.reshape(*lead, N)
 
 

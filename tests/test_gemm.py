@@ -328,6 +328,35 @@ def test_gemm_ws_refuses_what_it_cannot_run(device, monkeypatch):
     assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
 
 
+def test_gemm_ws_that_does_not_build_falls_back_once(monkeypatch):
+    """A Triton whose Gluon API moved: the first launch warns, that prefill and every later one take
+    dequantize + cuBLAS, and the kernel is not tried again."""
+    ws = w4a16_gemm_ws_module
+    N, K, G = 64, 256, 64
+    p = random_packed(N, K, G, "cpu")
+    x = torch.randn(300, K).half()
+    tries = []
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tries.append(grid)
+                raise RuntimeError("unknown op")
+            return launch
+
+    monkeypatch.setattr(ws, "_w4a16_gemm_ws_kernel", Broken())
+    monkeypatch.setattr(ws, "_BUILD_ERRORS", (RuntimeError,))
+    monkeypatch.setattr(ws, "_BUILD_FAILED", None)
+    monkeypatch.setattr(ws, "supported", lambda x, N: ws._BUILD_FAILED is None)  # as on a Hopper GPU
+    table = {**CONFIGS["sm90"], "decode_max_m": 1, "dequant_min_m": 4096, "prefill_min_numel": 0}
+    ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
+    with pytest.warns(RuntimeWarning, match="does not build with this Triton"):
+        out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table)
+    assert rel_err(out, ref) < TOL[torch.float16]
+    assert rel_err(qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table), ref) < TOL[torch.float16]
+    assert len(tries) == 1 and "unknown op" in ws._BUILD_FAILED
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [{}, {"BLOCK_M": 128, "BLOCK_M_SMALL": 0, "STAGES": 3, "CONVERT_REGS": 112},
                                     {"SPLIT_K": 3}, {"BLOCK_M": 64, "num_warps": 4, "CONVERT_REGS": 128}])

@@ -21,11 +21,15 @@ import torch
 from torch import nn
 
 from lmq.errors import UnsupportedError
-from lmq.kernels import w4a16_gemm_ws
 from lmq.kernels.w4a16_dequant import w4a16_dequant
 from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm
 from lmq.kernels.w4a16_gemv import w4a16_gemv
 from lmq.pack import planes64
+
+try:
+    from lmq.kernels import w4a16_gemm_ws
+except ImportError:  # a Triton without Gluon (before 3.5): prefill takes dequantize + cuBLAS
+    w4a16_gemm_ws = None
 
 ARCHS = tuple(CONFIGS)
 
@@ -74,9 +78,12 @@ def run_path(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if path == "gemv":
         return w4a16_gemv(x, qweight, scales, zeros, group_size, None if x.device.type == "cpu" else table["gemv"])
     if path == "prefill" and "prefill_ws" in table:
-        if w4a16_gemm_ws.supported(x, qweight.shape[1]):
-            return w4a16_gemm_ws.w4a16_gemm_ws(x, qweight, scales, zeros, group_size, table["prefill_ws"])
-        path = "dequant"  # bf16 (or N % 16 != 0): dequantize + cuBLAS beats the Triton prefill kernel there
+        if w4a16_gemm_ws is not None and w4a16_gemm_ws.supported(x, qweight.shape[1]):
+            try:
+                return w4a16_gemm_ws.w4a16_gemm_ws(x, qweight, scales, zeros, group_size, table["prefill_ws"])
+            except w4a16_gemm_ws.KernelUnavailable:
+                pass  # this Triton cannot build it (warned once): dequantize + cuBLAS from now on
+        path = "dequant"  # bf16, N % 16 != 0, no Gluon: dequantize + cuBLAS beats the Triton prefill kernel
     if path == "dequant":
         return torch.matmul(x, w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
     cfg = table[path]
