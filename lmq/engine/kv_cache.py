@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from lmq.errors import InputError, LmqError
-from lmq.kernels.attention_decode import decode_attention
-from lmq.kernels.attention_prefill import prefill_attention
-from lmq.kernels.kv_quant import KV_DTYPES, PagedKV, write_kv
+from lmq.kernels.attention_decode import decode_attention, decode_attention_ref
+from lmq.kernels.attention_prefill import prefill_attention, prefill_attention_ref
+from lmq.kernels.kv_quant import KV_DTYPES, PagedKV, write_kv, write_kv_ref
 
 DEFAULT_BLOCK_SIZE = 128  # tokens per block: a decode tile (128 tokens on GPU) reads one block
 
@@ -463,14 +463,21 @@ class KVCache:
         write_kv(k, v, self.layers[layer], slot_mapping)
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  batch: AttentionBatch, sm_scale: float | None = None) -> torch.Tensor:
+                  batch: AttentionBatch, sm_scale: float | None = None, reference: bool = False) -> torch.Tensor:
         """One layer's attention for a step: write the new K/V [T, H_kv, D], then attend with
         q [T, H, D] over the cache (prefill: causal over prefix + new; decode: one row per
-        sequence). Returns [T, H, D]."""
+        sequence). Returns [T, H, D]. `reference`: the kernels' plain-PyTorch twins instead (the
+        engine's "torch" backend)."""
         if not batch.is_prefill and batch.max_q_len != 1:
             raise ValueError(f"a decode step computes one token per sequence, got up to {batch.max_q_len}")
-        self.write(layer, k, v, batch.slot_mapping)
         cache = self.layers[layer]
+        if reference:
+            write_kv_ref(k, v, cache, batch.slot_mapping)
+            if batch.is_prefill:
+                return prefill_attention_ref(q, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens,
+                                             sm_scale=sm_scale)
+            return decode_attention_ref(q, cache, batch.block_tables, batch.seq_lens, sm_scale=sm_scale)
+        self.write(layer, k, v, batch.slot_mapping)
         if batch.is_prefill:
             return prefill_attention(q, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens,
                                      max_q_len=batch.max_q_len, sm_scale=sm_scale)

@@ -37,14 +37,7 @@ from lmq.engine.kv_cache import AttentionBatch, KVCache
 from lmq.engine.qlinear import local_arch, qlinear, qlinear_rope
 from lmq.errors import InputError, UnsupportedError
 from lmq.format.source import WeightSource, resolve_model_path
-from lmq.kernels import (
-    attention_decode,
-    attention_prefill,
-    kv_quant,
-    rmsnorm,
-    rope,
-    silu_mul,
-)
+from lmq.kernels import rmsnorm, rope, silu_mul
 from lmq.kernels.w4a16_gemm import CONFIGS, check_bf16_support
 from lmq.kernels.w4a16_gemv import can_fuse_rope
 from lmq.models.llama import ModelConfig
@@ -266,14 +259,7 @@ class EngineModel:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
                   batch: AttentionBatch) -> torch.Tensor:
         """Write the new K/V [T, H_kv, D] into the layer's cache, then attend with q [T, H, D]."""
-        if self.backend == "triton":
-            return cache.attention(layer, q, k, v, batch)
-        pool = cache.layers[layer]
-        kv_quant.write_kv_ref(k, v, pool, batch.slot_mapping)
-        if batch.is_prefill:
-            return attention_prefill.prefill_attention_ref(q, pool, batch.block_tables, batch.cu_seqlens_q,
-                                                           batch.seq_lens)
-        return attention_decode.decode_attention_ref(q, pool, batch.block_tables, batch.seq_lens)
+        return cache.attention(layer, q, k, v, batch, reference=self.backend != "triton")
 
     # -- forward ------------------------------------------------------------------------------------
     @torch.inference_mode()
