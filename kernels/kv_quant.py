@@ -624,30 +624,6 @@ def attend_tile(q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr
         acc_lo = acc_lo * alpha[:, None] + tl.dot(p, tl.trans(v_lo.to(q_lo.dtype)))
         acc_hi = acc_hi * alpha[:, None] + tl.dot(p, tl.trans(v_hi.to(q_lo.dtype)))
     return m_new, l_i, acc_lo, acc_hi
-    v_lo, v_hi = load_vt_halves(vc_ptr, vcol, offs_dh, mask_n, HALF, PAGE, RUN, KV_MODE, ASM, RAW)
-    if KV_MODE != 0:
-        v_s, v_z = split_scale_zero(v_sz)
-        ps = (p * v_s.to(tl.float32)[None, :]).to(q_lo.dtype)  # the scales move onto the probabilities
-        # the row sums of p, p z and p s in one reduction (one exchange between warps, not three)
-        p_sum, pz, ps_sum = tl.reduce((p, p * v_z.to(tl.float32)[None, :], ps.to(tl.float32)), 1, _add3)
-        l_i = l_i * alpha + p_sum
-        add_lo = pz
-        add_hi = pz
-        if RAW:
-            add_lo = pz - 1024.0 * ps_sum
-            add_hi = pz - (64.0 if KV_MODE == 2 else 1024.0) * ps_sum
-        pv_lo = tl.dot(ps, tl.trans(v_lo.to(q_lo.dtype)))
-        pv_hi = tl.dot(ps, tl.trans(v_hi.to(q_lo.dtype)))
-        if RAW and KV_MODE == 2:
-            pv_hi = pv_hi * 0.0625
-        acc_lo = acc_lo * alpha[:, None] + pv_lo + add_lo[:, None]
-        acc_hi = acc_hi * alpha[:, None] + pv_hi + add_hi[:, None]
-    else:
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(q_lo.dtype)
-        acc_lo = acc_lo * alpha[:, None] + tl.dot(p, tl.trans(v_lo.to(q_lo.dtype)))
-        acc_hi = acc_hi * alpha[:, None] + tl.dot(p, tl.trans(v_hi.to(q_lo.dtype)))
-    return m_new, l_i, acc_lo, acc_hi
 
 
 def raw_codes(q: torch.Tensor, cache: PagedKV) -> bool:
