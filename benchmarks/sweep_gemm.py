@@ -38,15 +38,10 @@ SWEEP = {
     },
     "prefill": {
         "ms": [256, 1024, 4096],
-        # the group-wise loop (scales late, on the partial sums) and the SCALE_EARLY loop (scales in the
-        # dequantized weights, one dot per K tile), weights as the register operand (SWAP_AB) or not
-        "configs": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=3,
-                         SWAP_AB=True, DOT_K=64)]
-        + [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st,
-                SWAP_AB=swap, SCALE_EARLY=True)
-           for bm, bn, w, st, swap in ((128, 128, 8, 3, True), (128, 256, 8, 3, True), (64, 128, 4, 3, True),
-                                       (128, 128, 8, 3, False), (128, 128, 8, 2, False), (128, 128, 4, 2, False),
-                                       (128, 256, 8, 2, False), (256, 128, 8, 2, False), (64, 128, 4, 3, False))],
+        "configs": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, SPLIT_K=1, GROUP_M=8, num_warps=w, num_stages=st,
+                         SWAP_AB=True, DOT_K=dk)
+                    for bm, bn, w, st, dk in ((128, 128, 8, 3, 16), (128, 128, 8, 3, 64), (64, 128, 4, 3, 64),
+                                              (128, 128, 8, 4, 64))],
     },
     # the warp-specialized Hopper kernel (kernels/w4a16_gemm_ws.py), fp16
     "ws": {

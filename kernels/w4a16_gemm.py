@@ -23,9 +23,8 @@ M = 1 has its own CUDA-core kernel (w4a16_gemv.py); the dispatcher is lmq/engine
 Per K chunk and plane: `(h >> 4i) & 0xF | MAGIC` bitcast to fp16 (MAGIC 0x6400 = 1024.0) or bf16
 (0x4300 = 128.0) is exactly MAGIC + q; minus the zero prepared the same way gives q - z exactly, so
 the dot runs on small exact integers and the scale is applied once per group on the [BLOCK_M,
-BLOCK_N] partial sum ("apply scales late"), never per weight element. SCALE_EARLY (a switch no table
-uses: measured slower, NOTES-gemm.md run 15) instead multiplies each weight by its scale, rounded once
-to the activation dtype, and runs one dot per K tile.
+BLOCK_N] partial sum ("apply scales late"), never per weight element. (Scales applied per weight with
+one dot per K tile measured slower: NOTES-gemm.md run 15.)
 
 `w4a16_gemm_ref` is the plain-PyTorch twin (same function, fp32 math).
 """
@@ -73,20 +72,13 @@ def _pair_asm(first, bf16, scaled=False):
 
 
 @triton.jit
-def _dequant_pair(h, zq, FIRST: tl.constexpr, MAGIC: tl.constexpr, IS_BF16: tl.constexpr, FAST: tl.constexpr,
-                  s=None, SCALED: tl.constexpr = False):
-    """Planes FIRST and FIRST + 1 of `h [BN, 16]` int16 as q - z in the activation dtype (exact), or,
-    with SCALED, as w_hat = (q - z) * s rounded once to that dtype (`s [BN]` fp32)."""
+def _dequant_pair(h, zq, FIRST: tl.constexpr, MAGIC: tl.constexpr, IS_BF16: tl.constexpr, FAST: tl.constexpr):
+    """Planes FIRST and FIRST + 1 of `h [BN, 16]` int16 as q - z in the activation dtype (exact)."""
     if IS_BF16:
         wdt: tl.constexpr = tl.bfloat16
     else:
         wdt: tl.constexpr = tl.float16
     zb = tl.broadcast_to(zq[:, None], h.shape)  # [BN, 16] MAGIC + z
-    if FAST and SCALED and not IS_BF16:
-        sb = tl.broadcast_to(s.to(tl.float16)[:, None], h.shape)  # the stored fp16 scale, exact
-        p0, p1 = tl.inline_asm_elementwise(_pair_asm(FIRST, IS_BF16, True), "=r,=r,r,r,r", [h, zb, sb],
-                                           dtype=(zb.dtype, zb.dtype), is_pure=True, pack=2)
-        return p0, p1
     if FAST:
         p0, p1 = tl.inline_asm_elementwise(_pair_asm(FIRST, IS_BF16), "=r,=r,r,r", [h, zb], dtype=(zb.dtype, zb.dtype),
                                            is_pure=True, pack=2)
@@ -94,9 +86,6 @@ def _dequant_pair(h, zq, FIRST: tl.constexpr, MAGIC: tl.constexpr, IS_BF16: tl.c
         # Plain Triton (the interpreter has no inline assembly): the same bits, one lane at a time.
         p0 = (((h >> (4 * FIRST)) & 0xF) | MAGIC).to(tl.int16).to(wdt, bitcast=True) - zb
         p1 = (((h >> (4 * FIRST + 4)) & 0xF) | MAGIC).to(tl.int16).to(wdt, bitcast=True) - zb
-    if SCALED:
-        p0 = (p0.to(tl.float32) * s[:, None]).to(wdt)
-        p1 = (p1.to(tl.float32) * s[:, None]).to(wdt)
     return p0, p1
 
 
@@ -124,7 +113,7 @@ def _w4a16_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, IS_BF16: tl.constexpr,
     CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,  # planes64's geometry
-    SWAP_AB: tl.constexpr, DOT_K: tl.constexpr, SCALE_EARLY: tl.constexpr,
+    SWAP_AB: tl.constexpr, DOT_K: tl.constexpr,
     FAST_CVT: tl.constexpr,  # inline-PTX int4 -> fp16/bf16 (GPU); plain Triton under the interpreter
 ):
     # -- which output tile and which K range this program owns ------------------------------------
@@ -169,91 +158,60 @@ def _w4a16_gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SCALE_EARLY:
-        # -- prefill: scales applied in the dequantization, one dot per K tile -----------------------
-        # w_hat = (q - z) * s rounded once to the activation dtype (as a dequantized fp16 weight would
-        # be), so the whole K tile is one dot accumulating straight into acc: the matrix unit never
-        # waits for a per-group rescale, and the next tile's dequantization overlaps this tile's dot.
-        for kt in range(k_lo, k_hi, BLOCK_K):
-            for cc in tl.static_range(BLOCK_K // CHUNK_K):
-                chunk = kt // CHUNK_K + cc
+    for kt in range(k_lo, k_hi, BLOCK_K):
+        for gi in tl.static_range(BLOCK_K // G):
+            # -- one group: its zero (as MAGIC + z) and scale, one contiguous row of N each -------
+            g = (kt + gi * G) // G
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
+            zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN] MAGIC + z
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+            part = tl.zeros_like(acc)
+            for cc in tl.static_range(CHUNKS_PER_GROUP):
+                # -- stream one chunk of weights: BLOCK_N rows x 32 contiguous bytes --------------
+                # (G = 32: both groups of a chunk load it; the second load hits L1)
+                chunk = (kt + gi * G) // CHUNK_K + cc
                 h = tl.load(qw_rows + chunk * N * LANES, mask=n_mask[:, None], other=0,
                             eviction_policy="evict_first")  # [BN, 16] int16
-                for pp in tl.static_range(2):
-                    if pp == 0 or G < CHUNK_K:  # planes 2, 3 start a new group only when G = 32
-                        g = (chunk * CHUNK_K + 2 * LANES * pp) // G
-                        z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
-                        zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN] MAGIC + z
-                        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
-                    w0, w1 = _dequant_pair(h, zq, 2 * pp, MAGIC, IS_BF16, FAST_CVT, s, True)  # [BN, 16] w_hat
-                    if pp == 0:
-                        wc = _cat(w0, w1)  # [BN, 32]
+                if DOT_K == 64 and PLANES_PER_GROUP == 4:
+                    # -- the whole chunk in one K = 64 dot: planes 0..3 side by side are k = 0..63 -----
+                    w0, w1 = _dequant_pair(h, zq, 0, MAGIC, IS_BF16, FAST_CVT)  # [BN, 16] q - z, exact
+                    w2, w3 = _dequant_pair(h, zq, 2, MAGIC, IS_BF16, FAST_CVT)
+                    w = _cat(_cat(w0, w1), _cat(w2, w3))  # [BN, 64]
+                    a = tl.load(x_rows + (chunk * CHUNK_K + lanes4)[None, :], mask=m_mask[:, None],
+                                other=0.0)  # [BM, 64]
+                    if SWAP_AB:
+                        part = tl.dot(w, tl.trans(a), part)  # [BN, BM]
                     else:
-                        wc = _cat(wc, _cat(w0, w1))  # [BN, 64]: planes 0..3 are k = 0..63 of the chunk
-                if cc == 0:
-                    w = wc
+                        part = tl.dot(a, tl.trans(w), part)  # [BM, BN]
                 else:
-                    w = _cat(w, wc)  # [BN, 64 * (cc + 1)]
-            a = tl.load(x_rows + (kt + tl.arange(0, BLOCK_K))[None, :], mask=m_mask[:, None], other=0.0)  # [BM, BK]
-            if SWAP_AB:
-                acc = tl.dot(w, tl.trans(a), acc)  # [BN, BM]
-            else:
-                acc = tl.dot(a, tl.trans(w), acc)  # [BM, BN]
-    else:
-        for kt in range(k_lo, k_hi, BLOCK_K):
-            for gi in tl.static_range(BLOCK_K // G):
-                # -- one group: its zero (as MAGIC + z) and scale, one contiguous row of N each -------
-                g = (kt + gi * G) // G
-                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
-                zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN] MAGIC + z
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
-                part = tl.zeros_like(acc)
-                for cc in tl.static_range(CHUNKS_PER_GROUP):
-                    # -- stream one chunk of weights: BLOCK_N rows x 32 contiguous bytes --------------
-                    # (G = 32: both groups of a chunk load it; the second load hits L1)
-                    chunk = (kt + gi * G) // CHUNK_K + cc
-                    h = tl.load(qw_rows + chunk * N * LANES, mask=n_mask[:, None], other=0,
-                                eviction_policy="evict_first")  # [BN, 16] int16
-                    if DOT_K == 64 and PLANES_PER_GROUP == 4:
-                        # -- the whole chunk in one K = 64 dot: planes 0..3 side by side are k = 0..63 -----
-                        w0, w1 = _dequant_pair(h, zq, 0, MAGIC, IS_BF16, FAST_CVT)  # [BN, 16] q - z, exact
-                        w2, w3 = _dequant_pair(h, zq, 2, MAGIC, IS_BF16, FAST_CVT)
-                        w = _cat(_cat(w0, w1), _cat(w2, w3))  # [BN, 64]
-                        a = tl.load(x_rows + (chunk * CHUNK_K + lanes4)[None, :], mask=m_mask[:, None],
-                                    other=0.0)  # [BM, 64]
-                        if SWAP_AB:
-                            part = tl.dot(w, tl.trans(a), part)  # [BN, BM]
-                        else:
-                            part = tl.dot(a, tl.trans(w), part)  # [BM, BN]
-                    else:
-                        for ii in tl.static_range(PLANES_PER_GROUP // 2):
-                            # -- dequantize two planes: q - z exactly, no int-to-float conversion -----
-                            # first plane of the pair: i = (gi * G) % CHUNK_K // LANES + 2 * ii (a constexpr)
-                            w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
-                                                   FAST_CVT)  # [BN, 16] each
-                            k0 = chunk * CHUNK_K + LANES * ((gi * G) % CHUNK_K // LANES + 2 * ii)  # plane i's 1st k
-                            if DOT_K >= 32:
-                                # one K = 32 dot per pair: planes i, i + 1 are 32 contiguous input channels
-                                w01 = _cat(w0, w1)  # [BN, 32]
-                                a01 = tl.load(x_rows + (k0 + lanes2)[None, :], mask=m_mask[:, None], other=0.0)
-                                if SWAP_AB:
-                                    part = tl.dot(w01, tl.trans(a01), part)  # [BN, BM]
-                                else:
-                                    part = tl.dot(a01, tl.trans(w01), part)  # [BM, BN]
+                    for ii in tl.static_range(PLANES_PER_GROUP // 2):
+                        # -- dequantize two planes: q - z exactly, no int-to-float conversion -----
+                        # first plane of the pair: i = (gi * G) % CHUNK_K // LANES + 2 * ii (a constexpr)
+                        w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
+                                               FAST_CVT)  # [BN, 16] each
+                        k0 = chunk * CHUNK_K + LANES * ((gi * G) % CHUNK_K // LANES + 2 * ii)  # plane i's 1st k
+                        if DOT_K >= 32:
+                            # one K = 32 dot per pair: planes i, i + 1 are 32 contiguous input channels
+                            w01 = _cat(w0, w1)  # [BN, 32]
+                            a01 = tl.load(x_rows + (k0 + lanes2)[None, :], mask=m_mask[:, None], other=0.0)
+                            if SWAP_AB:
+                                part = tl.dot(w01, tl.trans(a01), part)  # [BN, BM]
                             else:
-                                a0 = tl.load(x_rows + (k0 + lanes)[None, :], mask=m_mask[:, None], other=0.0)
-                                a1 = tl.load(x_rows + (k0 + LANES + lanes)[None, :], mask=m_mask[:, None], other=0.0)
-                                if SWAP_AB:
-                                    part = tl.dot(w0, tl.trans(a0), part)  # [BN, BM]
-                                    part = tl.dot(w1, tl.trans(a1), part)
-                                else:
-                                    part = tl.dot(a0, tl.trans(w0), part)  # [BM, BN]
-                                    part = tl.dot(a1, tl.trans(w1), part)
-                # -- the group ends: apply its scale once to the partial sum --------------------------
-                if SWAP_AB:
-                    acc += part * s[:, None]
-                else:
-                    acc += part * s[None, :]
+                                part = tl.dot(a01, tl.trans(w01), part)  # [BM, BN]
+                        else:
+                            a0 = tl.load(x_rows + (k0 + lanes)[None, :], mask=m_mask[:, None], other=0.0)
+                            a1 = tl.load(x_rows + (k0 + LANES + lanes)[None, :], mask=m_mask[:, None], other=0.0)
+                            if SWAP_AB:
+                                part = tl.dot(w0, tl.trans(a0), part)  # [BN, BM]
+                                part = tl.dot(w1, tl.trans(a1), part)
+                            else:
+                                part = tl.dot(a0, tl.trans(w0), part)  # [BM, BN]
+                                part = tl.dot(a1, tl.trans(w1), part)
+            # -- the group ends: apply its scale once to the partial sum --------------------------
+            if SWAP_AB:
+                acc += part * s[:, None]
+            else:
+                acc += part * s[None, :]
 
     if SWAP_AB:
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BN, BM]
@@ -382,8 +340,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     cfg = dict(config or (INTERPRET_CONFIG if x.device.type == "cpu" else CONFIGS["sm80"]["decode"]))
     if "BLOCK_M_MAX" in cfg:  # rows per tile grow with M: each dequantized weight tile serves more rows
         cfg["BLOCK_M"] = min(cfg["BLOCK_M_MAX"], max(cfg["BLOCK_M"], next_pow2(M)))
-    # SCALE_EARLY joins a whole K tile into one dot: one or two 64-wide chunks
-    block_k = pick_block_k(K, group_size, min(cfg["BLOCK_K"], 128) if cfg.get("SCALE_EARLY") else cfg["BLOCK_K"])
+    block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
     split_k = pick_split_k(M, N, K, cfg, block_k, x.device)
     # -- 2. allocate ------------------------------------------------------------------------------
     out = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
@@ -397,7 +354,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         SPLIT_K=split_k, GROUP_M=cfg["GROUP_M"], IS_BF16=x.dtype == torch.bfloat16,
         CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES,
         FAST_CVT=x.device.type == "cuda", SWAP_AB=cfg.get("SWAP_AB", False),
-        DOT_K=cfg.get("DOT_K", 16), SCALE_EARLY=cfg.get("SCALE_EARLY", False),
+        DOT_K=cfg.get("DOT_K", 16),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.reshape(*lead, N)

@@ -171,20 +171,6 @@ def test_gemm_configs(split_k, swap_ab, dot_k, device):
     assert rel_err(out, ref) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("swap_ab", [False, True])
-@pytest.mark.parametrize("G,block_k", [(32, 64), (64, 128), (128, 128), (128, 256)])
-def test_gemm_scale_early(G, block_k, swap_ab, device):
-    """SCALE_EARLY (the prefill loop): w_hat = (q - z) * s rounded once, one dot per 64- or 128-wide K tile
-    (a requested 256 falls back to 128), a group boundary inside a chunk when G = 32, K and N off the tile."""
-    N, K = 40, 384 if G < 128 else 640
-    p = random_packed(N, K, G, device)
-    x = torch.randn(19, K, device=device).half()
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": 1, "GROUP_M": 2, "num_warps": 4,
-           "num_stages": 1, "SWAP_AB": swap_ab, "SCALE_EARLY": True}
-    out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
-    assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
-
-
 @pytest.mark.parametrize("M", [5, 17, 40])
 def test_gemm_rows_per_tile_grow_with_m(M, device):
     """BLOCK_M_MAX: the tile takes the next power of two >= M rows (16..64), masked past M."""

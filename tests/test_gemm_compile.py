@@ -40,7 +40,6 @@ def compile_all(arch: str, dt: str) -> None:
               {"G": 128, "BLOCK_M": bm or cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                "SPLIT_K": 2, "GROUP_M": cfg["GROUP_M"], "IS_BF16": dt == "bf16", "PLANES": planes64.PLANES,
                "SWAP_AB": cfg.get("SWAP_AB", False), "DOT_K": cfg.get("DOT_K", 16), "FAST_CVT": True,
-               "SCALE_EARLY": cfg.get("SCALE_EARLY", False),
                **geometry},
               cfg["num_warps"], cfg["num_stages"])
     g = CONFIGS[arch]["gemv"]
