@@ -16,15 +16,26 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-_SM_COUNT: dict[int, int] = {}
+_PROPS: dict[int, tuple[int, tuple[int, int]]] = {}
 
 
-def cuda_sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA device, looked up once (the property query costs
-    microseconds, and the launchers plan their grids on every call)."""
+def _cuda_props(device) -> tuple[int, tuple[int, int]]:
+    """(SM count, compute capability) of a CUDA device, looked up once (the property query costs
+    microseconds, and the launchers ask on every call)."""
     import torch
 
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    if idx not in _PROPS:
+        p = torch.cuda.get_device_properties(idx)
+        _PROPS[idx] = (p.multi_processor_count, (p.major, p.minor))
+    return _PROPS[idx]
+
+
+def cuda_sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached)."""
+    return _cuda_props(device)[0]
+
+
+def cuda_capability(device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (cached)."""
+    return _cuda_props(device)[1]

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lmq.kernels import cdiv, cuda_sm_count, next_pow2
+from lmq.kernels import cdiv, cuda_capability, cuda_sm_count, next_pow2
 from triton.runtime.jit import constexpr_function
 
 from lmq.errors import ShapeError, UnsupportedError
@@ -281,8 +281,8 @@ def _num_sms(device: torch.device) -> int:
 
 def check_bf16_support(x: torch.Tensor, op: str) -> None:
     """bf16 activations need compute capability 8.0 (the bf16x2 instructions); Turing has none."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
-        major, minor = torch.cuda.get_device_capability(x.device)
+    if x.dtype == torch.bfloat16 and x.device.type == "cuda" and cuda_capability(x.device) < (8, 0):
+        major, minor = cuda_capability(x.device)
         raise UnsupportedError(
             f"{op}: bfloat16 activations need compute capability >= 8.0, this GPU has {major}.{minor}; "
             f"run the model in float16 (--dtype float16)"

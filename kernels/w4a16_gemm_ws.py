@@ -31,7 +31,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-from lmq.kernels import cdiv
+from lmq.kernels import cdiv, cuda_capability
 from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, _pair_asm, check_inputs
 from triton.compiler.errors import CompilationError
 from triton.experimental import gluon
@@ -241,9 +241,6 @@ def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stri
     ], [1, CONVERT_WARPS], [LOADER_REGS, CONVERT_REGS])
 
 
-_CAPABILITY: dict[int, tuple[int, int]] = {}
-
-
 class KernelUnavailable(UnsupportedError):
     """This Triton could not build the kernel (Gluon is experimental and its API moves between releases)."""
 
@@ -257,10 +254,7 @@ def supported(x: torch.Tensor, N: int) -> bool:
     and a Triton that built it (or has not tried yet)."""
     if _BUILD_FAILED or x.device.type != "cuda" or x.dtype != torch.float16 or N % 16:
         return False
-    idx = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPABILITY:
-        _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-    return _CAPABILITY[idx][0] == 9
+    return cuda_capability(x.device)[0] == 9
 
 
 _LAYOUTS: dict[tuple, gl.NVMMASharedLayout] = {}
