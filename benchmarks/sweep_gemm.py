@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|prefill ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-waves|prefill|ws ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
@@ -13,7 +13,7 @@ import importlib.util
 import sys
 
 import torch
-from lmq.kernels.w4a16_gemm import w4a16_gemm, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
 from lmq.kernels.w4a16_gemm_ws import w4a16_gemm_ws
 from lmq.kernels.w4a16_gemv import w4a16_gemv
 
@@ -22,6 +22,7 @@ from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
 
 G = 128
+_DECODE_TABLE = CONFIGS["sm90"]["decode"]
 SWEEP = {
     "gemv": {
         "ms": [1],
@@ -42,6 +43,11 @@ SWEEP = {
                          SWAP_AB=True, DOT_K=dk)
                     for bm, bn, w, st, dk in ((128, 128, 8, 3, 16), (128, 128, 8, 3, 64), (64, 128, 4, 3, 64),
                                               (128, 128, 8, 4, 64))],
+    },
+    # the decode kernel's split count at medium M: splits until the grid covers WAVES waves of SMs
+    "decode-waves": {
+        "ms": [64, 96, 128, 192, 256],
+        "configs": [{**_DECODE_TABLE, "WAVES": w} for w in (4, 3, 2, 1)],
     },
     # the warp-specialized Hopper kernel (kernels/w4a16_gemm_ws.py), fp16
     "ws": {
@@ -71,7 +77,7 @@ def main(regimes):
         weights.append((name, K, [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]))
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
-            if regime in ("prefill", "ws"):  # the peer, and a GPU check of every config against the reference
+            if regime in ("prefill", "ws", "decode-waves"):  # the peer, and a GPU check of every config
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -120,8 +126,6 @@ def _load_module(name, path):
 
 def gemv_compare(variants):
     """M=1: correctness on the GPU, then us / TB/s / x cuBLAS per shape for every kernel and config."""
-    from lmq.kernels.w4a16_gemm import CONFIGS
-
     torch.manual_seed(0)
     kernels = [("cur", w4a16_gemv)] + [(n, _load_module(f"gemv_{n}", p).w4a16_gemv) for n, p in variants]
     runs = [(f"{kn} {bn}x{bk} w{w} waves{wv} max{(*ms, 16)[0]}" + (f" sum{sp} {red[:4]}" if kn == "cur" else ""), kf,

@@ -314,13 +314,13 @@ def test_gemm_ws_refuses_what_it_cannot_run(device, monkeypatch):
     assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
 
 
-def test_gemm_ws_that_does_not_build_falls_back_once(monkeypatch):
+def test_gemm_ws_that_does_not_build_falls_back_once(monkeypatch, device):
     """A Triton whose Gluon API moved: the first launch warns, that prefill and every later one take
     dequantize + cuBLAS, and the kernel is not tried again."""
     ws = w4a16_gemm_ws_module
     N, K, G = 64, 256, 64
-    p = random_packed(N, K, G, "cpu")
-    x = torch.randn(300, K).half()
+    p = random_packed(N, K, G, device)
+    x = torch.randn(300, K, device=device).half()
     tries = []
 
     class Broken:
