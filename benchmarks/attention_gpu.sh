@@ -15,7 +15,7 @@ if [ -z "$SKIP_TESTS" ]; then
     -p no:warnings 2>&1 | tail -25 | tee "$OUT/tests.log"; tests_rc=$?
 fi
 if [ -z "$SKIP_SWEEP" ]; then
-  timeout 200 python3 benchmarks/attention_sweep.py $SWEEP_ARGS 2>&1 | tee "$OUT/sweep.log"
+  timeout 360 python3 benchmarks/attention_sweep.py $SWEEP_ARGS 2>&1 | tee "$OUT/sweep.log"
 fi
 echo "+ lmq bench attention --json $*" | tee "$OUT/bench_cmd.txt"
 if grep -qE "failed|error" "$OUT/tests.log" 2>/dev/null; then

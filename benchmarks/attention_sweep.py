@@ -81,27 +81,16 @@ def time_prefill() -> None:
 
 
 def compare(bw: float) -> None:
-    """The default decode config against variants, same caches and queries: the values' scales
-    applied the other way (`kv_quant.scale_probs`), the split plan before (2 programs per SM, any
-    tile count), 64-token fp16 tiles."""
+    """The default decode config against variants, same caches and queries: programmatic dependent
+    launch of the split kernel, of the merge kernel, each off, and both off."""
     torch.manual_seed(0)
-    saved = {k: getattr(dec, k) for k in ("PROGRAMS_PER_SM", "MIN_SPLIT_TILES", "scale_probs")}
-    flipped = {"scale_probs": lambda cache: not saved["scale_probs"](cache)}
-    cfg = dec._GPU_CONFIG[128]
-    old_plan = {"PROGRAMS_PER_SM": 2, "MIN_SPLIT_TILES": 1}
+    saved = {k: getattr(dec, k) for k in ("PDL_SPLIT", "PDL_MERGE")}
 
-    def variants(kd):
-        yield "default", {}
-        if kd != "fp16":
-            yield "values the other way", flipped
-            yield "values the other way, old plan", {**flipped, **old_plan}
-        yield "old plan", old_plan
-        yield "min tiles 2", {"MIN_SPLIT_TILES": 2}
-        if kd == "fp16":
-            yield "tile 64", {"cfg": (64, 4, 3)}
+    variants = [("default", {}), ("merge without PDL", {"PDL_MERGE": False}),
+                ("split without PDL", {"PDL_SPLIT": False}), ("no PDL", {"PDL_SPLIT": False, "PDL_MERGE": False})]
 
     for kd in ("fp16", "int8", "int4"):
-        for B, L in ((1, 4096), (1, 16384), (8, 4096), (8, 16384), (64, 16384)):
+        for B, L in ((1, 1024), (1, 4096), (1, 16384), (1, 32768), (8, 4096), (8, 16384), (64, 16384)):
             kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head(kd, D)
             n = ba.copies_for(kv_bytes)
             nb = -(-L // ba.BLOCK_SIZE)
@@ -110,15 +99,12 @@ def compare(bw: float) -> None:
             lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
             q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
             cells = []
-            for name, setting in [*variants(kd), ("default again", {})]:
-                dec._GPU_CONFIG[128] = setting.get("cfg", cfg)
+            for name, setting in [*variants, ("default again", {})]:
                 for k, v in setting.items():
-                    if k != "cfg":
-                        setattr(dec, k, v)
+                    setattr(dec, k, v)
                 us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L)
                                        for t in tables], calls=max(n, 10))
                 splits = -(-L // dec.plan_splits(B, HKV, L, dec._GPU_CONFIG[128][0], dec._sm_count(q.device)))
-                dec._GPU_CONFIG[128] = cfg
                 for k, v in saved.items():
                     setattr(dec, k, v)
                 cells.append(f"{name} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}% ({splits})")

@@ -24,7 +24,9 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 
 def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, cc: int = 90, raw: bool = True,
-                  scale_p: bool | None = None):
+                  scale_p: bool | None = None, pdl: bool | None = None):
+    """The split kernel as a launch compiles it (with PDL on sm90 by default)."""
+    pdl = cc >= 90 if pdl is None else pdl
     block_n, warps, stages = _GPU_CONFIG[64 if d <= 64 else 128 if d <= 128 else 256]
     code = "*u8" if kv_mode else "*fp16"
     ptrs = {"q_ptr": "*fp16", "kc_ptr": code, "vc_ptr": code, "ks_ptr": "*i32", "vs_ptr": "*i32",
@@ -36,7 +38,8 @@ def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, c
     consts = {"GROUP": group, "BLOCK_G": max(16, triton.next_power_of_2(group)), "HALF": half,
               "BLOCK_DH": max(16, triton.next_power_of_2(half)), "BLOCK_N": min(block_n, page), "PAGE": page,
               "KV_MODE": kv_mode, "DIRECT": False, "OFF64": False, "ASM": True,
-              "RAW": raw and kv_mode != 0, "SCALE_P": kv_mode == 1 if scale_p is None else scale_p}
+              "RAW": raw and kv_mode != 0, "SCALE_P": kv_mode == 1 if scale_p is None else scale_p,
+              "PDL": pdl}
     sig = {**ptrs, "qk_scale": "fp32", "split_len": "i32", **{s: "i32" for s in scalars},
            **{k: "constexpr" for k in consts}}
     # what a launch specializes on: pointers and the strides that are multiples of 16 in practice
@@ -47,7 +50,7 @@ def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, c
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(ASTSource(_decode_split_kernel, sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
-                          options={"num_warps": warps, "num_stages": stages})
+                          options={"num_warps": warps, "num_stages": stages, "launch_pdl": pdl})
 
 
 def cuobjdump(kernel, flag: str) -> str:

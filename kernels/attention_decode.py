@@ -50,8 +50,12 @@ def _decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, DIRECT: tl.constexpr, OFF64: tl.constexpr,
-    ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr,
+    ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        # launched early (programmatic dependent launch, lmq.kernels.pdl): wait for the previous
+        # kernel's writes (q, the new token's K/V) before the first read
+        tl.extra.cuda.gdc_wait()
     split = tl.program_id(0)
     hkv = tl.program_id(1)
     b = tl.program_id(2)
@@ -103,9 +107,12 @@ def _decode_merge_kernel(
     o_ptr, po_ptr, plse_ptr, lens_ptr, split_len,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, LAUNCH_DEPS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     if LAUNCH_DEPS:
         tl.extra.cuda.gdc_launch_dependents()  # the o_proj GEMV may launch now (lmq.kernels.pdl)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # launched early: the split kernel's partials are all written after this
     h = tl.program_id(0)
     b = tl.program_id(1)
     n_splits = tl.cdiv(tl.load(lens_ptr + b), split_len)
@@ -141,6 +148,15 @@ PROGRAMS_FULL = 2
 PROGRAMS_PER_SM = 8
 MIN_SPLIT_TILES = 4
 MORE_SPLITS_MAX = 32
+# Programmatic dependent launch (lmq.kernels.pdl, compute capability >= 9.0): the split kernel
+# (PDL_SPLIT) and the merge kernel (PDL_MERGE) launch while the kernel before them finishes and wait
+# for its writes. H100, same call (benchmarks/attention_sweep.py --compare): B=1 int4 1k / 4k / 16k
+# 7.1 / 9.8 / 18.0 us without, 5.9 / 8.7 / 17.0 with both; B=8 int8 4k 35.8 -> 34.9. Letting the merge
+# launch at the split kernel's start (an early trigger) was slower (B=8 int8 4k 38.8): its programs
+# sat on SM slots. A merge done by the last split to finish, in the same launch, was slower still
+# (B=1 int4 4k 12.6 us against 9.2 for two launches): one program per head group merges serially.
+PDL_SPLIT = True
+PDL_MERGE = True
 
 
 def _config(device: torch.device, head_dim: int) -> tuple[int, int, int]:
@@ -217,6 +233,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         ps = po.stride()[:3]
         ls = plse.stride()[:2]
     ks, vs = cache.scale_words()
+    pdl = use_pdl(q.device)
     _decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
         q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse,
         sm_scale * math.log2(math.e), split_len,
@@ -226,14 +243,16 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         GROUP=G, BLOCK_G=max(16, next_pow2(G)), HALF=half,
         BLOCK_DH=max(16, next_pow2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
         KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache),
-        SCALE_P=scale_probs(cache), DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
+        SCALE_P=scale_probs(cache), DIRECT=direct, PDL=pdl and PDL_SPLIT,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl and PDL_SPLIT,
     )
     if not direct:
         _decode_merge_kernel[(H, B)](
             out, po, plse, seq_lens, split_len,
             out.stride(0), out.stride(1), *ps, *ls,
             D=D, BLOCK_D=next_pow2(D), BLOCK_S=max(2, next_pow2(n_splits)),
-            num_warps=4 if q.device.type == "cuda" else 1, LAUNCH_DEPS=use_pdl(q.device),
+            num_warps=4 if q.device.type == "cuda" else 1, LAUNCH_DEPS=pdl, PDL=pdl and PDL_MERGE,
+            launch_pdl=pdl and PDL_MERGE,
         )
     return out
 

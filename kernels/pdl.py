@@ -3,7 +3,8 @@
 A kernel launched with PDL may start while the kernel before it is still running, once that kernel
 lets its dependents launch (`gdc_launch_dependents`) or finishes. lmq launches the W4A16 GEMV this
 way: its programs start, compute their offsets, then wait (`gdc_wait`) for the previous kernel's
-writes before they read the activations or the split-K workspace. The small kernels that precede
+writes before they read the activations or the split-K workspace. The decode attention's split and
+merge kernels launch this way too and wait before their first read. The small kernels that precede
 GEMVs in a decode step (RMSNorm, SiLU*mul, the attention merge) let dependents launch at their
 start. Every other kernel is launched as usual and so waits for the whole previous kernel.
 `LMQ_PDL=0` turns it off (for a comparison, or a driver that mishandles it).

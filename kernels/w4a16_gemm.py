@@ -237,8 +237,12 @@ _GEMV = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "WAVES": 8, "num_warps": 4
 # BLOCK_M_MAX: the decode tile takes min(64, next power of two >= M) rows (at least BLOCK_M), so one
 # dequantized weight tile serves up to 64 rows; sm90, sum of the four shapes: M=64 99.9 us with 64-row
 # tiles vs 171.6 with 16, M=128 179.5 vs 318.6, M=32 80.7 (32 rows) vs 97.8 (sweep-decode-4.log).
+# WAVES_FROM_M: 3 waves from M=64 and 2 above M=128 (sm90, sum of the four shapes, 4 waves -> the table:
+# M=64 99.0 -> 95.2 us, M=96 179.0 -> 165.3, M=128 183.2 -> 169.1, M=192 263.8 -> 243.5, M=256 318.4 -> 310.7;
+# benchmarks/results/2026-11-23-session7-h100/sweep-decode-waves.log).
 _DECODE = {"BLOCK_M": 16, "BLOCK_M_MAX": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "WAVES": 4,
-           "GROUP_M": 1, "num_warps": 4, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
+           "WAVES_FROM_M": ((64, 3), (129, 2)), "GROUP_M": 1, "num_warps": 4, "num_stages": 3, "SWAP_AB": True,
+           "DOT_K": 64}
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
                      "num_warps": 8, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
@@ -323,11 +327,16 @@ def pick_block_k(K: int, group_size: int, want: int) -> int:
 
 def pick_split_k(M: int, N: int, K: int, cfg: dict, block_k: int, device: torch.device) -> int:
     """SPLIT_K=0 means auto: enough K splits that the grid covers ~WAVES (default 2) waves of SMs,
-    at most MAX_SPLIT (default 16)."""
+    at most MAX_SPLIT (default 16). `WAVES_FROM_M` [(min_m, waves), ...] (ascending) lowers the
+    target for larger M: each row tile there already does more work per weight byte."""
     if cfg["SPLIT_K"] > 0:
         return min(cfg["SPLIT_K"], K // block_k)
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-    want = cdiv(cfg.get("WAVES", 2) * _num_sms(device), tiles)
+    waves = cfg.get("WAVES", 2)
+    for min_m, w in cfg.get("WAVES_FROM_M", ()):
+        if M >= min_m:
+            waves = w
+    want = cdiv(waves * _num_sms(device), tiles)
     return max(1, min(want, K // block_k, cfg.get("MAX_SPLIT", 16)))
 
 

@@ -271,9 +271,35 @@ def _layout(shape: tuple[int, ...], dtype) -> gl.NVMMASharedLayout:
     return _LAYOUTS[key]
 
 
+def weight_descriptors(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, block_n: int,
+                       held: dict | None = None) -> tuple:
+    """The TMA descriptors of a packed weight for `block_n`-row tiles: (codes, scales, zeros).
+
+    Building them costs microseconds of host time per launch. `held` is a dict the weight's owner keeps
+    (lmq.engine's QLinear and Linear): the descriptors are made once per tile height and live as long
+    as the owner, which holds the weights anyway (a cache keyed here would keep every weight alive).
+    Weights that moved (a new storage) replace what `held` had.
+    """
+    key = (block_n, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr())
+    if held is not None and key in held:
+        return held[key]
+    lanes = planes64.LANES
+    descs = (TensorDescriptor.from_tensor(qweight.view(-1, lanes), [block_n, lanes],  # chunk c's rows start at c * N
+                                          _layout((block_n, lanes), gl.int16)),
+             TensorDescriptor.from_tensor(scales.view(-1), [block_n], _layout((block_n,), gl.float16)),
+             TensorDescriptor.from_tensor(zeros.view(-1), [block_n], _layout((block_n,), gl.uint8)))
+    if held is not None:
+        if any(k[1:] != key[1:] for k in held):
+            held.clear()  # descriptors of the weights' old storage
+        held[key] = descs
+    return descs
+
+
 def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                  group_size: int, config: dict | None = None) -> torch.Tensor:
-    """`x [..., K]` fp16 times the packed `[N, K]` weight -> `[..., N]` fp16 (Hopper only)."""
+                  group_size: int, config: dict | None = None, descs: dict | None = None) -> torch.Tensor:
+    """`x [..., K]` fp16 times the packed `[N, K]` weight -> `[..., N]` fp16 (Hopper only).
+
+    `descs`: where to keep the weight's TMA descriptors between calls (`weight_descriptors`)."""
     N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemm_ws")
     if not supported(x, N):
         raise UnsupportedError(f"w4a16_gemm_ws needs a Hopper GPU, float16 activations and N % 16 == 0; got "
@@ -286,12 +312,9 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     BM, BN, split = plan(M, N, K, cfg, _num_sms(x.device))
     out = (torch.zeros if split > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
-    ck, lanes = planes64.CHUNK_K, planes64.LANES
+    ck = planes64.CHUNK_K
     x_desc = TensorDescriptor.from_tensor(x2, [BM, ck], _layout((BM, ck), gl.float16))
-    q_desc = TensorDescriptor.from_tensor(qweight.view(-1, lanes), [BN, lanes],  # chunk c's rows start at c * N
-                                          _layout((BN, lanes), gl.int16))
-    s_desc = TensorDescriptor.from_tensor(scales.view(-1), [BN], _layout((BN,), gl.float16))
-    z_desc = TensorDescriptor.from_tensor(zeros.view(-1), [BN], _layout((BN,), gl.uint8))
+    q_desc, s_desc, z_desc = weight_descriptors(qweight, scales, zeros, BN, descs)
     work = cdiv(M, BM) * cdiv(N, BN) * split
     grid = (min(work, _num_sms(x.device)),)
     try:

@@ -183,6 +183,24 @@ def test_gemm_rows_per_tile_grow_with_m(M, device):
     assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
 
 
+def test_split_count_follows_the_waves_table(monkeypatch):
+    """Auto split-K (SPLIT_K = 0): splits until the grid covers WAVES waves of SMs (132 here), capped by
+    K's tiles and MAX_SPLIT; WAVES_FROM_M lowers the target as M grows (sm90's decode table)."""
+    from lmq.kernels import w4a16_gemm as gemm_module
+
+    monkeypatch.setattr(gemm_module, "_num_sms", lambda device: 132)  # an H100
+    pick_split_k = gemm_module.pick_split_k
+    cfg = {**CONFIGS["sm90"]["decode"], "BLOCK_M": 64}
+    dev = torch.device("cuda", 0)
+    # qkv (N = 6144 -> 96 column tiles of 64, K / 128 = 32 tiles of K): one row tile
+    assert pick_split_k(16, 6144, 4096, {**cfg, "BLOCK_M": 16}, 128, dev) == 6  # 4 waves: ceil(528 / 96)
+    assert pick_split_k(64, 6144, 4096, cfg, 128, dev) == 5  # 3 waves from M = 64: ceil(396 / 96)
+    assert pick_split_k(128, 6144, 4096, cfg, 128, dev) == 3  # 2 row tiles: ceil(396 / 192)
+    assert pick_split_k(256, 6144, 4096, cfg, 128, dev) == 1  # 2 waves above 128: ceil(264 / 384)
+    assert pick_split_k(16, 64, 256, {**cfg, "BLOCK_M": 16}, 128, dev) == 2  # K has 2 tiles only
+    assert pick_split_k(16, 6144, 4096, {**cfg, "SPLIT_K": 4}, 128, dev) == 4  # fixed
+
+
 @pytest.mark.parametrize("M", [1, 3])
 def test_qlinear_rope_rotates_only_on_the_gemv_path(M, device):
     """`qlinear_rope` (a qkv weight whose RoPE can be fused): at M=1 the GEMV rotates q and k in its
@@ -363,6 +381,51 @@ def test_gemm_ws_gpu(config):
             ref = w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], G)
             assert rel_err(out, ref) < 1e-3, (N, K, G, M)
             assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
+
+
+def test_gemm_ws_weight_descriptors_live_with_their_owner(device):
+    """The prefill kernel's weight descriptors are made once per tile height and kept in the dict the
+    weight's owner passes (QLinear.descs): the same objects on the next call, nothing kept anywhere else,
+    and the old ones dropped when the weights move to a new storage."""
+    import gc
+    import weakref
+
+    from lmq.kernels.w4a16_gemm_ws import weight_descriptors
+
+    p = random_packed(64, 256, 64, device)
+    held = {}
+    first = weight_descriptors(p["qweight"], p["scales"], p["zeros"], 128, held)
+    assert weight_descriptors(p["qweight"], p["scales"], p["zeros"], 128, held) is first
+    weight_descriptors(p["qweight"], p["scales"], p["zeros"], 64, held)
+    assert len(held) == 2 and first[0].base.data_ptr() == p["qweight"].data_ptr()
+    moved = {k: v.clone() for k, v in p.items()}
+    old = weakref.ref(p["qweight"])
+    weight_descriptors(moved["qweight"], moved["scales"], moved["zeros"], 128, held)
+    assert len(held) == 1  # only the new storage's
+    del p, first
+    gc.collect()
+    assert old() is None  # nothing else held the old weight
+    lin = QLinear(moved["qweight"], moved["scales"], moved["zeros"], 64, "sm90")
+    assert lin.descs == {}
+
+
+@pytest.mark.gpu
+def test_gemm_ws_gpu_through_qlinear():
+    """QLinear on the prefill path (Hopper, fp16): its descriptors are kept and reused, results unchanged."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("w4a16_gemm_ws is a Hopper (sm90) kernel")
+    N, K, G = 6144, 4096, 128
+    p = random_packed(N, K, G, "cuda")
+    lin = QLinear(p["qweight"], p["scales"], p["zeros"], G, "sm90")
+    x = torch.randn(512, K, device="cuda", dtype=torch.float16)
+    lin.table = {**lin.table, "prefill_min_numel": 0}
+    assert choose_path(512, lin.table) == "prefill"
+    out = lin(x)
+    kept = dict(lin.descs)
+    assert len(kept) == 1
+    again = lin(x)
+    assert lin.descs == kept and torch.equal(out, again)
+    assert rel_err(out, w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < 1e-3
 
 
 @pytest.mark.gpu

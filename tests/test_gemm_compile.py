@@ -52,6 +52,19 @@ def compile_all(arch: str, dt: str) -> None:
               {"ws_ptr": "*fp32", "cnt_ptr": "*i32", "pos_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}, pdl)
 
 
+def compile_attention(arch: str) -> None:
+    """The decode-attention split kernel for every KV mode and head-dim bucket, launched with PDL (sm90)
+    and without (the inline-assembly conversions and PDL never run under the interpreter)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from sass_attention import compile_split
+
+    cc = int(arch[2:])
+    for kv_mode in (0, 1, 2):
+        for d in (64, 128, 256):
+            for pdl in {False, cc >= 90}:
+                assert compile_split(kv_mode, d=d, cc=cc, pdl=pdl).asm["cubin"]
+
+
 def compile_ws() -> None:
     """The warp-specialized Hopper prefill kernel (Gluon) at the table's configs."""
     import torch
@@ -99,6 +112,14 @@ def test_kernels_compile(arch, dt):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+@pytest.mark.parametrize("arch", ["sm80", "sm90"])
+def test_attention_kernels_compile(arch):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, __file__, "attention", arch], env=env, capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_ws_kernel_compiles():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -110,5 +131,7 @@ def test_ws_kernel_compiles():
 if __name__ == "__main__":
     if sys.argv[1] == "ws":
         compile_ws()
+    elif sys.argv[1] == "attention":
+        compile_attention(sys.argv[2])
     else:
         compile_all(sys.argv[1], sys.argv[2])

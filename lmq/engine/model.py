@@ -26,7 +26,7 @@ Embeddings and lm_head stay in fp16/bf16 (fp32 on the torch backend on CPU).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,6 +58,7 @@ class Linear:
     bias: torch.Tensor | None
     group_size: int
     table: dict | None
+    descs: dict = field(default_factory=dict, repr=False)  # the prefill GEMM's TMA descriptors (qlinear)
 
 
 def fuse_linears(parts: list[dict[str, torch.Tensor]], biases: list[torch.Tensor] | None, group_size: int,
@@ -230,7 +231,7 @@ class EngineModel:
     def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
         if lin.weight is not None:
             return F.linear(x, lin.weight, lin.bias)
-        return qlinear(x, lin.qweight, lin.scales, lin.zeros, lin.group_size, lin.table, lin.bias)
+        return qlinear(x, lin.qweight, lin.scales, lin.zeros, lin.group_size, lin.table, lin.bias, lin.descs)
 
     def qkv_rope(self, h: torch.Tensor, lw, positions: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The fused qkv linear; with RoPE already applied to q and k (True) where the W4A16 GEMV does
@@ -240,7 +241,7 @@ class EngineModel:
             return self.linear(h, lin), False
         cfg = self.cfg
         rope = (positions, self.cos, self.sin, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim)
-        return qlinear_rope(h, lin.qweight, lin.scales, lin.zeros, lin.group_size, lin.table, rope)
+        return qlinear_rope(h, lin.qweight, lin.scales, lin.zeros, lin.group_size, lin.table, rope, lin.descs)
 
     def rms_norm(self, x, weight, residual=None):
         fn = rmsnorm.rms_norm if self.backend == "triton" else rmsnorm.rms_norm_ref

@@ -73,14 +73,15 @@ def choose_path(M: int, table: dict, weight_numel: int = 0) -> str:
 
 
 def run_path(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-             group_size: int, table: dict) -> torch.Tensor:
-    """One of the dispatcher's paths, whatever M is (the benchmark times each path through this)."""
+             group_size: int, table: dict, descs: dict | None = None) -> torch.Tensor:
+    """One of the dispatcher's paths, whatever M is (the benchmark times each path through this).
+    `descs`: a dict the weight's owner keeps for the prefill kernel's TMA descriptors."""
     if path == "gemv":
         return w4a16_gemv(x, qweight, scales, zeros, group_size, None if x.device.type == "cpu" else table["gemv"])
     if path == "prefill" and "prefill_ws" in table:
         if w4a16_gemm_ws is not None and w4a16_gemm_ws.supported(x, qweight.shape[1]):
             try:
-                return w4a16_gemm_ws.w4a16_gemm_ws(x, qweight, scales, zeros, group_size, table["prefill_ws"])
+                return w4a16_gemm_ws.w4a16_gemm_ws(x, qweight, scales, zeros, group_size, table["prefill_ws"], descs)
             except w4a16_gemm_ws.KernelUnavailable:
                 pass  # this Triton cannot build it (warned once): dequantize + cuBLAS from now on
         path = "dequant"  # bf16, N % 16 != 0, no Gluon: dequantize + cuBLAS beats the Triton prefill kernel
@@ -91,19 +92,19 @@ def run_path(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
 
 
 def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-            group_size: int, table: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x [..., K] -> [..., N]` through the kernel `table` picks for this M."""
+            group_size: int, table: dict, bias: torch.Tensor | None = None, descs: dict | None = None) -> torch.Tensor:
+    """`x [..., K] -> [..., N]` through the kernel `table` picks for this M (`descs` as in `run_path`)."""
     K = qweight.shape[0] * planes64.CHUNK_K
     M = x.numel() // K if K else 0
     N = qweight.shape[1]
-    y = run_path(choose_path(M, table, N * K), x, qweight, scales, zeros, group_size, table)
+    y = run_path(choose_path(M, table, N * K), x, qweight, scales, zeros, group_size, table, descs)
     if bias is not None:
         y = y + bias
     return y
 
 
 def qlinear_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, table: dict, rope: tuple) -> tuple[torch.Tensor, bool]:
+                 group_size: int, table: dict, rope: tuple, descs: dict | None = None) -> tuple[torch.Tensor, bool]:
     """`qlinear` of a fused qkv weight whose RoPE the GEMV can fuse (the caller checked `can_fuse_rope`
     once, at load): when this M takes the GEMV path, the GEMV rotates q and k in its epilogue (`rope`
     as in `w4a16_gemv`). Returns the output and whether it was rotated; if not, the caller rotates."""
@@ -112,7 +113,7 @@ def qlinear_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     path = choose_path(M, table, qweight.shape[1] * K)
     if path == "gemv":
         return w4a16_gemv(x, qweight, scales, zeros, group_size, table["gemv"], rope=rope), True
-    return run_path(path, x, qweight, scales, zeros, group_size, table), False
+    return run_path(path, x, qweight, scales, zeros, group_size, table, descs), False
 
 
 class QLinear(nn.Module):
@@ -132,9 +133,10 @@ class QLinear(nn.Module):
         self.table = table or CONFIGS[arch]
         self.in_features = qweight.shape[0] * planes64.CHUNK_K
         self.out_features = qweight.shape[1]
+        self.descs: dict = {}  # the prefill kernel's TMA descriptors of these weights (`run_path`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qlinear(x, self.qweight, self.scales, self.zeros, self.group_size, self.table, self.bias)
+        return qlinear(x, self.qweight, self.scales, self.zeros, self.group_size, self.table, self.bias, self.descs)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, group_size={self.group_size}, arch={self.arch}"
