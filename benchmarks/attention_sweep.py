@@ -81,16 +81,26 @@ def time_prefill() -> None:
 
 
 def compare(bw: float) -> None:
-    """The default decode config against variants, same caches and queries: programmatic dependent
-    launch of the split kernel, of the merge kernel, each off, and both off."""
+    """The default decode config against variants, same caches and queries: the split kernel capped at
+    168 registers (three programs per SM instead of two), the values' scales applied the other way
+    (`kv_quant.scale_probs`), and both."""
     torch.manual_seed(0)
-    saved = {k: getattr(dec, k) for k in ("PDL_SPLIT", "PDL_MERGE")}
+    saved = {"MAXNREG": dict(dec.MAXNREG), "scale_probs": dec.scale_probs}
 
-    variants = [("default", {}), ("merge without PDL", {"PDL_MERGE": False}),
-                ("split without PDL", {"PDL_SPLIT": False}), ("no PDL", {"PDL_SPLIT": False, "PDL_MERGE": False})]
+    def cap(kd, regs):
+        return {"MAXNREG": {**saved["MAXNREG"], kd: regs}}
 
-    for kd in ("fp16", "int8", "int4"):
-        for B, L in ((1, 1024), (1, 4096), (1, 16384), (1, 32768), (8, 4096), (8, 16384), (64, 16384)):
+    def flipped():
+        return {"scale_probs": lambda cache: not saved["scale_probs"](cache)}
+
+    def variants(kd):
+        yield "default", {}
+        yield "168 regs", cap(kd, 168)
+        yield "values the other way", flipped()
+        yield "168 regs, values the other way", {**cap(kd, 168), **flipped()}
+
+    for kd in ("int8", "int4"):
+        for B, L in ((1, 4096), (1, 16384), (8, 4096), (8, 16384), (64, 4096), (64, 16384)):
             kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head(kd, D)
             n = ba.copies_for(kv_bytes)
             nb = -(-L // ba.BLOCK_SIZE)
@@ -99,7 +109,7 @@ def compare(bw: float) -> None:
             lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
             q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
             cells = []
-            for name, setting in [*variants, ("default again", {})]:
+            for name, setting in [*variants(kd), ("default again", {})]:
                 for k, v in setting.items():
                     setattr(dec, k, v)
                 us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L)

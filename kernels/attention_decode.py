@@ -157,6 +157,25 @@ MORE_SPLITS_MAX = 32
 # (B=1 int4 4k 12.6 us against 9.2 for two launches): one program per head group merges serially.
 PDL_SPLIT = True
 PDL_MERGE = True
+# int4, head dims 65..128: three programs of 4 warps per SM instead of two (the split kernel capped at
+# 168 registers: no spills, 2% more instructions), where the waves of programs allow it. H100, same call
+# (benchmarks/attention_sweep.py --compare, us, two per SM -> three): B=8 16k 86.3 -> 79.0; slower where
+# the extra slots leave the last wave thin: B=64 16k 575.6 -> 627.8 (512 programs: 2 waves of 264 slots,
+# or a full one and a 29% one of 396), B=8 4k 27.6 -> 29.2. With T = a program's time at two per SM,
+# three per SM take 1.5 T / SPEEDUP3 each (SPEEDUP3: the throughput gain), so three pay when
+# waves(3) * 1.5 / SPEEDUP3 < waves(2); SPEEDUP3 = 1.2 fits B=8 16k (1.23) and picks two for the other
+# measured shapes. (The values' scales on the probabilities read faster still there, 75.4 us, but with
+# int4's raw low nibbles (1024 + c) the output lost precision over long contexts: relative error 6.7e-3
+# at 16k and 9.1e-3 at 32k, against 3.5e-4 per element; `test_decode_gpu_int4_long_context`.)
+INT4_THREE_REGS = 168
+SPEEDUP3 = 1.2
+
+
+def int4_three_per_sm(programs: int, sm_count: int) -> bool:
+    """Whether `programs` int4 split programs finish sooner three to an SM than two (see above)."""
+    waves2 = -(-programs // (2 * sm_count))
+    waves3 = -(-programs // (3 * sm_count))
+    return waves3 * 1.5 / SPEEDUP3 < waves2
 
 
 def _config(device: torch.device, head_dim: int) -> tuple[int, int, int]:
@@ -234,6 +253,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         ls = plse.stride()[:2]
     ks, vs = cache.scale_words()
     pdl = use_pdl(q.device)
+    three = (cache.kv_dtype == "int4" and q.is_cuda and 64 < D <= 128
+             and int4_three_per_sm(n_splits * cache.num_kv_heads * B, _sm_count(q.device)))
     _decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
         q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse,
         sm_scale * math.log2(math.e), split_len,
@@ -245,6 +266,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache),
         SCALE_P=scale_probs(cache), DIRECT=direct, PDL=pdl and PDL_SPLIT,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl and PDL_SPLIT,
+        **({"maxnreg": INT4_THREE_REGS} if three else {}),
     )
     if not direct:
         _decode_merge_kernel[(H, B)](

@@ -219,6 +219,20 @@ def test_decode_gpu_long(device, kv_dtype, head_dim):
     _check_decode(device, kv_dtype, head_dim, [4096], num_heads=8, num_kv_heads=8, block_size=128)
 
 
+@pytest.mark.gpu
+def test_decode_gpu_int4_long_context(device):
+    # 8 sequences of 16k tokens: the split plan and the three-programs-per-SM int4 launch the benchmark
+    # times; over this many tokens a lossy value path shows (scales on the probabilities with raw
+    # low nibbles read 6.7e-3 here, per-element values 3.5e-4)
+    from lmq.kernels.attention_decode import int4_three_per_sm
+
+    assert int4_three_per_sm(16 * 8 * 8, 132)
+    cache, tables, seq_lens, _ = make_paged("int4", [16384] * 8, 8, 128, device, block_size=128)
+    q = torch.randn(8, 32, 128, device=device).half()
+    out = decode_attention(q, cache, tables, seq_lens)
+    assert rel_err(out, decode_attention_ref(q, cache, tables, seq_lens)) < 1e-3
+
+
 # ---------------------------------------------------------------------------------------------
 # prefill
 # ---------------------------------------------------------------------------------------------
@@ -320,3 +334,14 @@ def test_split_plan():
     assert [splits(64, L) for L in (1024, 16384)] == [1, 1]  # B * H_kv already fills the GPU
     assert [splits(8, L) for L in (1024, 4096, 16384, 32768)] == [4, 8, 16, 16]
     assert [splits(1, L) for L in (100, 1024, 4096, 16384, 32768)] == [1, 8, 32, 32, 32]
+
+
+def test_int4_programs_per_sm_follow_the_waves():
+    # three int4 programs per SM only where their waves beat two per SM (132 SMs, 8 KV heads)
+    from lmq.kernels.attention_decode import int4_three_per_sm
+
+    programs = {(8, 16384): 16 * 8 * 8, (8, 32768): 16 * 8 * 8, (8, 4096): 8 * 8 * 8, (64, 16384): 64 * 8,
+                (1, 16384): 32 * 8}
+    assert {bl: int4_three_per_sm(p, 132) for bl, p in programs.items()} == {
+        (8, 16384): True, (8, 32768): True, (8, 4096): False, (64, 16384): False, (1, 16384): False}
+    assert int4_three_per_sm(390, 132) and not int4_three_per_sm(264, 132)  # one wave of three vs one of two
