@@ -5,7 +5,8 @@ Decode: per KV dtype and (batch, context), the % of the copy-bandwidth floor eac
 kernels/attention_decode.py (_GPU_CONFIG, the split plan) is chosen from data.
 Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a contiguous fp16 cache.
 --compare: only time the default config against a few variants (`compare`).
-Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare]
+--splits: int4 tokens per split against two or three programs per SM (`splits_and_occupancy`).
+Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare | --splits]
 """
 
 from __future__ import annotations
@@ -123,11 +124,40 @@ def compare(bw: float) -> None:
             torch.cuda.empty_cache()
 
 
+def splits_and_occupancy(bw: float) -> None:
+    """int4: tokens per split against two or three programs per SM (the rule forced either way)."""
+    torch.manual_seed(0)
+    rule = dec.int4_three_per_sm
+    for B, L, lens in ((8, 4096, (384, 512, 768, 1024)), (8, 16384, (768, 1024, 1536, 2048)),
+                       (64, 4096, (2048, 4096)), (1, 16384, (256, 512, 1024))):
+        kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head("int4", D)
+        n = ba.copies_for(kv_bytes)
+        nb = -(-L // ba.BLOCK_SIZE)
+        cache = ba._random_paged("int4", n * B * nb, HKV, D)
+        tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
+        lens_t = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+        cells = []
+        for split_len in lens:
+            for three in (False, True):
+                dec.int4_three_per_sm = lambda programs, sms, three=three: three
+                us = ba.graph_time_us([lambda t=t, sl=split_len: dec.decode_attention(
+                    q, cache, t, lens_t, max_seq_len=L, split_len=sl) for t in tables], calls=max(n, 10))
+                dec.int4_three_per_sm = rule
+                cells.append(f"{-(-L // split_len)} splits {'3' if three else '2'}/SM {us:.1f}us")
+        print(f"int4 B={B} L={L}: " + ", ".join(cells), flush=True)
+        del cache, tables
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     bw = ba.copy_bandwidth_bytes_s()
     print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
     if "--compare" in sys.argv:
         compare(bw)
+        return
+    if "--splits" in sys.argv:
+        splits_and_occupancy(bw)
         return
     time_prefill()
     sweep_decode(bw)
