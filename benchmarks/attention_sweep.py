@@ -82,23 +82,26 @@ def time_prefill() -> None:
 
 
 def compare(bw: float) -> None:
-    """The default decode config against variants, same caches and queries: the split kernel capped at
-    168 registers (three programs per SM instead of two), the values' scales applied the other way
-    (`kv_quant.scale_probs`), and both."""
+    """The default decode config against variants, same caches and queries: int4 forced to two or to three
+    split programs per SM (`int4_three_per_sm`: three cap the kernel at 168 registers), the values' scales
+    applied the other way (`kv_quant.scale_probs`), and both."""
     torch.manual_seed(0)
-    saved = {"MAXNREG": dict(dec.MAXNREG), "scale_probs": dec.scale_probs}
+    saved = {"int4_three_per_sm": dec.int4_three_per_sm, "scale_probs": dec.scale_probs}
 
-    def cap(kd, regs):
-        return {"MAXNREG": {**saved["MAXNREG"], kd: regs}}
+    def per_sm(three):
+        return {"int4_three_per_sm": lambda programs, sms: three}
 
     def flipped():
         return {"scale_probs": lambda cache: not saved["scale_probs"](cache)}
 
     def variants(kd):
         yield "default", {}
-        yield "168 regs", cap(kd, 168)
         yield "values the other way", flipped()
-        yield "168 regs, values the other way", {**cap(kd, 168), **flipped()}
+        if kd == "int4":
+            for three in (False, True):
+                name = "three per SM" if three else "two per SM"
+                yield name, per_sm(three)
+                yield f"{name}, values the other way", {**per_sm(three), **flipped()}
 
     for kd in ("int8", "int4"):
         for B, L in ((1, 4096), (1, 16384), (8, 4096), (8, 16384), (64, 4096), (64, 16384)):
@@ -115,10 +118,13 @@ def compare(bw: float) -> None:
                     setattr(dec, k, v)
                 us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L)
                                        for t in tables], calls=max(n, 10))
+                out = dec.decode_attention(q, cache, tables[0], lens, max_seq_len=L)[:1].float()
+                ref = dec.decode_attention_ref(q[:1], cache, tables[0][:1], lens[:1]).float()
+                err = ((out - ref).norm() / ref.norm()).item()  # sequence 0, as lmq bench attention
                 splits = -(-L // dec.plan_splits(B, HKV, L, dec._GPU_CONFIG[128][0], dec._sm_count(q.device)))
                 for k, v in saved.items():
                     setattr(dec, k, v)
-                cells.append(f"{name} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}% ({splits})")
+                cells.append(f"{name} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}% ({splits}) err {err:.1e}")
             print(f"{kd} B={B} L={L}: " + ", ".join(cells), flush=True)
             del cache, tables
             torch.cuda.empty_cache()

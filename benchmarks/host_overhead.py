@@ -22,11 +22,12 @@ def main(ms):
         q = QuantizedWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8), (torch.rand(N, K // 128) * 0.01).half(),
                             torch.randint(0, 16, (N, K // 128), dtype=torch.uint8), 4, 128)
         p = {k: v.cuda() for k, v in planes64.pack(q).items()}
+        descs = {}  # as the engine's weights keep them (QLinear.descs)
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             for path in ("prefill", "dequant") + (("decode",) if M <= 256 else ()):
                 def call(path=path, x=x, p=p):
-                    return run_path(path, x, p["qweight"], p["scales"], p["zeros"], 128, table)
+                    return run_path(path, x, p["qweight"], p["scales"], p["zeros"], 128, table, descs)
                 for _ in range(3):
                     call()
                 torch.cuda.synchronize()

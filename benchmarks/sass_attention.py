@@ -24,8 +24,8 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 
 def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, cc: int = 90, raw: bool = True,
-                  scale_p: bool | None = None, pdl: bool | None = None):
-    """The split kernel as a launch compiles it (with PDL on sm90 by default)."""
+                  scale_p: bool | None = None, pdl: bool | None = None, maxnreg: int | None = None):
+    """The split kernel as a launch compiles it (with PDL on sm90 by default; `maxnreg`: a register cap)."""
     pdl = cc >= 90 if pdl is None else pdl
     block_n, warps, stages = _GPU_CONFIG[64 if d <= 64 else 128 if d <= 128 else 256]
     code = "*u8" if kv_mode else "*fp16"
@@ -50,7 +50,8 @@ def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, c
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(ASTSource(_decode_split_kernel, sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
-                          options={"num_warps": warps, "num_stages": stages, "launch_pdl": pdl})
+                          options={"num_warps": warps, "num_stages": stages, "launch_pdl": pdl,
+                                   **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
 def cuobjdump(kernel, flag: str) -> str:

@@ -47,7 +47,7 @@ SWEEP = {
     # the decode kernel's split count at medium M: splits until the grid covers WAVES waves of SMs
     "decode-waves": {
         "ms": [64, 96, 128, 192, 256],
-        "configs": [{**_DECODE_TABLE, "WAVES": w} for w in (4, 3, 2, 1)],
+        "configs": [{**_DECODE_TABLE, "WAVES": w, "WAVES_FROM_M": ()} for w in (4, 3, 2, 1)],
     },
     # the warp-specialized Hopper kernel (kernels/w4a16_gemm_ws.py), fp16
     "ws": {

@@ -22,7 +22,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from lmq.kernels import cuda_sm_count, next_pow2
+from lmq.kernels import cuda_capability, cuda_sm_count, next_pow2
 from lmq.kernels.kv_quant import (
     KV_MODE,
     PagedKV,
@@ -157,16 +157,18 @@ MORE_SPLITS_MAX = 32
 # (B=1 int4 4k 12.6 us against 9.2 for two launches): one program per head group merges serially.
 PDL_SPLIT = True
 PDL_MERGE = True
-# int4, head dims 65..128: three programs of 4 warps per SM instead of two (the split kernel capped at
-# 168 registers: no spills, 2% more instructions), where the waves of programs allow it. H100, same call
+# int4, head dims 65..128, Hopper (measured on an H100 only): three programs of 4 warps per SM instead of
+# two (the split kernel capped at 168 registers: no spills, 2% more instructions), where the waves of
+# programs allow it. H100, same call
 # (benchmarks/attention_sweep.py --compare, us, two per SM -> three): B=8 16k 86.3 -> 79.0; slower where
 # the extra slots leave the last wave thin: B=64 16k 575.6 -> 627.8 (512 programs: 2 waves of 264 slots,
 # or a full one and a 29% one of 396), B=8 4k 27.6 -> 29.2. With T = a program's time at two per SM,
 # three per SM take 1.5 T / SPEEDUP3 each (SPEEDUP3: the throughput gain), so three pay when
 # waves(3) * 1.5 / SPEEDUP3 < waves(2); SPEEDUP3 = 1.2 fits B=8 16k (1.23) and picks two for the other
-# measured shapes. (The values' scales on the probabilities read faster still there, 75.4 us, but with
-# int4's raw low nibbles (1024 + c) the output lost precision over long contexts: relative error 6.7e-3
-# at 16k and 9.1e-3 at 32k, against 3.5e-4 per element; `test_decode_gpu_int4_long_context`.)
+# measured shapes. (The values' scales on the probabilities, under the same cap, read faster still
+# there, 75.4 us, but the output's relative error (norm ratio against the fp32 reference) rose to 6.7e-3
+# at B=8 16k and 9.1e-3 at 32k, against 3.4e-4 with values scaled per element under the cap; that run
+# did not separate the value path from the cap. `test_decode_gpu_int4_long_context` guards the shape.)
 INT4_THREE_REGS = 168
 SPEEDUP3 = 1.2
 
@@ -253,7 +255,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         ls = plse.stride()[:2]
     ks, vs = cache.scale_words()
     pdl = use_pdl(q.device)
-    three = (cache.kv_dtype == "int4" and q.is_cuda and 64 < D <= 128
+    three = (cache.kv_dtype == "int4" and q.is_cuda and 64 < D <= 128 and cuda_capability(q.device)[0] == 9
              and int4_three_per_sm(n_splits * cache.num_kv_heads * B, _sm_count(q.device)))
     _decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
         q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse,

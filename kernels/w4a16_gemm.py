@@ -237,12 +237,12 @@ _GEMV = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "WAVES": 8, "num_warps": 4
 # BLOCK_M_MAX: the decode tile takes min(64, next power of two >= M) rows (at least BLOCK_M), so one
 # dequantized weight tile serves up to 64 rows; sm90, sum of the four shapes: M=64 99.9 us with 64-row
 # tiles vs 171.6 with 16, M=128 179.5 vs 318.6, M=32 80.7 (32 rows) vs 97.8 (sweep-decode-4.log).
-# WAVES_FROM_M: 3 waves from M=64 and 2 above M=128 (sm90, sum of the four shapes, 4 waves -> the table:
-# M=64 99.0 -> 95.2 us, M=96 179.0 -> 165.3, M=128 183.2 -> 169.1, M=192 263.8 -> 243.5, M=256 318.4 -> 310.7;
-# benchmarks/results/2026-11-23-session7-h100/sweep-decode-waves.log).
 _DECODE = {"BLOCK_M": 16, "BLOCK_M_MAX": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "WAVES": 4,
-           "WAVES_FROM_M": ((64, 3), (129, 2)), "GROUP_M": 1, "num_warps": 4, "num_stages": 3, "SWAP_AB": True,
-           "DOT_K": 64}
+           "GROUP_M": 1, "num_warps": 4, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
+# sm90: 3 waves from M=64 and 2 above M=128 (sum of the four shapes, 4 waves -> this: M=64 99.0 -> 95.2 us,
+# M=96 179.0 -> 165.3, M=128 183.2 -> 169.1, M=192 263.8 -> 243.5, M=256 318.4 -> 310.7;
+# benchmarks/results/2026-11-23-session7-h100/sweep-decode-waves.log). Other archs: not measured.
+_DECODE_SM90 = {**_DECODE, "WAVES_FROM_M": ((64, 3), (129, 2))}
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
                      "num_warps": 8, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
@@ -272,7 +272,7 @@ CONFIGS: dict[str, dict] = {
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},
     "sm86": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm89": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
-    "sm90": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, "prefill_ws": _PREFILL_WS,
+    "sm90": {"gemv": _GEMV, "decode": _DECODE_SM90, "prefill": _PREFILL_BIG_SMEM, "prefill_ws": _PREFILL_WS,
              **_CROSS_SM90},
 }
 # The interpreter runs one program at a time on the CPU: small tiles keep tests fast there.

@@ -407,6 +407,9 @@ def test_gemm_ws_weight_descriptors_live_with_their_owner(device):
     assert old() is None  # nothing else held the old weight
     lin = QLinear(moved["qweight"], moved["scales"], moved["zeros"], 64, "sm90")
     assert lin.descs == {}
+    lin.descs[("stale",)] = held[next(iter(held))]
+    lin.cpu()  # .to() / .cuda() / .cpu() go through Module._apply, which may replace the buffers
+    assert lin.descs == {}
 
 
 @pytest.mark.gpu
@@ -424,7 +427,10 @@ def test_gemm_ws_gpu_through_qlinear():
     kept = dict(lin.descs)
     assert len(kept) == 1
     again = lin(x)
-    assert lin.descs == kept and torch.equal(out, again)
+    assert list(lin.descs) == list(kept) and all(lin.descs[k] is kept[k] for k in kept)  # the same objects
+    assert torch.equal(out, again)
+    lin.cpu()
+    assert lin.descs == {}  # moved: the old storage's descriptors are gone
     assert rel_err(out, w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < 1e-3
 
 

@@ -56,13 +56,21 @@ def compile_attention(arch: str) -> None:
     """The decode-attention split kernel for every KV mode and head-dim bucket, launched with PDL (sm90)
     and without (the inline-assembly conversions and PDL never run under the interpreter)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    from sass_attention import compile_split
+    from lmq.kernels.attention_decode import INT4_THREE_REGS
+    from sass_attention import compile_split, cuobjdump
 
     cc = int(arch[2:])
     for kv_mode in (0, 1, 2):
         for d in (64, 128, 256):
             for pdl in {False, cc >= 90}:
                 assert compile_split(kv_mode, d=d, cc=cc, pdl=pdl).asm["cubin"]
+    if cc >= 90:
+        # int4 three programs per SM: the register cap holds and nothing spills to local memory
+        k = compile_split(2, d=128, cc=cc, maxnreg=INT4_THREE_REGS)
+        sass = cuobjdump(k, "-sass")
+        assert " STL" not in sass and " LDL" not in sass, "the capped int4 kernel spills"
+        res = cuobjdump(k, "-res-usage")
+        assert int(res.split("REG:")[1].split()[0]) <= INT4_THREE_REGS, res
 
 
 def compile_ws() -> None:

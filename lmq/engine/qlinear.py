@@ -135,6 +135,12 @@ class QLinear(nn.Module):
         self.out_features = qweight.shape[1]
         self.descs: dict = {}  # the prefill kernel's TMA descriptors of these weights (`run_path`)
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() replace the buffers: drop the descriptors of the old ones (they hold
+        # those tensors alive, and a move to the CPU would never come back to replace them)
+        self.descs.clear()
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qlinear(x, self.qweight, self.scales, self.zeros, self.group_size, self.table, self.bias, self.descs)
 
