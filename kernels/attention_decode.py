@@ -165,10 +165,12 @@ PDL_MERGE = True
 # or a full one and a 29% one of 396), B=8 4k 27.6 -> 29.2. With T = a program's time at two per SM,
 # three per SM take 1.5 T / SPEEDUP3 each (SPEEDUP3: the throughput gain), so three pay when
 # waves(3) * 1.5 / SPEEDUP3 < waves(2); SPEEDUP3 = 1.2 fits B=8 16k (1.23) and picks two for the other
-# measured shapes. (The values' scales on the probabilities, under the same cap, read faster still
-# there, 75.4 us, but the output's relative error (norm ratio against the fp32 reference) rose to 6.7e-3
-# at B=8 16k and 9.1e-3 at 32k, against 3.4e-4 with values scaled per element under the cap; that run
-# did not separate the value path from the cap. `test_decode_gpu_int4_long_context` guards the shape.)
+# measured shapes. (The values' scales on the probabilities read faster still there, 75.6 us, but for
+# int4 that value path loses precision as the context grows, with or without the cap: relative error
+# (norm ratio against the fp32 reference) 3.1e-3 at 4k, 6.2-6.7e-3 at 16k, against 3.7-3.9e-4 per
+# element (benchmarks/results/2026-11-23-session7-h100/compare-errors.log). Its raw low nibbles read
+# 1024 + c, and the dot carries 1024 sum(p s), taken off afterwards. `test_decode_gpu_int4_long_context`
+# guards the shape.)
 INT4_THREE_REGS = 168
 SPEEDUP3 = 1.2
 
