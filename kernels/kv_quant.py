@@ -634,7 +634,7 @@ def raw_codes(q: torch.Tensor, cache: PagedKV) -> bool:
 
 # Values: scales on the probabilities (True) or per V element (False), by KV dtype. H100, decode,
 # same run (docs/benchmarks.md): int8 B=64 L=16k 768 vs 796 us; int4 617 vs 583 us. For int4 the
-# probability path is also less exact: relative error 6.2-6.7e-3 at 16k against 3.8e-4 per element
+# probability path is also less exact: relative error 6.2-6.7e-3 at 16k against 3.7-3.9e-4 per element
 # (its raw low nibbles 1024 + c carry a large offset through the dot; int8's: 2.6-4.4e-4 either way).
 _SCALE_PROBS = {"int8": True, "int4": False}
 
