@@ -134,8 +134,12 @@ def splits_and_occupancy(bw: float) -> None:
     """int4: tokens per split against two or three programs per SM (the rule forced either way)."""
     torch.manual_seed(0)
     rule = dec.int4_three_per_sm
-    for B, L, lens in ((8, 4096, (384, 512, 768, 1024)), (8, 16384, (768, 1024, 1536, 2048)),
-                       (64, 4096, (2048, 4096)), (1, 16384, (256, 512, 1024))):
+    shapes = ((8, 4096, (384, 512, 768, 1024)), (8, 16384, (768, 1024, 1536, 2048)),
+              (64, 4096, (2048, 4096)), (1, 16384, (256, 512, 1024)))
+    if "--big" in sys.argv:  # B=64: one to four splits
+        shapes = ((64, 16384, (16384, 8192, 5504, 4096)), (64, 4096, (4096, 2048, 1408, 1024)),
+                  (64, 32768, (32768, 16384, 11008)))
+    for B, L, lens in shapes:
         kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head("int4", D)
         n = ba.copies_for(kv_bytes)
         nb = -(-L // ba.BLOCK_SIZE)
