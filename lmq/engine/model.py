@@ -58,7 +58,7 @@ class Linear:
     bias: torch.Tensor | None
     group_size: int
     table: dict | None
-    descs: dict = field(default_factory=dict, repr=False)  # the prefill GEMM's TMA descriptors (qlinear)
+    descs: dict = field(default_factory=dict, repr=False, compare=False)  # the prefill GEMM's TMA descriptors (qlinear)
 
 
 def fuse_linears(parts: list[dict[str, torch.Tensor]], biases: list[torch.Tensor] | None, group_size: int,
