@@ -10,23 +10,20 @@ import time
 
 import torch
 from lmq.kernels.w4a16_gemm import CONFIGS
+from sweep_gemm import random_packed
 
 from lmq.engine.qlinear import run_path
-from lmq.pack import planes64
-from lmq.quant.rtn import QuantizedWeight
 
 
 def main(ms):
     table = CONFIGS["sm90"]
     for name, N, K in (("gate_up", 28672, 4096), ("down", 4096, 14336), ("o", 4096, 4096)):
-        q = QuantizedWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8), (torch.rand(N, K // 128) * 0.01).half(),
-                            torch.randint(0, 16, (N, K // 128), dtype=torch.uint8), 4, 128)
-        p = {k: v.cuda() for k, v in planes64.pack(q).items()}
+        _, p, _ = random_packed(N, K)
         descs = {}  # as the engine's weights keep them (QLinear.descs)
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             for path in ("prefill", "dequant") + (("decode",) if M <= 256 else ()):
-                def call(path=path, x=x, p=p):
+                def call(path=path, x=x, p=p, descs=descs):
                     return run_path(path, x, p["qweight"], p["scales"], p["zeros"], 128, table, descs)
                 for _ in range(3):
                     call()

@@ -11,17 +11,12 @@ import sys
 import torch
 from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm
 from lmq.kernels.w4a16_gemv import w4a16_gemv
-
-from lmq.pack import planes64
-from lmq.quant.rtn import QuantizedWeight
+from sweep_gemm import G, random_packed
 
 M = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-N, K, G = 6144, 4096, 128
+N, K = 6144, 4096
 torch.manual_seed(0)
-q = QuantizedWeight(codes=torch.randint(0, 16, (N, K), dtype=torch.uint8),
-                    scales=(torch.rand(N, K // G) * 0.01 + 0.001).half(),
-                    zeros=torch.randint(1, 15, (N, K // G), dtype=torch.uint8), group_size=G, bits=4)
-p = {k: v.cuda() for k, v in planes64.pack(q).items()}
+_, p, _ = random_packed(N, K)
 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
 for _ in range(2):
     w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"]["decode"])
