@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lmq.kernels import cdiv, next_pow2
+from lmq.kernels import cdiv, cuda_sm_count, next_pow2
 from lmq.errors import ShapeError
-from lmq.kernels.attention_decode import _sm_count
 from lmq.kernels.kv_quant import (
     KV_MODE,
     PagedKV,
@@ -144,7 +143,7 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
         sm_scale = 1.0 / math.sqrt(D)
     block_m, block_n, num_warps, num_stages = _config(q.device, D)
     if q.device.type == "cuda":
-        block_m = pick_block_m(max_q_len, H, B, block_m, _sm_count(q.device))
+        block_m = pick_block_m(max_q_len, H, B, block_m, cuda_sm_count(q.device))
     block_n = min(block_n, cache.block_size)  # a tile never straddles two blocks
     half = D // 2
     ks, vs = cache.scale_words()
