@@ -5,8 +5,8 @@ Decode: per KV dtype and (batch, context), the % of the copy-bandwidth floor eac
 kernels/attention_decode.py (_GPU_CONFIG, the split plan) is chosen from data.
 Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a contiguous fp16 cache.
 --compare: only time the default config against a few variants (`compare`).
---splits: int4 tokens per split against two or three programs per SM (`splits_and_occupancy`).
-Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare | --splits]
+--splits [--big | --b1]: tokens per split against programs per SM (`splits_and_occupancy`).
+Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare | --splits [--big | --b1]]
 """
 
 from __future__ import annotations
@@ -86,10 +86,11 @@ def compare(bw: float) -> None:
     split programs per SM (`int4_three_per_sm`: three cap the kernel at 168 registers), the values' scales
     applied the other way (`kv_quant.scale_probs`), and both."""
     torch.manual_seed(0)
-    saved = {"int4_three_per_sm": dec.int4_three_per_sm, "scale_probs": dec.scale_probs}
+    saved = {"int4_three_per_sm": dec.int4_three_per_sm, "int4_plan": dec.int4_plan, "scale_probs": dec.scale_probs}
 
-    def per_sm(three):
-        return {"int4_three_per_sm": lambda programs, sms: three}
+    def per_sm(three):  # the plan's splits, forced to two or three per SM
+        return {"int4_three_per_sm": lambda programs, sms: three,
+                "int4_plan": lambda rows, splits, sms, tiles: (splits, three)}
 
     def flipped():
         return {"scale_probs": lambda cache: not saved["scale_probs"](cache)}
@@ -121,7 +122,9 @@ def compare(bw: float) -> None:
                 out = dec.decode_attention(q, cache, tables[0], lens, max_seq_len=L)[:1].float()
                 ref = dec.decode_attention_ref(q[:1], cache, tables[0][:1], lens[:1]).float()
                 err = ((out - ref).norm() / ref.norm()).item()  # sequence 0, as lmq bench attention
-                splits = -(-L // dec.plan_splits(B, HKV, L, dec._GPU_CONFIG[128][0], dec._sm_count(q.device)))
+                split_len, _ = dec.plan_launch(B, HKV, L, dec._GPU_CONFIG[128][0], dec._sm_count(q.device),
+                                               dec.int4_three_eligible(kd, D, q.device))
+                splits = -(-L // split_len)
                 for k, v in saved.items():
                     setattr(dec, k, v)
                 cells.append(f"{name} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}% ({splits}) err {err:.1e}")
@@ -131,31 +134,37 @@ def compare(bw: float) -> None:
 
 
 def splits_and_occupancy(bw: float) -> None:
-    """int4: tokens per split against two or three programs per SM (the rule forced either way)."""
+    """Tokens per split against programs per SM: int4 with the two-or-three rule forced either way;
+    `--b1`: one sequence, int8 and fp16, at two per SM (their only setting)."""
     torch.manual_seed(0)
     rule = dec.int4_three_per_sm
-    shapes = ((8, 4096, (384, 512, 768, 1024)), (8, 16384, (768, 1024, 1536, 2048)),
-              (64, 4096, (2048, 4096)), (1, 16384, (256, 512, 1024)))
+    shapes = (("int4", 8, 4096, (384, 512, 768, 1024)), ("int4", 8, 16384, (768, 1024, 1536, 2048)),
+              ("int4", 64, 4096, (2048, 4096)), ("int4", 1, 16384, (256, 512, 1024)))
     if "--big" in sys.argv:  # B=64: one to four splits
-        shapes = ((64, 16384, (16384, 8192, 5504, 4096)), (64, 4096, (4096, 2048, 1408, 1024)),
-                  (64, 32768, (32768, 16384, 11008)))
-    for B, L, lens in shapes:
-        kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head("int4", D)
+        shapes = (("int4", 64, 16384, (16384, 8192, 5504, 4096)), ("int4", 64, 4096, (4096, 2048, 1408, 1024)),
+                  ("int4", 64, 32768, (32768, 16384, 11008)))
+    if "--b1" in sys.argv:  # B=1: 8 H_kv programs per split; 32 splits is the plan's choice at 4k-32k
+        shapes = tuple((kd, 1, L, tuple(L // s for s in (16, 24, 32, 40, 48, 64)))
+                       for kd in ("int8", "fp16") for L in (4096, 16384))
+    for kd, B, L, lens in shapes:
+        kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head(kd, D)
         n = ba.copies_for(kv_bytes)
         nb = -(-L // ba.BLOCK_SIZE)
-        cache = ba._random_paged("int4", n * B * nb, HKV, D)
+        cache = ba._random_paged(kd, n * B * nb, HKV, D)
         tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
         lens_t = torch.full((B,), L, dtype=torch.int32, device="cuda")
         q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
         cells = []
         for split_len in lens:
-            for three in (False, True):
+            split_len = -(-split_len // 128) * 128
+            for three in ((False, True) if kd == "int4" else (False,)):
                 dec.int4_three_per_sm = lambda programs, sms, three=three: three
                 us = ba.graph_time_us([lambda t=t, sl=split_len: dec.decode_attention(
                     q, cache, t, lens_t, max_seq_len=L, split_len=sl) for t in tables], calls=max(n, 10))
                 dec.int4_three_per_sm = rule
-                cells.append(f"{-(-L // split_len)} splits {'3' if three else '2'}/SM {us:.1f}us")
-        print(f"int4 B={B} L={L}: " + ", ".join(cells), flush=True)
+                cells.append(f"{-(-L // split_len)} splits {'3' if three else '2'}/SM {us:.1f}us"
+                             f"={100 * kv_bytes / bw / us * 1e6:.0f}%")
+        print(f"{kd} B={B} L={L}: " + ", ".join(cells), flush=True)
         del cache, tables
         torch.cuda.empty_cache()
 

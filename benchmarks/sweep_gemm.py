@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-waves|prefill|ws ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-waves|decode-big|prefill|ws ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
@@ -49,6 +49,17 @@ SWEEP = {
         "ms": [64, 96, 128, 192, 256],
         "configs": [{**_DECODE_TABLE, "WAVES": w, "WAVES_FROM_M": ()} for w in (4, 3, 2, 1)],
     },
+    # the decode kernel at medium M with bigger tiles: rows per tile up to 128 or 256 (each dequantized
+    # weight tile then serves more rows), 128 weight rows on 8 warps; the table's config first
+    "decode-big": {
+        "ms": [128, 192, 256, 384, 512],
+        "configs": [_DECODE_TABLE] + [
+            {**_DECODE_TABLE, "BLOCK_M_MAX": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, "WAVES": waves,
+             "WAVES_FROM_M": ()}
+            for bm, bn, w, st, waves in ((128, 64, 4, 3, 2), (128, 64, 4, 3, 3), (128, 64, 8, 3, 2),
+                                         (128, 128, 8, 3, 2), (64, 128, 8, 3, 2), (256, 64, 8, 3, 2),
+                                         (128, 64, 4, 4, 2))],
+    },
     # the warp-specialized Hopper kernel (kernels/w4a16_gemm_ws.py), fp16
     "ws": {
         "ms": [256, 512, 1024, 2048, 4096],
@@ -77,7 +88,7 @@ def main(regimes):
         weights.append((name, K, [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]))
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
-            if regime in ("prefill", "ws", "decode-waves"):  # the peer, and a GPU check of every config
+            if regime in ("prefill", "ws", "decode-waves", "decode-big"):  # the peer, and a GPU check of every config
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)

@@ -171,15 +171,40 @@ PDL_MERGE = True
 # element (benchmarks/results/2026-11-23-session7-h100/compare-errors.log). Its raw low nibbles read
 # 1024 + c, and the dot carries 1024 sum(p s), taken off afterwards. `test_decode_gpu_int4_long_context`
 # guards the shape.)
+# Where the split plan gives one split, two splits at three per SM can beat one at two: B=64 (512 rows)
+# makes 1,024 programs, 2.6 waves of three. H100, same call (attention_sweep.py --splits --big, us, one
+# split at two per SM -> two at three): 4k 151.8 -> 146.8, 16k 578.0 -> 544.8, 32k 1153.0 -> 1086.5
+# (three or four splits: within 2% of two; benchmarks/results/2026-11-23-session8-h100/splits-big.log).
+# `int4_plan` picks among those by the same wave model.
 INT4_THREE_REGS = 168
 SPEEDUP3 = 1.2
 
 
+def _int4_cost(programs: int, splits: int, three: bool, sm_count: int) -> float:
+    """Modelled time of `programs` int4 split programs of 1/splits of the work each, in units of one
+    unsplit program's time at two per SM (the wave model above)."""
+    per_sm = 3 if three else 2
+    waves = -(-programs // (per_sm * sm_count))
+    return waves / splits * (1.5 / SPEEDUP3 if three else 1.0)
+
+
 def int4_three_per_sm(programs: int, sm_count: int) -> bool:
     """Whether `programs` int4 split programs finish sooner three to an SM than two (see above)."""
-    waves2 = -(-programs // (2 * sm_count))
-    waves3 = -(-programs // (3 * sm_count))
-    return waves3 * 1.5 / SPEEDUP3 < waves2
+    return _int4_cost(programs, 1, True, sm_count) < _int4_cost(programs, 1, False, sm_count)
+
+
+def int4_plan(rows: int, splits: int, sm_count: int, tiles: int) -> tuple[int, bool]:
+    """(splits, three per SM) for int4 split programs over `rows` = B * H_kv: the plan's splits at two
+    or three per SM, or, where the plan gives one split and the context has two tiles or more (`tiles`),
+    two splits at three per SM (see above)."""
+    options = [(splits, False), (splits, True)] + ([(2, True)] if splits == 1 and tiles >= 2 else [])
+    return min(options, key=lambda o: _int4_cost(rows * o[0], o[0], o[1], sm_count))
+
+
+def int4_three_eligible(kv_dtype: str, head_dim: int, device: torch.device) -> bool:
+    """Whether the three-per-SM int4 launch applies: int4 cache, head dim 65..128, Hopper."""
+    return (kv_dtype == "int4" and device.type == "cuda" and 64 < head_dim <= 128
+            and cuda_capability(device)[0] == 9)
 
 
 def _config(device: torch.device, head_dim: int) -> tuple[int, int, int]:
@@ -204,6 +229,21 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
         want = min(max(enough, more), MAX_SPLITS, tiles)
     split_len = -(-max_len // want)
     return max(block_n, -(-split_len // block_n) * block_n)
+
+
+def plan_launch(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int,
+                int4_three: bool = False) -> tuple[int, bool]:
+    """(tokens per split, three programs per SM): `plan_splits`, then for an int4 cache that may run
+    three per SM (`int4_three_eligible`), `int4_plan`."""
+    split_len = plan_splits(batch, num_kv_heads, max_len, block_n, sm_count)
+    if not int4_three:
+        return split_len, False
+    tiles = -(-max_len // block_n)
+    planned = -(-max_len // split_len)
+    splits, three = int4_plan(batch * num_kv_heads, planned, sm_count, tiles)
+    if splits != planned:  # whole tiles each
+        split_len = -(-tiles // splits) * block_n
+    return split_len, three
 
 
 def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -233,8 +273,12 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
                          f"{block_tables.shape[1]} x {cache.block_size} tokens")
     block_n, num_warps, num_stages = _config(q.device, D)
     block_n = min(block_n, cache.block_size)  # a tile never straddles two blocks
+    eligible = int4_three_eligible(cache.kv_dtype, D, q.device)
     if split_len is None:
-        split_len = plan_splits(B, cache.num_kv_heads, max_seq_len, block_n, _sm_count(q.device))
+        split_len, three = plan_launch(B, cache.num_kv_heads, max_seq_len, block_n, _sm_count(q.device), eligible)
+    else:
+        three = eligible and int4_three_per_sm(-(-max_seq_len // split_len) * cache.num_kv_heads * B,
+                                               _sm_count(q.device))
     if split_len % block_n:
         raise ShapeError(f"split_len {split_len} must be a multiple of BLOCK_N {block_n}")
     n_splits = -(-max_seq_len // split_len)
@@ -257,8 +301,6 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         ls = plse.stride()[:2]
     ks, vs = cache.scale_words()
     pdl = use_pdl(q.device)
-    three = (cache.kv_dtype == "int4" and q.is_cuda and 64 < D <= 128 and cuda_capability(q.device)[0] == 9
-             and int4_three_per_sm(n_splits * cache.num_kv_heads * B, _sm_count(q.device)))
     _decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
         q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse,
         sm_scale * math.log2(math.e), split_len,

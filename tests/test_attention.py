@@ -345,3 +345,23 @@ def test_int4_programs_per_sm_follow_the_waves():
     assert {bl: int4_three_per_sm(p, 132) for bl, p in programs.items()} == {
         (8, 16384): True, (8, 32768): True, (8, 4096): False, (64, 16384): False, (1, 16384): False}
     assert int4_three_per_sm(390, 132) and not int4_three_per_sm(264, 132)  # one wave of three vs one of two
+
+
+def test_int4_launch_plan():
+    # (splits, three per SM) for int4 on 132 SMs, 8 KV heads, 128-token tiles (attention_sweep.py
+    # --splits --big): B=64 takes two splits at three per SM where the plan gives one at two; B=8 keeps
+    # the plan's splits; a one-tile context cannot split
+    from lmq.kernels.attention_decode import int4_plan, plan_launch
+
+    def launch(B, L, eligible=True):
+        split_len, three = plan_launch(B, 8, L, 128, 132, eligible)
+        assert split_len % 128 == 0
+        return -(-L // split_len), three
+
+    assert [launch(64, L) for L in (4096, 16384, 32768)] == [(2, True)] * 3
+    assert launch(64, 16384, eligible=False) == (1, False)
+    assert [launch(8, L) for L in (4096, 16384)] == [(8, False), (16, True)]
+    assert launch(1, 16384) == (32, False)
+    assert launch(64, 100) == (1, False)  # one tile
+    assert launch(64, 200) == (2, True)  # two tiles of 128: 128 tokens per split
+    assert int4_plan(128 * 8, 1, 132, 32) == (1, True)  # B=128: 1,024 programs, 2.6 waves of three
