@@ -21,6 +21,26 @@ from lmq.kernels.attention_decode import decode_attention, decode_attention_ref
 from lmq.kernels.kv_quant import fake_quantize_kv
 
 
+def check_invariants(m: BlockManager) -> None:
+    """Every block is free (on the free list once) or held, with a refcount equal to the number of
+    block tables holding it; keys and their reverse maps agree; a block keyed for tokens not yet
+    written is held by some sequence (it never waits on the free list to be revived)."""
+    a = m.allocator
+    free = list(a._free)
+    assert len(free) == len(set(free))
+    held = [0] * a.num_blocks
+    for seq in m.seqs.values():
+        for b in seq.table:
+            held[b] += 1
+    for b in range(a.num_blocks):
+        assert a.refcount[b] == held[b] and (b in free) == (held[b] == 0), b
+    for h, b in m._hash_to_block.items():
+        assert m._block_hash[b] == h and b in m._block_tokens
+    for parent, b in m._partial.items():
+        assert m._block_partial[b][0] == parent
+    assert all(a.refcount[b] > 0 for b in m._unwritten)
+
+
 def test_allocator_refcounts_and_free_list():
     a = BlockAllocator(3)
     b0, b1 = a.allocate(), a.allocate()
@@ -55,6 +75,46 @@ def test_a_freed_sequences_partial_last_block_is_taken_over():
     assert m.block_table(4)[2] == table3[2]
     m.free(4, num_computed=40, token_ids=prev[:37] + [0, 0, 0, 5])
     assert m.allocate(5, [1] + prev[1:]) == 0  # another parent: nothing shared
+
+
+def test_an_aborted_prefill_keeps_the_partial_block_it_took_over():
+    """The next chat turn takes over the previous turn's partly filled last block; aborted before
+    its prefill ran, it leaves the block as it found it, offered again to a retry."""
+    m = BlockManager(8, block_size=16)
+    prev = list(range(100, 140))  # blocks 0, 1 full, block 2 holds 8 tokens
+    m.allocate(1, prev)
+    m.free(1, num_computed=40, token_ids=prev)
+    turn = prev + list(range(200, 230))  # continues past block 2: block 2 is no longer the last
+    assert m.allocate(2, turn) == 40
+    taken = m.block_table(2)[2]
+    m.free(2, num_computed=40, token_ids=turn)  # aborted: only the 40 cached tokens are written
+    check_invariants(m)
+    assert m.allocate(3, turn) == 40 and m.block_table(3)[2] == taken
+    check_invariants(m)
+
+
+def test_a_freed_sequence_forgets_only_the_blocks_nobody_wrote():
+    """Blocks a prompt revives from the free list hold their tokens, even past the point where the
+    scheduler has it recompute (a shared block before them is still being written by another
+    prefill): freeing it before it got there keeps them in the prefix cache. A block keyed for
+    tokens that no one wrote is forgotten when its last holder lets go, whichever goes last."""
+    m = BlockManager(16, block_size=16)
+    p = list(range(49))  # blocks 0..2 full, block 3 holds 1 token
+    m.allocate(0, p)
+    m.free(0, num_computed=49, token_ids=p)
+    assert m.allocate(1, p[:32]) == 16  # its last block is recomputed: block 1 is new, not written yet
+    assert m.allocate(2, p) == 48  # block 0 shared, block 1 is 1's (unwritten), block 2 revived
+    revived, reserved = m.block_table(2)[2], m.block_table(2)[1]
+    assert m.allocator.refcount[revived] == 1 and reserved == m.block_table(1)[1]
+    m.free(2, num_computed=16, token_ids=p)  # aborted; the scheduler had it recompute from block 1
+    check_invariants(m)
+    assert m.allocate(3, p) == 48 and m.block_table(3)[2] == revived  # block 2 still cached
+    m.free(1, num_computed=16, token_ids=p[:32])  # 1 aborted too: block 1 was never written ...
+    check_invariants(m)
+    m.free(3, num_computed=16, token_ids=p)  # ... and once its last holder lets go, it is forgotten
+    check_invariants(m)
+    assert m.allocate(4, p) == 16
+    check_invariants(m)
 
 
 def test_a_partial_block_in_use_or_reallocated_is_not_taken():
@@ -144,6 +204,8 @@ def test_out_of_blocks_rolls_back():
     with pytest.raises(OutOfBlocks):
         m.allocate(1, list(range(9)))
     assert m.allocator.num_free == 2 and 1 not in m.seqs
+    check_invariants(m)
+    assert m.allocate(2, list(range(5))) == 0  # the blocks keyed before it ran out were never written
 
 
 def test_sizing_from_a_budget():

@@ -3,7 +3,7 @@ before prefill, chunked prefill, admission, recompute preemption, prefix reuse o
 written (and not of blocks that are only reserved)."""
 
 
-from lmq.engine.kv_cache import BlockManager
+from lmq.engine.kv_cache import BlockManager, _chain_hash
 from lmq.engine.sampling import SamplingParams
 from lmq.engine.scheduler import Scheduler
 from lmq.engine.sequence import Sequence, Status
@@ -179,3 +179,103 @@ def test_the_engine_runs_no_more_sequences_than_its_token_budget():
     assert llm.max_num_seqs == 4 and llm.scheduler.max_num_seqs == 4
     outs = llm.generate([[5, 6, 7]] * 6, SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert [len(o.token_ids) for o in outs] == [3] * 6
+
+
+def test_an_aborted_prefill_keeps_the_cached_blocks_it_revived():
+    """A prompt that revives cached blocks past a block another prefill has yet to write is
+    recomputed from that block; aborted before its step runs, the revived blocks (whose K/V it
+    never touched) stay in the prefix cache."""
+    manager = BlockManager(16, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=1000)
+    a = seq(0, 49)
+    sched.add(a)
+    run(sched, sched.schedule())
+    sched.finish(a, "stop")  # blocks 0..2 keyed and free
+    c = seq(1, 32)  # a's first two blocks; its last block is recomputed into a new one
+    sched.add(c)
+    sched.max_num_batched_tokens = 8
+    run(sched, sched.schedule())  # c: 16 cached, 8 more written, block 1 half done
+    b = seq(2, 49)  # a's prompt again: block 0 shared, block 1 is c's, block 2 revived
+    sched.add(b)
+    sched.max_num_batched_tokens = 100
+    step = sched.schedule()
+    assert spans(step) == [(1, 24, 32), (2, 16, 49)]
+    sched.finish(b, "abort")  # before the step ran
+    assert manager.allocate(3, a.prompt_ids) == 48  # block 2 still offered
+
+
+def test_a_block_whose_last_token_is_pending_is_recomputed_by_a_prompt_that_reuses_it():
+    """A prefill with one prompt token left has keyed its last block already; a prompt that
+    reuses that block in the same step recomputes it, so that if the step never runs (an error,
+    Ctrl-C) and both requests are aborted, no half-written block stays in the prefix cache."""
+    manager = BlockManager(16, BS)
+    sched = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=31)
+    a = seq(0, 32)
+    sched.add(a)
+    run(sched, sched.schedule())  # 31 of 32 written: block 1's last token is pending
+    b = seq(1, 40)  # a's 32 tokens and 8 more
+    sched.add(b)
+    sched.max_num_batched_tokens = 100
+    step = sched.schedule()
+    assert spans(step) == [(0, 31, 32), (1, 16, 40)]
+    sched.finish(a, "abort")
+    sched.finish(b, "abort")
+    assert manager.allocate(2, list(range(40))) == 16  # block 1 was never completed
+
+
+def test_skipped_and_cached_tokens_are_really_in_the_cache_through_aborts():
+    """A seeded random walk of requests sharing prefixes: steps that run, steps that never run
+    (their requests aborted), aborts and finishes in between. A shadow of what each slot holds
+    checks that every token a sequence skips is in its slot, and that every block the prefix
+    cache offers from the free list holds the tokens it is keyed by."""
+    import random
+
+    bs = 4
+    for seed in range(600):
+        rng = random.Random(seed)
+        manager = BlockManager(rng.randint(4, 8), bs)
+        sched = Scheduler(manager, max_num_seqs=rng.randint(1, 4), max_num_batched_tokens=rng.randint(2, 8))
+        slot = {}  # (block, offset) -> (position, tokens up to it) whose K/V it holds
+        bases = [[rng.randint(0, 2) for _ in range(30)] for _ in range(2)]
+        live, next_id = [], 0
+        for _ in range(150):
+            r = rng.random()
+            if r < 0.3 and len(live) < 6:
+                toks = rng.choice(bases)[:rng.randint(1, 16)]
+                live.append(Sequence(next_id, toks, SamplingParams(max_new_tokens=6)))
+                sched.add(live[-1])
+                next_id += 1
+            elif r < 0.4 and live:
+                s = live.pop(rng.randrange(len(live)))
+                sched.finish(s, "abort")
+            elif (step := sched.schedule()) is not None:
+                pending = {}
+                for src, dst in step.copies:
+                    slot.update({(dst, o): slot.get((src, o)) for o in range(bs)})
+                for sp in step.spans:
+                    t = manager.block_table(sp.seq.seq_id)
+                    for p in range(sp.start, sp.end):
+                        pending[(t[p // bs], p % bs)] = (p, tuple(sp.seq.token_ids[:p + 1]))
+                for s in sched.running:  # what it skips is in the cache, or is written in this step
+                    t = manager.block_table(s.seq_id)
+                    for p in range(s.num_computed):
+                        want, at = (p, tuple(s.token_ids[:p + 1])), (t[p // bs], p % bs)
+                        assert want in (slot.get(at), pending.get(at)), (seed, s.seq_id, p)
+                if rng.random() < 0.25:  # the step never runs: its requests are aborted
+                    for sp in step.spans:
+                        if sp.seq in live:
+                            live.remove(sp.seq)
+                            sched.finish(sp.seq, "abort")
+                else:
+                    slot.update(pending)
+                    run(sched, step, new_token=rng.randint(0, 2))
+                    for s in [sp.seq for sp in step.spans if sp.sample and len(sp.seq.output_ids) >= 6]:
+                        live.remove(s)
+                        sched.finish(s, "length")
+            for h, b in manager._hash_to_block.items():  # a free keyed block holds what it is keyed by
+                if manager.allocator.refcount[b] == 0:
+                    held = [slot.get((b, o)) for o in range(bs)]
+                    assert None not in held, seed
+                    prefix = held[-1][1]  # its slots: one prefix's last bs positions, the chain h keys
+                    assert [x[1] for x in held] == [prefix[:len(prefix) - bs + o + 1] for o in range(bs)], seed
+                    assert len(prefix) % bs == 0 and _chain_hash(prefix, len(prefix) // bs, bs) == h, seed

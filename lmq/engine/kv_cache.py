@@ -111,6 +111,9 @@ class BlockManager:
         # and block -> (parent hash, its written tokens)
         self._partial: dict[int | None, int] = {}
         self._block_partial: dict[int, tuple[int | None, tuple[int, ...]]] = {}
+        # blocks `allocate` keyed by tokens that no freed holder has reported written yet: when
+        # the last holder lets go of one still unwritten, its key is dropped (see `_release`)
+        self._unwritten: set[int] = set()
 
     # -- queries
     def blocks_needed(self, num_tokens: int) -> int:
@@ -191,6 +194,7 @@ class BlockManager:
                         block = self._fresh_block()
                     if full and self.prefix_caching:
                         self._register(block, h, chunk)
+                        self._unwritten.add(block)
                 table.append(block)
         except OutOfBlocks:
             for b in table:
@@ -248,21 +252,24 @@ class BlockManager:
 
     def free(self, seq_id: int, num_computed: int | None = None, token_ids: list[int] | None = None) -> None:
         """Release a sequence's blocks. `num_computed`: how many of its tokens were actually
-        written; blocks past that were keyed by their tokens at `allocate` but hold nothing yet,
-        so they are forgotten instead of being offered to later prompts (a preempted or aborted
-        chunked prefill). With `token_ids` (its tokens), a partly written last block is kept for a
-        later prompt that continues those tokens (`allocate` takes it over)."""
+        written. Blocks `allocate` keyed by tokens that nobody has written (a preempted or aborted
+        chunked prefill) are forgotten when their last holder lets go, instead of being offered to
+        later prompts; blocks it found in the cache keep their tokens and stay offered, even past
+        `num_computed` (a prefill recomputing from a shared block another prefill had yet to
+        write). With `token_ids` (its tokens), the partly written block at `num_computed` is kept
+        for a later prompt that continues those tokens (`allocate` takes it over)."""
         seq = self.seqs.pop(seq_id)
         bs = self.block_size
         written = len(seq.table) * bs if num_computed is None else num_computed
         first_unwritten = written // bs
         for i, b in enumerate(seq.table):
-            if i >= first_unwritten and self.allocator.refcount[b] == 1:
-                self._forget(b)
-                if (i == first_unwritten and written % bs and token_ids is not None and self.prefix_caching
-                        and i == seq.num_hashed):
-                    self._keep_partial(b, seq.last_hash if i else None, token_ids[i * bs:written])
+            if i < first_unwritten:
+                self._unwritten.discard(b)  # its tokens are in the cache now
+            last_holder = self.allocator.refcount[b] == 1
             self._release(b)
+            if (last_holder and i == first_unwritten and written % bs and token_ids is not None
+                    and self.prefix_caching and b not in self._block_hash):
+                self._keep_partial(b, _chain_hash(token_ids, i, bs), token_ids[i * bs:written])
 
     # -- internals
     def _fresh_block(self) -> int:
@@ -272,6 +279,7 @@ class BlockManager:
         return block
 
     def _forget(self, block: int) -> None:
+        self._unwritten.discard(block)
         old = self._block_hash.pop(block, None)
         self._block_tokens.pop(block, None)
         if old is not None and self._hash_to_block.get(old) == block:
@@ -318,8 +326,20 @@ class BlockManager:
         self._block_tokens[block] = tuple(chunk)
 
     def _release(self, block: int) -> None:
-        # a freed block keeps its hash and contents: prefix lookups revive it until it is reused
+        # a freed block keeps its hash and contents: prefix lookups revive it until it is reused;
+        # one keyed by tokens that were never written is forgotten when its last holder lets go
+        if self.allocator.refcount[block] == 1 and block in self._unwritten:
+            self._forget(block)
         self.allocator.decref(block)
+
+
+def _chain_hash(token_ids: list[int], num_blocks: int, block_size: int) -> int | None:
+    """The chained hash `BlockManager` keys the first `num_blocks` full blocks of `token_ids` by
+    (None for none: the parent of a sequence's first block)."""
+    h = None
+    for i in range(num_blocks):
+        h = hash((h, tuple(token_ids[i * block_size:(i + 1) * block_size])))
+    return h
 
 
 # ---------------------------------------------------------------------------------------------

@@ -125,11 +125,13 @@ class Scheduler:
 
     def _written_prefix(self, seq: Sequence, cached: int) -> int:
         """Cached tokens that are really in the cache: a reused block that a running sequence's
-        chunked prefill has reserved but not yet written is recomputed (same tokens, same slots)."""
+        chunked prefill has reserved but not yet written is recomputed (same tokens, same slots).
+        That includes a block whose last token is computed in this very step: if the step never
+        runs (an error, Ctrl-C) and its requests are aborted, this one has not counted it written."""
         bs = self.manager.block_size
         unwritten = set()
         for other in self.running:
-            if other.num_uncomputed > 1:
+            if other.num_uncomputed > 0:
                 unwritten.update(self.manager.block_table(other.seq_id)[other.num_computed // bs:])
         table = self.manager.block_table(seq.seq_id)
         for i in range(cached // bs):
