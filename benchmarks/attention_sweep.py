@@ -6,7 +6,9 @@ kernels/attention_decode.py (_GPU_CONFIG, the split plan) is chosen from data.
 Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a contiguous fp16 cache.
 --compare: only time the default config against a few variants (`compare`).
 --splits [--big | --b1]: tokens per split against programs per SM (`splits_and_occupancy`).
-Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare | --splits [--big | --b1]]
+--mma: int4, the Gluon split kernel against the Triton one, and at other split counts (`mma_compare`).
+--mma-splits: int4, the Gluon split kernel at 1..32 splits per batch and context (`mma_splits`).
+Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare | --splits [--big | --b1] | --mma | --mma-splits]
 """
 
 from __future__ import annotations
@@ -122,8 +124,7 @@ def compare(bw: float) -> None:
                 out = dec.decode_attention(q, cache, tables[0], lens, max_seq_len=L)[:1].float()
                 ref = dec.decode_attention_ref(q[:1], cache, tables[0][:1], lens[:1]).float()
                 err = ((out - ref).norm() / ref.norm()).item()  # sequence 0, as lmq bench attention
-                split_len, _ = dec.plan_launch(B, HKV, L, dec._GPU_CONFIG[128][0], dec._sm_count(q.device),
-                                               dec.int4_three_eligible(kd, D, q.device))
+                split_len, _, _ = dec.plan_decode(q, kd, HKV, L, dec._GPU_CONFIG[128][0], dec._sm_count(q.device))
                 splits = -(-L // split_len)
                 for k, v in saved.items():
                     setattr(dec, k, v)
@@ -169,11 +170,81 @@ def splits_and_occupancy(bw: float) -> None:
         torch.cuda.empty_cache()
 
 
+def mma_compare(bw: float) -> None:
+    """int4: the Gluon split kernel (attention_decode_mma) against the Triton one, same caches and queries,
+    each at the plan's splits, and the Gluon kernel at other split counts; us, % of the floor, rel err."""
+    torch.manual_seed(0)
+    shapes = ((1, 4096), (1, 16384), (1, 32768), (8, 4096), (8, 16384), (8, 32768), (64, 4096), (64, 16384),
+              (64, 32768))
+    for B, L in shapes:
+        kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head("int4", D)
+        n = ba.copies_for(kv_bytes)
+        nb = -(-L // ba.BLOCK_SIZE)
+        cache = ba._random_paged("int4", n * B * nb, HKV, D)
+        tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
+        lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+        ref = dec.decode_attention_ref(q[:1], cache, tables[0][:1], lens[:1]).float()
+        planned = dec.plan_splits(B, HKV, L, 128, dec._sm_count(q.device))
+        variants = [("triton", False, None), ("gluon", True, dec.mma_split_len(B, HKV, L, 128, dec._sm_count(q.device))
+                                                       or planned)]
+        variants += [(f"gluon {-(-L // sl)} splits", True, sl)
+                     for sl in sorted({max(128, planned * 2), max(128, planned // 2), max(128, planned // 4)})
+                     if sl != planned and -(-L // sl) <= dec.MAX_SPLITS]
+        cells = []
+        for name, on, split_len in variants:
+            dec.MMA_INT4 = on
+            us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L, split_len=split_len)
+                                   for t in tables], calls=max(n, 10))
+            out = dec.decode_attention(q, cache, tables[0], lens, max_seq_len=L, split_len=split_len)[:1].float()
+            dec.MMA_INT4 = True
+            err = ((out - ref).norm() / ref.norm()).item()
+            cells.append(f"{name} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}% err {err:.1e}")
+        print(f"int4 B={B} L={L} (plan {-(-L // planned)} splits): " + ", ".join(cells), flush=True)
+        del cache, tables
+        torch.cuda.empty_cache()
+
+
+def mma_splits(bw: float) -> None:
+    """int4, the Gluon split kernel: time per split count, against the Triton kernel at its plan."""
+    torch.manual_seed(0)
+    for B in (1, 2, 4, 8, 16, 32, 64):
+        for L in (4096, 16384, 32768):
+            kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head("int4", D)
+            n = ba.copies_for(kv_bytes)
+            nb = -(-L // ba.BLOCK_SIZE)
+            cache = ba._random_paged("int4", n * B * nb, HKV, D)
+            tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
+            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+            q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+            cells = []
+            for on, splits in [(False, None)] + [(True, s) for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+                                                  if L // s >= 128 and B * HKV * s <= 8 * 132]:
+                dec.MMA_INT4 = on
+                split_len = None if splits is None else (-(-L // splits) + 127) // 128 * 128
+                us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L,
+                                                                        split_len=split_len) for t in tables],
+                                      calls=max(n, 10))
+                dec.MMA_INT4 = True
+                cells.append((us, f"{'gluon %d' % splits if on else 'triton plan'} {us:.1f}"))
+            best = min(c for c in cells[1:])
+            print(f"int4 B={B} L={L}: best {best[1]} ({100 * kv_bytes / bw / best[0] * 1e6:.0f}%) | "
+                  + ", ".join(c[1] for c in cells), flush=True)
+            del cache, tables
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     bw = ba.copy_bandwidth_bytes_s()
     print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
     if "--compare" in sys.argv:
         compare(bw)
+        return
+    if "--mma-splits" in sys.argv:
+        mma_splits(bw)
+        return
+    if "--mma" in sys.argv:
+        mma_compare(bw)
         return
     if "--splits" in sys.argv:
         splits_and_occupancy(bw)

@@ -1,8 +1,10 @@
-"""Offline (no GPU): compile the decode-attention split kernel for sm_90 with Triton's own ptxas and
+"""Offline (no GPU): compile the decode-attention split kernels for sm_90 with Triton's own ptxas and
 count what one K/V tile costs in machine instructions, per KV dtype, at the production config.
 
 Prints registers, shared memory, and the instructions of the main loop body (the block that ends in
-the loop's backward branch), by opcode. Used to predict before spending device time.
+the loop's backward branch), by opcode, and per token and KV head (the loop runs 4 warps). The Triton
+split kernel for every KV dtype, then the Gluon int4 kernel (kernels/attention_decode_mma.py).
+Used to predict before spending device time.
 Usage: python benchmarks/sass_attention.py [--dump MODE]   (run without TRITON_INTERPRET)
 """
 
@@ -54,6 +56,32 @@ def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, c
                                    **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
+def compile_mma(d: int = 128, group: int = 4, page: int = 128, cc: int = 90, pdl: bool | None = None):
+    """The Gluon int4 split kernel (attention_decode_mma) as a launch compiles it."""
+    from lmq.kernels import attention_decode_mma as mma
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    pdl = cc >= 90 if pdl is None else pdl
+    ptrs = {"q_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*i32", "vs_ptr": "*i32",
+            "bt_ptr": "*i32", "lens_ptr": "*i32", "o_ptr": "*fp16", "po_ptr": "*fp32", "plse_ptr": "*fp32"}
+    scalars = ["stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_cb", "stride_ch", "stride_vb",
+               "stride_vh", "stride_sb", "stride_sh", "stride_btb", "stride_pb", "stride_ph", "stride_ps",
+               "stride_lb", "stride_lh"]
+    half = d // 2
+    consts = {"GROUP": group, "HALF": half, "BLOCK_DH": max(16, triton.next_power_of_2(half)), "PAGE": page,
+              "TPW": min(128, page) // mma.NUM_WARPS, "STAGES": mma.STAGES, "PV_KW": mma.PV_KW, "DIRECT": False,
+              "OFF64": False, "PDL": pdl}
+    sig = {**ptrs, "qk_scale": "fp32", "split_len": "i32", **{s: "i32" for s in scalars},
+           **{k: "constexpr" for k in consts}}
+    names = list(sig)
+    aligned = [n for n in names if n in ptrs or (n.startswith("stride_") and n not in ("stride_btb", "stride_lh"))
+               or n == "split_len"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(GluonASTSource(mma._int4_decode_split_kernel, sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
+                          options={"num_warps": mma.NUM_WARPS, "launch_pdl": pdl})
+
+
 def cuobjdump(kernel, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -85,14 +113,17 @@ def opcode(ln: str) -> str:
 
 
 def main() -> None:
-    for mode, name, scale_p in ((0, "fp16", None), (1, "int8", True), (1, "int8", False), (2, "int4", True),
-                                (2, "int4", False)):
-        k = compile_split(mode, scale_p=scale_p)
-        name += "" if scale_p is None else f" scale_p={scale_p}"
+    variants = [(f"{name}" + ("" if scale_p is None else f" scale_p={scale_p}"), compile_split(mode, scale_p=scale_p),
+                 _GPU_CONFIG[128][0] // 4)
+                for mode, name, scale_p in ((0, "fp16", None), (1, "int8", True), (1, "int8", False),
+                                            (2, "int4", True), (2, "int4", False))]
+    variants.append(("int4 gluon", compile_mma(), 128 // 4))  # each warp runs its own 32 tokens per step
+    for name, k, tokens_per_warp in variants:
         body = loop_body(cuobjdump(k, "-sass"))
         ops = collections.Counter(opcode(ln) for ln in body)
         regs = re.search(r"REG:(\d+)", cuobjdump(k, "-res-usage")).group(1)
-        print(f"{name}: regs {regs} shared {k.metadata.shared} B, loop body {len(body)} instr/warp/tile: "
+        print(f"{name}: regs {regs} shared {k.metadata.shared} B, loop body {len(body)} instr/warp/tile "
+              f"({len(body) / tokens_per_warp:.2f} per token and KV head): "
               + " ".join(f"{o}:{c}" for o, c in ops.most_common(18)))
         if "--dump" in sys.argv and sys.argv[sys.argv.index("--dump") + 1] == name:
             print("\n".join(body))

@@ -38,6 +38,11 @@ from lmq.kernels.kv_quant import (
 )
 from lmq.kernels.pdl import use_pdl
 
+try:
+    from lmq.kernels import attention_decode_mma as _mma
+except ImportError:  # a Triton without Gluon (before 3.5): int4 takes the Triton split kernel
+    _mma = None
+
 from lmq.errors import ShapeError
 
 
@@ -157,6 +162,10 @@ MORE_SPLITS_MAX = 32
 # (B=1 int4 4k 12.6 us against 9.2 for two launches): one program per head group merges serially.
 PDL_SPLIT = True
 PDL_MERGE = True
+# int4 caches with fp16 queries (compute capability >= 8.0, head dim <= 128, blocks of >= 64 tokens):
+# the Gluon split kernel that loads codes straight into tensor-core operand registers
+# (kernels/attention_decode_mma.py); False keeps the Triton split kernel (for a comparison).
+MMA_INT4 = True
 # int4, head dims 65..128, Hopper (measured on an H100 only): three programs of 4 warps per SM instead of
 # two (the split kernel capped at 168 registers: no spills, 2% more instructions), where the waves of
 # programs allow it. H100, same call
@@ -201,6 +210,13 @@ def int4_plan(rows: int, splits: int, sm_count: int, tiles: int) -> tuple[int, b
     return min(options, key=lambda o: _int4_cost(rows * o[0], o[0], o[1], sm_count))
 
 
+def uses_mma_kernel(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group: int) -> bool:
+    """Whether the split pass runs the Gluon int4 kernel (`MMA_INT4`, attention_decode_mma.supported) for
+    queries like `q` over a `kv_dtype` cache read in tiles of `block_n` tokens."""
+    return (MMA_INT4 and _mma is not None and not _mma._broken
+            and _mma.supported(q, kv_dtype, block_n, head_dim, group))
+
+
 def int4_three_eligible(kv_dtype: str, head_dim: int, device: torch.device) -> bool:
     """Whether the three-per-SM int4 launch applies: int4 cache, head dim 65..128, Hopper."""
     return (kv_dtype == "int4" and device.type == "cuda" and 64 < head_dim <= 128
@@ -231,6 +247,42 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
     return max(block_n, -(-split_len // block_n) * block_n)
 
 
+# The Gluon int4 split kernel (attention_decode_mma) runs two programs per SM (255 registers x 128 threads)
+# and streams at the copy floor once its programs are long; its plan is one wave of programs, splits =
+# 2 x SMs // (B x H_kv) (at most MORE_SPLITS_MAX), and it takes a launch only where that leaves
+# MMA_MIN_SPLIT tokens or more per split: shorter programs pay its prologue and end-of-program merge of
+# the warps' partial results, and the Triton kernel is faster there. H100, us, Gluon at its best split
+# count vs Triton at its plan (benchmarks/attention_sweep.py --mma-splits,
+# benchmarks/results/2026-11-23-session8-h100/mma-splits.log): B=8 4k 27.1 (4 splits, 1024 tokens each)
+# vs 27.1, 16k 70.7 vs 79.5, 32k 129.1 vs 146.9; B=64 16k 477.1 (1 split) vs 551.1; B=2 4k 14.8 (256
+# tokens) vs 11.6; B=1 16k 20.0 (512 tokens) vs 17.0, 32k 26.7 (1024 tokens) vs 26.8.
+MMA_SLOTS_PER_SM = 2
+MMA_MIN_SPLIT = 1024
+
+
+def mma_split_len(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int) -> int | None:
+    """Tokens per split for the Gluon int4 kernel (whole tiles), or None where its plan leaves fewer than
+    MMA_MIN_SPLIT tokens per split (the Triton kernel then takes the launch); see above."""
+    splits = max(1, min(MORE_SPLITS_MAX, MMA_SLOTS_PER_SM * sm_count // (batch * num_kv_heads)))
+    tiles = -(-max_len // block_n)
+    split_len = -(-tiles // splits) * block_n
+    return split_len if min(split_len, max_len) >= MMA_MIN_SPLIT else None
+
+
+def plan_decode(q: torch.Tensor, kv_dtype: str, num_kv_heads: int, max_len: int, block_n: int,
+                sm_count: int) -> tuple[int, bool, bool]:
+    """(tokens per split, Gluon int4 kernel, three programs per SM) for a decode launch of queries `q`
+    [B, H, D] over a `kv_dtype` cache read in tiles of `block_n` tokens."""
+    B, H, D = q.shape
+    if uses_mma_kernel(q, kv_dtype, block_n, D, H // num_kv_heads):
+        split_len = mma_split_len(B, num_kv_heads, max_len, block_n, sm_count)
+        if split_len is not None:
+            return split_len, True, False
+    split_len, three = plan_launch(B, num_kv_heads, max_len, block_n, sm_count,
+                                   int4_three_eligible(kv_dtype, D, q.device))
+    return split_len, False, three
+
+
 def plan_launch(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int,
                 int4_three: bool = False) -> tuple[int, bool]:
     """(tokens per split, three programs per SM): `plan_splits`, then for an int4 cache that may run
@@ -244,6 +296,26 @@ def plan_launch(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
     if splits != planned:  # whole tiles each
         split_len = -(-tiles // splits) * block_n
     return split_len, three
+
+
+def _split_triton(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits, G,
+                  block_n, num_warps, num_stages, direct, pdl, three, ps, ls) -> None:
+    """The split pass in Triton (every KV dtype)."""
+    B, H, D = q.shape
+    half = D // 2
+    _decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
+        q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse,
+        qk_scale, split_len,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
+        ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
+        GROUP=G, BLOCK_G=max(16, next_pow2(G)), HALF=half,
+        BLOCK_DH=max(16, next_pow2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
+        KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache),
+        SCALE_P=scale_probs(cache), DIRECT=direct, PDL=pdl and PDL_SPLIT,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl and PDL_SPLIT,
+        **({"maxnreg": INT4_THREE_REGS} if three else {}),
+    )
 
 
 def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -273,12 +345,13 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
                          f"{block_tables.shape[1]} x {cache.block_size} tokens")
     block_n, num_warps, num_stages = _config(q.device, D)
     block_n = min(block_n, cache.block_size)  # a tile never straddles two blocks
-    eligible = int4_three_eligible(cache.kv_dtype, D, q.device)
     if split_len is None:
-        split_len, three = plan_launch(B, cache.num_kv_heads, max_seq_len, block_n, _sm_count(q.device), eligible)
-    else:
-        three = eligible and int4_three_per_sm(-(-max_seq_len // split_len) * cache.num_kv_heads * B,
-                                               _sm_count(q.device))
+        split_len, use_mma, three = plan_decode(q, cache.kv_dtype, cache.num_kv_heads, max_seq_len, block_n,
+                                                _sm_count(q.device))
+    else:  # the caller's splits: the Gluon kernel wherever it applies
+        use_mma = uses_mma_kernel(q, cache.kv_dtype, block_n, D, G)
+        three = (not use_mma and int4_three_eligible(cache.kv_dtype, D, q.device)
+                 and int4_three_per_sm(-(-max_seq_len // split_len) * cache.num_kv_heads * B, _sm_count(q.device)))
     if split_len % block_n:
         raise ShapeError(f"split_len {split_len} must be a multiple of BLOCK_N {block_n}")
     n_splits = -(-max_seq_len // split_len)
@@ -301,19 +374,16 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         ls = plse.stride()[:2]
     ks, vs = cache.scale_words()
     pdl = use_pdl(q.device)
-    _decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
-        q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse,
-        sm_scale * math.log2(math.e), split_len,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
-        ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
-        GROUP=G, BLOCK_G=max(16, next_pow2(G)), HALF=half,
-        BLOCK_DH=max(16, next_pow2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
-        KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache),
-        SCALE_P=scale_probs(cache), DIRECT=direct, PDL=pdl and PDL_SPLIT,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl and PDL_SPLIT,
-        **({"maxnreg": INT4_THREE_REGS} if three else {}),
-    )
+    qk_scale = sm_scale * math.log2(math.e)
+    if use_mma:
+        try:
+            _mma.launch_split(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits,
+                              block_n, G, direct, needs_off64(cache), pdl and PDL_SPLIT, ps, ls)
+        except _mma.KernelUnavailable:
+            use_mma = False
+    if not use_mma:
+        _split_triton(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits, G,
+                      block_n, num_warps, num_stages, direct, pdl, three, ps, ls)
     if not direct:
         _decode_merge_kernel[(H, B)](
             out, po, plse, seq_lens, split_len,

@@ -95,7 +95,7 @@ def bench_attention(kv_dtypes: list[str], contexts: list[int], batches: list[int
     """Time lmq decode attention per (context, batch, kv_dtype) and SDPA fp16 per (context, batch)."""
     if not torch.cuda.is_available():
         raise UnsupportedError("lmq bench attention needs a CUDA GPU; none is visible")
-    from lmq.kernels.attention_decode import decode_attention, int4_three_eligible, plan_launch, _config, _sm_count
+    from lmq.kernels.attention_decode import _config, _sm_count, decode_attention, plan_decode
     from lmq.kernels.kv_quant import KV_DTYPES, gather_kv_ref, kv_bytes_per_token_head
 
     for kd in kv_dtypes:
@@ -133,7 +133,7 @@ def bench_attention(kv_dtypes: list[str], contexts: list[int], batches: list[int
                 kv_bytes = 2 * B * L * Hkv * kv_bytes_per_token_head(kd, D)
                 floor_us = (kv_bytes + io_bytes) / bw * 1e6
                 block_n = _config(q.device, D)[0]
-                split_len, _ = plan_launch(B, Hkv, L, block_n, sm, int4_three_eligible(kd, D, q.device))
+                split_len, _, _ = plan_decode(q, kd, Hkv, L, block_n, sm)
                 splits = -(-L // split_len)
                 row = AttnRow(kd, L, B, None, floor_us, sdpa_us, None, None, splits)
                 if kv_bytes > free:

@@ -220,17 +220,64 @@ def test_decode_gpu_long(device, kv_dtype, head_dim):
 
 
 @pytest.mark.gpu
-def test_decode_gpu_int4_long_context(device):
-    # 8 sequences of 16k tokens: the split plan and the three-programs-per-SM int4 launch the benchmark
-    # times; over this many tokens a lossy value path shows (scales on the probabilities with raw
-    # low nibbles read 6.7e-3 here, per-element values 3.5e-4)
-    from lmq.kernels.attention_decode import int4_three_per_sm
+@pytest.mark.parametrize("mma", [True, False])
+def test_decode_gpu_int4_long_context(device, mma, monkeypatch):
+    # 8 sequences of 16k tokens, the shape the benchmark times, through either int4 split kernel (the Gluon
+    # one, or the Triton one at three programs per SM); over this many tokens a lossy value path shows
+    # (scales on the probabilities with raw low nibbles read 6.7e-3 here, per-element values 3.5e-4)
+    import lmq.kernels.attention_decode as dec
 
-    assert int4_three_per_sm(16 * 8 * 8, 132)
+    monkeypatch.setattr(dec, "MMA_INT4", mma)
     cache, tables, seq_lens, _ = make_paged("int4", [16384] * 8, 8, 128, device, block_size=128)
     q = torch.randn(8, 32, 128, device=device).half()
+    assert dec.uses_mma_kernel(q, "int4", 128, 128, 4) == mma
     out = decode_attention(q, cache, tables, seq_lens)
     assert rel_err(out, decode_attention_ref(q, cache, tables, seq_lens)) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+@pytest.mark.parametrize("block_size", [64, 128, 256])
+def test_decode_gpu_int4_mma_kernel(device, head_dim, block_size, monkeypatch):
+    # the Gluon int4 split kernel (attention_decode_mma) on odd lengths, partial and empty warp slices of
+    # the last tile, several splits, a shared prefix, GQA groups of 1, 4, 7 and 16
+    import lmq.kernels.attention_decode as dec
+    from lmq.kernels import attention_decode_mma as mma
+
+    calls = []
+    launch = mma.launch_split
+    monkeypatch.setattr(mma, "launch_split", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    lens = [1, 2, 17, 31, 33, 63, 64, 65, 127, 128, 129, 255, 1000, 3000]
+    for heads, kv_heads in ((8, 8), (32, 8), (28, 4), (16, 1)):
+        _check_decode(device, "int4", head_dim, lens, heads, kv_heads, block_size=block_size)
+    _check_decode(device, "int4", head_dim, [1000, 600, 3000], 32, 8, shared_blocks=2, block_size=block_size)
+    tile = min(128, block_size)
+    for split_len in (tile, 3 * tile):
+        _check_decode(device, "int4", head_dim, [700, 1, 130, 2000], 32, 8, split_len=split_len,
+                      block_size=block_size)
+    assert len(calls) == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mma", [True, False])
+def test_decode_gpu_int4_stale_scales_are_not_read(device, mma, monkeypatch):
+    # slots past a sequence's end inside its last block hold stale bytes, here NaN scale words: both int4
+    # split kernels read those slots' codes unmasked but must weigh them by zero
+    import lmq.kernels.attention_decode as dec
+
+    monkeypatch.setattr(dec, "MMA_INT4", mma)
+    cache, tables, seq_lens, _ = make_paged("int4", [100, 37, 300], 8, 128, device, block_size=128)
+    live = torch.zeros(cache.k_scales.shape[:3], dtype=torch.bool, device=device)  # [nb, H_kv, B_s]
+    for b, L in enumerate(seq_lens.tolist()):
+        for t in range(L):
+            live[tables[b, t // 128], :, t % 128] = True
+    for sc in (cache.k_scales, cache.v_scales):
+        sc[~live] = float("nan")
+    q = torch.randn(3, 32, 128, device=device).half()
+    ref = decode_attention_ref(q, cache, tables, seq_lens)
+    for split_len in (None, 128):
+        out = decode_attention(q, cache, tables, seq_lens, split_len=split_len)
+        assert rel_err(out, ref) < TOL["int4"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +392,21 @@ def test_int4_programs_per_sm_follow_the_waves():
     assert {bl: int4_three_per_sm(p, 132) for bl, p in programs.items()} == {
         (8, 16384): True, (8, 32768): True, (8, 4096): False, (64, 16384): False, (1, 16384): False}
     assert int4_three_per_sm(390, 132) and not int4_three_per_sm(264, 132)  # one wave of three vs one of two
+
+
+def test_mma_kernel_plan():
+    # the Gluon int4 kernel: one wave of programs at two per SM (132 SMs, 8 KV heads, 128-token tiles),
+    # only where that leaves >= 1024 tokens per split (attention_sweep.py --mma-splits)
+    from lmq.kernels.attention_decode import mma_split_len
+
+    def splits(B, L):
+        split_len = mma_split_len(B, 8, L, 128, 132)
+        return None if split_len is None else -(-L // split_len)
+
+    assert [splits(8, L) for L in (4096, 16384, 32768)] == [4, 4, 4]
+    assert [splits(B, 16384) for B in (2, 4, 16, 32, 64, 256)] == [16, 8, 2, 1, 1, 1]
+    assert [splits(1, L) for L in (4096, 16384, 32768)] == [None, None, 32]  # the Triton kernel below 1024
+    assert splits(64, 1000) is None and splits(64, 1024) == 1
 
 
 def test_int4_launch_plan():

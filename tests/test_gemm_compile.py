@@ -54,16 +54,22 @@ def compile_all(arch: str, dt: str) -> None:
 
 def compile_attention(arch: str) -> None:
     """The decode-attention split kernel for every KV mode and head-dim bucket, launched with PDL (sm90)
-    and without (the inline-assembly conversions and PDL never run under the interpreter)."""
+    and without (the inline-assembly conversions and PDL never run under the interpreter), and the Gluon
+    int4 split kernel (which the interpreter cannot run at all)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from lmq.kernels.attention_decode import INT4_THREE_REGS
-    from sass_attention import compile_split, cuobjdump
+    from sass_attention import compile_mma, compile_split, cuobjdump
 
     cc = int(arch[2:])
     for kv_mode in (0, 1, 2):
         for d in (64, 128, 256):
             for pdl in {False, cc >= 90}:
                 assert compile_split(kv_mode, d=d, cc=cc, pdl=pdl).asm["cubin"]
+    # the Gluon int4 kernel: every head dim it takes, 64- and 128-token tiles, GQA groups of 1..16; no spills
+    for d, page, group in ((64, 128, 3), (80, 64, 4), (96, 256, 7), (128, 128, 4), (128, 64, 16), (128, 128, 1)):
+        k = compile_mma(d=d, page=page, group=group, cc=cc)
+        sass = cuobjdump(k, "-sass")
+        assert " STL" not in sass and " LDL" not in sass, f"the Gluon int4 kernel spills at head dim {d}"
     if cc >= 90:
         # int4 three programs per SM (head dims 65..128): the register cap holds and nothing spills
         for d in (80, 128):

@@ -1,0 +1,321 @@
+"""int4 decode attention with the codes loaded straight into tensor-core operand registers (Gluon).
+
+Same function, cache layout and split outputs as the split kernel of `attention_decode` (its module
+docstring): program (split, kv head, b) attends the G query heads of one group over one split of the
+sequence and writes the normalized partial output and log2-sum-exp per head, or the output itself
+when there is one split. `attention_decode.decode_attention` launches this kernel for int4 caches with
+fp16 queries on compute capability >= 8.0 (head dim <= 128, blocks of >= 64 tokens) and its merge
+kernel after it; `decode_attention_ref` is the plain-PyTorch twin of both.
+
+Why a second kernel: the Triton kernel is bound by instruction issue on int4 (34.75 warp instructions
+per token and KV head, offline SASS): its K and V tiles go through shared memory and layout
+conversions before the matrix unit sees them, and its online softmax runs across the warps. Here:
+
+- **Codes straight into operand registers.** K^T tiles are loaded in `mma_v2`'s B-operand layout
+  (k_width 8: each thread's 8 head-dim bytes of one token are contiguous, one 8-byte load), V tiles in
+  its B-operand layout for the P @ V product (k_width 2: pairs of tokens). No shared memory, no
+  layout conversion.
+- **Codes as fp16 subnormals.** A code c in a 16-bit lane, `(x & 0x000F)` read as fp16, is exactly
+  c * 2^-24 (`(x & 0x00F0)`: 16 c * 2^-24); the matrix unit multiplies fp16 subnormals exactly and
+  accumulates in fp32, and the 2^24 (2^20) comes back once per score or output row, in fp32. So a
+  code costs one mask, no offset arithmetic.
+- **Scales on the scores and on the probabilities.** Per token, q . (c s + z) = s (q . c) + z sum(q)
+  on the score tile; sum_t p_t (c_t s_t + z_t) = (p s) @ c + sum_t p_t z_t for the values. With exact
+  codes the second form loses nothing (the Triton kernel's raw 1024 + c codes did).
+- **Warps split the tile's tokens.** The tile [4 warps x TPW tokens] is a batch of 4 products (a
+  3-d `mma_v2`), so each warp keeps its own running max, sum and output rows and no value crosses
+  warps inside the loop; the 4 partial results are merged once, at the end.
+- GQA: the group's query heads are the 16 rows of the MMA (rows past G are zero and discarded).
+
+The interpreter cannot run Gluon: tested on the GPU against the reference (tests/test_attention.py),
+compiled offline for sm_80 and sm_90 in CI (tests/test_gemm_compile.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from triton.compiler.errors import CompilationError
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.runtime.errors import PTXASError
+
+from lmq.errors import UnsupportedError
+
+NUM_WARPS = 4  # a tile of BLOCK_N tokens (the split plan's tile, <= the block size) is 4 warps x BLOCK_N / 4
+TILES = (64, 128)  # 16 or 32 tokens per warp; smaller blocks take the Triton kernel
+MIN_HEAD_DIM, MAX_HEAD_DIM = 64, 128
+LOG2_2P24 = 24.0  # codes read as fp16 subnormals carry 2^-24 (low nibbles) or 2^-20 (high nibbles)
+
+
+@gluon.jit
+def _ids3(n0: gl.constexpr, n1: gl.constexpr, n2: gl.constexpr, layout: gl.constexpr):
+    """Broadcastable indices [n0, 1, 1], [1, n1, 1], [1, 1, n2] of a 3-d tensor in `layout`."""
+    i0 = gl.arange(0, n0, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+    i1 = gl.arange(0, n1, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+    i2 = gl.arange(0, n2, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+    return (gl.expand_dims(gl.expand_dims(i0, 1), 2), gl.expand_dims(gl.expand_dims(i1, 0), 2),
+            gl.expand_dims(gl.expand_dims(i2, 0), 1))
+
+
+# Four bytes -> their low nibbles ($0, $1) and high nibbles ($2, $3) as fp16 pairs: spread the bytes
+# to one per 16-bit lane (prmt), then mask: the 16-bit patterns c and 16 c are the fp16 subnormals
+# c * 2^-24 and 16 c * 2^-24. Six instructions for eight codes.
+_ASM_SUBNORMAL = gl.constexpr("""{
+.reg .b32 x, y;
+prmt.b32 x, $4, 0, 0x4140;
+prmt.b32 y, $4, 0, 0x4342;
+and.b32 $0, x, 0x000F000F;
+and.b32 $1, y, 0x000F000F;
+and.b32 $2, x, 0x00F000F0;
+and.b32 $3, y, 0x00F000F0;
+}""")
+
+
+@gluon.jit
+def _subnormal_halves(c):
+    """uint8 codes -> (low nibbles, high nibbles) as fp16 c * 2^-24 and 16 c * 2^-24, exact."""
+    return gl.inline_asm_elementwise(_ASM_SUBNORMAL, "=r,=r,=r,=r,r", [c], dtype=(gl.float16, gl.float16),
+                                     is_pure=True, pack=4)
+
+
+@gluon.jit
+def _scale_zero(w):
+    """int32 words holding fp16 (scale, zero) -> (scale, zero) fp32."""
+    s = (w & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    z = (w >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+    return s, z
+
+
+@gluon.jit
+def _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_buf, v_buf, ks_buf, vs_buf, bt_row, n0, end, hkv,
+               k_off, k_dmask, v_off, v_dmask, s_off, stride_cb, stride_ch, stride_vb, stride_vh,
+               stride_sb, stride_sh, HALF: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
+               OFF64: gl.constexpr):
+    """Start copying the tile of tokens n0 .. n0 + BLOCK_N (inside one block) into one pipeline stage:
+    K codes, V codes and the K and V (scale, zero) words (cp.async, one commit group); zeros when
+    n0 >= end. The copies are not masked along the tokens: a tile never straddles a block, so tokens
+    past the end still read inside it (their codes meet a masked score or a zero probability; the caller
+    zeroes their V scale words, stale bytes may read as NaN)."""
+    live = n0 < end
+    page = gl.load(bt_row + n0 // PAGE, mask=live, other=0)
+    if OFF64:
+        page = page.to(gl.int64)
+    slot0 = gl.multiple_of(n0 % PAGE, BLOCK_N)  # tiles start at multiples of BLOCK_N
+    async_copy.async_copy_global_to_shared(
+        k_buf, kc_ptr + (page * stride_cb + hkv * stride_ch + slot0 * HALF) + k_off, mask=k_dmask & live)
+    async_copy.async_copy_global_to_shared(
+        v_buf, vc_ptr + (page * stride_vb + hkv * stride_vh + slot0) + v_off, mask=v_dmask & live)
+    srow = page * stride_sb + hkv * stride_sh + slot0
+    async_copy.async_copy_global_to_shared(ks_buf, ks_ptr + srow + s_off, mask=live & (s_off >= 0))
+    async_copy.async_copy_global_to_shared(vs_buf, vs_ptr + srow + s_off, mask=live & (s_off >= 0))
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _int4_decode_split_kernel(
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, o_ptr, po_ptr, plse_ptr,
+    qk_scale, split_len,
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_cb, stride_ch, stride_vb, stride_vh, stride_sb, stride_sh, stride_btb,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    GROUP: gl.constexpr, HALF: gl.constexpr, BLOCK_DH: gl.constexpr, PAGE: gl.constexpr,
+    TPW: gl.constexpr, STAGES: gl.constexpr, PV_KW: gl.constexpr, DIRECT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr,
+):
+    NW: gl.constexpr = gl.num_warps()
+    BLOCK_N: gl.constexpr = NW * TPW
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
+    a_qk: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
+    b_qk: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8)
+    a_pv: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=PV_KW)
+    b_pv: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=PV_KW)
+    rows_l: gl.constexpr = gl.SliceLayout(2, mma)  # [NW, 16]: per warp, per query row
+    toks_l: gl.constexpr = gl.SliceLayout(1, mma)  # [NW, TPW]: per warp, per token
+
+    if PDL:
+        # launched early (programmatic dependent launch): wait for the previous kernel's writes (q, the
+        # new token's K/V) before the first read
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+    split = gl.program_id(0)
+    hkv = gl.program_id(1)
+    b = gl.program_id(2)
+    seq_len = gl.load(lens_ptr + b)
+    start = split * split_len
+    if start < seq_len:
+        end = gl.minimum(start + split_len, seq_len)
+        # -- the group's query rows as the A operand of the score product, the same in every warp:
+        #    [NW, 16, BLOCK_DH] per half, the high half / 16 (its codes read 16 c)
+        qw, qr, qd = _ids3(NW, 16, BLOCK_DH, a_qk)
+        qmask = (qr < GROUP) & (qd < HALF) & (qw >= 0)  # [NW, 16, BLOCK_DH]
+        q_ptrs = q_ptr + b * stride_qb + (hkv * GROUP + qr) * stride_qh + qd + qw * 0
+        q_lo = gl.load(q_ptrs, mask=qmask, other=0.0)
+        q_hi = gl.load(q_ptrs + HALF, mask=qmask, other=0.0)
+        qsum = gl.convert_layout(gl.sum(q_lo.to(gl.float32) + q_hi.to(gl.float32), 2), rows_l)  # [NW, 16]
+        q_hi = q_hi * 0.0625  # exact
+
+        # -- shared-memory rings, STAGES tiles deep, and the copies' index tensors (16-byte pieces)
+        k_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, NW, BLOCK_DH, TPW],
+                                           gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 2, 0]))
+        v_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, NW, TPW, BLOCK_DH],
+                                           gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 2, 0]))
+        ks_ring = gl.allocate_shared_memory(gl.int32, [STAGES, NW, TPW],
+                                            gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+        vs_ring = gl.allocate_shared_memory(gl.int32, [STAGES, NW, TPW],
+                                            gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+        DV: gl.constexpr = 16 if BLOCK_DH >= 16 else BLOCK_DH
+        kcp: gl.constexpr = gl.BlockedLayout([1, DV, 1], [1, BLOCK_DH // DV, 32 * DV // BLOCK_DH], [NW, 1, 1],
+                                             [1, 2, 0])  # [NW, BLOCK_DH, TPW], d fastest
+        vcp: gl.constexpr = gl.BlockedLayout([1, 16, 1], [1, TPW // 16, 512 // TPW], [NW, 1, 1],
+                                             [1, 2, 0])  # [NW, TPW, BLOCK_DH], tokens fastest
+        scp: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])  # [NW, TPW] words, a warp's row each
+        kw, kd, kt = _ids3(NW, BLOCK_DH, TPW, kcp)
+        k_off = (kw * TPW + kt) * HALF + kd  # token-major rows of HALF bytes
+        k_dmask = (kd < HALF) & (kw >= 0) & (kt >= 0)
+        vw, vt, vd = _ids3(NW, TPW, BLOCK_DH, vcp)
+        v_off = vd * PAGE + vw * TPW + vt  # V^T rows: PAGE tokens per head-dim byte
+        v_dmask = (vd < HALF) & (vw >= 0) & (vt >= 0)
+        sw = gl.expand_dims(gl.arange(0, NW, layout=gl.SliceLayout(1, scp)), 1)
+        st = gl.expand_dims(gl.arange(0, TPW, layout=gl.SliceLayout(0, scp)), 0)
+        s_off = sw * TPW + st
+        tw = gl.expand_dims(gl.arange(0, NW, layout=gl.SliceLayout(1, toks_l)), 1)
+        tt = gl.expand_dims(gl.arange(0, TPW, layout=gl.SliceLayout(0, toks_l)), 0)
+        t_off = tw * TPW + tt  # [NW, TPW] token within the tile, in the score layout
+
+        m_i = gl.full([NW, 16], float("-inf"), gl.float32, rows_l)
+        l_i = gl.zeros([NW, 16], gl.float32, rows_l)
+        pz_i = gl.zeros([NW, 16], gl.float32, rows_l)
+        o_lo = gl.zeros([NW, 16, BLOCK_DH], gl.float32, mma)
+        o_hi = gl.zeros([NW, 16, BLOCK_DH], gl.float32, mma)
+        bt_row = bt_ptr + b.to(gl.int64) * stride_btb
+        for i in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 tiles in flight
+            _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_ring.index(i), v_ring.index(i), ks_ring.index(i),
+                       vs_ring.index(i), bt_row, start + i * BLOCK_N, end, hkv, k_off, k_dmask, v_off, v_dmask,
+                       s_off, stride_cb, stride_ch, stride_vb, stride_vh, stride_sb, stride_sh, HALF, PAGE,
+                       BLOCK_N, OFF64)
+        it = 0
+        for n0 in range(start, end, BLOCK_N):
+            n_valid = end - n0  # tokens of this tile inside the split
+            # tile `it` has landed (this thread's copies, then everyone's), and every warp is done with
+            # the stage the next copy overwrites (read in the previous iteration)
+            async_copy.wait_group(STAGES - 2)
+            gl.thread_barrier()
+            nxt = (it + STAGES - 1) % STAGES
+            _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_ring.index(nxt), v_ring.index(nxt), ks_ring.index(nxt),
+                       vs_ring.index(nxt), bt_row, n0 + (STAGES - 1) * BLOCK_N, end, hkv, k_off, k_dmask, v_off,
+                       v_dmask, s_off, stride_cb, stride_ch, stride_vb, stride_vh, stride_sb, stride_sh, HALF,
+                       PAGE, BLOCK_N, OFF64)
+            cur = it % STAGES
+            it += 1
+            # -- scores: [NW, 16, TPW] per warp's tokens
+            k_lo, k_hi = _subnormal_halves(k_ring.index(cur).load(b_qk))
+            s = mma_v2(q_lo, k_lo, gl.zeros([NW, 16, TPW], gl.float32, mma))
+            s = mma_v2(q_hi, k_hi, s)
+            tmask = t_off < n_valid
+            k_s, k_z = _scale_zero(ks_ring.index(cur).load(toks_l))
+            v_s, v_z = _scale_zero(vs_ring.index(cur).load(toks_l))
+            v_s = gl.where(tmask, v_s, 0.0)
+            v_z = gl.where(tmask, v_z, 0.0)
+            k_s = k_s * (qk_scale * 16777216.0)  # 2^24: the codes' subnormal scale
+            k_z = k_z * qk_scale
+            s = s * gl.expand_dims(k_s, 1) + gl.expand_dims(qsum, 2) * gl.expand_dims(k_z, 1)
+            s = gl.where(gl.expand_dims(tmask, 1), s, float("-inf"))
+            # -- online softmax per warp and row (log2 domain); a warp whose tokens are all past the
+            #    end keeps its state (its max stays -inf: no NaN from -inf - -inf)
+            m_new = gl.maximum(m_i, gl.max(s, 2))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(s - gl.expand_dims(m_use, 2))  # [NW, 16, TPW]
+            l_i = l_i * alpha + gl.sum(p, 2)
+            pz_i = pz_i * alpha + gl.sum(p * gl.expand_dims(v_z, 1), 2)
+            ps = gl.convert_layout((p * gl.expand_dims(v_s, 1)).to(gl.float16), a_pv)
+            m_i = m_new
+            # -- values: (p s) @ codes, per half
+            v_lo, v_hi = _subnormal_halves(v_ring.index(cur).load(b_pv))
+            # each tile's product starts from zero and is added in fp32 (an FFMA with the rescale): fed
+            # the running sums as its accumulator, the matrix unit's adder lost precision over long splits
+            # (relative error 4.0e-3 over 32k tokens in one split, 4-6e-4 in 8k splits)
+            a3 = gl.expand_dims(alpha, 2)
+            o_lo = o_lo * a3 + mma_v2(ps, v_lo, gl.zeros([NW, 16, BLOCK_DH], gl.float32, mma))
+            o_hi = o_hi * a3 + mma_v2(ps, v_hi, gl.zeros([NW, 16, BLOCK_DH], gl.float32, mma))
+        async_copy.wait_group(0)  # no copy may outlive the program
+
+        # -- merge the warps' partial results, then normalize: [16, BLOCK_DH]
+        m = gl.max(m_i, 0)  # [16]
+        f = gl.exp2(m_i - gl.expand_dims(gl.where(m == float("-inf"), 0.0, m), 0))  # [NW, 16]
+        l_row = gl.sum(l_i * f, 0)
+        pz = gl.sum(pz_i * f, 0)
+        f3 = gl.expand_dims(f, 2)
+        out_lo = gl.sum(o_lo * f3, 0) * 16777216.0  # 2^24
+        out_hi = gl.sum(o_hi * f3, 0) * 1048576.0  # 2^20
+        ol: gl.constexpr = gl.SliceLayout(0, mma)  # [16, BLOCK_DH]
+        pz2 = gl.expand_dims(gl.convert_layout(pz, gl.SliceLayout(1, ol)), 1)
+        inv_l = gl.expand_dims(gl.convert_layout(1.0 / l_row, gl.SliceLayout(1, ol)), 1)
+        out_lo = (out_lo + pz2) * inv_l
+        out_hi = (out_hi + pz2) * inv_l
+        orow = gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, ol)), 1)
+        ocol = gl.expand_dims(gl.arange(0, BLOCK_DH, layout=gl.SliceLayout(0, ol)), 0)
+        omask = (orow < GROUP) & (ocol < HALF)
+        heads = hkv * GROUP + orow
+        if DIRECT:
+            o_ptrs = o_ptr + b * stride_ob + heads * stride_oh + ocol
+            gl.store(o_ptrs, out_lo.to(o_ptr.dtype.element_ty), mask=omask)
+            gl.store(o_ptrs + HALF, out_hi.to(o_ptr.dtype.element_ty), mask=omask)
+        else:
+            p_ptrs = po_ptr + b * stride_pb + heads * stride_ph + split * stride_ps + ocol
+            gl.store(p_ptrs, out_lo, mask=omask)
+            gl.store(p_ptrs + HALF, out_hi, mask=omask)
+            lrow = gl.arange(0, 16, layout=gl.SliceLayout(0, rows_l))
+            gl.store(plse_ptr + b * stride_lb + (hkv * GROUP + lrow) * stride_lh + split,
+                     m + gl.log2(l_row), mask=lrow < GROUP)
+
+
+def supported(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group: int) -> bool:
+    """Whether this kernel serves a launch: int4 cache, fp16 queries on a CUDA GPU of compute capability
+    >= 8.0, head dim 64..128, tiles of 64 or 128 tokens (`block_n`, the split plan's tile: 16 or 32 per
+    warp), at most 16 query heads per KV head."""
+    return (kv_dtype == "int4" and q.is_cuda and q.dtype == torch.float16 and torch.version.hip is None
+            and torch.cuda.get_device_capability(q.device) >= (8, 0) and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM
+            and block_n in TILES and group <= 16)
+
+
+
+
+STAGES = 3  # tiles in flight per program (shared-memory ring)
+PV_KW = 4  # k_width of the P @ V operands: 4-byte V loads (2 would read 2 bytes and repack them)
+_BUILD_ERRORS = (CompilationError, PTXASError)  # what a Triton whose Gluon API moved raises at the first launch
+_broken: list[str] = []
+
+
+class KernelUnavailable(UnsupportedError):
+    """This Triton cannot build the kernel: the caller takes the Triton split kernel instead."""
+
+
+def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, out: torch.Tensor, po: torch.Tensor, plse: torch.Tensor, qk_scale: float,
+                 split_len: int, n_splits: int, block_n: int, group: int, direct: bool, off64: bool,
+                 pdl: bool, ps: tuple, ls: tuple) -> None:
+    """The split pass of `attention_decode.decode_attention` for an int4 cache (`supported` said yes):
+    same arguments and outputs as its Triton split kernel. Raises KernelUnavailable if this Triton
+    cannot build the kernel (warned once)."""
+    if _broken:
+        raise KernelUnavailable(_broken[0])
+    B, _, D = q.shape
+    half = D // 2
+    try:
+        _int4_decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
+            q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
+            ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
+            GROUP=group, HALF=half, BLOCK_DH=max(16, 1 << (half - 1).bit_length()), PAGE=cache.block_size,
+            TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
+            num_warps=NUM_WARPS, launch_pdl=pdl,
+        )
+    except _BUILD_ERRORS as e:
+        _broken.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        warnings.warn(f"lmq: the int4 decode-attention kernel (attention_decode_mma) does not build with this "
+                      f"Triton ({_broken[0]}); int4 caches take the Triton split kernel")
+        raise KernelUnavailable(_broken[0]) from e
