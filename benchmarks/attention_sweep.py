@@ -7,7 +7,7 @@ Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a con
 --compare: only time the default config against a few variants (`compare`).
 --splits [--big | --b1]: tokens per split against programs per SM (`splits_and_occupancy`).
 --mma: int4, the Gluon split kernel against the Triton one, and at other split counts (`mma_compare`).
---mma-splits: int4, the Gluon split kernel at 1..32 splits per batch and context (`mma_splits`).
+--mma-splits [--batches 1,8]: int4, the Gluon split kernel at 1..32 splits per batch and context (`mma_splits`).
 Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare | --splits [--big | --b1] | --mma | --mma-splits]
 """
 
@@ -208,7 +208,10 @@ def mma_compare(bw: float) -> None:
 def mma_splits(bw: float) -> None:
     """int4, the Gluon split kernel: time per split count, against the Triton kernel at its plan."""
     torch.manual_seed(0)
-    for B in (1, 2, 4, 8, 16, 32, 64):
+    batches = (1, 2, 4, 8, 16, 32, 64)
+    if "--batches" in sys.argv:
+        batches = tuple(int(b) for b in sys.argv[sys.argv.index("--batches") + 1].split(","))
+    for B in batches:
         for L in (4096, 16384, 32768):
             kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head("int4", D)
             n = ba.copies_for(kv_bytes)

@@ -90,17 +90,16 @@ def _scale_zero(w):
 
 
 @gluon.jit
-def _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_buf, v_buf, ks_buf, vs_buf, bt_row, n0, end, hkv,
+def _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_buf, v_buf, ks_buf, vs_buf, page, n0, end, hkv,
                k_off, k_dmask, v_off, v_dmask, s_off, stride_cb, stride_ch, stride_vb, stride_vh,
                stride_sb, stride_sh, HALF: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
                OFF64: gl.constexpr):
-    """Start copying the tile of tokens n0 .. n0 + BLOCK_N (inside one block) into one pipeline stage:
+    """Start copying the tile of tokens n0 .. n0 + BLOCK_N (inside block `page`) into one pipeline stage:
     K codes, V codes and the K and V (scale, zero) words (cp.async, one commit group); zeros when
     n0 >= end. The copies are not masked along the tokens: a tile never straddles a block, so tokens
     past the end still read inside it (their codes meet a masked score or a zero probability; the caller
     zeroes their V scale words, stale bytes may read as NaN)."""
     live = n0 < end
-    page = gl.load(bt_row + n0 // PAGE, mask=live, other=0)
     if OFF64:
         page = page.to(gl.int64)
     slot0 = gl.multiple_of(n0 % PAGE, BLOCK_N)  # tiles start at multiples of BLOCK_N
@@ -191,10 +190,15 @@ def _int4_decode_split_kernel(
         o_hi = gl.zeros([NW, 16, BLOCK_DH], gl.float32, mma)
         bt_row = bt_ptr + b.to(gl.int64) * stride_btb
         for i in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 tiles in flight
+            n_i = start + i * BLOCK_N
             _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_ring.index(i), v_ring.index(i), ks_ring.index(i),
-                       vs_ring.index(i), bt_row, start + i * BLOCK_N, end, hkv, k_off, k_dmask, v_off, v_dmask,
-                       s_off, stride_cb, stride_ch, stride_vb, stride_vh, stride_sb, stride_sh, HALF, PAGE,
-                       BLOCK_N, OFF64)
+                       vs_ring.index(i), gl.load(bt_row + n_i // PAGE, mask=n_i < end, other=0), n_i, end, hkv,
+                       k_off, k_dmask, v_off, v_dmask, s_off, stride_cb, stride_ch, stride_vb, stride_vh,
+                       stride_sb, stride_sh, HALF, PAGE, BLOCK_N, OFF64)
+        # the block id of the next tile to copy is read one iteration ahead: a load whose result is needed
+        # at once would stall every iteration on the memory latency
+        n_next = start + (STAGES - 1) * BLOCK_N
+        page_next = gl.load(bt_row + n_next // PAGE, mask=n_next < end, other=0)
         it = 0
         for n0 in range(start, end, BLOCK_N):
             n_valid = end - n0  # tokens of this tile inside the split
@@ -204,9 +208,11 @@ def _int4_decode_split_kernel(
             gl.thread_barrier()
             nxt = (it + STAGES - 1) % STAGES
             _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_ring.index(nxt), v_ring.index(nxt), ks_ring.index(nxt),
-                       vs_ring.index(nxt), bt_row, n0 + (STAGES - 1) * BLOCK_N, end, hkv, k_off, k_dmask, v_off,
+                       vs_ring.index(nxt), page_next, n0 + (STAGES - 1) * BLOCK_N, end, hkv, k_off, k_dmask, v_off,
                        v_dmask, s_off, stride_cb, stride_ch, stride_vb, stride_vh, stride_sb, stride_sh, HALF,
                        PAGE, BLOCK_N, OFF64)
+            n_next = n0 + STAGES * BLOCK_N
+            page_next = gl.load(bt_row + n_next // PAGE, mask=n_next < end, other=0)
             cur = it % STAGES
             it += 1
             # -- scores: [NW, 16, TPW] per warp's tokens
