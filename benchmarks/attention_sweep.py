@@ -7,7 +7,8 @@ Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a con
 --compare: only time the default config against a few variants (`compare`).
 --splits [--big | --b1]: tokens per split against programs per SM (`splits_and_occupancy`).
 --mma: int4, the Gluon split kernel against the Triton one, and at other split counts (`mma_compare`).
---mma-splits [--batches 1,8]: int4, the Gluon split kernel at 1..32 splits per batch and context (`mma_splits`).
+--mma-splits [--batches 1,8] [--maxnreg 168]: int4, the Gluon split kernel at 1..32 splits per batch and
+  context, also under register caps (`mma_splits`).
 Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare | --splits [--big | --b1] | --mma | --mma-splits]
 """
 
@@ -221,15 +222,19 @@ def mma_splits(bw: float) -> None:
             lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
             q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
             cells = []
-            for on, splits in [(False, None)] + [(True, s) for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-                                                  if L // s >= 128 and B * HKV * s <= 8 * 132]:
-                dec.MMA_INT4 = on
+            caps = [None] + [int(c) for c in sys.argv[sys.argv.index("--maxnreg") + 1].split(",")] \
+                if "--maxnreg" in sys.argv else [None]
+            for on, splits, cap in [(False, None, None)] + [
+                    (True, s, c) for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) for c in caps
+                    if L // s >= 128 and B * HKV * s <= 8 * 132]:
+                dec.MMA_INT4, dec._mma.MAXNREG = on, cap
                 split_len = None if splits is None else (-(-L // splits) + 127) // 128 * 128
                 us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L,
                                                                         split_len=split_len) for t in tables],
                                       calls=max(n, 10))
-                dec.MMA_INT4 = True
-                cells.append((us, f"{'gluon %d' % splits if on else 'triton plan'} {us:.1f}"))
+                dec.MMA_INT4, dec._mma.MAXNREG = True, None
+                name = f"gluon {splits}" + (f" cap {cap}" if cap else "") if on else "triton plan"
+                cells.append((us, f"{name} {us:.1f}"))
             best = min(c for c in cells[1:])
             print(f"int4 B={B} L={L}: best {best[1]} ({100 * kv_bytes / bw / best[0] * 1e6:.0f}%) | "
                   + ", ".join(c[1] for c in cells), flush=True)

@@ -290,6 +290,10 @@ def supported(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group
 
 
 STAGES = 3  # tiles in flight per program (shared-memory ring)
+# A register cap (for sweeps; None: ptxas's choice, 255 at head dim 128, two programs per SM). 168 (three per SM)
+# spills and is slower at every split count: H100, B=8 16k, best 78.3 us capped (6 splits) against 66.1
+# (4 splits) uncapped (benchmarks/results/2026-11-23-session8-h100/mma-splits-cap.log).
+MAXNREG = None
 PV_KW = 4  # k_width of the P @ V operands: 4-byte V loads (2 would read 2 bytes and repack them)
 _BUILD_ERRORS = (CompilationError, PTXASError)  # what a Triton whose Gluon API moved raises at the first launch
 _broken: list[str] = []
@@ -318,7 +322,7 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
             ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
             GROUP=group, HALF=half, BLOCK_DH=max(16, 1 << (half - 1).bit_length()), PAGE=cache.block_size,
             TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
-            num_warps=NUM_WARPS, launch_pdl=pdl,
+            num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
         )
     except _BUILD_ERRORS as e:
         _broken.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
