@@ -4,7 +4,6 @@ Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-g
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
 Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-waves|decode-big|prefill|ws ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
-`decode-mma`: the Gluon small-M kernel against the Triton decode kernel (`decode_mma`).
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
 from git), the decode kernel and cuBLAS fp16, on each shape: us, TB/s of int4 bytes, x cuBLAS.
@@ -180,54 +179,7 @@ def gemv_compare(variants):
         print(f"  {label:34s} " + " / ".join(f"{t:.1f}" for t in ts) + f" -> {sum(ts):.1f}", flush=True)
 
 
-def decode_mma():
-    """M <= 16: the Gluon small-M kernel (kernels/w4a16_decode_mma.py) against the Triton decode kernel (the table's
-    config), the GEMV at M = 1 and cuBLAS fp16, per shape, with a GPU check against the reference at every M and
-    group size 64 / 128 (and an odd shape)."""
-    from lmq.kernels.w4a16_decode_mma import w4a16_decode_mma
-
-    torch.manual_seed(0)
-    for N, K, g in ((576, 1536, 64), (1000, 4096, 128), (6144, 4096, 128)):
-        q = QuantizedWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8),
-                            (torch.rand(N, K // g) * 0.01 + 0.001).half(),
-                            torch.randint(0, 16, (N, K // g), dtype=torch.uint8), 4, g)
-        p = {k: v.cuda() for k, v in planes64.pack(q).items()}
-        for M in (1, 3, 16):
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], g).float()
-            for cfg in ({}, {"BLOCK_N": 64, "STAGES": 3}):
-                out = w4a16_decode_mma(x, p["qweight"], p["scales"], p["zeros"], g, cfg).float()
-                err = ((out - ref).norm() / ref.norm()).item()
-                print(f"check N={N} K={K} g{g} M={M} {cfg}: rel err {err:.2e}{'  WRONG' if not err < 2e-3 else ''}",
-                      flush=True)
-    configs = [{"BLOCK_N": bn, "STAGES": st, "WAVES": w} for bn, st, w in
-               ((128, 4, 2), (128, 4, 1), (128, 6, 2), (64, 4, 2), (64, 4, 4), (128, 3, 4))]
-    weights = []
-    for name, N, K in GEMM_SHAPES["llama3-8b"]:
-        _, p, nbytes = random_packed(N, K)
-        weights.append((name, N, K, [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]))
-    for M in (1, 2, 4, 8, 16):
-        rows = {}
-        for name, N, K, packs in weights:
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            w16 = torch.randn(N, K, device="cuda", dtype=torch.float16)
-            rows.setdefault("cuBLAS fp16", []).append(graph_time_us([lambda: x @ w16.t()], calls=20, reps=9))
-            runs = [("triton decode (table)", w4a16_gemm, _DECODE_TABLE)]
-            if M == 1:
-                runs.append(("gemv (table)", w4a16_gemv, CONFIGS["sm90"]["gemv"]))
-            runs += [(f"mma {c}", w4a16_decode_mma, c) for c in configs]
-            for label, kern, cfg in runs:
-                fns = [lambda pp=pp, kern=kern, cfg=cfg: kern(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
-                       for pp in packs]
-                rows.setdefault(label, []).append(graph_time_us(fns, calls=max(20, len(fns)), reps=9))
-        for label, ts in rows.items():
-            print(f"M={M} {label:52s} " + " / ".join(f"{t:.1f}" for t in ts) + f" -> {sum(ts):.1f} us", flush=True)
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["decode-mma"]:
-        decode_mma()
-        sys.exit()
     if sys.argv[1:2] == ["gemv-compare"]:
         gemv_compare([a.split("=", 1) for a in sys.argv[2:]])
     else:
