@@ -85,10 +85,11 @@ def time_prefill() -> None:
 
 
 def compare(bw: float) -> None:
-    """The default decode config against variants, same caches and queries: int4 forced to two or to three
-    split programs per SM (`int4_three_per_sm`: three cap the kernel at 168 registers), the values' scales
-    applied the other way (`kv_quant.scale_probs`), and both."""
+    """The Triton split kernel's default config against variants, same caches and queries: int4 forced to two
+    or to three split programs per SM (`int4_three_per_sm`: three cap the kernel at 168 registers), the values'
+    scales applied the other way (`kv_quant.scale_probs`), and both. (The Gluon int4 kernel is off here.)"""
     torch.manual_seed(0)
+    dec.MMA_INT4 = False
     saved = {"int4_three_per_sm": dec.int4_three_per_sm, "int4_plan": dec.int4_plan, "scale_probs": dec.scale_probs}
 
     def per_sm(three):  # the plan's splits, forced to two or three per SM
@@ -136,9 +137,11 @@ def compare(bw: float) -> None:
 
 
 def splits_and_occupancy(bw: float) -> None:
-    """Tokens per split against programs per SM: int4 with the two-or-three rule forced either way;
-    `--b1`: one sequence, int8 and fp16, at two per SM (their only setting)."""
+    """The Triton split kernel, tokens per split against programs per SM: int4 with the two-or-three rule
+    forced either way; `--b1`: one sequence, int8 and fp16, at two per SM (their only setting). (The Gluon
+    int4 kernel is off here; `--mma-splits` sweeps it.)"""
     torch.manual_seed(0)
+    dec.MMA_INT4 = False
     rule = dec.int4_three_per_sm
     shapes = (("int4", 8, 4096, (384, 512, 768, 1024)), ("int4", 8, 16384, (768, 1024, 1536, 2048)),
               ("int4", 64, 4096, (2048, 4096)), ("int4", 1, 16384, (256, 512, 1024)))
@@ -186,7 +189,8 @@ def mma_compare(bw: float) -> None:
         lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
         q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
         ref = dec.decode_attention_ref(q[:1], cache, tables[0][:1], lens[:1]).float()
-        planned = dec.plan_splits(B, HKV, L, 128, dec._sm_count(q.device))
+        planned, _ = dec.plan_launch(B, HKV, L, 128, dec._sm_count(q.device),
+                                     dec.int4_three_eligible("int4", D, q.device))  # what "triton" runs
         variants = [("triton", False, None), ("gluon", True, dec.mma_split_len(B, HKV, L, 128, dec._sm_count(q.device))
                                                        or planned)]
         variants += [(f"gluon {-(-L // sl)} splits", True, sl)
@@ -233,7 +237,8 @@ def mma_splits(bw: float) -> None:
                                                                         split_len=split_len) for t in tables],
                                       calls=max(n, 10))
                 dec.MMA_INT4, dec._mma.MAXNREG = True, None
-                name = f"gluon {splits}" + (f" cap {cap}" if cap else "") if on else "triton plan"
+                actual = -(-L // split_len) if split_len else None  # whole tiles: 24 asked at 4k run 16
+                name = f"gluon {actual}" + (f" cap {cap}" if cap else "") if on else "triton plan"
                 cells.append((us, f"{name} {us:.1f}"))
             best = min(c for c in cells[1:])
             print(f"int4 B={B} L={L}: best {best[1]} ({100 * kv_bytes / bw / best[0] * 1e6:.0f}%) | "

@@ -56,7 +56,8 @@ def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, c
                                    **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
-def compile_mma(d: int = 128, group: int = 4, page: int = 128, cc: int = 90, pdl: bool | None = None):
+def compile_mma(d: int = 128, group: int = 4, page: int = 128, cc: int = 90, pdl: bool | None = None,
+                direct: bool = False, off64: bool = False):
     """The Gluon int4 split kernel (attention_decode_mma) as a launch compiles it."""
     from lmq.kernels import attention_decode_mma as mma
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -69,8 +70,8 @@ def compile_mma(d: int = 128, group: int = 4, page: int = 128, cc: int = 90, pdl
                "stride_lb", "stride_lh"]
     half = d // 2
     consts = {"GROUP": group, "HALF": half, "BLOCK_DH": max(16, triton.next_power_of_2(half)), "PAGE": page,
-              "TPW": min(128, page) // mma.NUM_WARPS, "STAGES": mma.STAGES, "PV_KW": mma.PV_KW, "DIRECT": False,
-              "OFF64": False, "PDL": pdl}
+              "TPW": min(128, page) // mma.NUM_WARPS, "STAGES": mma.STAGES, "PV_KW": mma.PV_KW, "DIRECT": direct,
+              "OFF64": off64, "PDL": pdl}
     sig = {**ptrs, "qk_scale": "fp32", "split_len": "i32", **{s: "i32" for s in scalars},
            **{k: "constexpr" for k in consts}}
     names = list(sig)

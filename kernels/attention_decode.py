@@ -162,9 +162,9 @@ MORE_SPLITS_MAX = 32
 # (B=1 int4 4k 12.6 us against 9.2 for two launches): one program per head group merges serially.
 PDL_SPLIT = True
 PDL_MERGE = True
-# int4 caches with fp16 queries (compute capability >= 8.0, head dim <= 128, blocks of >= 64 tokens):
-# the Gluon split kernel that loads codes straight into tensor-core operand registers
-# (kernels/attention_decode_mma.py); False keeps the Triton split kernel (for a comparison).
+# int4 caches with fp16 queries (Hopper, head dims 64..128 that are multiples of 8, tiles of 64 or 128
+# tokens; attention_decode_mma.supported): the Gluon split kernel that loads codes straight into
+# tensor-core operand registers (kernels/attention_decode_mma.py); False keeps the Triton split kernel.
 MMA_INT4 = True
 # int4, head dims 65..128, Hopper (measured on an H100 only): three programs of 4 warps per SM instead of
 # two (the split kernel capped at 168 registers: no spills, 2% more instructions), where the waves of
@@ -247,15 +247,18 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
     return max(block_n, -(-split_len // block_n) * block_n)
 
 
-# The Gluon int4 split kernel (attention_decode_mma) runs two programs per SM (255 registers x 128 threads)
-# and streams at the copy floor once its programs are long; its plan is one wave of programs, splits =
-# 2 x SMs // (B x H_kv) (at most MORE_SPLITS_MAX), and it takes a launch only where that leaves
-# MMA_MIN_SPLIT tokens or more per split: shorter programs pay its prologue and end-of-program merge of
-# the warps' partial results, and the Triton kernel is faster there. H100, us, Gluon at its best split
-# count vs Triton at its plan (benchmarks/attention_sweep.py --mma-splits,
-# benchmarks/results/2026-11-23-session8-h100/mma-splits.log): B=8 4k 27.1 (4 splits, 1024 tokens each)
-# vs 27.1, 16k 70.7 vs 79.5, 32k 129.1 vs 146.9; B=64 16k 477.1 (1 split) vs 551.1; B=2 4k 14.8 (256
-# tokens) vs 11.6; B=1 16k 20.0 (512 tokens) vs 17.0, 32k 26.7 (1024 tokens) vs 26.8.
+# The Gluon int4 split kernel (attention_decode_mma) runs two programs per SM at head dim 128 (255
+# registers x 128 threads, 52 KB of shared memory) and streams at the copy floor once its programs are
+# long; its plan is one wave of programs, splits = 2 x SMs // (B x H_kv) (at most MORE_SPLITS_MAX), and
+# it takes a launch only where that leaves MMA_MIN_SPLIT tokens or more per split: shorter programs pay
+# its prologue and end-of-program merge of the warps' partial results, and the Triton kernel is faster
+# there. Measured at H=32, H_kv=8, D=128 only (at D=64 the kernel fits four programs per SM, which the
+# plan does not use). H100, us, Gluon at its best split count vs Triton at its plan
+# (benchmarks/attention_sweep.py --mma-splits, benchmarks/results/2026-11-23-session8-h100/mma-splits.log):
+# B=8 4k 27.1 (4 splits, 1024 tokens each) vs 27.1, 16k 70.7 vs 79.5, 32k 129.1 vs 146.9; B=64 16k 477.1
+# (1 split) vs 551.1; B=2 4k 14.8 (256 tokens) vs 11.6; B=1 16k 20.0 (512 tokens) vs 17.0, 32k 26.7 (1024
+# tokens) vs 26.8. The engine's decode graphs plan for max_model_len: with a long max_model_len and
+# short live contexts the Gluon kernel then runs short programs (unmeasured end to end).
 MMA_SLOTS_PER_SM = 2
 MMA_MIN_SPLIT = 1024
 
@@ -301,7 +304,7 @@ def plan_launch(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
 def _split_triton(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits, G,
                   block_n, num_warps, num_stages, direct, pdl, three, ps, ls) -> None:
     """The split pass in Triton (every KV dtype)."""
-    B, H, D = q.shape
+    B, _, D = q.shape
     half = D // 2
     _decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
         q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse,
@@ -361,7 +364,6 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         out = torch.empty_like(q)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
-    half = D // 2
     direct = n_splits == 1
     if direct:
         po, plse = out, out  # unused

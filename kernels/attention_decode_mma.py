@@ -3,18 +3,20 @@
 Same function, cache layout and split outputs as the split kernel of `attention_decode` (its module
 docstring): program (split, kv head, b) attends the G query heads of one group over one split of the
 sequence and writes the normalized partial output and log2-sum-exp per head, or the output itself
-when there is one split. `attention_decode.decode_attention` launches this kernel for int4 caches with
-fp16 queries on compute capability >= 8.0 (head dim <= 128, blocks of >= 64 tokens) and its merge
-kernel after it; `decode_attention_ref` is the plain-PyTorch twin of both.
+when there is one split. `attention_decode.decode_attention` launches this kernel (`supported`: int4
+caches with fp16 queries on Hopper, head dims 64..128 that are multiples of 8, tiles of 64 or 128
+tokens; measured on an H100 only) and its merge kernel after it; `decode_attention_ref` is the
+plain-PyTorch twin of both.
 
 Why a second kernel: the Triton kernel is bound by instruction issue on int4 (34.75 warp instructions
-per token and KV head, offline SASS): its K and V tiles go through shared memory and layout
-conversions before the matrix unit sees them, and its online softmax runs across the warps. Here:
+per token and KV head, offline SASS): its K and V tiles are converted in registers into the layouts
+its dots want, and its online softmax runs across the warps. Here (23.5 per token and KV head):
 
-- **Codes straight into operand registers.** K^T tiles are loaded in `mma_v2`'s B-operand layout
-  (k_width 8: each thread's 8 head-dim bytes of one token are contiguous, one 8-byte load), V tiles in
-  its B-operand layout for the P @ V product (k_width 2: pairs of tokens). No shared memory, no
-  layout conversion.
+- **Codes straight into operand registers.** A 3-stage cp.async ring brings each tile's codes and
+  scale words into shared memory; from there K^T is read in `mma_v2`'s B-operand layout (k_width 8:
+  each thread's 8 head-dim bytes of one token are contiguous, one 8-byte read) and V in the B-operand
+  layout of the P @ V product (k_width 4: runs of 4 tokens, `PV_KW`). The codes are never staged or
+  converted for the matrix unit; only the probabilities change layout (scores -> A operand).
 - **Codes as fp16 subnormals.** A code c in a 16-bit lane, `(x & 0x000F)` read as fp16, is exactly
   c * 2^-24 (`(x & 0x00F0)`: 16 c * 2^-24); the matrix unit multiplies fp16 subnormals exactly and
   accumulates in fp32, and the 2^24 (2^20) comes back once per score or output row, in fp32. So a
@@ -36,6 +38,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from lmq.kernels import cuda_capability, next_pow2
 from triton.compiler.errors import CompilationError
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -46,8 +49,7 @@ from lmq.errors import UnsupportedError
 
 NUM_WARPS = 4  # a tile of BLOCK_N tokens (the split plan's tile, <= the block size) is 4 warps x BLOCK_N / 4
 TILES = (64, 128)  # 16 or 32 tokens per warp; smaller blocks take the Triton kernel
-MIN_HEAD_DIM, MAX_HEAD_DIM = 64, 128
-LOG2_2P24 = 24.0  # codes read as fp16 subnormals carry 2^-24 (low nibbles) or 2^-20 (high nibbles)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 64, 128  # and multiples of 8: K rows of D / 2 bytes copy in 4-byte pieces or wider
 
 
 @gluon.jit
@@ -153,9 +155,9 @@ def _int4_decode_split_kernel(
         q_lo = gl.load(q_ptrs, mask=qmask, other=0.0)
         q_hi = gl.load(q_ptrs + HALF, mask=qmask, other=0.0)
         qsum = gl.convert_layout(gl.sum(q_lo.to(gl.float32) + q_hi.to(gl.float32), 2), rows_l)  # [NW, 16]
-        q_hi = q_hi * 0.0625  # exact
+        q_hi = q_hi * 0.0625  # exact unless |q| < 2^-10 (then an fp16 subnormal, a negligible term)
 
-        # -- shared-memory rings, STAGES tiles deep, and the copies' index tensors (16-byte pieces)
+        # -- shared-memory rings, STAGES tiles deep, and the copies' index tensors (up to 16 bytes a thread)
         k_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, NW, BLOCK_DH, TPW],
                                            gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 2, 0]))
         v_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, NW, TPW, BLOCK_DH],
@@ -164,8 +166,7 @@ def _int4_decode_split_kernel(
                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
         vs_ring = gl.allocate_shared_memory(gl.int32, [STAGES, NW, TPW],
                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
-        DV: gl.constexpr = 16 if BLOCK_DH >= 16 else BLOCK_DH
-        kcp: gl.constexpr = gl.BlockedLayout([1, DV, 1], [1, BLOCK_DH // DV, 32 * DV // BLOCK_DH], [NW, 1, 1],
+        kcp: gl.constexpr = gl.BlockedLayout([1, 16, 1], [1, BLOCK_DH // 16, 512 // BLOCK_DH], [NW, 1, 1],
                                              [1, 2, 0])  # [NW, BLOCK_DH, TPW], d fastest
         vcp: gl.constexpr = gl.BlockedLayout([1, 16, 1], [1, TPW // 16, 512 // TPW], [NW, 1, 1],
                                              [1, 2, 0])  # [NW, TPW, BLOCK_DH], tokens fastest
@@ -242,7 +243,7 @@ def _int4_decode_split_kernel(
             v_lo, v_hi = _subnormal_halves(v_ring.index(cur).load(b_pv))
             # each tile's product starts from zero and is added in fp32 (an FFMA with the rescale): fed
             # the running sums as its accumulator, the matrix unit's adder lost precision over long splits
-            # (relative error 4.0e-3 over 32k tokens in one split, 4-6e-4 in 8k splits)
+            # (relative error 4.0e-3 over 32k tokens in one split, 5.9-6.7e-4 in 8k splits)
             a3 = gl.expand_dims(alpha, 2)
             o_lo = o_lo * a3 + mma_v2(ps, v_lo, gl.zeros([NW, 16, BLOCK_DH], gl.float32, mma))
             o_hi = o_hi * a3 + mma_v2(ps, v_hi, gl.zeros([NW, 16, BLOCK_DH], gl.float32, mma))
@@ -279,14 +280,13 @@ def _int4_decode_split_kernel(
 
 
 def supported(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group: int) -> bool:
-    """Whether this kernel serves a launch: int4 cache, fp16 queries on a CUDA GPU of compute capability
-    >= 8.0, head dim 64..128, tiles of 64 or 128 tokens (`block_n`, the split plan's tile: 16 or 32 per
-    warp), at most 16 query heads per KV head."""
+    """Whether this kernel serves a launch: int4 cache, fp16 queries on Hopper (measured on an H100 only; it
+    compiles for sm_80 too, but Ampere and Ada are unmeasured and the 100 KB-shared-memory parts would hold
+    one program per SM), head dims 64..128 that are multiples of 8, tiles of 64 or 128 tokens (`block_n`,
+    the split plan's tile: 16 or 32 per warp), at most 16 query heads per KV head."""
     return (kv_dtype == "int4" and q.is_cuda and q.dtype == torch.float16 and torch.version.hip is None
-            and torch.cuda.get_device_capability(q.device) >= (8, 0) and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM
-            and block_n in TILES and group <= 16)
-
-
+            and cuda_capability(q.device)[0] == 9 and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM
+            and head_dim % 8 == 0 and block_n in TILES and group <= 16)
 
 
 STAGES = 3  # tiles in flight per program (shared-memory ring)
@@ -295,7 +295,8 @@ STAGES = 3  # tiles in flight per program (shared-memory ring)
 # (4 splits) uncapped (benchmarks/results/2026-11-23-session8-h100/mma-splits-cap.log).
 MAXNREG = None
 PV_KW = 4  # k_width of the P @ V operands: 4-byte V loads (2 would read 2 bytes and repack them)
-_BUILD_ERRORS = (CompilationError, PTXASError)  # what a Triton whose Gluon API moved raises at the first launch
+# what a Triton whose Gluon API moved raises at the first launch (and RuntimeError from a failing lowering pass)
+_BUILD_ERRORS = (CompilationError, PTXASError)
 _broken: list[str] = []
 
 
@@ -320,12 +321,20 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
             ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
-            GROUP=group, HALF=half, BLOCK_DH=max(16, 1 << (half - 1).bit_length()), PAGE=cache.block_size,
+            GROUP=group, HALF=half, BLOCK_DH=next_pow2(half), PAGE=cache.block_size,
             TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
             num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
         )
-    except _BUILD_ERRORS as e:
+    except (*_BUILD_ERRORS, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_build_failure(e):
+            raise
         _broken.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         warnings.warn(f"lmq: the int4 decode-attention kernel (attention_decode_mma) does not build with this "
                       f"Triton ({_broken[0]}); int4 caches take the Triton split kernel")
         raise KernelUnavailable(_broken[0]) from e
+
+
+def _is_build_failure(e: RuntimeError) -> bool:
+    """A lowering pass that fails (a layout or an op this Triton's Gluon handles differently) raises a plain
+    RuntimeError from the pass manager; a CUDA error at launch is not a build failure."""
+    return "PassManager::run failed" in str(e)

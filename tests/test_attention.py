@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import math
 
+import lmq.kernels.kv_quant as kvq
 import pytest
 import torch
-
-import lmq.kernels.kv_quant as kvq
-from lmq.errors import ShapeError
 from lmq.kernels.attention_decode import decode_attention, decode_attention_ref
-from lmq.kernels.attention_prefill import pick_block_m, prefill_attention, prefill_attention_ref
+from lmq.kernels.attention_prefill import (
+    pick_block_m,
+    prefill_attention,
+    prefill_attention_ref,
+)
 from lmq.kernels.kv_quant import (
     PagedKV,
     fake_quantize_kv,
@@ -22,6 +24,8 @@ from lmq.kernels.kv_quant import (
     write_kv,
     write_kv_ref,
 )
+
+from lmq.errors import ShapeError
 
 # relative error ||out - ref|| / ||ref|| allowed, per KV dtype (the ref runs fp32 on the same cache)
 TOL = {"fp16": 3e-3, "bf16": 2e-2, "int8": 5e-3, "int4": 5e-3}
@@ -226,12 +230,16 @@ def test_decode_gpu_int4_long_context(device, mma, monkeypatch):
     # one, or the Triton one at three programs per SM); over this many tokens a lossy value path shows
     # (scales on the probabilities with raw low nibbles read 6.7e-3 here, per-element values 3.5e-4)
     import lmq.kernels.attention_decode as dec
+    from lmq.kernels import attention_decode_mma
 
+    calls = []
+    launch = attention_decode_mma.launch_split
+    monkeypatch.setattr(attention_decode_mma, "launch_split", lambda *a, **k: calls.append(1) or launch(*a, **k))
     monkeypatch.setattr(dec, "MMA_INT4", mma)
     cache, tables, seq_lens, _ = make_paged("int4", [16384] * 8, 8, 128, device, block_size=128)
     q = torch.randn(8, 32, 128, device=device).half()
-    assert dec.uses_mma_kernel(q, "int4", 128, 128, 4) == mma
     out = decode_attention(q, cache, tables, seq_lens)
+    assert len(calls) == mma  # the plan took the Gluon kernel (4 splits of 4096 tokens) when it may
     assert rel_err(out, decode_attention_ref(q, cache, tables, seq_lens)) < 1e-3
 
 
@@ -253,10 +261,11 @@ def test_decode_gpu_int4_mma_kernel(device, head_dim, block_size, monkeypatch):
         _check_decode(device, "int4", head_dim, lens, heads, kv_heads, block_size=block_size)
     _check_decode(device, "int4", head_dim, [1000, 600, 3000], 32, 8, shared_blocks=2, block_size=block_size)
     tile = min(128, block_size)
-    for split_len in (tile, 3 * tile):
+    for split_len in (tile, 3 * tile, 2048):  # 2048: one split, the output written directly
         _check_decode(device, "int4", head_dim, [700, 1, 130, 2000], 32, 8, split_len=split_len,
                       block_size=block_size)
-    assert len(calls) == 7
+    _check_decode(device, "int4", head_dim, [1, 129, 3000], 28, 4, split_len=3072, block_size=block_size)
+    assert len(calls) == 9
 
 
 @pytest.mark.gpu
@@ -267,6 +276,7 @@ def test_decode_gpu_int4_stale_scales_are_not_read(device, mma, monkeypatch):
     import lmq.kernels.attention_decode as dec
 
     monkeypatch.setattr(dec, "MMA_INT4", mma)
+    monkeypatch.setattr(dec, "MMA_MIN_SPLIT", 0)  # the Gluon kernel's plan at these short lengths too
     cache, tables, seq_lens, _ = make_paged("int4", [100, 37, 300], 8, 128, device, block_size=128)
     live = torch.zeros(cache.k_scales.shape[:3], dtype=torch.bool, device=device)  # [nb, H_kv, B_s]
     for b, L in enumerate(seq_lens.tolist()):
@@ -276,7 +286,7 @@ def test_decode_gpu_int4_stale_scales_are_not_read(device, mma, monkeypatch):
         sc[~live] = float("nan")
     q = torch.randn(3, 32, 128, device=device).half()
     ref = decode_attention_ref(q, cache, tables, seq_lens)
-    for split_len in (None, 128):
+    for split_len in (None, 128, 384):  # 384: one split, the output written directly
         out = decode_attention(q, cache, tables, seq_lens, split_len=split_len)
         assert rel_err(out, ref) < TOL["int4"]
 
@@ -408,6 +418,38 @@ def test_mma_kernel_plan():
     assert [splits(B, 16384) for B in (2, 4, 16, 32, 64, 256)] == [16, 8, 2, 1, 1, 1]
     assert [splits(1, L) for L in (4096, 16384, 32768)] == [None, None, 32]  # the Triton kernel below 1024
     assert splits(64, 1000) is None and splits(64, 1024) == 1
+
+
+def test_plan_decode_takes_the_gluon_kernel_only_for_long_splits(monkeypatch):
+    # plan_decode: the Gluon kernel's plan where it applies and keeps >= 1024 tokens per split, else the
+    # Triton plan (132 SMs, 8 KV heads, 128-token tiles); CPU tensors stand in for the queries
+    import lmq.kernels.attention_decode as dec
+
+    monkeypatch.setattr(dec, "uses_mma_kernel", lambda *a: True)
+    q8 = torch.zeros(8, 32, 128)
+    assert dec.plan_decode(q8, "int4", 8, 16384, 128, 132) == (4096, True, False)
+    assert dec.plan_decode(q8, "int4", 8, 2048, 128, 132)[1:] == (False, False)  # 4 splits of 512: Triton
+    monkeypatch.setattr(dec, "uses_mma_kernel", lambda *a: False)
+    assert dec.plan_decode(q8, "int4", 8, 16384, 128, 132)[1] is False
+
+
+def test_decode_falls_back_when_the_gluon_kernel_cannot_build(device, monkeypatch):
+    # a Triton that cannot build the Gluon kernel: the launch takes the Triton split kernel, same result
+    import lmq.kernels.attention_decode as dec
+    from lmq.kernels import attention_decode_mma
+
+    if dec._mma is None:
+        pytest.skip("this Triton has no Gluon")
+    tried = []
+
+    def unavailable(*a, **k):
+        tried.append(1)
+        raise attention_decode_mma.KernelUnavailable("test")
+
+    monkeypatch.setattr(dec, "uses_mma_kernel", lambda *a: True)
+    monkeypatch.setattr(attention_decode_mma, "launch_split", unavailable)
+    _check_decode(device, "int4", 64, [17, 50], num_heads=8, num_kv_heads=2, split_len=16)
+    assert tried
 
 
 def test_int4_launch_plan():

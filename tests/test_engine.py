@@ -404,8 +404,9 @@ def test_int4_kv_cache_decode_attention_is_alike_with_either_split_kernel(weight
     (Whole greedy runs with an int4 cache are not compared: on an H100 two runs with the same kernels
     already gave different tokens on this model, fp16 caches did not; likely a K/V element near a
     rounding boundary of its 4-bit code moves with the order of the GEMMs' split-K sums.)"""
-    import lmq.engine.kv_cache as kvc
     import lmq.kernels.attention_decode as dec
+
+    import lmq.engine.kv_cache as kvc
 
     monkeypatch.setattr(dec, "MMA_MIN_SPLIT", 0)
     eng = make_llm(weights, kv_dtype="int4", block_size=128, cuda_graphs=False, overlap=False)

@@ -65,9 +65,13 @@ def compile_attention(arch: str) -> None:
         for d in (64, 128, 256):
             for pdl in {False, cc >= 90}:
                 assert compile_split(kv_mode, d=d, cc=cc, pdl=pdl).asm["cubin"]
-    # the Gluon int4 kernel: every head dim it takes, 64- and 128-token tiles, GQA groups of 1..16; no spills
-    for d, page, group in ((64, 128, 3), (80, 64, 4), (96, 256, 7), (128, 128, 4), (128, 64, 16), (128, 128, 1)):
-        k = compile_mma(d=d, page=page, group=group, cc=cc)
+    # the Gluon int4 kernel: head dims it takes (64..128, multiples of 8), 64- and 128-token tiles, GQA groups
+    # of 1..16, one split (the output written directly) and 64-bit offsets; no spills
+    for d, page, group, direct, off64 in ((64, 128, 3, False, False), (72, 128, 4, False, False),
+                                          (80, 64, 4, False, False), (96, 256, 7, False, False),
+                                          (112, 64, 8, False, False), (128, 128, 4, False, False),
+                                          (128, 64, 16, False, False), (128, 128, 1, True, True)):
+        k = compile_mma(d=d, page=page, group=group, cc=cc, direct=direct, off64=off64)
         sass = cuobjdump(k, "-sass")
         assert " STL" not in sass and " LDL" not in sass, f"the Gluon int4 kernel spills at head dim {d}"
     if cc >= 90:
