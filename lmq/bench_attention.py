@@ -58,6 +58,7 @@ class AttnRow:
     lmq_fp16_us: float | None  # the fp16-KV lmq time of the same (context, batch)
     rel_err_vs_sdpa: float | None
     splits: int
+    kernel: str = "triton"  # the split kernel the plan picked: "triton" or "gluon" (int4, attention_decode_mma)
     note: str = ""
 
     @property
@@ -133,9 +134,9 @@ def bench_attention(kv_dtypes: list[str], contexts: list[int], batches: list[int
                 kv_bytes = 2 * B * L * Hkv * kv_bytes_per_token_head(kd, D)
                 floor_us = (kv_bytes + io_bytes) / bw * 1e6
                 block_n = _config(q.device, D)[0]
-                split_len, _, _ = plan_decode(q, kd, Hkv, L, block_n, sm)
+                split_len, gluon, _ = plan_decode(q, kd, Hkv, L, block_n, sm)
                 splits = -(-L // split_len)
-                row = AttnRow(kd, L, B, None, floor_us, sdpa_us, None, None, splits)
+                row = AttnRow(kd, L, B, None, floor_us, sdpa_us, None, None, splits, "gluon" if gluon else "triton")
                 if kv_bytes > free:
                     row.note = "skipped: cache exceeds GPU memory"
                     rows.append(row)
@@ -184,7 +185,7 @@ def render_attention_table(report: dict):
                     f"D={report['head_dim']}, block {report['block_size']}, copy bandwidth "
                     f"{report['copy_bandwidth_GB_s']:.0f} GB/s")
     for col in ("kv", "context", "batch", "lmq us", "floor us", "% floor", "SDPA fp16 us", "x SDPA",
-                "x fp16 KV", "splits", "rel err"):
+                "x fp16 KV", "splits", "kernel", "rel err"):
         t.add_column(col, justify="left" if col == "kv" else "right")
 
     def f(v, fmt):
@@ -193,9 +194,10 @@ def render_attention_table(report: dict):
     for r in report["rows"]:
         if r["lmq_us"] is None:
             t.add_row(r["kv_dtype"], str(r["context"]), str(r["batch"]), r["note"], f(r["floor_us"], ".1f"),
-                      "", f(r["sdpa_us"], ".1f"), "", "", "", "")
+                      "", f(r["sdpa_us"], ".1f"), "", "", "", "", "")
             continue
         t.add_row(r["kv_dtype"], str(r["context"]), str(r["batch"]), f(r["lmq_us"], ".1f"), f(r["floor_us"], ".1f"),
                   f(100 * r["floor_frac"], ".0f"), f(r["sdpa_us"], ".1f"), f(r["speedup_vs_sdpa"], ".2f"),
-                  f(r["speedup_vs_fp16_kv"], ".2f"), str(r["splits"]), f(r["rel_err_vs_sdpa"], ".1e"))
+                  f(r["speedup_vs_fp16_kv"], ".2f"), str(r["splits"]), r.get("kernel", "triton"),
+                  f(r["rel_err_vs_sdpa"], ".1e"))
     return t

@@ -36,11 +36,13 @@ def test_table_renders_measured_and_skipped_rows():
            "lmq_fp16_us": 60.8, "rel_err_vs_sdpa": 3e-4, "splits": 5, "note": "", "floor_frac": 28.5 / 43.5,
            "speedup_vs_sdpa": 51.9 / 43.5, "speedup_vs_fp16_kv": 60.8 / 43.5}
     skipped = dict(row, kv_dtype="fp16", lmq_us=None, note="skipped: cache exceeds GPU memory")
+    gluon = dict(row, kv_dtype="int4", lmq_us=27.1, kernel="gluon")  # the int4 rows name the kernel that ran
     report = {"gpu": "test", "heads": 32, "kv_heads": 8, "head_dim": 128, "block_size": 128,
-              "copy_bandwidth_GB_s": 2432.0, "rows": [row, skipped]}
+              "copy_bandwidth_GB_s": 2432.0, "rows": [row, skipped, gluon]}
     from rich.console import Console
 
     console = Console(width=200, record=True)
     console.print(render_attention_table(report))
     text = console.export_text()
     assert "43.5" in text and "66" in text and "skipped" in text
+    assert "gluon" in text and "triton" in text  # a report from before the column reads as the Triton kernel
