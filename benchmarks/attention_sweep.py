@@ -199,8 +199,8 @@ def mma_compare(bw: float) -> None:
         cells = []
         for name, on, split_len in variants:
             dec.MMA_INT4 = on
-            us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L, split_len=split_len)
-                                   for t in tables], calls=max(n, 10))
+            us = ba.graph_time_us([lambda t=t, c=cache, sl=split_len: dec.decode_attention(
+                q, c, t, lens, max_seq_len=L, split_len=sl) for t in tables], calls=max(n, 10))  # noqa: B023
             out = dec.decode_attention(q, cache, tables[0], lens, max_seq_len=L, split_len=split_len)[:1].float()
             dec.MMA_INT4 = True
             err = ((out - ref).norm() / ref.norm()).item()
@@ -233,9 +233,8 @@ def mma_splits(bw: float) -> None:
                     if L // s >= 128 and B * HKV * s <= 8 * 132]:
                 dec.MMA_INT4, dec._mma.MAXNREG = on, cap
                 split_len = None if splits is None else (-(-L // splits) + 127) // 128 * 128
-                us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L,
-                                                                        split_len=split_len) for t in tables],
-                                      calls=max(n, 10))
+                us = ba.graph_time_us([lambda t=t, c=cache, sl=split_len: dec.decode_attention(
+                    q, c, t, lens, max_seq_len=L, split_len=sl) for t in tables], calls=max(n, 10))  # noqa: B023
                 dec.MMA_INT4, dec._mma.MAXNREG = True, None
                 actual = -(-L // split_len) if split_len else None  # whole tiles: 24 asked at 4k run 16
                 name = f"gluon {actual}" + (f" cap {cap}" if cap else "") if on else "triton plan"

@@ -215,7 +215,7 @@ def _int4_decode_split_kernel(
             n_next = n0 + STAGES * BLOCK_N
             page_next = gl.load(bt_row + n_next // PAGE, mask=n_next < end, other=0)
             cur = it % STAGES
-            it += 1
+            it += 1  # noqa: SIM113 (a Gluon loop has no enumerate)
             # -- scores: [NW, 16, TPW] per warp's tokens
             k_lo, k_hi = _subnormal_halves(k_ring.index(cur).load(b_qk))
             s = mma_v2(q_lo, k_lo, gl.zeros([NW, 16, TPW], gl.float32, mma))
