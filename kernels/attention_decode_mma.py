@@ -49,9 +49,6 @@ from lmq.errors import UnsupportedError
 
 NUM_WARPS = 4  # a tile of BLOCK_N tokens (the split plan's tile, <= the block size) is 4 warps x BLOCK_N / 4
 TILES = (64, 128)  # 16 or 32 tokens per warp; smaller blocks take the Triton kernel
-# The caches it takes. int8 (the same kernel, the head dimension's halves in two ring slots, a code spread to
-# a 16-bit lane is its subnormal) is not enabled: not yet measured against the Triton kernel.
-KV_DTYPES = ("int4",)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 64, 128  # and multiples of 8: K rows of D / 2 bytes copy in 4-byte pieces or wider
 
 
@@ -86,28 +83,6 @@ def _subnormal_halves(c):
                                      is_pure=True, pack=4)
 
 
-# int8: four bytes spread to one per 16-bit lane are the fp16 subnormals c * 2^-24 (c <= 255): two prmt.
-_ASM_SUBNORMAL8 = gl.constexpr("""{
-prmt.b32 $0, $2, 0, 0x4140;
-prmt.b32 $1, $2, 0, 0x4342;
-}""")
-
-
-@gluon.jit
-def _subnormal_bytes(c):
-    """uint8 codes (int8 cache) -> fp16 c * 2^-24, exact."""
-    return gl.inline_asm_elementwise(_ASM_SUBNORMAL8, "=r,=r,r", [c], dtype=gl.float16, is_pure=True, pack=4)
-
-
-@gluon.jit
-def _codes(ring, st, layout: gl.constexpr, INT8: gl.constexpr):
-    """Stage `st` of a K or V ring in an operand layout -> (first half, second half) of the head dimension as
-    fp16 subnormals: int4 keeps both halves in one byte (nibbles), int8 in two ring slots."""
-    if INT8:
-        return _subnormal_bytes(ring.index(2 * st).load(layout)), _subnormal_bytes(ring.index(2 * st + 1).load(layout))
-    return _subnormal_halves(ring.index(st).load(layout))
-
-
 @gluon.jit
 def _scale_zero(w):
     """int32 words holding fp16 (scale, zero) -> (scale, zero) fp32."""
@@ -117,10 +92,10 @@ def _scale_zero(w):
 
 
 @gluon.jit
-def _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_ring, v_ring, ks_buf, vs_buf, stage, page, n0, end, hkv,
+def _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_buf, v_buf, ks_buf, vs_buf, page, n0, end, hkv,
                k_off, k_dmask, v_off, v_dmask, s_off, stride_cb, stride_ch, stride_vb, stride_vh,
                stride_sb, stride_sh, HALF: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
-               OFF64: gl.constexpr, INT8: gl.constexpr):
+               OFF64: gl.constexpr):
     """Start copying the tile of tokens n0 .. n0 + BLOCK_N (inside block `page`) into one pipeline stage:
     K codes, V codes and the K and V (scale, zero) words (cp.async, one commit group); zeros when
     n0 >= end. The copies are not masked along the tokens: a tile never straddles a block, so tokens
@@ -130,14 +105,10 @@ def _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_ring, v_ring, ks_buf, vs_buf, s
     if OFF64:
         page = page.to(gl.int64)
     slot0 = gl.multiple_of(n0 % PAGE, BLOCK_N)  # tiles start at multiples of BLOCK_N
-    NH: gl.constexpr = 2 if INT8 else 1  # ring slots per stage: int8 keeps the head dimension's halves apart
-    k_base = kc_ptr + (page * stride_cb + hkv * stride_ch + slot0 * (NH * HALF))
-    v_base = vc_ptr + (page * stride_vb + hkv * stride_vh + slot0)
-    for h in gl.static_range(NH):
-        async_copy.async_copy_global_to_shared(k_ring.index(NH * stage + h), k_base + h * HALF + k_off,
-                                               mask=k_dmask & live)
-        async_copy.async_copy_global_to_shared(v_ring.index(NH * stage + h), v_base + h * (HALF * PAGE) + v_off,
-                                               mask=v_dmask & live)
+    async_copy.async_copy_global_to_shared(
+        k_buf, kc_ptr + (page * stride_cb + hkv * stride_ch + slot0 * HALF) + k_off, mask=k_dmask & live)
+    async_copy.async_copy_global_to_shared(
+        v_buf, vc_ptr + (page * stride_vb + hkv * stride_vh + slot0) + v_off, mask=v_dmask & live)
     srow = page * stride_sb + hkv * stride_sh + slot0
     async_copy.async_copy_global_to_shared(ks_buf, ks_ptr + srow + s_off, mask=live & (s_off >= 0))
     async_copy.async_copy_global_to_shared(vs_buf, vs_ptr + srow + s_off, mask=live & (s_off >= 0))
@@ -153,7 +124,6 @@ def _int4_decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: gl.constexpr, HALF: gl.constexpr, BLOCK_DH: gl.constexpr, PAGE: gl.constexpr,
     TPW: gl.constexpr, STAGES: gl.constexpr, PV_KW: gl.constexpr, DIRECT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr,
-    INT8: gl.constexpr = False,
 ):
     NW: gl.constexpr = gl.num_warps()
     BLOCK_N: gl.constexpr = NW * TPW
@@ -185,14 +155,12 @@ def _int4_decode_split_kernel(
         q_lo = gl.load(q_ptrs, mask=qmask, other=0.0)
         q_hi = gl.load(q_ptrs + HALF, mask=qmask, other=0.0)
         qsum = gl.convert_layout(gl.sum(q_lo.to(gl.float32) + q_hi.to(gl.float32), 2), rows_l)  # [NW, 16]
-        if not INT8:
-            q_hi = q_hi * 0.0625  # exact unless |q| < 2^-10 (then an fp16 subnormal, a negligible term)
-        NH: gl.constexpr = 2 if INT8 else 1
+        q_hi = q_hi * 0.0625  # exact unless |q| < 2^-10 (then an fp16 subnormal, a negligible term)
 
         # -- shared-memory rings, STAGES tiles deep, and the copies' index tensors (up to 16 bytes a thread)
-        k_ring = gl.allocate_shared_memory(gl.uint8, [NH * STAGES, NW, BLOCK_DH, TPW],
+        k_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, NW, BLOCK_DH, TPW],
                                            gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 2, 0]))
-        v_ring = gl.allocate_shared_memory(gl.uint8, [NH * STAGES, NW, TPW, BLOCK_DH],
+        v_ring = gl.allocate_shared_memory(gl.uint8, [STAGES, NW, TPW, BLOCK_DH],
                                            gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 2, 0]))
         ks_ring = gl.allocate_shared_memory(gl.int32, [STAGES, NW, TPW],
                                             gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
@@ -204,7 +172,7 @@ def _int4_decode_split_kernel(
                                              [1, 2, 0])  # [NW, TPW, BLOCK_DH], tokens fastest
         scp: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])  # [NW, TPW] words, a warp's row each
         kw, kd, kt = _ids3(NW, BLOCK_DH, TPW, kcp)
-        k_off = (kw * TPW + kt) * (NH * HALF) + kd  # token-major rows of D / 2 (int4) or D (int8) bytes
+        k_off = (kw * TPW + kt) * HALF + kd  # token-major rows of HALF bytes
         k_dmask = (kd < HALF) & (kw >= 0) & (kt >= 0)
         vw, vt, vd = _ids3(NW, TPW, BLOCK_DH, vcp)
         v_off = vd * PAGE + vw * TPW + vt  # V^T rows: PAGE tokens per head-dim byte
@@ -224,10 +192,10 @@ def _int4_decode_split_kernel(
         bt_row = bt_ptr + b.to(gl.int64) * stride_btb
         for i in gl.static_range(STAGES - 1):  # prologue: the first STAGES - 1 tiles in flight
             n_i = start + i * BLOCK_N
-            _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_ring, v_ring, ks_ring.index(i), vs_ring.index(i), i,
-                       gl.load(bt_row + n_i // PAGE, mask=n_i < end, other=0), n_i, end, hkv,
+            _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_ring.index(i), v_ring.index(i), ks_ring.index(i),
+                       vs_ring.index(i), gl.load(bt_row + n_i // PAGE, mask=n_i < end, other=0), n_i, end, hkv,
                        k_off, k_dmask, v_off, v_dmask, s_off, stride_cb, stride_ch, stride_vb, stride_vh,
-                       stride_sb, stride_sh, HALF, PAGE, BLOCK_N, OFF64, INT8)
+                       stride_sb, stride_sh, HALF, PAGE, BLOCK_N, OFF64)
         # the block id of the next tile to copy is read one iteration ahead: a load whose result is needed
         # at once would stall every iteration on the memory latency
         n_next = start + (STAGES - 1) * BLOCK_N
@@ -240,16 +208,16 @@ def _int4_decode_split_kernel(
             async_copy.wait_group(STAGES - 2)
             gl.thread_barrier()
             nxt = (it + STAGES - 1) % STAGES
-            _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_ring, v_ring, ks_ring.index(nxt), vs_ring.index(nxt), nxt,
-                       page_next, n0 + (STAGES - 1) * BLOCK_N, end, hkv, k_off, k_dmask, v_off, v_dmask, s_off,
-                       stride_cb, stride_ch, stride_vb, stride_vh, stride_sb, stride_sh, HALF, PAGE, BLOCK_N,
-                       OFF64, INT8)
+            _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_ring.index(nxt), v_ring.index(nxt), ks_ring.index(nxt),
+                       vs_ring.index(nxt), page_next, n0 + (STAGES - 1) * BLOCK_N, end, hkv, k_off, k_dmask, v_off,
+                       v_dmask, s_off, stride_cb, stride_ch, stride_vb, stride_vh, stride_sb, stride_sh, HALF,
+                       PAGE, BLOCK_N, OFF64)
             n_next = n0 + STAGES * BLOCK_N
             page_next = gl.load(bt_row + n_next // PAGE, mask=n_next < end, other=0)
             cur = it % STAGES
             it += 1  # noqa: SIM113 (a Gluon loop has no enumerate)
             # -- scores: [NW, 16, TPW] per warp's tokens
-            k_lo, k_hi = _codes(k_ring, cur, b_qk, INT8)
+            k_lo, k_hi = _subnormal_halves(k_ring.index(cur).load(b_qk))
             s = mma_v2(q_lo, k_lo, gl.zeros([NW, 16, TPW], gl.float32, mma))
             s = mma_v2(q_hi, k_hi, s)
             tmask = t_off < n_valid
@@ -272,7 +240,7 @@ def _int4_decode_split_kernel(
             ps = gl.convert_layout((p * gl.expand_dims(v_s, 1)).to(gl.float16), a_pv)
             m_i = m_new
             # -- values: (p s) @ codes, per half
-            v_lo, v_hi = _codes(v_ring, cur, b_pv, INT8)
+            v_lo, v_hi = _subnormal_halves(v_ring.index(cur).load(b_pv))
             # each tile's product starts from zero and is added in fp32 (an FFMA with the rescale): fed
             # the running sums as its accumulator, the matrix unit's adder lost precision over long splits
             # (relative error 4.0e-3 over 32k tokens in one split, 5.9-6.7e-4 in 8k splits)
@@ -288,7 +256,7 @@ def _int4_decode_split_kernel(
         pz = gl.sum(pz_i * f, 0)
         f3 = gl.expand_dims(f, 2)
         out_lo = gl.sum(o_lo * f3, 0) * 16777216.0  # 2^24
-        out_hi = gl.sum(o_hi * f3, 0) * (16777216.0 if INT8 else 1048576.0)  # 2^24, or 2^20 (16 c for int4)
+        out_hi = gl.sum(o_hi * f3, 0) * 1048576.0  # 2^20
         ol: gl.constexpr = gl.SliceLayout(0, mma)  # [16, BLOCK_DH]
         pz2 = gl.expand_dims(gl.convert_layout(pz, gl.SliceLayout(1, ol)), 1)
         inv_l = gl.expand_dims(gl.convert_layout(1.0 / l_row, gl.SliceLayout(1, ol)), 1)
@@ -316,7 +284,7 @@ def supported(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group
     compiles for sm_80 too, but Ampere and Ada are unmeasured and the 100 KB-shared-memory parts would hold
     one program per SM), head dims 64..128 that are multiples of 8, tiles of 64 or 128 tokens (`block_n`,
     the split plan's tile: 16 or 32 per warp), at most 16 query heads per KV head."""
-    return (kv_dtype in KV_DTYPES and q.is_cuda and q.dtype == torch.float16 and torch.version.hip is None
+    return (kv_dtype == "int4" and q.is_cuda and q.dtype == torch.float16 and torch.version.hip is None
             and cuda_capability(q.device)[0] == 9 and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM
             and head_dim % 8 == 0 and block_n in TILES and group <= 16)
 
@@ -355,7 +323,6 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
             ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
             GROUP=group, HALF=half, BLOCK_DH=next_pow2(half), PAGE=cache.block_size,
             TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
-            INT8=cache.kv_dtype == "int8",
             num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
         )
     except (*_BUILD_ERRORS, RuntimeError) as e:

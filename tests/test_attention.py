@@ -269,27 +269,6 @@ def test_decode_gpu_int4_mma_kernel(device, head_dim, block_size, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_decode_gpu_int8_through_the_gluon_kernel(device, head_dim, monkeypatch):
-    # the Gluon split kernel on an int8 cache (the head dimension's halves in two ring slots), forced: odd
-    # lengths, GQA 1 and 4, several splits and one
-    import lmq.kernels.attention_decode as dec
-    from lmq.kernels import attention_decode_mma as mma
-
-    calls = []
-    launch = mma.launch_split
-    monkeypatch.setattr(mma, "launch_split", lambda *a, **k: calls.append(1) or launch(*a, **k))
-    monkeypatch.setattr(mma, "KV_DTYPES", ("int4", "int8"))
-    monkeypatch.setattr(dec, "MMA_MIN_SPLIT", 0)
-    for heads, kv_heads in ((8, 8), (32, 8)):
-        _check_decode(device, "int8", head_dim, [1, 2, 17, 127, 128, 129, 1000, 3000], heads, kv_heads,
-                      block_size=128)
-    for split_len in (128, 3072):
-        _check_decode(device, "int8", head_dim, [700, 1, 130, 3000], 32, 8, split_len=split_len, block_size=128)
-    assert len(calls) == 4
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("mma", [True, False])
 def test_decode_gpu_int4_stale_scales_are_not_read(device, mma, monkeypatch):
     # slots past a sequence's end inside its last block hold stale bytes, here NaN scale words: both int4
