@@ -7,8 +7,8 @@ Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a con
 --compare: only time the default config against a few variants (`compare`).
 --splits [--big | --b1]: tokens per split against programs per SM (`splits_and_occupancy`).
 --mma: int4, the Gluon split kernel against the Triton one, and at other split counts (`mma_compare`).
---mma-splits [--batches 1,8] [--maxnreg 168]: int4, the Gluon split kernel at 1..32 splits per batch and
-  context, also under register caps (`mma_splits`).
+--mma-splits [--batches 1,8] [--maxnreg 168] [--stages 2,3,4]: int4, the Gluon split kernel at 1..32 splits per
+  batch and context, also under register caps or other ring depths (`mma_splits`).
 Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare | --splits [--big | --b1] | --mma | --mma-splits]
 """
 
@@ -228,16 +228,20 @@ def mma_splits(bw: float) -> None:
             cells = []
             caps = [None] + [int(c) for c in sys.argv[sys.argv.index("--maxnreg") + 1].split(",")] \
                 if "--maxnreg" in sys.argv else [None]
-            for on, splits, cap in [(False, None, None)] + [
-                    (True, s, c) for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) for c in caps
+            stages = [int(c) for c in sys.argv[sys.argv.index("--stages") + 1].split(",")] \
+                if "--stages" in sys.argv else [dec._mma.STAGES]
+            default_stages = dec._mma.STAGES
+            for on, splits, cap, stg in [(False, None, None, default_stages)] + [
+                    (True, s, c, g) for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) for c in caps for g in stages
                     if L // s >= 128 and B * HKV * s <= 8 * 132]:
-                dec.MMA_INT4, dec._mma.MAXNREG = on, cap
+                dec.MMA_INT4, dec._mma.MAXNREG, dec._mma.STAGES = on, cap, stg
                 split_len = None if splits is None else (-(-L // splits) + 127) // 128 * 128
                 us = ba.graph_time_us([lambda t=t, c=cache, sl=split_len: dec.decode_attention(
                     q, c, t, lens, max_seq_len=L, split_len=sl) for t in tables], calls=max(n, 10))  # noqa: B023
-                dec.MMA_INT4, dec._mma.MAXNREG = True, None
+                dec.MMA_INT4, dec._mma.MAXNREG, dec._mma.STAGES = True, None, default_stages
                 actual = -(-L // split_len) if split_len else None  # whole tiles: 24 asked at 4k run 16
-                name = f"gluon {actual}" + (f" cap {cap}" if cap else "") if on else "triton plan"
+                name = (f"gluon {actual}" + (f" cap {cap}" if cap else "")
+                        + (f" stages {stg}" if len(stages) > 1 else "") if on else "triton plan")
                 cells.append((us, f"{name} {us:.1f}"))
             best = min(c for c in cells[1:])
             print(f"int4 B={B} L={L}: best {best[1]} ({100 * kv_bytes / bw / best[0] * 1e6:.0f}%) | "
