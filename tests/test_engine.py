@@ -402,10 +402,10 @@ def test_int4_kv_cache_decode_attention_is_alike_with_either_split_kernel(weight
     lengths, through the Gluon split kernel (attention_decode_mma, forced at every length) and through
     the Triton one agree, and both match the plain-PyTorch twin.
     (Whole greedy runs with an int4 cache are not compared: on an H100 two runs with the same kernels
-    already gave different tokens on this model, fp16 caches did not. With every GEMM split in at most
-    two (whose sums do not depend on their order) three runs gave the same tokens
-    (benchmarks/results/2026-11-23-session8-h100/engine-tests/int4-determinism.log): a K/V element near a
-    rounding boundary of its 4-bit code moves with the order of the split-K sums.)"""
+    already gave different tokens on this model (the fp16-cache greedy tests here hold run after run).
+    With every GEMM split in at most two (whose sums do not depend on their order) three runs gave the
+    same tokens (benchmarks/results/2026-11-23-session8-h100/engine-tests/int4-determinism.log): a K/V
+    element near a rounding boundary of its 4-bit code moves with the order of the split-K sums.)"""
     import lmq.kernels.attention_decode as dec
 
     import lmq.engine.kv_cache as kvc
