@@ -163,8 +163,8 @@ MORE_SPLITS_MAX = 32
 PDL_SPLIT = True
 PDL_MERGE = True
 # int4 caches with fp16 queries (Hopper, head dims 64..128 that are multiples of 8, tiles of 64 or 128
-# tokens; attention_decode_mma.supported): the Gluon split kernel that loads codes straight into
-# tensor-core operand registers (kernels/attention_decode_mma.py); False keeps the Triton split kernel.
+# tokens; attention_decode_mma.supported): the Gluon split kernel that reads codes straight in
+# tensor-core operand layouts (kernels/attention_decode_mma.py); False keeps the Triton split kernel.
 MMA_INT4 = True
 # int4, head dims 65..128, Hopper (measured on an H100 only): three programs of 4 warps per SM instead of
 # two (the split kernel capped at 168 registers: no spills, 2% more instructions), where the waves of

@@ -1,4 +1,4 @@
-"""int4 decode attention with the codes loaded straight into tensor-core operand registers (Gluon).
+"""int4 decode attention with the codes read straight in tensor-core operand layouts (Gluon).
 
 Same function, cache layout and split outputs as the split kernel of `attention_decode` (its module
 docstring): program (split, kv head, b) attends the G query heads of one group over one split of the
@@ -15,8 +15,8 @@ its dots want, and its online softmax runs across the warps. Here (23.5 per toke
 - **Codes straight into operand registers.** A 3-stage cp.async ring brings each tile's codes and
   scale words into shared memory; from there K^T is read in `mma_v2`'s B-operand layout (k_width 8:
   each thread's 8 head-dim bytes of one token are contiguous, one 8-byte read) and V in the B-operand
-  layout of the P @ V product (k_width 4: runs of 4 tokens, `PV_KW`). The codes are never staged or
-  converted for the matrix unit; only the probabilities change layout (scores -> A operand).
+  layout of the P @ V product (k_width 4: runs of 4 tokens, `PV_KW`). The codes are never rearranged
+  for the matrix unit; only the probabilities change layout (scores -> A operand).
 - **Codes as fp16 subnormals.** A code c in a 16-bit lane, `(x & 0x000F)` read as fp16, is exactly
   c * 2^-24 (`(x & 0x00F0)`: 16 c * 2^-24); the matrix unit multiplies fp16 subnormals exactly and
   accumulates in fp32, and the 2^24 (2^20) comes back once per score or output row, in fp32. So a
