@@ -213,7 +213,7 @@ def int4_plan(rows: int, splits: int, sm_count: int, tiles: int) -> tuple[int, b
 def uses_mma_kernel(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group: int) -> bool:
     """Whether the split pass runs the Gluon int4 kernel (`MMA_INT4`, attention_decode_mma.supported) for
     queries like `q` over a `kv_dtype` cache read in tiles of `block_n` tokens."""
-    return (MMA_INT4 and _mma is not None and not _mma._broken
+    return (MMA_INT4 and _mma is not None and _mma.BUILD.failed is None
             and _mma.supported(q, kv_dtype, block_n, head_dim, group))
 
 

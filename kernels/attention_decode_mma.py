@@ -35,17 +35,12 @@ compiled offline for sm_80 and sm_90 in CI (tests/test_gemm_compile.py).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from lmq.kernels import cuda_capability, next_pow2
-from triton.compiler.errors import CompilationError
+from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (KernelUnavailable: callers catch it here)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
-from triton.runtime.errors import PTXASError
-
-from lmq.errors import UnsupportedError
 
 NUM_WARPS = 4  # a tile of BLOCK_N tokens (the split plan's tile, <= the block size) is 4 warps x BLOCK_N / 4
 TILES = (64, 128)  # 16 or 32 tokens per warp; smaller blocks take the Triton kernel
@@ -295,13 +290,8 @@ STAGES = 3  # tiles in flight per program (shared-memory ring)
 # (4 splits) uncapped (benchmarks/results/2026-11-23-session8-h100/mma-splits-cap.log).
 MAXNREG = None
 PV_KW = 4  # k_width of the P @ V operands: 4-byte V loads (2 would read 2 bytes and repack them)
-# what a Triton whose Gluon API moved raises at the first launch (and RuntimeError from a failing lowering pass)
-_BUILD_ERRORS = (CompilationError, PTXASError)
-_broken: list[str] = []
-
-
-class KernelUnavailable(UnsupportedError):
-    """This Triton cannot build the kernel: the caller takes the Triton split kernel instead."""
+BUILD = BuildGuard("the int4 decode-attention kernel (attention_decode_mma)",
+                   "int4 caches take the Triton split kernel")
 
 
 def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, block_tables: torch.Tensor,
@@ -311,8 +301,7 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
     """The split pass of `attention_decode.decode_attention` for an int4 cache (`supported` said yes):
     same arguments and outputs as its Triton split kernel. Raises KernelUnavailable if this Triton
     cannot build the kernel (warned once)."""
-    if _broken:
-        raise KernelUnavailable(_broken[0])
+    BUILD.check()
     B, _, D = q.shape
     half = D // 2
     try:
@@ -325,16 +314,8 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
             TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
             num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
         )
-    except (*_BUILD_ERRORS, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not _is_build_failure(e):
+    except Exception as e:
+        unavailable = BUILD.failure(e)
+        if unavailable is None:
             raise
-        _broken.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        warnings.warn(f"lmq: the int4 decode-attention kernel (attention_decode_mma) does not build with this "
-                      f"Triton ({_broken[0]}); int4 caches take the Triton split kernel")
-        raise KernelUnavailable(_broken[0]) from e
-
-
-def _is_build_failure(e: RuntimeError) -> bool:
-    """A lowering pass that fails (a layout or an op this Triton's Gluon handles differently) raises a plain
-    RuntimeError from the pass manager; a CUDA error at launch is not a build failure."""
-    return "PassManager::run failed" in str(e)
+        raise unavailable from e

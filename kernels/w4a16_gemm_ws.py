@@ -28,12 +28,10 @@ read the next chunk's rows or zeros) only reach masked output columns.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from lmq.kernels import cdiv, cuda_capability
+from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (KernelUnavailable: callers catch it here)
 from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, _pair_asm, check_inputs
-from triton.compiler.errors import CompilationError
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -44,7 +42,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-from triton.runtime.errors import PTXASError
 from triton.runtime.jit import constexpr_function
 
 from lmq.errors import UnsupportedError
@@ -52,7 +49,6 @@ from lmq.pack import planes64
 
 CHUNK_K = gl.constexpr(planes64.CHUNK_K)  # 64 input channels per step
 LANES = gl.constexpr(planes64.LANES)  # 16 int16 lanes per chunk row
-_BUILD_ERRORS = (CompilationError, PTXASError)  # what a Triton whose Gluon API moved raises at the first launch
 
 # TMA copy of a box into shared memory, completing on a barrier: (desc, coord, barrier, dst). Triton 3.9
 # renamed the op (async_copy_global_to_shared raises there), same arguments.
@@ -241,18 +237,15 @@ def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stri
     ], [1, CONVERT_WARPS], [LOADER_REGS, CONVERT_REGS])
 
 
-class KernelUnavailable(UnsupportedError):
-    """This Triton could not build the kernel (Gluon is experimental and its API moves between releases)."""
-
-
-_BUILD_FAILED: str | None = None  # set once a build failed: the callers then take another path
+BUILD = BuildGuard("the Hopper prefill GEMM (w4a16_gemm_ws)",
+                   "prefill uses dequantize + cuBLAS instead (slower from 256 rows). Triton 3.6 to 3.9 build it.")
 
 
 def supported(x: torch.Tensor, N: int) -> bool:
     """Whether this kernel can run these inputs: Hopper, fp16 activations, N a multiple of 16 (the scale
     and zero rows of a group start at g * N: TMA needs 16-byte-aligned starts, N * 1 byte for the zeros),
     and a Triton that built it (or has not tried yet)."""
-    if _BUILD_FAILED or x.device.type != "cuda" or x.dtype != torch.float16 or N % 16:
+    if BUILD.failed or x.device.type != "cuda" or x.dtype != torch.float16 or N % 16:
         return False
     return cuda_capability(x.device)[0] == 9
 
@@ -324,13 +317,11 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             CONVERT_WARPS=cfg["CONVERT_WARPS"], CONVERT_REGS=cfg["CONVERT_REGS"], LOADER_REGS=cfg["LOADER_REGS"],
             num_warps=cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         )
-    except _BUILD_ERRORS as e:
-        global _BUILD_FAILED
-        _BUILD_FAILED = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        warnings.warn(f"lmq: the Hopper prefill GEMM (w4a16_gemm_ws) does not build with this Triton "
-                      f"({_BUILD_FAILED}); prefill uses dequantize + cuBLAS instead (slower from 256 rows). "
-                      "Triton 3.6 to 3.9 build it.", RuntimeWarning, stacklevel=2)
-        raise KernelUnavailable(f"w4a16_gemm_ws does not build with this Triton: {_BUILD_FAILED}") from e
+    except Exception as e:
+        unavailable = BUILD.failure(e)
+        if unavailable is None:
+            raise
+        raise unavailable from e
     return out.reshape(*lead, N)
 
 

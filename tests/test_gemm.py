@@ -348,17 +348,34 @@ def test_gemm_ws_that_does_not_build_falls_back_once(monkeypatch, device):
                 raise RuntimeError("unknown op")
             return launch
 
+    from lmq.kernels import gluon_build
+
     monkeypatch.setattr(ws, "_w4a16_gemm_ws_kernel", Broken())
-    monkeypatch.setattr(ws, "_BUILD_ERRORS", (RuntimeError,))
-    monkeypatch.setattr(ws, "_BUILD_FAILED", None)
-    monkeypatch.setattr(ws, "supported", lambda x, N: ws._BUILD_FAILED is None)  # as on a Hopper GPU
+    monkeypatch.setattr(gluon_build, "BUILD_ERRORS", (RuntimeError,))
+    monkeypatch.setattr(ws.BUILD, "failed", None)
+    monkeypatch.setattr(ws, "supported", lambda x, N: ws.BUILD.failed is None)  # as on a Hopper GPU
     table = {**CONFIGS["sm90"], "decode_max_m": 1, "dequant_min_m": 4096, "prefill_min_numel": 0}
     ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
     with pytest.warns(RuntimeWarning, match="does not build with this Triton"):
         out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table)
     assert rel_err(out, ref) < TOL[torch.float16]
     assert rel_err(qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table), ref) < TOL[torch.float16]
-    assert len(tries) == 1 and "unknown op" in ws._BUILD_FAILED
+    assert len(tries) == 1 and "unknown op" in ws.BUILD.failed
+
+
+def test_build_guard_tells_build_failures_from_launch_errors():
+    # the Gluon kernels' shared fallback: a failing lowering pass is a build failure (recorded, warned once,
+    # every later call refused); any other RuntimeError (a CUDA error at launch) is not
+    from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable
+
+    guard = BuildGuard("a test kernel", "the other path runs")
+    assert guard.failure(RuntimeError("CUDA error: an illegal memory access")) is None and guard.failed is None
+    guard.check()
+    with pytest.warns(RuntimeWarning, match="a test kernel does not build with this Triton"):
+        unavailable = guard.failure(RuntimeError("PassManager::run failed"))
+    assert isinstance(unavailable, KernelUnavailable) and "PassManager" in guard.failed
+    with pytest.raises(KernelUnavailable, match="PassManager"):
+        guard.check()
 
 
 @pytest.mark.gpu
