@@ -84,6 +84,25 @@ def time_prefill() -> None:
         print(f"prefill L={L} {kd}: lmq {us:.0f}us {flops / us / 1e6:.0f} TFLOP/s", flush=True)
 
 
+def _workload(kd: str, B: int, L: int):
+    """B sequences of L tokens in a random paged cache (shuffled blocks of ba.BLOCK_SIZE), enough copies to
+    outrun the L2 cache: (KV bytes of one copy, cache, block tables [copies, B, blocks], lengths, queries)."""
+    kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head(kd, D)
+    n = ba.copies_for(kv_bytes)
+    nb = -(-L // ba.BLOCK_SIZE)
+    cache = ba._random_paged(kd, n * B * nb, HKV, D)
+    tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+    return kv_bytes, cache, tables, lens, q
+
+
+def _time(q, cache, tables, lens, L: int, split_len: int | None = None) -> float:
+    """us per decode-attention call, one call per table copy, CUDA-graph timed."""
+    return ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L, split_len=split_len)
+                             for t in tables], calls=max(len(tables), 10))
+
+
 def compare(bw: float) -> None:
     """The Triton split kernel's default config against variants, same caches and queries: int4 forced to two
     or to three split programs per SM (`int4_three_per_sm`: three cap the kernel at 168 registers), the values'
@@ -110,19 +129,12 @@ def compare(bw: float) -> None:
 
     for kd in ("int8", "int4"):
         for B, L in ((1, 4096), (1, 16384), (8, 4096), (8, 16384), (64, 4096), (64, 16384)):
-            kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head(kd, D)
-            n = ba.copies_for(kv_bytes)
-            nb = -(-L // ba.BLOCK_SIZE)
-            cache = ba._random_paged(kd, n * B * nb, HKV, D)
-            tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
-            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-            q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+            kv_bytes, cache, tables, lens, q = _workload(kd, B, L)
             cells = []
             for name, setting in [*variants(kd), ("default again", {})]:
                 for k, v in setting.items():
                     setattr(dec, k, v)
-                us = ba.graph_time_us([lambda t=t: dec.decode_attention(q, cache, t, lens, max_seq_len=L)
-                                       for t in tables], calls=max(n, 10))
+                us = _time(q, cache, tables, lens, L)
                 out = dec.decode_attention(q, cache, tables[0], lens, max_seq_len=L)[:1].float()
                 ref = dec.decode_attention_ref(q[:1], cache, tables[0][:1], lens[:1]).float()
                 err = ((out - ref).norm() / ref.norm()).item()  # sequence 0, as lmq bench attention
@@ -151,21 +163,14 @@ def splits_and_occupancy(bw: float) -> None:
     if "--b1" in sys.argv:  # B=1: 8 H_kv programs per split; 32 splits is the plan's choice at 4k-32k
         shapes = tuple((kd, 1, L, tuple(L // s for s in (16, 24, 32, 40, 48, 64)))
                        for kd in ("int8", "fp16") for L in (4096, 16384))
-    for kd, B, L, lens in shapes:
-        kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head(kd, D)
-        n = ba.copies_for(kv_bytes)
-        nb = -(-L // ba.BLOCK_SIZE)
-        cache = ba._random_paged(kd, n * B * nb, HKV, D)
-        tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
-        lens_t = torch.full((B,), L, dtype=torch.int32, device="cuda")
-        q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+    for kd, B, L, split_lens in shapes:
+        kv_bytes, cache, tables, lens, q = _workload(kd, B, L)
         cells = []
-        for split_len in lens:
+        for split_len in split_lens:
             split_len = -(-split_len // 128) * 128
             for three in ((False, True) if kd == "int4" else (False,)):
                 dec.int4_three_per_sm = lambda programs, sms, three=three: three
-                us = ba.graph_time_us([lambda t=t, sl=split_len: dec.decode_attention(
-                    q, cache, t, lens_t, max_seq_len=L, split_len=sl) for t in tables], calls=max(n, 10))
+                us = _time(q, cache, tables, lens, L, split_len)
                 dec.int4_three_per_sm = rule
                 cells.append(f"{-(-L // split_len)} splits {'3' if three else '2'}/SM {us:.1f}us"
                              f"={100 * kv_bytes / bw / us * 1e6:.0f}%")
@@ -181,13 +186,7 @@ def mma_compare(bw: float) -> None:
     shapes = ((1, 4096), (1, 16384), (1, 32768), (8, 4096), (8, 16384), (8, 32768), (64, 4096), (64, 16384),
               (64, 32768))
     for B, L in shapes:
-        kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head("int4", D)
-        n = ba.copies_for(kv_bytes)
-        nb = -(-L // ba.BLOCK_SIZE)
-        cache = ba._random_paged("int4", n * B * nb, HKV, D)
-        tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
-        lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-        q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+        kv_bytes, cache, tables, lens, q = _workload("int4", B, L)
         ref = dec.decode_attention_ref(q[:1], cache, tables[0][:1], lens[:1]).float()
         planned, _ = dec.plan_launch(B, HKV, L, 128, dec._sm_count(q.device),
                                      dec.int4_three_eligible("int4", D, q.device))  # what "triton" runs
@@ -199,8 +198,7 @@ def mma_compare(bw: float) -> None:
         cells = []
         for name, on, split_len in variants:
             dec.MMA_INT4 = on
-            us = ba.graph_time_us([lambda t=t, c=cache, sl=split_len: dec.decode_attention(
-                q, c, t, lens, max_seq_len=L, split_len=sl) for t in tables], calls=max(n, 10))  # noqa: B023
+            us = _time(q, cache, tables, lens, L, split_len)
             out = dec.decode_attention(q, cache, tables[0], lens, max_seq_len=L, split_len=split_len)[:1].float()
             dec.MMA_INT4 = True
             err = ((out - ref).norm() / ref.norm()).item()
@@ -218,13 +216,7 @@ def mma_splits(bw: float) -> None:
         batches = tuple(int(b) for b in sys.argv[sys.argv.index("--batches") + 1].split(","))
     for B in batches:
         for L in (4096, 16384, 32768):
-            kv_bytes = 2 * B * L * HKV * kv_bytes_per_token_head("int4", D)
-            n = ba.copies_for(kv_bytes)
-            nb = -(-L // ba.BLOCK_SIZE)
-            cache = ba._random_paged("int4", n * B * nb, HKV, D)
-            tables = torch.randperm(n * B * nb, device="cuda").to(torch.int32).view(n, B, nb)
-            lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-            q = torch.randn(B, H, D, device="cuda", dtype=torch.float16)
+            kv_bytes, cache, tables, lens, q = _workload("int4", B, L)
             cells = []
             caps = [None] + [int(c) for c in sys.argv[sys.argv.index("--maxnreg") + 1].split(",")] \
                 if "--maxnreg" in sys.argv else [None]
@@ -236,8 +228,7 @@ def mma_splits(bw: float) -> None:
                     if L // s >= 128 and B * HKV * s <= 8 * 132]:
                 dec.MMA_INT4, dec._mma.MAXNREG, dec._mma.STAGES = on, cap, stg
                 split_len = None if splits is None else (-(-L // splits) + 127) // 128 * 128
-                us = ba.graph_time_us([lambda t=t, c=cache, sl=split_len: dec.decode_attention(
-                    q, c, t, lens, max_seq_len=L, split_len=sl) for t in tables], calls=max(n, 10))  # noqa: B023
+                us = _time(q, cache, tables, lens, L, split_len)
                 dec.MMA_INT4, dec._mma.MAXNREG, dec._mma.STAGES = True, None, default_stages
                 actual = -(-L // split_len) if split_len else None  # whole tiles: 24 asked at 4k run 16
                 name = (f"gluon {actual}" + (f" cap {cap}" if cap else "")
