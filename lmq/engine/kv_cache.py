@@ -269,7 +269,10 @@ class BlockManager:
             self._release(b)
             if (last_holder and i == first_unwritten and written % bs and token_ids is not None
                     and self.prefix_caching and b not in self._block_hash):
-                self._keep_partial(b, _chain_hash(token_ids, i, bs), token_ids[i * bs:written])
+                # the parent's chained hash: known when this is the block after the last one keyed (a
+                # finished request's last block), else hashed again from the tokens (an aborted prefill)
+                parent = seq.last_hash if i == seq.num_hashed else _chain_hash(token_ids, i, bs)
+                self._keep_partial(b, parent, token_ids[i * bs:written])
 
     # -- internals
     def _fresh_block(self) -> int:
