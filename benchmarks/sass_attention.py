@@ -25,31 +25,38 @@ from triton.compiler import ASTSource
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+_PTRS = {"q_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*i32", "vs_ptr": "*i32",
+         "bt_ptr": "*i32", "lens_ptr": "*i32", "o_ptr": "*fp16", "po_ptr": "*fp32", "plse_ptr": "*fp32"}
+_STRIDES = ["stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_cb", "stride_ch", "stride_ct", "stride_vb",
+            "stride_vh", "stride_sb", "stride_sh", "stride_btb", "stride_pb", "stride_ph", "stride_ps", "stride_lb",
+            "stride_lh"]
+
+
+def _signature(code: str, strides: list[str], consts: dict) -> tuple[dict, dict]:
+    """(signature, divisibility attributes) of a split kernel's launch, with K/V codes of type `code`.
+    What a launch specializes on: pointers and the strides that are multiples of 16 in practice (head dims,
+    block sizes, codes per row; not the block table's or the split count's)."""
+    ptrs = {**_PTRS, "kc_ptr": code, "vc_ptr": code}
+    sig = {**ptrs, "qk_scale": "fp32", "split_len": "i32", **{s: "i32" for s in strides},
+           **{k: "constexpr" for k in consts}}
+    names = list(sig)
+    aligned = [n for n in names if n in ptrs or (n.startswith("stride_") and n not in ("stride_btb", "stride_lh"))
+               or n == "split_len"]
+    return sig, {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+
+
 def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, cc: int = 90, raw: bool = True,
                   scale_p: bool | None = None, pdl: bool | None = None, maxnreg: int | None = None):
     """The split kernel as a launch compiles it (with PDL on sm90 by default; `maxnreg`: a register cap)."""
     pdl = cc >= 90 if pdl is None else pdl
     block_n, warps, stages = _GPU_CONFIG[64 if d <= 64 else 128 if d <= 128 else 256]
-    code = "*u8" if kv_mode else "*fp16"
-    ptrs = {"q_ptr": "*fp16", "kc_ptr": code, "vc_ptr": code, "ks_ptr": "*i32", "vs_ptr": "*i32",
-            "bt_ptr": "*i32", "lens_ptr": "*i32", "o_ptr": "*fp16", "po_ptr": "*fp32", "plse_ptr": "*fp32"}
-    scalars = ["stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_cb", "stride_ch", "stride_ct",
-               "stride_vb", "stride_vh", "stride_sb", "stride_sh", "stride_btb", "stride_pb", "stride_ph",
-               "stride_ps", "stride_lb", "stride_lh"]
     half = d // 2
     consts = {"GROUP": group, "BLOCK_G": max(16, triton.next_power_of_2(group)), "HALF": half,
               "BLOCK_DH": max(16, triton.next_power_of_2(half)), "BLOCK_N": min(block_n, page), "PAGE": page,
               "KV_MODE": kv_mode, "DIRECT": False, "OFF64": False, "ASM": True,
               "RAW": raw and kv_mode != 0, "SCALE_P": kv_mode == 1 if scale_p is None else scale_p,
               "PDL": pdl}
-    sig = {**ptrs, "qk_scale": "fp32", "split_len": "i32", **{s: "i32" for s in scalars},
-           **{k: "constexpr" for k in consts}}
-    # what a launch specializes on: pointers and the strides that are multiples of 16 in practice
-    # (head dims, block sizes, codes per row; not the block table's or the split count's)
-    names = list(sig)
-    aligned = [n for n in names if n in ptrs or (n.startswith("stride_") and n not in ("stride_btb", "stride_lh"))
-               or n == "split_len"]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    sig, attrs = _signature("*u8" if kv_mode else "*fp16", _STRIDES, consts)
     return triton.compile(ASTSource(_decode_split_kernel, sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
                           options={"num_warps": warps, "num_stages": stages, "launch_pdl": pdl,
@@ -63,21 +70,11 @@ def compile_mma(d: int = 128, group: int = 4, page: int = 128, cc: int = 90, pdl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     pdl = cc >= 90 if pdl is None else pdl
-    ptrs = {"q_ptr": "*fp16", "kc_ptr": "*u8", "vc_ptr": "*u8", "ks_ptr": "*i32", "vs_ptr": "*i32",
-            "bt_ptr": "*i32", "lens_ptr": "*i32", "o_ptr": "*fp16", "po_ptr": "*fp32", "plse_ptr": "*fp32"}
-    scalars = ["stride_qb", "stride_qh", "stride_ob", "stride_oh", "stride_cb", "stride_ch", "stride_vb",
-               "stride_vh", "stride_sb", "stride_sh", "stride_btb", "stride_pb", "stride_ph", "stride_ps",
-               "stride_lb", "stride_lh"]
     half = d // 2
     consts = {"GROUP": group, "HALF": half, "BLOCK_DH": max(16, triton.next_power_of_2(half)), "PAGE": page,
               "TPW": min(128, page) // mma.NUM_WARPS, "STAGES": mma.STAGES, "PV_KW": mma.PV_KW, "DIRECT": direct,
               "OFF64": off64, "PDL": pdl}
-    sig = {**ptrs, "qk_scale": "fp32", "split_len": "i32", **{s: "i32" for s in scalars},
-           **{k: "constexpr" for k in consts}}
-    names = list(sig)
-    aligned = [n for n in names if n in ptrs or (n.startswith("stride_") and n not in ("stride_btb", "stride_lh"))
-               or n == "split_len"]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    sig, attrs = _signature("*u8", [s for s in _STRIDES if s != "stride_ct"], consts)  # K rows: D / 2 bytes apart
     return triton.compile(GluonASTSource(mma._int4_decode_split_kernel, sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
                           options={"num_warps": mma.NUM_WARPS, "launch_pdl": pdl})
