@@ -223,38 +223,41 @@ def test_decode_gpu_long(device, kv_dtype, head_dim):
     _check_decode(device, kv_dtype, head_dim, [4096], num_heads=8, num_kv_heads=8, block_size=128)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("mma", [True, False])
-def test_decode_gpu_int4_long_context(device, mma, monkeypatch):
-    # 8 sequences of 16k tokens, the shape the benchmark times, through either int4 split kernel (the Gluon
-    # one, or the Triton one at three programs per SM); over this many tokens a lossy value path shows
-    # (scales on the probabilities with raw low nibbles read 6.7e-3 here, per-element values 3.5e-4)
-    import lmq.kernels.attention_decode as dec
+@pytest.fixture
+def gluon_launches(monkeypatch):
+    """The launches of the Gluon int4 split kernel (attention_decode_mma) during a test, counted."""
     from lmq.kernels import attention_decode_mma
 
     calls = []
     launch = attention_decode_mma.launch_split
     monkeypatch.setattr(attention_decode_mma, "launch_split", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mma", [True, False])
+def test_decode_gpu_int4_long_context(device, mma, monkeypatch, gluon_launches):
+    # 8 sequences of 16k tokens, the shape the benchmark times, through either int4 split kernel (the Gluon
+    # one, or the Triton one at three programs per SM); over this many tokens a lossy value path shows
+    # (scales on the probabilities with raw low nibbles read 6.7e-3 here, per-element values 3.5e-4)
+    import lmq.kernels.attention_decode as dec
+
     monkeypatch.setattr(dec, "MMA_INT4", mma)
     cache, tables, seq_lens, _ = make_paged("int4", [16384] * 8, 8, 128, device, block_size=128)
     q = torch.randn(8, 32, 128, device=device).half()
     out = decode_attention(q, cache, tables, seq_lens)
-    assert len(calls) == mma  # the plan took the Gluon kernel (4 splits of 4096 tokens) when it may
+    assert len(gluon_launches) == mma  # the plan took the Gluon kernel (4 splits of 4096 tokens) when it may
     assert rel_err(out, decode_attention_ref(q, cache, tables, seq_lens)) < 1e-3
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
 @pytest.mark.parametrize("block_size", [64, 128, 256])
-def test_decode_gpu_int4_mma_kernel(device, head_dim, block_size, monkeypatch):
+def test_decode_gpu_int4_mma_kernel(device, head_dim, block_size, monkeypatch, gluon_launches):
     # the Gluon int4 split kernel (attention_decode_mma) on odd lengths, partial and empty warp slices of
     # the last tile, several splits, a shared prefix, GQA groups of 1, 4, 7 and 16
     import lmq.kernels.attention_decode as dec
-    from lmq.kernels import attention_decode_mma as mma
 
-    calls = []
-    launch = mma.launch_split
-    monkeypatch.setattr(mma, "launch_split", lambda *a, **k: calls.append(1) or launch(*a, **k))
     monkeypatch.setattr(dec, "MMA_MIN_SPLIT", 0)  # its plan everywhere, short splits too
     lens = [1, 2, 17, 31, 33, 63, 64, 65, 127, 128, 129, 255, 1000, 3000]
     for heads, kv_heads in ((8, 8), (32, 8), (28, 4), (16, 1)):
@@ -265,7 +268,7 @@ def test_decode_gpu_int4_mma_kernel(device, head_dim, block_size, monkeypatch):
         _check_decode(device, "int4", head_dim, [700, 1, 130, 2000], 32, 8, split_len=split_len,
                       block_size=block_size)
     _check_decode(device, "int4", head_dim, [1, 129, 3000], 28, 4, split_len=3072, block_size=block_size)
-    assert len(calls) == 9
+    assert len(gluon_launches) == 9
 
 
 @pytest.mark.gpu
