@@ -4,7 +4,6 @@ Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-g
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
 Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-waves|decode-big|prefill|ws ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
-       python3 benchmarks/sweep_gemm.py gemv-preload
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
 from git), the decode kernel and cuBLAS fp16, on each shape: us, TB/s of int4 bytes, x cuBLAS.
@@ -14,7 +13,6 @@ import importlib.util
 import sys
 
 import torch
-from lmq.kernels.silu_mul import silu_mul
 from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
 from lmq.kernels.w4a16_gemm_ws import w4a16_gemm_ws
 from lmq.kernels.w4a16_gemv import w4a16_gemv
@@ -137,23 +135,6 @@ def _load_module(name, path):
     return mod
 
 
-def gemv_preload():
-    """The table's GEMV with 0-16 weight chunks per program asked of L2 before its PDL wait (`PRELOAD`),
-    each timed twice, interleaved (A/B noise): alone (call after call, as `lmq bench gemm` times it), and
-    after the small kernel a decode step runs before it (SiLU*mul, which lets the GEMV launch at its
-    start, as RMSNorm and the attention merge do; the pair is timed)."""
-    torch.manual_seed(0)
-    table = CONFIGS["sm90"]["gemv"]
-
-    def after_silu(x, *a):
-        return w4a16_gemv(silu_mul(x), *a)
-
-    runs = [(f"{tag} PRELOAD={n} #{r}", kern, {**table, "PRELOAD": n})
-            for tag, kern in (("alone", w4a16_gemv), ("silu+gemv", after_silu))
-            for r in (1, 2) for n in (0, 2, 4, 8, 16)]
-    _gemv_table(runs, pred_silu=True)
-
-
 def gemv_compare(variants):
     """M=1: correctness on the GPU, then us / TB/s / x cuBLAS per shape for every kernel and config."""
     torch.manual_seed(0)
@@ -167,13 +148,7 @@ def gemv_compare(variants):
     runs.append(("cur table", w4a16_gemv, CONFIGS["sm90"]["gemv"]))
     runs.append(("v1 table (64x256 w4)", dict(kernels).get("v1"), CONFIGS["sm90"]["gemv"]))
     runs.append(("decode kernel (table)", w4a16_gemm, CONFIGS["sm90"]["decode"]))
-    _gemv_table([r for r in runs if r[1] is not None])
-
-
-def _gemv_table(runs, pred_silu=False):
-    """Per shape: each (label, kernel, config) of `runs` checked against the fp32 reference and timed.
-    With `pred_silu` a kernel whose label starts with "silu" takes [1, 2K] (gate, up) and the reference
-    is that of silu(gate) * up."""
+    runs = [r for r in runs if r[1] is not None]
     table = {}
     for name, N, K in GEMM_SHAPES["llama3-8b"]:
         q, p, nbytes = random_packed(N, K)
@@ -186,20 +161,14 @@ def _gemv_table(runs, pred_silu=False):
         del w
         packs = [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]
         ws = [w16] + [w16.clone() for _ in range(copies_for(w16.numel() * 2) - 1)]
-        cublas = graph_time_us([lambda ww=ww, x=x: torch.matmul(x, ww.t()) for ww in ws], calls=max(20, len(ws)), reps=9)
+        cublas = graph_time_us([lambda ww=ww: torch.matmul(x, ww.t()) for ww in ws], calls=max(20, len(ws)), reps=9)
         print(f"{name} N={N} K={K} int4 bytes {nbytes / 1e6:.1f} MB; cuBLAS fp16 {cublas:.1f} us "
               f"({w16.numel() * 2 / cublas / 1e6:.2f} TB/s)", flush=True)
-        if pred_silu:
-            gu = torch.randn(1, 2 * K, device="cuda", dtype=torch.float16)
-            gu_ref = silu_mul(gu).float() @ w16.float().t()
-            print(f"  SiLU*mul alone {graph_time_us([lambda gu=gu: silu_mul(gu)], calls=20, reps=9):7.1f} us", flush=True)
         for label, kern, cfg in runs:
-            xin, r = (gu, gu_ref) if pred_silu and label.startswith("silu") else (x, ref)
-            out = kern(xin, p["qweight"], p["scales"], p["zeros"], G, cfg)
-            err = ((out.float() - r).norm() / r.norm()).item()
-            t = graph_time_us([lambda pp=pp, kern=kern, xin=xin, cfg=cfg: kern(xin, pp["qweight"], pp["scales"],
-                                                                               pp["zeros"], G, cfg)
-                               for pp in packs], calls=max(20, len(packs)), reps=9)
+            out = kern(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            t = graph_time_us([lambda pp=pp: kern(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg) for pp in packs],
+                              calls=max(20, len(packs)), reps=9)
             table.setdefault(label, []).append(t)
             print(f"  {label:34s} {t:7.1f} us {nbytes / t / 1e6:5.2f} TB/s {cublas / t:5.2f}x cuBLAS "
                   f"rel_err {err:.1e}{'  WRONG' if not err < 2e-3 else ''}", flush=True)
@@ -211,9 +180,7 @@ def _gemv_table(runs, pred_silu=False):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["gemv-preload"]:
-        gemv_preload()
-    elif sys.argv[1:2] == ["gemv-compare"]:
+    if sys.argv[1:2] == ["gemv-compare"]:
         gemv_compare([a.split("=", 1) for a in sys.argv[2:]])
     else:
         main(sys.argv[1:] or ["decode", "prefill"])

@@ -8,11 +8,6 @@ merge kernels launch this way too and wait before their first read. The small ke
 GEMVs in a decode step (RMSNorm, SiLU*mul, the attention merge) let dependents launch at their
 start. Every other kernel is launched as usual and so waits for the whole previous kernel.
 `LMQ_PDL=0` turns it off (for a comparison, or a driver that mishandles it).
-
-A kernel launched early may already bring into L2 what the previous kernel cannot have changed
-(`prefetch_l2` before `gdc_wait`): the GEMV its first weight tiles. A prefetch writes no register and
-L2 is where every SM's writes meet, so a line prefetched before the previous kernel writes it is
-never read stale.
 """
 
 from __future__ import annotations
@@ -20,8 +15,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
 
 _PDL: dict[int, bool] = {}
 
@@ -34,12 +27,3 @@ def use_pdl(device: torch.device) -> bool:
     if idx not in _PDL:
         _PDL[idx] = torch.cuda.get_device_capability(idx) >= (9, 0) and os.environ.get("LMQ_PDL", "1") != "0"
     return _PDL[idx]
-
-
-@triton.jit
-def prefetch_l2(ptrs, mask):
-    """Ask L2 for the lines at `ptrs` where `mask` (PTX `prefetch.global.L2`; GPU only, not under the
-    interpreter). Returns nothing worth reading; the loads that follow find the lines in L2."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-        "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)

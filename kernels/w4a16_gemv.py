@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv
-from lmq.kernels.pdl import prefetch_l2, use_pdl
+from lmq.kernels.pdl import use_pdl
 from lmq.kernels.w4a16_gemm import (
     _dequant_pair,
     _num_sms,
@@ -125,7 +125,7 @@ def _w4a16_gemv_kernel(
     G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     IS_BF16: tl.constexpr, CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,
     FAST_CVT: tl.constexpr, SUM_PLANES: tl.constexpr, REDUCE_WS: tl.constexpr, PDL: tl.constexpr,
-    ROPE: tl.constexpr, PRELOAD: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -153,25 +153,6 @@ def _w4a16_gemv_kernel(
     x_row = x_ptr + m * stride_xm
     qw_rows = qw_ptr + offs_n[:, None] * LANES + lanes[None, :]  # [BN, 16], chunk 0
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if PRELOAD > 0:
-        # launched early or not, the weights are not the previous kernel's to write: the program's
-        # first PRELOAD chunks (BLOCK_N rows x 32 bytes each, one contiguous run) and their groups'
-        # scales and zeros are asked of L2 now, before the wait (lmq.kernels.pdl)
-        ROW_BYTES: tl.constexpr = LANES * 2
-        LINES: tl.constexpr = BLOCK_N * ROW_BYTES // 128
-        pc = tl.arange(0, PRELOAD)
-        pl = tl.arange(0, LINES)
-        chunk0 = k_lo // CHUNK_K
-        w_lines = qw_ptr + ((chunk0 + pc)[:, None] * N + pid_n * BLOCK_N) * LANES + pl[None, :] * (128 // 2)
-        line_ok = pid_n * BLOCK_N + pl * (128 // ROW_BYTES) < N
-        prefetch_l2(w_lines, (pc[:, None] < (k_hi - k_lo) // CHUNK_K) & line_ok[None, :])
-        PRE_G: tl.constexpr = PRELOAD * CHUNK_K // G if PRELOAD * CHUNK_K >= G else 1
-        pg = k_lo // G + tl.arange(0, PRE_G)
-        g_ok = (pg < k_hi // G) & (pid_n * BLOCK_N < N)
-        prefetch_l2(s_ptr + pg * N + pid_n * BLOCK_N, g_ok)  # a group's BLOCK_N scales: 64..256 bytes
-        prefetch_l2(z_ptr + pg * N + pid_n * BLOCK_N, g_ok)
-        if BLOCK_N > 64:
-            prefetch_l2(s_ptr + pg * N + pid_n * BLOCK_N + 64, g_ok & (pid_n * BLOCK_N + 64 < N))
     if PDL:
         # launched early (programmatic dependent launch): wait for the previous kernel's writes (x,
         # the workspace) before the first read of anything but weights
@@ -303,7 +284,6 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         IS_BF16=x.dtype == torch.bfloat16, CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES,
         PLANES=planes64.PLANES, FAST_CVT=x.device.type == "cuda",
         SUM_PLANES=cfg["SUM_PLANES"], REDUCE_WS=use_ws, PDL=pdl, ROPE=rope is not None,
-        PRELOAD=cfg.get("PRELOAD", 0) if x.device.type == "cuda" else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
     return out.reshape(*lead, N)

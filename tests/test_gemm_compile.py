@@ -48,8 +48,7 @@ def compile_all(arch: str, dt: str) -> None:
         build(_w4a16_gemv_kernel, ["N", "K", "stride_xm", "stride_om", "stride_cp", "rope_cols"],
               {"G": 128, "BLOCK_N": 128 if rope else g["BLOCK_N"], "BLOCK_K": g["BLOCK_K"], "SPLIT_K": 2,
                "IS_BF16": dt == "bf16", "PLANES": planes64.PLANES, "FAST_CVT": True, "SUM_PLANES": sum_planes,
-               "REDUCE_WS": ws, "PDL": pdl, "ROPE": rope, "PRELOAD": g.get("PRELOAD", 0) if pdl else 4,
-               **geometry}, g["num_warps"], 1,
+               "REDUCE_WS": ws, "PDL": pdl, "ROPE": rope, **geometry}, g["num_warps"], 1,
               {"ws_ptr": "*fp32", "cnt_ptr": "*i32", "pos_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}, pdl)
 
 
