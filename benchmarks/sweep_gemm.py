@@ -60,6 +60,14 @@ SWEEP = {
                                          (128, 128, 8, 3, 2), (64, 128, 8, 3, 2), (256, 64, 8, 3, 2),
                                          (128, 64, 4, 4, 2))],
     },
+    # the decode kernel's table config at small M, and with 4 stages / 8 warps on 128 weight rows (run the
+    # regime once more with DISABLE_MMA_V3=1 and its own TRITON_CACHE_DIR to time Triton's mma.sync
+    # lowering of the same kernel instead of wgmma)
+    "decode-small": {
+        "ms": [1, 4, 16, 32, 64],
+        "configs": [_DECODE_TABLE, {**_DECODE_TABLE, "num_stages": 4},
+                    {**_DECODE_TABLE, "BLOCK_N": 128, "num_warps": 8}],
+    },
     # the warp-specialized Hopper kernel (kernels/w4a16_gemm_ws.py), fp16
     "ws": {
         "ms": [256, 512, 1024, 2048, 4096],
@@ -88,7 +96,7 @@ def main(regimes):
         weights.append((name, K, [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]))
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
-            if regime in ("prefill", "ws", "decode-waves", "decode-big"):  # the peer, and a GPU check of every config
+            if regime in ("prefill", "ws", "decode-waves", "decode-big", "decode-small"):  # the peer, and a GPU check of every config
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)

@@ -284,7 +284,13 @@ def supported(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group
             and head_dim % 8 == 0 and block_n in TILES and group <= 16)
 
 
-STAGES = 3  # tiles in flight per program (shared-memory ring)
+# Tiles in flight per program (shared-memory ring): two, i.e. the next tile's copy runs while this one is
+# computed. H100, us, at each batch's best split count, 2 / 3 / 4 stages (benchmarks/attention_sweep.py
+# --mma-splits --stages 2,3,4; benchmarks/results/2026-11-23-session9-h100/mma-stages.log): B=8 4k 24.7 / 26.1 /
+# 27.3, 16k 63.6 / 65.8 / 68.1, 32k 118.3 / 121.9 / 122.4; B=64 4k 123.6 / 124.4 / 127.7, 16k 451.2 / 447.0 /
+# 450.9, 32k 887.4 / 921.2 / 905.2. Two programs per SM either way (registers); two stages take 34 KB of
+# shared memory instead of 52.
+STAGES = 2
 # A register cap (for sweeps; None: ptxas's choice, 255 at head dim 128, two programs per SM). 168 (three per SM)
 # spills and is slower at every split count: H100, B=8 16k, best 78.3 us capped (6 splits) against 66.1
 # (4 splits) uncapped (benchmarks/results/2026-11-23-session8-h100/mma-splits-cap.log).
