@@ -6,6 +6,9 @@ kernels/attention_decode.py (_GPU_CONFIG, the split plan) is chosen from data.
 Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a contiguous fp16 cache.
 --compare: only time the default config against a few variants (`compare`).
 --splits [--big | --b1]: tokens per split against programs per SM (`splits_and_occupancy`).
+--early: the merge launched at the split kernel's start or after it (`early_merge`).
+--profile: each kernel's GPU time at the launch-bound shapes (`profile_kernels`).
+--triton-stages: the Triton split kernel's tile, warps and ring depth where it runs (`triton_stages`).
 --mma: int4, the Gluon split kernel against the Triton one, and at other split counts (`mma_compare`).
 --mma-splits [--batches 1,8] [--maxnreg 168] [--stages 2,3,4]: int4, the Gluon split kernel at 1..32 splits per
   batch and context, also under register caps or other ring depths (`mma_splits`).
@@ -241,9 +244,82 @@ def mma_splits(bw: float) -> None:
             torch.cuda.empty_cache()
 
 
+def triton_stages(bw: float) -> None:
+    """The Triton split kernel's (BLOCK_N, warps, stages) at D=128 where it runs (fp16, int8; int4 with the
+    Gluon kernel off), at the plan's splits, the table's config first and again last (A/B noise)."""
+    torch.manual_seed(0)
+    default = dec._GPU_CONFIG[128]
+    configs = [default, (128, 4, 2), (128, 4, 1), (128, 8, 2), (64, 4, 2), default]
+    dec.MMA_INT4 = False
+    for kd in ("fp16", "int8", "int4"):
+        for B, L in ((1, 4096), (1, 16384), (1, 32768), (8, 4096), (8, 16384), (64, 4096)):
+            kv_bytes, cache, tables, lens, q = _workload(kd, B, L)
+            cells = []
+            for cfg in configs:
+                dec._GPU_CONFIG[128] = cfg
+                us = _time(q, cache, tables, lens, L)
+                cells.append(f"{cfg} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}%")
+            dec._GPU_CONFIG[128] = default
+            print(f"{kd} B={B} L={L}: " + ", ".join(cells), flush=True)
+            del cache, tables
+            torch.cuda.empty_cache()
+    dec.MMA_INT4 = True
+
+
+def profile_kernels() -> None:
+    """Where a decode-attention call's time goes: each kernel's GPU time (torch.profiler) over 20 calls, at
+    the launch-bound shapes (B=1 4k/16k, B=8 4k), per KV dtype."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    for kd in ("fp16", "int8", "int4"):
+        for B, L in ((1, 4096), (1, 16384), (8, 4096)):
+            _, cache, tables, lens, q = _workload(kd, B, L)
+            _time(q, cache, tables, lens, L)  # compiled and warm
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for i in range(20):
+                    dec.decode_attention(q, cache, tables[i % len(tables)], lens, max_seq_len=L)
+                torch.cuda.synchronize()
+            per = {}
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    per.setdefault(e.name[:40], []).append(e.device_time_total)
+            print(f"{kd} B={B} L={L}: " + ", ".join(f"{n} {sum(t) / len(t):.1f}us x{len(t)}" for n, t in per.items()),
+                  flush=True)
+            del cache, tables
+            torch.cuda.empty_cache()
+
+
+def early_merge(bw: float) -> None:
+    """The merge launched at the split kernel's start (`EARLY_MERGE`, one-wave launches) or after it, twice
+    each, interleaved, at the plan's kernels and splits."""
+    torch.manual_seed(0)
+    for kd in ("fp16", "int8", "int4"):
+        for B, L in ((1, 4096), (1, 16384), (1, 32768), (8, 4096), (8, 16384)):
+            kv_bytes, cache, tables, lens, q = _workload(kd, B, L)
+            cells = []
+            for on in (True, False, True, False):
+                dec.EARLY_MERGE = on
+                us = _time(q, cache, tables, lens, L)
+                cells.append(f"{'early' if on else 'after'} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}%")
+            dec.EARLY_MERGE = True
+            print(f"{kd} B={B} L={L}: " + ", ".join(cells), flush=True)
+            del cache, tables
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     bw = ba.copy_bandwidth_bytes_s()
     print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
+    if "--early" in sys.argv:
+        early_merge(bw)
+        return
+    if "--profile" in sys.argv:
+        profile_kernels()
+        return
+    if "--triton-stages" in sys.argv:
+        triton_stages(bw)
+        return
     if "--compare" in sys.argv:
         compare(bw)
         return
