@@ -6,7 +6,6 @@ kernels/attention_decode.py (_GPU_CONFIG, the split plan) is chosen from data.
 Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a contiguous fp16 cache.
 --compare: only time the default config against a few variants (`compare`).
 --splits [--big | --b1]: tokens per split against programs per SM (`splits_and_occupancy`).
---early: the merge launched at the split kernel's start or after it (`early_merge`).
 --profile: each kernel's GPU time at the launch-bound shapes (`profile_kernels`).
 --triton-stages: the Triton split kernel's tile, warps and ring depth where it runs (`triton_stages`).
 --mma: int4, the Gluon split kernel against the Triton one, and at other split counts (`mma_compare`).
@@ -290,30 +289,9 @@ def profile_kernels() -> None:
             torch.cuda.empty_cache()
 
 
-def early_merge(bw: float) -> None:
-    """The merge launched at the split kernel's start (`EARLY_MERGE`, one-wave launches) or after it, twice
-    each, interleaved, at the plan's kernels and splits."""
-    torch.manual_seed(0)
-    for kd in ("fp16", "int8", "int4"):
-        for B, L in ((1, 4096), (1, 16384), (1, 32768), (8, 4096), (8, 16384)):
-            kv_bytes, cache, tables, lens, q = _workload(kd, B, L)
-            cells = []
-            for on in (True, False, True, False):
-                dec.EARLY_MERGE = on
-                us = _time(q, cache, tables, lens, L)
-                cells.append(f"{'early' if on else 'after'} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}%")
-            dec.EARLY_MERGE = True
-            print(f"{kd} B={B} L={L}: " + ", ".join(cells), flush=True)
-            del cache, tables
-            torch.cuda.empty_cache()
-
-
 def main() -> None:
     bw = ba.copy_bandwidth_bytes_s()
     print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
-    if "--early" in sys.argv:
-        early_merge(bw)
-        return
     if "--profile" in sys.argv:
         profile_kernels()
         return

@@ -55,12 +55,8 @@ def _decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, DIRECT: tl.constexpr, OFF64: tl.constexpr,
-    ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr, PDL: tl.constexpr, LAUNCH_DEPS: tl.constexpr,
+    ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr, PDL: tl.constexpr,
 ):
-    if LAUNCH_DEPS:
-        # the merge may launch now (`decode_attention`: only where this launch is one wave of programs, so
-        # the merge's programs take no SM slot a split program is waiting for)
-        tl.extra.cuda.gdc_launch_dependents()
     if PDL:
         # launched early (programmatic dependent launch, lmq.kernels.pdl): wait for the previous
         # kernel's writes (q, the new token's K/V) before the first read
@@ -109,16 +105,11 @@ def _decode_split_kernel(
             tl.store(p_ptrs + HALF, out_hi, mask=qmask)
             tl.store(plse_ptr + b * stride_lb + heads * stride_lh + split, m_i + tl.math.log2(l_i),
                      mask=offs_g < GROUP)
-    elif not DIRECT:
-        # a split past this sequence's end: its log-sum-exp reads -inf, weight 0 in the merge
-        offs_g = tl.arange(0, BLOCK_G)
-        tl.store(plse_ptr + b * stride_lb + (hkv * GROUP + offs_g) * stride_lh + split,
-                 tl.full([BLOCK_G], float("-inf"), tl.float32), mask=offs_g < GROUP)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    o_ptr, po_ptr, plse_ptr, n_splits,
+    o_ptr, po_ptr, plse_ptr, lens_ptr, split_len,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, LAUNCH_DEPS: tl.constexpr,
     PDL: tl.constexpr,
@@ -129,17 +120,16 @@ def _decode_merge_kernel(
         tl.extra.cuda.gdc_wait()  # launched early: the split kernel's partials are all written after this
     h = tl.program_id(0)
     b = tl.program_id(1)
-    # every split of the launch: one past this sequence's end wrote lse = -inf and no partial (weight 0,
-    # its stale partial is not read into the sum), so no load of the sequence's length comes first
+    n_splits = tl.cdiv(tl.load(lens_ptr + b), split_len)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     smask = offs_s < n_splits
     lse = tl.load(plse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
-    part = tl.load(po_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-                   mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_S, BLOCK_D]
     w = tl.math.exp2(lse - tl.max(lse, 0))
     w = w / tl.sum(w, 0)  # [BLOCK_S]
-    out = tl.sum(tl.where(w[:, None] > 0, part, 0.0) * w[:, None], 0)
+    part = tl.load(po_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                   mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_S, BLOCK_D]
+    out = tl.sum(part * w[:, None], 0)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
              mask=offs_d < D)
 
@@ -168,14 +158,14 @@ MORE_SPLITS_MAX = 32
 # for its writes. H100, same call (benchmarks/attention_sweep.py --compare): B=1 int4 1k / 4k / 16k
 # 7.1 / 9.8 / 18.0 us without, 5.9 / 8.7 / 17.0 with both; B=8 int8 4k 35.8 -> 34.9. Letting the merge
 # launch at the split kernel's start (an early trigger) was slower (B=8 int8 4k 38.8): its programs
-# sat on SM slots. A merge done by the last split to finish, in the same launch, was slower still
+# sat on SM slots. Also where the split programs are one wave and leave the merge room (H100, us, after ->
+# early: int4 B=8 4k 24.2 -> 28.5, 16k 65.0 -> 69.6; int8 B=1 4k 10.2 -> 12.2; fp16 B=1 16k 32.1 -> 33.4;
+# commit c719ad1, reverted: benchmarks/results/2026-11-23-session9-h100/attention-early-merge/early.log).
+# The merge itself takes 2.1-2.8 us of GPU time at any dtype, with or without its load of the sequence
+# length (the same commit wrote lse = -inf for empty splits instead): `attention_sweep.py --profile`. A merge done by the last split to finish, in the same launch, was slower still
 # (B=1 int4 4k 12.6 us against 9.2 for two launches): one program per head group merges serially.
 PDL_SPLIT = True
 PDL_MERGE = True
-# Where the split programs fit in one wave, the split kernel lets the merge launch at its start (the merge's
-# programs then wait on the SMs for the split kernel's writes instead of being launched after it); with more
-# than one wave they would take slots that split programs wait for (the measurement above).
-EARLY_MERGE = True
 # int4 caches with fp16 queries (Hopper, head dims 64..128 that are multiples of 8, tiles of 64 or 128
 # tokens; attention_decode_mma.supported): the Gluon split kernel that reads codes straight in
 # tensor-core operand layouts (kernels/attention_decode_mma.py); False keeps the Triton split kernel.
@@ -277,10 +267,6 @@ MMA_SLOTS_PER_SM = 2
 MMA_MIN_SPLIT = 1024
 
 
-def _mma_slots(device: torch.device) -> int:
-    return MMA_SLOTS_PER_SM * _sm_count(device)
-
-
 def mma_split_len(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int) -> int | None:
     """Tokens per split for the Gluon int4 kernel (whole tiles), or None where its plan leaves fewer than
     MMA_MIN_SPLIT tokens per split (the Triton kernel then takes the launch); see above."""
@@ -320,7 +306,7 @@ def plan_launch(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
 
 
 def _split_triton(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits, G,
-                  block_n, num_warps, num_stages, direct, pdl, three, ps, ls, launch_deps) -> None:
+                  block_n, num_warps, num_stages, direct, pdl, three, ps, ls) -> None:
     """The split pass in Triton (every KV dtype)."""
     B, _, D = q.shape
     half = D // 2
@@ -333,7 +319,7 @@ def _split_triton(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_sc
         GROUP=G, BLOCK_G=max(16, next_pow2(G)), HALF=half,
         BLOCK_DH=max(16, next_pow2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
         KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache),
-        SCALE_P=scale_probs(cache), DIRECT=direct, PDL=pdl and PDL_SPLIT, LAUNCH_DEPS=launch_deps,
+        SCALE_P=scale_probs(cache), DIRECT=direct, PDL=pdl and PDL_SPLIT,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl and PDL_SPLIT,
         **({"maxnreg": INT4_THREE_REGS} if three else {}),
     )
@@ -395,23 +381,18 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
     ks, vs = cache.scale_words()
     pdl = use_pdl(q.device)
     qk_scale = sm_scale * math.log2(math.e)
-    # the merge launches at the split kernel's start where the split programs are one wave (EARLY_MERGE)
-    programs = n_splits * cache.num_kv_heads * B
-    early = pdl and PDL_MERGE and EARLY_MERGE and not direct
     if use_mma:
         try:
             _mma.launch_split(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits,
-                              block_n, G, direct, needs_off64(cache), pdl and PDL_SPLIT, ps, ls,
-                              early and programs <= _mma_slots(q.device))
+                              block_n, G, direct, needs_off64(cache), pdl and PDL_SPLIT, ps, ls)
         except _mma.KernelUnavailable:
             use_mma = False
     if not use_mma:
         _split_triton(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits, G,
-                      block_n, num_warps, num_stages, direct, pdl, three, ps, ls,
-                      early and programs <= (3 if three else PROGRAMS_FULL) * _sm_count(q.device))
+                      block_n, num_warps, num_stages, direct, pdl, three, ps, ls)
     if not direct:
         _decode_merge_kernel[(H, B)](
-            out, po, plse, n_splits,
+            out, po, plse, seq_lens, split_len,
             out.stride(0), out.stride(1), *ps, *ls,
             D=D, BLOCK_D=next_pow2(D), BLOCK_S=max(2, next_pow2(n_splits)),
             num_warps=4 if q.device.type == "cuda" else 1, LAUNCH_DEPS=pdl, PDL=pdl and PDL_MERGE,

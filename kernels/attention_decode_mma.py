@@ -119,7 +119,6 @@ def _int4_decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: gl.constexpr, HALF: gl.constexpr, BLOCK_DH: gl.constexpr, PAGE: gl.constexpr,
     TPW: gl.constexpr, STAGES: gl.constexpr, PV_KW: gl.constexpr, DIRECT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr,
-    LAUNCH_DEPS: gl.constexpr,
 ):
     NW: gl.constexpr = gl.num_warps()
     BLOCK_N: gl.constexpr = NW * TPW
@@ -131,9 +130,6 @@ def _int4_decode_split_kernel(
     rows_l: gl.constexpr = gl.SliceLayout(2, mma)  # [NW, 16]: per warp, per query row
     toks_l: gl.constexpr = gl.SliceLayout(1, mma)  # [NW, TPW]: per warp, per token
 
-    if LAUNCH_DEPS:  # the merge may launch now (attention_decode.decode_attention: one wave of programs)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
     if PDL:
         # launched early (programmatic dependent launch): wait for the previous kernel's writes (q, the
         # new token's K/V) before the first read
@@ -276,12 +272,6 @@ def _int4_decode_split_kernel(
             lrow = gl.arange(0, 16, layout=gl.SliceLayout(0, rows_l))
             gl.store(plse_ptr + b * stride_lb + (hkv * GROUP + lrow) * stride_lh + split,
                      m + gl.log2(l_row), mask=lrow < GROUP)
-    elif not DIRECT:
-        # a split past this sequence's end: its log-sum-exp reads -inf, weight 0 in the merge
-        el: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
-        erow = gl.arange(0, 16, layout=el)
-        gl.store(plse_ptr + b * stride_lb + (hkv * GROUP + erow) * stride_lh + split,
-                 gl.full([16], float("-inf"), gl.float32, el), mask=erow < GROUP)
 
 
 def supported(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group: int) -> bool:
@@ -313,7 +303,7 @@ BUILD = BuildGuard("the int4 decode-attention kernel (attention_decode_mma)",
 def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, out: torch.Tensor, po: torch.Tensor, plse: torch.Tensor, qk_scale: float,
                  split_len: int, n_splits: int, block_n: int, group: int, direct: bool, off64: bool,
-                 pdl: bool, ps: tuple, ls: tuple, launch_deps: bool = False) -> None:
+                 pdl: bool, ps: tuple, ls: tuple) -> None:
     """The split pass of `attention_decode.decode_attention` for an int4 cache (`supported` said yes):
     same arguments and outputs as its Triton split kernel. Raises KernelUnavailable if this Triton
     cannot build the kernel (warned once)."""
@@ -328,7 +318,7 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
             ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
             GROUP=group, HALF=half, BLOCK_DH=next_pow2(half), PAGE=cache.block_size,
             TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
-            LAUNCH_DEPS=launch_deps, num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
+            num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
         )
     except Exception as e:
         unavailable = BUILD.failure(e)
