@@ -119,6 +119,7 @@ def _int4_decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: gl.constexpr, HALF: gl.constexpr, BLOCK_DH: gl.constexpr, PAGE: gl.constexpr,
     TPW: gl.constexpr, STAGES: gl.constexpr, PV_KW: gl.constexpr, DIRECT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr,
+    QK_CHAINS: gl.constexpr,
 ):
     NW: gl.constexpr = gl.num_warps()
     BLOCK_N: gl.constexpr = NW * TPW
@@ -213,8 +214,12 @@ def _int4_decode_split_kernel(
             it += 1  # noqa: SIM113 (a Gluon loop has no enumerate)
             # -- scores: [NW, 16, TPW] per warp's tokens
             k_lo, k_hi = _subnormal_halves(k_ring.index(cur).load(b_qk))
-            s = mma_v2(q_lo, k_lo, gl.zeros([NW, 16, TPW], gl.float32, mma))
-            s = mma_v2(q_hi, k_hi, s)
+            if QK_CHAINS == 2:  # the two halves' products as independent accumulations, added after
+                s = (mma_v2(q_lo, k_lo, gl.zeros([NW, 16, TPW], gl.float32, mma))
+                     + mma_v2(q_hi, k_hi, gl.zeros([NW, 16, TPW], gl.float32, mma)))
+            else:
+                s = mma_v2(q_lo, k_lo, gl.zeros([NW, 16, TPW], gl.float32, mma))
+                s = mma_v2(q_hi, k_hi, s)
             tmask = t_off < n_valid
             k_s, k_z = _scale_zero(ks_ring.index(cur).load(toks_l))
             v_s, v_z = _scale_zero(vs_ring.index(cur).load(toks_l))
@@ -295,6 +300,7 @@ STAGES = 2
 # spills and is slower at every split count: H100, B=8 16k, best 78.3 us capped (6 splits) against 66.1
 # (4 splits) uncapped (benchmarks/results/2026-11-23-session8-h100/mma-splits-cap.log).
 MAXNREG = None
+QK_CHAINS = 1  # 2: the score product's head-dim halves accumulate independently (half the chain of HMMAs)
 PV_KW = 4  # k_width of the P @ V operands: 4-byte V loads (2 would read 2 bytes and repack them)
 BUILD = BuildGuard("the int4 decode-attention kernel (attention_decode_mma)",
                    "int4 caches take the Triton split kernel")
@@ -317,7 +323,7 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
             cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
             ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
             GROUP=group, HALF=half, BLOCK_DH=next_pow2(half), PAGE=cache.block_size,
-            TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
+            TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl, QK_CHAINS=QK_CHAINS,
             num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
         )
     except Exception as e:
