@@ -9,7 +9,7 @@ Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a con
 --profile: each kernel's GPU time at the launch-bound shapes (`profile_kernels`).
 --triton-stages: the Triton split kernel's tile, warps and ring depth where it runs (`triton_stages`).
 --mma: int4, the Gluon split kernel against the Triton one, and at other split counts (`mma_compare`).
---mma-splits [--batches 1,8] [--contexts 4096] [--maxnreg 168] [--stages 2,3,4] [--qk-chains 1,2] [--page 64]: int4, the Gluon split
+--mma-splits [--batches 1,8] [--contexts 4096] [--maxnreg 168] [--stages 2,3,4] [--page 64]: int4, the Gluon split
   kernel at 1..48 splits per batch and context, also under register caps, other ring depths or another block size
   (`mma_splits`).
 Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare | --splits [--big | --b1] | --mma | --mma-splits]
@@ -231,22 +231,17 @@ def mma_splits(bw: float) -> None:
             stages = [int(c) for c in sys.argv[sys.argv.index("--stages") + 1].split(",")] \
                 if "--stages" in sys.argv else [dec._mma.STAGES]
             default_stages = dec._mma.STAGES
-            chains = [int(c) for c in sys.argv[sys.argv.index("--qk-chains") + 1].split(",")] \
-                if "--qk-chains" in sys.argv else [dec._mma.QK_CHAINS]
-            default_chains = dec._mma.QK_CHAINS
-            for on, splits, cap, stg, ch in [(False, None, None, default_stages, default_chains)] + [
-                    (True, s, c, g, h) for s in (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48) for c in caps for g in stages
-                    for h in chains if L // s >= 128 and B * HKV * s <= 8 * 132]:
-                dec.MMA_INT4, dec._mma.MAXNREG, dec._mma.STAGES, dec._mma.QK_CHAINS = on, cap, stg, ch
+            for on, splits, cap, stg in [(False, None, None, default_stages)] + [
+                    (True, s, c, g) for s in (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48) for c in caps for g in stages
+                    if L // s >= 128 and B * HKV * s <= 8 * 132]:
+                dec.MMA_INT4, dec._mma.MAXNREG, dec._mma.STAGES = on, cap, stg
                 tile = min(128, ba.BLOCK_SIZE)
                 split_len = None if splits is None else (-(-L // splits) + tile - 1) // tile * tile
                 us = _time(q, cache, tables, lens, L, split_len)
                 dec.MMA_INT4, dec._mma.MAXNREG, dec._mma.STAGES = True, None, default_stages
-                dec._mma.QK_CHAINS = default_chains
                 actual = -(-L // split_len) if split_len else None  # whole tiles: 24 asked at 4k run 16
                 name = (f"gluon {actual}" + (f" cap {cap}" if cap else "")
-                        + (f" stages {stg}" if len(stages) > 1 else "")
-                        + (f" chains {ch}" if len(chains) > 1 else "") if on else "triton plan")
+                        + (f" stages {stg}" if len(stages) > 1 else "") if on else "triton plan")
                 cells.append((us, f"{name} {us:.1f}"))
             best = min(c for c in cells[1:])
             print(f"int4 B={B} L={L}: best {best[1]} ({100 * kv_bytes / bw / best[0] * 1e6:.0f}%) | "

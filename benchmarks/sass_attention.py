@@ -73,7 +73,7 @@ def compile_mma(d: int = 128, group: int = 4, page: int = 128, cc: int = 90, pdl
     half = d // 2
     consts = {"GROUP": group, "HALF": half, "BLOCK_DH": max(16, triton.next_power_of_2(half)), "PAGE": page,
               "TPW": min(128, page) // mma.NUM_WARPS, "STAGES": mma.STAGES, "PV_KW": mma.PV_KW, "DIRECT": direct,
-              "OFF64": off64, "PDL": pdl, "QK_CHAINS": mma.QK_CHAINS}
+              "OFF64": off64, "PDL": pdl}
     sig, attrs = _signature("*u8", [s for s in _STRIDES if s != "stride_ct"], consts)  # K rows: D / 2 bytes apart
     return triton.compile(GluonASTSource(mma._int4_decode_split_kernel, sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),

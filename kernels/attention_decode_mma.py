@@ -119,7 +119,6 @@ def _int4_decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: gl.constexpr, HALF: gl.constexpr, BLOCK_DH: gl.constexpr, PAGE: gl.constexpr,
     TPW: gl.constexpr, STAGES: gl.constexpr, PV_KW: gl.constexpr, DIRECT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr,
-    QK_CHAINS: gl.constexpr,
 ):
     NW: gl.constexpr = gl.num_warps()
     BLOCK_N: gl.constexpr = NW * TPW
@@ -214,12 +213,12 @@ def _int4_decode_split_kernel(
             it += 1  # noqa: SIM113 (a Gluon loop has no enumerate)
             # -- scores: [NW, 16, TPW] per warp's tokens
             k_lo, k_hi = _subnormal_halves(k_ring.index(cur).load(b_qk))
-            if QK_CHAINS == 2:  # the two halves' products as independent accumulations, added after
-                s = (mma_v2(q_lo, k_lo, gl.zeros([NW, 16, TPW], gl.float32, mma))
-                     + mma_v2(q_hi, k_hi, gl.zeros([NW, 16, TPW], gl.float32, mma)))
-            else:
-                s = mma_v2(q_lo, k_lo, gl.zeros([NW, 16, TPW], gl.float32, mma))
-                s = mma_v2(q_hi, k_hi, s)
+            # the head dim's halves as two independent chains of HMMAs, added after: half the dependent chain
+            # of one accumulation. H100, us, one chain -> two (attention_sweep.py --mma-splits --qk-chains 1,2,
+            # results/2026-11-23-session9-h100/qk-chains.log): B=64 4k 124.1 -> 121.7, 16k 448.3 -> 440.6;
+            # B=8 16k in one split 151.8 -> 145.0, at its plan (4 splits) 64.8 -> 65.4; B=8 4k 24.8 both
+            s = (mma_v2(q_lo, k_lo, gl.zeros([NW, 16, TPW], gl.float32, mma))
+                 + mma_v2(q_hi, k_hi, gl.zeros([NW, 16, TPW], gl.float32, mma)))
             tmask = t_off < n_valid
             k_s, k_z = _scale_zero(ks_ring.index(cur).load(toks_l))
             v_s, v_z = _scale_zero(vs_ring.index(cur).load(toks_l))
@@ -300,7 +299,6 @@ STAGES = 2
 # spills and is slower at every split count: H100, B=8 16k, best 78.3 us capped (6 splits) against 66.1
 # (4 splits) uncapped (benchmarks/results/2026-11-23-session8-h100/mma-splits-cap.log).
 MAXNREG = None
-QK_CHAINS = 1  # 2: the score product's head-dim halves accumulate independently (half the chain of HMMAs)
 PV_KW = 4  # k_width of the P @ V operands: 4-byte V loads (2 would read 2 bytes and repack them)
 BUILD = BuildGuard("the int4 decode-attention kernel (attention_decode_mma)",
                    "int4 caches take the Triton split kernel")
@@ -323,7 +321,7 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
             cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
             ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
             GROUP=group, HALF=half, BLOCK_DH=next_pow2(half), PAGE=cache.block_size,
-            TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl, QK_CHAINS=QK_CHAINS,
+            TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
             num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
         )
     except Exception as e:
