@@ -161,8 +161,8 @@ MORE_SPLITS_MAX = 32
 # sat on SM slots. Also where the split programs are one wave and leave the merge room (H100, us, after ->
 # early: int4 B=8 4k 24.2 -> 28.5, 16k 65.0 -> 69.6; int8 B=1 4k 10.2 -> 12.2; fp16 B=1 16k 32.1 -> 33.4;
 # commit c719ad1, reverted: benchmarks/results/2026-11-23-session9-h100/attention-early-merge/early.log).
-# The merge itself takes 2.1-2.8 us of GPU time at any dtype, with or without its load of the sequence
-# length (the same commit wrote lse = -inf for empty splits instead): `attention_sweep.py --profile`.
+# The merge itself takes 2.3-2.9 us of GPU time at any dtype (`attention_sweep.py --profile`), and as much
+# without its load of the sequence length (the same commit wrote lse = -inf for empty splits instead).
 # A merge done by the last split to finish, in the same launch, was slower still (B=1 int4 4k 12.6 us
 # against 9.2 for two launches): one program per head group merges serially.
 PDL_SPLIT = True
