@@ -1,7 +1,7 @@
 """Where a batch-1 decode step's time goes: per-kernel GPU time of one eager decode forward on
 synthetic Llama-3-8B weights (torch.profiler), beside the CUDA-graph step time.
 
-    python benchmarks/profile_decode.py [--batch 1] [--context 1024] [--kv-dtype int8]
+    python benchmarks/profile_decode.py [--batch 1] [--context 1024] [--kv-dtype int8] [--max-model-len 4096]
 """
 
 import argparse
@@ -19,11 +19,12 @@ ap.add_argument("--batch", type=int, default=1)
 ap.add_argument("--context", type=int, default=1024)
 ap.add_argument("--kv-dtype", default="int8")
 ap.add_argument("--model", default="llama3-8b")
+ap.add_argument("--max-model-len", type=int, default=4096, help="the decode graphs plan attention for this context")
 args = ap.parse_args()
 
 dev = torch.device("cuda")
 model = EngineModel.synthetic(args.model, dev)
-llm = LLM(model, kv_dtype=args.kv_dtype, max_model_len=4096, cache_max_memory="8GiB", max_num_seqs=max(args.batch, 1))
+llm = LLM(model, kv_dtype=args.kv_dtype, max_model_len=args.max_model_len, cache_max_memory="8GiB", max_num_seqs=max(args.batch, 1))
 prompts = [[1000 + i] * args.context for i in range(args.batch)]
 ids = [llm.add_request(p, SamplingParams(max_new_tokens=64, ignore_eos=True)) for p in prompts]
 while any(len(llm.seqs[i].output_ids) < 2 for i in ids):

@@ -55,7 +55,7 @@ def _decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, DIRECT: tl.constexpr, OFF64: tl.constexpr,
-    ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr, PDL: tl.constexpr,
+    ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr, PDL: tl.constexpr, BALANCED: tl.constexpr,
 ):
     if PDL:
         # launched early (programmatic dependent launch, lmq.kernels.pdl): wait for the previous
@@ -65,6 +65,8 @@ def _decode_split_kernel(
     hkv = tl.program_id(1)
     b = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
+    if BALANCED:  # this sequence's tokens over all the launch's splits (`balanced_split_len`)
+        split_len = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(0)), BLOCK_N) * BLOCK_N
     start = split * split_len
     if start < seq_len:
         end = tl.minimum(start + split_len, seq_len)
@@ -109,10 +111,10 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    o_ptr, po_ptr, plse_ptr, lens_ptr, split_len,
+    o_ptr, po_ptr, plse_ptr, lens_ptr, split_len, n_splits,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, LAUNCH_DEPS: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, BALANCED: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     if LAUNCH_DEPS:
         tl.extra.cuda.gdc_launch_dependents()  # the o_proj GEMV may launch now (lmq.kernels.pdl)
@@ -120,7 +122,10 @@ def _decode_merge_kernel(
         tl.extra.cuda.gdc_wait()  # launched early: the split kernel's partials are all written after this
     h = tl.program_id(0)
     b = tl.program_id(1)
-    n_splits = tl.cdiv(tl.load(lens_ptr + b), split_len)
+    seq_len = tl.load(lens_ptr + b)
+    if BALANCED:
+        split_len = tl.cdiv(tl.cdiv(seq_len, n_splits), BLOCK_N) * BLOCK_N
+    n_splits = tl.cdiv(seq_len, split_len)  # this sequence's splits
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     smask = offs_s < n_splits
@@ -167,6 +172,11 @@ MORE_SPLITS_MAX = 32
 # against 9.2 for two launches): one program per head group merges serially.
 PDL_SPLIT = True
 PDL_MERGE = True
+# Each sequence's tokens are spread over all the launch's splits (`balanced_split_len`), not cut into
+# pieces of the plan's split length: the plan is made for the batch's longest context, and the engine's
+# decode graphs make it for max_model_len, so a shorter sequence would otherwise leave most of its
+# splits empty and run its whole context in a few programs.
+BALANCED = True
 # int4 caches with fp16 queries (Hopper, head dims 64..128 that are multiples of 8, tiles of 64 or 128
 # tokens; attention_decode_mma.supported): the Gluon split kernel that reads codes straight in
 # tensor-core operand layouts (kernels/attention_decode_mma.py); False keeps the Triton split kernel.
@@ -306,6 +316,12 @@ def plan_launch(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
     return split_len, three
 
 
+def balanced_split_len(seq_len: int, n_splits: int, block_n: int) -> int:
+    """Tokens per split of a `seq_len`-token sequence in a launch of `n_splits` splits (`BALANCED`): whole
+    tiles, as few per split as spread the sequence over every split. The kernels compute the same."""
+    return -(-(-(-seq_len // n_splits)) // block_n) * block_n
+
+
 def _split_triton(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits, G,
                   block_n, num_warps, num_stages, direct, pdl, three, ps, ls) -> None:
     """The split pass in Triton (every KV dtype)."""
@@ -320,7 +336,7 @@ def _split_triton(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_sc
         GROUP=G, BLOCK_G=max(16, next_pow2(G)), HALF=half,
         BLOCK_DH=max(16, next_pow2(half)), BLOCK_N=block_n, PAGE=cache.block_size,
         KV_MODE=KV_MODE[cache.kv_dtype], OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache),
-        SCALE_P=scale_probs(cache), DIRECT=direct, PDL=pdl and PDL_SPLIT,
+        SCALE_P=scale_probs(cache), DIRECT=direct, PDL=pdl and PDL_SPLIT, BALANCED=BALANCED,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl and PDL_SPLIT,
         **({"maxnreg": INT4_THREE_REGS} if three else {}),
     )
@@ -385,7 +401,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
     if use_mma:
         try:
             _mma.launch_split(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits,
-                              block_n, G, direct, needs_off64(cache), pdl and PDL_SPLIT, ps, ls)
+                              block_n, G, direct, needs_off64(cache), pdl and PDL_SPLIT, ps, ls, BALANCED)
         except _mma.KernelUnavailable:
             use_mma = False
     if not use_mma:
@@ -393,9 +409,9 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
                       block_n, num_warps, num_stages, direct, pdl, three, ps, ls)
     if not direct:
         _decode_merge_kernel[(H, B)](
-            out, po, plse, seq_lens, split_len,
+            out, po, plse, seq_lens, split_len, n_splits,
             out.stride(0), out.stride(1), *ps, *ls,
-            D=D, BLOCK_D=next_pow2(D), BLOCK_S=max(2, next_pow2(n_splits)),
+            D=D, BLOCK_D=next_pow2(D), BLOCK_S=max(2, next_pow2(n_splits)), BALANCED=BALANCED, BLOCK_N=block_n,
             num_warps=4 if q.device.type == "cuda" else 1, LAUNCH_DEPS=pdl, PDL=pdl and PDL_MERGE,
             launch_pdl=pdl and PDL_MERGE,
         )

@@ -119,6 +119,7 @@ def _int4_decode_split_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: gl.constexpr, HALF: gl.constexpr, BLOCK_DH: gl.constexpr, PAGE: gl.constexpr,
     TPW: gl.constexpr, STAGES: gl.constexpr, PV_KW: gl.constexpr, DIRECT: gl.constexpr, OFF64: gl.constexpr, PDL: gl.constexpr,
+    BALANCED: gl.constexpr,
 ):
     NW: gl.constexpr = gl.num_warps()
     BLOCK_N: gl.constexpr = NW * TPW
@@ -139,6 +140,8 @@ def _int4_decode_split_kernel(
     hkv = gl.program_id(1)
     b = gl.program_id(2)
     seq_len = gl.load(lens_ptr + b)
+    if BALANCED:  # this sequence's tokens over all the launch's splits (attention_decode.balanced_split_len)
+        split_len = gl.cdiv(gl.cdiv(seq_len, gl.num_programs(0)), NW * TPW) * (NW * TPW)
     start = split * split_len
     if start < seq_len:
         end = gl.minimum(start + split_len, seq_len)
@@ -307,7 +310,7 @@ BUILD = BuildGuard("the int4 decode-attention kernel (attention_decode_mma)",
 def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, out: torch.Tensor, po: torch.Tensor, plse: torch.Tensor, qk_scale: float,
                  split_len: int, n_splits: int, block_n: int, group: int, direct: bool, off64: bool,
-                 pdl: bool, ps: tuple, ls: tuple) -> None:
+                 pdl: bool, ps: tuple, ls: tuple, balanced: bool = True) -> None:
     """The split pass of `attention_decode.decode_attention` for an int4 cache (`supported` said yes):
     same arguments and outputs as its Triton split kernel. Raises KernelUnavailable if this Triton
     cannot build the kernel (warned once)."""
@@ -321,7 +324,7 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
             cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
             ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
             GROUP=group, HALF=half, BLOCK_DH=next_pow2(half), PAGE=cache.block_size,
-            TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
+            TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl, BALANCED=balanced,
             num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
         )
     except Exception as e:

@@ -10,7 +10,7 @@ import math
 import lmq.kernels.kv_quant as kvq
 import pytest
 import torch
-from lmq.kernels.attention_decode import decode_attention, decode_attention_ref
+from lmq.kernels.attention_decode import balanced_split_len, decode_attention, decode_attention_ref
 from lmq.kernels.attention_prefill import (
     pick_block_m,
     prefill_attention,
@@ -188,6 +188,30 @@ def test_decode_split_merge_and_shared_prefix(device, kv_dtype, split_len):
     # several splits per sequence, uneven last split; sequences 1.. share 2 blocks of sequence 0
     _check_decode(device, kv_dtype, 128, [40, 33, 70], num_heads=6, num_kv_heads=2, shared_blocks=2,
                   split_len=split_len)
+
+
+@pytest.mark.parametrize("kv_dtype", CPU_KV)
+@pytest.mark.parametrize("split_len", [None, 64])
+def test_decode_planned_for_a_longer_context(device, kv_dtype, split_len):
+    # as the engine's decode graphs launch it: planned for a max_seq_len (max_model_len) far past every live
+    # context, over block tables as wide as that; each sequence spreads its tokens over all the splits
+    lens = [3, 40, 70]
+    cache, tables, seq_lens, _ = make_paged(kv_dtype, lens, 2, 64, device)
+    wide = torch.zeros(len(lens), 32, dtype=torch.int32, device=device)  # 32 blocks of 16: 512 tokens
+    wide[:, :tables.shape[1]] = tables
+    q = torch.randn(len(lens), 4, 64, device=device).to(act_dtype(kv_dtype))
+    out = decode_attention(q, cache, wide, seq_lens, max_seq_len=512, split_len=split_len)
+    assert rel_err(out, decode_attention_ref(q, cache, tables, seq_lens)) < TOL[kv_dtype]
+
+
+def test_balanced_split_len():
+    # whole tiles, as few per split as spread the sequence over every split of the launch
+    assert balanced_split_len(70, 4, 16) == 32  # 3 splits of the 4 hold tokens (the plan's 64: 2)
+    assert balanced_split_len(3, 32, 128) == 128
+    assert balanced_split_len(1000, 32, 128) == 128  # 8 splits busy, not 1 of 1,024 tokens
+    assert balanced_split_len(16384, 32, 128) == 512
+    assert balanced_split_len(3000, 8, 128) == 384
+    assert balanced_split_len(4096, 1, 128) == 4096
 
 
 @pytest.mark.parametrize("block_size", [32, 64])
