@@ -175,7 +175,11 @@ PDL_MERGE = True
 # Each sequence's tokens are spread over all the launch's splits (`balanced_split_len`), not cut into
 # pieces of the plan's split length: the plan is made for the batch's longest context, and the engine's
 # decode graphs make it for max_model_len, so a shorter sequence would otherwise leave most of its
-# splits empty and run its whole context in a few programs.
+# splits empty and run its whole context in a few programs. Decode step of synthetic Qwen2.5-7B (28 layers,
+# H_kv=4), graphs planned for a 32k context, live contexts of 1k, graph replay in ms, spread over all splits
+# against the plan's pieces (benchmarks/profile_decode.py --max-model-len 32768, H100,
+# benchmarks/results/2026-11-23-session9-h100/balanced/balanced.log): int4 B=1 2.51 vs 2.69-2.71, B=8
+# 3.02-3.06 vs 3.27-3.34; int8 B=1 2.48-2.50 vs 2.65-2.67, B=8 3.00 vs 3.34-3.35.
 BALANCED = True
 # int4 caches with fp16 queries (Hopper, head dims 64..128 that are multiples of 8, tiles of 64 or 128
 # tokens; attention_decode_mma.supported): the Gluon split kernel that reads codes straight in
