@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
-import lmq.bench_attention as ba
 import lmq.kernels.attention_decode as dec
+import torch
 from lmq.kernels.attention_prefill import prefill_attention
 from lmq.kernels.kv_quant import kv_bytes_per_token_head
+
+import lmq.bench_attention as ba
 
 CONFIGS = [(16, 4, 3), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3)]
 PAGES = (16, 64, 128)
@@ -243,9 +243,12 @@ def mma_splits(bw: float) -> None:
                 name = (f"gluon {actual}" + (f" cap {cap}" if cap else "")
                         + (f" stages {stg}" if len(stages) > 1 else "") if on else "triton plan")
                 cells.append((us, f"{name} {us:.1f}"))
-            best = min(c for c in cells[1:])
-            print(f"int4 B={B} L={L}: best {best[1]} ({100 * kv_bytes / bw / best[0] * 1e6:.0f}%) | "
-                  + ", ".join(c[1] for c in cells), flush=True)
+            if len(cells) < 2:
+                print(f"int4 B={B} L={L}: no Gluon split count fits", flush=True)
+            else:
+                best = min(c for c in cells[1:])
+                print(f"int4 B={B} L={L}: best {best[1]} ({100 * kv_bytes / bw / best[0] * 1e6:.0f}%) | "
+                      + ", ".join(c[1] for c in cells), flush=True)
             del cache, tables
             torch.cuda.empty_cache()
 

@@ -1,7 +1,8 @@
 """Launch decode attention at a few shapes for Nsight Compute: where the split kernels' time goes
-(issue rate, stall reasons, occupancy, memory throughput). Each shape runs twice; profile the second.
+(issue rate, stall reasons, occupancy, memory throughput). Each shape runs twice; with the options below
+ncu profiles launches 2-6, i.e. the second of each shape (the 1st, 3rd and 5th reports).
 
-    ncu --clock-control none -k regex:"decode_split_kernel" --launch-skip 1 --launch-count 3 \
+    ncu --clock-control none -k regex:"decode_split_kernel" --launch-skip 1 --launch-count 5 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
         python3 benchmarks/ncu_attention.py
 
@@ -9,11 +10,11 @@ Shapes (H=32, H_kv=8, D=128, block 128, int4 unless named): B=8 4k and B=64 16k 
 B=1 16k (the Triton kernel).
 """
 
+import lmq.kernels.attention_decode as dec
 import torch
+from attention_sweep import _workload
 
 import lmq.bench_attention as ba
-import lmq.kernels.attention_decode as dec
-from attention_sweep import _workload
 
 torch.manual_seed(0)
 for B, L in ((8, 4096), (64, 16384), (1, 16384)):

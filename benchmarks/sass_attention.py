@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 
+import lmq.kernels.attention_decode as dec
 import triton
 from lmq.kernels.attention_decode import _GPU_CONFIG, _decode_split_kernel
 from triton.backends.compiler import GPUTarget
@@ -55,7 +56,7 @@ def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, c
               "BLOCK_DH": max(16, triton.next_power_of_2(half)), "BLOCK_N": min(block_n, page), "PAGE": page,
               "KV_MODE": kv_mode, "DIRECT": False, "OFF64": False, "ASM": True,
               "RAW": raw and kv_mode != 0, "SCALE_P": kv_mode == 1 if scale_p is None else scale_p,
-              "PDL": pdl, "BALANCED": True}
+              "PDL": pdl, "BALANCED": dec.BALANCED}
     sig, attrs = _signature("*u8" if kv_mode else "*fp16", _STRIDES, consts)
     return triton.compile(ASTSource(_decode_split_kernel, sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
@@ -73,7 +74,7 @@ def compile_mma(d: int = 128, group: int = 4, page: int = 128, cc: int = 90, pdl
     half = d // 2
     consts = {"GROUP": group, "HALF": half, "BLOCK_DH": max(16, triton.next_power_of_2(half)), "PAGE": page,
               "TPW": min(128, page) // mma.NUM_WARPS, "STAGES": mma.STAGES, "PV_KW": mma.PV_KW, "DIRECT": direct,
-              "OFF64": off64, "PDL": pdl, "BALANCED": True}
+              "OFF64": off64, "PDL": pdl, "BALANCED": dec.BALANCED}
     sig, attrs = _signature("*u8", [s for s in _STRIDES if s != "stride_ct"], consts)  # K rows: D / 2 bytes apart
     return triton.compile(GluonASTSource(mma._int4_decode_split_kernel, sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),

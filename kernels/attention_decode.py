@@ -5,8 +5,9 @@ One query token per sequence, B sequences, H query heads in groups of G = H / H_
     out[b, h] = softmax(q[b, h] . K_b[:, h // G]^T * sm_scale) @ V_b[:, h // G]      [B, H, D]
 
 where K_b, V_b [L_b, H_kv, D] are the dequantized rows of sequence b, read through its block table
-(`kernels/kv_quant.py` gives the cache layout). Pass 1 splits each sequence into chunks of
-`split_len` tokens; program (split, kv head, b) loads the G query heads of one group as a
+(`kernels/kv_quant.py` gives the cache layout). Pass 1 splits each sequence into the launch's
+n_splits chunks of whole tiles (`balanced_split_len`; the plan's `split_len` sets n_splits for the
+longest context); program (split, kv head, b) loads the G query heads of one group as a
 [BLOCK_G >= 16, D] tile (so the group shares one read of each K/V tile and the scores are a
 tensor-core dot), and writes its normalized partial output [D] and log2-sum-exp per head.
 Pass 2 merges the splits of each (b, h). With one split the first pass writes the output itself.
@@ -66,7 +67,7 @@ def _decode_split_kernel(
     b = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
     if BALANCED:  # this sequence's tokens over all the launch's splits (`balanced_split_len`)
-        split_len = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(0)), BLOCK_N) * BLOCK_N
+        split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, tl.num_programs(0)), BLOCK_N), 1) * BLOCK_N
     start = split * split_len
     if start < seq_len:
         end = tl.minimum(start + split_len, seq_len)
@@ -124,7 +125,7 @@ def _decode_merge_kernel(
     b = tl.program_id(1)
     seq_len = tl.load(lens_ptr + b)
     if BALANCED:
-        split_len = tl.cdiv(tl.cdiv(seq_len, n_splits), BLOCK_N) * BLOCK_N
+        split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, n_splits), BLOCK_N), 1) * BLOCK_N
     n_splits = tl.cdiv(seq_len, split_len)  # this sequence's splits
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -186,7 +187,7 @@ BALANCED = True
 # tensor-core operand layouts (kernels/attention_decode_mma.py); False keeps the Triton split kernel.
 MMA_INT4 = True
 # int4, head dims 65..128, Hopper (measured on an H100 only): three programs of 4 warps per SM instead of
-# two (the split kernel capped at 168 registers: no spills, 2% more instructions), where the waves of
+# two (the split kernel capped at 168 registers: no spills in its loop, 2% more instructions), where the waves of
 # programs allow it. H100, same call
 # (benchmarks/attention_sweep.py --compare, us, two per SM -> three): B=8 16k 86.3 -> 79.0; slower where
 # the extra slots leave the last wave thin: B=64 16k 575.6 -> 627.8 (512 programs: 2 waves of 264 slots,
@@ -267,7 +268,7 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
 
 
 # The Gluon int4 split kernel (attention_decode_mma) runs two programs per SM at head dim 128 (255
-# registers x 128 threads, 52 KB of shared memory) and streams at the copy floor once its programs are
+# registers x 128 threads, 34 KB of shared memory) and streams at the copy floor once its programs are
 # long; its plan is one wave of programs, splits = 2 x SMs // (B x H_kv) (at most MORE_SPLITS_MAX), and
 # it takes a launch only where that leaves MMA_MIN_SPLIT tokens or more per split: shorter programs pay
 # its prologue and end-of-program merge of the warps' partial results, and the Triton kernel is faster
@@ -276,8 +277,10 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
 # (benchmarks/attention_sweep.py --mma-splits, benchmarks/results/2026-11-23-session8-h100/mma-splits.log):
 # B=8 4k 27.1 (4 splits, 1024 tokens each) vs 27.1, 16k 70.7 vs 79.5, 32k 129.1 vs 146.9; B=64 16k 477.1
 # (1 split) vs 551.1; B=2 4k 14.8 (256 tokens) vs 11.6; B=1 16k 20.0 (512 tokens) vs 17.0, 32k 26.7 (1024
-# tokens) vs 26.8. The engine's decode graphs plan for max_model_len: with a long max_model_len and
-# short live contexts the Gluon kernel then runs short programs (unmeasured end to end).
+# tokens) vs 26.8 (three-stage ring then; session 9's two-stage ring and the B=1..4 check of this rule:
+# benchmarks/results/2026-11-23-session9-h100/mma-stages*.log). The engine's decode graphs plan for
+# max_model_len: with a long max_model_len and short live contexts the Gluon kernel then runs each sequence
+# in short splits (`BALANCED`), where the Triton kernel would be faster (not measured against it end to end).
 MMA_SLOTS_PER_SM = 2
 MMA_MIN_SPLIT = 1024
 
@@ -323,7 +326,8 @@ def plan_launch(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
 def balanced_split_len(seq_len: int, n_splits: int, block_n: int) -> int:
     """Tokens per split of a `seq_len`-token sequence in a launch of `n_splits` splits (`BALANCED`): whole
     tiles, as few per split as spread the sequence over every split. The kernels compute the same."""
-    return -(-(-(-seq_len // n_splits)) // block_n) * block_n
+    per_split = -(-seq_len // n_splits)
+    return max(1, -(-per_split // block_n)) * block_n
 
 
 def _split_triton(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits, G,
@@ -353,7 +357,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
 
     block_tables [B, max_blocks] int32 (block ids of each sequence in order), seq_lens [B] int32
     (tokens in the cache per sequence, >= 1). `max_seq_len` (host int) avoids a device sync;
-    `split_len` (a multiple of the tile) overrides the split plan.
+    `split_len` (a multiple of the tile) overrides the split plan: the launch then has
+    cdiv(max_seq_len, split_len) splits, over which each sequence spreads its tokens (`BALANCED`).
     """
     G = check_query_for_cache(q, cache)
     if q.dim() != 3:
@@ -405,7 +410,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
     if use_mma:
         try:
             _mma.launch_split(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits,
-                              block_n, G, direct, needs_off64(cache), pdl and PDL_SPLIT, ps, ls, BALANCED)
+                              block_n, G, direct, needs_off64(cache), pdl and PDL_SPLIT, ps, ls, balanced=BALANCED)
         except _mma.KernelUnavailable:
             use_mma = False
     if not use_mma:

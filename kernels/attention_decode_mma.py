@@ -12,7 +12,7 @@ Why a second kernel: the Triton kernel is bound by instruction issue on int4 (34
 per token and KV head, offline SASS): its K and V tiles are converted in registers into the layouts
 its dots want, and its online softmax runs across the warps. Here (23.5 per token and KV head):
 
-- **Codes straight into operand registers.** A 3-stage cp.async ring brings each tile's codes and
+- **Codes straight into operand registers.** A 2-stage cp.async ring (`STAGES`) brings each tile's codes and
   scale words into shared memory; from there K^T is read in `mma_v2`'s B-operand layout (k_width 8:
   each thread's 8 head-dim bytes of one token are contiguous, one 8-byte read) and V in the B-operand
   layout of the P @ V product (k_width 4: runs of 4 tokens, `PV_KW`). The codes are never rearranged
@@ -141,7 +141,7 @@ def _int4_decode_split_kernel(
     b = gl.program_id(2)
     seq_len = gl.load(lens_ptr + b)
     if BALANCED:  # this sequence's tokens over all the launch's splits (attention_decode.balanced_split_len)
-        split_len = gl.cdiv(gl.cdiv(seq_len, gl.num_programs(0)), NW * TPW) * (NW * TPW)
+        split_len = gl.maximum(gl.cdiv(gl.cdiv(seq_len, gl.num_programs(0)), NW * TPW), 1) * (NW * TPW)
     start = split * split_len
     if start < seq_len:
         end = gl.minimum(start + split_len, seq_len)
@@ -310,7 +310,7 @@ BUILD = BuildGuard("the int4 decode-attention kernel (attention_decode_mma)",
 def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, out: torch.Tensor, po: torch.Tensor, plse: torch.Tensor, qk_scale: float,
                  split_len: int, n_splits: int, block_n: int, group: int, direct: bool, off64: bool,
-                 pdl: bool, ps: tuple, ls: tuple, balanced: bool = True) -> None:
+                 pdl: bool, ps: tuple, ls: tuple, *, balanced: bool) -> None:
     """The split pass of `attention_decode.decode_attention` for an int4 cache (`supported` said yes):
     same arguments and outputs as its Triton split kernel. Raises KernelUnavailable if this Triton
     cannot build the kernel (warned once)."""

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import math
 
+import lmq.kernels.attention_decode as dec
 import lmq.kernels.kv_quant as kvq
 import pytest
 import torch
-from lmq.kernels.attention_decode import balanced_split_len, decode_attention, decode_attention_ref
+from lmq.kernels.attention_decode import (
+    balanced_split_len,
+    decode_attention,
+    decode_attention_ref,
+)
 from lmq.kernels.attention_prefill import (
     pick_block_m,
     prefill_attention,
@@ -191,10 +196,13 @@ def test_decode_split_merge_and_shared_prefix(device, kv_dtype, split_len):
 
 
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
-@pytest.mark.parametrize("split_len", [None, 64])
-def test_decode_planned_for_a_longer_context(device, kv_dtype, split_len):
+@pytest.mark.parametrize("split_len", [64, 160])
+@pytest.mark.parametrize("balanced", [True, False])
+def test_decode_planned_for_a_longer_context(device, kv_dtype, split_len, balanced, monkeypatch):
     # as the engine's decode graphs launch it: planned for a max_seq_len (max_model_len) far past every live
-    # context, over block tables as wide as that; each sequence spreads its tokens over all the splits
+    # context, over block tables as wide as that (8 or 4 splits); each sequence spreads its tokens over all
+    # the splits (BALANCED), or, switched off, is cut into pieces of split_len
+    monkeypatch.setattr(dec, "BALANCED", balanced)
     lens = [3, 40, 70]
     cache, tables, seq_lens, _ = make_paged(kv_dtype, lens, 2, 64, device)
     wide = torch.zeros(len(lens), 32, dtype=torch.int32, device=device)  # 32 blocks of 16: 512 tokens
@@ -212,6 +220,7 @@ def test_balanced_split_len():
     assert balanced_split_len(16384, 32, 128) == 512
     assert balanced_split_len(3000, 8, 128) == 384
     assert balanced_split_len(4096, 1, 128) == 4096
+    assert balanced_split_len(0, 4, 128) == 128  # never 0 (no division by it in the merge)
 
 
 @pytest.mark.parametrize("block_size", [32, 64])
