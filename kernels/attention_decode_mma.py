@@ -217,8 +217,8 @@ def _int4_decode_split_kernel(
             # -- scores: [NW, 16, TPW] per warp's tokens
             k_lo, k_hi = _subnormal_halves(k_ring.index(cur).load(b_qk))
             # the head dim's halves as two independent chains of HMMAs, added after: half the dependent chain
-            # of one accumulation. H100, us, one chain -> two (attention_sweep.py --mma-splits --qk-chains 1,2,
-            # results/2026-11-23-session9-h100/qk-chains.log): B=64 4k 124.1 -> 121.7, 16k 448.3 -> 440.6;
+            # of one accumulation. H100, us, one chain -> two (attention_sweep.py --mma-splits with a switch of
+            # commit cbab428, results/2026-11-23-session9-h100/qk-chains.log): B=64 4k 124.1 -> 121.7, 16k 448.3 -> 440.6;
             # B=8 16k in one split 151.8 -> 145.0, at its plan (4 splits) 64.8 -> 65.4; B=8 4k 24.8 both
             s = (mma_v2(q_lo, k_lo, gl.zeros([NW, 16, TPW], gl.float32, mma))
                  + mma_v2(q_hi, k_hi, gl.zeros([NW, 16, TPW], gl.float32, mma)))
