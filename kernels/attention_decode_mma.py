@@ -217,9 +217,10 @@ def _int4_decode_split_kernel(
             # -- scores: [NW, 16, TPW] per warp's tokens
             k_lo, k_hi = _subnormal_halves(k_ring.index(cur).load(b_qk))
             # the head dim's halves as two independent chains of HMMAs, added after: half the dependent chain
-            # of one accumulation. H100, us, one chain -> two (attention_sweep.py --mma-splits with a switch of
-            # commit cbab428, results/2026-11-23-session9-h100/qk-chains.log): B=64 4k 124.1 -> 121.7, 16k 448.3 -> 440.6;
-            # B=8 16k in one split 151.8 -> 145.0, at its plan (4 splits) 64.8 -> 65.4; B=8 4k 24.8 both
+            # of one accumulation. H100, us, one chain -> two (attention_sweep.py --mma-splits with a switch
+            # of commit cbab428, results/2026-11-23-session9-h100/qk-chains.log): B=64 4k 124.1 -> 121.7,
+            # 16k 448.3 -> 440.6; B=8 16k in one split 151.8 -> 145.0, at its plan (4 splits) 64.8 -> 65.4;
+            # B=8 4k 24.8 both
             s = (mma_v2(q_lo, k_lo, gl.zeros([NW, 16, TPW], gl.float32, mma))
                  + mma_v2(q_hi, k_hi, gl.zeros([NW, 16, TPW], gl.float32, mma)))
             tmask = t_off < n_valid
@@ -324,7 +325,8 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
             cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
             ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
             GROUP=group, HALF=half, BLOCK_DH=next_pow2(half), PAGE=cache.block_size,
-            TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl, BALANCED=balanced,
+            TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
+            BALANCED=balanced,
             num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
         )
     except Exception as e:
