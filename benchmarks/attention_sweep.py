@@ -275,15 +275,15 @@ def triton_stages(bw: float) -> None:
     dec.MMA_INT4 = True
 
 
-def profile_kernels() -> None:
+def profile_kernels(bw: float) -> None:
     """Where a decode-attention call's time goes: each kernel's GPU time (torch.profiler) over 20 calls, at
-    the launch-bound shapes (B=1 4k/16k, B=8 4k), per KV dtype."""
+    the launch-bound shapes (B=1 4k/16k, B=8 4k), per KV dtype, and the call's KV bytes over `bw`."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
     for kd in ("fp16", "int8", "int4"):
         for B, L in ((1, 4096), (1, 16384), (8, 4096)):
-            _, cache, tables, lens, q = _workload(kd, B, L)
+            kv_bytes, cache, tables, lens, q = _workload(kd, B, L)
             _time(q, cache, tables, lens, L)  # compiled and warm
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for i in range(20):
@@ -293,8 +293,8 @@ def profile_kernels() -> None:
             for e in prof.events():
                 if e.device_type == torch.autograd.DeviceType.CUDA:
                     per.setdefault(e.name[:40], []).append(e.device_time_total)
-            print(f"{kd} B={B} L={L}: " + ", ".join(f"{n} {sum(t) / len(t):.1f}us x{len(t)}" for n, t in per.items()),
-                  flush=True)
+            print(f"{kd} B={B} L={L} (floor {kv_bytes / bw * 1e6:.1f}us): "
+                  + ", ".join(f"{n} {sum(t) / len(t):.1f}us x{len(t)}" for n, t in per.items()), flush=True)
             del cache, tables
             torch.cuda.empty_cache()
 
@@ -302,24 +302,12 @@ def profile_kernels() -> None:
 def main() -> None:
     bw = ba.copy_bandwidth_bytes_s()
     print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
-    if "--profile" in sys.argv:
-        profile_kernels()
-        return
-    if "--triton-stages" in sys.argv:
-        triton_stages(bw)
-        return
-    if "--compare" in sys.argv:
-        compare(bw)
-        return
-    if "--mma-splits" in sys.argv:
-        mma_splits(bw)
-        return
-    if "--mma" in sys.argv:
-        mma_compare(bw)
-        return
-    if "--splits" in sys.argv:
-        splits_and_occupancy(bw)
-        return
+    modes = {"--profile": profile_kernels, "--triton-stages": triton_stages, "--compare": compare,
+             "--mma-splits": mma_splits, "--mma": mma_compare, "--splits": splits_and_occupancy}
+    for flag, mode in modes.items():  # in this order: "--mma-splits" before "--mma"
+        if flag in sys.argv:
+            mode(bw)
+            return
     time_prefill()
     sweep_decode(bw)
 
