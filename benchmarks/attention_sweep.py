@@ -6,13 +6,14 @@ kernels/attention_decode.py (_GPU_CONFIG, the split plan) is chosen from data.
 Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a contiguous fp16 cache.
 --compare: only time the default config against a few variants (`compare`).
 --splits [--big | --b1]: tokens per split against programs per SM (`splits_and_occupancy`).
+--balanced: each sequence over all splits or in the plan's pieces, at equal lengths (`balanced_ab`).
 --profile: each kernel's GPU time at the launch-bound shapes (`profile_kernels`).
 --triton-stages: the Triton split kernel's tile, warps and ring depth where it runs (`triton_stages`).
 --mma: int4, the Gluon split kernel against the Triton one, and at other split counts (`mma_compare`).
 --mma-splits [--batches 1,8] [--contexts 4096] [--maxnreg 168] [--stages 2,3,4] [--page 64]: int4, the Gluon split
   kernel at 1..48 splits per batch and context, also under register caps, other ring depths or another block size
   (`mma_splits`).
-Usage on the GPU machine: python3 benchmarks/attention_sweep.py [--compare | --splits [--big | --b1] | --mma | --mma-splits]
+Usage on the GPU machine: python3 benchmarks/attention_sweep.py [one of the modes above]
 """
 
 from __future__ import annotations
@@ -299,11 +300,29 @@ def profile_kernels(bw: float) -> None:
             torch.cuda.empty_cache()
 
 
+def balanced_ab(bw: float) -> None:
+    """Each sequence spread over all splits (`attention_decode.BALANCED`) or cut into the plan's pieces, at
+    equal-length shapes where both give the same split lengths: what the per-program split-length
+    computation costs the kernels. Interleaved, three times each."""
+    torch.manual_seed(0)
+    for kd in ("int4", "int8", "fp16"):
+        for B, L in ((1, 4096), (1, 16384), (8, 16384), (64, 4096)):
+            _, cache, tables, lens, q = _workload(kd, B, L)
+            cells = []
+            for on in (True, False) * 3:
+                dec.BALANCED = on
+                cells.append(f"{'on' if on else 'off'} {_time(q, cache, tables, lens, L):.1f}")
+            dec.BALANCED = True
+            print(f"{kd} B={B} L={L}: " + ", ".join(cells), flush=True)
+            del cache, tables
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     bw = ba.copy_bandwidth_bytes_s()
     print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
-    modes = {"--profile": profile_kernels, "--triton-stages": triton_stages, "--compare": compare,
-             "--mma-splits": mma_splits, "--mma": mma_compare, "--splits": splits_and_occupancy}
+    modes = {"--balanced": balanced_ab, "--profile": profile_kernels, "--triton-stages": triton_stages,
+             "--compare": compare, "--mma-splits": mma_splits, "--mma": mma_compare, "--splits": splits_and_occupancy}
     for flag, mode in modes.items():  # in this order: "--mma-splits" before "--mma"
         if flag in sys.argv:
             mode(bw)

@@ -181,7 +181,7 @@ PDL_MERGE = True
 # against the plan's pieces (benchmarks/profile_decode.py --max-model-len 32768, H100,
 # benchmarks/results/2026-11-23-session9-h100/balanced/balanced.log): int4 B=1 2.51 vs 2.69-2.71, B=8
 # 3.02-3.06 vs 3.27-3.34; int8 B=1 2.48-2.50 vs 2.65-2.67, B=8 3.00 vs 3.34-3.35. Its cost where the split
-# lengths come out the same (equal lengths, the plan's own context; benchmarks/attention_balanced_ab.py,
+# lengths come out the same (equal lengths, the plan's own context; benchmarks/attention_sweep.py --balanced,
 # balanced/balanced-ab.log, us, on vs off): none within noise at B=8 and B=64 and at B=1 4k, but the Triton
 # kernel's int4 path at B=1 16k reads 17.7-17.8 against 16.8-16.9 (it compiles to 177 registers instead of 221).
 BALANCED = True
