@@ -48,6 +48,12 @@ from lmq.errors import ShapeError
 
 
 @triton.jit
+def _balanced_split_len(seq_len, n_splits, BLOCK_N: tl.constexpr):
+    """`balanced_split_len` in the kernels (the split pass and the merge must agree)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, n_splits), BLOCK_N), 1) * BLOCK_N
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, o_ptr, po_ptr, plse_ptr,
     qk_scale, split_len,
@@ -67,7 +73,7 @@ def _decode_split_kernel(
     b = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
     if BALANCED:  # this sequence's tokens over all the launch's splits (`balanced_split_len`)
-        split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, tl.num_programs(0)), BLOCK_N), 1) * BLOCK_N
+        split_len = _balanced_split_len(seq_len, tl.num_programs(0), BLOCK_N)
     start = split * split_len
     if start < seq_len:
         end = tl.minimum(start + split_len, seq_len)
@@ -125,7 +131,7 @@ def _decode_merge_kernel(
     b = tl.program_id(1)
     seq_len = tl.load(lens_ptr + b)
     if BALANCED:
-        split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, n_splits), BLOCK_N), 1) * BLOCK_N
+        split_len = _balanced_split_len(seq_len, n_splits, BLOCK_N)
     n_splits = tl.cdiv(seq_len, split_len)  # this sequence's splits
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
