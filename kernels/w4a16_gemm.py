@@ -257,16 +257,20 @@ _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_
 # config "prefill_ws"): 256 activation rows x 128 weight rows per tile (128 rows when 256-row tiles
 # would fill at most half the SMs: `w4a16_gemm_ws.plan`), 4 stages (210 KiB of shared memory), 8 warps
 # on the tensor cores, 4 converting, 1 loading; the fastest in sweep-ws-3.log (NOTES-gemm.md, run 16).
-_PREFILL_WS = {"BLOCK_M": 256, "BLOCK_M_SMALL": 128, "BLOCK_N": 128, "STAGES": 4, "GROUP_M": 8, "SPLIT_K": 0,
-               "MIN_SPLIT_CHUNKS": 8, "MAX_SPLIT": 2, "num_warps": 8, "CONVERT_WARPS": 4, "CONVERT_REGS": 96,
-               "LOADER_REGS": 40}
+# Since run 27 (NOTES-gemm.md) the table runs its register-source form (`RS`): two warp groups convert the
+# codes straight into wgmma's register operand, so no warps convert and no fp16 weight tile passes through
+# shared memory; 4 stages; K split in two where that fills the last wave much better (`SPLIT_WAVES`).
+# H100, sums over the four shapes (us, RS / converting form / cuBLAS fp16): M=256 185.6 / 272.1 / 206.5,
+# 1024 653.2 / 878.3 / 670.0, 4096 2794.7 / 3370.6 / 2714.7 (results/2026-11-23-session10-h100/sweep-rs-epi1.log).
+_PREFILL_WS = {"RS": True, "BLOCK_M": 256, "BLOCK_M_SMALL": 128, "BLOCK_N": 128, "STAGES": 4, "GROUP_M": 8,
+               "SPLIT_K": 0, "MIN_SPLIT_CHUNKS": 8, "MAX_SPLIT": 2, "SPLIT_WAVES": 1.25, "MMA_REGS": 200,
+               "LOADER_REGS": 40, "num_warps": 8, "CONVERT_WARPS": 4, "CONVERT_REGS": 96}
 _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min_m": 65}
 # sm90 crossovers (`lmq bench gemm --m ...`, docs/benchmarks.md, GEMM "Latest run"; NOTES-gemm.md, run 17):
 # the warp-specialized prefill beats the decode kernel and dequantize + cuBLAS on gate_up / down (>= 50M
 # weights) from M=256 to 1024; qkv / o_proj stay on the decode kernel to M=256, then dequantize + cuBLAS;
 # from M=2048 dequantize + cuBLAS wins on every shape.
-_CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 2048, "prefill_min_numel": 50_000_000,
-               "prefill_min_m": 256}
+_CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 8192, "prefill_min_numel": 0, "prefill_min_m": 256}
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},

@@ -101,9 +101,10 @@ def _work(w, M, N, k_steps, BM: gl.constexpr, BN: gl.constexpr, GROUP_M, SPLIT_K
 
 @gluon.jit
 def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K):
-    # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes
-    x_bufs, q_bufs, s_bufs, z_bufs, _w_bufs = bufs
-    a_ready, _w_ready, done = bars
+    # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes.
+    # bufs start (x, codes, scales, zeros) and bars (a_ready, ...) end with done, in either kernel
+    x_bufs, q_bufs, s_bufs, z_bufs = bufs[0], bufs[1], bufs[2], bufs[3]
+    a_ready, done = bars[0], bars[len(bars) - 1]
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     BM: gl.constexpr = x_bufs.type.shape[1]
     BN: gl.constexpr = q_bufs.type.shape[1]
@@ -199,6 +200,105 @@ def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M: gl.co
             gl.store(ptrs, acc.to(gl.float16), mask=mask)
         else:
             gl.atomic_add(ptrs, acc.to(gl.float16), mask=mask, sem="relaxed")
+
+
+@gluon.jit
+def _mma_rs(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, HALF: gl.constexpr):
+    """One of the register-source kernel's two mma partitions (a warp group each, weight rows HALF * 64 ..
+    HALF * 64 + 63 of the tile). Per chunk: the codes, zeros and scales of its rows are read from the ring
+    straight into wgmma's register operand, w_hat [64, 16] per plane (scales applied: one rounding), and
+    multiplied with the x tile in shared memory as the N side: acc^T [64, BM] += w_hat @ x^T.
+    It waits for its four wgmma before it converts the next chunk: a register operand is read while the
+    wgmma runs and the compiler may give the next chunk the same registers. The other partition's wgmma
+    keep the tensor cores busy meanwhile (the two are independent instruction streams)."""
+    x_bufs, q_bufs, s_bufs, z_bufs = bufs
+    a_ready, done = bars
+    STAGES: gl.constexpr = x_bufs.type.shape[0]
+    BM: gl.constexpr = x_bufs.type.shape[1]
+    BN: gl.constexpr = q_bufs.type.shape[1]  # the tile's weight rows (both partitions)
+    ROWS: gl.constexpr = BN // 2
+    SUB: gl.constexpr = s_bufs.type.shape[0] // STAGES
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
+    # the codes of a [64, 16] chunk are read in the register operand's own layout: each thread's pairs of
+    # lanes (2q, 2q+1) and (2q+8, 2q+9) are its operand pairs for every plane (planes64: lane j of plane i is
+    # k = 16 i + j)
+    al: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=layout, k_width=2)
+    vl: gl.constexpr = gl.SliceLayout(1, al)
+    c = 0
+    for w in range(gl.program_id(0), num_work, gl.num_programs(0)):
+        off_m, off_n, _, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
+        acc = gl.zeros((ROWS, BM), dtype=gl.float32, layout=layout)
+        for i in range(nk):
+            st = c % STAGES
+            mbarrier.wait(a_ready.index(st), (c // STAGES) & 1)
+            h = q_bufs.index(st).slice(HALF * ROWS, ROWS).load(al)  # [64, 16] int16
+            z0 = z_bufs.index(st * SUB).slice(HALF * ROWS, ROWS).load(vl)
+            s0 = s_bufs.index(st * SUB).slice(HALF * ROWS, ROWS).load(vl)
+            z1 = z_bufs.index(st * SUB + SUB - 1).slice(HALF * ROWS, ROWS).load(vl)  # planes 2, 3 (G = 32)
+            s1 = s_bufs.index(st * SUB + SUB - 1).slice(HALF * ROWS, ROWS).load(vl)
+            w0, w1 = _scaled_pair(h, z0, s0, 0)
+            w2, w3 = _scaled_pair(h, z1, s1, 2)
+            xt = x_bufs.index(st)  # [BM, 64]
+            acc = warpgroup_mma(w0, xt.slice(0, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(w1, xt.slice(16, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(w2, xt.slice(32, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(w3, xt.slice(48, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc, w0, w1, w2, w3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w0, w1, w2, w3))
+            mbarrier.arrive(done.index(st))  # this partition is done with the stage (the barrier counts two)
+            c += 1
+        # -- epilogue: acc^T [64, BM] -> out[off_m:, off_n + HALF * 64:] fp16, masked ---------------------
+        # through shared memory into a layout where each thread holds 8 contiguous output columns: 16-byte
+        # stores (and packed atomics), where the accumulator's own layout gives each thread single columns
+        # 8 rows apart (H100: o_proj at M=256, split in two, 70 -> 19 us; NOTES-gemm.md run 27)
+        ol: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
+        res = gl.convert_layout(acc.to(gl.float16), ol)
+        offs_n = off_n + HALF * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ol))
+        offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, ol))
+        ptrs = out_ptr + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1)  # [64, BM]
+        mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
+        if SPLIT_K == 1:
+            gl.store(ptrs, res, mask=mask)
+        else:
+            gl.atomic_add(ptrs, res, mask=mask, sem="relaxed")
+
+
+@gluon.jit
+def _mma_rs_lo(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K):
+    _mma_rs(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, 0)
+
+
+@gluon.jit
+def _mma_rs_hi(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K):
+    _mma_rs(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, 1)
+
+
+@gluon.jit
+def _w4a16_gemm_rs_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stride_om,
+                          G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                          GROUP_M: gl.constexpr, SPLIT_K: gl.constexpr, LOADER_REGS: gl.constexpr,
+                          MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """Register-source form (BLOCK_N = 128 weight rows, num_warps = 4): a loader warp and two mma partitions
+    of a warp group each (`_mma_rs`); no converting warps and no fp16 weight ring."""
+    k_steps = K // CHUNK_K
+    num_work = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * SPLIT_K
+    x_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, CHUNK_K], x_desc.layout)
+    q_bufs = gl.allocate_shared_memory(gl.int16, [STAGES, BLOCK_N, LANES], q_desc.layout)
+    SUB: gl.constexpr = 2 if G < CHUNK_K else 1
+    s_bufs = gl.allocate_shared_memory(gl.float16, [STAGES * SUB, BLOCK_N], s_desc.layout)
+    z_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES * SUB, BLOCK_N], z_desc.layout)
+    a_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    done = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(a_ready.index(i), count=1)
+        mbarrier.init(done.index(i), count=2)  # both mma partitions
+    bufs = (x_bufs, q_bufs, s_bufs, z_bufs)
+    bars = (a_ready, done)
+    mma_args = (bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K)
+    gl.warp_specialize([
+        (_mma_rs_lo, mma_args),
+        (_mma_rs_hi, mma_args),
+        (_loader, (x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K)),
+    ], [4, 1], [MMA_REGS, LOADER_REGS])
 
 
 @gluon.jit
@@ -311,12 +411,22 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     work = cdiv(M, BM) * cdiv(N, BN) * split
     grid = (min(work, _num_sms(x.device)),)
     try:
-        _w4a16_gemm_ws_kernel[grid](
-            x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
-            G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
-            CONVERT_WARPS=cfg["CONVERT_WARPS"], CONVERT_REGS=cfg["CONVERT_REGS"], LOADER_REGS=cfg["LOADER_REGS"],
-            num_warps=cfg["num_warps"], **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
-        )
+        if cfg.get("RS"):
+            if BN != 128:
+                raise ValueError(f"w4a16_gemm_ws: the register-source form takes 128 weight rows per tile, got {BN}")
+            _w4a16_gemm_rs_kernel[grid](
+                x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
+                G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
+                LOADER_REGS=cfg["LOADER_REGS"], MMA_REGS=cfg.get("MMA_REGS", 200), num_warps=4,
+            )
+        else:
+            _w4a16_gemm_ws_kernel[grid](
+                x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
+                G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
+                CONVERT_WARPS=cfg["CONVERT_WARPS"], CONVERT_REGS=cfg["CONVERT_REGS"],
+                LOADER_REGS=cfg["LOADER_REGS"], num_warps=cfg["num_warps"],
+                **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
+            )
     except Exception as e:
         unavailable = BUILD.failure(e)
         if unavailable is None:
@@ -344,10 +454,13 @@ def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:
         def filled(work: int) -> float:  # busy share of the SMs over the waves `work` items take
             return work / (cdiv(work, sms) * sms)
 
+        # fewer tiles than SMs: split for a 5% better fill; more (SPLIT_WAVES, the register-source form):
+        # only for a much better last wave (qkv at M=1024: 192 tiles, 73% -> 97% of the SMs busy in 3 waves)
+        gain = 1.05 if tiles < sms else cfg.get("SPLIT_WAVES", 0)
         split = 1
-        most = min(cfg.get("MAX_SPLIT", 2), k_steps // cfg.get("MIN_SPLIT_CHUNKS", 8)) if 0 < tiles < sms else 1
+        most = min(cfg.get("MAX_SPLIT", 2), k_steps // cfg.get("MIN_SPLIT_CHUNKS", 8)) if tiles and gain else 1
         for s in range(2, most + 1):
-            if filled(tiles * s) > filled(tiles * split) * 1.05:
+            if filled(tiles * s) > filled(tiles * split) * gain:
                 split = s
     return bm, bn, cdiv(k_steps, cdiv(k_steps, split))  # no empty split
 

@@ -309,6 +309,10 @@ def test_gemm_ws_plan():
     assert plan(256, 4096, 4096, cfg, 132) == (128, 128, 2)  # 32 -> 64 tiles -> 128 work items
     assert plan(256, 6144, 4096, cfg, 132) == (128, 128, 1)  # 96 tiles: 2 splits fill no better
     assert plan(256, 6144, 4096, {**cfg, "MAX_SPLIT": 4}, 132) == (128, 128, 4)  # 4 would (3 would not)
+    # more tiles than SMs: SPLIT_WAVES splits only for a much fuller last wave
+    assert plan(1024, 6144, 4096, cfg, 132) == (256, 128, 2)  # 192 tiles: 73% busy -> 384 items: 97%
+    assert plan(1024, 6144, 4096, {**cfg, "SPLIT_WAVES": 0}, 132) == (256, 128, 1)
+    assert plan(2048, 6144, 4096, cfg, 132) == (256, 128, 1)  # 384 tiles: 97% already
     assert plan(1, 576, 1536, {**cfg, "BLOCK_M": 64}, 132)[0] == 64  # BLOCK_M_SMALL never grows a tile
     assert plan(0, 4096, 4096, cfg, 132)[2] == 1
     assert plan(300, 576, 576, cfg, 132) == (128, 128, 1)  # 9 chunks: too few to split
@@ -351,6 +355,7 @@ def test_gemm_ws_that_does_not_build_falls_back_once(monkeypatch, device):
     from lmq.kernels import gluon_build
 
     monkeypatch.setattr(ws, "_w4a16_gemm_ws_kernel", Broken())
+    monkeypatch.setattr(ws, "_w4a16_gemm_rs_kernel", Broken())  # the table's form
     monkeypatch.setattr(gluon_build, "BUILD_ERRORS", (RuntimeError,))
     monkeypatch.setattr(ws.BUILD, "failed", None)
     monkeypatch.setattr(ws, "supported", lambda x, N: ws.BUILD.failed is None)  # as on a Hopper GPU
@@ -380,7 +385,9 @@ def test_build_guard_tells_build_failures_from_launch_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [{}, {"BLOCK_M": 128, "BLOCK_M_SMALL": 0, "STAGES": 3, "CONVERT_REGS": 112},
-                                    {"SPLIT_K": 3}, {"BLOCK_M": 64, "num_warps": 4, "CONVERT_REGS": 128}])
+                                    {"SPLIT_K": 3}, {"BLOCK_M": 64, "num_warps": 4, "CONVERT_REGS": 128},
+                                    {"RS": True}, {"RS": True, "SPLIT_K": 3},
+                                    {"RS": True, "BLOCK_M": 128, "BLOCK_M_SMALL": 0, "STAGES": 6}])
 def test_gemm_ws_gpu(config):
     """The warp-specialized Hopper prefill kernel against its twin: M, N, K off the tile, every group size."""
     if torch.cuda.get_device_capability()[0] != 9:

@@ -93,7 +93,7 @@ def compile_ws() -> None:
     """The warp-specialized Hopper prefill kernel (Gluon) at the table's configs."""
     import torch
     import triton
-    from lmq.kernels.w4a16_gemm_ws import DEFAULT_CONFIG, _w4a16_gemm_ws_kernel
+    from lmq.kernels.w4a16_gemm_ws import DEFAULT_CONFIG, _w4a16_gemm_rs_kernel, _w4a16_gemm_ws_kernel
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -115,16 +115,20 @@ def compile_ws() -> None:
         x_desc = TensorDescriptor.from_tensor(torch.zeros(512, K, dtype=torch.float16), [BM, 64],
                                               gl.NVMMASharedLayout.get_default_for([BM, 64], gl.float16))
         descs = {"x_desc": x_desc, **weights}
-        consts = {"G": G, "BLOCK_M": BM, "BLOCK_N": BN, "STAGES": cfg["STAGES"], "GROUP_M": cfg["GROUP_M"],
-                  "SPLIT_K": split, "CONVERT_WARPS": cfg["CONVERT_WARPS"], "CONVERT_REGS": cfg["CONVERT_REGS"],
-                  "LOADER_REGS": cfg["LOADER_REGS"], "num_warps": cfg["num_warps"]}
-        sig = {**{k: mangle_type(v) for k, v in descs.items()}, "out_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32",
-               "stride_om": "i32", **{k: "constexpr" for k in consts}}
-        names = list(sig)
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("out_ptr", "N", "K", "stride_om")}
-        k = triton.compile(GluonASTSource(_w4a16_gemm_ws_kernel, sig, constexprs=consts, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 64), options={"num_warps": cfg["num_warps"]})
-        assert k.asm["cubin"] and k.metadata.shared <= 227 * 1024, k.metadata.shared
+        common = {"G": G, "BLOCK_M": BM, "BLOCK_N": BN, "STAGES": cfg["STAGES"], "GROUP_M": cfg["GROUP_M"],
+                  "SPLIT_K": split, "LOADER_REGS": cfg["LOADER_REGS"]}
+        # both forms: the register-source one (the table's) and the one with converting warps
+        for kernel, consts in ((_w4a16_gemm_rs_kernel, {**common, "MMA_REGS": cfg["MMA_REGS"], "num_warps": 4}),
+                               (_w4a16_gemm_ws_kernel, {**common, "CONVERT_WARPS": cfg["CONVERT_WARPS"],
+                                                        "CONVERT_REGS": cfg["CONVERT_REGS"],
+                                                        "num_warps": cfg["num_warps"]})):
+            sig = {**{k: mangle_type(v) for k, v in descs.items()}, "out_ptr": "*fp16", "M": "i32", "N": "i32",
+                   "K": "i32", "stride_om": "i32", **{k: "constexpr" for k in consts}}
+            names = list(sig)
+            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("out_ptr", "N", "K", "stride_om")}
+            k = triton.compile(GluonASTSource(kernel, sig, constexprs=consts, attrs=attrs),
+                               target=GPUTarget("cuda", 90, 64), options={"num_warps": consts["num_warps"]})
+            assert k.asm["cubin"] and k.metadata.shared <= 227 * 1024, k.metadata.shared
 
 
 @pytest.mark.slow
