@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|prefill|ws|rs ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|prefill|ws ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
@@ -68,19 +68,11 @@ SWEEP = {
         "configs": [_DECODE_TABLE, {**_DECODE_TABLE, "num_stages": 4},
                     {**_DECODE_TABLE, "BLOCK_N": 128, "num_warps": 8}],
     },
-    # the warp-specialized Hopper kernel (kernels/w4a16_gemm_ws.py), fp16
+    # the warp-specialized Hopper kernel (kernels/w4a16_gemm_ws.py), fp16: the table's config (persistent;
+    # 128-row tiles and split-K when 256-row tiles leave SMs idle), without either, 3 and 5 stages
     "ws": {
-        "ms": [256, 512, 1024, 2048, 4096],
-        # the table's config (persistent; 128-row tiles and split-K when 256-row tiles leave SMs idle),
-        # the same without either, 3 stages, 2 converting warps
-        "configs": [{}, {"BLOCK_M_SMALL": 0, "SPLIT_K": 1}, {"STAGES": 3},
-                    {"CONVERT_WARPS": 2, "CONVERT_REGS": 152, "maxnreg": 168}],
-    },
-    # the register-source form of the Hopper kernel (`RS`: two mma warp groups convert into wgmma's register
-    # operand, no converting warps) against the table's warp-specialized config, at 3-5 stages and 128-row tiles
-    "rs": {
-        "ms": [256, 512, 1024, 2048, 4096],
-        "configs": [{}, {"RS": True}, {"RS": True, "SPLIT_K": 2}, {"RS": True, "STAGES": 5}],
+        "ms": [128, 192, 256, 512, 1024, 2048, 4096],
+        "configs": [{}, {"BLOCK_M_SMALL": 0, "SPLIT_K": 1, "SPLIT_WAVES": 0}, {"STAGES": 3}, {"STAGES": 5}],
     },
 }
 
@@ -102,7 +94,7 @@ def main(regimes):
         weights.append((name, K, [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]))
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
-            if regime in ("prefill", "ws", "rs", "decode-waves", "decode-big", "decode-small"):  # the peer, and a GPU check of every config
+            if regime in ("prefill", "ws", "decode-waves", "decode-big", "decode-small"):  # the peer, and a GPU check of every config
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -113,7 +105,7 @@ def main(regimes):
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 ref = w4a16_gemm_ref(x, pp["qweight"], pp["scales"], pp["zeros"], G).float()
                 for cfg in SWEEP[regime]["configs"]:
-                    out = (w4a16_gemm_ws if regime in ("ws", "rs") else w4a16_gemm)(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg).float()
+                    out = (w4a16_gemm_ws if regime == "ws" else w4a16_gemm)(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg).float()
                     err = ((out - ref).norm() / ref.norm()).item()
                     print(f"check M={M} {cfg}: rel err {err:.2e}")
                     if not err < 2e-3:
@@ -123,7 +115,7 @@ def main(regimes):
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                    kernel = {"gemv": w4a16_gemv, "ws": w4a16_gemm_ws, "rs": w4a16_gemm_ws}.get(regime, w4a16_gemm)
+                    kernel = {"gemv": w4a16_gemv, "ws": w4a16_gemm_ws}.get(regime, w4a16_gemm)
                     fns = [lambda pp=pp, kernel=kernel, x=x, cfg=cfg: kernel(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
                            for pp in packs]
                     per.append(graph_time_us(fns, calls=max(20, len(fns)), reps=9))

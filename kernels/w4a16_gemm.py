@@ -48,17 +48,25 @@ def _pair_asm(first, bf16, scaled=False):
     Each 32-bit register holds two lanes; `(r >> 4i) & 0x000F000F | MAGIC2` is plane i of both lanes
     as two fp16/bf16 values MAGIC + q (one LOP3 after the shift), and one packed subtract (fp16) or
     fma with 1.0 (bf16, sm80 has no bf16x2 sub) removes MAGIC + z: 1.5 instructions per weight.
-    `scaled` (fp16 only) multiplies by the scale ($4) too, one packed multiply: 2 per weight.
+    `scaled` multiplies by the scale too, rounding once: fp16, one packed multiply by $4 (fp16x2), 2 per
+    weight; bf16, each lane's q - z widened to fp32 and multiplied by its scale ($4, $5: fp32) before one
+    packed conversion, 4 per weight.
     """
     magic = "0x43004300" if bf16 else "0x64006400"
-    lines = ["{", ".reg .b32 t0, t1, one, nz;"]
+    lines = ["{", ".reg .b32 t0, t1, one, nz, lo, hi;"]
     for o, i in ((0, first), (1, first + 1)):
         src = "$2"
         if i:
             lines.append(f"shr.u32 t{o}, $2, {4 * i};")
             src = f"t{o}"
         lines.append(f"lop3.b32 t{o}, {src}, 0x000F000F, {magic}, 0xEA;")
-    if bf16:
+    if bf16 and scaled:
+        lines += ["mov.b32 one, 0x3F803F80;", "xor.b32 nz, $3, 0x80008000;",
+                  "fma.rn.bf16x2 t0, t0, one, nz;", "fma.rn.bf16x2 t1, t1, one, nz;"]  # q - z, exact
+        for o in (0, 1):  # lane 0 is the low half
+            lines += [f"shl.b32 lo, t{o}, 16;", f"and.b32 hi, t{o}, 0xFFFF0000;", "mul.rn.f32 lo, lo, $4;",
+                      "mul.rn.f32 hi, hi, $5;", f"cvt.rn.bf16x2.f32 ${o}, hi, lo;"]
+    elif bf16:
         lines += ["mov.b32 one, 0x3F803F80;", "xor.b32 nz, $3, 0x80008000;",
                   "fma.rn.bf16x2 $0, t0, one, nz;", "fma.rn.bf16x2 $1, t1, one, nz;"]
     elif scaled:
@@ -253,24 +261,23 @@ _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_
 # wins (481 vs 561 for this kernel's prefill config). So on sm90 that config is never dispatched (it
 # stays in the table for the GPU tests and the benchmark's comparisons); the other archs keep the
 # crossover at 64 (not measured).
-# sm90's prefill path for fp16 activations is the warp-specialized kernel (w4a16_gemm_ws.py, its
-# config "prefill_ws"): 256 activation rows x 128 weight rows per tile (128 rows when 256-row tiles
-# would fill at most half the SMs: `w4a16_gemm_ws.plan`), 4 stages (210 KiB of shared memory), 8 warps
-# on the tensor cores, 4 converting, 1 loading; the fastest in sweep-ws-3.log (NOTES-gemm.md, run 16).
-# Since run 27 (NOTES-gemm.md) the table runs its register-source form (`RS`): two warp groups convert the
-# codes straight into wgmma's register operand, so no warps convert and no fp16 weight tile passes through
-# shared memory; 4 stages; K split in two where that fills the last wave much better (`SPLIT_WAVES`).
-# H100, sums over the four shapes (us, RS / converting form / cuBLAS fp16): M=256 185.6 / 272.1 / 206.5,
-# 1024 653.2 / 878.3 / 670.0, 4096 2794.7 / 3370.6 / 2714.7 (results/2026-11-23-session10-h100/sweep-rs-epi1.log).
-_PREFILL_WS = {"RS": True, "BLOCK_M": 256, "BLOCK_M_SMALL": 128, "BLOCK_N": 128, "STAGES": 4, "GROUP_M": 8,
-               "SPLIT_K": 0, "MIN_SPLIT_CHUNKS": 8, "MAX_SPLIT": 2, "SPLIT_WAVES": 1.25, "MMA_REGS": 200,
-               "LOADER_REGS": 40, "num_warps": 8, "CONVERT_WARPS": 4, "CONVERT_REGS": 96}
+# sm90's prefill path (fp16 or bf16 activations) is the warp-specialized kernel (w4a16_gemm_ws.py, its config
+# "prefill_ws"): 256 activation rows x 128 weight rows per tile (128 rows when 256-row tiles would fill at
+# most half the SMs or M fits 128: `w4a16_gemm_ws.plan`), 4 stages, two warp groups that convert the codes
+# straight into wgmma's register operand, one loading warp; K split in two where that fills the last wave
+# much better (`SPLIT_WAVES`). It replaced a form with converting warps and an fp16 weight ring in shared
+# memory (NOTES-gemm.md, run 27): H100, sums over the four shapes (us, this / converting form / cuBLAS
+# fp16): M=256 185.6 / 272.1 / 206.5, 1024 653.2 / 878.3 / 670.0, 4096 2794.7 / 3370.6 / 2714.7
+# (results/2026-11-23-session10-h100/sweep-rs-epi1.log).
+_PREFILL_WS = {"BLOCK_M": 256, "BLOCK_M_SMALL": 128, "BLOCK_N": 128, "STAGES": 4, "GROUP_M": 8, "SPLIT_K": 0,
+               "MIN_SPLIT_CHUNKS": 8, "MAX_SPLIT": 2, "SPLIT_WAVES": 1.25, "MMA_REGS": 200, "LOADER_REGS": 40}
 _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min_m": 65}
-# sm90 crossovers (`lmq bench gemm --m ...`, docs/benchmarks.md, GEMM "Latest run"; NOTES-gemm.md, run 17):
-# the warp-specialized prefill beats the decode kernel and dequantize + cuBLAS on gate_up / down (>= 50M
-# weights) from M=256 to 1024; qkv / o_proj stay on the decode kernel to M=256, then dequantize + cuBLAS;
-# from M=2048 dequantize + cuBLAS wins on every shape.
-_CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 8192, "prefill_min_numel": 0, "prefill_min_m": 256}
+# sm90 crossovers (`lmq bench gemm --m ...`, docs/benchmarks.md, GEMM "Latest run", whose last column times
+# every path): the warp-specialized prefill beats the decode kernel on every Llama-3-8B shape from M=192
+# (qkv 27.8 vs 34.0 us, o_proj 18.8 vs 21.4, gate_up 85.4 vs 121.2, down 47.7 vs 62.1), and dequantize +
+# cuBLAS at every M measured up to 4096 (qkv at 4096: 291.8 vs 333.1 us); beyond 8192 rows dequantizing
+# once costs little against the matmul (not measured there).
+_CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 8192, "prefill_min_numel": 0, "prefill_min_m": 192}
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},

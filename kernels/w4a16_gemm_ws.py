@@ -2,26 +2,32 @@
 
     out[M, N] = x[M, K] @ w_hat[N, K]^T,   w_hat[n, k] = (q[n, k] - z[g, n]) * s[g, n],  g = k // G
 
-Same layout (`planes64`) and function as `w4a16_gemm`; fp16 activations. Why a second kernel: in the
+Same layout (`planes64`) and function as `w4a16_gemm`; fp16 or bf16 activations. Why a second kernel: in the
 Triton kernel the warps that dequantize are the warps that issue the matrix instructions, and Triton
 3.6 serializes wgmma whose operand sits in registers (ptxas C7515), so the tensor cores idle while
-weights are converted (NOTES-gemm.md, runs 2-4 and 15: 0.5-0.6x cuBLAS at M >= 256). Here three groups
-of warps run side by side, one 64-wide K chunk per step:
+weights are converted (NOTES-gemm.md, runs 2-4 and 15: 0.5-0.6x cuBLAS at M >= 256). Here three
+partitions run side by side over one ring of 64-wide K chunks (STAGES deep):
 
-    loader  (1 warp)   TMA: x tile [BM, 64], int4 chunk [BN, 16] int16, the chunk's scales and zeros
-                       -> ring A (STAGES deep), signalled by `a_ready[s]` (transaction bytes)
-    convert (4 warps)  ring A -> w_hat [BN, 64] fp16 (scales applied: one rounding, as a dequantized
-                       fp16 weight would have) -> ring W, signalled by `w_ready[s]`
-    mma     (default)  wgmma x_tile @ w_hat^T from shared memory into the fp32 accumulator, one
-                       outstanding; frees stage s of both rings with one arrival (`done[s]`): the
-                       converter read stage s of ring A before it signalled `w_ready[s]`, so the
-                       mma partition being done with s means everyone is
+    loader  (1 warp)     TMA: x tile [BM, 64], int4 chunk [128, 16] int16, the chunk's scales and zeros
+                         -> stage s, signalled by `a_ready[s]` (transaction bytes)
+    mma lo / hi          each a warp group with 64 of the tile's 128 weight rows: reads its codes,
+    (4 warps each)       zeros and scales of stage s straight into wgmma's register operand (w_hat per
+                         16-wide plane, scales applied: one rounding to the activations' dtype, as a
+                         dequantized weight has),
+                         multiplies with the x tile in shared memory as wgmma's N side
+                         (acc^T [64, BM] += w_hat @ x^T), waits for its wgmma, and frees s (`done[s]`
+                         counts both)
 
-so conversion overlaps the tensor cores and loads overlap both. Persistent: one program per SM walks
-work items (an output tile [BM, BN], or with SPLIT_K > 1 one K range of it, added in fp16 into a
-zeroed output); during a tile's epilogue the loader and converter already fill the next tile's stages.
-`plan` picks BM and SPLIT_K per shape. Tails: TMA zero-fills x rows past M; weight rows past N (which
-read the next chunk's rows or zeros) only reach masked output columns.
+The weights never pass through shared memory as fp16 and no warps are set aside to convert: the earlier
+form of this kernel (a converting partition writing w_hat into a second ring that the mma warps read)
+was bound by shared-memory traffic (NOTES-gemm.md, run 19) and ran 1.2-1.45x slower (run 27). Each mma
+partition waits for its own wgmma before it converts the next chunk (the compiler may give the next
+chunk the registers the running wgmma still reads); the other partition's wgmma keep the tensor cores
+busy meanwhile. Persistent: one program per SM walks work items (an output tile [BM, 128], or with
+SPLIT_K > 1 one K range of it, added in the activations' dtype into a zeroed output); during a tile's epilogue the loader
+already fills the next tile's stages. `plan` picks BM and SPLIT_K per shape. Tails: TMA zero-fills x
+rows past M; weight rows past N (which read the next chunk's rows or zeros) only reach masked output
+columns.
 `w4a16_gemm_ws_ref` is the plain-PyTorch twin. The interpreter cannot run Gluon: tested on the GPU
 (and compiled offline for sm_90a in tests/test_gemm_compile.py).
 """
@@ -35,7 +41,6 @@ from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, _pair_asm, check_inputs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -63,25 +68,22 @@ def _stage_bytes(x_bytes, q_bytes, sz_bytes, sub):
     return x_bytes + q_bytes + sub * sz_bytes
 
 
-@constexpr_function
-def _mma_warps(num_warps):
-    return [num_warps, 1]
-
-
 @gluon.jit
-def _cat(a, b):
-    """`[R, C]`, `[R, C]` -> `[R, 2C]`: a's columns, then b's."""
-    return gl.reshape(gl.permute(gl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
-
-
-@gluon.jit
-def _scaled_pair(h, z, s, FIRST: gl.constexpr):
-    """Planes FIRST, FIRST + 1 of `h [BN, 16]` int16 as w_hat = (q - z) * s in fp16 (`z` uint8, `s` fp16, [BN])."""
-    zq = (z.to(gl.int16) | 0x6400).to(gl.float16, bitcast=True)  # MAGIC + z
-    zb = gl.broadcast(gl.expand_dims(zq, 1), h)[0]
-    sb = gl.broadcast(gl.expand_dims(s, 1), h)[0]
-    w0, w1 = gl.inline_asm_elementwise(_pair_asm(FIRST, False, True), "=r,=r,r,r,r", [h, zb, sb],
-                                       dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
+def _scaled_pair(h, z, s, FIRST: gl.constexpr, IS_BF16: gl.constexpr):
+    """Planes FIRST, FIRST + 1 of `h [BN, 16]` int16 as w_hat = (q - z) * s, rounded once to fp16 or bf16
+    (`z` uint8, `s` fp16, [BN])."""
+    if IS_BF16:
+        zq = (z.to(gl.int16) | 0x4300).to(gl.bfloat16, bitcast=True)  # MAGIC + z
+        zb = gl.broadcast(gl.expand_dims(zq, 1), h)[0]
+        sb = gl.broadcast(gl.expand_dims(s.to(gl.float32), 1), h)[0]
+        w0, w1 = gl.inline_asm_elementwise(_pair_asm(FIRST, True, True), "=r,=r,r,r,r,r", [h, zb, sb],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=2)
+    else:
+        zq = (z.to(gl.int16) | 0x6400).to(gl.float16, bitcast=True)
+        zb = gl.broadcast(gl.expand_dims(zq, 1), h)[0]
+        sb = gl.broadcast(gl.expand_dims(s, 1), h)[0]
+        w0, w1 = gl.inline_asm_elementwise(_pair_asm(FIRST, False, True), "=r,=r,r,r,r", [h, zb, sb],
+                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
     return w0, w1
 
 
@@ -101,10 +103,9 @@ def _work(w, M, N, k_steps, BM: gl.constexpr, BN: gl.constexpr, GROUP_M, SPLIT_K
 
 @gluon.jit
 def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K):
-    # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes.
-    # bufs start (x, codes, scales, zeros) and bars (a_ready, ...) end with done, in either kernel
-    x_bufs, q_bufs, s_bufs, z_bufs = bufs[0], bufs[1], bufs[2], bufs[3]
-    a_ready, done = bars[0], bars[len(bars) - 1]
+    # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes
+    x_bufs, q_bufs, s_bufs, z_bufs = bufs
+    a_ready, done = bars
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     BM: gl.constexpr = x_bufs.type.shape[1]
     BN: gl.constexpr = q_bufs.type.shape[1]
@@ -129,82 +130,8 @@ def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work,
 
 
 @gluon.jit
-def _convert(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K):
-    x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-    a_ready, w_ready, done = bars
-    STAGES: gl.constexpr = x_bufs.type.shape[0]
-    BM: gl.constexpr = x_bufs.type.shape[1]
-    BN: gl.constexpr = q_bufs.type.shape[1]
-    SUB: gl.constexpr = s_bufs.type.shape[0] // x_bufs.type.shape[0]
-    # each thread holds 8 contiguous lanes (16 bytes) of a row: 4 warps cover 64 rows per repeat
-    hl: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [gl.num_warps(), 1], [1, 0])
-    vl: gl.constexpr = gl.SliceLayout(1, hl)
-    c = 0
-    for w in range(gl.program_id(0), num_work, gl.num_programs(0)):
-        _, _, _, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
-        for i in range(nk):
-            st = c % STAGES
-            ph = (c // STAGES) & 1
-            mbarrier.wait(a_ready.index(st), ph)
-            h = q_bufs.index(st).load(hl)  # [BN, 16] int16
-            z0 = z_bufs.index(st * SUB).load(vl)  # [BN] uint8, planes 0, 1
-            s0 = s_bufs.index(st * SUB).load(vl)  # [BN] fp16
-            z1 = z_bufs.index(st * SUB + SUB - 1).load(vl)  # planes 2, 3 (another group only when G = 32)
-            s1 = s_bufs.index(st * SUB + SUB - 1).load(vl)
-            w0, w1 = _scaled_pair(h, z0, s0, 0)
-            w2, w3 = _scaled_pair(h, z1, s1, 2)
-            wt = _cat(_cat(w0, w1), _cat(w2, w3))  # [BN, 64]: plane i holds k = 16 i + lane
-            mbarrier.wait(done.index(st), ph ^ 1)  # the mma partition is done with this stage's last use
-            w_bufs.index(st).store(wt)
-            fence_async_shared()  # order the generic-proxy reads and store before async-proxy reads/writes
-            mbarrier.arrive(w_ready.index(st))
-            c += 1
-
-
-@gluon.jit
-def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M: gl.constexpr, SPLIT_K: gl.constexpr,
-         num_warps: gl.constexpr):
-    """The default partition: wgmma over each work item's chunks, then its epilogue (store, or add into
-    the zeroed output when K is split) while the other partitions already fill the rings for the next."""
-    x_bufs, _q_bufs, _s_bufs, _z_bufs, w_bufs = bufs
-    a_ready, w_ready, done = bars
-    STAGES: gl.constexpr = x_bufs.type.shape[0]
-    BM: gl.constexpr = x_bufs.type.shape[1]
-    BN: gl.constexpr = w_bufs.type.shape[1]
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=_mma_warps(num_warps),
-                                                     instr_shape=[16, BN, 16])
-    c = 0
-    for w in range(gl.program_id(0), num_work, gl.num_programs(0)):
-        off_m, off_n, _, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
-        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
-        for i in range(nk):
-            st = c % STAGES
-            ph = (c // STAGES) & 1
-            mbarrier.wait(a_ready.index(st), ph)
-            mbarrier.wait(w_ready.index(st), ph)
-            acc = warpgroup_mma(x_bufs.index(st), w_bufs.index(st).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            # the previous step's wgmma is done: its stage may be refilled (one arrival frees both rings)
-            prev = (c + STAGES - 1) % STAGES
-            mbarrier.arrive(done.index(prev), pred=i > 0)
-            c += 1
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        last = (c + STAGES - 1) % STAGES
-        mbarrier.arrive(done.index(last), pred=nk > 0)
-        # -- epilogue: fp32 -> fp16, masked ------------------------------------------------------------
-        offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-        offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-        ptrs = out_ptr + gl.expand_dims(offs_m, 1) * stride_om + gl.expand_dims(offs_n, 0)  # [BM, BN]
-        mask = gl.expand_dims(offs_m < M, 1) & gl.expand_dims(offs_n < N, 0)
-        if SPLIT_K == 1:
-            gl.store(ptrs, acc.to(gl.float16), mask=mask)
-        else:
-            gl.atomic_add(ptrs, acc.to(gl.float16), mask=mask, sem="relaxed")
-
-
-@gluon.jit
-def _mma_rs(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, HALF: gl.constexpr):
-    """One of the register-source kernel's two mma partitions (a warp group each, weight rows HALF * 64 ..
+def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, HALF: gl.constexpr):
+    """One of the kernel's two mma partitions (a warp group each, weight rows HALF * 64 ..
     HALF * 64 + 63 of the tile). Per chunk: the codes, zeros and scales of its rows are read from the ring
     straight into wgmma's register operand, w_hat [64, 16] per plane (scales applied: one rounding), and
     multiplied with the x tile in shared memory as the N side: acc^T [64, BM] += w_hat @ x^T.
@@ -218,6 +145,7 @@ def _mma_rs(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SP
     BN: gl.constexpr = q_bufs.type.shape[1]  # the tile's weight rows (both partitions)
     ROWS: gl.constexpr = BN // 2
     SUB: gl.constexpr = s_bufs.type.shape[0] // STAGES
+    IS_BF16: gl.constexpr = x_bufs.dtype == gl.bfloat16
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
     # the codes of a [64, 16] chunk are read in the register operand's own layout: each thread's pairs of
     # lanes (2q, 2q+1) and (2q+8, 2q+9) are its operand pairs for every plane (planes64: lane j of plane i is
@@ -236,8 +164,8 @@ def _mma_rs(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SP
             s0 = s_bufs.index(st * SUB).slice(HALF * ROWS, ROWS).load(vl)
             z1 = z_bufs.index(st * SUB + SUB - 1).slice(HALF * ROWS, ROWS).load(vl)  # planes 2, 3 (G = 32)
             s1 = s_bufs.index(st * SUB + SUB - 1).slice(HALF * ROWS, ROWS).load(vl)
-            w0, w1 = _scaled_pair(h, z0, s0, 0)
-            w2, w3 = _scaled_pair(h, z1, s1, 2)
+            w0, w1 = _scaled_pair(h, z0, s0, 0, IS_BF16)
+            w2, w3 = _scaled_pair(h, z1, s1, 2, IS_BF16)
             xt = x_bufs.index(st)  # [BM, 64]
             acc = warpgroup_mma(w0, xt.slice(0, 16, dim=1).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma(w1, xt.slice(16, 16, dim=1).permute((1, 0)), acc, is_async=True)
@@ -246,12 +174,12 @@ def _mma_rs(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SP
             acc, w0, w1, w2, w3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w0, w1, w2, w3))
             mbarrier.arrive(done.index(st))  # this partition is done with the stage (the barrier counts two)
             c += 1
-        # -- epilogue: acc^T [64, BM] -> out[off_m:, off_n + HALF * 64:] fp16, masked ---------------------
+        # -- epilogue: acc^T [64, BM] -> out[off_m:, off_n + HALF * 64:] in x's dtype, masked -------------
         # through shared memory into a layout where each thread holds 8 contiguous output columns: 16-byte
         # stores (and packed atomics), where the accumulator's own layout gives each thread single columns
         # 8 rows apart (H100: o_proj at M=256, split in two, 70 -> 19 us; NOTES-gemm.md run 27)
         ol: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
-        res = gl.convert_layout(acc.to(gl.float16), ol)
+        res = gl.convert_layout(acc.to(x_bufs.dtype), ol)
         offs_n = off_n + HALF * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ol))
         offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, ol))
         ptrs = out_ptr + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1)  # [64, BM]
@@ -263,25 +191,25 @@ def _mma_rs(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SP
 
 
 @gluon.jit
-def _mma_rs_lo(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K):
-    _mma_rs(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, 0)
+def _mma_lo(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K):
+    _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, 0)
 
 
 @gluon.jit
-def _mma_rs_hi(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K):
-    _mma_rs(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, 1)
+def _mma_hi(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K):
+    _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, 1)
 
 
 @gluon.jit
-def _w4a16_gemm_rs_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stride_om,
+def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stride_om,
                           G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                           GROUP_M: gl.constexpr, SPLIT_K: gl.constexpr, LOADER_REGS: gl.constexpr,
                           MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
-    """Register-source form (BLOCK_N = 128 weight rows, num_warps = 4): a loader warp and two mma partitions
-    of a warp group each (`_mma_rs`); no converting warps and no fp16 weight ring."""
+    """BLOCK_N = 128 weight rows per tile, num_warps = 4: a loader warp and two mma partitions of a warp
+    group each (`_mma`)."""
     k_steps = K // CHUNK_K
     num_work = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * SPLIT_K
-    x_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, CHUNK_K], x_desc.layout)
+    x_bufs = gl.allocate_shared_memory(x_desc.block_type.element_ty, [STAGES, BLOCK_M, CHUNK_K], x_desc.layout)
     q_bufs = gl.allocate_shared_memory(gl.int16, [STAGES, BLOCK_N, LANES], q_desc.layout)
     SUB: gl.constexpr = 2 if G < CHUNK_K else 1
     s_bufs = gl.allocate_shared_memory(gl.float16, [STAGES * SUB, BLOCK_N], s_desc.layout)
@@ -295,46 +223,10 @@ def _w4a16_gemm_rs_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stri
     bars = (a_ready, done)
     mma_args = (bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K)
     gl.warp_specialize([
-        (_mma_rs_lo, mma_args),
-        (_mma_rs_hi, mma_args),
+        (_mma_lo, mma_args),
+        (_mma_hi, mma_args),
         (_loader, (x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K)),
     ], [4, 1], [MMA_REGS, LOADER_REGS])
-
-
-@gluon.jit
-def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stride_om,
-                          G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                          GROUP_M: gl.constexpr, SPLIT_K: gl.constexpr, CONVERT_WARPS: gl.constexpr,
-                          CONVERT_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    # Persistent: program p takes work items p, p + programs, ... (a work item is an output tile and,
-    # with SPLIT_K > 1, one K range of it); all three partitions walk the same sequence.
-    k_steps = K // CHUNK_K
-    num_work = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * SPLIT_K
-
-    # -- the two rings and their barriers -----------------------------------------------------------
-    w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, CHUNK_K], gl.float16)
-    x_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, CHUNK_K], x_desc.layout)
-    q_bufs = gl.allocate_shared_memory(gl.int16, [STAGES, BLOCK_N, LANES], q_desc.layout)
-    SUB: gl.constexpr = 2 if G < CHUNK_K else 1
-    s_bufs = gl.allocate_shared_memory(gl.float16, [STAGES * SUB, BLOCK_N], s_desc.layout)
-    z_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES * SUB, BLOCK_N], z_desc.layout)
-    w_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, CHUNK_K], w_layout)
-    a_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    done = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(a_ready.index(i), count=1)
-        mbarrier.init(w_ready.index(i), count=1)
-        mbarrier.init(done.index(i), count=1)
-    bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
-    bars = (a_ready, w_ready, done)
-
-    worker_args = (x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K)
-    gl.warp_specialize([
-        (_mma, (bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, num_warps)),
-        (_loader, worker_args),
-        (_convert, worker_args),
-    ], [1, CONVERT_WARPS], [LOADER_REGS, CONVERT_REGS])
 
 
 BUILD = BuildGuard("the Hopper prefill GEMM (w4a16_gemm_ws)",
@@ -342,10 +234,10 @@ BUILD = BuildGuard("the Hopper prefill GEMM (w4a16_gemm_ws)",
 
 
 def supported(x: torch.Tensor, N: int) -> bool:
-    """Whether this kernel can run these inputs: Hopper, fp16 activations, N a multiple of 16 (the scale
+    """Whether this kernel can run these inputs: Hopper, fp16 or bf16 activations, N a multiple of 16 (the scale
     and zero rows of a group start at g * N: TMA needs 16-byte-aligned starts, N * 1 byte for the zeros),
     and a Triton that built it (or has not tried yet)."""
-    if BUILD.failed or x.device.type != "cuda" or x.dtype != torch.float16 or N % 16:
+    if BUILD.failed or x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16) or N % 16:
         return False
     return cuda_capability(x.device)[0] == 9
 
@@ -390,12 +282,12 @@ def weight_descriptors(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch
 
 def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   group_size: int, config: dict | None = None, descs: dict | None = None) -> torch.Tensor:
-    """`x [..., K]` fp16 times the packed `[N, K]` weight -> `[..., N]` fp16 (Hopper only).
+    """`x [..., K]` fp16/bf16 times the packed `[N, K]` weight -> `[..., N]` in x's dtype (Hopper only).
 
     `descs`: where to keep the weight's TMA descriptors between calls (`weight_descriptors`)."""
     N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemm_ws")
     if not supported(x, N):
-        raise UnsupportedError(f"w4a16_gemm_ws needs a Hopper GPU, float16 activations and N % 16 == 0; got "
+        raise UnsupportedError(f"w4a16_gemm_ws needs a Hopper GPU, float16 or bfloat16 activations and N % 16 == 0; got "
                                f"{x.device} {x.dtype}, N={N}; use w4a16_gemm")
     M = x2.shape[0]
     if M == 0:
@@ -403,30 +295,22 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     if x2.stride(0) % 8 or x2.data_ptr() % 16:  # TMA: 16-byte-aligned start and row stride
         x2 = x2.clone(memory_format=torch.contiguous_format)
     cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if cfg["BLOCK_N"] != 128:
+        raise ValueError(f"w4a16_gemm_ws: tiles hold 128 weight rows (two warp groups of 64), got BLOCK_N={cfg['BLOCK_N']}")
     BM, BN, split = plan(M, N, K, cfg, _num_sms(x.device))
     out = (torch.zeros if split > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
     ck = planes64.CHUNK_K
-    x_desc = TensorDescriptor.from_tensor(x2, [BM, ck], _layout((BM, ck), gl.float16))
+    xdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    x_desc = TensorDescriptor.from_tensor(x2, [BM, ck], _layout((BM, ck), xdt))
     q_desc, s_desc, z_desc = weight_descriptors(qweight, scales, zeros, BN, descs)
     work = cdiv(M, BM) * cdiv(N, BN) * split
     grid = (min(work, _num_sms(x.device)),)
     try:
-        if cfg.get("RS"):
-            if BN != 128:
-                raise ValueError(f"w4a16_gemm_ws: the register-source form takes 128 weight rows per tile, got {BN}")
-            _w4a16_gemm_rs_kernel[grid](
-                x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
-                G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
-                LOADER_REGS=cfg["LOADER_REGS"], MMA_REGS=cfg.get("MMA_REGS", 200), num_warps=4,
-            )
-        else:
-            _w4a16_gemm_ws_kernel[grid](
-                x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
-                G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
-                CONVERT_WARPS=cfg["CONVERT_WARPS"], CONVERT_REGS=cfg["CONVERT_REGS"],
-                LOADER_REGS=cfg["LOADER_REGS"], num_warps=cfg["num_warps"],
-                **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
-            )
+        _w4a16_gemm_ws_kernel[grid](
+            x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
+            G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
+            LOADER_REGS=cfg["LOADER_REGS"], MMA_REGS=cfg["MMA_REGS"], num_warps=4,
+        )
     except Exception as e:
         unavailable = BUILD.failure(e)
         if unavailable is None:
@@ -437,15 +321,16 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, SPLIT_K) for this shape. When the 256-row tiles would fill at most half the SMs,
-    the rows per tile drop to BLOCK_M_SMALL; when the tiles still number fewer than the SMs, K is split
-    (partial tiles added into a zeroed output) if that fills the last wave better by 5% or more, each
-    split keeping at least MIN_SPLIT_CHUNKS 64-wide chunks, into at most MAX_SPLIT (2 in the table: two
-    fp16 additions into a zeroed output give the same bits in either order, three would not). On an H100
-    (NOTES-gemm.md, run 17): splitting a weight whose tiles already fill the SMs (gate_up at M=256) or
-    halving tiles that nearly fill them (o_proj at M=1024) was slower."""
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    if 2 * cdiv(M, bm) * cdiv(N, bn) <= sms and cfg.get("BLOCK_M_SMALL"):
-        bm = min(bm, cfg["BLOCK_M_SMALL"])
+    or M fits the smaller tile as well, the rows per tile drop to BLOCK_M_SMALL; when the tiles still
+    number fewer than the SMs, K is split (partial tiles added into a zeroed output) if that fills the last
+    wave better by 5% or more, and with more tiles than SMs if it does by SPLIT_WAVES; each split keeps at
+    least MIN_SPLIT_CHUNKS 64-wide chunks, at most MAX_SPLIT of them (2 in the table: two fp16 additions
+    into a zeroed output give the same bits in either order, three would not). On an H100 (NOTES-gemm.md,
+    runs 17 and 27): splitting a weight whose tiles already fill the SMs (gate_up at M=256) or halving tiles
+    that nearly fill them (o_proj at M=1024) was slower; splitting qkv at M=1024 (192 tiles) was faster."""
+    bm, bn, small = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.get("BLOCK_M_SMALL")
+    if small and (2 * cdiv(M, bm) * cdiv(N, bn) <= sms or cdiv(M, small) == cdiv(M, bm)):
+        bm = min(bm, small)  # also where the smaller tiles are as many (M <= 128): less of each is padding
     tiles = cdiv(M, bm) * cdiv(N, bn)
     k_steps = K // planes64.CHUNK_K
     if cfg.get("SPLIT_K"):
@@ -467,7 +352,7 @@ def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:
 
 def w4a16_gemm_ws_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int) -> torch.Tensor:
-    """Plain-PyTorch twin: w_hat rounded to fp16 as the kernel rounds it, then an fp32 matmul."""
+    """Plain-PyTorch twin: w_hat rounded to x's dtype as the kernel rounds it, then an fp32 matmul."""
     q = planes64.unpack(qweight, scales, zeros, group_size)
-    w = q.dequantize(torch.float32).to(torch.float16).float().to(x.device)  # [N, K]
+    w = q.dequantize(torch.float32).to(x.dtype).float().to(x.device)  # [N, K]
     return (x.float() @ w.t()).to(x.dtype)

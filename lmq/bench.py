@@ -56,7 +56,7 @@ class GemmRow:
     K: int
     lmq_us: float
     lmq_path: str
-    cublas_fp16_us: float
+    cublas_us: float
     torch_int4_us: float | None
     floor_us: float
     paths_us: dict = field(default_factory=dict)  # every lmq path, for the crossovers
@@ -65,11 +65,11 @@ class GemmRow:
 
     @property
     def speedup(self) -> float:
-        return self.cublas_fp16_us / self.lmq_us
+        return self.cublas_us / self.lmq_us
 
     @property
     def int4_speedup(self) -> float | None:
-        return None if self.torch_int4_us is None else self.cublas_fp16_us / self.torch_int4_us
+        return None if self.torch_int4_us is None else self.cublas_us / self.torch_int4_us
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -146,8 +146,13 @@ def _torch_int4_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 
 
 def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: int = 128,
-               per_shape_ms: list[int] | None = None, on_row=None) -> dict:
-    """Time lmq's W4A16 paths, cuBLAS fp16 and torch's int4 kernel per (shape, M); returns a report dict."""
+               per_shape_ms: list[int] | None = None, on_row=None, dtype: str = "fp16") -> dict:
+    """Time lmq's W4A16 paths, cuBLAS and torch's int4 kernel per (shape, M) with `dtype` ("fp16" or "bf16")
+    activations (cuBLAS multiplies the dequantized weight in that dtype); returns a report dict."""
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise InputError(f"--dtype {dtype!r}: expected fp16 or bf16")
+    dt = dtypes[dtype]
     if not torch.cuda.is_available():
         raise UnsupportedError("lmq bench gemm needs a CUDA GPU; none is visible")
     from lmq.engine.qlinear import choose_path, local_arch, qlinear, run_path
@@ -175,7 +180,7 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
         int4_bytes = sum(t.numel() * t.element_size() for t in p.values())
         n_q = copies_for(int4_bytes)
         packs = [p] + [{k: v.clone() for k, v in p.items()} for _ in range(n_q - 1)]
-        w16 = q.dequantize(torch.float16)  # [N, K]
+        w16 = q.dequantize(dt)  # [N, K]
         n_f = copies_for(w16.numel() * 2)
         w16s = [w16] + [w16.clone() for _ in range(n_f - 1)]
         t4, int4_error = None, None if int4_ops is not None else "this torch has no _weight_int4pack_mm"
@@ -189,7 +194,7 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
             int4_errors.append(int4_error)
         del q
         for M in (per_shape_ms[si:si + 1] if per_shape_ms else ms):
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            x = torch.randn(M, K, device="cuda", dtype=dt)
             paths = {}
             for path in ("gemv", "decode", "prefill", "dequant"):
                 if (path == "gemv" and M > 4) or (path == "decode" and M > 256):
@@ -201,7 +206,7 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
             chosen = choose_path(M, table, N * K)
             cublas = graph_time_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in w16s], calls=max(n_f, 20))
             # correctness of what was timed, on this very input
-            ref = x.float() @ w16.float().t()  # [M, N]; w16 = w_hat rounded to fp16
+            ref = x.float() @ w16.float().t()  # [M, N]; w16 = w_hat rounded to x's dtype
             got = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table).float()
             lmq_err = ((got - ref).norm() / ref.norm()).item()
             t4_us, t4_err = None, None
@@ -212,7 +217,7 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
                 got4 = mm(xb, t4[0][0], G, t4[0][1]).float()
                 t4_err = ((got4 - ref).norm() / ref.norm()).item()
             row = GemmRow(
-                shape=name, M=M, N=N, K=K, lmq_us=paths[chosen], lmq_path=chosen, cublas_fp16_us=cublas,
+                shape=name, M=M, N=N, K=K, lmq_us=paths[chosen], lmq_path=chosen, cublas_us=cublas,
                 torch_int4_us=t4_us, floor_us=int4_bytes / bw * 1e6, paths_us=paths, lmq_rel_err=lmq_err,
                 torch_int4_rel_err=t4_err,
             )
@@ -227,6 +232,7 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "group_size": group_size,
+        "dtype": dtype,
         "copy_bandwidth_GB_s": bw / 1e9,
         "torch_int4_errors": int4_errors,
         "rows": [r.as_dict() for r in rows],
@@ -234,22 +240,24 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
 
 
 def render_gemm_table(report: dict):
-    """A rich Table of a bench_gemm report (times in us; speedups vs cuBLAS fp16 = 1.0)."""
+    """A rich Table of a bench_gemm report (times in us; speedups vs cuBLAS in the activations' dtype = 1.0)."""
     from rich.table import Table
 
-    t = Table(title=f"W4A16 GEMM, {report['gpu']} ({report['arch']}), g{report['group_size']}, "
-                    f"copy bandwidth {report['copy_bandwidth_GB_s']:.0f} GB/s; speedups vs cuBLAS fp16")
-    for col in ("shape", "M", "N", "K", "lmq us", "path", "cuBLAS fp16 us", "torch int4 us", "lmq x",
+    dt = report.get("dtype", "fp16")  # reports before bf16 was measured were fp16
+    t = Table(title=f"W4A16 GEMM, {report['gpu']} ({report['arch']}), g{report['group_size']}, {dt} activations, "
+                    f"copy bandwidth {report['copy_bandwidth_GB_s']:.0f} GB/s; speedups vs cuBLAS {dt}")
+    for col in ("shape", "M", "N", "K", "lmq us", "path", f"cuBLAS {dt} us", "torch int4 us", "lmq x",
                 "int4 x", "floor us", "floor x", "gemv/decode/prefill/dequant us"):
         t.add_column(col, justify="left" if col in ("shape", "path") else "right")
     for r in report["rows"]:
         t4 = r["torch_int4_us"]
         p = r["paths_us"]
+        cublas = r["cublas_us"] if "cublas_us" in r else r["cublas_fp16_us"]
         t.add_row(
             r["shape"], str(r["M"]), str(r["N"]), str(r["K"]), f"{r['lmq_us']:.1f}", r["lmq_path"],
-            f"{r['cublas_fp16_us']:.1f}", "n/a" if t4 is None else f"{t4:.1f}", f"{r['speedup_vs_cublas']:.2f}",
+            f"{cublas:.1f}", "n/a" if t4 is None else f"{t4:.1f}", f"{r['speedup_vs_cublas']:.2f}",
             "n/a" if t4 is None else f"{r['torch_int4_speedup_vs_cublas']:.2f}", f"{r['floor_us']:.1f}",
-            f"{r['cublas_fp16_us'] / r['floor_us']:.2f}",
+            f"{cublas / r['floor_us']:.2f}",
             "/".join(f"{p[k]:.1f}" if k in p else "-" for k in ("gemv", "decode", "prefill", "dequant")),
         )
     return t

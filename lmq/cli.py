@@ -217,9 +217,10 @@ def bench_gemm_cmd(
     shapes: str = typer.Option("llama3-8b", "--shapes", help="llama3-8b, qwen2.5-7b, or M,N,K triples separated by ';'."),
     m: str = typer.Option("1,4,16,64,256,1024,4096", "--m", help="Comma-separated M (rows) to time per shape."),
     group_size: int = typer.Option(128, "--group-size", help="Quantization group size: 32, 64 or 128."),
+    dtype: str = typer.Option("fp16", "--dtype", help="Activations: fp16 or bf16 (cuBLAS runs in the same dtype)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
 ) -> None:
-    """Time lmq's W4A16 GEMM against cuBLAS fp16 and torch's int4 kernel, with the bandwidth floor."""
+    """Time lmq's W4A16 GEMM against cuBLAS (fp16 or bf16) and torch's int4 kernel, with the bandwidth floor."""
     with guard():
         import json
 
@@ -237,7 +238,8 @@ def bench_gemm_cmd(
         report = bench_gemm(
             shape_list, ms, group_size, per_shape_ms,
             on_row=lambda r: log(f"{r.shape} M={r.M}: lmq {r.lmq_us:.1f} us ({r.lmq_path}), "
-                                 f"cuBLAS {r.cublas_fp16_us:.1f} us, x{r.speedup:.2f}"),
+                                 f"cuBLAS {r.cublas_us:.1f} us, x{r.speedup:.2f}"),
+            dtype=dtype,
         )
         if json_out:
             out.print_json(json.dumps(report))

@@ -36,12 +36,19 @@ def test_cli_rejects_bad_m():
     assert r.exit_code == 1 and "--m" in r.output
 
 
+def test_cli_rejects_bad_dtype():
+    r = CliRunner().invoke(app, ["bench", "gemm", "--m", "1", "--dtype", "fp8"])
+    assert r.exit_code == 1 and "--dtype 'fp8': expected fp16 or bf16" in r.output
+
+
 @pytest.mark.gpu
 def test_bench_gemm_small_run():
     report = bench_gemm([("t", 576, 1536)], [1, 17], group_size=64)
     assert report["copy_bandwidth_GB_s"] > 100
     assert [r["M"] for r in report["rows"]] == [1, 17]
     for r in report["rows"]:
-        assert r["lmq_us"] > 0 and r["cublas_fp16_us"] > 0 and r["floor_us"] > 0
+        assert r["lmq_us"] > 0 and r["cublas_us"] > 0 and r["floor_us"] > 0
         assert r["lmq_rel_err"] < 2e-3
     json.dumps(report)  # --json must serialize
+    bf = bench_gemm([("t", 576, 1536)], [300], group_size=64, dtype="bf16")
+    assert bf["dtype"] == "bf16" and bf["rows"][0]["lmq_rel_err"] < 1.2e-2

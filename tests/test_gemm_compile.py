@@ -93,7 +93,7 @@ def compile_ws() -> None:
     """The warp-specialized Hopper prefill kernel (Gluon) at the table's configs."""
     import torch
     import triton
-    from lmq.kernels.w4a16_gemm_ws import DEFAULT_CONFIG, _w4a16_gemm_rs_kernel, _w4a16_gemm_ws_kernel
+    from lmq.kernels.w4a16_gemm_ws import DEFAULT_CONFIG, _w4a16_gemm_ws_kernel
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -110,25 +110,23 @@ def compile_ws() -> None:
         "s_desc": TensorDescriptor.from_tensor(torch.zeros(K // 32 * N, dtype=torch.float16), [BN], flat[16]),
         "z_desc": TensorDescriptor.from_tensor(torch.zeros(K // 32 * N, dtype=torch.uint8), [BN], flat[8]),
     }
-    # the table's tile, with G = 32 (two scale rows per chunk) and split-K, and the 128-row tile
-    for G, BM, split in ((128, cfg["BLOCK_M"], 1), (32, cfg["BLOCK_M"], 3), (128, cfg["BLOCK_M_SMALL"], 2)):
-        x_desc = TensorDescriptor.from_tensor(torch.zeros(512, K, dtype=torch.float16), [BM, 64],
-                                              gl.NVMMASharedLayout.get_default_for([BM, 64], gl.float16))
+    # the table's tile (fp16 and bf16 activations), with G = 32 (two scale rows per chunk) and split-K, and
+    # the 128-row tile
+    for G, BM, split, dt in ((128, cfg["BLOCK_M"], 1, "fp16"), (128, cfg["BLOCK_M"], 1, "bf16"),
+                             (32, cfg["BLOCK_M"], 3, "fp16"), (128, cfg["BLOCK_M_SMALL"], 2, "bf16")):
+        tdt, gdt = (torch.bfloat16, gl.bfloat16) if dt == "bf16" else (torch.float16, gl.float16)
+        x_desc = TensorDescriptor.from_tensor(torch.zeros(512, K, dtype=tdt), [BM, 64],
+                                              gl.NVMMASharedLayout.get_default_for([BM, 64], gdt))
         descs = {"x_desc": x_desc, **weights}
-        common = {"G": G, "BLOCK_M": BM, "BLOCK_N": BN, "STAGES": cfg["STAGES"], "GROUP_M": cfg["GROUP_M"],
-                  "SPLIT_K": split, "LOADER_REGS": cfg["LOADER_REGS"]}
-        # both forms: the register-source one (the table's) and the one with converting warps
-        for kernel, consts in ((_w4a16_gemm_rs_kernel, {**common, "MMA_REGS": cfg["MMA_REGS"], "num_warps": 4}),
-                               (_w4a16_gemm_ws_kernel, {**common, "CONVERT_WARPS": cfg["CONVERT_WARPS"],
-                                                        "CONVERT_REGS": cfg["CONVERT_REGS"],
-                                                        "num_warps": cfg["num_warps"]})):
-            sig = {**{k: mangle_type(v) for k, v in descs.items()}, "out_ptr": "*fp16", "M": "i32", "N": "i32",
-                   "K": "i32", "stride_om": "i32", **{k: "constexpr" for k in consts}}
-            names = list(sig)
-            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("out_ptr", "N", "K", "stride_om")}
-            k = triton.compile(GluonASTSource(kernel, sig, constexprs=consts, attrs=attrs),
-                               target=GPUTarget("cuda", 90, 64), options={"num_warps": consts["num_warps"]})
-            assert k.asm["cubin"] and k.metadata.shared <= 227 * 1024, k.metadata.shared
+        consts = {"G": G, "BLOCK_M": BM, "BLOCK_N": BN, "STAGES": cfg["STAGES"], "GROUP_M": cfg["GROUP_M"],
+                  "SPLIT_K": split, "LOADER_REGS": cfg["LOADER_REGS"], "MMA_REGS": cfg["MMA_REGS"], "num_warps": 4}
+        sig = {**{k: mangle_type(v) for k, v in descs.items()}, "out_ptr": f"*{dt}", "M": "i32", "N": "i32",
+               "K": "i32", "stride_om": "i32", **{k: "constexpr" for k in consts}}
+        names = list(sig)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("out_ptr", "N", "K", "stride_om")}
+        k = triton.compile(GluonASTSource(_w4a16_gemm_ws_kernel, sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 64), options={"num_warps": consts["num_warps"]})
+        assert k.asm["cubin"] and k.metadata.shared <= 227 * 1024, k.metadata.shared
 
 
 @pytest.mark.slow

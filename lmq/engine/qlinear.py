@@ -10,8 +10,8 @@ By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`)
                                   M = prefill_min_m
     M <  dequant_min_m         -> prefill, for weights of at least prefill_min_numel elements: where
                                   the table has "prefill_ws" (sm90), the warp-specialized kernel
-                                  `w4a16_gemm_ws` for fp16 activations and dequantize + cuBLAS for
-                                  the rest (bf16); elsewhere the W4A16 kernel's prefill config
+                                  `w4a16_gemm_ws` (fp16 or bf16 activations; dequantize + cuBLAS
+                                  where it cannot run); elsewhere the W4A16 kernel's prefill config
     otherwise                  -> dequantize to fp16/bf16, then cuBLAS (torch.matmul)
 """
 
@@ -84,7 +84,7 @@ def run_path(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                 return w4a16_gemm_ws.w4a16_gemm_ws(x, qweight, scales, zeros, group_size, table["prefill_ws"], descs)
             except w4a16_gemm_ws.KernelUnavailable:
                 pass  # this Triton cannot build it (warned once): dequantize + cuBLAS from now on
-        path = "dequant"  # bf16, N % 16 != 0, no Gluon: dequantize + cuBLAS beats the Triton prefill kernel
+        path = "dequant"  # N % 16 != 0, no Gluon: dequantize + cuBLAS beats the Triton prefill kernel
     if path == "dequant":
         return torch.matmul(x, w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
     cfg = table[path]
