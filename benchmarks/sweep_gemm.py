@@ -68,6 +68,20 @@ SWEEP = {
         "configs": [_DECODE_TABLE, {**_DECODE_TABLE, "num_stages": 4},
                     {**_DECODE_TABLE, "BLOCK_N": 128, "num_warps": 8}],
     },
+    # the warp-specialized Hopper kernel at decode-sized M: x rows as wgmma's N = 16 / 64 side, K split until
+    # the work items fill the SMs (fp16 atomics), deeper rings
+    "ws-small": {
+        "ms": [1, 16, 64],
+        "configs": [{"BLOCK_M": bm, "MAX_SPLIT": 16, "MIN_SPLIT_CHUNKS": mc, "STAGES": st}
+                    for bm, mc, st in ((16, 4, 6), (16, 4, 10), (16, 8, 8), (64, 4, 6), (64, 4, 8))],
+    },
+    # the warp-specialized Hopper kernel at M = 256 / 512 with K split into more than two (qkv: 96 tiles of
+    # 128 x 128 for 132 SMs; more than two fp16 atomic adds per output are not bit-reproducible)
+    "ws-split": {
+        "ms": [256, 512],
+        "configs": [{}, {"MAX_SPLIT": 4}, {"MAX_SPLIT": 8, "MIN_SPLIT_CHUNKS": 4},
+                    {"BLOCK_M_SMALL": 0, "MAX_SPLIT": 8, "MIN_SPLIT_CHUNKS": 4}],
+    },
     # the warp-specialized Hopper kernel (kernels/w4a16_gemm_ws.py), fp16: the table's config (persistent;
     # 128-row tiles and split-K when 256-row tiles leave SMs idle), without either, 3 and 5 stages
     "ws": {
@@ -94,7 +108,7 @@ def main(regimes):
         weights.append((name, K, [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]))
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
-            if regime in ("prefill", "ws", "decode-waves", "decode-big", "decode-small"):  # the peer, and a GPU check of every config
+            if regime in ("prefill", "ws", "ws-small", "ws-split", "decode-waves", "decode-big", "decode-small"):  # the peer, and a GPU check of every config
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -105,7 +119,7 @@ def main(regimes):
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 ref = w4a16_gemm_ref(x, pp["qweight"], pp["scales"], pp["zeros"], G).float()
                 for cfg in SWEEP[regime]["configs"]:
-                    out = (w4a16_gemm_ws if regime == "ws" else w4a16_gemm)(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg).float()
+                    out = (w4a16_gemm_ws if regime.startswith("ws") else w4a16_gemm)(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg).float()
                     err = ((out - ref).norm() / ref.norm()).item()
                     print(f"check M={M} {cfg}: rel err {err:.2e}")
                     if not err < 2e-3:
@@ -115,7 +129,7 @@ def main(regimes):
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                    kernel = {"gemv": w4a16_gemv, "ws": w4a16_gemm_ws}.get(regime, w4a16_gemm)
+                    kernel = w4a16_gemv if regime == "gemv" else w4a16_gemm_ws if regime.startswith("ws") else w4a16_gemm
                     fns = [lambda pp=pp, kernel=kernel, x=x, cfg=cfg: kernel(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
                            for pp in packs]
                     per.append(graph_time_us(fns, calls=max(20, len(fns)), reps=9))

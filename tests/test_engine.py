@@ -370,12 +370,13 @@ def test_out_of_memory_in_a_step_is_explained_and_leaves_nothing_running(llm, pr
     assert not llm.has_unfinished()
 
 
-@pytest.mark.parametrize("n_new", [2, 37])
+@pytest.mark.parametrize("n_new", [2, 37, 700])
 def test_padded_prefill_matches_the_eager_prefill(weights, n_new):
     """What a prefill graph computes, run eagerly: the span padded to its token-count bucket (padded
     rows write nothing, sit at position 0 and come after every real row) gives the eager prefill's
     logits for the last real row, after a cached prefix."""
-    eng = make_llm(weights, max_num_seqs=2, prefill_graphs=True)
+    eng = make_llm(weights, max_num_seqs=2, prefill_graphs=True, max_model_len=1024)
+    assert eng.runner.prefill_buckets == [32, 64, 128, 256, 512, 768, 1024]
     r = eng.runner
     if not r.prefill_graphs:  # no graphs captured (CPU): make their inputs; on a GPU the graphs read these
         r._prefill_buffers()
@@ -388,11 +389,26 @@ def test_padded_prefill_matches_the_eager_prefill(weights, n_new):
     ref = r.run(step, eng.manager).float()  # [1, V]
     r.prefill_graphs = graphs
     tb = r._stage_prefill(step, eng.manager)
-    assert tb == (32 if n_new <= 32 else 64)
+    assert tb == (32 if n_new <= 32 else 64 if n_new <= 64 else 768)
     ids, batch = r._prefill_batch(tb)
     got = r.model.forward(ids, r.cache, batch, r._p_row.long()).float()
     assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item() > 0.9999
     assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="replays the captured prefill graphs")
+def test_long_prefill_graph_gives_the_eager_tokens(weights):
+    """A 700-token prompt replays the 768-token prefill graph; greedy tokens as with an eager prefill. No
+    bucket exceeds the step's token budget."""
+    prompt = [1000 + (i * 37) % 5000 for i in range(700)]
+    outs = {}
+    for graphs in (True, False):
+        eng = make_llm(weights, max_num_seqs=2, prefill_graphs=graphs, max_model_len=1024)
+        assert eng.runner.prefill_buckets == ([32, 64, 128, 256, 512, 768, 1024] if graphs else [])
+        outs[graphs] = eng.generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+    assert outs[True] == outs[False]
+    small = make_llm(weights, max_num_seqs=2, prefill_graphs=True, max_model_len=1024, max_num_batched_tokens=256)
+    assert small.runner.prefill_buckets == [32, 64, 128, 256]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the int4 split kernels run on a GPU")

@@ -130,7 +130,7 @@ class LLM:
         if prefill_graphs is None:  # on unless LMQ_PREFILL_GRAPHS=0 (see ModelRunner)
             prefill_graphs = os.environ.get("LMQ_PREFILL_GRAPHS", "1") != "0"
         self.runner = ModelRunner(self.model, spec, num_blocks, max_num_seqs, self.max_model_len, cuda_graphs,
-                                  prefill_graphs)
+                                  prefill_graphs, max_num_batched_tokens)
         log(f"KV cache: {num_blocks} blocks x {block_size} tokens ({self.cache_tokens} tokens, "
             f"{self.runner.cache.nbytes / 2**30:.2f} GiB, {self.kv_dtype})")
         self._ids = itertools.count()

@@ -9,13 +9,14 @@ copy, padded rows write to slot -1 (skipped) and attend over one token of block 
 attention is planned for `max_model_len` so the graph's launch grid never changes.
 
 With `prefill_graphs` (on by default where decode graphs are captured; `LLM(prefill_graphs=False)`
-or LMQ_PREFILL_GRAPHS=0 turns them off), a step that prefills one sequence's last `T <= 512` prompt tokens alone (a
-chat turn, a request arriving at an idle engine) also replays a graph, captured per token-count
-bucket: the span is padded to the bucket with tokens that write nothing (slot -1), sit at position 0
-for RoPE and, being after every real token, are never attended by one; only the last real row's
-logits are computed. An eager prefill of that size is host-bound (about 430 kernel launches for
-Llama-3-8B: 22-37 ms of host time around 8-15 ms of kernels on an H100,
-benchmarks/profile_prefill.py).
+or LMQ_PREFILL_GRAPHS=0 turns them off), a step that prefills one sequence's last `T <= 2048` prompt tokens alone
+(a chat turn, a request arriving at an idle engine) also replays a graph, captured per token-count
+bucket (up to the step's token budget and the context): the span is padded to the bucket with tokens that
+write nothing (slot -1), sit at position 0 for RoPE and, being after every real token, are never
+attended by one; only the last real row's logits are computed. An eager prefill is host-bound on a slow
+host (about 430 kernel launches for Llama-3-8B: 22-37 ms of host time around 8-15 ms of kernels for
+512 tokens, and 37 ms around 24 ms for 1,024, on the lent H100's host; benchmarks/profile_prefill.py).
+The graphs share one memory pool, so their activations cost what the largest bucket's do.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from lmq.engine.model import EngineModel
 from lmq.engine.scheduler import Step
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-PREFILL_BUCKETS = (32, 64, 128, 256, 512)  # new-token counts of the single-sequence prefill graphs
+PREFILL_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048)  # new-token counts of the prefill graphs
 
 
 class ModelRunner:
     def __init__(self, model: EngineModel, spec: KVCacheSpec, num_blocks: int, max_num_seqs: int,
-                 max_model_len: int, cuda_graphs: bool = True, prefill_graphs: bool = False):
+                 max_model_len: int, cuda_graphs: bool = True, prefill_graphs: bool = False,
+                 max_prefill_tokens: int | None = None):
         self.model = model
         self.device = model.device
         self.cache = KVCache(spec, num_blocks, self.device)
@@ -49,7 +51,8 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // spec.block_size)  # block-table width
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.prefill_buckets = [b for b in PREFILL_BUCKETS if b <= max_model_len] if prefill_graphs else []
+        most = min(max_model_len, max_prefill_tokens or max_model_len)  # no step prefills more
+        self.prefill_buckets = [b for b in PREFILL_BUCKETS if b <= most] if prefill_graphs else []
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]  # ascending
         if cuda_graphs and self.device.type == "cuda" and model.backend == "triton":
             self._capture()
