@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|prefill|ws ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|prefill|ws|ws-small|ws-split ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one

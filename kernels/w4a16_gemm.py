@@ -236,7 +236,8 @@ def _w4a16_gemm_kernel(
 #   M <= gemv_max_m -> w4a16_gemv ("gemv"); M <= decode_max_m -> this kernel, "decode" (weights of
 #   >= prefill_min_numel elements leave it from M = prefill_min_m); M < dequant_min_m, weights of
 #   >= prefill_min_numel -> "prefill": w4a16_gemm_ws with "prefill_ws" where the table has it (sm90,
-#   fp16; else dequantize + cuBLAS), this kernel's "prefill" config otherwise; else dequantize + cuBLAS.
+#   fp16 or bf16; dequantize + cuBLAS where it cannot run), this kernel's "prefill" config otherwise;
+#   else dequantize + cuBLAS.
 # sm90's entries and crossovers were measured on an H100 (benchmarks/NOTES-gemm.md, `lmq bench gemm`);
 # the other archs' rows are scaled to their shared memory and not yet measured.
 # ---------------------------------------------------------------------------------------------
@@ -273,11 +274,15 @@ _PREFILL_WS = {"BLOCK_M": 256, "BLOCK_M_SMALL": 128, "BLOCK_N": 128, "STAGES": 4
                "MIN_SPLIT_CHUNKS": 8, "MAX_SPLIT": 2, "SPLIT_WAVES": 1.25, "MMA_REGS": 200, "LOADER_REGS": 40}
 _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min_m": 65}
 # sm90 crossovers (`lmq bench gemm --m ...`, docs/benchmarks.md, GEMM "Latest run", whose last column times
-# every path): the warp-specialized prefill beats the decode kernel on every Llama-3-8B shape from M=192
-# (qkv 27.8 vs 34.0 us, o_proj 18.8 vs 21.4, gate_up 85.4 vs 121.2, down 47.7 vs 62.1), and dequantize +
-# cuBLAS at every M measured up to 4096 (qkv at 4096: 291.8 vs 333.1 us); beyond 8192 rows dequantizing
-# once costs little against the matmul (not measured there).
-_CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 8192, "prefill_min_numel": 0, "prefill_min_m": 192}
+# every path): on GPU time the warp-specialized prefill beats the decode kernel on every Llama-3-8B shape
+# from M=192 (qkv 28.1 vs 34.4 us, o_proj 19.1 vs 22.2, gate_up 87.9 vs 122.1, down 48.5 vs 61.5), and
+# dequantize + cuBLAS at every M measured up to 4096 (qkv at 4096: 297.3 vs 337.1 us; bf16 there: within
+# 3% over the four shapes); beyond 8192 rows dequantizing once costs little against the matmul (not
+# measured). It switches at 256, not 192: its Python launch costs 148-171 us against the decode kernel's
+# 82-103 on the lent H100's host (benchmarks/host_overhead.py), and rows 192-255 mostly come in eager
+# engine steps; the one throughput A/B read 34.95 / 34.67 req/s switching at 192 against 39.32 / 35.60 at
+# 257 (results/2026-11-23-session10-h100/crossover-ab/).
+_CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 8192, "prefill_min_numel": 0, "prefill_min_m": 256}
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},

@@ -20,7 +20,7 @@ partitions run side by side over one ring of 64-wide K chunks (STAGES deep):
 
 The weights never pass through shared memory as fp16 and no warps are set aside to convert: the earlier
 form of this kernel (a converting partition writing w_hat into a second ring that the mma warps read)
-was bound by shared-memory traffic (NOTES-gemm.md, run 19) and ran 1.2-1.45x slower (run 27). Each mma
+was bound by shared-memory traffic (NOTES-gemm.md, run 19) and ran 1.21-1.47x slower (run 27). Each mma
 partition waits for its own wgmma before it converts the next chunk (the compiler may give the next
 chunk the registers the running wgmma still reads); the other partition's wgmma keep the tensor cores
 busy meanwhile. Persistent: one program per SM walks work items (an output tile [BM, 128], or with

@@ -41,6 +41,23 @@ def test_cli_rejects_bad_dtype():
     assert r.exit_code == 1 and "--dtype 'fp8': expected fp16 or bf16" in r.output
 
 
+def test_table_renders_reports_of_either_dtype():
+    """bf16 reports name their dtype; reports from before `--dtype` (cublas_fp16_us, no dtype) still render."""
+    from rich.console import Console
+
+    from lmq.bench import render_gemm_table
+
+    row = {"shape": "t", "M": 1, "N": 576, "K": 1536, "lmq_us": 2.0, "lmq_path": "gemv", "torch_int4_us": None,
+           "floor_us": 1.0, "paths_us": {"gemv": 2.0}, "speedup_vs_cublas": 2.0, "torch_int4_speedup_vs_cublas": None}
+    base = {"gpu": "GPU", "arch": "sm90", "group_size": 64, "copy_bandwidth_GB_s": 2000.0}
+    for report, dt in (({**base, "rows": [{**row, "cublas_fp16_us": 4.0}]}, "fp16"),
+                       ({**base, "dtype": "bf16", "rows": [{**row, "cublas_us": 4.0}]}, "bf16")):
+        console = Console(width=250, record=True)
+        console.print(render_gemm_table(report))
+        text = console.export_text()
+        assert f"speedups vs cuBLAS {dt}" in text and "4.0" in text
+
+
 @pytest.mark.gpu
 def test_bench_gemm_small_run():
     report = bench_gemm([("t", 576, 1536)], [1, 17], group_size=64)

@@ -405,10 +405,15 @@ def test_long_prefill_graph_gives_the_eager_tokens(weights):
     for graphs in (True, False):
         eng = make_llm(weights, max_num_seqs=2, prefill_graphs=graphs, max_model_len=1024)
         assert eng.runner.prefill_buckets == ([32, 64, 128, 256, 512, 768, 1024] if graphs else [])
+        staged = []
+        stage = eng.runner._stage_prefill
+        eng.runner._stage_prefill = lambda *a, stage=stage, staged=staged: staged.append(stage(*a)) or staged[-1]
         outs[graphs] = eng.generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+        assert staged == ([768] if graphs else [])  # the graph ran, or no prefill graph did
     assert outs[True] == outs[False]
-    small = make_llm(weights, max_num_seqs=2, prefill_graphs=True, max_model_len=1024, max_num_batched_tokens=256)
-    assert small.runner.prefill_buckets == [32, 64, 128, 256]
+    # the step's token budget caps the buckets, and is one itself where it falls between two
+    small = make_llm(weights, max_num_seqs=2, prefill_graphs=True, max_model_len=1024, max_num_batched_tokens=300)
+    assert small.runner.prefill_buckets == [32, 64, 128, 256, 300]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the int4 split kernels run on a GPU")

@@ -297,6 +297,15 @@ def test_gemm_gpu_configs(arch, regime, dtype):
             assert rel_err(out, ref) < TOL[dtype], (arch, regime, N, K, G, M)
 
 
+def test_sm90_crossovers():
+    """The sm90 table's dispatch by M, for any weight size: GEMV, decode kernel, the Hopper prefill kernel from
+    256 rows (its host cost keeps rows below that on the decode kernel), dequantize + cuBLAS from 8192."""
+    table = CONFIGS["sm90"]
+    for numel in (576 * 1536, 4096 * 4096, 28672 * 4096):
+        assert [choose_path(M, table, numel) for M in (1, 2, 255, 256, 8191, 8192)] == [
+            "gemv", "decode", "decode", "prefill", "prefill", "dequant"]
+
+
 def test_gemm_ws_plan():
     """Tile rows drop to BLOCK_M_SMALL when the 256-row tiles do not cover the SMs; K splits only when
     that fills the SMs better (never into an empty split); an explicit SPLIT_K is kept."""
@@ -478,8 +487,8 @@ def test_dequant_and_dispatch_gpu(dtype):
     p = random_packed(N, K, G, "cuda")
     w = w4a16_dequant(p["qweight"], p["scales"], p["zeros"], G, dtype)
     torch.testing.assert_close(w, w4a16_dequant_ref(p["qweight"], p["scales"], p["zeros"], G, dtype))
-    table = {**CONFIGS["sm90"], "prefill_min_numel": 0}  # this small weight takes every path
-    for M in (1, 2, 64, 65, 300, 1024, 4096):  # on sm90, 300 and 1024 take the warp-specialized prefill
+    table = CONFIGS["sm90"]
+    for M in (1, 2, 64, 65, 300, 1024, 4096, 8192):  # sm90: gemv, decode, the warp-specialized prefill, dequantize
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table)
         assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype]

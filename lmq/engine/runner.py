@@ -9,14 +9,15 @@ copy, padded rows write to slot -1 (skipped) and attend over one token of block 
 attention is planned for `max_model_len` so the graph's launch grid never changes.
 
 With `prefill_graphs` (on by default where decode graphs are captured; `LLM(prefill_graphs=False)`
-or LMQ_PREFILL_GRAPHS=0 turns them off), a step that prefills one sequence's last `T <= 2048` prompt tokens alone
-(a chat turn, a request arriving at an idle engine) also replays a graph, captured per token-count
-bucket (up to the step's token budget and the context): the span is padded to the bucket with tokens that
-write nothing (slot -1), sit at position 0 for RoPE and, being after every real token, are never
-attended by one; only the last real row's logits are computed. An eager prefill is host-bound on a slow
-host (about 430 kernel launches for Llama-3-8B: 22-37 ms of host time around 8-15 ms of kernels for
-512 tokens, and 37 ms around 24 ms for 1,024, on the lent H100's host; benchmarks/profile_prefill.py).
-The graphs share one memory pool, so their activations cost what the largest bucket's do.
+or LMQ_PREFILL_GRAPHS=0 turns them off), a step that prefills one sequence's last `T <= 2048` prompt
+tokens alone (a chat turn, a request arriving at an idle engine) also replays a graph, captured per
+token-count bucket: the buckets stop at the step's token budget and the context, whichever is smaller
+(itself a bucket where it falls between two). The span is padded to the bucket with tokens that write
+nothing (slot -1), sit at position 0 for RoPE and, being after every real token, are never attended by
+one; only the last real row's logits are computed. An eager prefill is host-bound on a slow host (about
+430 kernel launches for Llama-3-8B: 22-37 ms of host time around 8-15 ms of kernels for 512 tokens, and
+37 ms around 24 ms for 1,024, on the lent H100's host; benchmarks/profile_prefill.py). The graphs share
+one memory pool, so their activations cost what the largest bucket's do.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // spec.block_size)  # block-table width
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        most = min(max_model_len, max_prefill_tokens or max_model_len)  # no step prefills more
-        self.prefill_buckets = [b for b in PREFILL_BUCKETS if b <= most] if prefill_graphs else []
+        # no step prefills more than the token budget or the context: the smaller of them (at most the largest
+        # bucket) is the last bucket, so a budget between two buckets still has its graph
+        most = min(max_model_len, max_prefill_tokens or max_model_len, PREFILL_BUCKETS[-1])
+        self.prefill_buckets = [b for b in PREFILL_BUCKETS if b < most] + [most] if prefill_graphs else []
         self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]  # ascending
         if cuda_graphs and self.device.type == "cuda" and model.backend == "triton":
             self._capture()
