@@ -75,14 +75,12 @@ SWEEP = {
         "configs": [{"BLOCK_M": bm, "MAX_SPLIT": 16, "MIN_SPLIT_CHUNKS": mc, "STAGES": st}
                     for bm, mc, st in ((16, 4, 6), (16, 4, 10), (16, 8, 8), (64, 4, 6), (64, 4, 8))],
     },
-    # the warp-specialized Hopper kernel at M = 256 / 512: the table (two pieces per tile where the tiles number
-    # between half the SMs and the SMs), without them, and with K split into more than two (qkv: 96 tiles of
+    # the warp-specialized Hopper kernel at M = 256 / 512 with K split into more than two (qkv: 96 tiles of
     # 128 x 128 for 132 SMs; more than two fp16 atomic adds per output are not bit-reproducible)
     "ws-split": {
         "ms": [256, 512],
-        "configs": [{}, {"TWO_PIECES": False}, {"TWO_PIECES": False, "MAX_SPLIT": 4},
-                    {"TWO_PIECES": False, "MAX_SPLIT": 8, "MIN_SPLIT_CHUNKS": 4},
-                    {"TWO_PIECES": False, "BLOCK_M_SMALL": 0, "MAX_SPLIT": 8, "MIN_SPLIT_CHUNKS": 4}],
+        "configs": [{}, {"MAX_SPLIT": 4}, {"MAX_SPLIT": 8, "MIN_SPLIT_CHUNKS": 4},
+                    {"BLOCK_M_SMALL": 0, "MAX_SPLIT": 8, "MIN_SPLIT_CHUNKS": 4}],
     },
     # the warp-specialized Hopper kernel (kernels/w4a16_gemm_ws.py), fp16: the table's config (persistent;
     # 128-row tiles and split-K when 256-row tiles leave SMs idle), without either, 3 and 5 stages

@@ -271,8 +271,7 @@ _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_
 # fp16): M=256 185.6 / 272.1 / 206.5, 1024 653.2 / 878.3 / 670.0, 4096 2794.7 / 3370.6 / 2714.7
 # (results/2026-11-23-session10-h100/sweep-rs-epi1.log).
 _PREFILL_WS = {"BLOCK_M": 256, "BLOCK_M_SMALL": 128, "BLOCK_N": 128, "STAGES": 4, "GROUP_M": 8, "SPLIT_K": 0,
-               "MIN_SPLIT_CHUNKS": 8, "MAX_SPLIT": 2, "SPLIT_WAVES": 1.25, "TWO_PIECES": True, "MMA_REGS": 200,
-               "LOADER_REGS": 40}
+               "MIN_SPLIT_CHUNKS": 8, "MAX_SPLIT": 2, "SPLIT_WAVES": 1.25, "MMA_REGS": 200, "LOADER_REGS": 40}
 _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min_m": 65}
 # sm90 crossovers (`lmq bench gemm --m ...`, docs/benchmarks.md, GEMM "Latest run", whose last column times
 # every path): on GPU time the warp-specialized prefill beats the decode kernel on every Llama-3-8B shape

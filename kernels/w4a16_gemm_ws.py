@@ -88,37 +88,21 @@ def _scaled_pair(h, z, s, FIRST: gl.constexpr, IS_BF16: gl.constexpr):
 
 
 @gluon.jit
-def _work(w, M, N, k_steps, BM: gl.constexpr, BN: gl.constexpr, GROUP_M, SPLIT_K, big):
-    """Work item `w` -> (off_m, off_n, first chunk, chunks): output tile t in grouped order (GROUP_M row blocks
-    share a column block while it is in L2) and a K range of it.
-    - `big` = 0: t = w // SPLIT_K, K split w % SPLIT_K of SPLIT_K equal ones.
-    - `big` > 0 (two pieces, fewer tiles than programs): program p < tiles takes the first `big` chunks of tile p,
-      and the others take the rest of tiles p - tiles, p - tiles + (programs - tiles), ... one per round; item
-      w is program w % programs' round w // programs. Items with nothing to do have 0 chunks."""
-    tiles = gl.cdiv(M, BM) * gl.cdiv(N, BN)
-    # two pieces (both formulas are computed; `big` picks)
-    P = gl.num_programs(0)
-    rnd = w // P
-    first = w % P < tiles
-    j = (w % P - tiles) + rnd * (P - tiles)  # a later program's tile in this round
-    tile2 = gl.where(first, w % P, gl.where(j < tiles, j, 0))
-    nk2 = gl.where(first, gl.where(rnd == 0, big, 0), gl.where(j < tiles, k_steps - big, 0))
-    # SPLIT_K equal splits
-    per = gl.cdiv(k_steps, SPLIT_K)
-    k01 = (w % SPLIT_K) * per
-    pieces = big > 0
-    tile = gl.where(pieces, tile2, w // SPLIT_K)
-    k0 = gl.where(pieces, gl.where(first, 0, big), k01)
-    nk = gl.where(pieces, nk2, gl.minimum(k_steps - k01, per))
+def _work(w, M, N, k_steps, BM: gl.constexpr, BN: gl.constexpr, GROUP_M, SPLIT_K):
+    """Work item `w` -> (off_m, off_n, first chunk, chunks): output tile w // SPLIT_K in grouped order
+    (GROUP_M row blocks share a column block while it is in L2), K split w % SPLIT_K."""
+    tile = w // SPLIT_K
     num_m = gl.cdiv(M, BM)
     width = GROUP_M * gl.cdiv(N, BN)
     first_m = (tile // width) * GROUP_M
     rows = gl.minimum(num_m - first_m, GROUP_M)
-    return (first_m + (tile % width) % rows) * BM, ((tile % width) // rows) * BN, k0, nk
+    per = gl.cdiv(k_steps, SPLIT_K)
+    k0 = (w % SPLIT_K) * per
+    return (first_m + (tile % width) % rows) * BM, ((tile % width) // rows) * BN, k0, gl.minimum(k_steps - k0, per)
 
 
 @gluon.jit
-def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K, big):
+def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K):
     # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes
     x_bufs, q_bufs, s_bufs, z_bufs = bufs
     a_ready, done = bars
@@ -130,7 +114,7 @@ def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work,
                                         s_desc.block_type.nbytes + z_desc.block_type.nbytes, SUB)
     c = 0  # ring position: continues from one work item to the next
     for w in range(gl.program_id(0), num_work, gl.num_programs(0)):
-        off_m, off_n, k0, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K, big)
+        off_m, off_n, k0, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
         for i in range(k0, k0 + nk):
             st = c % STAGES
             mbarrier.wait(done.index(st), ((c // STAGES) & 1) ^ 1)  # barriers start as "phase 1 complete"
@@ -146,7 +130,7 @@ def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work,
 
 
 @gluon.jit
-def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, big, HALF: gl.constexpr):
+def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, HALF: gl.constexpr):
     """One of the kernel's two mma partitions (a warp group each, weight rows HALF * 64 ..
     HALF * 64 + 63 of the tile). Per chunk: the codes, zeros and scales of its rows are read from the ring
     straight into wgmma's register operand, w_hat [64, 16] per plane (scales applied: one rounding), and
@@ -170,7 +154,7 @@ def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT
     vl: gl.constexpr = gl.SliceLayout(1, al)
     c = 0
     for w in range(gl.program_id(0), num_work, gl.num_programs(0)):
-        off_m, off_n, _, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K, big)
+        off_m, off_n, _, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
         acc = gl.zeros((ROWS, BM), dtype=gl.float32, layout=layout)
         for i in range(nk):
             st = c % STAGES
@@ -199,7 +183,7 @@ def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT
         offs_n = off_n + HALF * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ol))
         offs_m = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, ol))
         ptrs = out_ptr + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1)  # [64, BM]
-        mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0) & (nk > 0)  # no-op items write nothing
+        mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
         if SPLIT_K == 1:
             gl.store(ptrs, res, mask=mask)
         else:
@@ -207,23 +191,24 @@ def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT
 
 
 @gluon.jit
-def _mma_lo(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, big):
-    _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, big, 0)
+def _mma_lo(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K):
+    _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, 0)
 
 
 @gluon.jit
-def _mma_hi(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, big):
-    _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, big, 1)
+def _mma_hi(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K):
+    _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, 1)
 
 
 @gluon.jit
-def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stride_om, num_work, big,
+def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stride_om,
                           G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                           GROUP_M: gl.constexpr, SPLIT_K: gl.constexpr, LOADER_REGS: gl.constexpr,
                           MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
     """BLOCK_N = 128 weight rows per tile, num_warps = 4: a loader warp and two mma partitions of a warp
-    group each (`_mma`); `num_work` items, `big` as in `_work`."""
+    group each (`_mma`)."""
     k_steps = K // CHUNK_K
+    num_work = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N) * SPLIT_K
     x_bufs = gl.allocate_shared_memory(x_desc.block_type.element_ty, [STAGES, BLOCK_M, CHUNK_K], x_desc.layout)
     q_bufs = gl.allocate_shared_memory(gl.int16, [STAGES, BLOCK_N, LANES], q_desc.layout)
     SUB: gl.constexpr = 2 if G < CHUNK_K else 1
@@ -236,11 +221,11 @@ def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stri
         mbarrier.init(done.index(i), count=2)  # both mma partitions
     bufs = (x_bufs, q_bufs, s_bufs, z_bufs)
     bars = (a_ready, done)
-    mma_args = (bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, big)
+    mma_args = (bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K)
     gl.warp_specialize([
         (_mma_lo, mma_args),
         (_mma_hi, mma_args),
-        (_loader, (x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K, big)),
+        (_loader, (x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K)),
     ], [4, 1], [MMA_REGS, LOADER_REGS])
 
 
@@ -312,22 +297,17 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if cfg["BLOCK_N"] != 128:
         raise ValueError(f"w4a16_gemm_ws: tiles hold 128 weight rows (two warp groups of 64), got BLOCK_N={cfg['BLOCK_N']}")
-    sms = _num_sms(x.device)
-    BM, BN, split, big = plan(M, N, K, cfg, sms)
+    BM, BN, split = plan(M, N, K, cfg, _num_sms(x.device))
     out = (torch.zeros if split > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
     ck = planes64.CHUNK_K
     xdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor.from_tensor(x2, [BM, ck], _layout((BM, ck), xdt))
     q_desc, s_desc, z_desc = weight_descriptors(qweight, scales, zeros, BN, descs)
-    tiles = cdiv(M, BM) * cdiv(N, BN)
-    if big:  # every program; the others' pieces come in rounds (`_work`)
-        grid, work = (sms,), sms * cdiv(tiles, sms - tiles)
-    else:
-        work = tiles * split
-        grid = (min(work, sms),)
+    work = cdiv(M, BM) * cdiv(N, BN) * split
+    grid = (min(work, _num_sms(x.device)),)
     try:
         _w4a16_gemm_ws_kernel[grid](
-            x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0), work, big,
+            x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
             G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
             LOADER_REGS=cfg["LOADER_REGS"], MMA_REGS=cfg["MMA_REGS"], num_warps=4,
         )
@@ -339,20 +319,15 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return out.reshape(*lead, N)
 
 
-def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, SPLIT_K, BIG) for this shape. When the 256-row tiles would fill at most half the SMs,
+def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, SPLIT_K) for this shape. When the 256-row tiles would fill at most half the SMs,
     or M fits the smaller tile as well, the rows per tile drop to BLOCK_M_SMALL; when the tiles still
     number fewer than the SMs, K is split (partial tiles added into a zeroed output) if that fills the last
     wave better by 5% or more, and with more tiles than SMs if it does by SPLIT_WAVES; each split keeps at
     least MIN_SPLIT_CHUNKS 64-wide chunks, at most MAX_SPLIT of them (2 in the table: two fp16 additions
     into a zeroed output give the same bits in either order, three would not). On an H100 (NOTES-gemm.md,
     runs 17 and 27): splitting a weight whose tiles already fill the SMs (gate_up at M=256) or halving tiles
-    that nearly fill them (o_proj at M=1024) was slower; splitting qkv at M=1024 (192 tiles) was faster.
-    TWO_PIECES: where the tiles number between half the SMs and the SMs (qkv at M=256: 96 tiles for 132 SMs;
-    two halves make 192 items, no better), each tile is cut in two pieces instead, still two additions per
-    output: a program per tile takes its first BIG chunks, and the other programs take k pieces of the rest
-    each, k = ceil(tiles / (SMs - tiles)), BIG = k / (k + 1) of K, so every program works BIG chunks (qkv:
-    48 of 64 chunks, 75% of a tile, instead of a whole one). SPLIT_K is then 2 and BIG > 0."""
+    that nearly fill them (o_proj at M=1024) was slower; splitting qkv at M=1024 (192 tiles) was faster."""
     bm, bn, small = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg.get("BLOCK_M_SMALL")
     if small and (2 * cdiv(M, bm) * cdiv(N, bn) <= sms or cdiv(M, small) == cdiv(M, bm)):
         bm = min(bm, small)  # also where the smaller tiles are as many (M <= 128): less of each is padding
@@ -372,14 +347,7 @@ def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int, in
         for s in range(2, most + 1):
             if filled(tiles * s) > filled(tiles * split) * gain:
                 split = s
-    if cfg.get("TWO_PIECES") and not cfg.get("SPLIT_K") and sms // 2 < tiles < sms:
-        k = cdiv(tiles, sms - tiles)
-        big = round(k_steps * k / (k + 1))
-        makespan = max(big, k * (k_steps - big)) / k_steps  # of one whole tile; `split` takes cdiv(...) / split
-        if (cfg.get("MIN_SPLIT_CHUNKS", 8) <= k_steps - big < big
-                and makespan * 1.05 < cdiv(tiles * split, sms) / split):
-            return bm, bn, 2, big
-    return bm, bn, cdiv(k_steps, cdiv(k_steps, split)), 0  # no empty split
+    return bm, bn, cdiv(k_steps, cdiv(k_steps, split))  # no empty split
 
 
 def w4a16_gemm_ws_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

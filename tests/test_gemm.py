@@ -311,27 +311,21 @@ def test_gemm_ws_plan():
     that fills the SMs better (never into an empty split); an explicit SPLIT_K is kept."""
     cfg = w4a16_gemm_ws_module.DEFAULT_CONFIG
     plan = w4a16_gemm_ws_module.plan
-    assert plan(1024, 28672, 4096, cfg, 132) == (256, 128, 1, 0)  # 896 tiles
-    assert plan(256, 28672, 4096, cfg, 132) == (256, 128, 1, 0)  # 224 tiles: already more than the SMs
-    assert plan(1024, 4096, 4096, cfg, 132) == (256, 128, 1, 0)  # 128 tiles: nearly one full wave
-    assert plan(512, 4096, 4096, cfg, 132) == (128, 128, 1, 0)  # 64 tiles of 256 rows -> 128 of 128
-    assert plan(256, 4096, 4096, cfg, 132) == (128, 128, 2, 0)  # 32 -> 64 tiles -> 128 work items
-    # 96 tiles: 2 splits fill no better; two pieces per tile: 3 of K's 4 quarters for 96 programs, the last
-    # quarters three each for the other 36
-    assert plan(256, 6144, 4096, cfg, 132) == (128, 128, 2, 48)
-    assert plan(256, 6144, 4096, {**cfg, "TWO_PIECES": False}, 132) == (128, 128, 1, 0)
-    assert plan(512, 6144, 4096, cfg, 132) == (256, 128, 2, 48)  # the same 96 tiles, of 256 rows
-    assert plan(1024, 4096, 4096, cfg, 132)[3] == 0  # 128 tiles: the second piece would be 2 chunks
-    assert plan(256, 6144, 4096, {**cfg, "SPLIT_K": 1}, 132) == (128, 128, 1, 0)  # an explicit split wins
-    assert plan(256, 6144, 4096, {**cfg, "MAX_SPLIT": 4}, 132) == (128, 128, 4, 0)  # 4 would (3 would not)
+    assert plan(1024, 28672, 4096, cfg, 132) == (256, 128, 1)  # 896 tiles
+    assert plan(256, 28672, 4096, cfg, 132) == (256, 128, 1)  # 224 tiles: already more than the SMs
+    assert plan(1024, 4096, 4096, cfg, 132) == (256, 128, 1)  # 128 tiles: nearly one full wave
+    assert plan(512, 4096, 4096, cfg, 132) == (128, 128, 1)  # 64 tiles of 256 rows -> 128 of 128
+    assert plan(256, 4096, 4096, cfg, 132) == (128, 128, 2)  # 32 -> 64 tiles -> 128 work items
+    assert plan(256, 6144, 4096, cfg, 132) == (128, 128, 1)  # 96 tiles: 2 splits fill no better
+    assert plan(256, 6144, 4096, {**cfg, "MAX_SPLIT": 4}, 132) == (128, 128, 4)  # 4 would (3 would not)
     # more tiles than SMs: SPLIT_WAVES splits only for a much fuller last wave
-    assert plan(1024, 6144, 4096, cfg, 132) == (256, 128, 2, 0)  # 192 tiles: 73% busy -> 384 items: 97%
-    assert plan(1024, 6144, 4096, {**cfg, "SPLIT_WAVES": 0}, 132) == (256, 128, 1, 0)
-    assert plan(128, 28672, 4096, cfg, 132) == (128, 128, 1, 0)  # 224 tiles either way: the smaller one
-    assert plan(2048, 6144, 4096, cfg, 132) == (256, 128, 1, 0)  # 384 tiles: 97% already
+    assert plan(1024, 6144, 4096, cfg, 132) == (256, 128, 2)  # 192 tiles: 73% busy -> 384 items: 97%
+    assert plan(1024, 6144, 4096, {**cfg, "SPLIT_WAVES": 0}, 132) == (256, 128, 1)
+    assert plan(128, 28672, 4096, cfg, 132) == (128, 128, 1)  # 224 tiles either way: the smaller one
+    assert plan(2048, 6144, 4096, cfg, 132) == (256, 128, 1)  # 384 tiles: 97% already
     assert plan(1, 576, 1536, {**cfg, "BLOCK_M": 64}, 132)[0] == 64  # BLOCK_M_SMALL never grows a tile
     assert plan(0, 4096, 4096, cfg, 132)[2] == 1
-    assert plan(300, 576, 576, cfg, 132) == (128, 128, 1, 0)  # 9 chunks: too few to split
+    assert plan(300, 576, 576, cfg, 132) == (128, 128, 1)  # 9 chunks: too few to split
     assert plan(17, 576, 1536, {**cfg, "SPLIT_K": 4}, 132)[2] == 4
     assert plan(17, 576, 576, {**cfg, "SPLIT_K": 4}, 132)[2] == 3  # 9 chunks in 4 splits of 3: one would be empty
 
@@ -402,12 +396,9 @@ def test_build_guard_tells_build_failures_from_launch_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("config", [{}, {"SPLIT_K": 3}, {"BLOCK_M": 128, "BLOCK_M_SMALL": 0, "STAGES": 6},
-                                    {"BLOCK_M": 64, "STAGES": 3},
-                                    {"BLOCK_M": 128, "BLOCK_M_SMALL": 0, "MIN_SPLIT_CHUNKS": 2}])
+                                    {"BLOCK_M": 64, "STAGES": 3}])
 def test_gemm_ws_gpu(config, dtype):
-    """The warp-specialized Hopper prefill kernel against its twin: M, N, K off the tile, every group size.
-    Two pieces per tile (`plan`'s BIG) run where the tiles number between half the SMs and the SMs: with the
-    table's config at N=6144, M=300 (96 tiles on an H100), with the last config at N=4096, M=300."""
+    """The warp-specialized Hopper prefill kernel against its twin: M, N, K off the tile, every group size."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("w4a16_gemm_ws is a Hopper (sm90) kernel")
     # against the twin (the same w_hat): the output's own rounding, 2^-11 (fp16) or 2^-8 (bf16)

@@ -121,7 +121,7 @@ def compile_ws() -> None:
         consts = {"G": G, "BLOCK_M": BM, "BLOCK_N": BN, "STAGES": cfg["STAGES"], "GROUP_M": cfg["GROUP_M"],
                   "SPLIT_K": split, "LOADER_REGS": cfg["LOADER_REGS"], "MMA_REGS": cfg["MMA_REGS"], "num_warps": 4}
         sig = {**{k: mangle_type(v) for k, v in descs.items()}, "out_ptr": f"*{dt}", "M": "i32", "N": "i32",
-               "K": "i32", "stride_om": "i32", "num_work": "i32", "big": "i32", **{k: "constexpr" for k in consts}}
+               "K": "i32", "stride_om": "i32", **{k: "constexpr" for k in consts}}
         names = list(sig)
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("out_ptr", "N", "K", "stride_om")}
         k = triton.compile(GluonASTSource(_w4a16_gemm_ws_kernel, sig, constexprs=consts, attrs=attrs),
