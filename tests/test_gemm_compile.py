@@ -90,8 +90,12 @@ def compile_attention(arch: str) -> None:
 
 
 def compile_ws() -> None:
-    """The warp-specialized Hopper prefill kernel (Gluon) at the table's configs."""
+    """The warp-specialized Hopper prefill kernel (Gluon) at the table's configs. Its SASS must not spill and
+    must keep the register-operand wgmma pipelined: one wait per chunk's four HGMMA (ptxas serializes them, a
+    wait after each, where it cannot prove the operand registers safe: NOTES-gemm.md, runs 15 and 27)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import torch
+    from sass_attention import cuobjdump
     import triton
     from lmq.kernels.w4a16_gemm_ws import DEFAULT_CONFIG, _w4a16_gemm_ws_kernel
     from triton.backends.compiler import GPUTarget
@@ -127,6 +131,10 @@ def compile_ws() -> None:
         k = triton.compile(GluonASTSource(_w4a16_gemm_ws_kernel, sig, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", 90, 64), options={"num_warps": consts["num_warps"]})
         assert k.asm["cubin"] and k.metadata.shared <= 227 * 1024, k.metadata.shared
+        sass = cuobjdump(k, "-sass")
+        hgmma, waits = sass.count(" HGMMA."), sass.count("WARPGROUP.DEPBAR")
+        assert " STL" not in sass and " LDL" not in sass, f"the prefill kernel spills ({dt}, BM={BM})"
+        assert hgmma >= 8 and waits * 4 <= hgmma, f"wgmma serialized: {waits} waits for {hgmma} HGMMA ({dt}, BM={BM})"
 
 
 @pytest.mark.slow
