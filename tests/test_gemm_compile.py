@@ -95,9 +95,9 @@ def compile_ws() -> None:
     wait after each, where it cannot prove the operand registers safe: NOTES-gemm.md, runs 15 and 27)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import torch
-    from sass_attention import cuobjdump
     import triton
     from lmq.kernels.w4a16_gemm_ws import DEFAULT_CONFIG, _w4a16_gemm_ws_kernel
+    from sass_attention import cuobjdump
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
