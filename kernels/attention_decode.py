@@ -189,7 +189,9 @@ PDL_MERGE = True
 # 3.02-3.06 vs 3.27-3.34; int8 B=1 2.48-2.50 vs 2.65-2.67, B=8 3.00 vs 3.34-3.35. Its cost where the split
 # lengths come out the same (equal lengths, the plan's own context; benchmarks/attention_sweep.py --balanced,
 # balanced/balanced-ab.log, us, on vs off): none within noise at B=8 and B=64 and at B=1 4k, but the Triton
-# kernel's int4 path at B=1 16k reads 17.7-17.8 against 16.8-16.9 (it compiles to 177 registers instead of 221).
+# kernel's int4 path at B=1 16k reads 17.7-17.8 against 16.8-16.9 (it compiles to 177 registers instead of 221;
+# offline SASS, head dim 128: its loop is 1,092 instructions against 1,112, neither spills, both run two programs
+# per SM, and its cp.async copies issue about 50 instructions later in the loop; the cause is not found).
 BALANCED = True
 # int4 caches with fp16 queries (Hopper, head dims 64..128 that are multiples of 8, tiles of 64 or 128
 # tokens; attention_decode_mma.supported): the Gluon split kernel that reads codes straight in
