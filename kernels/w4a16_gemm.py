@@ -282,7 +282,7 @@ _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min
 # 82-103 on the lent H100's host (benchmarks/host_overhead.py), and rows 192-255 mostly come in eager
 # engine steps; the one throughput A/B read 34.95 / 34.67 req/s switching at 192 against 39.32 / 35.60 at
 # 257 (results/2026-11-23-session10-h100/crossover-ab/).
-_CROSS_SM90 = {**_CROSS, "decode_max_m": 256, "dequant_min_m": 8192, "prefill_min_numel": 0, "prefill_min_m": 256}
+_CROSS_SM90 = {**_CROSS, "decode_max_m": 255, "dequant_min_m": 8192}  # every weight size alike
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},

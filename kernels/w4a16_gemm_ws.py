@@ -297,14 +297,15 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if cfg["BLOCK_N"] != 128:
         raise ValueError(f"w4a16_gemm_ws: tiles hold 128 weight rows (two warp groups of 64), got BLOCK_N={cfg['BLOCK_N']}")
-    BM, BN, split = plan(M, N, K, cfg, _num_sms(x.device))
+    sms = _num_sms(x.device)
+    BM, BN, split = plan(M, N, K, cfg, sms)
     out = (torch.zeros if split > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
     ck = planes64.CHUNK_K
     xdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor.from_tensor(x2, [BM, ck], _layout((BM, ck), xdt))
     q_desc, s_desc, z_desc = weight_descriptors(qweight, scales, zeros, BN, descs)
     work = cdiv(M, BM) * cdiv(N, BN) * split
-    grid = (min(work, _num_sms(x.device)),)
+    grid = (min(work, sms),)
     try:
         _w4a16_gemm_ws_kernel[grid](
             x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),

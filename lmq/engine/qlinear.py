@@ -79,12 +79,12 @@ def run_path(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     if path == "gemv":
         return w4a16_gemv(x, qweight, scales, zeros, group_size, None if x.device.type == "cpu" else table["gemv"])
     if path == "prefill" and "prefill_ws" in table:
-        if w4a16_gemm_ws is not None and w4a16_gemm_ws.supported(x, qweight.shape[1]):
-            try:
+        if w4a16_gemm_ws is not None:
+            try:  # it checks what it can run (`supported`) before any work: one check per call
                 return w4a16_gemm_ws.w4a16_gemm_ws(x, qweight, scales, zeros, group_size, table["prefill_ws"], descs)
-            except w4a16_gemm_ws.KernelUnavailable:
-                pass  # this Triton cannot build it (warned once): dequantize + cuBLAS from now on
-        path = "dequant"  # N % 16 != 0, no Gluon: dequantize + cuBLAS beats the Triton prefill kernel
+            except UnsupportedError:
+                pass  # N % 16 != 0, not Hopper, or this Triton cannot build it (KernelUnavailable, warned once)
+        path = "dequant"  # dequantize + cuBLAS beats the Triton prefill kernel
     if path == "dequant":
         return torch.matmul(x, w4a16_dequant(qweight, scales, zeros, group_size, x.dtype).t())
     cfg = table[path]
