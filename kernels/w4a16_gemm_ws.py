@@ -130,30 +130,6 @@ def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work,
 
 
 @gluon.jit
-def _operands(q_bufs, z_bufs, s_bufs, st, SUB: gl.constexpr, ROW0: gl.constexpr, ROWS: gl.constexpr,
-              al: gl.constexpr, vl: gl.constexpr, IS_BF16: gl.constexpr):
-    """Stage `st`'s codes, zeros and scales of rows ROW0 .. ROW0 + ROWS - 1 as wgmma's register operand: w_hat
-    [ROWS, 16] for each of the chunk's four planes."""
-    h = q_bufs.index(st).slice(ROW0, ROWS).load(al)  # [64, 16] int16
-    z0 = z_bufs.index(st * SUB).slice(ROW0, ROWS).load(vl)
-    s0 = s_bufs.index(st * SUB).slice(ROW0, ROWS).load(vl)
-    z1 = z_bufs.index(st * SUB + SUB - 1).slice(ROW0, ROWS).load(vl)  # planes 2, 3 (another group when G = 32)
-    s1 = s_bufs.index(st * SUB + SUB - 1).slice(ROW0, ROWS).load(vl)
-    w0, w1 = _scaled_pair(h, z0, s0, 0, IS_BF16)
-    w2, w3 = _scaled_pair(h, z1, s1, 2, IS_BF16)
-    return w0, w1, w2, w3
-
-
-@gluon.jit
-def _chunk_mma(acc, w0, w1, w2, w3, xt):
-    """acc += the chunk's four planes times the x tile `xt` [BM, 64] (shared memory), issued asynchronously."""
-    acc = warpgroup_mma(w0, xt.slice(0, 16, dim=1).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(w1, xt.slice(16, 16, dim=1).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(w2, xt.slice(32, 16, dim=1).permute((1, 0)), acc, is_async=True)
-    return warpgroup_mma(w3, xt.slice(48, 16, dim=1).permute((1, 0)), acc, is_async=True)
-
-
-@gluon.jit
 def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K, HALF: gl.constexpr):
     """One of the kernel's two mma partitions (a warp group each, weight rows HALF * 64 ..
     HALF * 64 + 63 of the tile). Per chunk: the codes, zeros and scales of its rows are read from the ring
@@ -170,8 +146,6 @@ def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT
     ROWS: gl.constexpr = BN // 2
     SUB: gl.constexpr = s_bufs.type.shape[0] // STAGES
     IS_BF16: gl.constexpr = x_bufs.dtype == gl.bfloat16
-    # up to 128 x rows a chunk's wgmma are short (n <= 128) and the accumulator small: two chunks per wait
-    PAIRS: gl.constexpr = BM <= 128
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BM, 16])
     # the codes of a [64, 16] chunk are read in the register operand's own layout: each thread's pairs of
     # lanes (2q, 2q+1) and (2q+8, 2q+9) are its operand pairs for every plane (planes64: lane j of plane i is
@@ -182,31 +156,21 @@ def _mma(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT
     for w in range(gl.program_id(0), num_work, gl.num_programs(0)):
         off_m, off_n, _, nk = _work(w, M, N, k_steps, BM, BN, GROUP_M, SPLIT_K)
         acc = gl.zeros((ROWS, BM), dtype=gl.float32, layout=layout)
-        if PAIRS:
-            # two chunks per wait: both converted before either's wgmma is issued, so all eight operand sets are
-            # live at once (distinct registers), then one wait for the eight
-            for i in range(nk // 2):
-                st = c % STAGES
-                st1 = (c + 1) % STAGES
-                mbarrier.wait(a_ready.index(st), (c // STAGES) & 1)
-                w0, w1, w2, w3 = _operands(q_bufs, z_bufs, s_bufs, st, SUB, HALF * ROWS, ROWS, al, vl, IS_BF16)
-                mbarrier.wait(a_ready.index(st1), ((c + 1) // STAGES) & 1)
-                v0, v1, v2, v3 = _operands(q_bufs, z_bufs, s_bufs, st1, SUB, HALF * ROWS, ROWS, al, vl, IS_BF16)
-                acc = _chunk_mma(acc, w0, w1, w2, w3, x_bufs.index(st))
-                acc = _chunk_mma(acc, v0, v1, v2, v3, x_bufs.index(st1))
-                acc, w0, w1, w2, w3, v0, v1, v2, v3 = warpgroup_mma_wait(
-                    num_outstanding=0, deps=(acc, w0, w1, w2, w3, v0, v1, v2, v3))
-                mbarrier.arrive(done.index(st))
-                mbarrier.arrive(done.index(st1))
-                c += 2
-            rest = nk % 2
-        else:
-            rest = nk
-        for i in range(rest):
+        for i in range(nk):
             st = c % STAGES
             mbarrier.wait(a_ready.index(st), (c // STAGES) & 1)
-            w0, w1, w2, w3 = _operands(q_bufs, z_bufs, s_bufs, st, SUB, HALF * ROWS, ROWS, al, vl, IS_BF16)
-            acc = _chunk_mma(acc, w0, w1, w2, w3, x_bufs.index(st))
+            h = q_bufs.index(st).slice(HALF * ROWS, ROWS).load(al)  # [64, 16] int16
+            z0 = z_bufs.index(st * SUB).slice(HALF * ROWS, ROWS).load(vl)
+            s0 = s_bufs.index(st * SUB).slice(HALF * ROWS, ROWS).load(vl)
+            z1 = z_bufs.index(st * SUB + SUB - 1).slice(HALF * ROWS, ROWS).load(vl)  # planes 2, 3 (G = 32)
+            s1 = s_bufs.index(st * SUB + SUB - 1).slice(HALF * ROWS, ROWS).load(vl)
+            w0, w1 = _scaled_pair(h, z0, s0, 0, IS_BF16)
+            w2, w3 = _scaled_pair(h, z1, s1, 2, IS_BF16)
+            xt = x_bufs.index(st)  # [BM, 64]
+            acc = warpgroup_mma(w0, xt.slice(0, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(w1, xt.slice(16, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(w2, xt.slice(32, 16, dim=1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma(w3, xt.slice(48, 16, dim=1).permute((1, 0)), acc, is_async=True)
             acc, w0, w1, w2, w3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w0, w1, w2, w3))
             mbarrier.arrive(done.index(st))  # this partition is done with the stage (the barrier counts two)
             c += 1
