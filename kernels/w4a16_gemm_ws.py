@@ -34,10 +34,13 @@ columns.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from lmq.kernels import cdiv, cuda_capability
 from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (KernelUnavailable: callers catch it here)
 from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, _pair_asm, check_inputs
+from triton import knobs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -294,11 +297,8 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         return x.new_empty(*lead, N)
     if x2.stride(0) % 8 or x2.data_ptr() % 16:  # TMA: 16-byte-aligned start and row stride
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
-    if cfg["BLOCK_N"] != 128:
-        raise ValueError(f"w4a16_gemm_ws: tiles hold 128 weight rows (two warp groups of 64), got BLOCK_N={cfg['BLOCK_N']}")
     sms = _num_sms(x.device)
-    BM, BN, split = plan(M, N, K, cfg, sms)
+    BM, BN, split, cfg = _plan_for(M, N, K, config, sms)
     out = (torch.zeros if split > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
     ck = planes64.CHUNK_K
     xdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
@@ -306,18 +306,68 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     q_desc, s_desc, z_desc = weight_descriptors(qweight, scales, zeros, BN, descs)
     work = cdiv(M, BM) * cdiv(N, BN) * split
     grid = (min(work, sms),)
+    args = {"x_desc": x_desc, "q_desc": q_desc, "s_desc": s_desc, "z_desc": z_desc, "out_ptr": out, "M": M, "N": N,
+            "K": K, "stride_om": out.stride(0), "G": group_size, "BLOCK_M": BM, "BLOCK_N": BN, "STAGES": cfg["STAGES"],
+            "GROUP_M": cfg["GROUP_M"], "SPLIT_K": split, "LOADER_REGS": cfg["LOADER_REGS"], "MMA_REGS": cfg["MMA_REGS"],
+            "num_warps": 4}
+    # what Triton specializes this launch on: the constexprs, the dtype, and which integers are 1 or multiples of 16
+    key = (x.device.index, x.dtype, N, K, group_size, BM, split, M == 1, M % 16 == 0, cfg["STAGES"], cfg["GROUP_M"],
+           cfg["LOADER_REGS"], cfg["MMA_REGS"])
     try:
-        _w4a16_gemm_ws_kernel[grid](
-            x_desc, q_desc, s_desc, z_desc, out, M, N, K, out.stride(0),
-            G=group_size, BLOCK_M=BM, BLOCK_N=BN, STAGES=cfg["STAGES"], GROUP_M=cfg["GROUP_M"], SPLIT_K=split,
-            LOADER_REGS=cfg["LOADER_REGS"], MMA_REGS=cfg["MMA_REGS"], num_warps=4,
-        )
+        _launch(grid, args, key)
     except Exception as e:
         unavailable = BUILD.failure(e)
         if unavailable is None:
             raise
         raise unavailable from e
     return out.reshape(*lead, N)
+
+
+# The host side of a launch, made lean (the engine's eager steps pay it on every linear; on the lent H100's host
+# it was 148-171 us a call, half of it Triton's launch path: binding and specializing 18 arguments, a cache
+# key, then the launcher). `_plan_for` keeps each shape's plan; `_launch` keeps the compiled kernel of each
+# kind of launch (the key names everything Triton specializes this kernel on) and calls it directly the
+# next time. FAST_LAUNCH = False (LMQ_FAST_LAUNCH=0), or a Triton whose compiled kernels take other arguments
+# (detected at the first direct call), launches through Triton every time.
+FAST_LAUNCH = os.environ.get("LMQ_FAST_LAUNCH", "1") != "0"
+_PLANS: dict[tuple, tuple] = {}
+_COMPILED: dict[tuple, object] = {}
+_FAST_BROKEN: list[str] = []
+
+
+def _plan_for(M: int, N: int, K: int, config: dict | None, sms: int) -> tuple[int, int, int, dict]:
+    """`plan` with the table's config merged in, kept per shape and config."""
+    key = (M, N, K, sms, tuple(sorted(config.items())) if config else ())
+    hit = _PLANS.get(key)
+    if hit is None:
+        cfg = {**DEFAULT_CONFIG, **(config or {})}
+        if cfg["BLOCK_N"] != 128:
+            raise ValueError(f"w4a16_gemm_ws: tiles hold 128 weight rows (two warp groups of 64), got "
+                             f"BLOCK_N={cfg['BLOCK_N']}")
+        if len(_PLANS) > 65536:
+            _PLANS.clear()
+        hit = _PLANS[key] = (*plan(M, N, K, cfg, sms), cfg)
+    return hit
+
+
+def _launch(grid: tuple, args: dict, key: tuple) -> None:
+    """Launch the kernel on `args` (every parameter by name): through Triton the first time for `key`,
+    then straight through the compiled kernel it returned."""
+    compiled = _COMPILED.get(key) if FAST_LAUNCH and not _FAST_BROKEN else None
+    if compiled is not None:
+        values = [args[name] for name in _w4a16_gemm_ws_kernel.arg_names]
+        stream = torch.cuda.current_stream().cuda_stream
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        meta = compiled.launch_metadata(grid, stream, *values) if enter is not None else None
+        try:
+            compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, meta, enter, leave,
+                         *values)
+            return
+        except (TypeError, AttributeError, ValueError) as e:  # another Triton's calling convention
+            _FAST_BROKEN.append(f"{type(e).__name__}: {e}")
+    compiled = _w4a16_gemm_ws_kernel[grid](**args)
+    if FAST_LAUNCH and compiled is not None and hasattr(compiled, "packed_metadata"):
+        _COMPILED[key] = compiled
 
 
 def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:

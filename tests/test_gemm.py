@@ -418,6 +418,44 @@ def test_gemm_ws_gpu(config, dtype):
             assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype]
 
 
+@pytest.mark.gpu
+def test_gemm_ws_direct_launch_gpu(monkeypatch):
+    """The lean launch (`FAST_LAUNCH`): after the first launch of a kind, the compiled kernel is called
+    directly; its outputs are the bits Triton's own launch path gives, for M that share a kind and M that do
+    not (1, multiples of 16, others; split and unsplit), and the direct call is taken and works."""
+    from lmq.kernels import w4a16_gemm_ws as ws
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("w4a16_gemm_ws is a Hopper (sm90) kernel")
+    N, K, G = 4096, 4096, 128
+    p = random_packed(N, K, G, "cuda")
+    xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for M in (1, 16, 17, 48, 127, 256, 300, 1024, 1000)]
+    monkeypatch.setattr(ws, "FAST_LAUNCH", False)
+    slow = [w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G) for x in xs]
+    monkeypatch.setattr(ws, "FAST_LAUNCH", True)
+    monkeypatch.setattr(ws, "_COMPILED", {})
+    calls = []
+    monkeypatch.setattr(ws, "_w4a16_gemm_ws_kernel", _Counting(ws._w4a16_gemm_ws_kernel, calls))
+    for _ in range(2):
+        for x, want in zip(xs, slow):
+            out = w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G)
+            # split-K adds two fp16 partials: the same bits in either order
+            assert torch.equal(out, want), x.shape[0]
+    assert not ws._FAST_BROKEN
+    assert len(calls) == len(ws._COMPILED) < len(xs)  # through Triton once per kind, directly after that
+
+
+class _Counting:
+    """A kernel whose launches through Triton (`kernel[grid](...)`) are counted."""
+
+    def __init__(self, kernel, calls):
+        self.kernel, self.calls, self.arg_names = kernel, calls, kernel.arg_names
+
+    def __getitem__(self, grid):
+        self.calls.append(grid)
+        return self.kernel[grid]
+
+
 def test_gemm_ws_weight_descriptors_live_with_their_owner(device):
     """The prefill kernel's weight descriptors are made once per tile height and kept in the dict the
     weight's owner passes (QLinear.descs): the same objects on the next call, nothing kept anywhere else,
