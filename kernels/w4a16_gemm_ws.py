@@ -330,6 +330,13 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 # next time. FAST_LAUNCH = False (LMQ_FAST_LAUNCH=0), or a Triton whose compiled kernels take other arguments
 # (detected at the first direct call), launches through Triton every time.
 FAST_LAUNCH = os.environ.get("LMQ_FAST_LAUNCH", "1") != "0"
+try:  # the current stream's handle, as Triton reads it (torch.cuda.current_stream() costs ~20 us more)
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # a torch built without CUDA
+    def _raw_stream(index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
+
+
 _PLANS: dict[tuple, tuple] = {}
 _COMPILED: dict[tuple, object] = {}
 _FAST_BROKEN: list[str] = []
@@ -356,7 +363,7 @@ def _launch(grid: tuple, args: dict, key: tuple) -> None:
     compiled = _COMPILED.get(key) if FAST_LAUNCH and not _FAST_BROKEN else None
     if compiled is not None:
         values = [args[name] for name in _w4a16_gemm_ws_kernel.arg_names]
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = _raw_stream(torch.cuda.current_device())
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         meta = compiled.launch_metadata(grid, stream, *values) if enter is not None else None
         try:
