@@ -24,12 +24,13 @@ ap.add_argument("--kv-dtype", default="int8")
 ap.add_argument("--model", default="llama3-8b")
 ap.add_argument("--reps", type=int, default=4)
 ap.add_argument("--host", type=int, default=0, help="also print the N host-side ops with the most self CPU time")
-ap.add_argument("--decode-max-m", type=int, default=0, help="try another decode/dequant crossover (sm90 table)")
+ap.add_argument("--decode-max-m", type=int, default=0,
+                help="try another crossover from the decode kernel to the prefill kernel (sm90 table)")
 args = ap.parse_args()
 if args.decode_max_m:
     from lmq.kernels.w4a16_gemm import CONFIGS
 
-    CONFIGS["sm90"].update(decode_max_m=args.decode_max_m, dequant_min_m=args.decode_max_m + 1)
+    CONFIGS["sm90"].update(decode_max_m=args.decode_max_m)
 
 dev = torch.device("cuda")
 model = EngineModel.synthetic(args.model, dev)

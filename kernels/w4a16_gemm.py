@@ -278,11 +278,12 @@ _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min
 # from M=192 (qkv 28.1 vs 34.4 us, o_proj 19.1 vs 22.2, gate_up 87.9 vs 122.1, down 48.5 vs 61.5), and
 # dequantize + cuBLAS at every M measured up to 4096 (qkv at 4096: 297.3 vs 337.1 us; bf16 there: within
 # 3% over the four shapes); beyond 8192 rows dequantizing once costs little against the matmul (not
-# measured). It switches at 256, not 192: its Python launch costs 148-171 us against the decode kernel's
-# 82-103 on the lent H100's host (benchmarks/host_overhead.py), and rows 192-255 mostly come in eager
-# engine steps; the one throughput A/B read 34.95 / 34.67 req/s switching at 192 against 39.32 / 35.60 at
-# 257 (results/2026-11-23-session10-h100/crossover-ab/).
-_CROSS_SM90 = {**_CROSS, "decode_max_m": 255, "dequant_min_m": 8192}  # every weight size alike
+# measured). It switches at 192. (Session 10 switched at 256: the kernel's Python launch then cost 148-171 us
+# against the decode kernel's 82-103 on the lent H100's host; with the direct launch (w4a16_gemm_ws.FAST_LAUNCH)
+# it costs 87-112, the decode kernel 90-101: benchmarks/results/2026-11-23-session11-h100/lean-launch/. Session
+# 10's one throughput A/B, with the old launch, read 34.95 / 34.67 req/s switching at 192 against 39.32 / 35.60 at
+# 257: results/2026-11-23-session10-h100/crossover-ab/; session 11's eager-prefill A/B: crossover-192/.)
+_CROSS_SM90 = {**_CROSS, "decode_max_m": 191, "dequant_min_m": 8192}  # every weight size alike
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},
