@@ -2,15 +2,15 @@
 
 For each path: the time the Python call takes to return (launch overhead, no sync), and the
 time per call of a loop of calls ended by one sync (whichever of host or GPU is slower), at the
-Llama-3-8B gate_up, down and o_proj shapes; "prefill/triton" is the prefill kernel launched through Triton every
-time (`w4a16_gemm_ws.FAST_LAUNCH` off). Usage: python3 benchmarks/host_overhead.py [M ...]
+Llama-3-8B gate_up, down and o_proj shapes; "prefill/triton" and "decode/triton" are those kernels launched through
+Triton every time (`lmq.kernels.launch.FAST_LAUNCH` off). Usage: python3 benchmarks/host_overhead.py [M ...]
 """
 
 import sys
 import time
 
 import torch
-from lmq.kernels import w4a16_gemm_ws
+from lmq.kernels import launch
 from lmq.kernels.w4a16_gemm import CONFIGS
 from sweep_gemm import random_packed
 
@@ -24,9 +24,10 @@ def main(ms):
         descs = {}  # as the engine's weights keep them (QLinear.descs)
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            for path in ("prefill", "prefill/triton", "dequant") + (("decode",) if M <= 256 else ()):
-                # "prefill/triton": the same kernel launched through Triton's own path every time (no FAST_LAUNCH)
-                w4a16_gemm_ws.FAST_LAUNCH = path != "prefill/triton"
+            paths = ("prefill", "prefill/triton", "dequant") + (("decode", "decode/triton") if M <= 256 else ())
+            for path in paths:
+                # "/triton": the same kernel launched through Triton's own path every time (no direct launch)
+                launch.FAST_LAUNCH = not path.endswith("/triton")
                 kernel_path = path.split("/")[0]
 
                 def call(path=kernel_path, x=x, p=p, descs=descs):
@@ -43,7 +44,7 @@ def main(ms):
                     host += time.perf_counter() - a
                 torch.cuda.synchronize()
                 wall = (time.perf_counter() - t0) / n
-                w4a16_gemm_ws.FAST_LAUNCH = True
+                launch.FAST_LAUNCH = True
                 print(f"{name} M={M} {path}: host {host / n * 1e6:.1f} us/call, loop {wall * 1e6:.1f} us/call", flush=True)
 
 

@@ -21,9 +21,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-
 from lmq.kernels import cdiv, cuda_sm_count, next_pow2
-from lmq.errors import ShapeError
 from lmq.kernels.kv_quant import (
     KV_MODE,
     PagedKV,
@@ -37,6 +35,8 @@ from lmq.kernels.kv_quant import (
     scale_probs,
     use_asm,
 )
+
+from lmq.errors import ShapeError
 
 
 @triton.jit

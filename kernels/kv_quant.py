@@ -87,7 +87,7 @@ class PagedKV:
 
     @staticmethod
     def allocate(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, kv_dtype: str,
-                 device: torch.device | str = "cuda") -> "PagedKV":
+                 device: torch.device | str = "cuda") -> PagedKV:
         if kv_dtype not in KV_DTYPES:
             raise ShapeError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
         if block_size < 16 or block_size & (block_size - 1):

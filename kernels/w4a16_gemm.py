@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv, cuda_capability, cuda_sm_count, next_pow2
+from lmq.kernels.launch import DirectLaunch, int_spec
 from triton.runtime.jit import constexpr_function
 
 from lmq.errors import ShapeError, UnsupportedError
@@ -279,7 +280,7 @@ _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min
 # dequantize + cuBLAS at every M measured up to 4096 (qkv at 4096: 297.3 vs 337.1 us; bf16 there: within
 # 3% over the four shapes); beyond 8192 rows dequantizing once costs little against the matmul (not
 # measured). It switches at 192. (Session 10 switched at 256: the kernel's Python launch then cost 148-171 us
-# against the decode kernel's 82-103 on the lent H100's host; with the direct launch (w4a16_gemm_ws.FAST_LAUNCH)
+# against the decode kernel's 82-103 on the lent H100's host; with the direct launch (lmq.kernels.launch)
 # it costs 87-112, the decode kernel 90-101: benchmarks/results/2026-11-23-session11-h100/lean-launch/. Session
 # 10's one throughput A/B, with the old launch, read 34.95 / 34.67 req/s switching at 192 against 39.32 / 35.60 at
 # 257: results/2026-11-23-session10-h100/crossover-ab/; session 11's eager-prefill A/B: crossover-192/.)
@@ -357,6 +358,9 @@ def pick_split_k(M: int, N: int, K: int, cfg: dict, block_k: int, device: torch.
     return max(1, min(want, K // block_k, cfg.get("MAX_SPLIT", 16)))
 
 
+_LAUNCH = DirectLaunch(_w4a16_gemm_kernel)
+
+
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                group_size: int, config: dict | None = None) -> torch.Tensor:
     """`x [..., K]` fp16/bf16 times the packed `[N, K]` weight -> `[..., N]` in x's dtype."""
@@ -374,15 +378,19 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         return out.reshape(*lead, N)
     # -- 3. launch --------------------------------------------------------------------------------
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split_k)
-    _w4a16_gemm_kernel[grid](
-        x2, qweight, scales, zeros, out, M, N, K, x2.stride(0), out.stride(0),
-        G=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
-        SPLIT_K=split_k, GROUP_M=cfg["GROUP_M"], IS_BF16=x.dtype == torch.bfloat16,
-        CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES,
-        FAST_CVT=x.device.type == "cuda", SWAP_AB=cfg.get("SWAP_AB", False),
-        DOT_K=cfg.get("DOT_K", 16),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    is_bf16, fast_cvt = x.dtype == torch.bfloat16, x.device.type == "cuda"
+    swap_ab, dot_k = cfg.get("SWAP_AB", False), cfg.get("DOT_K", 16)
+    args = {"x_ptr": x2, "qw_ptr": qweight, "s_ptr": scales, "z_ptr": zeros, "out_ptr": out, "M": M, "N": N, "K": K,
+            "stride_xm": x2.stride(0), "stride_om": out.stride(0), "G": group_size, "BLOCK_M": cfg["BLOCK_M"],
+            "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": block_k, "SPLIT_K": split_k, "GROUP_M": cfg["GROUP_M"],
+            "IS_BF16": is_bf16, "CHUNK_K": planes64.CHUNK_K, "LANES": planes64.LANES, "PLANES": planes64.PLANES,
+            "SWAP_AB": swap_ab, "DOT_K": dot_k, "FAST_CVT": fast_cvt}
+    # what Triton specializes the launch on (lmq.kernels.launch): constexprs, options, integers, pointers
+    key = (x.device.index, is_bf16, N, K, group_size, cfg["BLOCK_M"], cfg["BLOCK_N"], block_k, split_k,
+           cfg["GROUP_M"], swap_ab, dot_k, fast_cvt, cfg["num_warps"], cfg["num_stages"], int_spec(M),
+           int_spec(x2.stride(0)), x2.data_ptr() % 16 == 0, qweight.data_ptr() % 16 == 0, scales.data_ptr() % 16 == 0,
+           zeros.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0)
+    _LAUNCH(grid, key, args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.reshape(*lead, N)
 
 

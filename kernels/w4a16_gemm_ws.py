@@ -34,13 +34,11 @@ columns.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from lmq.kernels import cdiv, cuda_capability
 from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (KernelUnavailable: callers catch it here)
+from lmq.kernels.launch import DirectLaunch
 from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, _pair_asm, check_inputs
-from triton import knobs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -311,10 +309,11 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             "GROUP_M": cfg["GROUP_M"], "SPLIT_K": split, "LOADER_REGS": cfg["LOADER_REGS"], "MMA_REGS": cfg["MMA_REGS"],
             "num_warps": 4}
     # what Triton specializes this launch on: the constexprs, the dtype, and which integers are 1 or multiples of 16
+    # (the x, weight and output addresses are 16-byte aligned: TMA needs it and the copy above ensures it)
     key = (x.device.index, x.dtype, N, K, group_size, BM, split, M == 1, M % 16 == 0, cfg["STAGES"], cfg["GROUP_M"],
            cfg["LOADER_REGS"], cfg["MMA_REGS"])
     try:
-        _launch(grid, args, key)
+        _LAUNCH(grid, key, args)
     except Exception as e:
         unavailable = BUILD.failure(e)
         if unavailable is None:
@@ -324,22 +323,9 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 
 # The host side of a launch, made lean (the engine's eager steps pay it on every linear; on the lent H100's host
-# it was 148-171 us a call, half of it Triton's launch path: binding and specializing 18 arguments, a cache
-# key, then the launcher). `_plan_for` keeps each shape's plan; `_launch` keeps the compiled kernel of each
-# kind of launch (the key names everything Triton specializes this kernel on) and calls it directly the
-# next time. FAST_LAUNCH = False (LMQ_FAST_LAUNCH=0), or a Triton whose compiled kernels take other arguments
-# (detected at the first direct call), launches through Triton every time.
-FAST_LAUNCH = os.environ.get("LMQ_FAST_LAUNCH", "1") != "0"
-try:  # the current stream's handle, as Triton reads it (torch.cuda.current_stream() costs ~20 us more)
-    from torch._C import _cuda_getCurrentRawStream as _raw_stream
-except ImportError:  # a torch built without CUDA
-    def _raw_stream(index: int) -> int:
-        return torch.cuda.current_stream(index).cuda_stream
-
-
+# it was 148-171 us a call). `_plan_for` keeps each shape's plan; `_LAUNCH` (lmq.kernels.launch) calls the
+# compiled kernel directly after the first launch of each kind: 87-112 us a call in all (docs/benchmarks.md).
 _PLANS: dict[tuple, tuple] = {}
-_COMPILED: dict[tuple, object] = {}
-_FAST_BROKEN: list[str] = []
 
 
 def _plan_for(M: int, N: int, K: int, config: dict | None, sms: int) -> tuple[int, int, int, dict]:
@@ -357,24 +343,7 @@ def _plan_for(M: int, N: int, K: int, config: dict | None, sms: int) -> tuple[in
     return hit
 
 
-def _launch(grid: tuple, args: dict, key: tuple) -> None:
-    """Launch the kernel on `args` (every parameter by name): through Triton the first time for `key`,
-    then straight through the compiled kernel it returned."""
-    compiled = _COMPILED.get(key) if FAST_LAUNCH and not _FAST_BROKEN else None
-    if compiled is not None:
-        values = [args[name] for name in _w4a16_gemm_ws_kernel.arg_names]
-        stream = _raw_stream(torch.cuda.current_device())
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-        meta = compiled.launch_metadata(grid, stream, *values) if enter is not None else None
-        try:
-            compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, meta, enter, leave,
-                         *values)
-            return
-        except (TypeError, AttributeError, ValueError) as e:  # another Triton's calling convention
-            _FAST_BROKEN.append(f"{type(e).__name__}: {e}")
-    compiled = _w4a16_gemm_ws_kernel[grid](**args)
-    if FAST_LAUNCH and compiled is not None and hasattr(compiled, "packed_metadata"):
-        _COMPILED[key] = compiled
+_LAUNCH = DirectLaunch(_w4a16_gemm_ws_kernel)
 
 
 def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:

@@ -357,6 +357,8 @@ def test_gemm_ws_that_does_not_build_falls_back_once(monkeypatch, device):
     tries = []
 
     class Broken:
+        arg_names = ()
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 tries.append(grid)
@@ -364,8 +366,9 @@ def test_gemm_ws_that_does_not_build_falls_back_once(monkeypatch, device):
             return launch
 
     from lmq.kernels import gluon_build
+    from lmq.kernels.launch import DirectLaunch
 
-    monkeypatch.setattr(ws, "_w4a16_gemm_ws_kernel", Broken())
+    monkeypatch.setattr(ws, "_LAUNCH", DirectLaunch(Broken()))
     monkeypatch.setattr(gluon_build, "BUILD_ERRORS", (RuntimeError,))
     monkeypatch.setattr(ws.BUILD, "failed", None)
     monkeypatch.setattr(ws, "supported", lambda x, N: ws.BUILD.failed is None)  # as on a Hopper GPU
@@ -419,30 +422,44 @@ def test_gemm_ws_gpu(config, dtype):
 
 
 @pytest.mark.gpu
-def test_gemm_ws_direct_launch_gpu(monkeypatch):
-    """The lean launch (`FAST_LAUNCH`): after the first launch of a kind, the compiled kernel is called
-    directly; its outputs are the bits Triton's own launch path gives, for M that share a kind and M that do
-    not (1, multiples of 16, others; split and unsplit), and the direct call is taken and works."""
+@pytest.mark.parametrize("kernel", ["prefill", "decode"])
+def test_direct_launch_gpu(kernel, monkeypatch):
+    """The direct launch (lmq.kernels.launch): after the first launch of a kind, the compiled kernel is called
+    directly. The Hopper prefill kernel gives the bits Triton's own launch gives, for M that share a kind and M
+    that do not (1, multiples of 16, others; split and unsplit); the decode kernel (fp16 atomics over its K
+    splits: the order of the adds varies) the same values within rounding; the direct call is taken and works."""
+    from lmq.kernels import launch
+    from lmq.kernels import w4a16_gemm as decode_module
     from lmq.kernels import w4a16_gemm_ws as ws
 
-    if torch.cuda.get_device_capability()[0] != 9:
+    if kernel == "prefill" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("w4a16_gemm_ws is a Hopper (sm90) kernel")
     N, K, G = 4096, 4096, 128
     p = random_packed(N, K, G, "cuda")
-    xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for M in (1, 16, 17, 48, 127, 256, 300, 1024, 1000)]
-    monkeypatch.setattr(ws, "FAST_LAUNCH", False)
-    slow = [w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G) for x in xs]
-    monkeypatch.setattr(ws, "FAST_LAUNCH", True)
-    monkeypatch.setattr(ws, "_COMPILED", {})
+    if kernel == "prefill":
+        module, ms = ws, (1, 16, 17, 48, 127, 256, 300, 1024, 1000)
+        run = lambda x: w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G)
+    else:
+        module, ms = decode_module, (1, 2, 16, 17, 33, 64, 100, 128)
+        cfg = CONFIGS["sm90" if torch.cuda.get_device_capability()[0] == 9 else "sm80"]["decode"]
+        run = lambda x: w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+    xs = [torch.randn(M, K, device="cuda", dtype=torch.float16) for M in ms]
+    xs.append(torch.randn(17 * K + 8, device="cuda", dtype=torch.float16)[8:].view(17, K))  # x 16 bytes off 32
+    monkeypatch.setattr(launch, "FAST_LAUNCH", False)
+    slow = [run(x) for x in xs]
+    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
     calls = []
-    monkeypatch.setattr(ws, "_w4a16_gemm_ws_kernel", _Counting(ws._w4a16_gemm_ws_kernel, calls))
+    direct = launch.DirectLaunch(_Counting(module._LAUNCH.kernel, calls))
+    monkeypatch.setattr(module, "_LAUNCH", direct)
     for _ in range(2):
         for x, want in zip(xs, slow):
-            out = w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G)
-            # split-K adds two fp16 partials: the same bits in either order
-            assert torch.equal(out, want), x.shape[0]
-    assert not ws._FAST_BROKEN
-    assert len(calls) == len(ws._COMPILED) < len(xs)  # through Triton once per kind, directly after that
+            out = run(x)
+            if kernel == "prefill":  # split-K adds two fp16 partials: the same bits in either order
+                assert torch.equal(out, want), x.shape[0]
+            else:
+                assert rel_err(out, want) < 1e-3, x.shape[0]
+    assert direct.broken is None
+    assert len(calls) == len(direct.compiled) < len(xs)  # through Triton once per kind, directly after that
 
 
 class _Counting:
