@@ -37,6 +37,7 @@ from lmq.kernels.kv_quant import (
     scale_probs,
     use_asm,
 )
+from lmq.kernels.launch import DirectLaunch
 from lmq.kernels.pdl import use_pdl
 
 try:
@@ -116,6 +117,9 @@ def _decode_split_kernel(
                      mask=offs_g < GROUP)
 
 
+_DECODE_SPLIT = DirectLaunch(_decode_split_kernel)  # lmq.kernels.launch
+
+
 @triton.jit
 def _decode_merge_kernel(
     o_ptr, po_ptr, plse_ptr, lens_ptr, split_len, n_splits,
@@ -144,6 +148,9 @@ def _decode_merge_kernel(
     out = tl.sum(part * w[:, None], 0)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
              mask=offs_d < D)
+
+
+_DECODE_MERGE = DirectLaunch(_decode_merge_kernel)  # lmq.kernels.launch
 
 
 # Launch configuration, one place: (BLOCK_N, num_warps, num_stages) by head-dim bucket; BLOCK_N is
@@ -346,7 +353,7 @@ def _split_triton(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_sc
     """The split pass in Triton (every KV dtype)."""
     B, _, D = q.shape
     half = D // 2
-    _decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
+    _DECODE_SPLIT[(n_splits, cache.num_kv_heads, B)](
         q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse,
         qk_scale, split_len,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -428,7 +435,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         _split_triton(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits, G,
                       block_n, num_warps, num_stages, direct, pdl, three, ps, ls)
     if not direct:
-        _decode_merge_kernel[(H, B)](
+        _DECODE_MERGE[(H, B)](
             out, po, plse, seq_lens, split_len, n_splits,
             out.stride(0), out.stride(1), *ps, *ls,
             D=D, BLOCK_D=next_pow2(D), BLOCK_S=max(2, next_pow2(n_splits)), BALANCED=BALANCED, BLOCK_N=block_n,

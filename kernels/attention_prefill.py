@@ -35,6 +35,7 @@ from lmq.kernels.kv_quant import (
     scale_probs,
     use_asm,
 )
+from lmq.kernels.launch import DirectLaunch
 
 from lmq.errors import ShapeError
 
@@ -87,6 +88,9 @@ def _prefill_kernel(
         o_ptrs = o_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_dh[None, :]
         tl.store(o_ptrs, (acc_lo * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
         tl.store(o_ptrs + HALF, (acc_hi * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
+
+
+_PREFILL = DirectLaunch(_prefill_kernel)  # lmq.kernels.launch
 
 
 # Launch configuration, one place: (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim bucket.
@@ -147,7 +151,7 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     block_n = min(block_n, cache.block_size)  # a tile never straddles two blocks
     half = D // 2
     ks, vs = cache.scale_words()
-    _prefill_kernel[(cdiv(max_q_len, block_m), H, B)](
+    _PREFILL[(cdiv(max_q_len, block_m), H, B)](
         q, cache.k, cache.v, ks, vs, block_tables, cu_seqlens_q, seq_lens, out,
         sm_scale * math.log2(math.e),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),

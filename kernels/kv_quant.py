@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import next_pow2
+from lmq.kernels.launch import DirectLaunch
 
 from lmq.errors import ShapeError
 
@@ -409,6 +410,9 @@ def _write_kv_kernel(
                    1, BLOCK_SIZE, stride_sb, stride_sh, stride_st, offs_h, offs_dh, H_KV, HALF, KV_MODE, QMAX)
 
 
+_WRITE_KV = DirectLaunch(_write_kv_kernel)  # lmq.kernels.launch
+
+
 def _check_new_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor) -> None:
     cache.validate()
     if k.dim() != 3 or k.shape != v.shape:
@@ -438,7 +442,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: tor
     ks, vs = (cache.k, cache.v) if cache.k_scales is None else (cache.k_scales, cache.v_scales)
     mode = KV_MODE[cache.kv_dtype]
     half = D // 2
-    _write_kv_kernel[(T,)](
+    _WRITE_KV[(T,)](
         k, v, cache.k, cache.v, ks, vs, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cache.k.stride(0), cache.k.stride(1),

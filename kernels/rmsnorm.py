@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv, next_pow2
+from lmq.kernels.launch import DirectLaunch
 from lmq.kernels.pdl import use_pdl
 
 from lmq.errors import ShapeError
@@ -60,6 +61,9 @@ def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr,
     # out is contiguous [R, D]
     out_off = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_RMSNORM = DirectLaunch(_rmsnorm_kernel)  # lmq.kernels.launch
 
 
 def _rows_view(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -110,7 +114,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         BLOCK_D = next_pow2(D)
         BLOCK_R = max(1, min(16, 2048 // BLOCK_D))
         num_warps = 1 if not x.is_cuda else min(16, max(1, BLOCK_R * BLOCK_D // 512))
-        _rmsnorm_kernel[(cdiv(R, BLOCK_R),)](
+        _RMSNORM[(cdiv(R, BLOCK_R),)](
             x3, r3, weight, out, x3.stride(0), x3.stride(1), r3.stride(0), r3.stride(1),
             R, x3.shape[1], D, float(eps),
             HAS_RESIDUAL=residual is not None, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=num_warps,

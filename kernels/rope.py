@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import next_pow2
+from lmq.kernels.launch import DirectLaunch
 
 from lmq.errors import ShapeError, UnsupportedError
 
@@ -82,6 +83,9 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
     _rope_one(k_ptr, t, stride_kt, stride_kh, H_KV, c, s, offs_h, offs_dh, HALF)
 
 
+_ROPE = DirectLaunch(_rope_kernel)  # lmq.kernels.launch
+
+
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [T, H, D] and k [T, H_kv, D] in place at positions [T]; returns (q, k)."""
@@ -97,7 +101,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
     if T == 0:
         return q, k
     half = D // 2
-    _rope_kernel[(T,)](
+    _ROPE[(T,)](
         q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
         H, k.shape[1], HALF=half, BLOCK_H=next_pow2(max(H, k.shape[1])),
         BLOCK_DH=next_pow2(half), num_warps=4 if q.is_cuda else 1,

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv, next_pow2
+from lmq.kernels.launch import DirectLaunch
 from lmq.kernels.pdl import use_pdl
 
 from lmq.errors import ShapeError
@@ -38,6 +39,9 @@ def _silu_mul_kernel(x_ptr, out_ptr, stride_xt, I, BLOCK_I: tl.constexpr, LAUNCH
     tl.store(out_ptr + t * I + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+_SILU_MUL = DirectLaunch(_silu_mul_kernel)  # lmq.kernels.launch
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up [T, 2I] (gate first); returns a new [T, I] tensor in its dtype."""
     if gate_up.dim() != 2 or gate_up.shape[1] % 2:
@@ -52,7 +56,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     BLOCK_I = min(next_pow2(I), 1024)
     num_warps = 1 if not gate_up.is_cuda else max(1, min(8, BLOCK_I // 256))
-    _silu_mul_kernel[(T, cdiv(I, BLOCK_I))](gate_up, out, gate_up.stride(0), I,
+    _SILU_MUL[(T, cdiv(I, BLOCK_I))](gate_up, out, gate_up.stride(0), I,
                                                    BLOCK_I=BLOCK_I, num_warps=num_warps,
                                                    LAUNCH_DEPS=use_pdl(gate_up.device))
     return out

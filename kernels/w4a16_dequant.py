@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv
+from lmq.kernels.launch import DirectLaunch
 
 from lmq.errors import ShapeError
 from lmq.pack import planes64
@@ -42,6 +43,9 @@ def _w4a16_dequant_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, K, G: tl.constexpr, BL
                  mask=n_mask[:, None])
 
 
+_W4A16_DEQUANT = DirectLaunch(_w4a16_dequant_kernel)  # lmq.kernels.launch
+
+
 def w4a16_dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                   dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """Packed `planes64` weight -> dense `[N, K]` in `dtype` (float16 or bfloat16)."""
@@ -51,7 +55,7 @@ def w4a16_dequant(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     w = torch.empty((N, K), dtype=dtype, device=qweight.device)  # [N, K]
     BLOCK_N = 32 if qweight.device.type == "cpu" else 128
     grid = (K // planes64.CHUNK_K, cdiv(N, BLOCK_N))
-    _w4a16_dequant_kernel[grid](qweight, scales, zeros, w, N, K, G=group_size, BLOCK_N=BLOCK_N,
+    _W4A16_DEQUANT[grid](qweight, scales, zeros, w, N, K, G=group_size, BLOCK_N=BLOCK_N,
                                 CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES, num_warps=4)
     return w
 

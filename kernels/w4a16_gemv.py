@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv
+from lmq.kernels.launch import DirectLaunch
 from lmq.kernels.pdl import use_pdl
 from lmq.kernels.w4a16_gemm import (
     _dequant_pair,
@@ -231,6 +232,9 @@ def _w4a16_gemv_kernel(
         _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), n_mask, SPLIT_K)
 
 
+_W4A16_GEMV = DirectLaunch(_w4a16_gemv_kernel)  # lmq.kernels.launch
+
+
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                group_size: int, config: dict | None = None, rope: tuple | None = None) -> torch.Tensor:
     """`x [..., K]` fp16/bf16 (few rows) times the packed `[N, K]` weight -> `[..., N]` in x's dtype.
@@ -277,7 +281,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     grid = (n_blocks, split_k, M)
     if rope is None:
         positions, cos, sin, rope_cols = out, out, out, 0  # unused
-    _w4a16_gemv_kernel[grid](
+    _W4A16_GEMV[grid](
         x2, qweight, scales, zeros, out, ws, cnt, positions, cos, sin, N, K, x2.stride(0), out.stride(0),
         cos.stride(0) if rope is not None else 0, rope_cols,
         G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k,
