@@ -1,5 +1,6 @@
 """Eager prefill TTFT with the direct launch on and off (lmq.kernels.launch.FAST_LAUNCH), toggled between the
-requests of one process (the lent machine's host times vary from one process to the next), interleaved.
+requests of one process (the lent machine's host times vary from one process to the next), interleaved, in either
+order by turns. "Through Triton" is the launch path alone: the prefill GEMM's per-shape plan stays kept.
 Synthetic Llama-3-8B, int8 KV, prefill CUDA graphs off (as multi-sequence and mixed steps run).
 
     python benchmarks/fast_launch_ab.py [--new 256,1024] [--reps 15]
@@ -41,8 +42,8 @@ for n in (int(v) for v in args.new.split(",")):
     for fast in (True, False, True, False):  # warm-up: every kind compiled and kept
         launch.FAST_LAUNCH = fast
         ttft(n)
-    for _ in range(args.reps):
-        for fast in (True, False):
+    for rep in range(args.reps):
+        for fast in ((True, False) if rep % 2 == 0 else (False, True)):  # either order, in turn
             launch.FAST_LAUNCH = fast
             times[fast].append(ttft(n))
     launch.FAST_LAUNCH = True

@@ -3,7 +3,7 @@
 For each path: the time the Python call takes to return (launch overhead, no sync), and the
 time per call of a loop of calls ended by one sync (whichever of host or GPU is slower), at the
 Llama-3-8B gate_up, down and o_proj shapes; "prefill/triton" and "decode/triton" are those kernels launched through
-Triton every time (`lmq.kernels.launch.FAST_LAUNCH` off). Usage: python3 benchmarks/host_overhead.py [M ...]
+Triton every time (`lmq.kernels.launch.FAST_LAUNCH` off; the prefill kernel's per-shape plan stays kept). Usage: python3 benchmarks/host_overhead.py [M ...]
 """
 
 import sys
@@ -32,19 +32,21 @@ def main(ms):
 
                 def call(path=kernel_path, x=x, p=p, descs=descs):
                     return run_path(path, x, p["qweight"], p["scales"], p["zeros"], 128, table, descs)
-                for _ in range(3):
-                    call()
-                torch.cuda.synchronize()
-                n = 50
-                host = 0.0
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    a = time.perf_counter()
-                    call()
-                    host += time.perf_counter() - a
-                torch.cuda.synchronize()
-                wall = (time.perf_counter() - t0) / n
-                launch.FAST_LAUNCH = True
+                try:
+                    for _ in range(3):
+                        call()
+                    torch.cuda.synchronize()
+                    n = 50
+                    host = 0.0
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        a = time.perf_counter()
+                        call()
+                        host += time.perf_counter() - a
+                    torch.cuda.synchronize()
+                    wall = (time.perf_counter() - t0) / n
+                finally:
+                    launch.FAST_LAUNCH = True
                 print(f"{name} M={M} {path}: host {host / n * 1e6:.1f} us/call, loop {wall * 1e6:.1f} us/call", flush=True)
 
 

@@ -274,14 +274,15 @@ _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_
 _PREFILL_WS = {"BLOCK_M": 256, "BLOCK_M_SMALL": 128, "BLOCK_N": 128, "STAGES": 4, "GROUP_M": 8, "SPLIT_K": 0,
                "MIN_SPLIT_CHUNKS": 8, "MAX_SPLIT": 2, "SPLIT_WAVES": 1.25, "MMA_REGS": 200, "LOADER_REGS": 40}
 _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min_m": 65}
-# sm90 crossovers (`lmq bench gemm --m ...`, docs/benchmarks.md, GEMM "Latest run", whose last column times
+# sm90 crossovers (`lmq bench gemm --m ...`, docs/benchmarks.md, GEMM, session 10's run, whose last column times
 # every path): on GPU time the warp-specialized prefill beats the decode kernel on every Llama-3-8B shape
 # from M=192 (qkv 28.1 vs 34.4 us, o_proj 19.1 vs 22.2, gate_up 87.9 vs 122.1, down 48.5 vs 61.5), and
 # dequantize + cuBLAS at every M measured up to 4096 (qkv at 4096: 297.3 vs 337.1 us; bf16 there: within
 # 3% over the four shapes); beyond 8192 rows dequantizing once costs little against the matmul (not
 # measured). It switches at 192. (Session 10 switched at 256: the kernel's Python launch then cost 148-171 us
-# against the decode kernel's 82-103 on the lent H100's host; with the direct launch (lmq.kernels.launch)
-# it costs 87-112, the decode kernel 90-101: benchmarks/results/2026-11-23-session11-h100/lean-launch/. Session
+# against the decode kernel's 82-103 on the lent H100's host. With the direct launch (lmq.kernels.launch) it
+# cost 87-112 us while the decode kernel, still launched through Triton, cost 90-101; later, both direct, 53-113
+# against 34-70 on a faster host (benchmarks/results/2026-11-23-session11-h100/lean-launch/). Session
 # 10's one throughput A/B, with the old launch, read 34.95 / 34.67 req/s switching at 192 against 39.32 / 35.60 at
 # 257: results/2026-11-23-session10-h100/crossover-ab/; session 11's eager-prefill A/B: crossover-192/.)
 _CROSS_SM90 = {**_CROSS, "decode_max_m": 191, "dequant_min_m": 8192}  # every weight size alike
@@ -386,7 +387,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             "IS_BF16": is_bf16, "CHUNK_K": planes64.CHUNK_K, "LANES": planes64.LANES, "PLANES": planes64.PLANES,
             "SWAP_AB": swap_ab, "DOT_K": dot_k, "FAST_CVT": fast_cvt}
     # what Triton specializes the launch on (lmq.kernels.launch): constexprs, options, integers, pointers
-    key = (x.device.index, is_bf16, N, K, group_size, cfg["BLOCK_M"], cfg["BLOCK_N"], block_k, split_k,
+    key = (is_bf16, N, K, group_size, cfg["BLOCK_M"], cfg["BLOCK_N"], block_k, split_k,
            cfg["GROUP_M"], swap_ab, dot_k, fast_cvt, cfg["num_warps"], cfg["num_stages"], int_spec(M),
            int_spec(x2.stride(0)), x2.data_ptr() % 16 == 0, qweight.data_ptr() % 16 == 0, scales.data_ptr() % 16 == 0,
            zeros.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0)

@@ -310,7 +310,7 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             "num_warps": 4}
     # what Triton specializes this launch on: the constexprs, the dtype, and which integers are 1 or multiples of 16
     # (the x, weight and output addresses are 16-byte aligned: TMA needs it and the copy above ensures it)
-    key = (x.device.index, x.dtype, N, K, group_size, BM, split, M == 1, M % 16 == 0, cfg["STAGES"], cfg["GROUP_M"],
+    key = (x.dtype, N, K, group_size, BM, split, M == 1, M % 16 == 0, cfg["STAGES"], cfg["GROUP_M"],
            cfg["LOADER_REGS"], cfg["MMA_REGS"])
     try:
         _LAUNCH(grid, key, args)

@@ -5,12 +5,12 @@ import torch
 
 sys.path.insert(0, "benchmarks")
 sys.path.insert(0, "benchmarks/exp")
-from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref  # noqa: E402
-from lmq.kernels.w4a16_gemv import w4a16_gemv  # noqa: E402
-from sweep_gemm import G, random_packed  # noqa: E402
-from w4a16_decode_mma import w4a16_decode_mma  # noqa: E402
+from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemv import w4a16_gemv
+from sweep_gemm import G, random_packed
+from w4a16_decode_mma import w4a16_decode_mma
 
-from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us  # noqa: E402
+from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us
 
 torch.manual_seed(0)
 # correctness: odd shapes, g64/g128, M 1..16
