@@ -68,7 +68,7 @@ class DirectLaunch:
     def __call__(self, grid: tuple, key: tuple, args: dict, **options) -> None:
         """Launch on `args` (every parameter by name) with Triton's launch `options` (num_warps, ...), under the
         caller's `key` (module docstring)."""
-        if not (FAST_LAUNCH and _CONVENTION):
+        if not (FAST_LAUNCH and _CONVENTION) or self.const is None:
             self.kernel[grid](**args, **options)
             return
         self._launch(grid, key, lambda: [args[name] for name in self.names],

@@ -139,7 +139,8 @@ def test_the_interpreter_always_launches_through_triton():
     d = launch.DirectLaunch(k)
     for _ in range(2):
         d[(1,)](torch.zeros(4), 32, 0.5, BLOCK=16)
-    assert [e[0] for e in k.log] == ["triton", "triton"]
+        d((1,), ("kind",), {"x_ptr": torch.zeros(4), "n": 32, "scale": 0.5, "BLOCK": 16})
+    assert [e[0] for e in k.log] == ["triton"] * 4
 
 
 @pytest.mark.gpu
