@@ -284,7 +284,9 @@ _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min
 # cost 87-112 us while the decode kernel, still launched through Triton, cost 90-101; later, both direct, 53-113
 # against 34-70 on a faster host (benchmarks/results/2026-11-23-session11-h100/lean-launch/). Session
 # 10's one throughput A/B, with the old launch, read 34.95 / 34.67 req/s switching at 192 against 39.32 / 35.60 at
-# 257: results/2026-11-23-session10-h100/crossover-ab/; session 11's eager-prefill A/B: crossover-192/.)
+# 257: results/2026-11-23-session10-h100/crossover-ab/. Session 11, every kernel launched directly: eager
+# 192/224-token prefills 21-31% less GPU time, TTFT faster in 5 of 6 pairs; throughput 35.27 / 41.50 req/s at 191
+# against 38.85 / 40.55 at 255, not settled by the run-to-run spread: session11-h100/crossover-192/.)
 _CROSS_SM90 = {**_CROSS, "decode_max_m": 191, "dequant_min_m": 8192}  # every weight size alike
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
