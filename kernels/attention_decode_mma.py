@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from lmq.kernels import cuda_capability, next_pow2
 from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (KernelUnavailable: callers catch it here)
+from lmq.kernels.launch import DirectLaunch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
@@ -304,6 +305,7 @@ STAGES = 2
 # (4 splits) uncapped (benchmarks/results/2026-11-23-session8-h100/mma-splits-cap.log).
 MAXNREG = None
 PV_KW = 4  # k_width of the P @ V operands: 4-byte V loads (2 would read 2 bytes and repack them)
+_INT4_SPLIT = DirectLaunch(_int4_decode_split_kernel)  # lmq.kernels.launch
 BUILD = BuildGuard("the int4 decode-attention kernel (attention_decode_mma)",
                    "int4 caches take the Triton split kernel")
 
@@ -319,7 +321,7 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
     B, _, D = q.shape
     half = D // 2
     try:
-        _int4_decode_split_kernel[(n_splits, cache.num_kv_heads, B)](
+        _INT4_SPLIT[(n_splits, cache.num_kv_heads, B)](
             q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
