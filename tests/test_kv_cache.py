@@ -175,6 +175,20 @@ def test_prefix_blocks_are_shared_and_survive_the_first_owner():
     assert m.allocate(5, [0] + prompt[1:]) == 0
 
 
+def test_a_freed_sequence_is_evicted_tail_first():
+    """The free list hands out its oldest entries first; a freed sequence's blocks join it last block first, so
+    a later allocation that must reuse some of them takes the tail and leaves the prefix to be found."""
+    m = BlockManager(6, block_size=4)
+    prompt = list(range(100, 114))  # 3 full blocks + 2 tokens
+    assert m.allocate(1, prompt) == 0
+    head = m.block_table(1)[:3]
+    m.free(1, num_computed=14, token_ids=prompt)
+    assert m.allocate(2, [7] * 12) == 0  # 3 blocks: the 2 never used, then the freed sequence's last one
+    m.free(2)
+    assert m.allocate(3, prompt[:12] + [5, 5]) == 12 and m.block_table(3)[:3] == head
+    check_invariants(m)
+
+
 def test_reused_block_contents_are_forgotten_when_reallocated():
     m = BlockManager(3, block_size=4)
     assert m.allocate(1, [1, 2, 3, 4, 5]) == 0

@@ -262,7 +262,10 @@ class BlockManager:
         bs = self.block_size
         written = len(seq.table) * bs if num_computed is None else num_computed
         first_unwritten = written // bs
-        for i, b in enumerate(seq.table):
+        # last block first: the free list hands out its oldest entries first, so a freed sequence loses its tail
+        # before its head (a prefix without its first blocks can never be reused, the chain breaks there)
+        for i in reversed(range(len(seq.table))):
+            b = seq.table[i]
             if i < first_unwritten:
                 self._unwritten.discard(b)  # its tokens are in the cache now
             last_holder = self.allocator.refcount[b] == 1
