@@ -8,44 +8,25 @@ Synthetic Llama-3-8B, int8 KV, prefill CUDA graphs off (as multi-sequence and mi
 
 import argparse
 import statistics
-import time
 
-import torch
+from host_profile_eager import eager_engine, ttft
 from lmq.kernels import launch
-
-from lmq.engine.llm import LLM
-from lmq.engine.model import EngineModel
-from lmq.engine.sampling import SamplingParams
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--new", default="256,1024")
 ap.add_argument("--reps", type=int, default=15)
 args = ap.parse_args()
-llm = LLM(EngineModel.synthetic("llama3-8b", torch.device("cuda")), kv_dtype="int8", max_model_len=4096,
-          cache_max_memory="8GiB", max_num_seqs=4, prefill_graphs=False)
-serial = iter(range(10**6))
-
-
-def ttft(n: int) -> float:
-    tokens = [20000 + 7 * next(serial) % 9000 + i for i in range(n)]
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    llm.add_request(tokens, SamplingParams(max_new_tokens=1, ignore_eos=True))
-    while llm.has_unfinished():
-        llm.step()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t)
-
+llm = eager_engine()
 
 for n in (int(v) for v in args.new.split(",")):
     times = {True: [], False: []}
     for fast in (True, False, True, False):  # warm-up: every kind compiled and kept
         launch.FAST_LAUNCH = fast
-        ttft(n)
+        ttft(llm, n)
     for rep in range(args.reps):
         for fast in ((True, False) if rep % 2 == 0 else (False, True)):  # either order, in turn
             launch.FAST_LAUNCH = fast
-            times[fast].append(ttft(n))
+            times[fast].append(ttft(llm, n))
     launch.FAST_LAUNCH = True
     print(f"new={n}: TTFT median direct {statistics.median(times[True]):.1f} ms, through Triton "
           f"{statistics.median(times[False]):.1f} ms (min {min(times[True]):.1f} / {min(times[False]):.1f}; "

@@ -9,7 +9,8 @@ which integer arguments are 1 or multiples of 16 (and their width), which pointe
 launches of that kind call the compiled kernel directly.
 `launcher[grid](*args, **kwargs)` takes a launch as `kernel[grid](...)` does and makes that key from the
 arguments (an argument of a type it does not know sends the launch through Triton); `launcher(grid, key, args)`
-takes a key the caller made more cheaply (it must name the same, less the device and switches, added here).
+takes a key the caller made, for arguments `_spec` cannot key (the Hopper prefill GEMM's TMA descriptors): it must
+name the same, less the device and switches, added here.
 The compiled kernel's calling convention is Triton's own and changes between releases: the direct call is made
 only under the Triton releases it was written against (`KNOWN_TRITON`). Elsewhere, and with
 `LMQ_FAST_LAUNCH=0`, every launch goes through Triton. What the direct call skips besides: Triton's check that
@@ -107,7 +108,3 @@ def _spec(v):
         return tuple(_spec(x) for x in v)
     raise TypeError(f"no direct-launch key for a {type(v).__name__}")
 
-
-def int_spec(v: int) -> tuple[bool, bool]:
-    """What Triton specializes an integer argument (of 32 bits) on: equal to 1, a multiple of 16."""
-    return v == 1, v % 16 == 0

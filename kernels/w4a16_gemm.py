@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv, cuda_capability, cuda_sm_count, next_pow2
-from lmq.kernels.launch import DirectLaunch, int_spec
+from lmq.kernels.launch import DirectLaunch
 from triton.runtime.jit import constexpr_function
 
 from lmq.errors import ShapeError, UnsupportedError
@@ -361,7 +361,7 @@ def pick_split_k(M: int, N: int, K: int, cfg: dict, block_k: int, device: torch.
     return max(1, min(want, K // block_k, cfg.get("MAX_SPLIT", 16)))
 
 
-_LAUNCH = DirectLaunch(_w4a16_gemm_kernel)
+_LAUNCH = DirectLaunch(_w4a16_gemm_kernel)  # lmq.kernels.launch
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -381,19 +381,15 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         return out.reshape(*lead, N)
     # -- 3. launch --------------------------------------------------------------------------------
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split_k)
-    is_bf16, fast_cvt = x.dtype == torch.bfloat16, x.device.type == "cuda"
-    swap_ab, dot_k = cfg.get("SWAP_AB", False), cfg.get("DOT_K", 16)
-    args = {"x_ptr": x2, "qw_ptr": qweight, "s_ptr": scales, "z_ptr": zeros, "out_ptr": out, "M": M, "N": N, "K": K,
-            "stride_xm": x2.stride(0), "stride_om": out.stride(0), "G": group_size, "BLOCK_M": cfg["BLOCK_M"],
-            "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": block_k, "SPLIT_K": split_k, "GROUP_M": cfg["GROUP_M"],
-            "IS_BF16": is_bf16, "CHUNK_K": planes64.CHUNK_K, "LANES": planes64.LANES, "PLANES": planes64.PLANES,
-            "SWAP_AB": swap_ab, "DOT_K": dot_k, "FAST_CVT": fast_cvt}
-    # what Triton specializes the launch on (lmq.kernels.launch): constexprs, options, integers, pointers
-    key = (is_bf16, N, K, group_size, cfg["BLOCK_M"], cfg["BLOCK_N"], block_k, split_k,
-           cfg["GROUP_M"], swap_ab, dot_k, fast_cvt, cfg["num_warps"], cfg["num_stages"], int_spec(M),
-           int_spec(x2.stride(0)), x2.data_ptr() % 16 == 0, qweight.data_ptr() % 16 == 0, scales.data_ptr() % 16 == 0,
-           zeros.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0)
-    _LAUNCH(grid, key, args, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _LAUNCH[grid](
+        x2, qweight, scales, zeros, out, M, N, K, x2.stride(0), out.stride(0),
+        G=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
+        SPLIT_K=split_k, GROUP_M=cfg["GROUP_M"], IS_BF16=x.dtype == torch.bfloat16,
+        CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES,
+        FAST_CVT=x.device.type == "cuda", SWAP_AB=cfg.get("SWAP_AB", False),
+        DOT_K=cfg.get("DOT_K", 16),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
     return out.reshape(*lead, N)
 
 

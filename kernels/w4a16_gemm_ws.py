@@ -329,18 +329,20 @@ _PLANS: dict[tuple, tuple] = {}
 
 
 def _plan_for(M: int, N: int, K: int, config: dict | None, sms: int) -> tuple[int, int, int, dict]:
-    """`plan` with the table's config merged in, kept per shape and config."""
-    key = (M, N, K, sms, tuple(sorted(config.items())) if config else ())
+    """`plan` with the table's config merged in, kept per shape and config object (the engine passes its table's
+    dict on every call; the entry keeps that dict, so its id is not reused while the entry lives). A config changed
+    in place after a call keeps its old plan: pass a new dict to change it."""
+    key = (M, N, K, sms, id(config))
     hit = _PLANS.get(key)
-    if hit is None:
+    if hit is None or hit[4] is not config:
         cfg = {**DEFAULT_CONFIG, **(config or {})}
         if cfg["BLOCK_N"] != 128:
             raise ValueError(f"w4a16_gemm_ws: tiles hold 128 weight rows (two warp groups of 64), got "
                              f"BLOCK_N={cfg['BLOCK_N']}")
         if len(_PLANS) > 65536:
             _PLANS.clear()
-        hit = _PLANS[key] = (*plan(M, N, K, cfg, sms), cfg)
-    return hit
+        hit = _PLANS[key] = (*plan(M, N, K, cfg, sms), cfg, config)
+    return hit[:4]
 
 
 _LAUNCH = DirectLaunch(_w4a16_gemm_ws_kernel)
