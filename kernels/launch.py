@@ -24,6 +24,7 @@ import os
 import torch
 import triton
 from triton import knobs
+from triton.runtime import driver
 
 FAST_LAUNCH = os.environ.get("LMQ_FAST_LAUNCH", "1") != "0"
 # Triton releases whose CompiledKernel.run takes (gridX, gridY, gridZ, stream, function, packed_metadata,
@@ -31,11 +32,10 @@ FAST_LAUNCH = os.environ.get("LMQ_FAST_LAUNCH", "1") != "0"
 KNOWN_TRITON = ("3.6.",)
 _CONVENTION = triton.__version__.startswith(KNOWN_TRITON)
 
-try:  # the current stream's handle, read as Triton reads it (torch.cuda.current_stream() costs ~20 us more)
-    from torch._C import _cuda_getCurrentRawStream as _raw_stream
-except ImportError:  # a torch built without CUDA
-    def _raw_stream(index: int) -> int:
-        return torch.cuda.current_stream(index).cuda_stream
+
+def _stream(device: int) -> int:
+    """The current stream's handle on `device`, read as Triton's own launch reads it."""
+    return driver.active.get_current_stream(device)
 
 
 class DirectLaunch:
@@ -85,7 +85,7 @@ class DirectLaunch:
                 self.compiled[key] = compiled
             return
         values = values()
-        stream = _raw_stream(device)
+        stream = _stream(device)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         meta = compiled.launch_metadata(grid, stream, *values) if enter is not None else None
         g1, g2 = (grid[1] if len(grid) > 1 else 1), (grid[2] if len(grid) > 2 else 1)
