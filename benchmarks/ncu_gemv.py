@@ -21,7 +21,7 @@ q = QuantizedWeight(codes=codes, scales=(torch.rand(N, K // G) * 0.01 + 0.001).h
                     zeros=torch.randint(1, 15, (N, K // G), dtype=torch.uint8), group_size=G, bits=4)
 p = {k: v.cuda() for k, v in planes64.pack(q).items()}
 x = torch.randn(1, K, device="cuda", dtype=torch.float16)
-for opts in ({"SUM_PLANES": 1, "REDUCE": "atomic"}, {"SUM_PLANES": 4, "REDUCE": "workspace"}):
+for opts in ({"SUM_PLANES": 1, "REDUCE": "atomic"}, {"SUM_PLANES": 4, "REDUCE": "fixed"}):
     cfg = {**CONFIGS["sm90"]["gemv"], **opts}
     for _ in range(3):
         w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)

@@ -145,7 +145,7 @@ def main(regimes):
 GEMV_CANDIDATES = [(64, 128, 4, 8), (64, 128, 4, 16, 32), (64, 128, 4, 12, 32), (32, 128, 4, 8), (32, 128, 2, 16, 32),
                    (32, 128, 2, 8), (128, 128, 8, 16, 32), (64, 256, 4, 16, 32)]  # (BN, BK, warps, WAVES[, MAX_SPLIT])
 # (SUM_PLANES, REDUCE) of the current GEMV, each tried with every candidate
-GEMV_OPTIONS = [(4, "workspace")]
+GEMV_OPTIONS = [(4, "fixed")]
 
 
 def _load_module(name, path):

@@ -243,7 +243,7 @@ def _w4a16_gemm_kernel(
 # the other archs' rows are scaled to their shared memory and not yet measured.
 # ---------------------------------------------------------------------------------------------
 _GEMV = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 0, "WAVES": 8, "num_warps": 4, "num_stages": 1, "SUM_PLANES": 4,
-         "REDUCE": "workspace"}
+         "REDUCE": "fixed"}
 # BLOCK_M_MAX: the decode tile takes min(64, next power of two >= M) rows (at least BLOCK_M), so one
 # dequantized weight tile serves up to 64 rows; sm90, sum of the four shapes: M=64 99.9 us with 64-row
 # tiles vs 171.6 with 16, M=128 179.5 vs 318.6, M=32 80.7 (32 rows) vs 97.8 (sweep-decode-4.log).

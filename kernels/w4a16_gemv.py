@@ -26,9 +26,13 @@ Two config switches cut the instructions per weight, which bound this kernel on 
   precision, not the sum). bf16 always uses 1 (its 8-bit mantissa would round the sums too
   coarsely).
 - `REDUCE` for split-K: "atomic" adds each split's fp16 result into an output zeroed first (one
-  fill kernel per call); "workspace" adds fp32 partial sums into a per-stream workspace that is all
-  zeros between calls, counts arrivals per column block, and the last program to arrive writes the
-  output and clears its slice of the workspace and its counter (no fill kernel, fp32 split-K sums).
+  fill kernel per call); "fixed" (the tables' choice) adds each split's fp32 partial sum as a
+  fixed-point integer (units of 2^-24) plus one arrival unit 2^56 into a per-stream int64 workspace
+  that is all zeros between calls, one returning atomic per output (`_fx_arrive`): the
+  program whose add completes the count holds the finished sum, writes that output and zeroes its
+  word. No fill kernel, no counter, no fence, no read-back, and integer sums do not depend on the order
+  in which the splits arrive: the output is bit-reproducible. (It replaced an fp32 workspace with an
+  arrival counter per column block, whose last program read the sums back: NOTES-gemm.md, run 34.)
 
 `w4a16_gemv_ref` is the plain-PyTorch twin.
 """
@@ -93,45 +97,64 @@ def _dequant_quad_f16(h, zq, z64, z4, FAST: tl.constexpr):
     return w0, w1, w2, w3
 
 
-@triton.jit
-def _ws_arrive(acc, ws_ptrs, mask, cnt_ptr, SPLIT_K: tl.constexpr):
-    """Split-K through the workspace (`REDUCE="workspace"`): add this split's fp32 partial sums into the
-    all-zero workspace and count this program in at `cnt_ptr`; True for the last split to arrive,
-    which then owns the finished sums (`_ws_finish`) and must clear them and the counter."""
-    tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
-    tl.debug_barrier()  # every thread's adds are issued before the program counts itself in
-    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")  # release our adds, acquire the others'
-    return arrived == SPLIT_K - 1
+# "fixed" split-K (module docstring): one int64 word per output holds (arrivals << 56) + the sum so far
+# in units of 2^-24. A partial sum is clamped to |v| <= 2^30 first (fp16 ends at 65504; bf16 outputs past
+# 2^30 saturate there), so the sum of up to MAX_FX_SPLIT partials stays far inside the 2^55 that keeps
+# the arrival count readable; 2^-24 is fp16's finest step, and below fp32's own step for |v| >= 1.
+MAX_FX_SPLIT = 64
 
 
 @triton.jit
-def _ws_clear(ws_ptrs, mask, cnt_ptr):
-    """After the last split has read its tile: the workspace slice and the counter are zero again."""
-    tl.store(ws_ptrs, tl.zeros(ws_ptrs.shape, tl.float32), mask=mask)
-    tl.store(cnt_ptr, 0)
+def _fx_arrive(acc, ws_ptrs, out_ptrs, mask, SPLIT_K: tl.constexpr):
+    """Add this split's partial sums `acc` (fp32) into the int64 workspace words at `ws_ptrs`; where this
+    add completes the count, write the finished output at `out_ptrs` and zero the word."""
+    v = (tl.clamp(acc, -1073741824.0, 1073741824.0) * 16777216.0).to(tl.int64)  # round toward zero
+    mine = v + 72057594037927936  # one arrival: 1 << 56
+    total = tl.atomic_add(ws_ptrs, mine, mask=mask, sem="relaxed") + mine
+    count = (total + 36028797018963968) >> 56  # |sum| < 2^55: round to the nearest count
+    done = mask & (count == SPLIT_K)
+    value = (total - count * 72057594037927936).to(tl.float32) * (1.0 / 16777216.0)
+    tl.store(out_ptrs, value.to(out_ptrs.dtype.element_ty), mask=done)
+    tl.store(ws_ptrs, tl.zeros(ws_ptrs.shape, tl.int64), mask=done)
 
 
-@triton.jit
-def _ws_finish(out_ptrs, ws_ptrs, mask, cnt_ptr):
-    """The last split's epilogue: write the summed tile, leave its workspace slice and counter zero."""
-    total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # from L2
-    tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
-    _ws_clear(ws_ptrs, mask, cnt_ptr)
+# The "fixed" reduction's int64 words, one per (device, stream): all zero between calls (each call's finishing
+# programs zero what they used). They only grow; a grown one keeps the old tensor alive, since a captured
+# CUDA graph may still point at it.
+_WORKSPACES: dict[tuple, list[torch.Tensor]] = {}
+
+
+def fx_workspace(device: torch.device, n_words: int) -> torch.Tensor:
+    """This stream's all-zero int64 words for the "fixed" split-K reduction, at least `n_words` of them."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    held = _WORKSPACES.setdefault((device.type, device.index, stream), [])
+    if not held or held[-1].numel() < n_words:
+        held.append(torch.zeros(n_words, dtype=torch.int64, device=device))
+    return held[-1]
 
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, pos_ptr, cos_ptr, sin_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, pos_ptr, cos_ptr, sin_ptr,
     N, K, stride_xm, stride_om, stride_cp, rope_cols,
     G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     IS_BF16: tl.constexpr, CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,
-    FAST_CVT: tl.constexpr, SUM_PLANES: tl.constexpr, REDUCE_WS: tl.constexpr, PDL: tl.constexpr,
-    ROPE: tl.constexpr,
+    FAST_CVT: tl.constexpr, SUM_PLANES: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr,
+    REDUCE_FX: tl.constexpr, ROPE_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)  # activation row
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    HALF: tl.constexpr = BLOCK_N // 2
+    if ROPE:
+        # a head of ROPE_D columns is ROPE_D / BLOCK_N programs; each owns HALF columns of the head's first
+        # half and the HALF columns D/2 further on that rotate with them (`sub`: which slice)
+        head = pid_n // (ROPE_D // BLOCK_N)
+        sub = pid_n % (ROPE_D // BLOCK_N)
+        j = tl.arange(0, BLOCK_N)
+        offs_n = head * ROPE_D + sub * HALF + j % HALF + (j // HALF) * (ROPE_D // 2)  # [BN]
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_mask = offs_n < N
     lanes = tl.arange(0, LANES)  # [16]
     k_tiles = K // BLOCK_K
@@ -158,6 +181,11 @@ def _w4a16_gemv_kernel(
         # launched early (programmatic dependent launch): wait for the previous kernel's writes (x,
         # the workspace) before the first read of anything but weights
         tl.extra.cuda.gdc_wait()
+    if ROPE:
+        # every split rotates its own partial sums (the rotation is linear): its cos / sin, read now
+        pos = tl.load(pos_ptr + m).to(tl.int64)
+        rope_c = tl.load(cos_ptr + pos * stride_cp + sub * HALF + tl.arange(0, HALF))  # [HALF] fp32
+        rope_s = tl.load(sin_ptr + pos * stride_cp + sub * HALF + tl.arange(0, HALF))
     for kt in range(k_lo, k_hi, BLOCK_K):
         for gi in tl.static_range(BLOCK_K // G):
             # -- one group: zero (as MAGIC + z) and scale for BLOCK_N rows ------------------------
@@ -202,32 +230,21 @@ def _w4a16_gemv_kernel(
             acc += tl.sum(part, axis=1) * (s * QUAD_UNSCALE)
 
     out_ptrs = out_ptr + m * stride_om + offs_n
-    if REDUCE_WS and SPLIT_K > 1:
-        # fp32 partial sums into the all-zero workspace; the last split to arrive finishes the block
-        ws_ptrs = ws_ptr + m * N + offs_n
-        cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
-        if _ws_arrive(acc, ws_ptrs, n_mask, cnt, SPLIT_K):
-            if ROPE:
-                # this block is one head (BLOCK_N = head_dim): rotate its halves at the row's
-                # position if it lies in the first rope_cols columns (q and k of a fused qkv)
-                HALF: tl.constexpr = BLOCK_N // 2
-                offs_lo = pid_n * BLOCK_N + tl.arange(0, HALF)
-                lo_mask = offs_lo < N
-                hi_mask = offs_lo + HALF < N
-                lo = tl.load(ws_ptr + m * N + offs_lo, mask=lo_mask, other=0.0, cache_modifier=".cg")
-                hi = tl.load(ws_ptr + m * N + offs_lo + HALF, mask=hi_mask, other=0.0, cache_modifier=".cg")
-                pos = tl.load(pos_ptr + m).to(tl.int64)
-                c = tl.load(cos_ptr + pos * stride_cp + tl.arange(0, HALF))  # [HALF] fp32
-                sn = tl.load(sin_ptr + pos * stride_cp + tl.arange(0, HALF))
-                rotate = pid_n * BLOCK_N < rope_cols
-                lo_out = tl.where(rotate, lo * c - hi * sn, lo)
-                hi_out = tl.where(rotate, hi * c + lo * sn, hi)
-                o_lo = out_ptr + m * stride_om + offs_lo
-                tl.store(o_lo, lo_out.to(out_ptr.dtype.element_ty), mask=lo_mask)
-                tl.store(o_lo + HALF, hi_out.to(out_ptr.dtype.element_ty), mask=hi_mask)
-                _ws_clear(ws_ptrs, n_mask, cnt)  # the two halves are the block's columns
-            else:
-                _ws_finish(out_ptrs, ws_ptrs, n_mask, cnt)
+    if REDUCE_FX and SPLIT_K > 1:
+        ws_ptrs = ws_ptr + m * N + offs_n  # int64 words
+        if ROPE:
+            # rotate this program's pairs if its head lies in the first rope_cols columns (q and k of a
+            # fused qkv), then add them
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, (2, HALF)), (1, 0)))  # [HALF] each
+            rotate = head * ROPE_D < rope_cols
+            lo_out = tl.where(rotate, lo * rope_c - hi * rope_s, lo)
+            hi_out = tl.where(rotate, hi * rope_c + lo * rope_s, hi)
+            offs_lo = head * ROPE_D + sub * HALF + tl.arange(0, HALF)  # N is a multiple of ROPE_D
+            _fx_arrive(lo_out, ws_ptr + m * N + offs_lo, out_ptr + m * stride_om + offs_lo, offs_lo < N, SPLIT_K)
+            _fx_arrive(hi_out, ws_ptr + m * N + offs_lo + ROPE_D // 2, out_ptr + m * stride_om + offs_lo + ROPE_D // 2,
+                       offs_lo < N, SPLIT_K)
+        else:
+            _fx_arrive(acc, ws_ptrs, out_ptrs, n_mask, SPLIT_K)
     else:
         _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), n_mask, SPLIT_K)
 
@@ -254,8 +271,12 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         if not can_fuse_rope(N, K, group_size, D, cfg) or rope_cols % D or positions.shape != (M,):
             raise ShapeError(f"w4a16_gemv: cannot fuse RoPE (head_dim {D}, N={N}, K={K}, rope_cols {rope_cols}, "
                              f"{tuple(positions.shape)} positions for {M} rows)")
-        # one head per column block; the rotation happens where the splits meet, so split at least 2
-        cfg = {**cfg, "BLOCK_N": D, "REDUCE": "workspace", "num_warps": max(cfg["num_warps"], D // 16)}
+        # each split rotates its own partial sums (the rotation is linear) before the "fixed" reduction adds
+        # them, so split at least 2: a program owns BLOCK_N / 2 columns of a head's first half and their
+        # partners D / 2 further on (the table's BLOCK_N where it divides the head, else one whole head)
+        cfg = {**cfg, "REDUCE": "fixed"}
+        if D % cfg["BLOCK_N"]:
+            cfg = {**cfg, "BLOCK_N": D, "num_warps": max(cfg["num_warps"], D // 16)}
     if cfg["SPLIT_K"] > 0:
         split_k = min(cfg["SPLIT_K"], K // block_k)
     else:
@@ -267,27 +288,30 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                              K // block_k, cfg.get("MAX_SPLIT", 16)))
     if rope is not None:
         split_k = max(split_k, 2)
-    if cfg["REDUCE"] not in ("atomic", "workspace") or cfg["SUM_PLANES"] not in (1, 2, 4):
-        raise ValueError(f"w4a16_gemv: bad config {cfg}: REDUCE is 'atomic' or 'workspace', SUM_PLANES 1, 2 or 4")
+    if cfg["REDUCE"] not in ("atomic", "fixed") or cfg["SUM_PLANES"] not in (1, 2, 4):
+        raise ValueError(f"w4a16_gemv: bad config {cfg}: REDUCE is 'atomic' or 'fixed', SUM_PLANES 1, 2 or 4")
+    if cfg["REDUCE"] == "fixed":
+        split_k = min(split_k, MAX_FX_SPLIT)
     # -- 2. allocate ------------------------------------------------------------------------------
-    use_ws = split_k > 1 and cfg["REDUCE"] == "workspace"
-    out = (torch.zeros if split_k > 1 and not use_ws else torch.empty)((M, N), dtype=x.dtype, device=x.device)
+    use_fx = split_k > 1 and cfg["REDUCE"] == "fixed"
+    out = (torch.zeros if split_k > 1 and not use_fx else torch.empty)((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out.reshape(*lead, N)
     n_blocks = cdiv(N, cfg["BLOCK_N"])
-    ws, cnt = _workspace(x.device, M * N, M * n_blocks) if use_ws else (out, out)  # unused unless use_ws
+    ws = fx_workspace(x.device, M * N) if use_fx else out  # unused unless use_fx
     # -- 3. launch --------------------------------------------------------------------------------
     pdl = use_pdl(x.device)
     grid = (n_blocks, split_k, M)
     if rope is None:
         positions, cos, sin, rope_cols = out, out, out, 0  # unused
     _W4A16_GEMV[grid](
-        x2, qweight, scales, zeros, out, ws, cnt, positions, cos, sin, N, K, x2.stride(0), out.stride(0),
+        x2, qweight, scales, zeros, out, ws, positions, cos, sin, N, K, x2.stride(0), out.stride(0),
         cos.stride(0) if rope is not None else 0, rope_cols,
         G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k,
         IS_BF16=x.dtype == torch.bfloat16, CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES,
         PLANES=planes64.PLANES, FAST_CVT=x.device.type == "cuda",
-        SUM_PLANES=cfg["SUM_PLANES"], REDUCE_WS=use_ws, PDL=pdl, ROPE=rope is not None,
+        SUM_PLANES=cfg["SUM_PLANES"], PDL=pdl, ROPE=rope is not None, REDUCE_FX=use_fx,
+        ROPE_D=D if rope is not None else cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
     return out.reshape(*lead, N)
@@ -303,24 +327,6 @@ def can_fuse_rope(N: int, K: int, group_size: int, head_dim: int, config: dict |
 
 DEFAULT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "num_warps": 4, "num_stages": 1,
                   "SUM_PLANES": 1, "REDUCE": "atomic"}
-
-# Split-K workspaces, one per (device, stream): fp32 partial sums and int32 arrival counters, all zero
-# between calls (each call's last programs clear what they used). They only grow; a grown one keeps
-# the old tensors alive, since a captured CUDA graph may still point at them.
-_WORKSPACES: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-
-
-def _workspace(device: torch.device, n_sums: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    held = _WORKSPACES.setdefault(key, [])
-    if not held or held[-1][0].numel() < n_sums or held[-1][1].numel() < n_counters:
-        size = max(n_sums, held[-1][0].numel() if held else 0)
-        count = max(n_counters, held[-1][1].numel() if held else 0)
-        held.append((torch.zeros(size, dtype=torch.float32, device=device),
-                     torch.zeros(count, dtype=torch.int32, device=device)))
-    return held[-1]
-
 
 def w4a16_gemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    group_size: int) -> torch.Tensor:

@@ -95,16 +95,19 @@ def test_gemv_four_plane_sums_do_not_overflow_on_large_activations(device):
     x = (torch.randn(1, K, device=device) * 0.5).half()
     for k in (5, 5 + 16, 5 + 32, 5 + 48):
         x[0, k] = 3000.0
-    cfg = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "SUM_PLANES": 4, "REDUCE": "workspace"}
+    cfg = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "SUM_PLANES": 4, "REDUCE": "fixed"}
     out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
     assert torch.isfinite(out).all()
     assert rel_err(out, w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("block_n", [32, 64, 96])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_gemv_fused_rope(head_dim, device):
+def test_gemv_fused_rope(head_dim, block_n, device):
     """RoPE in the GEMV's split-K epilogue = the GEMV, then rotate the first rope_cols columns (q and k
-    of a fused qkv; v untouched), per row at its own position."""
+    of a fused qkv; v untouched), per row at its own position. Each split rotates its partial sums: a
+    program holds block_n / 2 columns of a head's first half and their partners, or one whole head
+    where block_n does not divide it."""
     from lmq.kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
     from lmq.kernels.w4a16_gemv import can_fuse_rope
 
@@ -116,7 +119,7 @@ def test_gemv_fused_rope(head_dim, device):
     positions = torch.tensor([3, 4000], dtype=torch.int32, device=device)
     rope_cols = (H + Hkv) * head_dim
     assert can_fuse_rope(N, K, G, head_dim)
-    out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, {"SUM_PLANES": 4},
+    out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, {"SUM_PLANES": 4, "BLOCK_N": block_n},
                      rope=(positions, cos, sin, rope_cols))
     y = w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)  # [2, N]
     qk = y[:, :rope_cols].view(2, H + Hkv, head_dim)
@@ -129,10 +132,11 @@ def test_gemv_fused_rope(head_dim, device):
 
 
 @pytest.mark.parametrize("G", [32, 64, 128])
-@pytest.mark.parametrize("sum_planes,reduce", [(2, "atomic"), (4, "atomic"), (4, "workspace"), (1, "workspace")])
+@pytest.mark.parametrize("sum_planes,reduce", [(2, "atomic"), (4, "atomic"), (4, "fixed"), (1, "fixed")])
 def test_gemv_fp16_sums_and_workspace_split(sum_planes, reduce, G, device):
     """Products summed in fp16 over 2 or 4 planes, and the zero-fill-free split-K reduction: the same
-    function as the reference; the workspace is all zeros again after every call, so calls repeat."""
+    function as the reference; the workspace is all zeros again after every call, so calls repeat;
+    the fixed-point sums give the same bits every call."""
     from lmq.kernels.w4a16_gemv import _WORKSPACES
 
     N, K = 72, 512
@@ -147,10 +151,12 @@ def test_gemv_fp16_sums_and_workspace_split(sum_planes, reduce, G, device):
         first = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
         assert rel_err(first, ref) < TOL[dtype]
         again = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
-        assert torch.equal(first, again) or rel_err(again, first) < 1e-3  # fp32 atomics: order may vary
-        if reduce == "workspace":
-            for ws, cnt in (pair for held in _WORKSPACES.values() for pair in held):
-                assert not ws.any() and not cnt.any()
+        if reduce == "fixed":
+            assert torch.equal(first, again)  # integer sums: the splits' order does not matter
+        else:
+            assert torch.equal(first, again) or rel_err(again, first) < 1e-3  # fp32 atomics: order may vary
+        if reduce == "fixed":
+            assert all(not ws.any() for held in _WORKSPACES.values() for ws in held)
     with pytest.raises(ValueError, match="SUM_PLANES"):
         w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, {**cfg, "SUM_PLANES": 3})
 
@@ -529,12 +535,18 @@ def test_gemm_ws_gpu_through_qlinear():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_gpu(dtype):
+    """The table's GEMV (its "fixed" split-K: the same bits on every call) and the decode kernel at small M."""
     for (N, K, G) in [(576, 1536, 32), (1536, 576, 64), (4096, 4096, 128)]:
         p = random_packed(N, K, G, "cuda")
         for M in (1, 2, 3):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
             out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"]["gemv"])
             assert rel_err(out, w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype], (N, K, G, M)
+            assert torch.equal(out, w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"]["gemv"]))
+        for M in (2, 16, 33, 64, 100):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            out = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"]["decode"])
+            assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype], (N, K, G, M)
 
 
 @pytest.mark.gpu

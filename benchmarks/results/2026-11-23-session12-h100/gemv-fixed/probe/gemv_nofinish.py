@@ -1,0 +1,326 @@
+"""W4A16 GEMV for the smallest M: `out[m, N] = x[m, K] @ w_hat[N, K]^T`, one activation row per program.
+
+    w_hat[n, k] = (q[n, k] - z[g, n]) * s[g, n],   g = k // G,  G in (32, 64, 128)
+
+Reads layout `planes64` (lmq/pack/planes64.py): qweight int16 [K/64, N, 16], nibble i of lane j in
+chunk c = code of k = 64c + 16i + j; scales fp16 / zeros uint8 [K/G, N].
+
+Why a second kernel: at M = 1 the tensor-core kernel (w4a16_gemm) pads M to 16 and stages every
+weight tile through shared memory for the matrix unit; its warps then wait on shared memory and
+its shared-memory footprint caps occupancy. Here weights go straight from global memory into
+registers, are converted with the same exact int4 -> fp16/bf16 trick, multiplied with the
+activation in packed fp16/bf16 (each product (q - z) * x is rounded once; |q - z| <= 15, so it
+overflows only where |x| > 4366), and summed in fp32; each group's partial sums get their scale
+once.
+
+Two config switches cut the instructions per weight, which bound this kernel on an H100 (SASS:
+~4.5 per weight of math per thread, against ~2 that would let the weights stream at full speed):
+- `SUM_PLANES` (fp16 only; 1, 2 or 4): the products of 1, 2 or 4 planes are summed in fp16 (packed
+  fma) before one conversion to fp32 and one fp32 add, instead of converting and adding each product.
+  Each extra plane adds one fp16 rounding of a partial sum. With 4 (the tables' choice) the weights
+  are dequantized to (q - z) / 16, still exact, and the 16 comes back with the group's scale in
+  fp32: a lane's four products (input channels k, k + 16, k + 32, k + 48 of one row) then overflow
+  only if all four exceed |x| ~ 17466, and one channel alone cannot (fp16 itself ends at 65504).
+  With 2 (q - z unscaled) the bounds are |x| > 2183 for both, 4366 for one, as with 1 plane.
+  Products of activations below ~1e-3 fall into fp16's subnormal range with 4 (they lose relative
+  precision, not the sum). bf16 always uses 1 (its 8-bit mantissa would round the sums too
+  coarsely).
+- `REDUCE` for split-K: "atomic" adds each split's fp16 result into an output zeroed first (one
+  fill kernel per call); "workspace" adds fp32 partial sums into a per-stream workspace that is all
+  zeros between calls, counts arrivals per column block, and the last program to arrive writes the
+  output and clears its slice of the workspace and its counter (no fill kernel, fp32 split-K sums).
+
+`w4a16_gemv_ref` is the plain-PyTorch twin.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lmq.kernels import cdiv
+from lmq.kernels.launch import DirectLaunch
+from lmq.kernels.pdl import use_pdl
+from lmq.kernels.w4a16_gemm import (
+    _dequant_pair,
+    _num_sms,
+    _store_or_add,
+    check_inputs,
+    pick_block_k,
+    w4a16_gemm_ref,
+)
+
+from lmq.errors import ShapeError
+from lmq.pack import planes64
+
+# Four planes of two packed int16 lanes ($4) as fp16 (q - z) / 16, exact, 9 instructions for 8
+# weights: planes 0 and 2 are `(r & 0x000F000F) | 0x64006400` = 1024 + q, and one fma by 1/16 with
+# -(64 + z/16) ($5) gives (q - z) / 16; planes 1 and 3 are left in place,
+# `(r & 0x00F000F0) | 0x64006400` = 1024 + 16q, and one fma by 1/256 with -(4 + z/16) ($6) gives the
+# same; one shift by 8 serves planes 2 and 3. Every intermediate is exact in fp16.
+_QUAD_ASM = tl.constexpr("""{
+.reg .b32 t0, t1, t2, t3, hi, n0, n1, r16, r256;
+mov.b32 r16, 0x2C002C00;
+mov.b32 r256, 0x1C001C00;
+lop3.b32 t0, $4, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t1, $4, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 hi, $4, 8;
+lop3.b32 t2, hi, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t3, hi, 0x00F000F0, 0x64006400, 0xEA;
+xor.b32 n0, $5, 0x80008000;
+xor.b32 n1, $6, 0x80008000;
+fma.rn.f16x2 $0, t0, r16, n0;
+fma.rn.f16x2 $1, t1, r256, n1;
+fma.rn.f16x2 $2, t2, r16, n0;
+fma.rn.f16x2 $3, t3, r256, n1;
+}""")
+
+
+@triton.jit
+def _dequant_quad_f16(h, zq, z64, z4, FAST: tl.constexpr):
+    """All four planes of `h [BN, 16]` int16 as fp16 (q - z) / 16 (exact); `zq` = 1024 + z,
+    `z64` = 64 + z/16, `z4` = 4 + z/16 (fp16, [BN])."""
+    if FAST:
+        c0 = tl.broadcast_to(z64[:, None], h.shape)
+        c1 = tl.broadcast_to(z4[:, None], h.shape)
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            _QUAD_ASM, "=r,=r,=r,=r,r,r,r", [h, c0, c1], dtype=(c0.dtype, c0.dtype, c0.dtype, c0.dtype),
+            is_pure=True, pack=2)
+    else:
+        w0, w1 = _dequant_pair(h, zq, 0, 0x6400, False, False)
+        w2, w3 = _dequant_pair(h, zq, 2, 0x6400, False, False)
+        w0, w1, w2, w3 = w0 * 0.0625, w1 * 0.0625, w2 * 0.0625, w3 * 0.0625  # exact in fp16
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _ws_arrive(acc, ws_ptrs, mask, cnt_ptr, SPLIT_K: tl.constexpr):
+    """Split-K through the workspace (`REDUCE="workspace"`): add this split's fp32 partial sums into the
+    all-zero workspace and count this program in at `cnt_ptr`; True for the last split to arrive,
+    which then owns the finished sums (`_ws_finish`) and must clear them and the counter."""
+    tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+    return False
+
+
+@triton.jit
+def _ws_clear(ws_ptrs, mask, cnt_ptr):
+    """After the last split has read its tile: the workspace slice and the counter are zero again."""
+    tl.store(ws_ptrs, tl.zeros(ws_ptrs.shape, tl.float32), mask=mask)
+    tl.store(cnt_ptr, 0)
+
+
+@triton.jit
+def _ws_finish(out_ptrs, ws_ptrs, mask, cnt_ptr):
+    """The last split's epilogue: write the summed tile, leave its workspace slice and counter zero."""
+    total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")  # from L2
+    tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+    _ws_clear(ws_ptrs, mask, cnt_ptr)
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, pos_ptr, cos_ptr, sin_ptr,
+    N, K, stride_xm, stride_om, stride_cp, rope_cols,
+    G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    IS_BF16: tl.constexpr, CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,
+    FAST_CVT: tl.constexpr, SUM_PLANES: tl.constexpr, REDUCE_WS: tl.constexpr, PDL: tl.constexpr,
+    ROPE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)  # activation row
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    n_mask = offs_n < N
+    lanes = tl.arange(0, LANES)  # [16]
+    k_tiles = K // BLOCK_K
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_lo = pid_k * tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + tiles_per_split * BLOCK_K)
+    CHUNKS_PER_GROUP: tl.constexpr = G // CHUNK_K if G > CHUNK_K else 1
+    PLANES_PER_GROUP: tl.constexpr = PLANES if G >= CHUNK_K else G // LANES
+    # the four-plane fp16 path (a group holds whole chunks) works on (q - z) / 16: the 16 comes back
+    # with the scale, in fp32
+    QUAD: tl.constexpr = SUM_PLANES == 4 and PLANES_PER_GROUP == PLANES and not IS_BF16
+    QUAD_UNSCALE: tl.constexpr = 16.0 if QUAD else 1.0
+    if IS_BF16:
+        MAGIC: tl.constexpr = 0x4300  # bf16 128.0
+        wdt: tl.constexpr = tl.bfloat16
+    else:
+        MAGIC: tl.constexpr = 0x6400  # fp16 1024.0
+        wdt: tl.constexpr = tl.float16
+
+    x_row = x_ptr + m * stride_xm
+    qw_rows = qw_ptr + offs_n[:, None] * LANES + lanes[None, :]  # [BN, 16], chunk 0
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if PDL:
+        # launched early (programmatic dependent launch): wait for the previous kernel's writes (x,
+        # the workspace) before the first read of anything but weights
+        tl.extra.cuda.gdc_wait()
+    for kt in range(k_lo, k_hi, BLOCK_K):
+        for gi in tl.static_range(BLOCK_K // G):
+            # -- one group: zero (as MAGIC + z) and scale for BLOCK_N rows ------------------------
+            g = (kt + gi * G) // G
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
+            zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN]
+            if QUAD:
+                z64 = (z.to(tl.int16) | 0x5400).to(wdt, bitcast=True)  # [BN] 64 + z/16
+                z4 = ((z.to(tl.int16) << 4) | 0x4400).to(wdt, bitcast=True)  # [BN] 4 + z/16
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+            part = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # per-lane partial sums of the group
+            for cc in tl.static_range(CHUNKS_PER_GROUP):
+                # -- weights straight into registers: BLOCK_N rows x 32 contiguous bytes ----------
+                chunk = (kt + gi * G) // CHUNK_K + cc
+                h = tl.load(qw_rows + chunk * N * LANES, mask=n_mask[:, None], other=0,
+                            eviction_policy="evict_first")  # [BN, 16] int16
+                if QUAD:
+                    # the whole chunk's four planes summed in fp16 (packed fma), then one fp32 add
+                    w0, w1, w2, w3 = _dequant_quad_f16(h, zq, z64, z4, FAST_CVT)  # [BN, 16] (q - z) / 16
+                    xk = x_row + chunk * CHUNK_K + lanes
+                    a0 = tl.load(xk)  # [16]
+                    a1 = tl.load(xk + LANES)
+                    a2 = tl.load(xk + 2 * LANES)
+                    a3 = tl.load(xk + 3 * LANES)
+                    pp = w0 * a0[None, :] + w1 * a1[None, :] + w2 * a2[None, :] + w3 * a3[None, :]
+                    part += pp.to(tl.float32)
+                else:
+                    for ii in tl.static_range(PLANES_PER_GROUP // 2):
+                        w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
+                                               FAST_CVT)  # [BN, 16] q - z, exact
+                        k0 = chunk * CHUNK_K + LANES * ((gi * G) % CHUNK_K // LANES + 2 * ii)
+                        a0 = tl.load(x_row + k0 + lanes)  # [16]
+                        a1 = tl.load(x_row + k0 + LANES + lanes)  # [16]
+                        if SUM_PLANES >= 2 and not IS_BF16:
+                            # two planes' products summed in fp16 (one packed mul + one packed fma)
+                            part += (w0 * a0[None, :] + w1 * a1[None, :]).to(tl.float32)
+                        else:
+                            # products in the activation dtype (packed, exact up to one rounding:
+                            # |q - z| <= 15), sums in fp32
+                            part += (w0 * a0[None, :]).to(tl.float32) + (w1 * a1[None, :]).to(tl.float32)
+            # -- the group ends: reduce its lanes, apply its scale once ---------------------------
+            acc += tl.sum(part, axis=1) * (s * QUAD_UNSCALE)
+
+    out_ptrs = out_ptr + m * stride_om + offs_n
+    if REDUCE_WS and SPLIT_K > 1:
+        # fp32 partial sums into the all-zero workspace; the last split to arrive finishes the block
+        ws_ptrs = ws_ptr + m * N + offs_n
+        cnt = cnt_ptr + m * tl.num_programs(0) + pid_n
+        if _ws_arrive(acc, ws_ptrs, n_mask, cnt, SPLIT_K):
+            if ROPE:
+                # this block is one head (BLOCK_N = head_dim): rotate its halves at the row's
+                # position if it lies in the first rope_cols columns (q and k of a fused qkv)
+                HALF: tl.constexpr = BLOCK_N // 2
+                offs_lo = pid_n * BLOCK_N + tl.arange(0, HALF)
+                lo_mask = offs_lo < N
+                hi_mask = offs_lo + HALF < N
+                lo = tl.load(ws_ptr + m * N + offs_lo, mask=lo_mask, other=0.0, cache_modifier=".cg")
+                hi = tl.load(ws_ptr + m * N + offs_lo + HALF, mask=hi_mask, other=0.0, cache_modifier=".cg")
+                pos = tl.load(pos_ptr + m).to(tl.int64)
+                c = tl.load(cos_ptr + pos * stride_cp + tl.arange(0, HALF))  # [HALF] fp32
+                sn = tl.load(sin_ptr + pos * stride_cp + tl.arange(0, HALF))
+                rotate = pid_n * BLOCK_N < rope_cols
+                lo_out = tl.where(rotate, lo * c - hi * sn, lo)
+                hi_out = tl.where(rotate, hi * c + lo * sn, hi)
+                o_lo = out_ptr + m * stride_om + offs_lo
+                tl.store(o_lo, lo_out.to(out_ptr.dtype.element_ty), mask=lo_mask)
+                tl.store(o_lo + HALF, hi_out.to(out_ptr.dtype.element_ty), mask=hi_mask)
+                _ws_clear(ws_ptrs, n_mask, cnt)  # the two halves are the block's columns
+            else:
+                _ws_finish(out_ptrs, ws_ptrs, n_mask, cnt)
+    else:
+        _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), n_mask, SPLIT_K)
+
+
+_W4A16_GEMV = DirectLaunch(_w4a16_gemv_kernel)  # lmq.kernels.launch
+
+
+def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               group_size: int, config: dict | None = None, rope: tuple | None = None) -> torch.Tensor:
+    """`x [..., K]` fp16/bf16 (few rows) times the packed `[N, K]` weight -> `[..., N]` in x's dtype.
+
+    `rope = (positions [M] int, cos, sin [P, D/2] fp32, rope_cols)` also rotates (RoPE, rotate-half)
+    each D-wide head among the first `rope_cols` output columns at its row's position, in the
+    split-K epilogue (one rounding); check `can_fuse_rope` first.
+    """
+    # -- 1. check ---------------------------------------------------------------------------------
+    N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemv")
+    M = x2.shape[0]
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
+    if rope is not None:
+        positions, cos, sin, rope_cols = rope
+        D = 2 * cos.shape[1]
+        if not can_fuse_rope(N, K, group_size, D, cfg) or rope_cols % D or positions.shape != (M,):
+            raise ShapeError(f"w4a16_gemv: cannot fuse RoPE (head_dim {D}, N={N}, K={K}, rope_cols {rope_cols}, "
+                             f"{tuple(positions.shape)} positions for {M} rows)")
+        # one head per column block; the rotation happens where the splits meet, so split at least 2
+        cfg = {**cfg, "BLOCK_N": D, "REDUCE": "workspace", "num_warps": max(cfg["num_warps"], D // 16)}
+    if cfg["SPLIT_K"] > 0:
+        split_k = min(cfg["SPLIT_K"], K // block_k)
+    else:
+        # as many splits as keep the programs within WAVES x SMs, rounded down: on an H100 (sweep_gemm.py,
+        # NOTES-gemm.md run 8) rounding up put gate_up's 448 column blocks into 3 splits (1.45 resident
+        # waves, 28.8 us) where 2 take 23.9 us, while the narrow shapes gain from up to 16 splits
+        waves = cfg.get("WAVES", 4)
+        split_k = max(1, min((waves * _num_sms(x.device)) // (cdiv(N, cfg["BLOCK_N"]) * max(M, 1)),
+                             K // block_k, cfg.get("MAX_SPLIT", 16)))
+    if rope is not None:
+        split_k = max(split_k, 2)
+    if cfg["REDUCE"] not in ("atomic", "workspace") or cfg["SUM_PLANES"] not in (1, 2, 4):
+        raise ValueError(f"w4a16_gemv: bad config {cfg}: REDUCE is 'atomic' or 'workspace', SUM_PLANES 1, 2 or 4")
+    # -- 2. allocate ------------------------------------------------------------------------------
+    use_ws = split_k > 1 and cfg["REDUCE"] == "workspace"
+    out = (torch.zeros if split_k > 1 and not use_ws else torch.empty)((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.reshape(*lead, N)
+    n_blocks = cdiv(N, cfg["BLOCK_N"])
+    ws, cnt = _workspace(x.device, M * N, M * n_blocks) if use_ws else (out, out)  # unused unless use_ws
+    # -- 3. launch --------------------------------------------------------------------------------
+    pdl = use_pdl(x.device)
+    grid = (n_blocks, split_k, M)
+    if rope is None:
+        positions, cos, sin, rope_cols = out, out, out, 0  # unused
+    _W4A16_GEMV[grid](
+        x2, qweight, scales, zeros, out, ws, cnt, positions, cos, sin, N, K, x2.stride(0), out.stride(0),
+        cos.stride(0) if rope is not None else 0, rope_cols,
+        G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k,
+        IS_BF16=x.dtype == torch.bfloat16, CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES,
+        PLANES=planes64.PLANES, FAST_CVT=x.device.type == "cuda",
+        SUM_PLANES=cfg["SUM_PLANES"], REDUCE_WS=use_ws, PDL=pdl, ROPE=rope is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
+    )
+    return out.reshape(*lead, N)
+
+
+def can_fuse_rope(N: int, K: int, group_size: int, head_dim: int, config: dict | None = None) -> bool:
+    """Whether `w4a16_gemv(..., rope=...)` can rotate heads of `head_dim` in its epilogue: a power-of-two
+    head dim of 32..128 that divides N, and K long enough for two splits."""
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    return (head_dim in (32, 64, 128) and N % head_dim == 0
+            and K // pick_block_k(K, group_size, cfg["BLOCK_K"]) >= 2)
+
+
+DEFAULT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "num_warps": 4, "num_stages": 1,
+                  "SUM_PLANES": 1, "REDUCE": "atomic"}
+
+# Split-K workspaces, one per (device, stream): fp32 partial sums and int32 arrival counters, all zero
+# between calls (each call's last programs clear what they used). They only grow; a grown one keeps
+# the old tensors alive, since a captured CUDA graph may still point at them.
+_WORKSPACES: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _workspace(device: torch.device, n_sums: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    held = _WORKSPACES.setdefault(key, [])
+    if not held or held[-1][0].numel() < n_sums or held[-1][1].numel() < n_counters:
+        size = max(n_sums, held[-1][0].numel() if held else 0)
+        count = max(n_counters, held[-1][1].numel() if held else 0)
+        held.append((torch.zeros(size, dtype=torch.float32, device=device),
+                     torch.zeros(count, dtype=torch.int32, device=device)))
+    return held[-1]
+
+
+def w4a16_gemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int) -> torch.Tensor:
+    """Plain-PyTorch twin (the same function as the GEMM's reference)."""
+    return w4a16_gemm_ref(x, qweight, scales, zeros, group_size)
