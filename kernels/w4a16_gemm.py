@@ -12,8 +12,9 @@ One kernel, two regimes chosen by its config (`CONFIGS`, one table per arch):
 - decode (small and medium M): BLOCK_M = the next power of two >= M between 16 (tl.dot's minimum;
   rows past M are masked) and BLOCK_M_MAX, so each dequantized weight tile serves as many rows as it
   can; narrow BLOCK_N and split-K over WAVES waves of SMs so that every SM streams weights; the
-  splits add their partial sums into the zeroed output with atomics. (The GEMV's fp32 workspace,
-  tried here too, measured within 3% of that and was dropped: NOTES-gemm.md, run 11.)
+  splits add their partial sums into the zeroed output with atomics. (An fp32 workspace with arrival
+  counters measured within 3% of that, NOTES-gemm.md run 11; the GEMV's "fixed" int64 reduction
+  measured slower here at every M, up to 3x from M = 32: run 34.)
 - prefill (large M, compute-bound): large tensor-core tiles, dequantization in registers.
 Config switches: SWAP_AB computes out^T = w_hat @ x^T so the dequantized weights are tl.dot's first
 operand (on sm90 Triton then issues wgmma with that operand in registers); DOT_K = 16/32/64 joins 1,
