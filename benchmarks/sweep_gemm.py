@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|prefill|ws|ws-small|ws-split ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|decode-splits|prefill|ws|ws-small|ws-split ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
@@ -68,6 +68,12 @@ SWEEP = {
         "configs": [_DECODE_TABLE, {**_DECODE_TABLE, "num_stages": 4},
                     {**_DECODE_TABLE, "BLOCK_N": 128, "num_warps": 8}],
     },
+    # the decode kernel's split count set outright (0: the table's waves rule), per shape: whether a count that
+    # divides K's 32 tiles evenly beats the rule's (6 splits at M=16 for qkv run 6 tiles in the longest split)
+    "decode-splits": {
+        "ms": [16, 64],
+        "configs": [{**_DECODE_TABLE, "SPLIT_K": s} for s in (0, 4, 8, 16, 32)],
+    },
     # the warp-specialized Hopper kernel at decode-sized M: x rows as wgmma's N = 16 / 64 side, K split until
     # the work items fill the SMs (fp16 atomics), deeper rings
     "ws-small": {
@@ -108,7 +114,8 @@ def main(regimes):
         weights.append((name, K, [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]))
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
-            if regime in ("prefill", "ws", "ws-small", "ws-split", "decode-waves", "decode-big", "decode-small"):  # the peer, and a GPU check of every config
+            if regime in ("prefill", "ws", "ws-small", "ws-split", "decode-waves", "decode-big", "decode-small",
+                          "decode-splits"):  # the peer, and a GPU check of every config
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
