@@ -21,7 +21,8 @@ ap.add_argument("--kv-dtype", default="int8")
 ap.add_argument("--model", default="llama3-8b")
 ap.add_argument("--max-model-len", type=int, default=4096, help="the decode graphs plan attention for this context")
 ap.add_argument("--gemv-reduce", choices=("table", "atomic", "fixed"), default="table",
-                help="the M=1 GEMV's split-K reduction, for an A/B (the tables' GEMV config, changed in place)")
+                help="the M=1 GEMV's split-K reduction, for an A/B (the tables' GEMV config, changed in place; "
+                     "the qkv GEMV with RoPE fused always takes 'fixed')")
 args = ap.parse_args()
 if args.gemv_reduce != "table":
     from lmq.kernels.w4a16_gemm import CONFIGS

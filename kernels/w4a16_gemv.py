@@ -98,9 +98,12 @@ def _dequant_quad_f16(h, zq, z64, z4, FAST: tl.constexpr):
 
 
 # "fixed" split-K (module docstring): one int64 word per output holds (arrivals << 56) + the sum so far
-# in units of 2^-24. A partial sum is clamped to |v| <= 2^30 first (fp16 ends at 65504; bf16 outputs past
-# 2^30 saturate there), so the sum of up to MAX_FX_SPLIT partials stays far inside the 2^55 that keeps
-# the arrival count readable; 2^-24 is fp16's finest step, and below fp32's own step for |v| >= 1.
+# in units of 2^-24. The count reads back only while the sum stays within +-2^55 units, so each split's
+# partial sum is clamped to +-2^24 (2^48 units; MAX_FX_SPLIT of them stay within 2^54) and a NaN partial
+# counts as +2^24: fp16 outputs that large are inf anyway (fp16 ends at 65504), bf16 outputs saturate at
+# 2^24 * splits, and the word always finishes and is zeroed, so a call that overflows cannot leave the
+# workspace dirty for the next. Each split's sum is truncated to 2^-24 (fp16's finest step): the total is
+# off by less than SPLIT_K * 2^-24, toward zero.
 MAX_FX_SPLIT = 64
 
 
@@ -108,7 +111,9 @@ MAX_FX_SPLIT = 64
 def _fx_arrive(acc, ws_ptrs, out_ptrs, mask, SPLIT_K: tl.constexpr):
     """Add this split's partial sums `acc` (fp32) into the int64 workspace words at `ws_ptrs`; where this
     add completes the count, write the finished output at `out_ptrs` and zero the word."""
-    v = (tl.clamp(acc, -1073741824.0, 1073741824.0) * 16777216.0).to(tl.int64)  # round toward zero
+    big: tl.constexpr = 16777216.0  # 2^24
+    safe = tl.minimum(tl.maximum(tl.where(acc == acc, acc, big), -big), big)  # NaN -> +2^24, then clamp
+    v = (safe * 16777216.0).to(tl.int64)  # units of 2^-24, rounded toward zero
     mine = v + 72057594037927936  # one arrival: 1 << 56
     total = tl.atomic_add(ws_ptrs, mine, mask=mask, sem="relaxed") + mine
     count = (total + 36028797018963968) >> 56  # |sum| < 2^55: round to the nearest count

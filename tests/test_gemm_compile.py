@@ -43,14 +43,18 @@ def compile_all(arch: str, dt: str) -> None:
                **geometry},
               cfg["num_warps"], cfg["num_stages"])
     g = CONFIGS[arch]["gemv"]
-    for sum_planes, red, pdl, rope in ((1, "atomic", False, False), (g["SUM_PLANES"], g["REDUCE"], cc >= 90, False),
-                                       (4, "fixed", cc >= 90, True)):
+    # the table's GEMV without and with RoPE (BLOCK_N / 2 columns per half-head), and RoPE's whole-head fallback
+    for sum_planes, red, pdl, rope, bn, warps in ((1, "atomic", False, False, g["BLOCK_N"], g["num_warps"]),
+                                                  (g["SUM_PLANES"], g["REDUCE"], cc >= 90, False, g["BLOCK_N"],
+                                                   g["num_warps"]),
+                                                  (4, "fixed", cc >= 90, True, g["BLOCK_N"], g["num_warps"]),
+                                                  (4, "fixed", cc >= 90, True, 128, 8)):
         build(_w4a16_gemv_kernel, ["N", "K", "stride_xm", "stride_om", "stride_cp", "rope_cols"],
-              {"G": 128, "BLOCK_N": g["BLOCK_N"], "BLOCK_K": g["BLOCK_K"], "SPLIT_K": 2,
+              {"G": 128, "BLOCK_N": bn, "BLOCK_K": g["BLOCK_K"], "SPLIT_K": 2,
                "IS_BF16": dt == "bf16", "PLANES": planes64.PLANES, "FAST_CVT": True, "SUM_PLANES": sum_planes,
                "REDUCE_FX": red == "fixed", "PDL": pdl, "ROPE": rope,
                "ROPE_D": 128, **geometry},
-              g["num_warps"], 1,
+              warps, 1,
               {"ws_ptr": "*i64" if red == "fixed" else "*fp32", "pos_ptr": "*i32",
                "cos_ptr": "*fp32", "sin_ptr": "*fp32"}, pdl)
 
