@@ -112,7 +112,7 @@ def _fx_arrive(acc, ws_ptrs, out_ptrs, mask, SPLIT_K: tl.constexpr):
     """Add this split's partial sums `acc` (fp32) into the int64 workspace words at `ws_ptrs`; where this
     add completes the count, write the finished output at `out_ptrs` and zero the word."""
     big: tl.constexpr = 16777216.0  # 2^24
-    safe = tl.minimum(tl.maximum(tl.where(acc == acc, acc, big), -big), big)  # NaN -> +2^24, then clamp
+    safe = tl.minimum(tl.maximum(tl.where(acc == acc, acc, big), -big), big)  # noqa: PLR0124 (NaN -> +2^24)
     v = (safe * 16777216.0).to(tl.int64)  # units of 2^-24, rounded toward zero
     mine = v + 72057594037927936  # one arrival: 1 << 56
     total = tl.atomic_add(ws_ptrs, mine, mask=mask, sem="relaxed") + mine

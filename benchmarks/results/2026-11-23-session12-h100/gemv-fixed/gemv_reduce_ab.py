@@ -11,12 +11,12 @@ import sys
 import torch
 
 sys.path.insert(0, "benchmarks")
-from sweep_gemm import random_packed  # noqa: E402
+from lmq.kernels.rope import rope_cos_sin, rope_inv_freq
+from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemv import w4a16_gemv
+from sweep_gemm import random_packed
 
-from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us  # noqa: E402
-from lmq.kernels.rope import rope_cos_sin, rope_inv_freq  # noqa: E402
-from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm_ref  # noqa: E402
-from lmq.kernels.w4a16_gemv import w4a16_gemv  # noqa: E402
+from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us
 
 G = 128
 REDUCES = ("workspace", "fixed")

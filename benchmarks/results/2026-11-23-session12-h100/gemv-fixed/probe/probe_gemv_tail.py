@@ -7,11 +7,11 @@ import sys
 import torch
 
 sys.path.insert(0, "benchmarks")
-from sweep_gemm import random_packed  # noqa: E402
+from lmq.kernels.w4a16_gemm import CONFIGS
+from lmq.kernels.w4a16_gemv import w4a16_gemv
+from sweep_gemm import random_packed
 
-from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us  # noqa: E402
-from lmq.kernels.w4a16_gemm import CONFIGS  # noqa: E402
-from lmq.kernels.w4a16_gemv import w4a16_gemv  # noqa: E402
+from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us
 
 
 def load(name, path):
