@@ -280,7 +280,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         # them, so split at least 2: a program owns BLOCK_N / 2 columns of a head's first half and their
         # partners D / 2 further on (the table's BLOCK_N where it divides the head, else one whole head)
         cfg = {**cfg, "REDUCE": "fixed"}
-        if D % cfg["BLOCK_N"]:
+        if D % cfg["BLOCK_N"] or cfg["BLOCK_N"] < 2:
             cfg = {**cfg, "BLOCK_N": D, "num_warps": max(cfg["num_warps"], D // 16)}
     if cfg["SPLIT_K"] > 0:
         split_k = min(cfg["SPLIT_K"], K // block_k)
