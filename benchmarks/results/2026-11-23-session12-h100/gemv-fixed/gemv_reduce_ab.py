@@ -4,6 +4,8 @@ sums with the arrival count in the same word), interleaved, twice each; correctn
 and bit-reproducibility first. Also with RoPE fused (the qkv GEMV of a decode step).
 
     python3 benchmarks/gemv_reduce_ab.py
+
+Ran from the working tree before a001d76, which removed REDUCE="workspace": at later commits only "fixed" runs.
 """
 
 import sys

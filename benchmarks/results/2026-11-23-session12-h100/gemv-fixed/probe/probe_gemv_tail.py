@@ -1,6 +1,13 @@
 """Probe (NOTES-gemm.md run 34): what the GEMV's split-K finish costs. Times the table GEMV at M=1 against
 copies whose splits only add into the workspace (no counter, no last-program read-back: wrong output) or
-only store (no atomics either). Timing only; the copies' results are not used."""
+only store (no atomics either), and one that lets dependents launch early. Timing only; the copies' results
+are not used. The copies are kernels/w4a16_gemv.py as of 9ccd574 with the edits in gemv_*.diff here; make
+them in a checkout of 9ccd574 (the probe ran from its repo root, with this file in benchmarks/probe/):
+    for v in nofinish nored trigger; do
+        git show 9ccd574:kernels/w4a16_gemv.py > benchmarks/probe/gemv_$v.py
+        patch benchmarks/probe/gemv_$v.py < benchmarks/probe/gemv_$v.diff
+    done
+"""
 import importlib.util
 import sys
 
