@@ -33,7 +33,7 @@ KNOWN_TRITON = ("3.6.",)
 _CONVENTION = triton.__version__.startswith(KNOWN_TRITON)
 
 
-def _stream(device: int) -> int:
+def current_stream(device: int) -> int:
     """The current stream's handle on `device`, read as Triton's own launch reads it."""
     return driver.active.get_current_stream(device)
 
@@ -85,7 +85,7 @@ class DirectLaunch:
                 self.compiled[key] = compiled
             return
         values = values()
-        stream = _stream(device)
+        stream = current_stream(device)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         meta = compiled.launch_metadata(grid, stream, *values) if enter is not None else None
         g1, g2 = (grid[1] if len(grid) > 1 else 1), (grid[2] if len(grid) > 2 else 1)

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv
-from lmq.kernels.launch import DirectLaunch
+from lmq.kernels.launch import DirectLaunch, current_stream
 from lmq.kernels.pdl import use_pdl
 from lmq.kernels.w4a16_gemm import (
     _dequant_pair,
@@ -131,7 +131,8 @@ _WORKSPACES: dict[tuple, list[torch.Tensor]] = {}
 
 def fx_workspace(device: torch.device, n_words: int) -> torch.Tensor:
     """This stream's all-zero int64 words for the "fixed" split-K reduction, at least `n_words` of them."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = current_stream(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 0
     held = _WORKSPACES.setdefault((device.type, device.index, stream), [])
     if not held or held[-1].numel() < n_words:
         held.append(torch.zeros(n_words, dtype=torch.int64, device=device))

@@ -44,7 +44,7 @@ class _Kernel:
 @pytest.fixture(autouse=True)
 def _no_cuda(monkeypatch):
     if not torch.cuda.is_available():  # the stand-in kernels take any stream and device
-        monkeypatch.setattr(launch, "_stream", lambda device: 7)
+        monkeypatch.setattr(launch, "current_stream", lambda device: 7)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(launch, "FAST_LAUNCH", True)
 
