@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|decode-splits|prefill|ws|ws-small|ws-split ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|decode-splits|decode-1stage|gemv-inflight|prefill|ws|ws-small|ws-split ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
@@ -23,6 +23,7 @@ from lmq.quant.rtn import QuantizedWeight
 
 G = 128
 _DECODE_TABLE = CONFIGS["sm90"]["decode"]
+_GEMV_TABLE = CONFIGS["sm90"]["gemv"]
 SWEEP = {
     "gemv": {
         "ms": [1],
@@ -74,6 +75,23 @@ SWEEP = {
         "ms": [16, 64],
         "configs": [{**_DECODE_TABLE, "SPLIT_K": s} for s in (0, 4, 8, 16, 32)],
     },
+    # the M=1 GEMV with more bytes in flight per SM (for a card with more bandwidth than the H100 the table was
+    # measured on): a cp.async ring (num_stages 2, 3), 256-wide K tiles, more programs; the table first
+    "gemv-inflight": {
+        "ms": [1],
+        "configs": [_GEMV_TABLE] + [{**_GEMV_TABLE, **v} for v in (
+            {"num_stages": 2}, {"num_stages": 3}, {"BLOCK_K": 256}, {"WAVES": 16, "MAX_SPLIT": 32},
+            {"BLOCK_K": 256, "WAVES": 16, "MAX_SPLIT": 32}, {"BLOCK_N": 32, "WAVES": 16, "MAX_SPLIT": 32},
+            {"num_warps": 8, "BLOCK_N": 128}, {"num_stages": 2, "WAVES": 16, "MAX_SPLIT": 32})],
+    },
+    # the decode kernel without a cp.async ring (num_stages 1): weights straight to registers as the GEMV loads
+    # them, latency hidden by more resident programs (more waves), x staged per chunk for wgmma; the table first
+    "decode-1stage": {
+        "ms": [4, 16, 64],
+        "configs": [_DECODE_TABLE] + [{**_DECODE_TABLE, "num_stages": 1, "BLOCK_K": bk, "WAVES": w, "MAX_SPLIT": 32,
+                                       "WAVES_FROM_M": ()}
+                                      for bk, w in ((128, 4), (128, 8), (128, 12), (256, 8), (128, 16))],
+    },
     # the warp-specialized Hopper kernel at decode-sized M: x rows as wgmma's N = 16 / 64 side, K split until
     # the work items fill the SMs (fp16 atomics), deeper rings
     "ws-small": {
@@ -115,7 +133,7 @@ def main(regimes):
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
             if regime in ("prefill", "ws", "ws-small", "ws-split", "decode-waves", "decode-big", "decode-small",
-                          "decode-splits"):  # the peer, and a GPU check of every config
+                          "decode-splits", "decode-1stage", "gemv-inflight"):  # the peer, and a GPU check of every config
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -126,7 +144,7 @@ def main(regimes):
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 ref = w4a16_gemm_ref(x, pp["qweight"], pp["scales"], pp["zeros"], G).float()
                 for cfg in SWEEP[regime]["configs"]:
-                    out = (w4a16_gemm_ws if regime.startswith("ws") else w4a16_gemm)(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg).float()
+                    out = (w4a16_gemm_ws if regime.startswith("ws") else w4a16_gemv if regime.startswith("gemv") else w4a16_gemm)(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg).float()
                     err = ((out - ref).norm() / ref.norm()).item()
                     print(f"check M={M} {cfg}: rel err {err:.2e}")
                     if not err < 2e-3:
@@ -136,7 +154,7 @@ def main(regimes):
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                    kernel = w4a16_gemv if regime == "gemv" else w4a16_gemm_ws if regime.startswith("ws") else w4a16_gemm
+                    kernel = w4a16_gemv if regime.startswith("gemv") else w4a16_gemm_ws if regime.startswith("ws") else w4a16_gemm
                     fns = [lambda pp=pp, kernel=kernel, x=x, cfg=cfg: kernel(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
                            for pp in packs]
                     per.append(graph_time_us(fns, calls=max(20, len(fns)), reps=9))

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The three benchmarks of the issues on a lent GPU, in at most two device calls (each call stays under 10 minutes):
+#   STAGES=gemm       the GEMM GPU tests, then `lmq bench gemm` at every M of issue 3
+#   STAGES=attn-e2e   `lmq bench attention` (issue 4's shapes), then `lmq bench` end to end on synthetic Llama-3-8B
+# Logs and tables land in $OUT/<stage>/. Used for the H200 tables of docs/benchmarks.md.
+set -uo pipefail
+OUT=${OUT:-out}
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } | tee "$OUT/gpu.txt"
+: "${STAGES:=gemm}"
+for stage in $STAGES; do
+  mkdir -p "$OUT/$stage"
+  case $stage in
+  gemm)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py 2>&1 | tail -3 | tee "$OUT/gemm/tests.log"
+    timeout 330 lmq bench gemm --json --m 1,4,16,64,256,1024,4096 >"$OUT/gemm/bench.json" 2>"$OUT/gemm/bench.log"
+    python3 -c "
+import json
+from lmq.bench import render_gemm_table
+from rich.console import Console
+Console(width=200).print(render_gemm_table(json.load(open('$OUT/gemm/bench.json'))))" 2>&1 | tee "$OUT/gemm/table.txt"
+    ;;
+  attn-e2e)
+    timeout 240 lmq bench attention --json --kv-dtype fp16,int8,int4 --batch 1,8,64 --context 4k,16k,32k \
+      >"$OUT/attn-e2e/attention.json" 2>"$OUT/attn-e2e/attention.log"
+    python3 -c "
+import json
+from lmq.bench_attention import render_attention_table
+from rich.console import Console
+Console(width=200).print(render_attention_table(json.load(open('$OUT/attn-e2e/attention.json'))))" 2>&1 | tee "$OUT/attn-e2e/attention.txt"
+    timeout 300 lmq bench --synthetic llama3-8b --batch 1,16 --input-len 128,1024 --output-len 64 --num-requests 64 \
+      --turns 4 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --json >"$OUT/attn-e2e/e2e.json" \
+      2>"$OUT/attn-e2e/e2e.log"
+    python3 -c "import json,sys; from lmq.bench_e2e import render_e2e; print(render_e2e(json.load(open(sys.argv[1]))))" \
+      "$OUT/attn-e2e/e2e.json" 2>&1 | tee "$OUT/attn-e2e/e2e.md"
+    ;;
+  esac
+done
