@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|decode-splits|decode-1stage|gemv-inflight|prefill|ws|ws-small|ws-split ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|decode-splits|decode-1stage|gemv-inflight|gemv-rows|prefill|ws|ws-small|ws-split ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
@@ -75,6 +75,13 @@ SWEEP = {
         "ms": [16, 64],
         "configs": [{**_DECODE_TABLE, "SPLIT_K": s} for s in (0, 4, 8, 16, 32)],
     },
+    # a few activation rows per GEMV program (ROWS: each dequantized weight tile serves them all) against one row per
+    # program and against the decode kernel (KERNEL "decode": the table's decode config) at M = 2..4
+    "gemv-rows": {
+        "ms": [2, 3, 4],
+        "configs": [{**_DECODE_TABLE, "KERNEL": "decode"}, _GEMV_TABLE] + [{**_GEMV_TABLE, **v} for v in (
+            {"ROWS": 2}, {"ROWS": 4}, {"ROWS": 4, "WAVES": 3}, {"ROWS": 2, "WAVES": 6})],
+    },
     # the M=1 GEMV with more bytes in flight per SM (for a card with more bandwidth than the H100 the table was
     # measured on): a cp.async ring (num_stages 2, 3), 256-wide K tiles, more programs; the table first
     "gemv-inflight": {
@@ -115,6 +122,13 @@ SWEEP = {
 }
 
 
+def _kernel_for(regime, cfg):
+    """The kernel a sweep config times: its KERNEL key ("decode": the tensor-core kernel), else the regime's."""
+    if cfg.get("KERNEL") == "decode" or not regime.startswith(("gemv", "ws")):
+        return w4a16_gemm
+    return w4a16_gemv if regime.startswith("gemv") else w4a16_gemm_ws
+
+
 def random_packed(N, K):
     """Random g128 codes/scales/zeros [N, K], their planes64 tensors on the GPU and those tensors' bytes."""
     q = QuantizedWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8),
@@ -133,7 +147,7 @@ def main(regimes):
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
             if regime in ("prefill", "ws", "ws-small", "ws-split", "decode-waves", "decode-big", "decode-small",
-                          "decode-splits", "decode-1stage", "gemv-inflight"):  # the peer, and a GPU check of every config
+                          "decode-splits", "decode-1stage", "gemv-inflight", "gemv-rows"):  # the peer, and a GPU check of every config
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
@@ -144,7 +158,7 @@ def main(regimes):
                 x = torch.randn(M, K, device="cuda", dtype=torch.float16)
                 ref = w4a16_gemm_ref(x, pp["qweight"], pp["scales"], pp["zeros"], G).float()
                 for cfg in SWEEP[regime]["configs"]:
-                    out = (w4a16_gemm_ws if regime.startswith("ws") else w4a16_gemv if regime.startswith("gemv") else w4a16_gemm)(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg).float()
+                    out = _kernel_for(regime, cfg)(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg).float()
                     err = ((out - ref).norm() / ref.norm()).item()
                     print(f"check M={M} {cfg}: rel err {err:.2e}")
                     if not err < 2e-3:
@@ -154,7 +168,7 @@ def main(regimes):
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-                    kernel = w4a16_gemv if regime.startswith("gemv") else w4a16_gemm_ws if regime.startswith("ws") else w4a16_gemm
+                    kernel = _kernel_for(regime, cfg)
                     fns = [lambda pp=pp, kernel=kernel, x=x, cfg=cfg: kernel(x, pp["qweight"], pp["scales"], pp["zeros"], G, cfg)
                            for pp in packs]
                     per.append(graph_time_us(fns, calls=max(20, len(fns)), reps=9))

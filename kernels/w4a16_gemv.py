@@ -1,4 +1,4 @@
-"""W4A16 GEMV for the smallest M: `out[m, N] = x[m, K] @ w_hat[N, K]^T`, one activation row per program.
+"""W4A16 GEMV for the smallest M: `out[m, N] = x[m, K] @ w_hat[N, K]^T`, one to four activation rows per program.
 
     w_hat[n, k] = (q[n, k] - z[g, n]) * s[g, n],   g = k // G,  G in (32, 64, 128)
 
@@ -34,6 +34,13 @@ Two config switches cut the instructions per weight, which bound this kernel on 
   in which the splits arrive: the output is bit-reproducible. (It replaced an fp32 workspace with an
   arrival counter per column block, whose last program read the sums back: NOTES-gemm.md, run 34.)
 
+`ROWS` (1, 2 or 4; the four-plane fp16 path only, one row elsewhere): activation rows per program. Each
+dequantized weight tile then serves all of them, so M = 2..4 reads the weights once instead of once per row.
+Offline SASS (sm90, the table's tile, 64 weights per thread per K tile): one row 203 instructions per K tile at 64
+registers (the same code as without the switch), two rows 319 at 62, four rows 635 at 156 (three programs per SM
+instead of eight). Not measured on a GPU yet (`benchmarks/sweep_gemm.py gemv-rows` against the decode kernel at
+M = 2..4); the tables keep one row and send M >= 2 to the decode kernel.
+
 `w4a16_gemv_ref` is the plain-PyTorch twin.
 """
 
@@ -42,7 +49,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lmq.kernels import cdiv
+from lmq.kernels import cdiv, next_pow2
 from lmq.kernels.launch import DirectLaunch, current_stream
 from lmq.kernels.pdl import use_pdl
 from lmq.kernels.w4a16_gemm import (
@@ -140,17 +147,61 @@ def fx_workspace(device: torch.device, n_words: int) -> torch.Tensor:
 
 
 @triton.jit
+def _quad_row(w0, w1, w2, w3, xk, ok):
+    """One activation row's products with a chunk's four planes (`xk`: its lanes of plane 0), summed in fp16 and
+    widened to fp32: [BN, 16]. `ok`: the row exists (rows past M read zeros)."""
+    a0 = tl.load(xk, mask=ok, other=0.0)  # [16]
+    a1 = tl.load(xk + 16, mask=ok, other=0.0)
+    a2 = tl.load(xk + 32, mask=ok, other=0.0)
+    a3 = tl.load(xk + 48, mask=ok, other=0.0)
+    return (w0 * a0[None, :] + w1 * a1[None, :] + w2 * a2[None, :] + w3 * a3[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _rope_of(pos_ptr, cos_ptr, sin_ptr, m, ok, stride_cp, col0, HALF: tl.constexpr):
+    """Row m's cos / sin for this program's HALF rotating columns ([HALF] fp32 each)."""
+    pos = tl.load(pos_ptr + m, mask=ok, other=0).to(tl.int64)
+    return (tl.load(cos_ptr + pos * stride_cp + col0 + tl.arange(0, HALF)),
+            tl.load(sin_ptr + pos * stride_cp + col0 + tl.arange(0, HALF)))
+
+
+@triton.jit
+def _row_out(acc, m, ok, out_ptr, ws_ptr, offs_n, n_mask, N, stride_om, head, rope_c, rope_s, rope_cols,
+             SPLIT_K: tl.constexpr, REDUCE_FX: tl.constexpr, ROPE: tl.constexpr, ROPE_D: tl.constexpr,
+             HALF: tl.constexpr, sub):
+    """Row m's epilogue: this split's sums `acc [BN]` added into the output (`ok`: the row exists)."""
+    out_ptrs = out_ptr + m * stride_om + offs_n
+    if REDUCE_FX and SPLIT_K > 1:
+        if ROPE:
+            # rotate this program's pairs if its head lies in the first rope_cols columns (q and k of a
+            # fused qkv), then add them
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, (2, HALF)), (1, 0)))  # [HALF] each
+            rotate = head * ROPE_D < rope_cols
+            lo_out = tl.where(rotate, lo * rope_c - hi * rope_s, lo)
+            hi_out = tl.where(rotate, hi * rope_c + lo * rope_s, hi)
+            offs_lo = head * ROPE_D + sub * HALF + tl.arange(0, HALF)  # N is a multiple of ROPE_D
+            lo_mask = ok & (offs_lo < N)
+            _fx_arrive(lo_out, ws_ptr + m * N + offs_lo, out_ptr + m * stride_om + offs_lo, lo_mask, SPLIT_K)
+            _fx_arrive(hi_out, ws_ptr + m * N + offs_lo + ROPE_D // 2, out_ptr + m * stride_om + offs_lo + ROPE_D // 2,
+                       lo_mask, SPLIT_K)
+        else:
+            _fx_arrive(acc, ws_ptr + m * N + offs_n, out_ptrs, ok & n_mask, SPLIT_K)  # int64 words
+    else:
+        _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), ok & n_mask, SPLIT_K)
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, pos_ptr, cos_ptr, sin_ptr,
-    N, K, stride_xm, stride_om, stride_cp, rope_cols,
-    G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    M, N, K, stride_xm, stride_om, stride_cp, rope_cols,
+    G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
     IS_BF16: tl.constexpr, CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,
     FAST_CVT: tl.constexpr, SUM_PLANES: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr,
     REDUCE_FX: tl.constexpr, ROPE_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m = tl.program_id(2)  # activation row
+    m = tl.program_id(2) * ROWS  # this program's first activation row; ROWS (1, 2, 4) share each weight tile
     HALF: tl.constexpr = BLOCK_N // 2
     if ROPE:
         # a head of ROPE_D columns is ROPE_D / BLOCK_N programs; each owns HALF columns of the head's first
@@ -160,6 +211,7 @@ def _w4a16_gemv_kernel(
         j = tl.arange(0, BLOCK_N)
         offs_n = head * ROPE_D + sub * HALF + j % HALF + (j // HALF) * (ROPE_D // 2)  # [BN]
     else:
+        head, sub = 0, 0
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_mask = offs_n < N
     lanes = tl.arange(0, LANES)  # [16]
@@ -173,6 +225,7 @@ def _w4a16_gemv_kernel(
     # with the scale, in fp32
     QUAD: tl.constexpr = SUM_PLANES == 4 and PLANES_PER_GROUP == PLANES and not IS_BF16
     QUAD_UNSCALE: tl.constexpr = 16.0 if QUAD else 1.0
+    tl.static_assert(ROWS == 1 or QUAD, "several rows per program: the four-plane fp16 path only")
     if IS_BF16:
         MAGIC: tl.constexpr = 0x4300  # bf16 128.0
         wdt: tl.constexpr = tl.bfloat16
@@ -183,15 +236,22 @@ def _w4a16_gemv_kernel(
     x_row = x_ptr + m * stride_xm
     qw_rows = qw_ptr + offs_n[:, None] * LANES + lanes[None, :]  # [BN, 16], chunk 0
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)  # rows m + 1, m + 2, m + 3 where ROWS has them
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if PDL:
         # launched early (programmatic dependent launch): wait for the previous kernel's writes (x,
         # the workspace) before the first read of anything but weights
         tl.extra.cuda.gdc_wait()
+    rope_c, rope_s, rope_c1, rope_s1, rope_c2, rope_s2, rope_c3, rope_s3 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     if ROPE:
-        # every split rotates its own partial sums (the rotation is linear): its cos / sin, read now
-        pos = tl.load(pos_ptr + m).to(tl.int64)
-        rope_c = tl.load(cos_ptr + pos * stride_cp + sub * HALF + tl.arange(0, HALF))  # [HALF] fp32
-        rope_s = tl.load(sin_ptr + pos * stride_cp + sub * HALF + tl.arange(0, HALF))
+        # every split rotates its own partial sums (the rotation is linear): its rows' cos / sin, read now
+        rope_c, rope_s = _rope_of(pos_ptr, cos_ptr, sin_ptr, m, True, stride_cp, sub * HALF, HALF)
+        if ROWS >= 2:
+            rope_c1, rope_s1 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 1, m + 1 < M, stride_cp, sub * HALF, HALF)
+        if ROWS >= 4:
+            rope_c2, rope_s2 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 2, m + 2 < M, stride_cp, sub * HALF, HALF)
+            rope_c3, rope_s3 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 3, m + 3 < M, stride_cp, sub * HALF, HALF)
     for kt in range(k_lo, k_hi, BLOCK_K):
         for gi in tl.static_range(BLOCK_K // G):
             # -- one group: zero (as MAGIC + z) and scale for BLOCK_N rows ------------------------
@@ -203,6 +263,9 @@ def _w4a16_gemv_kernel(
                 z4 = ((z.to(tl.int16) << 4) | 0x4400).to(wdt, bitcast=True)  # [BN] 4 + z/16
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
             part = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # per-lane partial sums of the group
+            part1 = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # (rows m + 1.. where ROWS has them)
+            part2 = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)
+            part3 = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)
             for cc in tl.static_range(CHUNKS_PER_GROUP):
                 # -- weights straight into registers: BLOCK_N rows x 32 contiguous bytes ----------
                 chunk = (kt + gi * G) // CHUNK_K + cc
@@ -212,12 +275,12 @@ def _w4a16_gemv_kernel(
                     # the whole chunk's four planes summed in fp16 (packed fma), then one fp32 add
                     w0, w1, w2, w3 = _dequant_quad_f16(h, zq, z64, z4, FAST_CVT)  # [BN, 16] (q - z) / 16
                     xk = x_row + chunk * CHUNK_K + lanes
-                    a0 = tl.load(xk)  # [16]
-                    a1 = tl.load(xk + LANES)
-                    a2 = tl.load(xk + 2 * LANES)
-                    a3 = tl.load(xk + 3 * LANES)
-                    pp = w0 * a0[None, :] + w1 * a1[None, :] + w2 * a2[None, :] + w3 * a3[None, :]
-                    part += pp.to(tl.float32)
+                    part += _quad_row(w0, w1, w2, w3, xk, True)
+                    if ROWS >= 2:  # the same dequantized tile serves the program's other rows
+                        part1 += _quad_row(w0, w1, w2, w3, xk + stride_xm, m + 1 < M)
+                    if ROWS >= 4:
+                        part2 += _quad_row(w0, w1, w2, w3, xk + 2 * stride_xm, m + 2 < M)
+                        part3 += _quad_row(w0, w1, w2, w3, xk + 3 * stride_xm, m + 3 < M)
                 else:
                     for ii in tl.static_range(PLANES_PER_GROUP // 2):
                         w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
@@ -234,25 +297,22 @@ def _w4a16_gemv_kernel(
                             part += (w0 * a0[None, :]).to(tl.float32) + (w1 * a1[None, :]).to(tl.float32)
             # -- the group ends: reduce its lanes, apply its scale once ---------------------------
             acc += tl.sum(part, axis=1) * (s * QUAD_UNSCALE)
+            if ROWS >= 2:
+                acc1 += tl.sum(part1, axis=1) * (s * QUAD_UNSCALE)
+            if ROWS >= 4:
+                acc2 += tl.sum(part2, axis=1) * (s * QUAD_UNSCALE)
+                acc3 += tl.sum(part3, axis=1) * (s * QUAD_UNSCALE)
 
-    out_ptrs = out_ptr + m * stride_om + offs_n
-    if REDUCE_FX and SPLIT_K > 1:
-        ws_ptrs = ws_ptr + m * N + offs_n  # int64 words
-        if ROPE:
-            # rotate this program's pairs if its head lies in the first rope_cols columns (q and k of a
-            # fused qkv), then add them
-            lo, hi = tl.split(tl.permute(tl.reshape(acc, (2, HALF)), (1, 0)))  # [HALF] each
-            rotate = head * ROPE_D < rope_cols
-            lo_out = tl.where(rotate, lo * rope_c - hi * rope_s, lo)
-            hi_out = tl.where(rotate, hi * rope_c + lo * rope_s, hi)
-            offs_lo = head * ROPE_D + sub * HALF + tl.arange(0, HALF)  # N is a multiple of ROPE_D
-            _fx_arrive(lo_out, ws_ptr + m * N + offs_lo, out_ptr + m * stride_om + offs_lo, offs_lo < N, SPLIT_K)
-            _fx_arrive(hi_out, ws_ptr + m * N + offs_lo + ROPE_D // 2, out_ptr + m * stride_om + offs_lo + ROPE_D // 2,
-                       offs_lo < N, SPLIT_K)
-        else:
-            _fx_arrive(acc, ws_ptrs, out_ptrs, n_mask, SPLIT_K)
-    else:
-        _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), n_mask, SPLIT_K)
+    _row_out(acc, m, True, out_ptr, ws_ptr, offs_n, n_mask, N, stride_om, head, rope_c, rope_s, rope_cols,
+             SPLIT_K, REDUCE_FX, ROPE, ROPE_D, HALF, sub)
+    if ROWS >= 2:
+        _row_out(acc1, m + 1, m + 1 < M, out_ptr, ws_ptr, offs_n, n_mask, N, stride_om, head, rope_c1, rope_s1,
+                 rope_cols, SPLIT_K, REDUCE_FX, ROPE, ROPE_D, HALF, sub)
+    if ROWS >= 4:
+        _row_out(acc2, m + 2, m + 2 < M, out_ptr, ws_ptr, offs_n, n_mask, N, stride_om, head, rope_c2, rope_s2,
+                 rope_cols, SPLIT_K, REDUCE_FX, ROPE, ROPE_D, HALF, sub)
+        _row_out(acc3, m + 3, m + 3 < M, out_ptr, ws_ptr, offs_n, n_mask, N, stride_om, head, rope_c3, rope_s3,
+                 rope_cols, SPLIT_K, REDUCE_FX, ROPE, ROPE_D, HALF, sub)
 
 
 _W4A16_GEMV = DirectLaunch(_w4a16_gemv_kernel)  # lmq.kernels.launch
@@ -271,6 +331,11 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     M = x2.shape[0]
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
+    # activation rows per program (the four-plane fp16 path only): each dequantized weight tile serves them all
+    quad = cfg["SUM_PLANES"] == 4 and group_size >= planes64.CHUNK_K and x.dtype == torch.float16
+    rows = min(next_pow2(max(M, 1)), cfg.get("ROWS", 1)) if quad else 1
+    if rows not in (1, 2, 4):
+        raise ValueError(f"w4a16_gemv: ROWS is 1, 2 or 4, got {cfg.get('ROWS')}")
     if rope is not None:
         positions, cos, sin, rope_cols = rope
         D = 2 * cos.shape[1]
@@ -290,7 +355,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         # NOTES-gemm.md run 8) rounding up put gate_up's 448 column blocks into 3 splits (1.45 resident
         # waves, 28.8 us) where 2 take 23.9 us, while the narrow shapes gain from up to 16 splits
         waves = cfg.get("WAVES", 4)
-        split_k = max(1, min((waves * _num_sms(x.device)) // (cdiv(N, cfg["BLOCK_N"]) * max(M, 1)),
+        split_k = max(1, min((waves * _num_sms(x.device)) // (cdiv(N, cfg["BLOCK_N"]) * max(cdiv(M, rows), 1)),
                              K // block_k, cfg.get("MAX_SPLIT", 16)))
     if rope is not None:
         split_k = max(split_k, 2)
@@ -307,13 +372,13 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     ws = fx_workspace(x.device, M * N) if use_fx else out  # unused unless use_fx
     # -- 3. launch --------------------------------------------------------------------------------
     pdl = use_pdl(x.device)
-    grid = (n_blocks, split_k, M)
+    grid = (n_blocks, split_k, cdiv(M, rows))
     if rope is None:
         positions, cos, sin, rope_cols = out, out, out, 0  # unused
     _W4A16_GEMV[grid](
-        x2, qweight, scales, zeros, out, ws, positions, cos, sin, N, K, x2.stride(0), out.stride(0),
+        x2, qweight, scales, zeros, out, ws, positions, cos, sin, M, N, K, x2.stride(0), out.stride(0),
         cos.stride(0) if rope is not None else 0, rope_cols,
-        G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k,
+        G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k, ROWS=rows,
         IS_BF16=x.dtype == torch.bfloat16, CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES,
         PLANES=planes64.PLANES, FAST_CVT=x.device.type == "cuda",
         SUM_PLANES=cfg["SUM_PLANES"], PDL=pdl, ROPE=rope is not None, REDUCE_FX=use_fx,

@@ -73,6 +73,26 @@ def test_gemv_matches_ref(M, G, device):
     assert out.shape == (M, N) and rel_err(out, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("rows,split_k,reduce", [(2, 2, "fixed"), (4, 3, "fixed"), (4, 1, "atomic"), (2, 2, "atomic")])
+def test_gemv_rows_per_program(rows, split_k, reduce, device):
+    """ROWS activation rows share each dequantized weight tile (the four-plane fp16 path): the same function for
+    any M, rows past M masked, every split-K reduction; elsewhere (bf16, SUM_PLANES < 4, G < 64) one row a program."""
+    N, K, G = 96, 640, 128  # 5 K tiles: uneven splits
+    p = random_packed(N, K, G, device)
+    cfg = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": split_k, "SUM_PLANES": 4, "REDUCE": reduce, "ROWS": rows}
+    for M in (1, 2, 3, 5):
+        x = torch.randn(M, K, device=device).half()
+        out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+        assert rel_err(out, w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16], M
+    # one row a program there (bf16 only on the GPU: the interpreter computes bf16 on raw bits)
+    for dtype, planes in ((torch.float16, 1),) + (((torch.bfloat16, 1),) if device == "cuda" else ()):
+        xb = torch.randn(3, K, device=device, dtype=dtype)
+        out = w4a16_gemv(xb, p["qweight"], p["scales"], p["zeros"], G, {**cfg, "SUM_PLANES": planes})
+        assert rel_err(out, w4a16_gemv_ref(xb, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype]
+    with pytest.raises(ValueError, match="ROWS is 1, 2 or 4"):
+        w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, {**cfg, "ROWS": 8})
+
+
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_gemv_odd_shape_and_split(split_k, device):
     N, K, G = 576, 192, 64
@@ -101,13 +121,13 @@ def test_gemv_four_plane_sums_do_not_overflow_on_large_activations(device):
     assert rel_err(out, w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("block_n", [32, 64, 96])
+@pytest.mark.parametrize("block_n,rows", [(32, 1), (64, 1), (96, 1), (32, 4)])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_gemv_fused_rope(head_dim, block_n, device):
+def test_gemv_fused_rope(head_dim, block_n, rows, device):
     """RoPE in the GEMV's split-K epilogue = the GEMV, then rotate the first rope_cols columns (q and k
     of a fused qkv; v untouched), per row at its own position. Each split rotates its partial sums: a
     program holds block_n / 2 columns of a head's first half and their partners, or one whole head
-    where block_n does not divide it."""
+    where block_n does not divide it; with several rows per program, each row at its own position."""
     from lmq.kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
     from lmq.kernels.w4a16_gemv import can_fuse_rope
 
@@ -115,15 +135,15 @@ def test_gemv_fused_rope(head_dim, block_n, device):
     N, K = (H + 2 * Hkv) * head_dim, 256
     p = random_packed(N, K, G, device)
     cos, sin = rope_cos_sin(rope_inv_freq(head_dim, 500000.0), 4096, device)
-    x = torch.randn(2, K, device=device).half()
-    positions = torch.tensor([3, 4000], dtype=torch.int32, device=device)
+    x = torch.randn(3, K, device=device).half()
+    positions = torch.tensor([3, 4000, 17], dtype=torch.int32, device=device)
     rope_cols = (H + Hkv) * head_dim
     assert can_fuse_rope(N, K, G, head_dim)
-    out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, {"SUM_PLANES": 4, "BLOCK_N": block_n},
+    out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, {"SUM_PLANES": 4, "BLOCK_N": block_n, "ROWS": rows},
                      rope=(positions, cos, sin, rope_cols))
-    y = w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)  # [2, N]
-    qk = y[:, :rope_cols].view(2, H + Hkv, head_dim)
-    ref = torch.cat([apply_rope_ref(qk, positions, cos, sin).view(2, rope_cols), y[:, rope_cols:]], dim=1)
+    y = w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)  # [3, N]
+    qk = y[:, :rope_cols].view(3, H + Hkv, head_dim)
+    ref = torch.cat([apply_rope_ref(qk, positions, cos, sin).view(3, rope_cols), y[:, rope_cols:]], dim=1)
     assert rel_err(out[:, :rope_cols], ref[:, :rope_cols]) < TOL[torch.float16]
     assert rel_err(out[:, rope_cols:], ref[:, rope_cols:]) < TOL[torch.float16]
     assert not can_fuse_rope(N, K, G, 96) and not can_fuse_rope(N, 64, G, head_dim)
@@ -561,14 +581,16 @@ def test_gemm_ws_gpu_through_qlinear():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_gpu(dtype):
-    """The table's GEMV; its "fixed" split-K gives the same bits on every call."""
+    """The table's GEMV, and with 2 or 4 rows per program; its "fixed" split-K gives the same bits on every call."""
     for (N, K, G) in [(576, 1536, 32), (1536, 576, 64), (4096, 4096, 128)]:
         p = random_packed(N, K, G, "cuda")
-        for M in (1, 2, 3):
-            x = torch.randn(M, K, device="cuda", dtype=dtype)
-            out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"]["gemv"])
-            assert rel_err(out, w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype], (N, K, G, M)
-            assert torch.equal(out, w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, CONFIGS["sm90"]["gemv"]))
+        for cfg in (CONFIGS["sm90"]["gemv"], {**CONFIGS["sm90"]["gemv"], "ROWS": 2}, {**CONFIGS["sm90"]["gemv"], "ROWS": 4}):
+            for M in (1, 2, 3, 5):
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
+                assert rel_err(out, w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype], \
+                    (N, K, G, M, cfg)
+                assert torch.equal(out, w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg))
 
 
 @pytest.mark.gpu
