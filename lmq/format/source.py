@@ -161,15 +161,19 @@ class WeightSource:
     incomplete model config raises there.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, config: dict | None = None):
+        """`config`: the folder's config.json, where the caller has already read it."""
         self.path = Path(path)
         cfg_path = self.path / "config.json"
-        if not cfg_path.exists():
+        if config is not None:
+            self.config: dict = config
+        elif not cfg_path.exists():
             raise InputError(f"{self.path} is not a model folder: it has no config.json")
-        try:
-            self.config: dict = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download or re-create the model") from e
+        else:
+            try:
+                self.config = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download or re-create the model") from e
         self.manifest = read_manifest(self.path)
         # A packed checkpoint (`lmq pack`) stores its linears in one arch's layout; its module
         # unpacks them exactly, so every reader here sees the same numbers as the portable one.

@@ -114,15 +114,17 @@ def check_packed_for(folder: Path, arch: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # reading the portable checkpoint
 # ---------------------------------------------------------------------------------------------
-def _quant_config(src: Path) -> tuple[dict[str, Any], QuantConfig]:
-    """`(config.json, its quantization_config parsed)` of a portable checkpoint `lmq pack` can read."""
-    cfg_path = src / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointError(f"{src} has no config.json; give a quantized checkpoint folder (from `lmq quantize`)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from e
+def _quant_config(src: Path, cfg: dict[str, Any] | None = None) -> tuple[dict[str, Any], QuantConfig]:
+    """`(config.json, its quantization_config parsed)` of a portable checkpoint `lmq pack` can read; `cfg`: the
+    config.json already parsed (a `WeightSource`'s), else it is read here."""
+    if cfg is None:
+        cfg_path = src / "config.json"
+        if not cfg_path.exists():
+            raise CheckpointError(f"{src} has no config.json; give a quantized checkpoint folder (from `lmq quantize`)")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from e
     qc = cfg.get("quantization_config")
     if not isinstance(qc, dict):
         raise CheckpointError(
@@ -183,10 +185,10 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
     cfg, quant = _quant_config(src)
     qc = cfg["quantization_config"]
     G = quant.group_size
-    src_manifest = read_manifest(src)
+    weights = WeightSource(src, config=cfg)
+    src_manifest = weights.manifest
     if src_manifest is not None and src_manifest.get("kind") == "packed":
         raise InputError(f"{src} is already packed (for {src_manifest.get('arch')}); pack its source instead")
-    weights = WeightSource(src)
     prefixes = quantized_prefixes(weights.names)
     if not prefixes:
         raise CheckpointError(f"{src} holds no quantized linears (no <name>.qweight/.qzeros/.scales tensors)")
@@ -255,7 +257,7 @@ def load_linears(folder: Path | WeightSource, arch: str) -> tuple[int, dict[str,
         G = int(m["group_size"])
         prefixes = sorted(n[: -len(".qweight")] for n in weights.names if n.endswith(".qweight"))
         return G, {p: {k: weights.get(f"{p}.{k}") for k in ("qweight", "scales", "zeros")} for p in prefixes}
-    _, quant = _quant_config(folder)
+    _, quant = _quant_config(folder, weights.config)
     log(f"{folder} is a portable checkpoint: packing it for {arch} while loading "
         f"(to do it once: lmq pack {folder} --arch {arch} -o {folder}-{arch})")
     return quant.group_size, {p: _pack_source_linear(weights, quant, p, arch)
