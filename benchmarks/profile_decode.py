@@ -2,6 +2,7 @@
 synthetic Llama-3-8B weights (torch.profiler), beside the CUDA-graph step time.
 
     python benchmarks/profile_decode.py [--batch 1] [--context 1024] [--kv-dtype int8] [--max-model-len 4096]
+        [--gemv-reduce table|atomic|fixed] [--gemv-rows 0|1|2|4]
 """
 
 import argparse
@@ -23,11 +24,18 @@ ap.add_argument("--max-model-len", type=int, default=4096, help="the decode grap
 ap.add_argument("--gemv-reduce", choices=("table", "atomic", "fixed"), default="table",
                 help="the M=1 GEMV's split-K reduction, for an A/B (the tables' GEMV config, changed in place; "
                      "the qkv GEMV with RoPE fused always takes 'fixed')")
+ap.add_argument("--gemv-rows", type=int, choices=(0, 1, 2, 4), default=0,
+                help="send M <= this many rows to the GEMV, with up to this many rows per program (0: the tables' "
+                     "dispatch), for an A/B of the decode steps at batch 2..4 (the tables, changed in place)")
 args = ap.parse_args()
-if args.gemv_reduce != "table":
+if args.gemv_reduce != "table" or args.gemv_rows:
     from lmq.kernels.w4a16_gemm import CONFIGS
     for table in CONFIGS.values():
-        table["gemv"]["REDUCE"] = args.gemv_reduce
+        if args.gemv_reduce != "table":
+            table["gemv"]["REDUCE"] = args.gemv_reduce
+        if args.gemv_rows:
+            table["gemv"]["ROWS"] = args.gemv_rows
+            table["gemv_max_m"] = args.gemv_rows
 
 dev = torch.device("cuda")
 model = EngineModel.synthetic(args.model, dev)

@@ -63,3 +63,35 @@ def test_prefill_graph_matches_eager_prefill(n_new):
                 sp.seq.token_ids.append(int(logits[1][0].argmax()))
     assert used == [True, False]
     assert starts == [48, 48 + n_new]  # the prefix came from the cache
+
+
+def test_gemv_rows_decode_matches_torch_backend(monkeypatch):
+    """Decode steps of 2..4 sequences on the GEMV with several rows per program (`ROWS`, each dequantized weight
+    tile serving them all; RoPE fused into the qkv GEMV per row) give the torch backend's logits, eager and
+    graph-replayed."""
+    from lmq.engine.qlinear import local_arch
+    from lmq.kernels.w4a16_gemm import CONFIGS
+
+    dev = torch.device("cuda")
+    table = CONFIGS[local_arch(dev)]
+    monkeypatch.setitem(table, "gemv_max_m", 4)
+    monkeypatch.setitem(table, "gemv", {**table["gemv"], "ROWS": 4})
+    for graphs in (True, False):
+        engines = [LLM(EngineModel.synthetic("smollm2-135m", dev, group_size=64, backend=b),
+                       block_size=16, max_model_len=256, cache_max_memory="64MiB", max_num_seqs=4,
+                       cuda_graphs=graphs and b == "triton")
+                   for b in ("triton", "torch")]
+        prompts = [list(range(100, 137)), list(range(500, 503)), list(range(900, 910))]  # 37, 3 and 10 tokens
+        for llm in engines:
+            for p in prompts:
+                llm.add_request(p, SamplingParams(max_new_tokens=4, ignore_eos=True))
+        for _ in range(3):  # prefill, then two decode steps of three rows
+            steps = [llm.scheduler.schedule() for llm in engines]
+            logits = [llm.runner.run(st, llm.manager).float() for llm, st in zip(engines, steps)]  # [3, V]
+            cos = torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1)
+            assert cos.min().item() > 0.999, (graphs, steps[0].is_decode, cos)
+            for llm, st in zip(engines, steps):
+                for sp in st.spans:
+                    llm.scheduler.advance(sp)
+                for sp, tok in zip(st.spans, logits[1].argmax(-1).tolist()):
+                    sp.seq.token_ids.append(tok)
