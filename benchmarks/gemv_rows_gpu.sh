@@ -16,7 +16,7 @@ for rep in 1 2; do
   for b in 2 4; do
     for r in 0 2 4; do
       echo "== rep $rep batch $b gemv-rows $r" | tee -a "$OUT/decode-ab.log"
-      timeout 120 python3 benchmarks/profile_decode.py --batch "$b" --gemv-rows "$r" 2>&1 | head -3 \
+      timeout 120 python3 benchmarks/profile_decode.py --batch "$b" --gemv-rows "$r" 2>&1 | grep -E "decode step|graph replay|GPU kernel time" \
         | tee -a "$OUT/decode-ab.log"
     done
   done
