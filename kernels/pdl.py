@@ -15,15 +15,12 @@ from __future__ import annotations
 import os
 
 import torch
+from lmq.kernels import cuda_capability
 
-_PDL: dict[int, bool] = {}
+# read once, at import: the launchers ask on every call
+_ENABLED = os.environ.get("LMQ_PDL", "1") != "0"
 
 
 def use_pdl(device: torch.device) -> bool:
     """PDL for this device (module docstring): compute capability >= 9.0 and LMQ_PDL not "0"."""
-    if device.type != "cuda":
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _PDL:
-        _PDL[idx] = torch.cuda.get_device_capability(idx) >= (9, 0) and os.environ.get("LMQ_PDL", "1") != "0"
-    return _PDL[idx]
+    return device.type == "cuda" and _ENABLED and cuda_capability(device) >= (9, 0)
