@@ -69,8 +69,9 @@ def test_gemv_rows_decode_matches_torch_backend(monkeypatch):
     """Decode steps of 2..4 sequences on the GEMV with several rows per program (`ROWS`, each dequantized weight
     tile serving them all; RoPE fused into the qkv GEMV per row) give the torch backend's logits, eager and
     graph-replayed."""
-    from lmq.engine.qlinear import local_arch
     from lmq.kernels.w4a16_gemm import CONFIGS
+
+    from lmq.engine.qlinear import local_arch
 
     dev = torch.device("cuda")
     table = CONFIGS[local_arch(dev)]
