@@ -36,8 +36,9 @@ Two config switches cut the instructions per weight, which bound this kernel on 
 
 `ROWS` (1, 2 or 4; the four-plane fp16 path only, one row elsewhere): activation rows per program. Each
 dequantized weight tile then serves all of them, so M = 2..4 reads the weights once instead of once per row.
-Offline SASS (sm90, the table's tile, 64 weights per thread per K tile): one row 203 instructions per K tile at 64
-registers (the same code as without the switch), two rows 319 at 62, four rows 635 at 156 (three programs per SM
+Offline SASS (`benchmarks/sass_gemv.py`: sm90, the table's tile, 64 weights per thread per K tile): one row 204
+instructions per K tile at 64 registers (the same code as without the switch), two rows 320 at 62, four rows 636 at
+156 (three programs per SM
 instead of eight). Not measured on a GPU yet (`benchmarks/sweep_gemm.py gemv-rows` against the decode kernel at
 M = 2..4); the tables keep one row and send M >= 2 to the decode kernel.
 
@@ -147,13 +148,13 @@ def fx_workspace(device: torch.device, n_words: int) -> torch.Tensor:
 
 
 @triton.jit
-def _quad_row(w0, w1, w2, w3, xk, ok):
+def _quad_row(w0, w1, w2, w3, xk, ok, LANES: tl.constexpr):
     """One activation row's products with a chunk's four planes (`xk`: its lanes of plane 0), summed in fp16 and
-    widened to fp32: [BN, 16]. `ok`: the row exists (rows past M read zeros)."""
-    a0 = tl.load(xk, mask=ok, other=0.0)  # [16]
-    a1 = tl.load(xk + 16, mask=ok, other=0.0)
-    a2 = tl.load(xk + 32, mask=ok, other=0.0)
-    a3 = tl.load(xk + 48, mask=ok, other=0.0)
+    widened to fp32: [BN, LANES]. `ok`: the row exists (rows past M read zeros)."""
+    a0 = tl.load(xk, mask=ok, other=0.0)  # [LANES]
+    a1 = tl.load(xk + LANES, mask=ok, other=0.0)
+    a2 = tl.load(xk + 2 * LANES, mask=ok, other=0.0)
+    a3 = tl.load(xk + 3 * LANES, mask=ok, other=0.0)
     return (w0 * a0[None, :] + w1 * a1[None, :] + w2 * a2[None, :] + w3 * a3[None, :]).to(tl.float32)
 
 
@@ -275,12 +276,12 @@ def _w4a16_gemv_kernel(
                     # the whole chunk's four planes summed in fp16 (packed fma), then one fp32 add
                     w0, w1, w2, w3 = _dequant_quad_f16(h, zq, z64, z4, FAST_CVT)  # [BN, 16] (q - z) / 16
                     xk = x_row + chunk * CHUNK_K + lanes
-                    part += _quad_row(w0, w1, w2, w3, xk, True)
+                    part += _quad_row(w0, w1, w2, w3, xk, True, LANES)
                     if ROWS >= 2:  # the same dequantized tile serves the program's other rows
-                        part1 += _quad_row(w0, w1, w2, w3, xk + stride_xm, m + 1 < M)
+                        part1 += _quad_row(w0, w1, w2, w3, xk + stride_xm, m + 1 < M, LANES)
                     if ROWS >= 4:
-                        part2 += _quad_row(w0, w1, w2, w3, xk + 2 * stride_xm, m + 2 < M)
-                        part3 += _quad_row(w0, w1, w2, w3, xk + 3 * stride_xm, m + 3 < M)
+                        part2 += _quad_row(w0, w1, w2, w3, xk + 2 * stride_xm, m + 2 < M, LANES)
+                        part3 += _quad_row(w0, w1, w2, w3, xk + 3 * stride_xm, m + 3 < M, LANES)
                 else:
                     for ii in tl.static_range(PLANES_PER_GROUP // 2):
                         w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
@@ -332,10 +333,10 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
     # activation rows per program (the four-plane fp16 path only): each dequantized weight tile serves them all
+    if cfg.get("ROWS", 1) not in (1, 2, 4):
+        raise ValueError(f"w4a16_gemv: ROWS is 1, 2 or 4, got {cfg.get('ROWS')}")
     quad = cfg["SUM_PLANES"] == 4 and group_size >= planes64.CHUNK_K and x.dtype == torch.float16
     rows = min(next_pow2(max(M, 1)), cfg.get("ROWS", 1)) if quad else 1
-    if rows not in (1, 2, 4):
-        raise ValueError(f"w4a16_gemv: ROWS is 1, 2 or 4, got {cfg.get('ROWS')}")
     if rope is not None:
         positions, cos, sin, rope_cols = rope
         D = 2 * cos.shape[1]

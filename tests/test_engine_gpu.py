@@ -66,9 +66,9 @@ def test_prefill_graph_matches_eager_prefill(n_new):
 
 
 def test_gemv_rows_decode_matches_torch_backend(monkeypatch):
-    """Decode steps of 2..4 sequences on the GEMV with several rows per program (`ROWS`, each dequantized weight
-    tile serving them all; RoPE fused into the qkv GEMV per row) give the torch backend's logits, eager and
-    graph-replayed."""
+    """Decode steps of three sequences on the GEMV with up to four rows per program (`ROWS`, each dequantized
+    weight tile serving them all; RoPE fused into the qkv GEMV per row) give the torch backend's logits: eagerly
+    (M = 3, one row masked) and graph-replayed (the batch-4 bucket, a padding row)."""
     from lmq.kernels.w4a16_gemm import CONFIGS
 
     from lmq.engine.qlinear import local_arch
@@ -82,12 +82,14 @@ def test_gemv_rows_decode_matches_torch_backend(monkeypatch):
                        block_size=16, max_model_len=256, cache_max_memory="64MiB", max_num_seqs=4,
                        cuda_graphs=graphs and b == "triton")
                    for b in ("triton", "torch")]
+        assert bool(engines[0].runner.graphs) == graphs and not engines[1].runner.graphs
         prompts = [list(range(100, 137)), list(range(500, 503)), list(range(900, 910))]  # 37, 3 and 10 tokens
         for llm in engines:
             for p in prompts:
                 llm.add_request(p, SamplingParams(max_new_tokens=4, ignore_eos=True))
-        for _ in range(3):  # prefill, then two decode steps of three rows
+        for i in range(3):  # prefill, then two decode steps of three rows
             steps = [llm.scheduler.schedule() for llm in engines]
+            assert steps[0].is_decode == (i > 0) and len(steps[0].spans) == 3
             logits = [llm.runner.run(st, llm.manager).float() for llm, st in zip(engines, steps)]  # [3, V]
             cos = torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1)
             assert cos.min().item() > 0.999, (graphs, steps[0].is_decode, cos)

@@ -76,7 +76,8 @@ def test_gemv_matches_ref(M, G, device):
 @pytest.mark.parametrize("rows,split_k,reduce", [(2, 2, "fixed"), (4, 3, "fixed"), (4, 1, "atomic"), (2, 2, "atomic")])
 def test_gemv_rows_per_program(rows, split_k, reduce, device):
     """ROWS activation rows share each dequantized weight tile (the four-plane fp16 path): the same function for
-    any M, rows past M masked, every split-K reduction; elsewhere (bf16, SUM_PLANES < 4, G < 64) one row a program."""
+    any M, rows past M masked, every split-K reduction; elsewhere (bf16, SUM_PLANES < 4, G < 64) one row a program;
+    a ROWS other than 1, 2, 4 is refused at any M."""
     N, K, G = 96, 640, 128  # 5 K tiles: uneven splits
     p = random_packed(N, K, G, device)
     cfg = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": split_k, "SUM_PLANES": 4, "REDUCE": reduce, "ROWS": rows}
@@ -84,13 +85,19 @@ def test_gemv_rows_per_program(rows, split_k, reduce, device):
         x = torch.randn(M, K, device=device).half()
         out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
         assert rel_err(out, w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16], M
-    # one row a program there (bf16 only on the GPU: the interpreter computes bf16 on raw bits)
-    for dtype, planes in ((torch.float16, 1),) + (((torch.bfloat16, 1),) if device == "cuda" else ()):
+    # one row a program there: SUM_PLANES < 4, G < 64, bf16 with the table's SUM_PLANES 4 (bf16 on the GPU only:
+    # the interpreter computes bf16 on raw bits)
+    p32 = random_packed(N, K, 32, device)
+    cases = [(torch.float16, 1, p, G), (torch.float16, 4, p32, 32)]
+    if device == "cuda":
+        cases.append((torch.bfloat16, 4, p, G))
+    for dtype, planes, pk, g in cases:
         xb = torch.randn(3, K, device=device, dtype=dtype)
-        out = w4a16_gemv(xb, p["qweight"], p["scales"], p["zeros"], G, {**cfg, "SUM_PLANES": planes})
-        assert rel_err(out, w4a16_gemv_ref(xb, p["qweight"], p["scales"], p["zeros"], G)) < TOL[dtype]
-    with pytest.raises(ValueError, match="ROWS is 1, 2 or 4"):
-        w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, {**cfg, "ROWS": 8})
+        out = w4a16_gemv(xb, pk["qweight"], pk["scales"], pk["zeros"], g, {**cfg, "SUM_PLANES": planes})
+        assert rel_err(out, w4a16_gemv_ref(xb, pk["qweight"], pk["scales"], pk["zeros"], g)) < TOL[dtype], (dtype, g)
+    for bad, m in ((8, 1), (3, 2)):  # refused whatever M is
+        with pytest.raises(ValueError, match="ROWS is 1, 2 or 4"):
+            w4a16_gemv(x[:m], p["qweight"], p["scales"], p["zeros"], G, {**cfg, "ROWS": bad})
 
 
 @pytest.mark.parametrize("split_k", [1, 2])

@@ -185,10 +185,10 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
     cfg, quant = _quant_config(src)
     qc = cfg["quantization_config"]
     G = quant.group_size
-    weights = WeightSource(src, config=cfg)
-    src_manifest = weights.manifest
+    src_manifest = read_manifest(src)
     if src_manifest is not None and src_manifest.get("kind") == "packed":
         raise InputError(f"{src} is already packed (for {src_manifest.get('arch')}); pack its source instead")
+    weights = WeightSource(src, config=cfg)
     prefixes = quantized_prefixes(weights.names)
     if not prefixes:
         raise CheckpointError(f"{src} holds no quantized linears (no <name>.qweight/.qzeros/.scales tensors)")
