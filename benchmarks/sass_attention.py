@@ -111,6 +111,13 @@ def opcode(ln: str) -> str:
     return ins.split()[0].split(".")[0] if ins.split() else "?"
 
 
+def loop_summary(k) -> tuple[str, list[str], collections.Counter]:
+    """(registers, main loop body, its opcodes counted) of a compiled kernel."""
+    body = loop_body(cuobjdump(k, "-sass"))
+    return (re.search(r"REG:(\d+)", cuobjdump(k, "-res-usage")).group(1), body,
+            collections.Counter(opcode(ln) for ln in body))
+
+
 def main() -> None:
     variants = [(f"{name}" + ("" if scale_p is None else f" scale_p={scale_p}"), compile_split(mode, scale_p=scale_p),
                  _GPU_CONFIG[128][0] // 4)
@@ -118,9 +125,7 @@ def main() -> None:
                                             (2, "int4", True), (2, "int4", False))]
     variants.append(("int4 gluon", compile_mma(), 128 // 4))  # each warp runs its own 32 tokens per step
     for name, k, tokens_per_warp in variants:
-        body = loop_body(cuobjdump(k, "-sass"))
-        ops = collections.Counter(opcode(ln) for ln in body)
-        regs = re.search(r"REG:(\d+)", cuobjdump(k, "-res-usage")).group(1)
+        regs, body, ops = loop_summary(k)
         print(f"{name}: regs {regs} shared {k.metadata.shared} B, loop body {len(body)} instr/warp/tile "
               f"({len(body) / tokens_per_warp:.2f} per token and KV head): "
               + " ".join(f"{o}:{c}" for o, c in ops.most_common(18)))

@@ -7,14 +7,12 @@ Usage: python benchmarks/sass_gemv.py [--dump ROWS]   (run without TRITON_INTERP
 
 from __future__ import annotations
 
-import collections
-import re
 import sys
 
 import triton
 from lmq.kernels.w4a16_gemm import CONFIGS
 from lmq.kernels.w4a16_gemv import _w4a16_gemv_kernel
-from sass_attention import cuobjdump, loop_body, opcode
+from sass_attention import loop_summary
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -44,10 +42,7 @@ def compile_gemv(rows: int, rope: bool = False, split_k: int = 8):
 
 def main() -> None:
     for rows in (1, 2, 4):
-        k = compile_gemv(rows)
-        body = loop_body(cuobjdump(k, "-sass"))
-        ops = collections.Counter(opcode(ln) for ln in body)
-        regs = re.search(r"REG:(\d+)", cuobjdump(k, "-res-usage")).group(1)
+        regs, body, ops = loop_summary(compile_gemv(rows))
         print(f"ROWS={rows}: regs {regs}, loop body {len(body)} instr per K tile per thread "
               f"({len(body) / 64:.2f} per weight, {len(body) / 64 / rows:.2f} per weight and row): "
               + " ".join(f"{o}:{c}" for o, c in ops.most_common(20)))
