@@ -42,6 +42,12 @@ instructions per K tile at 64 registers (the same code as without the switch), t
 instead of eight). Not measured on a GPU yet (`benchmarks/sweep_gemm.py gemv-rows` against the decode kernel at
 M = 2..4); the tables keep one row and send M >= 2 to the decode kernel.
 
+`PIPE` (default 1): stages of a cp.async ring over the K tiles (Triton's pipeliner, `tl.range(num_stages=PIPE)`):
+with 1 the weights go straight to registers; with 2-4 up to PIPE - 1 tiles per program are in flight in shared
+memory while one is computed. (The kernel-wide `num_stages` does not pipeline this loop: same SASS at 1 and 3.)
+Offline SASS (`benchmarks/sass_gemv.py`): PIPE 3 is 247 instructions per K tile at 47 registers (ten programs per
+SM instead of eight), 8.5 KB of shared memory per program. Not measured on a GPU yet (`sweep_gemm.py gemv-pipe`).
+
 `w4a16_gemv_ref` is the plain-PyTorch twin.
 """
 
@@ -198,7 +204,7 @@ def _w4a16_gemv_kernel(
     G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
     IS_BF16: tl.constexpr, CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,
     FAST_CVT: tl.constexpr, SUM_PLANES: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr,
-    REDUCE_FX: tl.constexpr, ROPE_D: tl.constexpr,
+    REDUCE_FX: tl.constexpr, ROPE_D: tl.constexpr, PIPE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -253,7 +259,7 @@ def _w4a16_gemv_kernel(
         if ROWS >= 4:
             rope_c2, rope_s2 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 2, m + 2 < M, stride_cp, sub * HALF, HALF)
             rope_c3, rope_s3 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 3, m + 3 < M, stride_cp, sub * HALF, HALF)
-    for kt in range(k_lo, k_hi, BLOCK_K):
+    for kt in tl.range(k_lo, k_hi, BLOCK_K, num_stages=PIPE):
         for gi in tl.static_range(BLOCK_K // G):
             # -- one group: zero (as MAGIC + z) and scale for BLOCK_N rows ------------------------
             g = (kt + gi * G) // G
@@ -379,7 +385,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     _W4A16_GEMV[grid](
         x2, qweight, scales, zeros, out, ws, positions, cos, sin, M, N, K, x2.stride(0), out.stride(0),
         cos.stride(0) if rope is not None else 0, rope_cols,
-        G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k, ROWS=rows,
+        G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k, ROWS=rows, PIPE=cfg.get("PIPE", 1),
         IS_BF16=x.dtype == torch.bfloat16, CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES,
         PLANES=planes64.PLANES, FAST_CVT=x.device.type == "cuda",
         SUM_PLANES=cfg["SUM_PLANES"], PDL=pdl, ROPE=rope is not None, REDUCE_FX=use_fx,

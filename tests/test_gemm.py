@@ -588,10 +588,13 @@ def test_gemm_ws_gpu_through_qlinear():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_gpu(dtype):
-    """The table's GEMV, and with 2 or 4 rows per program; its "fixed" split-K gives the same bits on every call."""
+    """The table's GEMV, with 2 or 4 rows per program, and with its K tiles through a cp.async ring (PIPE); its
+    "fixed" split-K gives the same bits on every call."""
+    table = CONFIGS["sm90"]["gemv"]
     for (N, K, G) in [(576, 1536, 32), (1536, 576, 64), (4096, 4096, 128)]:
         p = random_packed(N, K, G, "cuda")
-        for cfg in (CONFIGS["sm90"]["gemv"], {**CONFIGS["sm90"]["gemv"], "ROWS": 2}, {**CONFIGS["sm90"]["gemv"], "ROWS": 4}):
+        for cfg in (table, {**table, "ROWS": 2}, {**table, "ROWS": 4}, {**table, "PIPE": 3},
+                    {**table, "ROWS": 2, "PIPE": 3}):
             for M in (1, 2, 3, 5):
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
                 out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)
