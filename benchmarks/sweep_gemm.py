@@ -92,7 +92,8 @@ SWEEP = {
             {"ROWS": 2}, {"ROWS": 4}, {"ROWS": 4, "WAVES": 3}, {"ROWS": 2, "WAVES": 6}, {"ROWS": 2, "PIPE": 3})],
     },
     # the M=1 GEMV with more bytes in flight per SM (for a card with more bandwidth than the H100 the table was
-    # measured on): a cp.async ring (num_stages 2, 3), 256-wide K tiles, more programs; the table first
+    # measured on): 256-wide K tiles, more programs; the kernel-wide num_stages 2, 3 (which leave the GEMV's loop
+    # unpipelined: `gemv-pipe` has the ring); the table first
     "gemv-inflight": {
         "ms": [1],
         "configs": [_GEMV_TABLE] + [{**_GEMV_TABLE, **v} for v in (

@@ -43,10 +43,12 @@ instead of eight). Not measured on a GPU yet (`benchmarks/sweep_gemm.py gemv-row
 M = 2..4); the tables keep one row and send M >= 2 to the decode kernel.
 
 `PIPE` (default 1): stages of a cp.async ring over the K tiles (Triton's pipeliner, `tl.range(num_stages=PIPE)`):
-with 1 the weights go straight to registers; with 2-4 up to PIPE - 1 tiles per program are in flight in shared
-memory while one is computed. (The kernel-wide `num_stages` does not pipeline this loop: same SASS at 1 and 3.)
-Offline SASS (`benchmarks/sass_gemv.py`): PIPE 3 is 247 instructions per K tile at 47 registers (ten programs per
-SM instead of eight), 8.5 KB of shared memory per program. Not measured on a GPU yet (`sweep_gemm.py gemv-pipe`).
+with 1 the weights go straight to registers; with 2-4 the weights and x of up to PIPE - 1 tiles per program are in
+flight in shared memory while one is computed (without the evict-first hint), and where a tile is one group its
+zero and scale are read a tile ahead into registers (too narrow for cp.async). (The kernel-wide `num_stages` does not
+pipeline this loop: the same SASS at 1 and 3.) Offline SASS (`benchmarks/sass_gemv.py`): PIPE 3 is 256 instructions
+per K tile at 48 registers (ten programs per SM instead of eight), 8.5 KB of shared memory per program. Not measured
+on a GPU yet (`sweep_gemm.py gemv-pipe`).
 
 `w4a16_gemv_ref` is the plain-PyTorch twin.
 """
@@ -259,16 +261,31 @@ def _w4a16_gemv_kernel(
         if ROWS >= 4:
             rope_c2, rope_s2 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 2, m + 2 < M, stride_cp, sub * HALF, HALF)
             rope_c3, rope_s3 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 3, m + 3 < M, stride_cp, sub * HALF, HALF)
+    # with the ring, a K tile of one group has its zero and scale read one tile ahead, in registers (1- and 2-byte
+    # loads are too narrow for cp.async, so the pipeliner leaves them in the loop, a DRAM round trip each tile)
+    ZS_AHEAD: tl.constexpr = PIPE > 1 and BLOCK_K == G
+    if ZS_AHEAD:
+        z_cur = tl.load(z_ptr + (k_lo // G) * N + offs_n, mask=n_mask & (k_lo < k_hi), other=0)
+        s_cur = tl.load(s_ptr + (k_lo // G) * N + offs_n, mask=n_mask & (k_lo < k_hi), other=0.0)
     for kt in tl.range(k_lo, k_hi, BLOCK_K, num_stages=PIPE):
+        if ZS_AHEAD:
+            z_nxt = tl.load(z_ptr + (kt // G + 1) * N + offs_n, mask=n_mask & (kt + BLOCK_K < k_hi), other=0)
+            s_nxt = tl.load(s_ptr + (kt // G + 1) * N + offs_n, mask=n_mask & (kt + BLOCK_K < k_hi), other=0.0)
         for gi in tl.static_range(BLOCK_K // G):
             # -- one group: zero (as MAGIC + z) and scale for BLOCK_N rows ------------------------
             g = (kt + gi * G) // G
-            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
+            if ZS_AHEAD:
+                z = z_cur
+            else:
+                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
             zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN]
             if QUAD:
                 z64 = (z.to(tl.int16) | 0x5400).to(wdt, bitcast=True)  # [BN] 64 + z/16
                 z4 = ((z.to(tl.int16) << 4) | 0x4400).to(wdt, bitcast=True)  # [BN] 4 + z/16
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+            if ZS_AHEAD:
+                s = s_cur.to(tl.float32)
+            else:
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
             part = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # per-lane partial sums of the group
             part1 = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # (rows m + 1.. where ROWS has them)
             part2 = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)
@@ -309,6 +326,9 @@ def _w4a16_gemv_kernel(
             if ROWS >= 4:
                 acc2 += tl.sum(part2, axis=1) * (s * QUAD_UNSCALE)
                 acc3 += tl.sum(part3, axis=1) * (s * QUAD_UNSCALE)
+        if ZS_AHEAD:
+            z_cur = z_nxt
+            s_cur = s_nxt
 
     _row_out(acc, m, True, out_ptr, ws_ptr, offs_n, n_mask, N, stride_om, head, rope_c, rope_s, rope_cols,
              SPLIT_K, REDUCE_FX, ROPE, ROPE_D, HALF, sub)
@@ -341,6 +361,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     # activation rows per program (the four-plane fp16 path only): each dequantized weight tile serves them all
     if cfg.get("ROWS", 1) not in (1, 2, 4):
         raise ValueError(f"w4a16_gemv: ROWS is 1, 2 or 4, got {cfg.get('ROWS')}")
+    if not (isinstance(cfg.get("PIPE", 1), int) and 1 <= cfg.get("PIPE", 1) <= 8):
+        raise ValueError(f"w4a16_gemv: PIPE is 1..8 stages, got {cfg.get('PIPE')}")
     quad = cfg["SUM_PLANES"] == 4 and group_size >= planes64.CHUNK_K and x.dtype == torch.float16
     rows = min(next_pow2(max(M, 1)), cfg.get("ROWS", 1)) if quad else 1
     if rope is not None:

@@ -32,6 +32,7 @@ def compile_all(arch: str, dt: str) -> None:
                            target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
                            options={"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": pdl})
         assert k.asm["cubin"]
+        return k
 
     mnk = ["M", "N", "K", "stride_xm", "stride_om"]
     for regime, bm in (("decode", 16), ("decode", 64), ("prefill", 0)):
@@ -56,14 +57,16 @@ def compile_all(arch: str, dt: str) -> None:
             (4, "fixed", cc >= 90, False, tbn, tw, 1, 3)):
         if rows > 1 and dt == "bf16":
             continue  # several rows per program: the fp16 four-plane path only
-        build(_w4a16_gemv_kernel, ["M", "N", "K", "stride_xm", "stride_om", "stride_cp", "rope_cols"],
-              {"G": 128, "BLOCK_N": bn, "BLOCK_K": g["BLOCK_K"], "SPLIT_K": 2, "ROWS": rows, "PIPE": pipe,
-               "IS_BF16": dt == "bf16", "PLANES": planes64.PLANES, "FAST_CVT": True, "SUM_PLANES": sum_planes,
-               "REDUCE_FX": red == "fixed", "PDL": pdl, "ROPE": rope,
-               "ROPE_D": 128, **geometry},
-              warps, 1,
-              {"ws_ptr": "*i64" if red == "fixed" else "*fp32", "pos_ptr": "*i32",
-               "cos_ptr": "*fp32", "sin_ptr": "*fp32"}, pdl)
+        k = build(_w4a16_gemv_kernel, ["M", "N", "K", "stride_xm", "stride_om", "stride_cp", "rope_cols"],
+                  {"G": 128, "BLOCK_N": bn, "BLOCK_K": g["BLOCK_K"], "SPLIT_K": 2, "ROWS": rows, "PIPE": pipe,
+                   "IS_BF16": dt == "bf16", "PLANES": planes64.PLANES, "FAST_CVT": True, "SUM_PLANES": sum_planes,
+                   "REDUCE_FX": red == "fixed", "PDL": pdl, "ROPE": rope,
+                   "ROPE_D": 128, **geometry},
+                  warps, 1,
+                  {"ws_ptr": "*i64" if red == "fixed" else "*fp32", "pos_ptr": "*i32",
+                   "cos_ptr": "*fp32", "sin_ptr": "*fp32"}, pdl)
+        # the ring must really be there (the kernel-wide num_stages once left this loop unpipelined, silently)
+        assert ("cp.async" in k.asm["ptx"]) == (pipe > 1 and cc >= 80), (arch, pipe)  # sm75 has no cp.async
 
 
 def compile_attention(arch: str) -> None:
