@@ -38,9 +38,8 @@ Two config switches cut the instructions per weight, which bound this kernel on 
 dequantized weight tile then serves all of them, so M = 2..4 reads the weights once instead of once per row.
 Offline SASS (`benchmarks/sass_gemv.py`: sm90, the table's tile, 64 weights per thread per K tile): one row 204
 instructions per K tile at 64 registers (the same code as without the switch), two rows 320 at 62, four rows 636 at
-156 (three programs per SM
-instead of eight). Not measured on a GPU yet (`benchmarks/sweep_gemm.py gemv-rows` against the decode kernel at
-M = 2..4); the tables keep one row and send M >= 2 to the decode kernel.
+156 (three programs per SM instead of eight). Not measured on a GPU yet (`benchmarks/sweep_gemm.py gemv-rows`
+against the decode kernel at M = 2..4); the tables keep one row and send M >= 2 to the decode kernel.
 
 `PIPE` (default 1): stages of a cp.async ring over the K tiles (Triton's pipeliner, `tl.range(num_stages=PIPE)`):
 with 1 the weights go straight to registers; with 2-4 the weights and x of up to PIPE - 1 tiles per program are in
