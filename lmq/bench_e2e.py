@@ -295,7 +295,8 @@ class HFBaseline:
 # ---------------------------------------------------------------------------------------------
 def render_e2e(report: dict) -> str:
     """Markdown tables of a report (what `lmq bench` prints and docs/benchmarks.md records)."""
-    lines = [f"model: {report['model']}, device: {report['device']}, KV cache: {report['kv_dtype']}", ""]
+    lines = [f"model: {report['model']}, device: {report['device']}, KV cache: {report['kv_dtype']}"
+             + (", deterministic" if report.get("deterministic") else ""), ""]
     if report.get("latency"):
         lines += [("| batch | in | out | TTFT ms | TPOT ms mean/p50/p99 | ITL p99 ms | out tok/s | peak GiB | "
                    "roofline | hf TTFT ms | hf TPOT ms | hf out tok/s | x hf |"),
@@ -347,7 +348,8 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
               baseline: str = "none", kv_dtype: str = "auto", max_num_seqs: int = 64,
               max_model_len: int | None = None, cache_max_memory: str | None = None,
               gpu_memory_utilization: float = 0.9, group_size: int = 128,
-              device: str = "auto", seed: int = 0, json_out: bool = False) -> tuple[dict, str]:
+              device: str = "auto", seed: int = 0, json_out: bool = False,
+              deterministic: bool = False) -> tuple[dict, str]:
     """Build the engine, run the chosen workloads, return (report, rendered text or JSON)."""
     from lmq.engine.model import EngineModel
     from lmq.evaluate import pick_device
@@ -367,18 +369,19 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
     if dataset is not None and not Path(dataset).is_file():  # before minutes of loading
         raise InputError(f"--dataset {dataset} is not a file; give a jsonl file of {{\"prompt\", \"max_tokens\"}} lines")
     dev = pick_device(device)
-    model = EngineModel.synthetic(synthetic, dev, group_size) if synthetic else EngineModel(checkpoint, dev)
+    model = EngineModel.synthetic(synthetic, dev, group_size, deterministic=deterministic) if synthetic else \
+        EngineModel(checkpoint, dev, deterministic=deterministic)
     hf = None
     if baseline == "hf":  # before the KV cache takes the free memory
         log("loading the transformers fp16 baseline")
         hf = HFBaseline.for_model(model, synthetic)
     llm = LLM(model, kv_dtype=kv_dtype, max_num_seqs=max(max_num_seqs, max(B)),
               max_model_len=max_model_len, cache_max_memory=cache_max_memory,
-              gpu_memory_utilization=gpu_memory_utilization)
+              gpu_memory_utilization=gpu_memory_utilization, deterministic=deterministic)
     name = f"synthetic {synthetic} (random weights, g{group_size})" if synthetic else str(llm.path)
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     report: dict = {"model": name, "device": gpu, "kv_dtype": llm.kv_dtype, "date": time.strftime("%Y-%m-%d"),
-                    "torch": torch.__version__}
+                    "torch": torch.__version__, "deterministic": deterministic}
     if hf is not None:
         import transformers
 

@@ -341,6 +341,8 @@ def bench_e2e_cmd(
     group_size: int = typer.Option(128, "--group-size", help="Synthetic weights: quantization group size."),
     device: str = _device_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="The engine in its deterministic mode (every "
+                                       "split-K sum order-independent), to measure what that costs."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
     """End-to-end engine speed: latency, throughput, multi-turn TTFT (vLLM's metric names)."""
@@ -353,7 +355,7 @@ def bench_e2e_cmd(
             turns=turns, answer_len=answer_len, baseline=baseline, kv_dtype=kv_dtype, max_num_seqs=max_num_seqs,
             max_model_len=max_model_len, cache_max_memory=cache_max_memory,
             gpu_memory_utilization=gpu_memory_utilization, group_size=group_size,
-            device=device, seed=seed, json_out=json_out,
+            device=device, seed=seed, json_out=json_out, deterministic=deterministic,
         )
         from lmq.console import out
 

@@ -249,6 +249,29 @@ def test_gemm_configs(split_k, swap_ab, dot_k, device):
     assert rel_err(out, ref) < TOL[torch.float16]
 
 
+def test_engine_table_deterministic(monkeypatch):
+    """The deterministic table caps the decode kernel at two splits (two fp16 additions into a zeroed output give the
+    same bits in either order) at every M it takes, Llama-3-8B shapes on an H100's 132 SMs, and changes nothing
+    else; the plain table is CONFIGS itself, the deterministic one one dict per arch."""
+    from lmq.kernels import w4a16_gemm as gemm_module
+    from lmq.kernels.w4a16_gemm import pick_split_k
+
+    from lmq.engine.qlinear import engine_table
+
+    monkeypatch.setattr(gemm_module, "_num_sms", lambda device: 132)
+    for arch in CONFIGS:
+        plain, det = engine_table(arch), engine_table(arch, deterministic=True)
+        assert plain is CONFIGS[arch] and det is engine_table(arch, True)
+        assert {k: v for k, v in det.items() if k != "decode"} == {k: v for k, v in plain.items() if k != "decode"}
+        assert det["gemv"]["REDUCE"] == "fixed"  # the one-token GEMV adds its splits as integers
+        for N, K in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+            for M in range(2, det["decode_max_m"] + 1, 7):
+                cfg = dict(det["decode"])
+                cfg["BLOCK_M"] = min(cfg["BLOCK_M_MAX"], max(cfg["BLOCK_M"], 1 << (M - 1).bit_length()))
+                assert pick_split_k(M, N, K, cfg, 128, torch.device("cpu")) <= 2, (arch, N, K, M)
+        assert pick_split_k(16, 6144, 4096, {**plain["decode"], "BLOCK_M": 16}, 128, torch.device("cpu")) > 2
+
+
 @pytest.mark.parametrize("M", [5, 17, 40])
 def test_gemm_rows_per_tile_grow_with_m(M, device):
     """BLOCK_M_MAX: the tile takes the next power of two >= M rows (16..64), masked past M."""

@@ -181,6 +181,24 @@ def test_the_engine_runs_no_more_sequences_than_its_token_budget():
     assert [len(o.token_ids) for o in outs] == [3] * 6
 
 
+def test_deterministic_needs_a_model_loaded_that_way():
+    """LLM(deterministic=True) over an EngineModel loaded without it is refused, with the fix; loaded with it, the
+    model's flag is kept (its tables are bound to its layers at load)."""
+    import pytest
+    import torch
+
+    from lmq.engine.llm import LLM
+    from lmq.engine.model import EngineModel
+    from lmq.errors import InputError
+
+    plain = EngineModel.synthetic("smollm2-135m", torch.device("cpu"), group_size=64)
+    with pytest.raises(InputError, match="deterministic=True"):
+        LLM(plain, max_model_len=64, cache_max_memory="16MiB", block_size=16, deterministic=True)
+    det = EngineModel.synthetic("smollm2-135m", torch.device("cpu"), group_size=64, deterministic=True)
+    assert det.deterministic and not plain.deterministic
+    LLM(det, max_model_len=64, cache_max_memory="16MiB", block_size=16, deterministic=True)
+
+
 def test_an_aborted_prefill_keeps_the_cached_blocks_it_revived():
     """A prompt that revives cached blocks past a block another prefill has yet to write is
     recomputed from that block; aborted before its step runs, the revived blocks (whose K/V it

@@ -75,17 +75,19 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True, cuda_graphs: bool = True,
                  backend: str = "auto", dtype: str | None = None, overlap: bool = True,
-                 prefill_graphs: bool | None = None):
+                 prefill_graphs: bool | None = None, deterministic: bool = False):
         from transformers import AutoTokenizer
 
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise InputError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, "
                              f"{max_num_batched_tokens}")
         if isinstance(model, EngineModel):  # weights already loaded (benchmarks, tests): a new cache only
+            if deterministic and not model.deterministic:
+                raise InputError("deterministic=True needs a model loaded that way: EngineModel(..., deterministic=True)")
             self.model, dev = model, model.device
         else:
             dev = pick_device(device)
-            self.model = EngineModel(model, dev, backend, dtype)
+            self.model = EngineModel(model, dev, backend, dtype, deterministic)
         # a synthetic model (random weights, `EngineModel.synthetic`) has no tokenizer: token ids only
         self.path = self.model.src.path if self.model.src is not None else None
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path)) if self.path else None

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 
 from lmq.console import log, progress
 from lmq.engine.kv_cache import AttentionBatch, KVCache
-from lmq.engine.qlinear import local_arch, qlinear, qlinear_rope
+from lmq.engine.qlinear import engine_table, local_arch, qlinear, qlinear_rope
 from lmq.errors import InputError, UnsupportedError
 from lmq.format.source import WeightSource, resolve_model_path
 from lmq.kernels import rmsnorm, rope, silu_mul
-from lmq.kernels.w4a16_gemm import CONFIGS, check_bf16_support
+from lmq.kernels.w4a16_gemm import check_bf16_support
 from lmq.kernels.w4a16_gemv import can_fuse_rope
 from lmq.models.llama import ModelConfig
 
@@ -113,10 +113,11 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 class EngineModel:
     """All weights of a 4-bit checkpoint on one device, and the forward of one engine step."""
 
-    def __init__(self, path: str | Path, device: torch.device, backend: str = "auto", dtype: str | None = None):
+    def __init__(self, path: str | Path, device: torch.device, backend: str = "auto", dtype: str | None = None,
+                 deterministic: bool = False):
         from lmq.pack.api import load_linears
 
-        self.device = device
+        self.device, self.deterministic = device, deterministic
         self.backend = backend = _resolve_backend(backend, device)
         self.src = src = WeightSource(resolve_model_path(str(path)))
         self.cfg: ModelConfig = src.cfg  # an unsupported model is refused first
@@ -130,7 +131,7 @@ class EngineModel:
                 check_bf16_support(torch.empty(0, dtype=self.dtype, device=device), "the engine")
         else:  # the reference path reads whatever layout the checkpoint was packed in
             self.arch = (src.manifest or {}).get("arch") if src.packed is not None else "sm80"
-        table = CONFIGS[self.arch] if backend == "triton" else None
+        table = engine_table(self.arch, deterministic) if backend == "triton" else None
         G, lin = load_linears(src, self.arch)  # through the same open shards
         self.group_size = G
         cfg, arch = self.cfg, self.cfg.arch
@@ -165,19 +166,19 @@ class EngineModel:
 
     @classmethod
     def synthetic(cls, name: str, device: torch.device, group_size: int = 128, backend: str = "auto",
-                  seed: int = 0, dtype: torch.dtype | None = None) -> EngineModel:
+                  seed: int = 0, dtype: torch.dtype | None = None, deterministic: bool = False) -> EngineModel:
         """Random weights at a real model's shape (`SYNTHETIC_CONFIGS`), made directly in the packed
         layout on `device`: what speed is measured on where no checkpoint can be downloaded. Scales
         keep every layer's output at unit scale, so activations stay finite at any depth."""
         from lmq.models.configs import synthetic_config
 
         self = cls.__new__(cls)
-        self.device, self.src, self.group_size = device, None, group_size
+        self.device, self.src, self.group_size, self.deterministic = device, None, group_size, deterministic
         self.backend = _resolve_backend(backend, device)
         self.cfg = cfg = ModelConfig.from_hf(synthetic_config(name))
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         self.arch = local_arch(device) if self.backend == "triton" else "sm80"
-        table = CONFIGS[self.arch] if self.backend == "triton" else None
+        table = engine_table(self.arch, deterministic) if self.backend == "triton" else None
         g = torch.Generator(device).manual_seed(seed)
 
         def packed(N: int, K: int) -> dict[str, torch.Tensor]:

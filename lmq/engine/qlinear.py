@@ -60,6 +60,23 @@ def local_arch(device: torch.device | str | None = None) -> str:
     return arch_of_capability(major, minor)
 
 
+_DETERMINISTIC: dict[str, dict] = {}
+
+
+def engine_table(arch: str, deterministic: bool = False) -> dict:
+    """The arch's dispatch table (`CONFIGS`), or its deterministic form: the decode kernel's split-K capped at two
+    partial sums per output. Two fp16 additions into a zeroed output give the same bits in either order; every
+    other path already adds in a fixed order (the GEMV's splits as integers, the Hopper prefill GEMM at most two
+    splits, attention's merge in split order), so a step's output then does not depend on which program finishes
+    first. One dict per arch (the prefill GEMM keeps plans per table object)."""
+    if not deterministic:
+        return CONFIGS[arch]
+    if arch not in _DETERMINISTIC:
+        table = CONFIGS[arch]
+        _DETERMINISTIC[arch] = {**table, "decode": {**table["decode"], "MAX_SPLIT": 2}}
+    return _DETERMINISTIC[arch]
+
+
 def choose_path(M: int, table: dict, weight_numel: int = 0) -> str:
     """"gemv", "decode", "prefill" or "dequant" for `M` rows of a `weight_numel` = N*K weight."""
     if M <= table.get("gemv_max_m", 0) and weight_numel >= table.get("gemv_min_numel", 0):
