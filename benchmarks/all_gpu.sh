@@ -2,6 +2,8 @@
 # The three benchmarks of the issues on a lent GPU, in at most two device calls (each call stays under 10 minutes):
 #   STAGES=gemm       the GEMM GPU tests, then `lmq bench gemm` at every M of issue 3
 #   STAGES=attn-e2e   `lmq bench attention` (issue 4's shapes), then `lmq bench` end to end on synthetic Llama-3-8B
+#   STAGES=det        the engine's deterministic mode: its GPU test, then `lmq bench --mode latency` plain and
+#                     `--deterministic` (what capping the decode kernel at two splits costs)
 # Logs and tables land in $OUT/<stage>/. Used for the H200 tables of docs/benchmarks.md.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -35,6 +37,16 @@ Console(width=200).print(render_attention_table(json.load(open('$OUT/attn-e2e/at
       2>"$OUT/attn-e2e/e2e.log"
     python3 -c "import json,sys; from lmq.bench_e2e import render_e2e; print(render_e2e(json.load(open(sys.argv[1]))))" \
       "$OUT/attn-e2e/e2e.json" 2>&1 | tee "$OUT/attn-e2e/e2e.md"
+    ;;
+  det)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py -k deterministic 2>&1 | tail -3 \
+      | tee "$OUT/det/tests.log"
+    for flag in "" --deterministic "" --deterministic; do
+      echo "== lmq bench $flag" | tee -a "$OUT/det/bench.log"
+      timeout 150 lmq bench --synthetic llama3-8b --mode latency --batch 1,4,16,64 --input-len 128,1024 \
+        --output-len 64 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB $flag 2>&1 \
+        | grep -E "^latency" | tee -a "$OUT/det/bench.log"
+    done
     ;;
   esac
 done
