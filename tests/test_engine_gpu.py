@@ -102,25 +102,31 @@ def test_gemv_rows_decode_matches_torch_backend(monkeypatch):
 
 def test_deterministic_engine_repeats_its_tokens_with_int4_kv():
     """With deterministic=True, every split-K sum is order-independent: the same prompts, batched, give the same
-    logits bit for bit on a second engine (int4 KV, where a flipped rounding of a K/V code shows up in the tokens;
-    decode steps of 3 sequences run the decode kernel, split at most in two)."""
+    logits bit for bit on a second engine (int4 KV, where a flipped rounding of a K/V code shows up in the tokens).
+    The 253-token prefill step runs the Hopper prefill GEMM on sm90, the decode steps of 3 sequences the decode
+    kernel split at most in two, the last steps of one sequence the GEMV."""
     dev = torch.device("cuda")
     model = EngineModel.synthetic("smollm2-135m", dev, group_size=64, deterministic=True)
     assert model.layers[0].qkv.table["decode"]["MAX_SPLIT"] == 2
-    prompts = [list(range(100, 137)), list(range(500, 503)), list(range(900, 910))]
+    prompts = [list(range(100, 340)), list(range(500, 503)), list(range(900, 910))]  # 240 + 3 + 10 tokens
     runs = []
     for _ in range(2):
         llm = LLM(model, block_size=16, max_model_len=256, cache_max_memory="64MiB", max_num_seqs=4,
                   kv_dtype="int4", deterministic=True)
         for p in prompts:
-            llm.add_request(p, SamplingParams(max_new_tokens=4, ignore_eos=True))
-        logits = []
-        for _ in range(4):  # prefill, then three decode steps
+            llm.add_request(p, SamplingParams(max_new_tokens=8, ignore_eos=True))
+        logits, rows = [], []
+        for i in range(6):  # prefill, two decode steps of three sequences, three of one
             st = llm.scheduler.schedule()
             lg = llm.runner.run(st, llm.manager)
             logits.append(lg.clone())
+            rows.append(len(st.spans))
             for sp, tok in zip(st.spans, lg.argmax(-1).tolist()):
                 llm.scheduler.advance(sp)
                 sp.seq.token_ids.append(tok)
+            if i == 2:  # the two short prompts end: the long one decodes alone (M = 1, the GEMV)
+                for sp in sorted(st.spans, key=lambda sp: len(sp.seq.token_ids))[:2]:
+                    llm.scheduler.finish(sp.seq, "length")
+        assert rows == [3, 3, 3, 1, 1, 1], rows
         runs.append(logits)
     assert all(torch.equal(a, b) for a, b in zip(*runs))

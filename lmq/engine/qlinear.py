@@ -60,21 +60,26 @@ def local_arch(device: torch.device | str | None = None) -> str:
     return arch_of_capability(major, minor)
 
 
-_DETERMINISTIC: dict[str, dict] = {}
-
-
 def engine_table(arch: str, deterministic: bool = False) -> dict:
-    """The arch's dispatch table (`CONFIGS`), or its deterministic form: the decode kernel's split-K capped at two
-    partial sums per output. Two fp16 additions into a zeroed output give the same bits in either order; every
-    other path already adds in a fixed order (the GEMV's splits as integers, the Hopper prefill GEMM at most two
-    splits, attention's merge in split order), so a step's output then does not depend on which program finishes
-    first. One dict per arch (the prefill GEMM keeps plans per table object)."""
+    """The arch's dispatch table (`CONFIGS`), or its deterministic form, made from the table as it is now: every
+    split-K at most two partial sums per output (the decode kernel's and the Hopper prefill GEMM's `MAX_SPLIT` and
+    `SPLIT_K`), and the GEMV's splits added as integers (`REDUCE` "fixed"). Two fp16 additions into a zeroed
+    output give the same bits in either order, and attention merges its splits in split order, so a step's output
+    then does not depend on which program finishes first: the same step repeats its bits. (A request's tokens can
+    still depend on what it is batched with: the rows of a step pick the kernel and its split count.)"""
+    table = CONFIGS[arch]
     if not deterministic:
-        return CONFIGS[arch]
-    if arch not in _DETERMINISTIC:
-        table = CONFIGS[arch]
-        _DETERMINISTIC[arch] = {**table, "decode": {**table["decode"], "MAX_SPLIT": 2}}
-    return _DETERMINISTIC[arch]
+        return table
+
+    def two(cfg: dict) -> dict:
+        return {**cfg, "MAX_SPLIT": min(cfg.get("MAX_SPLIT", 2), 2), "SPLIT_K": min(cfg.get("SPLIT_K", 0), 2)}
+
+    det = {**table, "decode": two(table["decode"]), "gemv": {**table["gemv"], "REDUCE": "fixed"}}
+    if "prefill_ws" in table:
+        det["prefill_ws"] = two(table["prefill_ws"])
+    if table["prefill"].get("SPLIT_K", 1) > 2:
+        det["prefill"] = {**table["prefill"], "SPLIT_K": 2}
+    return det
 
 
 def choose_path(M: int, table: dict, weight_numel: int = 0) -> str:
