@@ -344,32 +344,33 @@ def _w4a16_gemv_kernel(
 _W4A16_GEMV = DirectLaunch(_w4a16_gemv_kernel)  # lmq.kernels.launch
 
 
-def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               group_size: int, config: dict | None = None, rope: tuple | None = None) -> torch.Tensor:
-    """`x [..., K]` fp16/bf16 (few rows) times the packed `[N, K]` weight -> `[..., N]` in x's dtype.
+_PLANS: dict[tuple, tuple] = {}
 
-    `rope = (positions [M] int, cos, sin [P, D/2] fp32, rope_cols)` also rotates (RoPE, rotate-half)
-    each D-wide head among the first `rope_cols` output columns at its row's position, in the
-    split-K epilogue (one rounding); check `can_fuse_rope` first.
-    """
-    # -- 1. check ---------------------------------------------------------------------------------
-    N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemv")
-    M = x2.shape[0]
+
+def _plan(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, device: torch.device, config: dict | None,
+          D: int) -> tuple[dict, int, int, int]:
+    """(config merged with the defaults, BLOCK_K, rows per program, split count) of a launch; `D`: the head dim of a
+    fused RoPE, 0 without. Kept per shape and config object, as `w4a16_gemm_ws._plan_for` keeps its plans (the engine
+    passes its table's dict on every call; the entry holds that dict, so its id is not reused while the entry lives):
+    a config changed in place after a call keeps its old plan, pass a new dict to change it."""
+    key = (M, N, K, group_size, dtype, device, id(config), D)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[4] is config:
+        return hit[:4]
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
-    # activation rows per program (the four-plane fp16 path only): each dequantized weight tile serves them all
     if cfg.get("ROWS", 1) not in (1, 2, 4):
         raise ValueError(f"w4a16_gemv: ROWS is 1, 2 or 4, got {cfg.get('ROWS')}")
     if not (isinstance(cfg.get("PIPE", 1), int) and 1 <= cfg.get("PIPE", 1) <= 8):
         raise ValueError(f"w4a16_gemv: PIPE is 1..8 stages, got {cfg.get('PIPE')}")
-    quad = cfg["SUM_PLANES"] == 4 and group_size >= planes64.CHUNK_K and x.dtype == torch.float16
+    if cfg["REDUCE"] not in ("atomic", "fixed") or cfg["SUM_PLANES"] not in (1, 2, 4):
+        raise ValueError(f"w4a16_gemv: bad config {cfg}: REDUCE is 'atomic' or 'fixed', SUM_PLANES 1, 2 or 4")
+    # activation rows per program (the four-plane fp16 path only): each dequantized weight tile serves them all
+    quad = cfg["SUM_PLANES"] == 4 and group_size >= planes64.CHUNK_K and dtype == torch.float16
     rows = min(next_pow2(max(M, 1)), cfg.get("ROWS", 1)) if quad else 1
-    if rope is not None:
-        positions, cos, sin, rope_cols = rope
-        D = 2 * cos.shape[1]
-        if not can_fuse_rope(N, K, group_size, D, cfg) or rope_cols % D or positions.shape != (M,):
-            raise ShapeError(f"w4a16_gemv: cannot fuse RoPE (head_dim {D}, N={N}, K={K}, rope_cols {rope_cols}, "
-                             f"{tuple(positions.shape)} positions for {M} rows)")
+    if D:
+        if not can_fuse_rope(N, K, group_size, D, cfg):
+            raise ShapeError(f"w4a16_gemv: cannot fuse RoPE (head_dim {D}, N={N}, K={K})")
         # each split rotates its own partial sums (the rotation is linear) before the "fixed" reduction adds
         # them, so split at least 2: a program owns BLOCK_N / 2 columns of a head's first half and their
         # partners D / 2 further on (the table's BLOCK_N where it divides the head, else one whole head)
@@ -383,14 +384,37 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         # NOTES-gemm.md run 8) rounding up put gate_up's 448 column blocks into 3 splits (1.45 resident
         # waves, 28.8 us) where 2 take 23.9 us, while the narrow shapes gain from up to 16 splits
         waves = cfg.get("WAVES", 4)
-        split_k = max(1, min((waves * _num_sms(x.device)) // (cdiv(N, cfg["BLOCK_N"]) * max(cdiv(M, rows), 1)),
+        split_k = max(1, min((waves * _num_sms(device)) // (cdiv(N, cfg["BLOCK_N"]) * max(cdiv(M, rows), 1)),
                              K // block_k, cfg.get("MAX_SPLIT", 16)))
-    if rope is not None:
+    if D:
         split_k = max(split_k, 2)
-    if cfg["REDUCE"] not in ("atomic", "fixed") or cfg["SUM_PLANES"] not in (1, 2, 4):
-        raise ValueError(f"w4a16_gemv: bad config {cfg}: REDUCE is 'atomic' or 'fixed', SUM_PLANES 1, 2 or 4")
     if cfg["REDUCE"] == "fixed":
         split_k = min(split_k, MAX_FX_SPLIT)
+    if len(_PLANS) > 65536:
+        _PLANS.clear()
+    _PLANS[key] = (cfg, block_k, rows, split_k, config)
+    return cfg, block_k, rows, split_k
+
+
+def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               group_size: int, config: dict | None = None, rope: tuple | None = None) -> torch.Tensor:
+    """`x [..., K]` fp16/bf16 (few rows) times the packed `[N, K]` weight -> `[..., N]` in x's dtype.
+
+    `rope = (positions [M] int, cos, sin [P, D/2] fp32, rope_cols)` also rotates (RoPE, rotate-half)
+    each D-wide head among the first `rope_cols` output columns at its row's position, in the
+    split-K epilogue (one rounding); check `can_fuse_rope` first.
+    """
+    # -- 1. check, plan ---------------------------------------------------------------------------
+    N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemv")
+    M = x2.shape[0]
+    D = 0
+    if rope is not None:
+        positions, cos, sin, rope_cols = rope
+        D = 2 * cos.shape[1]
+        if rope_cols % D or positions.shape != (M,):
+            raise ShapeError(f"w4a16_gemv: cannot fuse RoPE (head_dim {D}, rope_cols {rope_cols}, "
+                             f"{tuple(positions.shape)} positions for {M} rows)")
+    cfg, block_k, rows, split_k = _plan(M, N, K, group_size, x.dtype, x.device, config, D)
     # -- 2. allocate ------------------------------------------------------------------------------
     use_fx = split_k > 1 and cfg["REDUCE"] == "fixed"
     out = (torch.zeros if split_k > 1 and not use_fx else torch.empty)((M, N), dtype=x.dtype, device=x.device)
