@@ -5,6 +5,8 @@
 #                 against the torch backend, then the kernels at M = 2..4 (`sweep_gemm.py gemv-rows`: the decode
 #                 kernel, one, two and four rows per program)
 #   STAGES=pipe   the M=1 GEMV with a 2-4 stage cp.async ring at 6-12 waves (`sweep_gemm.py gemv-pipe`), twice
+#   STAGES=table  (session 14, after sm90 took the two-row GEMV at M=2) the GEMV and engine GPU tests, `lmq bench gemm`
+#                 at M = 1..4 and 16, then batch-2 decode steps: the table against M=1-only GEMV, interleaved, twice
 #   STAGES=ab     batch-2 and batch-4 decode steps of synthetic Llama-3-8B: the tables' dispatch (the decode kernel)
 #                 against the GEMV with 2 rows (batch 2) and 4 rows (batch 4) per program, interleaved, twice
 # Logs land in $OUT.
@@ -25,6 +27,19 @@ for stage in $STAGES; do
   pipe)
     timeout 500 python3 benchmarks/sweep_gemm.py gemv-pipe gemv-pipe 2>&1 | tee "$OUT/gemv-pipe.log" \
       | grep -E "^(cuBLAS|BEST)"
+    ;;
+  table)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k "gemv or qlinear or two_row" 2>&1 \
+      | tail -3 | tee "$OUT/tests.log"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -3 | tee -a "$OUT/tests.log"
+    timeout 120 lmq bench gemm --m 1,2,3,4,16 2>&1 | tee "$OUT/bench-gemm.log" | tail -30
+    for rep in 1 2; do
+      for m in 1 0; do
+        echo "== rep $rep batch 2 gemv-max-m $m (0: the table)" | tee -a "$OUT/decode-ab.log"
+        timeout 80 python3 benchmarks/profile_decode.py --batch 2 --gemv-max-m "$m" 2>&1 \
+          | grep -E "decode step|graph replay|GPU kernel time" | tee -a "$OUT/decode-ab.log"
+      done
+    done
     ;;
   ab)
     for rep in 1 2; do

@@ -2,7 +2,7 @@
 synthetic Llama-3-8B weights (torch.profiler), beside the CUDA-graph step time.
 
     python benchmarks/profile_decode.py [--batch 1] [--context 1024] [--kv-dtype int8] [--max-model-len 4096]
-        [--gemv-reduce table|atomic|fixed] [--gemv-rows 0|1|2|4]
+        [--gemv-reduce table|atomic|fixed] [--gemv-rows 0|1|2|4] [--gemv-max-m N]
 """
 
 import argparse
@@ -27,8 +27,11 @@ ap.add_argument("--gemv-reduce", choices=("table", "atomic", "fixed"), default="
 ap.add_argument("--gemv-rows", type=int, choices=(0, 1, 2, 4), default=0,
                 help="send M <= this many rows to the GEMV, with up to this many rows per program (0: the tables' "
                      "dispatch), for an A/B of the decode steps at batch 2..4 (the tables, changed in place)")
+ap.add_argument("--gemv-max-m", type=int, default=0,
+                help="send M <= this many rows to the GEMV (0: the tables' crossover; 1: M=1 only, as before the "
+                     "two-row GEMV), for an A/B of the tables' dispatch")
 args = ap.parse_args()
-if args.gemv_reduce != "table" or args.gemv_rows:
+if args.gemv_reduce != "table" or args.gemv_rows or args.gemv_max_m:
     from lmq.kernels.w4a16_gemm import CONFIGS
     for table in CONFIGS.values():
         if args.gemv_reduce != "table":
@@ -36,6 +39,8 @@ if args.gemv_reduce != "table" or args.gemv_rows:
         if args.gemv_rows:
             table["gemv"]["ROWS"] = args.gemv_rows
             table["gemv_max_m"] = args.gemv_rows
+        if args.gemv_max_m:
+            table["gemv_max_m"] = args.gemv_max_m
 
 dev = torch.device("cuda")
 model = EngineModel.synthetic(args.model, dev)

@@ -362,6 +362,21 @@ def test_qlinear_every_path(M, device):
     assert choose_path(8, {**table, "prefill_min_m": 8, "prefill_min_numel": N * K + 1}, N * K) == "decode"
 
 
+def test_two_row_gemv_takes_small_weights_only():
+    """sm90: M=2 runs the GEMV with two rows per program for weights up to `gemv_rows_max_numel` (Llama-3-8B's qkv,
+    o_proj and down), the decode kernel for larger ones (gate_up); M=1 takes the GEMV whatever the size; M=3 never."""
+    table = CONFIGS["sm90"]
+    assert table["gemv"]["ROWS"] == 2 and table["gemv_max_m"] == 2
+    for (N, K), two in (((6144, 4096), "gemv"), ((4096, 4096), "gemv"), ((28672, 4096), "decode"),
+                        ((4096, 14336), "gemv")):
+        assert choose_path(1, table, N * K) == "gemv"
+        assert choose_path(2, table, N * K) == two, (N, K)
+        assert choose_path(3, table, N * K) == "decode"
+    assert choose_path(2, {**table, "gemv_rows_max_numel": 1 << 40}, 28672 * 4096) == "gemv"
+    for arch in ("sm75", "sm80", "sm86", "sm89"):  # not measured there: one row, M=1 only
+        assert CONFIGS[arch]["gemv_max_m"] == 1 and CONFIGS[arch]["gemv"].get("ROWS", 1) == 1
+
+
 def test_qlinear_module(device):
     p = random_packed(24, 128, 32, device)
     lin = QLinear(p["qweight"], p["scales"], p["zeros"], 32, arch="sm90")

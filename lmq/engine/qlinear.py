@@ -4,7 +4,8 @@
 
 By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`):
     M <= gemv_max_m            -> W4A16 GEMV (CUDA cores, weights straight to registers, split-K),
-                                  for weights of at least gemv_min_numel = N*K elements
+                                  for weights of at least gemv_min_numel = N*K elements (from M = 2,
+                                  at most gemv_rows_max_numel: several rows per program, `ROWS`)
     M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K);
                                   weights of at least prefill_min_numel elements leave it from
                                   M = prefill_min_m
@@ -84,7 +85,8 @@ def engine_table(arch: str, deterministic: bool = False) -> dict:
 
 def choose_path(M: int, table: dict, weight_numel: int = 0) -> str:
     """"gemv", "decode", "prefill" or "dequant" for `M` rows of a `weight_numel` = N*K weight."""
-    if M <= table.get("gemv_max_m", 0) and weight_numel >= table.get("gemv_min_numel", 0):
+    if M <= table.get("gemv_max_m", 0) and weight_numel >= table.get("gemv_min_numel", 0) and (
+            M == 1 or weight_numel <= table.get("gemv_rows_max_numel", weight_numel)):
         return "gemv"
     large = weight_numel >= table.get("prefill_min_numel", 0)  # only these take the prefill kernel
     if M <= table["decode_max_m"] and not (large and M >= table.get("prefill_min_m", M + 1)):
