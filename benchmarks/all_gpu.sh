@@ -3,7 +3,9 @@
 #   STAGES=gemm       the GEMM GPU tests, then `lmq bench gemm` at every M of issue 3
 #   STAGES=attn-e2e   `lmq bench attention` (issue 4's shapes), then `lmq bench` end to end on synthetic Llama-3-8B
 #   STAGES=det        the engine's deterministic mode: its GPU test, then `lmq bench --mode latency` plain and
-#                     `--deterministic` (what capping every split-K at two costs; one call, under 10 minutes)
+#                     `--deterministic` (what the mode costs; one call, under 10 minutes)
+#   STAGES=ordered    the decode kernel's ordered split-K (the deterministic mode's): its GPU tests, then
+#                     `sweep_gemm.py decode-ordered` (atomics / ordered / at most two splits); run with det after it
 # Logs and tables land in $OUT/<stage>/. Used for the H200 tables of docs/benchmarks.md.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -37,6 +39,12 @@ Console(width=200).print(render_attention_table(json.load(open('$OUT/attn-e2e/at
       2>"$OUT/attn-e2e/e2e.log"
     python3 -c "import json,sys; from lmq.bench_e2e import render_e2e; print(render_e2e(json.load(open(sys.argv[1]))))" \
       "$OUT/attn-e2e/e2e.json" 2>&1 | tee "$OUT/attn-e2e/e2e.md"
+    ;;
+  ordered)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k "ordered or deterministic" 2>&1 \
+      | tail -3 | tee "$OUT/ordered/tests.log"
+    timeout 200 python3 benchmarks/sweep_gemm.py decode-ordered 2>&1 | tee "$OUT/ordered/sweep.log" \
+      | grep -E "^(cuBLAS|decode-ordered|BEST)" | sed -E "s/\{'BLOCK_M'.*'DOT_K': 64/{table/"
     ;;
   det)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py -k deterministic >"$OUT/det/tests.log" 2>&1

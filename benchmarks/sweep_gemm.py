@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|decode-splits|decode-1stage|gemv-inflight|gemv-rows|gemv-pipe|prefill|ws|ws-small|ws-split ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|decode-splits|decode-ordered|decode-1stage|gemv-inflight|gemv-rows|gemv-pipe|prefill|ws|ws-small|ws-split ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
@@ -103,6 +103,12 @@ SWEEP = {
     },
     # the decode kernel without a cp.async ring (num_stages 1): weights straight to registers as the GEMV loads
     # them, latency hidden by more resident programs (more waves), x staged per chunk for wgmma; the table first
+    # the deterministic mode's decode kernel: the table's fp16 atomics, the splits added in split order by the last
+    # split (REDUCE "ordered", the mode's choice now), and the mode's earlier form (at most two splits, atomics)
+    "decode-ordered": {
+        "ms": [2, 4, 16, 64, 128],
+        "configs": [_DECODE_TABLE, {**_DECODE_TABLE, "REDUCE": "ordered"}, {**_DECODE_TABLE, "MAX_SPLIT": 2}],
+    },
     "decode-1stage": {
         "ms": [4, 16, 64],
         "configs": [_DECODE_TABLE] + [{**_DECODE_TABLE, "num_stages": 1, "BLOCK_K": bk, "WAVES": w, "MAX_SPLIT": 32,
@@ -157,7 +163,7 @@ def main(regimes):
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
             if regime in ("prefill", "ws", "ws-small", "ws-split", "decode-waves", "decode-big", "decode-small",
-                          "decode-splits", "decode-1stage", "gemv-inflight", "gemv-rows", "gemv-pipe"):  # the peer, and a GPU check of every config
+                          "decode-splits", "decode-ordered", "decode-1stage", "gemv-inflight", "gemv-rows", "gemv-pipe"):  # the peer, and a GPU check of every config
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)

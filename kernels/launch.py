@@ -38,6 +38,18 @@ def current_stream(device: int) -> int:
     return driver.active.get_current_stream(device)
 
 
+def stream_buffer(pool: dict, device: torch.device, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer of at least `n` elements for this (device, stream), zeroed when made, from `pool` (one dict per
+    use: split-K workspaces and arrival counters that the kernels using them leave as they found them). Buffers only
+    grow; a grown one keeps the old tensor alive, since a captured CUDA graph may still point at it."""
+    stream = current_stream(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 0
+    held = pool.setdefault((device.type, device.index, stream), [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(n, dtype=dtype, device=device))
+    return held[-1]
+
+
 class DirectLaunch:
     """A kernel's launches, direct after the first of each kind (module docstring)."""
 

@@ -12,9 +12,13 @@ One kernel, two regimes chosen by its config (`CONFIGS`, one table per arch):
 - decode (small and medium M): BLOCK_M = the next power of two >= M between 16 (tl.dot's minimum;
   rows past M are masked) and BLOCK_M_MAX, so each dequantized weight tile serves as many rows as it
   can; narrow BLOCK_N and split-K over WAVES waves of SMs so that every SM streams weights; the
-  splits add their partial sums into the zeroed output with atomics. (An fp32 workspace with arrival
-  counters measured within 3% of that, NOTES-gemm.md run 11; the GEMV's "fixed" int64 reduction
-  measured slower here at every M, up to 3x from M = 32: run 34.)
+  splits add their partial sums into the zeroed output with fp16 atomics (`REDUCE` "atomic", the tables'
+  choice: the order of the additions, and so the last bits, follow the order in which splits finish).
+  `REDUCE` "ordered" (the deterministic mode's): each split stores its fp32 partial sums in its own slice
+  of a workspace and counts itself in; the last split of a tile adds the slices in split order and writes
+  the output: the same bits whatever the order of arrival, no zero fill. (An fp32 workspace added into
+  with atomics measured within 3% of fp16 atomics, NOTES-gemm.md run 11; the GEMV's "fixed" int64
+  reduction measured slower here at every M, up to 3x from M = 32: run 34.)
 - prefill (large M, compute-bound): large tensor-core tiles, dequantization in registers.
 Config switches: SWAP_AB computes out^T = w_hat @ x^T so the dequantized weights are tl.dot's first
 operand (on sm90 Triton then issues wgmma with that operand in registers); DOT_K = 16/32/64 joins 1,
@@ -36,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv, cuda_capability, cuda_sm_count, next_pow2
-from lmq.kernels.launch import DirectLaunch
+from lmq.kernels.launch import DirectLaunch, stream_buffer
 from triton.runtime.jit import constexpr_function
 
 from lmq.errors import ShapeError, UnsupportedError
@@ -117,6 +121,7 @@ def _cat(a, b):
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    ws_ptr, cnt_ptr,  # REDUCE "ordered": fp32 partial sums [SPLIT_K, M, N], int32 arrivals per tile (else unused)
     M, N, K,
     stride_xm, stride_om,
     G: tl.constexpr,
@@ -125,6 +130,7 @@ def _w4a16_gemm_kernel(
     CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,  # planes64's geometry
     SWAP_AB: tl.constexpr, DOT_K: tl.constexpr,
     FAST_CVT: tl.constexpr,  # inline-PTX int4 -> fp16/bf16 (GPU); plain Triton under the interpreter
+    ORDERED: tl.constexpr = False,  # split-K: partial sums added in split order by the last split (REDUCE)
 ):
     # -- which output tile and which K range this program owns ------------------------------------
     pid = tl.program_id(0)
@@ -226,10 +232,26 @@ def _w4a16_gemm_kernel(
     if SWAP_AB:
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BN, BM]
         mask = m_mask[None, :] & n_mask[:, None]
+        part_offs = offs_m[None, :] * N + offs_n[:, None]  # [BN, BM] in one split's [M, N] slice
     else:
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]  # [BM, BN]
         mask = m_mask[:, None] & n_mask[None, :]
-    _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask, SPLIT_K)
+        part_offs = offs_m[:, None] * N + offs_n[None, :]  # [BM, BN]
+    if ORDERED and SPLIT_K > 1:
+        # Each split stores its fp32 partial sums in its own slice and counts itself in; the last to arrive adds
+        # the slices in split order 0, 1, ... and writes the output, so the result does not depend on which split
+        # finishes first (bit-reproducible), then leaves the tile's counter at zero for the next call.
+        tl.store(ws_ptr + pid_k * M * N + part_offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's stores are issued before the program counts itself in
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")  # release our slice, acquire the others'
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for sk in tl.static_range(SPLIT_K):
+                total += tl.load(ws_ptr + sk * M * N + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+    else:
+        _store_or_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask, SPLIT_K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +392,10 @@ def pick_split_k(M: int, N: int, K: int, cfg: dict, block_k: int, device: torch.
 
 
 _LAUNCH = DirectLaunch(_w4a16_gemm_kernel)  # lmq.kernels.launch
+# REDUCE "ordered": per (device, stream), the splits' fp32 partial sums (contents do not matter between calls) and
+# one arrival counter per output tile (zero between calls: each tile's last split resets its own)
+_PARTIALS: dict[tuple, list[torch.Tensor]] = {}
+_ARRIVALS: dict[tuple, list[torch.Tensor]] = {}
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -383,19 +409,28 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         cfg["BLOCK_M"] = min(cfg["BLOCK_M_MAX"], max(cfg["BLOCK_M"], next_pow2(M)))
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
     split_k = pick_split_k(M, N, K, cfg, block_k, x.device)
+    reduce = cfg.get("REDUCE", "atomic")
+    if reduce not in ("atomic", "ordered"):
+        raise ValueError(f"w4a16_gemm: REDUCE is 'atomic' or 'ordered', got {reduce!r}")
+    ordered = reduce == "ordered" and split_k > 1
     # -- 2. allocate ------------------------------------------------------------------------------
-    out = (torch.zeros if split_k > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    zero_fill = split_k > 1 and not ordered  # fp16 atomics add into a zeroed output
+    out = (torch.zeros if zero_fill else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
     if M == 0:
         return out.reshape(*lead, N)
     # -- 3. launch --------------------------------------------------------------------------------
     grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split_k)
+    ws, cnt = out, out  # unused unless ordered
+    if ordered:
+        ws = stream_buffer(_PARTIALS, x.device, split_k * M * N, torch.float32)
+        cnt = stream_buffer(_ARRIVALS, x.device, grid[0], torch.int32)
     _LAUNCH[grid](
-        x2, qweight, scales, zeros, out, M, N, K, x2.stride(0), out.stride(0),
+        x2, qweight, scales, zeros, out, ws, cnt, M, N, K, x2.stride(0), out.stride(0),
         G=group_size, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k,
         SPLIT_K=split_k, GROUP_M=cfg["GROUP_M"], IS_BF16=x.dtype == torch.bfloat16,
         CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES,
         FAST_CVT=x.device.type == "cuda", SWAP_AB=cfg.get("SWAP_AB", False),
-        DOT_K=cfg.get("DOT_K", 16),
+        DOT_K=cfg.get("DOT_K", 16), ORDERED=ordered,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.reshape(*lead, N)

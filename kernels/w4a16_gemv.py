@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv, next_pow2
-from lmq.kernels.launch import DirectLaunch, current_stream
+from lmq.kernels.launch import DirectLaunch, stream_buffer
 from lmq.kernels.pdl import use_pdl
 from lmq.kernels.w4a16_gemm import (
     _dequant_pair,
@@ -139,19 +139,13 @@ def _fx_arrive(acc, ws_ptrs, out_ptrs, mask, SPLIT_K: tl.constexpr):
 
 
 # The "fixed" reduction's int64 words, one per (device, stream): all zero between calls (each call's finishing
-# programs zero what they used). They only grow; a grown one keeps the old tensor alive, since a captured
-# CUDA graph may still point at it.
+# programs zero what they used).
 _WORKSPACES: dict[tuple, list[torch.Tensor]] = {}
 
 
 def fx_workspace(device: torch.device, n_words: int) -> torch.Tensor:
     """This stream's all-zero int64 words for the "fixed" split-K reduction, at least `n_words` of them."""
-    stream = current_stream(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 0
-    held = _WORKSPACES.setdefault((device.type, device.index, stream), [])
-    if not held or held[-1].numel() < n_words:
-        held.append(torch.zeros(n_words, dtype=torch.int64, device=device))
-    return held[-1]
+    return stream_buffer(_WORKSPACES, device, n_words, torch.int64)
 
 
 @triton.jit

@@ -104,10 +104,10 @@ def test_deterministic_engine_repeats_its_tokens_with_int4_kv():
     """With deterministic=True, every split-K sum is order-independent: the same prompts, batched, give the same
     logits bit for bit on a second engine (int4 KV, where a flipped rounding of a K/V code shows up in the tokens).
     The 253-token prefill step runs the Hopper prefill GEMM on sm90, the decode steps of 3 sequences the decode
-    kernel split at most in two, the last steps of one sequence the GEMV."""
+    kernel with its splits added in split order, the last steps of one sequence the GEMV."""
     dev = torch.device("cuda")
     model = EngineModel.synthetic("smollm2-135m", dev, group_size=64, deterministic=True)
-    assert model.layers[0].qkv.table["decode"]["MAX_SPLIT"] == 2
+    assert model.layers[0].qkv.table["decode"]["REDUCE"] == "ordered"
     prompts = [list(range(100, 340)), list(range(500, 503)), list(range(900, 910))]  # 240 + 3 + 10 tokens
     runs = []
     for _ in range(2):

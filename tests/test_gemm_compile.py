@@ -35,14 +35,16 @@ def compile_all(arch: str, dt: str) -> None:
         return k
 
     mnk = ["M", "N", "K", "stride_xm", "stride_om"]
-    for regime, bm in (("decode", 16), ("decode", 64), ("prefill", 0)):
+    # the decode config at 16 and 64 rows, with the deterministic mode's ordered split-K at 16; the prefill config
+    for regime, bm, ordered in (("decode", 16, False), ("decode", 64, False), ("decode", 16, True),
+                                ("prefill", 0, False)):
         cfg = CONFIGS[arch][regime]
         build(_w4a16_gemm_kernel, mnk,
               {"G": 128, "BLOCK_M": bm or cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                "SPLIT_K": 2, "GROUP_M": cfg["GROUP_M"], "IS_BF16": dt == "bf16", "PLANES": planes64.PLANES,
                "SWAP_AB": cfg.get("SWAP_AB", False), "DOT_K": cfg.get("DOT_K", 16), "FAST_CVT": True,
-               **geometry},
-              cfg["num_warps"], cfg["num_stages"])
+               "ORDERED": ordered, **geometry},
+              cfg["num_warps"], cfg["num_stages"], {"ws_ptr": "*fp32", "cnt_ptr": "*i32"})
     g = CONFIGS[arch]["gemv"]
     # the table's GEMV without and with RoPE (BLOCK_N / 2 columns per half-head), and RoPE's whole-head fallback;
     # 2 or 4 activation rows per program (fp16 four-plane path), with and without RoPE; a 3-stage cp.async ring

@@ -62,24 +62,21 @@ def local_arch(device: torch.device | str | None = None) -> str:
 
 
 def engine_table(arch: str, deterministic: bool = False) -> dict:
-    """The arch's dispatch table (`CONFIGS`), or its deterministic form, made from the table as it is now: every
-    split-K at most two partial sums per output (the decode kernel's and the Hopper prefill GEMM's `MAX_SPLIT` and
-    `SPLIT_K`), and the GEMV's splits added as integers (`REDUCE` "fixed"). Two fp16 additions into a zeroed
-    output give the same bits in either order, and attention merges its splits in split order, so a step's output
-    then does not depend on which program finishes first: the same step repeats its bits. (A request's tokens can
-    still depend on what it is batched with: the rows of a step pick the kernel and its split count.)"""
+    """The arch's dispatch table (`CONFIGS`), or its deterministic form, made from the table as it is now: the W4A16
+    GEMM kernel (decode and Triton prefill configs) adds its K splits in split order (`REDUCE` "ordered"), the GEMV
+    adds its splits as integers (`REDUCE` "fixed"), and the Hopper prefill GEMM keeps at most two partial sums per
+    output (two fp16 additions into a zeroed output give the same bits in either order). Attention merges its splits
+    in split order. So a step's output does not depend on which program finishes first: the same step repeats its
+    bits. (A request's tokens can still depend on what it is batched with: the rows of a step pick the kernel and
+    its split count.)"""
     table = CONFIGS[arch]
     if not deterministic:
         return table
-
-    def two(cfg: dict) -> dict:
-        return {**cfg, "MAX_SPLIT": min(cfg.get("MAX_SPLIT", 2), 2), "SPLIT_K": min(cfg.get("SPLIT_K", 0), 2)}
-
-    det = {**table, "decode": two(table["decode"]), "gemv": {**table["gemv"], "REDUCE": "fixed"}}
+    det = {**table, "decode": {**table["decode"], "REDUCE": "ordered"},
+           "prefill": {**table["prefill"], "REDUCE": "ordered"}, "gemv": {**table["gemv"], "REDUCE": "fixed"}}
     if "prefill_ws" in table:
-        det["prefill_ws"] = two(table["prefill_ws"])
-    if table["prefill"].get("SPLIT_K", 1) > 2:
-        det["prefill"] = {**table["prefill"], "SPLIT_K": 2}
+        ws = table["prefill_ws"]
+        det["prefill_ws"] = {**ws, "MAX_SPLIT": min(ws.get("MAX_SPLIT", 2), 2), "SPLIT_K": min(ws.get("SPLIT_K", 0), 2)}
     return det
 
 
