@@ -6,6 +6,9 @@ stderr through `console`.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -17,7 +20,17 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
-out = Console()
+
+
+def _results_width() -> int | None:
+    """Results piped to a file or a log keep every column: rich's default off a terminal is 80 columns, which cut
+    `lmq bench`'s tables to "qk…" cells. A terminal, or COLUMNS, sets the width as usual."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return None
+    return 240
+
+
+out = Console(width=_results_width())
 
 
 def progress(transient: bool = False) -> Progress:

@@ -200,3 +200,20 @@ def test_force_swap_failure_keeps_the_old_checkpoint(tmp_path, tiny_model, monke
     assert_error(res, "previous checkpoint there is unchanged")
     assert (out / "manifest.json").read_text() == before
     assert leftovers(tmp_path) == []
+
+
+def test_results_piped_keep_every_column():
+    """Tables printed to a pipe or a file are not cut to rich's 80-column default (cells read "qk…" there);
+    COLUMNS still sets the width."""
+    import subprocess
+    import sys
+
+    code = ("from lmq.console import out; from rich.table import Table; "
+            "t = Table(*[f'column {i}' for i in range(14)]); t.add_row(*[str(1000.5 * i) for i in range(14)]); "
+            "out.print(t)")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    wide = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert "column 13" in wide and "13006.5" in wide and "…" not in wide
+    narrow = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**env, "COLUMNS": "80"}).stdout
+    assert max(len(line) for line in narrow.splitlines()) <= 80
