@@ -39,6 +39,7 @@ if args.gemv_reduce != "table" or args.gemv_rows or args.gemv_max_m:
         if args.gemv_rows:
             table["gemv"]["ROWS"] = args.gemv_rows
             table["gemv_max_m"] = args.gemv_rows
+            table["gemv_rows_max_numel"] = 1 << 62  # every weight, as in the A/B before the table took M=2
         if args.gemv_max_m:
             table["gemv_max_m"] = args.gemv_max_m
 

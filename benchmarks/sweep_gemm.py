@@ -101,14 +101,14 @@ SWEEP = {
             {"BLOCK_K": 256, "WAVES": 16, "MAX_SPLIT": 32}, {"BLOCK_N": 32, "WAVES": 16, "MAX_SPLIT": 32},
             {"num_warps": 8, "BLOCK_N": 128}, {"num_stages": 2, "WAVES": 16, "MAX_SPLIT": 32})],
     },
-    # the decode kernel without a cp.async ring (num_stages 1): weights straight to registers as the GEMV loads
-    # them, latency hidden by more resident programs (more waves), x staged per chunk for wgmma; the table first
     # the deterministic mode's decode kernel: the table's fp16 atomics, the splits added in split order by the last
     # split (REDUCE "ordered", the mode's choice now), and the mode's earlier form (at most two splits, atomics)
     "decode-ordered": {
         "ms": [2, 4, 16, 64, 128],
         "configs": [_DECODE_TABLE, {**_DECODE_TABLE, "REDUCE": "ordered"}, {**_DECODE_TABLE, "MAX_SPLIT": 2}],
     },
+    # the decode kernel without a cp.async ring (num_stages 1): weights straight to registers as the GEMV loads
+    # them, latency hidden by more resident programs (more waves), x staged per chunk for wgmma; the table first
     "decode-1stage": {
         "ms": [4, 16, 64],
         "configs": [_DECODE_TABLE] + [{**_DECODE_TABLE, "num_stages": 1, "BLOCK_K": bk, "WAVES": w, "MAX_SPLIT": 32,

@@ -41,12 +41,14 @@ def current_stream(device: int) -> int:
 def stream_buffer(pool: dict, device: torch.device, n: int, dtype: torch.dtype) -> torch.Tensor:
     """A buffer of at least `n` elements for this (device, stream), zeroed when made, from `pool` (one dict per
     use: split-K workspaces and arrival counters that the kernels using them leave as they found them). Buffers only
-    grow; a grown one keeps the old tensor alive, since a captured CUDA graph may still point at it."""
+    grow, to the next power of two (so a run whose sizes creep up, M = 1..191 in decode and prefill steps, makes a
+    few of them, not one per size); a grown one keeps the old tensor alive, since a captured CUDA graph may still
+    point at it."""
     stream = current_stream(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 0
     held = pool.setdefault((device.type, device.index, stream), [])
     if not held or held[-1].numel() < n:
-        held.append(torch.zeros(n, dtype=dtype, device=device))
+        held.append(torch.zeros(1 << max(n - 1, 0).bit_length(), dtype=dtype, device=device))
     return held[-1]
 
 

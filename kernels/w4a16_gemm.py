@@ -241,13 +241,14 @@ def _w4a16_gemm_kernel(
         # Each split stores its fp32 partial sums in its own slice and counts itself in; the last to arrive adds
         # the slices in split order 0, 1, ... and writes the output, so the result does not depend on which split
         # finishes first (bit-reproducible), then leaves the tile's counter at zero for the next call.
-        tl.store(ws_ptr + pid_k * M * N + part_offs, acc, mask=mask)
+        slice_len = (M * N).to(tl.int64)  # SPLIT_K slices of M x N can pass 2^31 elements
+        tl.store(ws_ptr + pid_k * slice_len + part_offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's stores are issued before the program counts itself in
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")  # release our slice, acquire the others'
         if arrived == SPLIT_K - 1:
             total = tl.zeros_like(acc)
             for sk in tl.static_range(SPLIT_K):
-                total += tl.load(ws_ptr + sk * M * N + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
+                total += tl.load(ws_ptr + sk * slice_len + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
     else:
@@ -279,7 +280,8 @@ _DECODE_SM90 = {**_DECODE, "WAVES_FROM_M": ((64, 3), (129, 2))}
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
                      "num_warps": 8, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
-# Measured on sm90 (H100, Llama-3-8B shapes, g128): at M=1 the GEMV wins on every weight; with 4-wave
+# Measured on sm90 (H100, Llama-3-8B shapes, g128): at M=1 the GEMV wins on every weight (at M=2 too, with two
+# rows per program, on all but gate_up: `_CROSS_SM90`); with 4-wave
 # splits and rows per tile growing with M, the decode kernel wins from M=2 up to M=256, summed over the
 # four shapes (M=128 / 256: decode 176 / 310 us, dequantize + cuBLAS 392 / 425, prefill kernel 351 /
 # 448; benchmarks/results/2026-11-22-session4-h100/blockm/gemm-m2.json); at M=384 dequantize + cuBLAS
@@ -312,7 +314,7 @@ _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min
 # against 38.85 / 40.55 at 255, not settled by the run-to-run spread: session11-h100/crossover-192/.)
 # Two rows (sm90): the GEMV with two rows per program (`ROWS` 2, each dequantized weight tile serving both) against the
 # decode kernel at M=2, us, qkv / o_proj / gate_up / down: 8.9 / 7.0 / 31.3 / 16.5 against 10.7 / 8.6 / 28.4 / 18.4
-# (H100, results/2026-11-23-session14-h100/gemv-rows.log); at M = 3 and 4 the decode kernel wins on every shape (qkv
+# (H100, benchmarks/results/2026-11-23-session14-h100/check/gemv-rows.log); at M = 3 and 4 the decode kernel wins on every shape (qkv
 # 13.2 against 10.8 at M=3 with two rows; four rows per program take 156 registers and lose everywhere). So M=2 takes
 # the GEMV for weights of at most `gemv_rows_max_numel` elements (down's 58.7M yes, gate_up's 117.4M no).
 _CROSS_SM90 = {**_CROSS, "gemv_max_m": 2, "gemv_rows_max_numel": 64 << 20, "decode_max_m": 191,

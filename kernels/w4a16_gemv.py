@@ -38,8 +38,10 @@ Two config switches cut the instructions per weight, which bound this kernel on 
 dequantized weight tile then serves all of them, so M = 2..4 reads the weights once instead of once per row.
 Offline SASS (`benchmarks/sass_gemv.py`: sm90, the table's tile, 64 weights per thread per K tile): one row 204
 instructions per K tile at 64 registers (the same code as without the switch), two rows 320 at 62, four rows 636 at
-156 (three programs per SM instead of eight). Not measured on a GPU yet (`benchmarks/sweep_gemm.py gemv-rows`
-against the decode kernel at M = 2..4); the tables keep one row and send M >= 2 to the decode kernel.
+156 (three programs per SM instead of eight). Measured on an H100 (`benchmarks/sweep_gemm.py gemv-rows`,
+NOTES-gemm.md run 40): at M=2 two rows per program beat the decode kernel on qkv, o_proj and down, not on gate_up;
+at M = 3 and 4 the decode kernel wins everywhere. So sm90's table takes ROWS 2 at M=2 for weights of at most
+`gemv_rows_max_numel` elements (`lmq.engine.qlinear.choose_path`); the other tables keep one row at M=1.
 
 `PIPE` (default 1): stages of a cp.async ring over the K tiles (Triton's pipeliner, `tl.range(num_stages=PIPE)`):
 with 1 the weights go straight to registers; with 2-4 the weights and x of up to PIPE - 1 tiles per program are in
@@ -141,6 +143,13 @@ def _fx_arrive(acc, ws_ptrs, out_ptrs, mask, SPLIT_K: tl.constexpr):
 # The "fixed" reduction's int64 words, one per (device, stream): all zero between calls (each call's finishing
 # programs zero what they used).
 _WORKSPACES: dict[tuple, list[torch.Tensor]] = {}
+
+
+def serves_rows(dtype: torch.dtype, group_size: int, cfg: dict) -> bool:
+    """Whether a program of this config serves several activation rows (`ROWS` > 1 on the four-plane fp16 path:
+    fp16 activations, groups of 64 or more); elsewhere each row gets its own programs."""
+    return (cfg.get("ROWS", 1) > 1 and cfg.get("SUM_PLANES", 1) == 4 and group_size >= planes64.CHUNK_K
+            and dtype == torch.float16)
 
 
 def fx_workspace(device: torch.device, n_words: int) -> torch.Tensor:
@@ -360,8 +369,7 @@ def _plan(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, device: t
     if cfg["REDUCE"] not in ("atomic", "fixed") or cfg["SUM_PLANES"] not in (1, 2, 4):
         raise ValueError(f"w4a16_gemv: bad config {cfg}: REDUCE is 'atomic' or 'fixed', SUM_PLANES 1, 2 or 4")
     # activation rows per program (the four-plane fp16 path only): each dequantized weight tile serves them all
-    quad = cfg["SUM_PLANES"] == 4 and group_size >= planes64.CHUNK_K and dtype == torch.float16
-    rows = min(next_pow2(max(M, 1)), cfg.get("ROWS", 1)) if quad else 1
+    rows = min(next_pow2(max(M, 1)), cfg.get("ROWS", 1)) if serves_rows(dtype, group_size, cfg) else 1
     if D:
         if not can_fuse_rope(N, K, group_size, D, cfg):
             raise ShapeError(f"w4a16_gemv: cannot fuse RoPE (head_dim {D}, N={N}, K={K})")

@@ -10,7 +10,7 @@ from lmq.kernels import w4a16_gemm_ws as w4a16_gemm_ws_module
 from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
 from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
 from lmq.kernels.w4a16_gemm_ws import w4a16_gemm_ws, w4a16_gemm_ws_ref
-from lmq.kernels.w4a16_gemv import w4a16_gemv, w4a16_gemv_ref
+from lmq.kernels.w4a16_gemv import serves_rows, w4a16_gemv, w4a16_gemv_ref
 
 from lmq.engine import qlinear as qlinear_module
 from lmq.engine.qlinear import QLinear, choose_path, qlinear
@@ -277,7 +277,7 @@ def test_gemm_ordered_split_k(split_k, swap, device):
     """REDUCE "ordered" (the deterministic mode's split-K): the reference's result, the same bits on every call, no
     zero fill needed, and every tile's arrival counter back at zero after the call (so the next call, and a CUDA
     graph's replay, starts clean). Odd M and N (masked rows and columns), a K not split evenly."""
-    from lmq.kernels.w4a16_gemm import _ARRIVALS
+    from lmq.kernels.w4a16_gemm import _ARRIVALS, _PARTIALS
 
     N, K, G = 72, 640, 64
     p = random_packed(N, K, G, device)
@@ -289,6 +289,12 @@ def test_gemm_ordered_split_k(split_k, swap, device):
         first = w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, {**cfg, "REDUCE": "ordered"})
         assert rel_err(first, ref) < TOL[torch.float16]
         assert all(not c.any() for held in _ARRIVALS.values() for c in held)
+        # the output is the splits' slices added in split order 0, 1, ... (in fp32), whichever finished last
+        ws = next(held[-1] for key, held in _PARTIALS.items() if key[0] == torch.device(device).type)
+        in_order = ws[:M * N].clone()
+        for sk in range(1, split_k):
+            in_order += ws[sk * M * N:(sk + 1) * M * N]
+        assert torch.equal(first.reshape(-1), in_order.half())
         for _ in range(3):
             assert torch.equal(w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], G, {**cfg, "REDUCE": "ordered"}),
                                first)
@@ -392,6 +398,11 @@ def test_two_row_gemv_takes_small_weights_only():
         assert choose_path(2, table, N * K) == two, (N, K)
         assert choose_path(3, table, N * K) == "decode"
     assert choose_path(2, {**table, "gemv_rows_max_numel": 1 << 40}, 28672 * 4096) == "gemv"
+    # where a GEMV program serves one row only (bf16, groups of 32), M=2 would read the weights twice: decode kernel
+    assert not serves_rows(torch.bfloat16, 128, table["gemv"]) and not serves_rows(torch.float16, 32, table["gemv"])
+    assert serves_rows(torch.float16, 64, table["gemv"])
+    assert choose_path(2, table, 4096 * 4096, gemv_rows=False) == "decode"
+    assert choose_path(1, table, 4096 * 4096, gemv_rows=False) == "gemv"
     for arch in ("sm75", "sm80", "sm86", "sm89"):  # not measured there: one row, M=1 only
         assert CONFIGS[arch]["gemv_max_m"] == 1 and CONFIGS[arch]["gemv"].get("ROWS", 1) == 1
 

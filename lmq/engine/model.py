@@ -155,9 +155,9 @@ class EngineModel:
         inv_freq = rope.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # [D/2]
         self.max_positions = cfg.max_position_embeddings
         self.cos, self.sin = rope.rope_cos_sin(inv_freq, self.max_positions, self.device)  # [P, D/2] fp32
-        # Whether the qkv GEMV (batch-1 decode on the GPU) may rotate q and k in its epilogue, decided
-        # once for all layers: Triton backend, a packed qkv without bias, no q/k norm in between, and
-        # shapes the GEMV can split (every layer has the same).
+        # Whether the qkv GEMV (decode steps of one sequence on the GPU, on sm90 also of two) may rotate q and k
+        # in its epilogue, decided once for all layers: Triton backend, a packed qkv without bias, no q/k norm in
+        # between, and shapes the GEMV can split (every layer has the same).
         qkv = self.layers[0].qkv
         self.fuse_qkv_rope = (
             self.backend == "triton" and qkv.weight is None and qkv.bias is None and self.layers[0].q_norm is None

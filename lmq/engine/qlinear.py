@@ -24,7 +24,7 @@ from torch import nn
 from lmq.errors import UnsupportedError
 from lmq.kernels.w4a16_dequant import w4a16_dequant
 from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm
-from lmq.kernels.w4a16_gemv import w4a16_gemv
+from lmq.kernels.w4a16_gemv import serves_rows, w4a16_gemv
 from lmq.pack import planes64
 
 try:
@@ -80,10 +80,12 @@ def engine_table(arch: str, deterministic: bool = False) -> dict:
     return det
 
 
-def choose_path(M: int, table: dict, weight_numel: int = 0) -> str:
-    """"gemv", "decode", "prefill" or "dequant" for `M` rows of a `weight_numel` = N*K weight."""
+def choose_path(M: int, table: dict, weight_numel: int = 0, gemv_rows: bool = True) -> str:
+    """"gemv", "decode", "prefill" or "dequant" for `M` rows of a `weight_numel` = N*K weight. `gemv_rows`: whether
+    the GEMV can serve several rows per program here (`w4a16_gemv.serves_rows`: fp16, groups of 64 or more); where
+    it cannot, M >= 2 would read the weights once per row and takes the decode kernel."""
     if M <= table.get("gemv_max_m", 0) and weight_numel >= table.get("gemv_min_numel", 0) and (
-            M == 1 or weight_numel <= table.get("gemv_rows_max_numel", weight_numel)):
+            M == 1 or (gemv_rows and weight_numel <= table.get("gemv_rows_max_numel", weight_numel))):
         return "gemv"
     large = weight_numel >= table.get("prefill_min_numel", 0)  # only these take the prefill kernel
     if M <= table["decode_max_m"] and not (large and M >= table.get("prefill_min_m", M + 1)):
@@ -118,7 +120,8 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     K = qweight.shape[0] * planes64.CHUNK_K
     M = x.numel() // K if K else 0
     N = qweight.shape[1]
-    y = run_path(choose_path(M, table, N * K), x, qweight, scales, zeros, group_size, table, descs)
+    path = choose_path(M, table, N * K, serves_rows(x.dtype, group_size, table["gemv"]))
+    y = run_path(path, x, qweight, scales, zeros, group_size, table, descs)
     if bias is not None:
         y = y + bias
     return y
@@ -131,7 +134,7 @@ def qlinear_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     as in `w4a16_gemv`). Returns the output and whether it was rotated; if not, the caller rotates."""
     K = qweight.shape[0] * planes64.CHUNK_K
     M = x.numel() // K if K else 0
-    path = choose_path(M, table, qweight.shape[1] * K)
+    path = choose_path(M, table, qweight.shape[1] * K, serves_rows(x.dtype, group_size, table["gemv"]))
     if path == "gemv":
         return w4a16_gemv(x, qweight, scales, zeros, group_size, table["gemv"], rope=rope), True
     return run_path(path, x, qweight, scales, zeros, group_size, table, descs), False
