@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lmq.errors import CheckpointError, InputError, UnsupportedError
+from lmq.errors import CheckpointError, InputError, LmqError, UnsupportedError
 from lmq.format import awq_gemm, gptq
 from lmq.format.manifest import read_manifest
 from lmq.models.llama import ModelConfig, layer_weight_names
@@ -153,6 +153,18 @@ class QuantConfig:
                                self.group_size, name=prefix)
 
 
+def read_config_json(folder: Path, missing: LmqError) -> dict:
+    """`folder`/config.json, parsed; raises `missing` where there is none (each reader says what folder it wanted)
+    and a CheckpointError naming the file where it is not JSON."""
+    cfg_path = Path(folder) / "config.json"
+    if not cfg_path.exists():
+        raise missing
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download or re-create the model") from e
+
+
 class WeightSource:
     """Lazy tensor access to one checkpoint folder.
 
@@ -164,16 +176,8 @@ class WeightSource:
     def __init__(self, path: Path, config: dict | None = None):
         """`config`: the folder's config.json, where the caller has already read it."""
         self.path = Path(path)
-        cfg_path = self.path / "config.json"
-        if config is not None:
-            self.config: dict = config
-        elif not cfg_path.exists():
-            raise InputError(f"{self.path} is not a model folder: it has no config.json")
-        else:
-            try:
-                self.config = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download or re-create the model") from e
+        self.config: dict = config if config is not None else read_config_json(
+            self.path, InputError(f"{self.path} is not a model folder: it has no config.json"))
         self.manifest = read_manifest(self.path)
         # A packed checkpoint (`lmq pack`) stores its linears in one arch's layout; its module
         # unpacks them exactly, so every reader here sees the same numbers as the portable one.

@@ -28,7 +28,6 @@ Packing is deterministic: tensors are visited in sorted order and nothing time-d
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 
 from lmq.errors import CheckpointError, InputError, UnsupportedError
 from lmq.format import awq_gemm
-from lmq.format.source import QuantConfig, WeightSource
+from lmq.format.source import QuantConfig, WeightSource, read_config_json
 from lmq.pack import planes64
 
 # arch -> (layout module, minimum compute capability). One layout serves every arch today; the
@@ -118,13 +117,8 @@ def _quant_config(src: Path, cfg: dict[str, Any] | None = None) -> tuple[dict[st
     """`(config.json, its quantization_config parsed)` of a portable checkpoint `lmq pack` can read; `cfg`: the
     config.json already parsed (a `WeightSource`'s), else it is read here."""
     if cfg is None:
-        cfg_path = src / "config.json"
-        if not cfg_path.exists():
-            raise CheckpointError(f"{src} has no config.json; give a quantized checkpoint folder (from `lmq quantize`)")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from e
+        cfg = read_config_json(src, CheckpointError(
+            f"{src} has no config.json; give a quantized checkpoint folder (from `lmq quantize`)"))
     qc = cfg.get("quantization_config")
     if not isinstance(qc, dict):
         raise CheckpointError(
