@@ -258,8 +258,9 @@ def _w4a16_gemm_kernel(
 # ---------------------------------------------------------------------------------------------
 # Per-arch configurations: the one table (recorded in the packed manifest, read by the dispatcher,
 # lmq/engine/qlinear.py `choose_path`):
-#   M <= gemv_max_m -> w4a16_gemv ("gemv"; from M = 2 only weights of <= gemv_rows_max_numel elements); M <= decode_max_m -> this kernel, "decode" (weights of
-#   >= prefill_min_numel elements leave it from M = prefill_min_m); M < dequant_min_m, weights of
+#   M <= gemv_max_m -> w4a16_gemv ("gemv"; from M = 2 only weights of <= gemv_rows_max_numel elements);
+#   M <= decode_max_m -> this kernel, "decode" (weights of >= prefill_min_numel elements leave it from
+#   M = prefill_min_m); M < dequant_min_m, weights of
 #   >= prefill_min_numel -> "prefill": w4a16_gemm_ws with "prefill_ws" where the table has it (sm90,
 #   fp16 or bf16; dequantize + cuBLAS where it cannot run), this kernel's "prefill" config otherwise;
 #   else dequantize + cuBLAS.
@@ -314,9 +315,10 @@ _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min
 # against 38.85 / 40.55 at 255, not settled by the run-to-run spread: session11-h100/crossover-192/.)
 # Two rows (sm90): the GEMV with two rows per program (`ROWS` 2, each dequantized weight tile serving both) against the
 # decode kernel at M=2, us, qkv / o_proj / gate_up / down: 8.9 / 7.0 / 31.3 / 16.5 against 10.7 / 8.6 / 28.4 / 18.4
-# (H100, benchmarks/results/2026-11-23-session14-h100/check/gemv-rows.log); at M = 3 and 4 the decode kernel wins on every shape (qkv
-# 13.2 against 10.8 at M=3 with two rows; four rows per program take 156 registers and lose everywhere). So M=2 takes
-# the GEMV for weights of at most `gemv_rows_max_numel` elements (down's 58.7M yes, gate_up's 117.4M no).
+# (H100, benchmarks/results/2026-11-23-session14-h100/check/gemv-rows.log; the H200 agrees: session14-h200/final/);
+# at M = 3 and 4 the decode kernel wins on every shape (qkv 13.2 against 10.8 at M=3 with two rows; four rows per
+# program lose everywhere, at 156 registers or at 48: NOTES-gemm.md run 44). So M=2 takes the GEMV for weights of at
+# most `gemv_rows_max_numel` elements (down's 58.7M yes, gate_up's 117.4M no).
 _CROSS_SM90 = {**_CROSS, "gemv_max_m": 2, "gemv_rows_max_numel": 64 << 20, "decode_max_m": 191,
                "dequant_min_m": 8192}
 _GEMV_SM90 = {**_GEMV, "ROWS": 2}
