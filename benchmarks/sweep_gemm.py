@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|decode-splits|decode-ordered|decode-1stage|gemv-inflight|gemv-rows|gemv-rows4|gemv-pipe|prefill|ws|ws-small|ws-split ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|decode-splits|decode-ordered|decode-ordered-splits|decode-1stage|gemv-inflight|gemv-rows|gemv-rows4|gemv-pipe|prefill|ws|ws-small|ws-split ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
@@ -115,6 +115,13 @@ SWEEP = {
         "ms": [2, 4, 16, 64, 128],
         "configs": [_DECODE_TABLE, {**_DECODE_TABLE, "REDUCE": "ordered"}, {**_DECODE_TABLE, "MAX_SPLIT": 2}],
     },
+    # the ordered split-K from M = 32 with fewer splits: its fp32 slices are written and read back, traffic that
+    # grows with M x splits (at M=64 on qkv as many bytes as the weights at the table's 5 splits)
+    "decode-ordered-splits": {
+        "ms": [32, 64, 128, 191],
+        "configs": [_DECODE_TABLE] + [{**_DECODE_TABLE, "REDUCE": "ordered", **v} for v in (
+            {}, {"MAX_SPLIT": 4}, {"MAX_SPLIT": 3}, {"MAX_SPLIT": 2})],
+    },
     # the decode kernel without a cp.async ring (num_stages 1): weights straight to registers as the GEMV loads
     # them, latency hidden by more resident programs (more waves), x staged per chunk for wgmma; the table first
     "decode-1stage": {
@@ -171,7 +178,7 @@ def main(regimes):
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
             if regime in ("prefill", "ws", "ws-small", "ws-split", "decode-waves", "decode-big", "decode-small",
-                          "decode-splits", "decode-ordered", "decode-1stage", "gemv-inflight", "gemv-rows", "gemv-rows4", "gemv-pipe"):  # the peer, and a GPU check of every config
+                          "decode-splits", "decode-ordered", "decode-ordered-splits", "decode-1stage", "gemv-inflight", "gemv-rows", "gemv-rows4", "gemv-pipe"):  # the peer, and a GPU check of every config
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
