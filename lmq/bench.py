@@ -200,8 +200,8 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
             for path in ("gemv", "decode", "prefill", "dequant"):
                 if (path == "gemv" and M > 4) or (path == "decode" and M > 256):
                     continue  # never the choice at this M
-                fns = [lambda pp=pp, path=path, x=x: run_path(path, x, pp["qweight"], pp["scales"], pp["zeros"], G,
-                                                              table)
+                fns = [lambda pp=pp, path=path, x=x, G=G: run_path(path, x, pp["qweight"], pp["scales"], pp["zeros"],
+                                                                   G, table)
                        for pp in packs]
                 paths[path] = graph_time_us(fns, calls=max(len(fns), 20))
             chosen = choose_path(M, table, N * K, serves_rows(dt, G, table["gemv"]))
@@ -214,7 +214,8 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
             if t4 is not None:
                 _, mm = int4_ops
                 xb = x.to(torch.bfloat16)
-                t4_us = graph_time_us([lambda a=a, b=b, xb=xb: mm(xb, a, G, b) for a, b in t4], calls=max(n_q, 20))
+                t4_us = graph_time_us([lambda a=a, b=b, xb=xb, mm=mm, G=G: mm(xb, a, G, b) for a, b in t4],
+                                      calls=max(n_q, 20))
                 got4 = mm(xb, t4[0][0], G, t4[0][1]).float()
                 t4_err = ((got4 - ref).norm() / ref.norm()).item()
             row = GemmRow(

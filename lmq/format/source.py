@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -80,7 +80,7 @@ class QuantConfig:
     desc_act: bool = False
 
     @classmethod
-    def from_hf(cls, qc: dict, where: Path, packed_version: Optional[str] = None) -> "QuantConfig":
+    def from_hf(cls, qc: dict, where: Path, packed_version: str | None = None) -> QuantConfig:
         method = str(qc.get("quant_method", "")).lower()
         if method == "gptq":
             return cls._from_gptq(qc, where)
@@ -98,7 +98,7 @@ class QuantConfig:
                    bool(qc.get("zero_point", True)), version)
 
     @classmethod
-    def _from_gptq(cls, qc: dict, where: Path) -> "QuantConfig":
+    def _from_gptq(cls, qc: dict, where: Path) -> QuantConfig:
         # GPTQModel writes `format` (newer) and/or `checkpoint_format`; AutoGPTQ the latter or nothing (v1).
         named = {str(qc[k]).lower() for k in ("checkpoint_format", "format") if qc.get(k)}
         if len(named) > 1:
@@ -265,7 +265,7 @@ class WeightSource:
         sl = self._open(self._files[name]).get_slice(name)
         return sl.get_shape(), sl.get_dtype()
 
-    def get(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor by its full name; floating tensors are checked for NaN/inf."""
         if name not in self._files:
             raise CheckpointError(f"{self.path} is missing tensor {name}; the checkpoint is incomplete")
