@@ -120,7 +120,8 @@ SWEEP = {
     "decode-ordered-splits": {
         "ms": [32, 64, 128, 191],
         "configs": [_DECODE_TABLE] + [{**_DECODE_TABLE, "REDUCE": "ordered", **v} for v in (
-            {}, {"MAX_SPLIT": 4}, {"MAX_SPLIT": 3}, {"MAX_SPLIT": 2})],
+            {}, {"MAX_SPLIT": 4}, {"MAX_SPLIT": 3}, {"MAX_SPLIT": 2}, {"WAVES_FROM_M": ((32, 2), (129, 1))},
+            {"WAVES_FROM_M": ((64, 2), (129, 1))})],
     },
     # the decode kernel without a cp.async ring (num_stages 1): weights straight to registers as the GEMV loads
     # them, latency hidden by more resident programs (more waves), x staged per chunk for wgmma; the table first
