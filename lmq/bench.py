@@ -155,14 +155,18 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
     dt = dtypes[dtype]
     if not torch.cuda.is_available():
         raise UnsupportedError("lmq bench gemm needs a CUDA GPU; none is visible")
-    from lmq.engine.qlinear import choose_path, local_arch, qlinear, run_path
-    from lmq.kernels.w4a16_gemm import CONFIGS
-    from lmq.kernels.w4a16_gemv import serves_rows
+    from lmq.engine.qlinear import (
+        choose_path,
+        engine_table,
+        local_arch,
+        qlinear,
+        run_path,
+    )
     from lmq.pack import planes64
     from lmq.quant.rtn import QuantizedWeight
 
     arch = local_arch()
-    table = CONFIGS[arch]
+    table = engine_table(arch, dtype=dt, group_size=group_size)
     bw = copy_bandwidth_bytes_s()
     int4_ops = _torch_int4_ops()
     rows: list[GemmRow] = []
@@ -204,7 +208,7 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
                                                                    G, table)
                        for pp in packs]
                 paths[path] = graph_time_us(fns, calls=max(len(fns), 20))
-            chosen = choose_path(M, table, N * K, serves_rows(dt, G, table["gemv"]))
+            chosen = choose_path(M, table, N * K)
             cublas = graph_time_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in w16s], calls=max(n_f, 20))
             # correctness of what was timed, on this very input
             ref = x.float() @ w16.float().t()  # [M, N]; w16 = w_hat rounded to x's dtype

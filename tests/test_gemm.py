@@ -401,8 +401,13 @@ def test_two_row_gemv_takes_small_weights_only():
     # where a GEMV program serves one row only (bf16, groups of 32), M=2 would read the weights twice: decode kernel
     assert not serves_rows(torch.bfloat16, 128, table["gemv"]) and not serves_rows(torch.float16, 32, table["gemv"])
     assert serves_rows(torch.float16, 64, table["gemv"])
-    assert choose_path(2, table, 4096 * 4096, gemv_rows=False) == "decode"
-    assert choose_path(1, table, 4096 * 4096, gemv_rows=False) == "gemv"
+    from lmq.engine.qlinear import engine_table
+
+    assert engine_table("sm90", dtype=torch.float16, group_size=64) is table  # bound at load: unchanged here
+    for one_row in (engine_table("sm90", dtype=torch.bfloat16), engine_table("sm90", group_size=32),
+                    engine_table("sm90", True, torch.bfloat16, 128)):
+        assert choose_path(2, one_row, 4096 * 4096) == "decode"
+        assert choose_path(1, one_row, 4096 * 4096) == "gemv"
     for arch in ("sm75", "sm80", "sm86", "sm89"):  # not measured there: one row, M=1 only
         assert CONFIGS[arch]["gemv_max_m"] == 1 and CONFIGS[arch]["gemv"].get("ROWS", 1) == 1
 

@@ -131,9 +131,9 @@ class EngineModel:
                 check_bf16_support(torch.empty(0, dtype=self.dtype, device=device), "the engine")
         else:  # the reference path reads whatever layout the checkpoint was packed in
             self.arch = (src.manifest or {}).get("arch") if src.packed is not None else "sm80"
-        table = engine_table(self.arch, deterministic) if backend == "triton" else None
         G, lin = load_linears(src, self.arch)  # through the same open shards
         self.group_size = G
+        table = engine_table(self.arch, deterministic, self.dtype, G) if backend == "triton" else None
         cfg, arch = self.cfg, self.cfg.arch
         dt, dev = self.dtype, device
         self.layers: list[Layer] = []
@@ -178,7 +178,7 @@ class EngineModel:
         self.cfg = cfg = ModelConfig.from_hf(synthetic_config(name))
         self.dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         self.arch = local_arch(device) if self.backend == "triton" else "sm80"
-        table = engine_table(self.arch, deterministic) if self.backend == "triton" else None
+        table = engine_table(self.arch, deterministic, self.dtype, group_size) if self.backend == "triton" else None
         g = torch.Generator(device).manual_seed(seed)
 
         def packed(N: int, K: int) -> dict[str, torch.Tensor]:

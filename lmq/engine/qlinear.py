@@ -61,8 +61,12 @@ def local_arch(device: torch.device | str | None = None) -> str:
     return arch_of_capability(major, minor)
 
 
-def engine_table(arch: str, deterministic: bool = False) -> dict:
-    """The arch's dispatch table (`CONFIGS`), or its deterministic form, made from the table as it is now: the W4A16
+def engine_table(arch: str, deterministic: bool = False, dtype: torch.dtype = torch.float16,
+                 group_size: int = 128) -> dict:
+    """The arch's dispatch table (`CONFIGS`) bound at load for the model's activation `dtype` and `group_size`: where
+    a GEMV program cannot serve several rows there (`w4a16_gemv.serves_rows`: bf16, groups of 32), M >= 2 would read
+    the weights once per row, so the GEMV keeps M = 1 only. `deterministic`: its deterministic form, made from the
+    table as it is now: the W4A16
     GEMM kernel (decode and Triton prefill configs) adds its K splits in split order (`REDUCE` "ordered"), the GEMV
     adds its splits as integers (`REDUCE` "fixed"), and the Hopper prefill GEMM keeps at most two partial sums per
     output (two fp16 additions into a zeroed output give the same bits in either order). Attention merges its splits
@@ -70,6 +74,8 @@ def engine_table(arch: str, deterministic: bool = False) -> dict:
     bits. (A request's tokens can still depend on what it is batched with: the rows of a step pick the kernel and
     its split count.)"""
     table = CONFIGS[arch]
+    if table.get("gemv_max_m", 0) > 1 and not serves_rows(dtype, group_size, table["gemv"]):
+        table = {**table, "gemv_max_m": 1}
     if not deterministic:
         return table
     det = {**table, "decode": {**table["decode"], "REDUCE": "ordered"},
@@ -80,12 +86,10 @@ def engine_table(arch: str, deterministic: bool = False) -> dict:
     return det
 
 
-def choose_path(M: int, table: dict, weight_numel: int = 0, gemv_rows: bool = True) -> str:
-    """"gemv", "decode", "prefill" or "dequant" for `M` rows of a `weight_numel` = N*K weight. `gemv_rows`: whether
-    the GEMV can serve several rows per program here (`w4a16_gemv.serves_rows`: fp16, groups of 64 or more); where
-    it cannot, M >= 2 would read the weights once per row and takes the decode kernel."""
+def choose_path(M: int, table: dict, weight_numel: int = 0) -> str:
+    """"gemv", "decode", "prefill" or "dequant" for `M` rows of a `weight_numel` = N*K weight."""
     if M <= table.get("gemv_max_m", 0) and weight_numel >= table.get("gemv_min_numel", 0) and (
-            M == 1 or (gemv_rows and weight_numel <= table.get("gemv_rows_max_numel", weight_numel))):
+            M == 1 or weight_numel <= table.get("gemv_rows_max_numel", weight_numel)):
         return "gemv"
     large = weight_numel >= table.get("prefill_min_numel", 0)  # only these take the prefill kernel
     if M <= table["decode_max_m"] and not (large and M >= table.get("prefill_min_m", M + 1)):
@@ -120,8 +124,7 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     K = qweight.shape[0] * planes64.CHUNK_K
     M = x.numel() // K if K else 0
     N = qweight.shape[1]
-    path = choose_path(M, table, N * K, serves_rows(x.dtype, group_size, table["gemv"]))
-    y = run_path(path, x, qweight, scales, zeros, group_size, table, descs)
+    y = run_path(choose_path(M, table, N * K), x, qweight, scales, zeros, group_size, table, descs)
     if bias is not None:
         y = y + bias
     return y
@@ -134,7 +137,7 @@ def qlinear_rope(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     as in `w4a16_gemv`). Returns the output and whether it was rotated; if not, the caller rotates."""
     K = qweight.shape[0] * planes64.CHUNK_K
     M = x.numel() // K if K else 0
-    path = choose_path(M, table, qweight.shape[1] * K, serves_rows(x.dtype, group_size, table["gemv"]))
+    path = choose_path(M, table, qweight.shape[1] * K)
     if path == "gemv":
         return w4a16_gemv(x, qweight, scales, zeros, group_size, table["gemv"], rope=rope), True
     return run_path(path, x, qweight, scales, zeros, group_size, table, descs), False
@@ -144,7 +147,9 @@ class QLinear(nn.Module):
     """A `nn.Linear` replacement holding a packed 4-bit weight for one arch."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 arch: str, bias: torch.Tensor | None = None, table: dict | None = None):
+                 arch: str, bias: torch.Tensor | None = None, table: dict | None = None,
+                 dtype: torch.dtype = torch.float16):
+        """`dtype`: the activations' dtype the arch's table is bound for (`engine_table`), unless `table` is given."""
         super().__init__()
         if arch not in CONFIGS:
             raise UnsupportedError(f"arch {arch!r} is not one of {ARCHS}")
@@ -154,7 +159,7 @@ class QLinear(nn.Module):
         self.register_buffer("bias", bias)
         self.group_size = group_size
         self.arch = arch
-        self.table = table or CONFIGS[arch]
+        self.table = table or engine_table(arch, dtype=dtype, group_size=group_size)
         self.in_features = qweight.shape[0] * planes64.CHUNK_K
         self.out_features = qweight.shape[1]
         self.descs: dict = {}  # the prefill kernel's TMA descriptors of these weights (`run_path`)
