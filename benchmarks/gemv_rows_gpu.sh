@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Rows per GEMV program and its cp.async ring (NOTES-gemm.md runs 38-39) on a lent GPU, in three device calls
+# Rows per GEMV program (NOTES-gemm.md runs 38, 40) on a lent GPU, in device calls
 # (each under 10 minutes; a machine stays warm 30 s between calls):
-#   STAGES=check  the GEMV GPU tests (ROWS 1, 2, 4; PIPE 3), the engine's 3-sequence decode on 4-row GEMV programs
+#   STAGES=check  the GEMV GPU tests (ROWS 1, 2, 4), the engine's 3-sequence decode on 4-row GEMV programs
 #                 against the torch backend, then the kernels at M = 2..4 (`sweep_gemm.py gemv-rows`: the decode
 #                 kernel, one, two and four rows per program)
-#   STAGES=pipe   the M=1 GEMV with a 2-4 stage cp.async ring at 6-12 waves (`sweep_gemm.py gemv-pipe`), twice
 #   STAGES=table  (session 14, after sm90 took the two-row GEMV at M=2) the GEMV and engine GPU tests, `lmq bench gemm`
 #                 at M = 1..4 and 16, then batch-2 decode steps: the table against M=1-only GEMV, interleaved, twice
 #   STAGES=ab     batch-2 and batch-4 decode steps of synthetic Llama-3-8B: the tables' dispatch (the decode kernel)
@@ -23,10 +22,6 @@ for stage in $STAGES; do
     timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py -k gemv_rows 2>&1 | tail -3 \
       | tee -a "$OUT/tests.log"
     timeout 270 python3 benchmarks/sweep_gemm.py gemv-rows 2>&1 | tee "$OUT/gemv-rows.log" | grep -E "^(cuBLAS|BEST)"
-    ;;
-  pipe)
-    timeout 500 python3 benchmarks/sweep_gemm.py gemv-pipe gemv-pipe 2>&1 | tee "$OUT/gemv-pipe.log" \
-      | grep -E "^(cuBLAS|BEST)"
     ;;
   table)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k "gemv or qlinear or two_row" 2>&1 \

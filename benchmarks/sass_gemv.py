@@ -1,8 +1,7 @@
 """Offline (no GPU): compile the M=1..4 GEMV (kernels/w4a16_gemv.py) for sm_90 with Triton's own ptxas, at the
-sm90 table's config, 1, 2 or 4 activation rows per program (`ROWS`) and 1 or 3 stages of a cp.async ring (`PIPE`),
-and print registers, shared memory and the main loop body (one K tile: 64 weights per thread at the table's 64 x 128
+sm90 table's config and 1, 2 or 4 activation rows per program (`ROWS`), and print registers, shared memory and the main loop body (one K tile: 64 weights per thread at the table's 64 x 128
 tile) by opcode. Used to predict before spending device time (benchmarks/NOTES-gemm.md, runs 37-39).
-Usage: python benchmarks/sass_gemv.py [--dump ROWS,PIPE]   (run without TRITON_INTERPRET)
+Usage: python benchmarks/sass_gemv.py [--dump ROWS]   (run without TRITON_INTERPRET)
 """
 
 from __future__ import annotations
@@ -23,14 +22,14 @@ _PTRS = {"x_ptr": "*fp16", "qw_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "
 _INTS = ["M", "N", "K", "stride_xm", "stride_om", "stride_cp", "rope_cols"]
 
 
-def compile_gemv(rows: int, rope: bool = False, split_k: int = 8, pipe: int = 1):
+def compile_gemv(rows: int, rope: bool = False, split_k: int = 8):
     """The table's GEMV as a launch at Llama-3-8B shapes compiles it: PDL, the "fixed" reduction, pointers and
     N, K, the row strides 16-divisible (M is not)."""
     g = CONFIGS["sm90"]["gemv"]
     consts = {"G": 128, "BLOCK_N": g["BLOCK_N"], "BLOCK_K": g["BLOCK_K"], "SPLIT_K": split_k, "ROWS": rows,
               "IS_BF16": False, "CHUNK_K": planes64.CHUNK_K, "LANES": planes64.LANES, "PLANES": planes64.PLANES,
               "FAST_CVT": True, "SUM_PLANES": g["SUM_PLANES"], "PDL": True, "ROPE": rope,
-              "REDUCE_FX": g["REDUCE"] == "fixed", "ROPE_D": 128 if rope else g["BLOCK_N"], "PIPE": pipe}
+              "REDUCE_FX": g["REDUCE"] == "fixed", "ROPE_D": 128 if rope else g["BLOCK_N"]}
     sig = {**_PTRS, **{n: "i32" for n in _INTS}, **{k: "constexpr" for k in consts}}
     names = list(sig)
     aligned = list(_PTRS) + ["N", "K", "stride_xm", "stride_om"]
@@ -41,13 +40,13 @@ def compile_gemv(rows: int, rope: bool = False, split_k: int = 8, pipe: int = 1)
 
 
 def main() -> None:
-    for rows, pipe in ((1, 1), (2, 1), (4, 1), (1, 3), (2, 3)):
-        k = compile_gemv(rows, pipe=pipe)
+    for rows in (1, 2, 4):
+        k = compile_gemv(rows)
         regs, body, ops = loop_summary(k)
-        print(f"ROWS={rows} PIPE={pipe}: regs {regs}, shared {k.metadata.shared} B, loop body {len(body)} instr per K tile per thread "
+        print(f"ROWS={rows}: regs {regs}, shared {k.metadata.shared} B, loop body {len(body)} instr per K tile per thread "
               f"({len(body) / 64:.2f} per weight, {len(body) / 64 / rows:.2f} per weight and row): "
               + " ".join(f"{o}:{c}" for o, c in ops.most_common(20)))
-        if "--dump" in sys.argv and sys.argv[sys.argv.index("--dump") + 1] == f"{rows},{pipe}":
+        if "--dump" in sys.argv and sys.argv[sys.argv.index("--dump") + 1] == str(rows):
             print("\n".join(body))
 
 

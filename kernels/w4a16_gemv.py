@@ -43,13 +43,8 @@ NOTES-gemm.md run 40): at M=2 two rows per program beat the decode kernel on qkv
 at M = 3 and 4 the decode kernel wins everywhere. So sm90's table takes ROWS 2 at M=2 for weights of at most
 `gemv_rows_max_numel` elements (`lmq.engine.qlinear.choose_path`); the other tables keep one row at M=1.
 
-`PIPE` (default 1): stages of a cp.async ring over the K tiles (Triton's pipeliner, `tl.range(num_stages=PIPE)`):
-with 1 the weights go straight to registers; with 2-4 the weights and x of up to PIPE - 1 tiles per program are in
-flight in shared memory while one is computed (without the evict-first hint), and where a tile is one group its
-zero and scale are read a tile ahead into registers (too narrow for cp.async). (The kernel-wide `num_stages` does not
-pipeline this loop: the same SASS at 1 and 3.) Offline SASS (`benchmarks/sass_gemv.py`): PIPE 3 is 256 instructions
-per K tile at 48 registers (ten programs per SM instead of eight), 8.5 KB of shared memory per program. Not measured
-on a GPU yet (`sweep_gemm.py gemv-pipe`).
+A cp.async ring over the K tiles (Triton's pipeliner on this loop; the kernel-wide `num_stages` leaves it alone)
+measured 13-27% slower at M=1 on every shape and was removed (NOTES-gemm.md runs 39, 41).
 
 `w4a16_gemv_ref` is the plain-PyTorch twin.
 """
@@ -208,7 +203,7 @@ def _w4a16_gemv_kernel(
     G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ROWS: tl.constexpr,
     IS_BF16: tl.constexpr, CHUNK_K: tl.constexpr, LANES: tl.constexpr, PLANES: tl.constexpr,
     FAST_CVT: tl.constexpr, SUM_PLANES: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr,
-    REDUCE_FX: tl.constexpr, ROPE_D: tl.constexpr, PIPE: tl.constexpr,
+    REDUCE_FX: tl.constexpr, ROPE_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -263,31 +258,16 @@ def _w4a16_gemv_kernel(
         if ROWS >= 4:
             rope_c2, rope_s2 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 2, m + 2 < M, stride_cp, sub * HALF, HALF)
             rope_c3, rope_s3 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 3, m + 3 < M, stride_cp, sub * HALF, HALF)
-    # with the ring, a K tile of one group has its zero and scale read one tile ahead, in registers (1- and 2-byte
-    # loads are too narrow for cp.async, so the pipeliner leaves them in the loop, a DRAM round trip each tile)
-    ZS_AHEAD: tl.constexpr = PIPE > 1 and BLOCK_K == G
-    if ZS_AHEAD:
-        z_cur = tl.load(z_ptr + (k_lo // G) * N + offs_n, mask=n_mask & (k_lo < k_hi), other=0)
-        s_cur = tl.load(s_ptr + (k_lo // G) * N + offs_n, mask=n_mask & (k_lo < k_hi), other=0.0)
-    for kt in tl.range(k_lo, k_hi, BLOCK_K, num_stages=PIPE):
-        if ZS_AHEAD:
-            z_nxt = tl.load(z_ptr + (kt // G + 1) * N + offs_n, mask=n_mask & (kt + BLOCK_K < k_hi), other=0)
-            s_nxt = tl.load(s_ptr + (kt // G + 1) * N + offs_n, mask=n_mask & (kt + BLOCK_K < k_hi), other=0.0)
+    for kt in range(k_lo, k_hi, BLOCK_K):
         for gi in tl.static_range(BLOCK_K // G):
             # -- one group: zero (as MAGIC + z) and scale for BLOCK_N rows ------------------------
             g = (kt + gi * G) // G
-            if ZS_AHEAD:
-                z = z_cur
-            else:
-                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0)  # [BN] uint8
             zq = (z.to(tl.int16) | MAGIC).to(wdt, bitcast=True)  # [BN]
             if QUAD:
                 z64 = (z.to(tl.int16) | 0x5400).to(wdt, bitcast=True)  # [BN] 64 + z/16
                 z4 = ((z.to(tl.int16) << 4) | 0x4400).to(wdt, bitcast=True)  # [BN] 4 + z/16
-            if ZS_AHEAD:
-                s = s_cur.to(tl.float32)
-            else:
-                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
             part = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # per-lane partial sums of the group
             part1 = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # (rows m + 1.. where ROWS has them)
             part2 = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)
@@ -328,9 +308,6 @@ def _w4a16_gemv_kernel(
             if ROWS >= 4:
                 acc2 += tl.sum(part2, axis=1) * (s * QUAD_UNSCALE)
                 acc3 += tl.sum(part3, axis=1) * (s * QUAD_UNSCALE)
-        if ZS_AHEAD:
-            z_cur = z_nxt
-            s_cur = s_nxt
 
     _row_out(acc, m, True, out_ptr, ws_ptr, offs_n, n_mask, N, stride_om, head, rope_c, rope_s, rope_cols,
              SPLIT_K, REDUCE_FX, ROPE, ROPE_D, HALF, sub)
@@ -364,8 +341,6 @@ def _plan(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, device: t
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
     if cfg.get("ROWS", 1) not in (1, 2, 4):
         raise ValueError(f"w4a16_gemv: ROWS is 1, 2 or 4, got {cfg.get('ROWS')}")
-    if not (isinstance(cfg.get("PIPE", 1), int) and 1 <= cfg.get("PIPE", 1) <= 8):
-        raise ValueError(f"w4a16_gemv: PIPE is 1..8 stages, got {cfg.get('PIPE')}")
     if cfg["REDUCE"] not in ("atomic", "fixed") or cfg["SUM_PLANES"] not in (1, 2, 4):
         raise ValueError(f"w4a16_gemv: bad config {cfg}: REDUCE is 'atomic' or 'fixed', SUM_PLANES 1, 2 or 4")
     # activation rows per program (the four-plane fp16 path only): each dequantized weight tile serves them all
@@ -432,7 +407,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     _W4A16_GEMV[grid](
         x2, qweight, scales, zeros, out, ws, positions, cos, sin, M, N, K, x2.stride(0), out.stride(0),
         cos.stride(0) if rope is not None else 0, rope_cols,
-        G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k, ROWS=rows, PIPE=cfg.get("PIPE", 1),
+        G=group_size, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=block_k, SPLIT_K=split_k, ROWS=rows,
         IS_BF16=x.dtype == torch.bfloat16, CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES,
         PLANES=planes64.PLANES, FAST_CVT=x.device.type == "cuda",
         SUM_PLANES=cfg["SUM_PLANES"], PDL=pdl, ROPE=rope is not None, REDUCE_FX=use_fx,
