@@ -24,12 +24,13 @@ ap.add_argument("--max-model-len", type=int, default=4096, help="the decode grap
 ap.add_argument("--gemv-reduce", choices=("table", "atomic", "fixed"), default="table",
                 help="the M=1 GEMV's split-K reduction, for an A/B (the tables' GEMV config, changed in place; "
                      "the qkv GEMV with RoPE fused always takes 'fixed')")
-ap.add_argument("--gemv-rows", type=int, choices=(0, 1, 2, 4), default=0,
-                help="send M <= this many rows to the GEMV, with up to this many rows per program (0: the tables' "
-                     "dispatch), for an A/B of the decode steps at batch 2..4 (the tables, changed in place)")
-ap.add_argument("--gemv-max-m", type=int, default=0,
-                help="send M <= this many rows to the GEMV (0: the tables' crossover; 1: M=1 only, as before the "
-                     "two-row GEMV), for an A/B of the tables' dispatch")
+rows = ap.add_mutually_exclusive_group()
+rows.add_argument("--gemv-rows", type=int, choices=(0, 1, 2), default=0,
+                  help="send M <= this many rows to the GEMV, this many rows per program, for every weight size (0: the "
+                       "tables' dispatch), for an A/B of the decode steps at batch 2 (the tables, changed in place)")
+rows.add_argument("--gemv-max-m", type=int, default=0,
+                  help="send M <= this many rows to the GEMV with the tables' rows per program (0: the tables' "
+                       "crossover; 1: M=1 only, as before the two-row GEMV), for an A/B of the tables' dispatch")
 args = ap.parse_args()
 if args.gemv_reduce != "table" or args.gemv_rows or args.gemv_max_m:
     from lmq.kernels.w4a16_gemm import CONFIGS

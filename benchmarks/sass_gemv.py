@@ -1,5 +1,5 @@
-"""Offline (no GPU): compile the M=1..4 GEMV (kernels/w4a16_gemv.py) for sm_90 with Triton's own ptxas, at the
-sm90 table's config and 1, 2 or 4 activation rows per program (`ROWS`), and print registers, shared memory and the main loop body (one K tile: 64 weights per thread at the table's 64 x 128
+"""Offline (no GPU): compile the M = 1, 2 GEMV (kernels/w4a16_gemv.py) for sm_90 with Triton's own ptxas, at the
+sm90 table's config and 1 or 2 activation rows per program (`ROWS`), and print registers, shared memory and the main loop body (one K tile: 64 weights per thread at the table's 64 x 128
 tile) by opcode. Used to predict before spending device time (benchmarks/NOTES-gemm.md, runs 37-39).
 Usage: python benchmarks/sass_gemv.py [--dump ROWS]   (run without TRITON_INTERPRET)
 """
@@ -40,7 +40,7 @@ def compile_gemv(rows: int, rope: bool = False, split_k: int = 8):
 
 
 def main() -> None:
-    for rows in (1, 2, 4):
+    for rows in (1, 2):
         k = compile_gemv(rows)
         regs, body, ops = loop_summary(k)
         print(f"ROWS={rows}: regs {regs}, shared {k.metadata.shared} B, loop body {len(body)} instr per K tile per thread "

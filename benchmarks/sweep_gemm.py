@@ -2,7 +2,7 @@
 
 Times each config on the Llama-3-8B linear shapes (g128) with lmq.bench's CUDA-graph timer and
 prints, per (regime, M), each config's time per shape and its total; the fastest total wins.
-Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|decode-splits|decode-ordered|decode-ordered-splits|decode-1stage|gemv-inflight|gemv-rows|gemv-rows4|prefill|ws|ws-small|ws-split ...]
+Usage: python3 benchmarks/sweep_gemm.py [gemv|decode|decode-small|decode-waves|decode-big|decode-splits|decode-ordered|decode-ordered-splits|decode-1stage|gemv-inflight|gemv-rows|prefill|ws|ws-small|ws-split ...]
        python3 benchmarks/sweep_gemm.py gemv-compare [NAME=PATH ...]
 The second form checks the M=1 GEMV against the reference on the GPU and times the current kernel's
 candidate configs, any other versions of kernels/w4a16_gemv.py given as files (e.g. the previous one
@@ -75,20 +75,13 @@ SWEEP = {
         "ms": [16, 64],
         "configs": [{**_DECODE_TABLE, "SPLIT_K": s} for s in (0, 4, 8, 16, 32)],
     },
-    # a few activation rows per GEMV program (ROWS: each dequantized weight tile serves them all) against one row per
-    # program and against the decode kernel (KERNEL "decode": the table's decode config) at M = 2..4
+    # two activation rows per GEMV program (ROWS: each dequantized weight tile serves both) against one row per
+    # program and against the decode kernel (KERNEL "decode": the table's decode config) at M = 2..4 (four rows per
+    # program, measured in runs 40 and 44, lost everywhere and were removed from the kernel)
     "gemv-rows": {
         "ms": [2, 3, 4],
-        "configs": [{**_DECODE_TABLE, "KERNEL": "decode"}, _GEMV_TABLE] + [{**_GEMV_TABLE, **v} for v in (
-            {"ROWS": 2}, {"ROWS": 4}, {"ROWS": 4, "WAVES": 3}, {"ROWS": 2, "WAVES": 6})],
-    },
-    # four rows per program on narrower tiles (offline SASS: 64 columns x 4 warps take 156 registers; 32 columns x
-    # 4 warps or 64 x 8 warps 48, 337 instructions per K tile) against the decode kernel at M = 3, 4
-    "gemv-rows4": {
-        "ms": [3, 4],
-        "configs": [{**_DECODE_TABLE, "KERNEL": "decode"}] + [{**_GEMV_TABLE, **v} for v in (
-            {"ROWS": 4, "BLOCK_N": 32}, {"ROWS": 4, "BLOCK_N": 32, "WAVES": 16, "MAX_SPLIT": 32},
-            {"ROWS": 4, "num_warps": 8})],
+        "configs": [{**_DECODE_TABLE, "KERNEL": "decode"}, {**_GEMV_TABLE, "ROWS": 1}] + [{**_GEMV_TABLE, **v} for v in (
+            {"ROWS": 2}, {"ROWS": 2, "WAVES": 6})],
     },
     # the M=1 GEMV with more bytes in flight per SM (for a card with more bandwidth than the H100 the table was
     # measured on): 256-wide K tiles, more programs; the kernel-wide num_stages 2, 3 (which leave the GEMV's loop
@@ -170,7 +163,7 @@ def main(regimes):
     for regime in regimes:
         for M in SWEEP[regime]["ms"]:
             if regime in ("prefill", "ws", "ws-small", "ws-split", "decode-waves", "decode-big", "decode-small",
-                          "decode-splits", "decode-ordered", "decode-ordered-splits", "decode-1stage", "gemv-inflight", "gemv-rows", "gemv-rows4"):  # the peer, and a GPU check of every config
+                          "decode-splits", "decode-ordered", "decode-ordered-splits", "decode-1stage", "gemv-inflight", "gemv-rows"):  # the peer, and a GPU check of every config
                 per = []
                 for name, K, packs in weights:
                     x = torch.randn(M, K, device="cuda", dtype=torch.float16)

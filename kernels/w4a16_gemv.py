@@ -1,4 +1,4 @@
-"""W4A16 GEMV for the smallest M: `out[m, N] = x[m, K] @ w_hat[N, K]^T`, one to four activation rows per program.
+"""W4A16 GEMV for the smallest M: `out[m, N] = x[m, K] @ w_hat[N, K]^T`, one or two activation rows per program.
 
     w_hat[n, k] = (q[n, k] - z[g, n]) * s[g, n],   g = k // G,  G in (32, 64, 128)
 
@@ -34,14 +34,15 @@ Two config switches cut the instructions per weight, which bound this kernel on 
   in which the splits arrive: the output is bit-reproducible. (It replaced an fp32 workspace with an
   arrival counter per column block, whose last program read the sums back: NOTES-gemm.md, run 34.)
 
-`ROWS` (1, 2 or 4; the four-plane fp16 path only, one row elsewhere): activation rows per program. Each
-dequantized weight tile then serves all of them, so M = 2..4 reads the weights once instead of once per row.
-Offline SASS (`benchmarks/sass_gemv.py`: sm90, the table's tile, 64 weights per thread per K tile): one row 204
-instructions per K tile at 64 registers (the same code as without the switch), two rows 320 at 62, four rows 636 at
-156 (three programs per SM instead of eight). Measured on an H100 (`benchmarks/sweep_gemm.py gemv-rows`,
-NOTES-gemm.md run 40): at M=2 two rows per program beat the decode kernel on qkv, o_proj and down, not on gate_up;
-at M = 3 and 4 the decode kernel wins everywhere. So sm90's table takes ROWS 2 at M=2 for weights of at most
-`gemv_rows_max_numel` elements (`lmq.engine.qlinear.choose_path`); the other tables keep one row at M=1.
+`ROWS` (1 or 2; the four-plane fp16 path only, one row elsewhere): activation rows per program. With 2, each
+dequantized weight tile serves both rows, so M=2 reads the weights once instead of once per row. Offline SASS
+(`benchmarks/sass_gemv.py`: sm90, the table's tile, 64 weights per thread per K tile): one row 204 instructions per
+K tile at 64 registers (the same code as without the switch), two rows 320 at 62. Measured on an H100
+(`benchmarks/sweep_gemm.py gemv-rows`, NOTES-gemm.md run 40): at M=2 two rows per program beat the decode kernel on
+qkv, o_proj and down, not on gate_up. So sm90's table takes ROWS 2 at M=2 for weights of at most
+`gemv_rows_max_numel` elements (`lmq.engine.qlinear.choose_path`); the other tables keep one row at M=1. Four rows per
+program (636 instructions per K tile at 156 registers, or 48 registers on narrower tiles) lost to the decode kernel
+at M = 3 and 4 on every shape and were removed (NOTES-gemm.md runs 40, 44).
 
 A cp.async ring over the K tiles (Triton's pipeliner on this loop; the kernel-wide `num_stages` leaves it alone)
 measured 13-27% slower at M=1 on every shape and was removed (NOTES-gemm.md runs 39, 41).
@@ -207,7 +208,7 @@ def _w4a16_gemv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m = tl.program_id(2) * ROWS  # this program's first activation row; ROWS (1, 2, 4) share each weight tile
+    m = tl.program_id(2) * ROWS  # this program's first activation row; ROWS (1 or 2) share each weight tile
     HALF: tl.constexpr = BLOCK_N // 2
     if ROPE:
         # a head of ROPE_D columns is ROPE_D / BLOCK_N programs; each owns HALF columns of the head's first
@@ -242,22 +243,17 @@ def _w4a16_gemv_kernel(
     x_row = x_ptr + m * stride_xm
     qw_rows = qw_ptr + offs_n[:, None] * LANES + lanes[None, :]  # [BN, 16], chunk 0
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)  # rows m + 1, m + 2, m + 3 where ROWS has them
-    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)  # row m + 1 where ROWS has it
     if PDL:
         # launched early (programmatic dependent launch): wait for the previous kernel's writes (x,
         # the workspace) before the first read of anything but weights
         tl.extra.cuda.gdc_wait()
-    rope_c, rope_s, rope_c1, rope_s1, rope_c2, rope_s2, rope_c3, rope_s3 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    rope_c, rope_s, rope_c1, rope_s1 = 0.0, 0.0, 0.0, 0.0
     if ROPE:
         # every split rotates its own partial sums (the rotation is linear): its rows' cos / sin, read now
         rope_c, rope_s = _rope_of(pos_ptr, cos_ptr, sin_ptr, m, True, stride_cp, sub * HALF, HALF)
-        if ROWS >= 2:
+        if ROWS == 2:
             rope_c1, rope_s1 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 1, m + 1 < M, stride_cp, sub * HALF, HALF)
-        if ROWS >= 4:
-            rope_c2, rope_s2 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 2, m + 2 < M, stride_cp, sub * HALF, HALF)
-            rope_c3, rope_s3 = _rope_of(pos_ptr, cos_ptr, sin_ptr, m + 3, m + 3 < M, stride_cp, sub * HALF, HALF)
     for kt in range(k_lo, k_hi, BLOCK_K):
         for gi in tl.static_range(BLOCK_K // G):
             # -- one group: zero (as MAGIC + z) and scale for BLOCK_N rows ------------------------
@@ -269,9 +265,7 @@ def _w4a16_gemv_kernel(
                 z4 = ((z.to(tl.int16) << 4) | 0x4400).to(wdt, bitcast=True)  # [BN] 4 + z/16
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
             part = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # per-lane partial sums of the group
-            part1 = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # (rows m + 1.. where ROWS has them)
-            part2 = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)
-            part3 = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)
+            part1 = tl.zeros((BLOCK_N, LANES), dtype=tl.float32)  # (row m + 1 where ROWS has it)
             for cc in tl.static_range(CHUNKS_PER_GROUP):
                 # -- weights straight into registers: BLOCK_N rows x 32 contiguous bytes ----------
                 chunk = (kt + gi * G) // CHUNK_K + cc
@@ -282,11 +276,8 @@ def _w4a16_gemv_kernel(
                     w0, w1, w2, w3 = _dequant_quad_f16(h, zq, z64, z4, FAST_CVT)  # [BN, 16] (q - z) / 16
                     xk = x_row + chunk * CHUNK_K + lanes
                     part += _quad_row(w0, w1, w2, w3, xk, True, LANES)
-                    if ROWS >= 2:  # the same dequantized tile serves the program's other rows
+                    if ROWS == 2:  # the same dequantized tile serves the program's second row
                         part1 += _quad_row(w0, w1, w2, w3, xk + stride_xm, m + 1 < M, LANES)
-                    if ROWS >= 4:
-                        part2 += _quad_row(w0, w1, w2, w3, xk + 2 * stride_xm, m + 2 < M, LANES)
-                        part3 += _quad_row(w0, w1, w2, w3, xk + 3 * stride_xm, m + 3 < M, LANES)
                 else:
                     for ii in tl.static_range(PLANES_PER_GROUP // 2):
                         w0, w1 = _dequant_pair(h, zq, (gi * G) % CHUNK_K // LANES + 2 * ii, MAGIC, IS_BF16,
@@ -303,21 +294,13 @@ def _w4a16_gemv_kernel(
                             part += (w0 * a0[None, :]).to(tl.float32) + (w1 * a1[None, :]).to(tl.float32)
             # -- the group ends: reduce its lanes, apply its scale once ---------------------------
             acc += tl.sum(part, axis=1) * (s * QUAD_UNSCALE)
-            if ROWS >= 2:
+            if ROWS == 2:
                 acc1 += tl.sum(part1, axis=1) * (s * QUAD_UNSCALE)
-            if ROWS >= 4:
-                acc2 += tl.sum(part2, axis=1) * (s * QUAD_UNSCALE)
-                acc3 += tl.sum(part3, axis=1) * (s * QUAD_UNSCALE)
 
     _row_out(acc, m, True, out_ptr, ws_ptr, offs_n, n_mask, N, stride_om, head, rope_c, rope_s, rope_cols,
              SPLIT_K, REDUCE_FX, ROPE, ROPE_D, HALF, sub)
-    if ROWS >= 2:
+    if ROWS == 2:
         _row_out(acc1, m + 1, m + 1 < M, out_ptr, ws_ptr, offs_n, n_mask, N, stride_om, head, rope_c1, rope_s1,
-                 rope_cols, SPLIT_K, REDUCE_FX, ROPE, ROPE_D, HALF, sub)
-    if ROWS >= 4:
-        _row_out(acc2, m + 2, m + 2 < M, out_ptr, ws_ptr, offs_n, n_mask, N, stride_om, head, rope_c2, rope_s2,
-                 rope_cols, SPLIT_K, REDUCE_FX, ROPE, ROPE_D, HALF, sub)
-        _row_out(acc3, m + 3, m + 3 < M, out_ptr, ws_ptr, offs_n, n_mask, N, stride_om, head, rope_c3, rope_s3,
                  rope_cols, SPLIT_K, REDUCE_FX, ROPE, ROPE_D, HALF, sub)
 
 
@@ -339,8 +322,8 @@ def _plan(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, device: t
         return hit[:4]
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
-    if cfg.get("ROWS", 1) not in (1, 2, 4):
-        raise ValueError(f"w4a16_gemv: ROWS is 1, 2 or 4, got {cfg.get('ROWS')}")
+    if cfg.get("ROWS", 1) not in (1, 2):
+        raise ValueError(f"w4a16_gemv: ROWS is 1 or 2, got {cfg.get('ROWS')}")
     if cfg["REDUCE"] not in ("atomic", "fixed") or cfg["SUM_PLANES"] not in (1, 2, 4):
         raise ValueError(f"w4a16_gemv: bad config {cfg}: REDUCE is 'atomic' or 'fixed', SUM_PLANES 1, 2 or 4")
     # activation rows per program (the four-plane fp16 path only): each dequantized weight tile serves them all

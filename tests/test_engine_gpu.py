@@ -66,9 +66,9 @@ def test_prefill_graph_matches_eager_prefill(n_new):
 
 
 def test_gemv_rows_decode_matches_torch_backend(monkeypatch):
-    """Decode steps of three sequences on the GEMV with up to four rows per program (`ROWS`, each dequantized
-    weight tile serving them all; RoPE fused into the qkv GEMV per row) give the torch backend's logits: eagerly
-    (M = 3, one row masked) and graph-replayed (the batch-4 bucket, a padding row)."""
+    """Decode steps of three sequences on the GEMV with two rows per program (`ROWS`, each dequantized weight tile
+    serving both; RoPE fused into the qkv GEMV per row) give the torch backend's logits: eagerly (M = 3: two
+    programs of rows, the second row of the second masked) and graph-replayed (the batch-4 bucket, a padding row)."""
     from lmq.kernels.w4a16_gemm import CONFIGS
 
     from lmq.engine.qlinear import local_arch
@@ -76,7 +76,7 @@ def test_gemv_rows_decode_matches_torch_backend(monkeypatch):
     dev = torch.device("cuda")
     table = CONFIGS[local_arch(dev)]
     monkeypatch.setitem(table, "gemv_max_m", 4)
-    monkeypatch.setitem(table, "gemv", {**table["gemv"], "ROWS": 4})
+    monkeypatch.setitem(table, "gemv", {**table["gemv"], "ROWS": 2})
     for graphs in (True, False):
         engines = [LLM(EngineModel.synthetic("smollm2-135m", dev, group_size=64, backend=b),
                        block_size=16, max_model_len=256, cache_max_memory="64MiB", max_num_seqs=4,

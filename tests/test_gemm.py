@@ -73,11 +73,11 @@ def test_gemv_matches_ref(M, G, device):
     assert out.shape == (M, N) and rel_err(out, ref) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("rows,split_k,reduce", [(2, 2, "fixed"), (4, 3, "fixed"), (4, 1, "atomic"), (2, 2, "atomic")])
+@pytest.mark.parametrize("rows,split_k,reduce", [(2, 2, "fixed"), (2, 3, "fixed"), (2, 1, "atomic"), (2, 2, "atomic")])
 def test_gemv_rows_per_program(rows, split_k, reduce, device):
     """ROWS activation rows share each dequantized weight tile (the four-plane fp16 path): the same function for
     any M, rows past M masked, every split-K reduction; elsewhere (bf16, SUM_PLANES < 4, G < 64) one row a program;
-    a ROWS other than 1, 2, 4 is refused at any M."""
+    a ROWS other than 1 or 2 (four rows lost everywhere and were removed) is refused at any M."""
     N, K, G = 96, 640, 128  # 5 K tiles: uneven splits
     p = random_packed(N, K, G, device)
     cfg = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": split_k, "SUM_PLANES": 4, "REDUCE": reduce, "ROWS": rows}
@@ -95,8 +95,8 @@ def test_gemv_rows_per_program(rows, split_k, reduce, device):
         xb = torch.randn(3, K, device=device, dtype=dtype)
         out = w4a16_gemv(xb, pk["qweight"], pk["scales"], pk["zeros"], g, {**cfg, "SUM_PLANES": planes})
         assert rel_err(out, w4a16_gemv_ref(xb, pk["qweight"], pk["scales"], pk["zeros"], g)) < TOL[dtype], (dtype, g)
-    for bad, m in ((8, 1), (3, 2)):  # refused whatever M is
-        with pytest.raises(ValueError, match="ROWS is 1, 2 or 4"):
+    for bad, m in ((4, 1), (3, 2)):  # refused whatever M is
+        with pytest.raises(ValueError, match="ROWS is 1 or 2"):
             w4a16_gemv(x[:m], p["qweight"], p["scales"], p["zeros"], G, {**cfg, "ROWS": bad})
 
 
@@ -128,7 +128,7 @@ def test_gemv_four_plane_sums_do_not_overflow_on_large_activations(device):
     assert rel_err(out, w4a16_gemv_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("block_n,rows", [(32, 1), (64, 1), (96, 1), (32, 4)])
+@pytest.mark.parametrize("block_n,rows", [(32, 1), (64, 1), (96, 1), (32, 2)])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gemv_fused_rope(head_dim, block_n, rows, device):
     """RoPE in the GEMV's split-K epilogue = the GEMV, then rotate the first rope_cols columns (q and k
@@ -669,11 +669,11 @@ def test_gemm_ws_gpu_through_qlinear():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_gpu(dtype):
-    """The table's GEMV, with 2 or 4 rows per program; its "fixed" split-K gives the same bits on every call."""
+    """The table's GEMV, with 1 or 2 rows per program; its "fixed" split-K gives the same bits on every call."""
     table = CONFIGS["sm90"]["gemv"]
     for (N, K, G) in [(576, 1536, 32), (1536, 576, 64), (4096, 4096, 128)]:
         p = random_packed(N, K, G, "cuda")
-        for cfg in (table, {**table, "ROWS": 2}, {**table, "ROWS": 4}):
+        for cfg in ({**table, "ROWS": 1}, {**table, "ROWS": 2}):
             for M in (1, 2, 3, 5):
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
                 out = w4a16_gemv(x, p["qweight"], p["scales"], p["zeros"], G, cfg)

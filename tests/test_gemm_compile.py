@@ -47,7 +47,7 @@ def compile_all(arch: str, dt: str) -> None:
               cfg["num_warps"], cfg["num_stages"], {"ws_ptr": "*fp32", "cnt_ptr": "*i32"})
     g = CONFIGS[arch]["gemv"]
     # the table's GEMV without and with RoPE (BLOCK_N / 2 columns per half-head), and RoPE's whole-head fallback;
-    # 2 or 4 activation rows per program (fp16 four-plane path), with and without RoPE
+    # 2 activation rows per program (fp16 four-plane path), with and without RoPE
     tbn, tw = g["BLOCK_N"], g["num_warps"]
     for sum_planes, red, pdl, rope, bn, warps, rows in (
             (1, "atomic", False, False, tbn, tw, 1),
@@ -55,7 +55,7 @@ def compile_all(arch: str, dt: str) -> None:
             (4, "fixed", cc >= 90, True, tbn, tw, 1),
             (4, "fixed", cc >= 90, True, 128, 8, 1),
             (4, "fixed", cc >= 90, False, tbn, tw, 2),
-            (4, "fixed", cc >= 90, True, tbn, tw, 4)):
+            (4, "fixed", cc >= 90, True, tbn, tw, 2)):
         if rows > 1 and dt == "bf16":
             continue  # several rows per program: the fp16 four-plane path only
         build(_w4a16_gemv_kernel, ["M", "N", "K", "stride_xm", "stride_om", "stride_cp", "rope_cols"],
