@@ -400,6 +400,31 @@ _LAUNCH = DirectLaunch(_w4a16_gemm_kernel)  # lmq.kernels.launch
 # one arrival counter per output tile (zero between calls: each tile's last split resets its own)
 _PARTIALS: dict[tuple, list[torch.Tensor]] = {}
 _ARRIVALS: dict[tuple, list[torch.Tensor]] = {}
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _plan(M: int, N: int, K: int, group_size: int, device: torch.device, config: dict | None) -> tuple[dict, int, int, bool]:
+    """(config with its rows per tile, BLOCK_K, split count, ordered reduction) of a launch. Kept per shape and config
+    object, as the GEMV keeps its plans (`w4a16_gemv._plan`): an eager step calls each linear once per layer with the
+    same table dict, and working this out took ~2.5 us of Python a call. A config changed in place after a call keeps
+    its old plan; pass a new dict to change it."""
+    key = (M, N, K, group_size, device, id(config))
+    hit = _PLANS.get(key)
+    if hit is not None and hit[4] is config:
+        return hit[:4]
+    cfg = dict(config or (INTERPRET_CONFIG if device.type == "cpu" else CONFIGS["sm80"]["decode"]))
+    if "BLOCK_M_MAX" in cfg:  # rows per tile grow with M: each dequantized weight tile serves more rows
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M_MAX"], max(cfg["BLOCK_M"], next_pow2(M)))
+    block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
+    split_k = pick_split_k(M, N, K, cfg, block_k, device)
+    reduce = cfg.get("REDUCE", "atomic")
+    if reduce not in ("atomic", "ordered"):
+        raise ValueError(f"w4a16_gemm: REDUCE is 'atomic' or 'ordered', got {reduce!r}")
+    ordered = reduce == "ordered" and split_k > 1
+    if len(_PLANS) > 65536:
+        _PLANS.clear()
+    _PLANS[key] = (cfg, block_k, split_k, ordered, config)
+    return cfg, block_k, split_k, ordered
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -408,15 +433,7 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     # -- 1. check ---------------------------------------------------------------------------------
     N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemm")
     M = x2.shape[0]
-    cfg = dict(config or (INTERPRET_CONFIG if x.device.type == "cpu" else CONFIGS["sm80"]["decode"]))
-    if "BLOCK_M_MAX" in cfg:  # rows per tile grow with M: each dequantized weight tile serves more rows
-        cfg["BLOCK_M"] = min(cfg["BLOCK_M_MAX"], max(cfg["BLOCK_M"], next_pow2(M)))
-    block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
-    split_k = pick_split_k(M, N, K, cfg, block_k, x.device)
-    reduce = cfg.get("REDUCE", "atomic")
-    if reduce not in ("atomic", "ordered"):
-        raise ValueError(f"w4a16_gemm: REDUCE is 'atomic' or 'ordered', got {reduce!r}")
-    ordered = reduce == "ordered" and split_k > 1
+    cfg, block_k, split_k, ordered = _plan(M, N, K, group_size, x.device, config)
     # -- 2. allocate ------------------------------------------------------------------------------
     zero_fill = split_k > 1 and not ordered  # fp16 atomics add into a zeroed output
     out = (torch.zeros if zero_fill else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]

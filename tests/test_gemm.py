@@ -8,7 +8,7 @@ import pytest
 import torch
 from lmq.kernels import w4a16_gemm_ws as w4a16_gemm_ws_module
 from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
-from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm, w4a16_gemm_ref
+from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm, w4a16_gemm_ref
 from lmq.kernels.w4a16_gemm_ws import w4a16_gemm_ws, w4a16_gemm_ws_ref
 from lmq.kernels.w4a16_gemv import serves_rows, w4a16_gemv, w4a16_gemv_ref
 
@@ -313,6 +313,25 @@ def test_split_count_follows_the_waves_table(monkeypatch):
     assert pick_split_k(256, 6144, 4096, cfg, 128, dev) == 1  # 2 waves above 128: ceil(264 / 384)
     assert pick_split_k(16, 64, 256, {**cfg, "BLOCK_M": 16}, 128, dev) == 2  # K has 2 tiles only
     assert pick_split_k(16, 6144, 4096, {**cfg, "SPLIT_K": 4}, 128, dev) == 4  # fixed
+
+
+def test_gemm_plan_is_kept_per_shape_and_config_object():
+    """The launcher works out a launch's tile rows, BLOCK_K and split count once per (shape, config object): the same
+    dict gives the same plan back without recomputing it, another dict (or another M) gets its own, and a bad REDUCE
+    is refused on every call (it is never kept)."""
+    from lmq.kernels import w4a16_gemm as gemm_module
+
+    dev = torch.device("cpu")
+    cfg = {**INTERPRET_CONFIG, "BLOCK_M_MAX": 64, "WAVES": 4}
+    first = gemm_module._plan(5, 96, 640, 64, dev, cfg)
+    assert gemm_module._plan(5, 96, 640, 64, dev, cfg)[0] is first[0]  # kept
+    assert first[1:] == (128, 5, False) and first[0]["BLOCK_M"] == 16
+    assert gemm_module._plan(40, 96, 640, 64, dev, cfg)[0]["BLOCK_M"] == 64  # another M, its own rows per tile
+    other = gemm_module._plan(5, 96, 640, 64, dev, {**cfg, "SPLIT_K": 2, "REDUCE": "ordered"})
+    assert other[2:] == (2, True)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="REDUCE"):
+            gemm_module._plan(5, 96, 640, 64, dev, {**cfg, "REDUCE": "fixed"})
 
 
 @pytest.mark.parametrize("M", [1, 3])
