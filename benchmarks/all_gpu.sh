@@ -6,6 +6,9 @@
 #                     `--deterministic` (what the mode costs; one call, under 10 minutes)
 #   STAGES=ordered    the decode kernel's ordered split-K (the deterministic mode's): its GPU tests, then
 #                     `sweep_gemm.py decode-ordered` (atomics / ordered / at most two splits); run with det after it
+#   STAGES=splits     (session 15) the GEMV and GEMM launchers' GPU tests (one or two rows per GEMV program, the GEMM's
+#                     kept plans, ordered split-K), the engine's two-row and deterministic GPU tests, then
+#                     `sweep_gemm.py decode-ordered-splits` (ordered at M = 32-191: split caps, fewer waves)
 # Logs and tables land in $OUT/<stage>/. Used for the H200 tables of docs/benchmarks.md.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -44,6 +47,15 @@ Console(width=200).print(render_attention_table(json.load(open('$OUT/attn-e2e/at
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k "ordered or deterministic" 2>&1 \
       | tail -3 | tee "$OUT/ordered/tests.log"
     timeout 200 python3 benchmarks/sweep_gemm.py decode-ordered 2>&1 | tee "$OUT/ordered/sweep.log" \
+      | grep -E "^(cuBLAS|decode-ordered|BEST)" | sed -E "s/\{'BLOCK_M'.*'DOT_K': 64/{table/"
+    ;;
+  splits)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py \
+      -k "gemv or ordered or plan or qlinear or two_row or crossovers or gemm_configs or deterministic" 2>&1 \
+      | tail -3 | tee "$OUT/splits/tests.log"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py -k "gemv_rows or deterministic" 2>&1 \
+      | tail -3 | tee -a "$OUT/splits/tests.log"
+    timeout 200 python3 benchmarks/sweep_gemm.py decode-ordered-splits 2>&1 | tee "$OUT/splits/sweep.log" \
       | grep -E "^(cuBLAS|decode-ordered|BEST)" | sed -E "s/\{'BLOCK_M'.*'DOT_K': 64/{table/"
     ;;
   det)

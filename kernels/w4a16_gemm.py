@@ -278,6 +278,12 @@ _DECODE = {"BLOCK_M": 16, "BLOCK_M_MAX": 64, "BLOCK_N": 64, "BLOCK_K": 128, "SPL
 # M=96 179.0 -> 165.3, M=128 183.2 -> 169.1, M=192 263.8 -> 243.5, M=256 318.4 -> 310.7;
 # benchmarks/results/2026-11-23-session7-h100/sweep-decode-waves.log). Other archs: not measured.
 _DECODE_SM90 = {**_DECODE, "WAVES_FROM_M": ((64, 3), (129, 2))}
+# The deterministic mode's decode kernel (REDUCE "ordered", lmq.engine.qlinear.engine_table) on sm90: 2 waves from
+# M=32. Its last split reads every split's fp32 slice back, so fewer splits pay where M is larger. H100, sums over
+# the four shapes, us, the plain table's waves -> these: M=32 97.8 -> 89.5, 64 129.0 -> 110.6, 128 206.8 -> 175.4;
+# M=191 245.9 either way; one wave above M=128 was slower there (304-311); at most 4 splits instead read 112.0 at
+# M=64 and 205.4 at 128 (benchmarks/results/2026-11-23-session15-h100/splits-call/splits/sweep.log).
+_DECODE_ORDERED_SM90 = {"WAVES_FROM_M": ((32, 2),)}
 _PREFILL_BIG_SMEM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1, "GROUP_M": 8,
                      "num_warps": 8, "num_stages": 3, "SWAP_AB": True, "DOT_K": 64}
 _PREFILL_SMALL_SMEM = {**_PREFILL_BIG_SMEM, "BLOCK_M": 64, "num_warps": 4, "num_stages": 2}
@@ -327,8 +333,8 @@ CONFIGS: dict[str, dict] = {
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},
     "sm86": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm89": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
-    "sm90": {"gemv": _GEMV_SM90, "decode": _DECODE_SM90, "prefill": _PREFILL_BIG_SMEM, "prefill_ws": _PREFILL_WS,
-             **_CROSS_SM90},
+    "sm90": {"gemv": _GEMV_SM90, "decode": _DECODE_SM90, "decode_ordered": _DECODE_ORDERED_SM90,
+             "prefill": _PREFILL_BIG_SMEM, "prefill_ws": _PREFILL_WS, **_CROSS_SM90},
 }
 # The interpreter runs one program at a time on the CPU: small tiles keep tests fast there.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1,

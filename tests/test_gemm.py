@@ -231,21 +231,31 @@ def test_gemm_configs(split_k, swap_ab, dot_k, device):
 
 
 def test_engine_table_deterministic(monkeypatch):
-    """The deterministic table: the W4A16 GEMM kernel adds its splits in split order (its split counts unchanged),
-    the GEMV as integers, the Hopper prefill GEMM keeps at most two splits; nothing else changes. The plain table
-    is CONFIGS itself, the deterministic one one dict per arch, made from the table as it is now."""
+    """The deterministic table: the W4A16 GEMM kernel adds its splits in split order (its split counts as in the
+    plain table, except where the arch measured other waves for that reduction: sm90's "decode_ordered", 2 waves from
+    M=32), the GEMV as integers, the Hopper prefill GEMM keeps at most two splits; nothing else changes. The plain
+    table is CONFIGS itself, the deterministic one one dict per arch, made from the table as it is now."""
     from lmq.engine.qlinear import engine_table
 
     for arch in CONFIGS:
         plain, det = engine_table(arch), engine_table(arch, deterministic=True)
         assert plain is CONFIGS[arch]
         assert det["gemv"]["REDUCE"] == "fixed"  # the GEMV adds its splits as integers
-        assert det["decode"] == {**plain["decode"], "REDUCE": "ordered"}
+        assert det["decode"] == {**plain["decode"], "REDUCE": "ordered", **plain.get("decode_ordered", {})}
         assert det["prefill"] == {**plain["prefill"], "REDUCE": "ordered"}
         if "prefill_ws" in det:
             assert det["prefill_ws"]["MAX_SPLIT"] <= 2 and det["prefill_ws"]["SPLIT_K"] <= 2
         assert {k: v for k, v in det.items() if not isinstance(v, dict)} == \
             {k: v for k, v in plain.items() if not isinstance(v, dict)}
+    # sm90's ordered decode: Llama-3-8B's qkv at M = 64 takes 3 splits (2 waves) instead of the plain table's 5
+    from lmq.kernels import w4a16_gemm as gemm_module
+
+    monkeypatch.setattr(gemm_module, "_num_sms", lambda device: 132)
+    dev = torch.device("cuda", 0)
+    det_decode = {**engine_table("sm90", True)["decode"], "BLOCK_M": 64}
+    assert gemm_module.pick_split_k(64, 6144, 4096, det_decode, 128, dev) == 3  # ceil(264 / 96)
+    assert gemm_module.pick_split_k(64, 6144, 4096, {**CONFIGS["sm90"]["decode"], "BLOCK_M": 64}, 128, dev) == 5
+    assert gemm_module.pick_split_k(16, 6144, 4096, {**det_decode, "BLOCK_M": 16}, 128, dev) == 6  # below 32: as plain
     monkeypatch.setitem(CONFIGS["sm90"], "prefill_ws", {**CONFIGS["sm90"]["prefill_ws"], "MAX_SPLIT": 8})
     assert engine_table("sm90", True)["prefill_ws"]["MAX_SPLIT"] == 2
     monkeypatch.setitem(CONFIGS["sm90"], "decode", {**CONFIGS["sm90"]["decode"], "WAVES": 6})

@@ -67,7 +67,8 @@ def engine_table(arch: str, deterministic: bool = False, dtype: torch.dtype = to
     a GEMV program cannot serve several rows there (`w4a16_gemv.serves_rows`: bf16, groups of 32), M >= 2 would read
     the weights once per row, so the GEMV keeps M = 1 only. `deterministic`: its deterministic form, made from the
     table as it is now: the W4A16
-    GEMM kernel (decode and Triton prefill configs) adds its K splits in split order (`REDUCE` "ordered"), the GEMV
+    GEMM kernel (decode and Triton prefill configs) adds its K splits in split order (`REDUCE` "ordered"; the decode
+    config takes the table's "decode_ordered" entries, measured for that reduction, where it has them), the GEMV
     adds its splits as integers (`REDUCE` "fixed"), and the Hopper prefill GEMM keeps at most two partial sums per
     output (two fp16 additions into a zeroed output give the same bits in either order). Attention merges its splits
     in split order. So a step's output does not depend on which program finishes first: the same step repeats its
@@ -78,7 +79,7 @@ def engine_table(arch: str, deterministic: bool = False, dtype: torch.dtype = to
         table = {**table, "gemv_max_m": 1}
     if not deterministic:
         return table
-    det = {**table, "decode": {**table["decode"], "REDUCE": "ordered"},
+    det = {**table, "decode": {**table["decode"], "REDUCE": "ordered", **table.get("decode_ordered", {})},
            "prefill": {**table["prefill"], "REDUCE": "ordered"}, "gemv": {**table["gemv"], "REDUCE": "fixed"}}
     if "prefill_ws" in table:
         ws = table["prefill_ws"]
