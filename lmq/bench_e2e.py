@@ -346,7 +346,7 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
               num_requests: int = 256, dataset: str | None = None, concurrency: int | None = None, turns: int = 8,
               answer_len: int = 128,
               baseline: str = "none", kv_dtype: str = "auto", max_num_seqs: int = 64,
-              max_model_len: int | None = None, cache_max_memory: str | None = None,
+              max_num_batched_tokens: int = 2048, max_model_len: int | None = None, cache_max_memory: str | None = None,
               gpu_memory_utilization: float = 0.9, group_size: int = 128,
               device: str = "auto", seed: int = 0, json_out: bool = False,
               deterministic: bool = False) -> tuple[dict, str]:
@@ -364,6 +364,9 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
         raise InputError(f"--baseline {baseline!r}: expected none or hf")
     if concurrency is not None and concurrency < 1:
         raise InputError(f"--concurrency must be >= 1, got {concurrency}")
+    for flag, value in (("--max-num-seqs", max_num_seqs), ("--max-num-batched-tokens", max_num_batched_tokens)):
+        if value < 1:  # before minutes of loading
+            raise InputError(f"{flag} must be >= 1, got {value}")
     B, n_in, n_out = parse_list(batches, "--batch"), parse_list(input_lens, "--input-len"), \
         parse_list(output_lens, "--output-len")
     if dataset is not None and not Path(dataset).is_file():  # before minutes of loading
@@ -376,12 +379,13 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
         log("loading the transformers fp16 baseline")
         hf = HFBaseline.for_model(model, synthetic)
     llm = LLM(model, kv_dtype=kv_dtype, max_num_seqs=max(max_num_seqs, max(B)),
-              max_model_len=max_model_len, cache_max_memory=cache_max_memory,
+              max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, cache_max_memory=cache_max_memory,
               gpu_memory_utilization=gpu_memory_utilization, deterministic=deterministic)
     name = f"synthetic {synthetic} (random weights, g{group_size})" if synthetic else str(llm.path)
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     report: dict = {"model": name, "device": gpu, "kv_dtype": llm.kv_dtype, "date": time.strftime("%Y-%m-%d"),
-                    "torch": torch.__version__, "deterministic": deterministic}
+                    "torch": torch.__version__, "deterministic": deterministic, "max_num_seqs": llm.max_num_seqs,
+                    "max_num_batched_tokens": max_num_batched_tokens}
     if hf is not None:
         import transformers
 

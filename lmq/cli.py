@@ -335,6 +335,9 @@ def bench_e2e_cmd(
     baseline: str = typer.Option("none", "--baseline", help="none, or hf: transformers generate in fp16 on the same device, printed beside."),
     kv_dtype: str = _kv_dtype_option(),
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Most sequences in one batch."),
+    max_num_batched_tokens: int = typer.Option(2048, "--max-num-batched-tokens", help="Most tokens in one step "
+                                               "(prompt chunks and decode rows together): larger gives faster "
+                                               "prefills, smaller a shorter wait for the tokens of running requests."),
     max_model_len: Optional[int] = _max_model_len_option(),
     cache_max_memory: Optional[str] = _cache_max_memory_option(),
     gpu_memory_utilization: float = _gpu_memory_utilization_option(),
@@ -353,7 +356,7 @@ def bench_e2e_cmd(
             checkpoint=checkpoint, synthetic=synthetic, modes=mode, batches=batch, input_lens=input_len,
             output_lens=output_len, num_requests=num_requests, dataset=dataset, concurrency=concurrency,
             turns=turns, answer_len=answer_len, baseline=baseline, kv_dtype=kv_dtype, max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len, cache_max_memory=cache_max_memory,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, cache_max_memory=cache_max_memory,
             gpu_memory_utilization=gpu_memory_utilization, group_size=group_size,
             device=device, seed=seed, json_out=json_out, deterministic=deterministic,
         )

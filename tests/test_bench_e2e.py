@@ -35,10 +35,12 @@ def test_report_has_vllm_metrics_and_a_baseline():
 def test_cli_routes_bench_to_e2e_and_prints_json():
     res = CliRunner().invoke(app, ["bench", "--synthetic", "smollm2-135m", "--group-size", "64", "--device", "cpu",
                                    "--mode", "latency", "--batch", "1", "--input-len", "4", "--output-len", "2",
-                                   "--max-model-len", "128", "--cache-max-memory", "8MiB", "--json"])
+                                   "--max-model-len", "128", "--cache-max-memory", "8MiB", "--max-num-batched-tokens",
+                                   "16", "--json"])
     assert res.exit_code == 0, (res.output, res.exception)
     report = json.loads(res.stdout)
     assert report["latency"][0]["output_tokens"] == 2 and "throughput" not in report
+    assert report["max_num_batched_tokens"] == 16 and 1 <= report["max_num_seqs"] <= 16  # at most a row per token
     assert render_e2e(report).startswith("model: synthetic smollm2-135m")
 
 
@@ -48,6 +50,7 @@ def test_cli_routes_bench_to_e2e_and_prints_json():
     ({"modes": "speed"}, "--mode"),
     ({"batches": "0"}, "--batch"),
     ({"baseline": "vllm"}, "--baseline"),
+    ({"max_num_batched_tokens": 0}, "--max-num-batched-tokens must be >= 1, got 0"),
 ])
 def test_bad_options_are_refused(kw, match):
     args = {"checkpoint": None, "synthetic": "smollm2-135m", **SMALL, **kw}

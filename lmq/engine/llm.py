@@ -231,7 +231,7 @@ class LLM:
             raise InputError(
                 f"the GPU ran out of memory in a step of {step.num_tokens} tokens over {len(step.spans)} "
                 "sequences; leave more room for activations: lower --gpu-memory-utilization or "
-                "--cache-max-memory, or max_num_batched_tokens (Python API)") from e
+                "--cache-max-memory, or --max-num-batched-tokens (lmq bench e2e; max_num_batched_tokens in Python)") from e
         sampled = [sp.seq for sp in step.spans if sp.sample]
         if not sampled:
             return _Launched(step, None, None, None)
