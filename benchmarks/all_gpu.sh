@@ -6,6 +6,9 @@
 #                     `--deterministic` (what the mode costs; one call, under 10 minutes)
 #   STAGES=ordered    the decode kernel's ordered split-K (the deterministic mode's): its GPU tests, then
 #                     `sweep_gemm.py decode-ordered` (atomics / ordered / at most two splits); run with det after it
+#   STAGES=attn       `lmq bench attention` alone (issue 4's shapes)
+#   STAGES=budget     throughput of synthetic Llama-3-8B at three step token budgets (--max-num-batched-tokens 512,
+#                     2048, 8192): what the budget trades between TTFT and inter-token latency
 #   STAGES=splits     (session 15) the GEMV and GEMM launchers' GPU tests (one or two rows per GEMV program, the GEMM's
 #                     kept plans, ordered split-K), the engine's two-row and deterministic GPU tests, then
 #                     `sweep_gemm.py decode-ordered-splits` (ordered at M = 32-191: split caps, fewer waves)
@@ -48,6 +51,24 @@ Console(width=200).print(render_attention_table(json.load(open('$OUT/attn-e2e/at
       | tail -3 | tee "$OUT/ordered/tests.log"
     timeout 200 python3 benchmarks/sweep_gemm.py decode-ordered 2>&1 | tee "$OUT/ordered/sweep.log" \
       | grep -E "^(cuBLAS|decode-ordered|BEST)" | sed -E "s/\{'BLOCK_M'.*'DOT_K': 64/{table/"
+    ;;
+  attn)
+    timeout 300 lmq bench attention --json --kv-dtype fp16,int8,int4 --batch 1,8,64 --context 4k,16k,32k \
+      >"$OUT/attn/attention.json" 2>"$OUT/attn/attention.log"
+    python3 -c "
+import json
+from lmq.bench_attention import render_attention_table
+from rich.console import Console
+Console(width=200).print(render_attention_table(json.load(open('$OUT/attn/attention.json'))))" 2>&1 | tee "$OUT/attn/attention.txt"
+    ;;
+  budget)
+    for t in 512 2048 8192; do
+      timeout 180 lmq bench --synthetic llama3-8b --mode throughput --num-requests 128 --input-len 1024 \
+        --output-len 128 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --max-num-batched-tokens "$t" \
+        --json >"$OUT/budget/tokens-$t.json" 2>"$OUT/budget/tokens-$t.log"
+      python3 -c "import json,sys; from lmq.bench_e2e import render_e2e; print(render_e2e(json.load(open(sys.argv[1]))))" \
+        "$OUT/budget/tokens-$t.json" 2>&1 | tee "$OUT/budget/tokens-$t.md" | tail -3
+    done
     ;;
   splits)
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py \
