@@ -9,6 +9,9 @@
 #   STAGES=attn       `lmq bench attention` alone (issue 4's shapes)
 #   STAGES=budget     throughput of synthetic Llama-3-8B at three step token budgets (--max-num-batched-tokens 512,
 #                     2048, 8192): what the budget trades between TTFT and inter-token latency
+#   STAGES=mixed      prefill graphs of many sequences: the engine's graph-vs-eager GPU tests, then `lmq bench` latency
+#                     (batch 4 and 16, 128-token prompts) and throughput (--max-num-batched-tokens 512) with them and
+#                     with single-sequence prefill graphs only (LMQ_PREFILL_GRAPHS=single, as before), interleaved
 #   STAGES=splits     (session 15) the GEMV and GEMM launchers' GPU tests (one or two rows per GEMV program, the GEMM's
 #                     kept plans, ordered split-K), the engine's two-row and deterministic GPU tests, then
 #                     `sweep_gemm.py decode-ordered-splits` (ordered at M = 32-191: split caps, fewer waves)
@@ -68,6 +71,17 @@ Console(width=200).print(render_attention_table(json.load(open('$OUT/attn/attent
         --json >"$OUT/budget/tokens-$t.json" 2>"$OUT/budget/tokens-$t.log"
       python3 -c "import json,sys; from lmq.bench_e2e import render_e2e; print(render_e2e(json.load(open(sys.argv[1]))))" \
         "$OUT/budget/tokens-$t.json" 2>&1 | tee "$OUT/budget/tokens-$t.md" | tail -3
+    done
+    ;;
+  mixed)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py -k "mixed or prefill_graph" 2>&1 \
+      | tail -3 | tee "$OUT/mixed/tests.log"
+    for g in 1 single; do
+      echo "== LMQ_PREFILL_GRAPHS=$g" | tee -a "$OUT/mixed/bench.log"
+      LMQ_PREFILL_GRAPHS=$g timeout 150 lmq bench --synthetic llama3-8b --mode latency,throughput --batch 4,16 \
+        --input-len 128 --output-len 32 --num-requests 128 --kv-dtype int8 --max-model-len 4096 \
+        --cache-max-memory 16GiB --max-num-batched-tokens 512 >>"$OUT/mixed/bench.log" 2>&1
+      grep -E "^latency|^\| 128|captured|Error" "$OUT/mixed/bench.log" | tail -4
     done
     ;;
   splits)

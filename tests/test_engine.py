@@ -355,7 +355,8 @@ def test_decode_graphs_are_captured_on_their_warm_up_stream(weights, monkeypatch
     eng.runner._capture()
     warm_ups = calls[0::3]
     captures = calls[2::3]
-    n_graphs = len(eng.runner.buckets) + len(eng.runner.prefill_buckets)  # decode and prefill graphs
+    # decode graphs, and two prefill graphs per bucket (one sequence, max_num_seqs sequences)
+    n_graphs = len(eng.runner.buckets) + 2 * len(eng.runner.prefill_buckets)
     assert calls[1::3] == ["capture"] * n_graphs and all(s is not default for s in warm_ups)
     assert captures == warm_ups
 
@@ -388,10 +389,44 @@ def test_padded_prefill_matches_the_eager_prefill(weights, n_new):
     graphs, r.prefill_graphs = r.prefill_graphs, {}  # the reference is the eager prefill, also on a GPU
     ref = r.run(step, eng.manager).float()  # [1, V]
     r.prefill_graphs = graphs
-    tb = r._stage_prefill(step, eng.manager)
-    assert tb == (32 if n_new <= 32 else 64 if n_new <= 64 else 768)
-    ids, batch = r._prefill_batch(tb)
-    got = r.model.forward(ids, r.cache, batch, r._p_row.long()).float()
+    (tb, ns), n_rows = r._stage_prefill(step, eng.manager)
+    assert tb == (32 if n_new <= 32 else 64 if n_new <= 64 else 768) and ns == 1 and n_rows == 1
+    ids, batch, rows = r._prefill_batch(tb, ns)
+    got = r.model.forward(ids, r.cache, batch, rows.long()).float()
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item() > 0.9999
+    assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
+
+
+def test_padded_mixed_step_matches_the_eager_step(weights):
+    """What a many-sequence prefill graph computes, run eagerly: a step of two new prompts (one after a cached
+    prefix) and decode rows of two running sequences, padded to its bucket (the padding joins the last sequence
+    after its real rows; the graph's other sequences have no rows), gives the eager step's logits for every
+    sampling row, in span order. A prompt chunk that does not sample gets no row."""
+    eng = make_llm(weights, max_num_seqs=6, prefill_graphs=True, max_model_len=512, max_num_batched_tokens=256)
+    r = eng.runner
+    if not r.prefill_graphs:
+        r._prefill_buffers()
+    prefix = list(range(1000, 1048))
+    eng.generate([prefix + [7, 8]], SamplingParams(max_new_tokens=1, ignore_eos=True))
+    for p in ([5, 6, 7, 8, 9], list(range(300, 317))):  # two running sequences: their prompts, then decode rows
+        eng.add_request(p, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    eng.step()
+    eng.step()
+    eng.add_request(prefix + list(range(2000, 2030)), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    eng.add_request(list(range(400, 700)), SamplingParams(max_new_tokens=2, ignore_eos=True))  # 300: chunked
+    step = eng.scheduler.schedule()
+    kinds = [(sp.end - sp.start, sp.sample) for sp in step.spans]
+    assert kinds[:2] == [(1, True), (1, True)] and kinds[2] == (30, True) and kinds[3][1] is False, kinds
+    graphs = r.prefill_graphs
+    r.prefill_graphs = graphs or {(256, 6): None}  # no graphs captured (CPU): the choice alone
+    assert step.num_tokens <= 256 and r._prefill_graph_fits(step, None)
+    r.prefill_graphs = {}
+    ref = r.run(step, eng.manager).float()  # [3, V]: the sampling spans' last rows
+    r.prefill_graphs = graphs
+    (tb, ns), n_rows = r._stage_prefill(step, eng.manager)
+    assert tb == 256 and ns == 6 and n_rows == 3 and ref.shape[0] == 3
+    ids, batch, rows = r._prefill_batch(tb, ns)
+    got = r.model.forward(ids, r.cache, batch, rows.long()).float()[:n_rows]
     assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item() > 0.9999
     assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
 
@@ -409,7 +444,7 @@ def test_long_prefill_graph_gives_the_eager_tokens(weights):
         stage = eng.runner._stage_prefill
         eng.runner._stage_prefill = lambda *a, stage=stage, staged=staged: staged.append(stage(*a)) or staged[-1]
         outs[graphs] = eng.generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
-        assert staged == ([768] if graphs else [])  # the graph ran, or no prefill graph did
+        assert staged == ([((768, 1), 1)] if graphs else [])  # the graph ran, or no prefill graph did
     assert outs[True] == outs[False]
     # the step's token budget caps the buckets, and is one itself where it falls between two
     small = make_llm(weights, max_num_seqs=2, prefill_graphs=True, max_model_len=1024, max_num_batched_tokens=300)

@@ -65,6 +65,39 @@ def test_prefill_graph_matches_eager_prefill(n_new):
     assert starts == [48, 48 + n_new]  # the prefix came from the cache
 
 
+def test_mixed_step_graphs_match_eager_steps():
+    """Steps of several sequences (new prompts, a prompt chunk, decode rows riding along) replay the prefill graph
+    of max_num_seqs sequences for their token bucket: logits as the eager steps', the same K/V written (the later
+    decode steps agree), on fp16 and int8 caches."""
+    dev = torch.device("cuda")
+    model = EngineModel.synthetic("smollm2-135m", dev, group_size=64)
+    for kv in ("fp16", "int8"):
+        engines = [LLM(model, block_size=16, max_model_len=512, cache_max_memory="64MiB", max_num_seqs=4,
+                       max_num_batched_tokens=128, kv_dtype=kv, cuda_graphs=g, prefill_graphs=g) for g in (True, False)]
+        prompts = [list(range(100, 137)), list(range(500, 503)), list(range(900, 1100)), list(range(40, 50))]
+        kinds = []
+        for step_no in range(8):
+            if step_no in (0, 2):  # arrivals: two prompts now, two more while the first decode
+                for llm in engines:
+                    for p in prompts[step_no:step_no + 2]:
+                        llm.add_request(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
+            steps = [llm.scheduler.schedule() for llm in engines]
+            kinds.append((len(steps[0].spans), steps[0].is_decode, engines[0].runner._prefill_graph_fits(steps[0], None)))
+            logits = [llm.runner.run(st, llm.manager).float() for llm, st in zip(engines, steps)]
+            assert logits[0].shape == logits[1].shape
+            if logits[0].shape[0]:
+                cos = torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1)
+                assert cos.min().item() > 0.999, (kv, step_no, kinds[-1], cos)
+            for llm, st in zip(engines, steps):
+                toks = iter(logits[1].argmax(-1).tolist())
+                for sp in st.spans:
+                    llm.scheduler.advance(sp)
+                    if sp.sample:
+                        sp.seq.token_ids.append(next(toks))
+        assert any(n > 1 and not dec and fits for n, dec, fits in kinds), kinds  # a mixed step ran as a graph
+        assert any(dec for _, dec, _ in kinds), kinds
+
+
 def test_gemv_rows_decode_matches_torch_backend(monkeypatch):
     """Decode steps of three sequences on the GEMV with two rows per program (`ROWS`, each dequantized weight tile
     serving both; RoPE fused into the qkv GEMV per row) give the torch backend's logits: eagerly (M = 3: two

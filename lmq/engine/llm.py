@@ -129,8 +129,9 @@ class LLM:
         self.max_num_seqs = max_num_seqs
         self.manager = BlockManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.manager, max_num_seqs, max(max_num_batched_tokens, 1))
-        if prefill_graphs is None:  # on unless LMQ_PREFILL_GRAPHS=0 (see ModelRunner)
-            prefill_graphs = os.environ.get("LMQ_PREFILL_GRAPHS", "1") != "0"
+        if prefill_graphs is None:  # on unless LMQ_PREFILL_GRAPHS=0; "single": one-sequence steps only (ModelRunner)
+            env = os.environ.get("LMQ_PREFILL_GRAPHS", "1")
+            prefill_graphs = "single" if env == "single" else env != "0"
         self.runner = ModelRunner(self.model, spec, num_blocks, max_num_seqs, self.max_model_len, cuda_graphs,
                                   prefill_graphs, max_num_batched_tokens)
         log(f"KV cache: {num_blocks} blocks x {block_size} tokens ({self.cache_tokens} tokens, "

@@ -9,15 +9,20 @@ copy, padded rows write to slot -1 (skipped) and attend over one token of block 
 attention is planned for `max_model_len` so the graph's launch grid never changes.
 
 With `prefill_graphs` (on by default where decode graphs are captured; `LLM(prefill_graphs=False)`
-or LMQ_PREFILL_GRAPHS=0 turns them off), a step that prefills one sequence's last `T <= 2048` prompt
-tokens alone (a chat turn, a request arriving at an idle engine) also replays a graph, captured per
-token-count bucket: the buckets stop at the step's token budget and the context, whichever is smaller
-(itself a bucket where it falls between two). The span is padded to the bucket with tokens that write
-nothing (slot -1), sit at position 0 for RoPE and, being after every real token, are never attended by
-one; only the last real row's logits are computed. An eager prefill is host-bound on a slow host (about
-430 kernel launches for Llama-3-8B: 22-37 ms of host time around 8-15 ms of kernels for 512 tokens, and
-37 ms around 24 ms for 1,024, on the lent H100's host; benchmarks/profile_prefill.py). The graphs share
-one memory pool, so their activations cost what the largest bucket's do.
+or LMQ_PREFILL_GRAPHS=0 turns them off; LMQ_PREFILL_GRAPHS=single keeps the one-sequence graphs only), a step with a span of more than one token and `T <= 2048`
+tokens in all also replays a graph, captured per token-count bucket: the buckets stop at the step's token
+budget and the context, whichever is smaller (itself a bucket where it falls between two). Two graphs
+per bucket: one for a single sequence (a chat turn, a request arriving at an idle engine), one for up to
+`max_num_seqs` sequences (several prompts at once, or prompt chunks with decode rows riding along: the
+steps of continuous batching while requests arrive). The step's rows are padded to the bucket with rows
+that write nothing (slot -1), sit at position 0 for RoPE and belong to the last sequence after its real
+rows, so no real row attends them; sequences past the step's have no rows; only the sampling rows' logits
+are computed. The single-sequence graph keeps its own attention tiling (query tiles shrink for a short
+chunk over a long prefix), which a launch sized for many sequences would not. An eager prefill is
+host-bound on a slow host (about 430 kernel launches for Llama-3-8B: 22-37 ms of host time around 8-15
+ms of kernels for 512 tokens, and 37 ms around 24 ms for 1,024, on the lent H100's host;
+benchmarks/profile_prefill.py). The graphs share one memory pool, so their activations cost what the
+largest bucket's do.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ PREFILL_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048)  # new-token co
 
 class ModelRunner:
     def __init__(self, model: EngineModel, spec: KVCacheSpec, num_blocks: int, max_num_seqs: int,
-                 max_model_len: int, cuda_graphs: bool = True, prefill_graphs: bool = False,
+                 max_model_len: int, cuda_graphs: bool = True, prefill_graphs: bool | str = False,
                  max_prefill_tokens: int | None = None):
         self.model = model
         self.device = model.device
@@ -50,8 +55,11 @@ class ModelRunner:
         self.block_size = spec.block_size
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // spec.block_size)  # block-table width
+        self.max_num_seqs = max_num_seqs
+        self.prefill_many = prefill_graphs != "single"  # "single": one-sequence prefill graphs only (an A/B)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (token bucket, sequences: 1 or max_num_seqs) -> (graph, logits of the sampling rows [sequences, V])
+        self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # no step prefills more than the token budget or the context: the smaller of them (at most the largest
         # bucket) is the last bucket, so a budget between two buckets still has its graph
         most = min(max_model_len, max_prefill_tokens or max_model_len, PREFILL_BUCKETS[-1])
@@ -119,84 +127,106 @@ class ModelRunner:
         prefill = f" and prefill graphs for {self.prefill_buckets} new tokens" if self.prefill_buckets else ""
         log(f"captured decode CUDA graphs for batch sizes {self.buckets}{prefill} in {time.perf_counter() - t0:.1f}s")
 
-    # -- CUDA graphs for single-sequence prefill ------------------------------------------------------
-    def _prefill_batch(self, tb: int) -> tuple[torch.Tensor, AttentionBatch]:
-        ids = self._p_ids[:tb]
+    # -- CUDA graphs for prefill and mixed steps -------------------------------------------------------
+    def _prefill_seq_counts(self) -> list[int]:
+        """Sequences of the prefill graphs of each bucket: one, and max_num_seqs where that is more."""
+        return [1] + ([self.max_num_seqs] if self.max_num_seqs > 1 and self.prefill_many else [])
+
+    def _prefill_batch(self, tb: int, ns: int) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor]:
+        """(ids, batch, sampling rows) of the static inputs, viewed for `tb` rows and `ns` sequences."""
         batch = AttentionBatch(
-            slot_mapping=self._p_slots[:tb], block_tables=self._p_table, seq_lens=self._p_lens,
-            cu_seqlens_q=self._p_cu, positions=self._p_pos[:tb], max_q_len=tb, max_seq_len=self.max_model_len,
-            is_prefill=True,
+            slot_mapping=self._p_slots[:tb], block_tables=self._p_table[:ns], seq_lens=self._p_lens[:ns],
+            cu_seqlens_q=self._p_cu[:ns + 1], positions=self._p_pos[:tb], max_q_len=tb,
+            max_seq_len=self.max_model_len, is_prefill=True,
         )
-        return ids, batch
+        return self._p_ids[:tb], batch, self._p_rows[:ns]
 
     def _prefill_buffers(self) -> None:
         """The prefill graphs' static inputs: one pinned host buffer and its device copy."""
-        tm = self.prefill_buckets[-1]
-        # the sequence's block table, with room for the padded rows past its last real token
+        tm, S = self.prefill_buckets[-1], self.max_num_seqs
+        # a block-table row, with room for the padded rows past the last sequence's last real token
         self._p_width = self.max_blocks + -(-tm // self.block_size)
-        # one int32 buffer: [ids | positions | slots (tm each) | len | cu (2) | table | sample row]
-        self._p_host = torch.zeros(3 * tm + 3 + self._p_width + 1, dtype=torch.int32,
+        # one int32 buffer: [ids | positions | slots (tm each) | lens (S) | cu (S + 1) | tables (S x width) |
+        # sampling rows (S)]
+        self._p_host = torch.zeros(3 * tm + 3 * S + 1 + S * self._p_width, dtype=torch.int32,
                                    pin_memory=self.device.type == "cuda")
         self._p_np = self._p_host.numpy()
         self._p_copied = torch.cuda.Event() if self.device.type == "cuda" else None
         d = self._p_dev = torch.zeros_like(self._p_host, device=self.device)
         self._p_ids, self._p_pos, self._p_slots = d[:tm], d[tm:2 * tm], d[2 * tm:3 * tm]
-        self._p_lens, self._p_cu = d[3 * tm:3 * tm + 1], d[3 * tm + 1:3 * tm + 3]
-        self._p_table = d[3 * tm + 3:3 * tm + 3 + self._p_width].view(1, self._p_width)
-        self._p_row = d[-1:]
+        o = 3 * tm
+        self._p_lens, self._p_cu = d[o:o + S], d[o + S:o + 2 * S + 1]
+        o += 2 * S + 1
+        self._p_table = d[o:o + S * self._p_width].view(S, self._p_width)
+        self._p_rows = d[o + S * self._p_width:]  # [S]
 
     def _capture_prefill(self, pool, stream: torch.cuda.Stream) -> None:
         if not self.prefill_buckets:
             return
         self._prefill_buffers()
         for tb in reversed(self.prefill_buckets):
-            self._fill_prefill(tb, [0], 0, [-1], [0], tb)  # warm-up: writes nothing, attends block 0
-            self._p_dev.copy_(self._p_host)
-            ids, batch = self._prefill_batch(tb)
-            self.prefill_graphs[tb] = self._capture_one(
-                lambda i=ids, b=batch: self.model.forward(i, self.cache, b, self._p_row.long()), pool, stream)  # [1, V]
+            for ns in self._prefill_seq_counts():
+                # warm-up: one sequence of tb padded rows that write nothing and attend block 0, the others empty
+                self._fill_prefill(tb, ns, [([], 0, [], [0], False)])
+                self._p_dev.copy_(self._p_host)
+                ids, batch, rows = self._prefill_batch(tb, ns)
+                self.prefill_graphs[tb, ns] = self._capture_one(
+                    lambda i=ids, b=batch, r=rows: self.model.forward(i, self.cache, b, r.long()), pool, stream)
 
-    def _fill_prefill(self, tb: int, ids: list[int], start: int, slots: list[int], table: list[int],
-                      seq_len: int) -> None:
-        """The static inputs of a `tb`-row prefill: real rows first, then padding."""
-        tm = self.prefill_buckets[-1]
+    def _fill_prefill(self, tb: int, ns: int, spans: list[tuple[list[int], int, list[int], list[int], bool]]) -> int:
+        """The static inputs of a `tb`-row step of `ns` sequences from its spans (token ids, first position, slots,
+        block table, samples): real rows first, in span order, then the padding, which the last span's sequence
+        takes after its real rows (its length grows by as many). Returns the number of sampling rows."""
+        tm, S, W = self.prefill_buckets[-1], self.max_num_seqs, self._p_width
         h = self._p_np
-        T = len(ids)
         h[:] = 0
-        h[:T] = ids
-        h[tm:tm + T] = np.arange(start, start + T)  # positions; padded rows sit at 0
-        h[2 * tm:3 * tm] = -1  # padded rows write nothing
-        h[2 * tm:2 * tm + T] = slots
-        h[3 * tm] = seq_len  # prefix + tb rows (the padded ones only attend)
-        h[3 * tm + 2] = tb  # cu_seqlens_q = [0, tb]
-        h[3 * tm + 3:3 * tm + 3 + len(table)] = table
-        h[-1] = T - 1  # the row whose logits are returned
+        h[2 * tm:3 * tm] = -1  # slots: padded rows write nothing (positions stay 0)
+        o = 3 * tm
+        lens, cu, tables = h[o:o + S], h[o + S:o + 2 * S + 1], h[o + 2 * S + 1:o + 2 * S + 1 + S * W]
+        rows = h[o + 2 * S + 1 + S * W:]
+        lens[:] = 1  # sequences past the step's: no rows (their cu stays at tb), one token each
+        t, n_rows = 0, 0
+        for i, (ids, start, slots, table, samples) in enumerate(spans):
+            n = len(ids)
+            h[t:t + n] = ids
+            h[tm + t:tm + t + n] = np.arange(start, start + n)
+            h[2 * tm + t:2 * tm + t + n] = slots
+            t += n
+            last = i == len(spans) - 1
+            lens[i] = start + n + (tb - sum(len(s[0]) for s in spans) if last else 0)
+            cu[i + 1] = tb if last else t
+            tables[i * W:i * W + len(table)] = table
+            if samples:
+                rows[n_rows] = t - 1
+                n_rows += 1
+        cu[len(spans) + 1:ns + 1] = tb
+        return n_rows
 
     def _prefill_graph_fits(self, step: Step, ids: torch.Tensor | None) -> bool:
-        if not self.prefill_graphs or ids is not None or step.is_decode or len(step.spans) != 1:
+        if not self.prefill_graphs or ids is not None or step.is_decode or \
+                len(step.spans) > max(self._prefill_seq_counts()):
             return False
-        sp = step.spans[0]
-        return sp.sample and 1 < sp.end - sp.start <= self.prefill_buckets[-1]
+        return 1 < step.num_tokens <= self.prefill_buckets[-1]
 
-    def _stage_prefill(self, step: Step, manager: BlockManager) -> int:
-        """Copy the single prefill span of `step`, padded, into the static inputs; returns its bucket."""
-        sp = step.spans[0]
-        T = sp.end - sp.start
-        tb = next(b for b in self.prefill_buckets if b >= T)
-        sid = sp.seq.seq_id
+    def _stage_prefill(self, step: Step, manager: BlockManager) -> tuple[tuple[int, int], int]:
+        """Copy the step's spans, padded, into the static inputs; returns its graph's key and its sampling rows."""
+        tb = next(b for b in self.prefill_buckets if b >= step.num_tokens)
+        ns = 1 if len(step.spans) == 1 else self.max_num_seqs
         if self._p_copied is not None:
             self._p_copied.synchronize()  # the previous replay's inputs have left the host buffer
-        self._fill_prefill(tb, sp.seq.token_ids[sp.start:sp.end], sp.start, manager.slots(sid, sp.start, sp.end),
-                           manager.block_table(sid), sp.start + tb)
+        n_rows = self._fill_prefill(tb, ns, [
+            (sp.seq.token_ids[sp.start:sp.end], sp.start, manager.slots(sp.seq.seq_id, sp.start, sp.end),
+             manager.block_table(sp.seq.seq_id), sp.sample) for sp in step.spans])
         self._p_dev.copy_(self._p_host, non_blocking=True)
         if self._p_copied is not None:
             self._p_copied.record()
-        return tb
+        return (tb, ns), n_rows
 
     def _replay_prefill(self, step: Step, manager: BlockManager) -> torch.Tensor:
-        graph, out = self.prefill_graphs[self._stage_prefill(step, manager)]
+        key, n_rows = self._stage_prefill(step, manager)
+        graph, out = self.prefill_graphs[key]
         graph.replay()
-        return out
+        return out[:n_rows]
 
     @staticmethod
     def _capture_one(forward, pool, stream: torch.cuda.Stream) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
