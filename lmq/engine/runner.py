@@ -9,9 +9,10 @@ copy, padded rows write to slot -1 (skipped) and attend over one token of block 
 attention is planned for `max_model_len` so the graph's launch grid never changes.
 
 With `prefill_graphs` (on by default where decode graphs are captured; `LLM(prefill_graphs=False)`
-or LMQ_PREFILL_GRAPHS=0 turns them off; LMQ_PREFILL_GRAPHS=single keeps the one-sequence graphs only), a step with a span of more than one token and `T <= 2048`
-tokens in all also replays a graph, captured per token-count bucket: the buckets stop at the step's token
-budget and the context, whichever is smaller (itself a bucket where it falls between two). Two graphs
+or LMQ_PREFILL_GRAPHS=0 turns them off; LMQ_PREFILL_GRAPHS=single keeps the one-sequence graphs only),
+a step with a span of more than one token and `T <= 2048` tokens in all also replays a graph, captured
+per token-count bucket: the buckets stop at the step's token budget and the context, whichever is smaller
+(itself a bucket where it falls between two). Two graphs
 per bucket: one for a single sequence (a chat turn, a request arriving at an idle engine), one for up to
 `max_num_seqs` sequences (several prompts at once, or prompt chunks with decode rows riding along: the
 steps of continuous batching while requests arrive). The step's rows are padded to the bucket with rows
@@ -185,7 +186,7 @@ class ModelRunner:
         lens, cu, tables = h[o:o + S], h[o + S:o + 2 * S + 1], h[o + 2 * S + 1:o + 2 * S + 1 + S * W]
         rows = h[o + 2 * S + 1 + S * W:]
         lens[:] = 1  # sequences past the step's: no rows (their cu stays at tb), one token each
-        t, n_rows = 0, 0
+        t, n_rows, pad = 0, 0, tb - sum(len(s[0]) for s in spans)
         for i, (ids, start, slots, table, samples) in enumerate(spans):
             n = len(ids)
             h[t:t + n] = ids
@@ -193,7 +194,7 @@ class ModelRunner:
             h[2 * tm + t:2 * tm + t + n] = slots
             t += n
             last = i == len(spans) - 1
-            lens[i] = start + n + (tb - sum(len(s[0]) for s in spans) if last else 0)
+            lens[i] = start + n + (pad if last else 0)
             cu[i + 1] = tb if last else t
             tables[i * W:i * W + len(table)] = table
             if samples:
