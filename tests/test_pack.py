@@ -140,6 +140,13 @@ def test_pack_is_deterministic_and_refuses_overwrite(tmp_path):
         api.pack_checkpoint(src, tmp_path / "a", "sm80")
     api.pack_checkpoint(src, tmp_path / "a", "sm86", force=True)
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["arch"] == "sm86"
+    # an output that is the source, or a folder holding it, is refused even with --force: replacing it would
+    # delete the source and whatever sits beside it
+    (tmp_path / "keep.txt").write_text("keep")
+    for out in (src, tmp_path):
+        with pytest.raises(InputError, match="would overwrite the source"):
+            api.pack_checkpoint(src, out, "sm80", force=True)
+    assert (tmp_path / "keep.txt").read_text() == "keep" and (src / "manifest.json").exists()
 
 
 def test_pack_refuses_bad_inputs(tmp_path):

@@ -21,8 +21,12 @@ from lmq.errors import InputError, LmqError
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 
 
-def check_output_path(out: Path, force: bool) -> None:
-    """Refuse to overwrite an existing output unless asked to (checked before any long work)."""
+def check_output_path(out: Path, force: bool, source: Path | None = None) -> None:
+    """Refuse to overwrite an existing output unless asked to (checked before any long work), and, with `source`,
+    an output that is the source folder or holds it (replacing it would delete the input, --force or not)."""
+    if source is not None and (out.resolve() == source.resolve() or out.resolve() in source.resolve().parents):
+        raise InputError(f"-o {out} would overwrite the source {source}, which it is or holds; choose another "
+                         "output folder")
     if out.exists() and not force:
         raise InputError(f"output folder {out} already exists; choose another -o, or pass --force to replace it")
     for parent in [out.parent, *out.parent.parents]:

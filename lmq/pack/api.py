@@ -173,9 +173,7 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
     if not src.is_dir():
         raise InputError(f"{src} is not a folder; give a quantized checkpoint folder (from `lmq quantize`)")
     arch = resolve_arch(arch)
-    if out.resolve() == src.resolve():
-        raise InputError(f"-o {out} is the source folder; write the packed checkpoint to another folder")
-    check_output_path(out, force)
+    check_output_path(out, force, src)
     cfg, quant = _quant_config(src)
     qc = cfg["quantization_config"]
     G = quant.group_size

@@ -170,8 +170,7 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
     out = Path(spec.out)
     check_output_path(out, spec.force)
     src_path = resolve_model_path(spec.model)
-    if out.resolve() == src_path.resolve() or out.resolve() in src_path.resolve().parents:
-        raise InputError(f"-o {out} would overwrite the source model {src_path}; choose another output folder")
+    check_output_path(out, spec.force, src_path)
     src = WeightSource(src_path)
     bytes_in = src.weight_bytes()
     if src.quant is not None:
