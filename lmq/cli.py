@@ -41,23 +41,41 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler, `docker stop`, `timeout`), raised where the command is, as Ctrl-C is."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 @contextmanager
 def guard():
     """Every command body runs inside this: LmqError -> one `error: ...` line and exit 1.
 
-    Anything else is a bug and keeps its traceback. Ctrl-C exits 130; writers clean up their
-    temporary folders themselves, so nothing half-written is left behind.
+    Anything else is a bug and keeps its traceback. Ctrl-C exits 130 and SIGTERM 143; both unwind
+    the command, so writers clean up their temporary folders themselves and nothing half-written is
+    left behind.
     """
+    import signal
+
     from lmq.errors import LmqError
 
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave SIGTERM as it is
+        previous = None
     try:
         yield
     except LmqError as e:
         error(str(e))
         raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:
-        error("interrupted; nothing partial was left behind")
-        raise typer.Exit(130)
+    except KeyboardInterrupt as e:
+        error(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing partial was left behind")
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,11 +76,19 @@ def test_output_exists_needs_force(tmp_path, tiny_model):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("exc,code", [(OSError(28, "No space left on device"), 1), (KeyboardInterrupt(), 130)])
+@pytest.mark.parametrize("exc,code", [(OSError(28, "No space left on device"), 1), (KeyboardInterrupt(), 130),
+                                      ("SIGTERM", 143)])
 def test_disk_full_or_ctrl_c_leaves_nothing(tmp_path, tiny_model, monkeypatch, exc, code):
+    """A write that fails, Ctrl-C, or SIGTERM (a batch scheduler, `docker stop`) mid-write: no output, no temporary
+    folder left beside it."""
+    import os
+    import signal
+
     import safetensors.torch
 
     def fail(*a, **k):
+        if exc == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in this frame
         raise exc
 
     monkeypatch.setattr(safetensors.torch, "save_file", fail)
