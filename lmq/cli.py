@@ -105,6 +105,11 @@ def load_recipe(path: Path) -> dict:
     unknown = sorted(set(q) - set(QUANT_DEFAULTS))
     if unknown:
         raise InputError(f"recipe {path} has unknown keys {unknown}; known: {sorted(QUANT_DEFAULTS)}")
+    for key, value in q.items():  # each value of its default's type (a bool is not a number here)
+        want = type(QUANT_DEFAULTS[key])
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            kind = {int: "a whole number", bool: "true or false", str: "a string"}[want]
+            raise InputError(f"recipe {path}: {key} must be {kind} (e.g. {QUANT_DEFAULTS[key]!r}), got {value!r}")
     return q
 
 

@@ -127,6 +127,20 @@ def test_bad_recipe_key(tmp_path, tiny_model):
     r = tmp_path / "r.toml"
     r.write_text("[quantize]\ngroup_sise = 64\n")
     assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--recipe", r), "unknown keys", "group_sise")
+    # values of the wrong type: one error line naming the key, not a traceback or a string written into the config
+    for line, match in (('group_size = "abc"', "group_size must be a whole number"),
+                        ('zero_point = "no"', "zero_point must be true or false"),
+                        ("refine_steps = 1.5", "refine_steps must be a whole number"),
+                        ("seed = true", "seed must be a whole number")):
+        r.write_text(f"[quantize]\n{line}\n")
+        assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--recipe", r), match)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("g", ["0", "-1", "7", "256"])
+def test_group_size_outside_the_kernels_is_refused_first(tmp_path, tiny_model, g):
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--method", "rtn", "--group-size", g),
+                 "--group-size must be one of 32, 64, 128", f"got {g}")
 
 
 def test_newer_checkpoint_format_refused(tmp_path, tiny_model):

@@ -25,7 +25,7 @@ from lmq.format.writer import CheckpointWriter, check_output_path
 from lmq.models.llama import layer_forward, rope_cos_sin
 from lmq.quant import awq
 from lmq.quant.refine import refine_rounding
-from lmq.quant.rtn import QuantizedWeight, check_group_size, quantize
+from lmq.quant.rtn import SUPPORTED_GROUP_SIZES, QuantizedWeight, check_group_size, quantize
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # awq: AWQ scales + clipping, then round-to-nearest (AutoAWQ's algorithm) or, with refine_steps > 0
@@ -167,6 +167,11 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
         raise InputError(f"--refine-steps must be 0 (off) or more, got {spec.refine_steps}")
     if spec.dtype not in ("auto", *DTYPES):
         raise InputError(f"--dtype must be auto, float16 or bfloat16, got {spec.dtype!r}")
+    if isinstance(spec.group_size, bool) or spec.group_size not in SUPPORTED_GROUP_SIZES:
+        raise InputError(f"--group-size must be one of {', '.join(map(str, SUPPORTED_GROUP_SIZES))} (what lmq's "
+                         f"kernels read), got {spec.group_size!r}")
+    if not isinstance(spec.zero_point, bool):
+        raise InputError(f"zero_point must be true or false, got {spec.zero_point!r}")
     out = Path(spec.out)
     check_output_path(out, spec.force)
     src_path = resolve_model_path(spec.model)
