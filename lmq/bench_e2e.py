@@ -68,8 +68,13 @@ def read_requests(path: str, llm: LLM) -> list[Request]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"--dataset {path} is not a file; give a jsonl file of {{\"prompt\", \"max_tokens\"}} lines")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise InputError(f"--dataset {path} is not UTF-8 text ({e}); give a jsonl file of {{\"prompt\", "
+                         "\"max_tokens\"}} lines") from e
     reqs = []
-    for i, line in enumerate(p.read_text().splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -347,7 +352,7 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
               answer_len: int = 128,
               baseline: str = "none", kv_dtype: str = "auto", max_num_seqs: int = 64,
               max_num_batched_tokens: int = 2048, max_model_len: int | None = None, cache_max_memory: str | None = None,
-              gpu_memory_utilization: float = 0.9, group_size: int = 128,
+              gpu_memory_utilization: float = 0.9, group_size: int | None = None,
               device: str = "auto", seed: int = 0, json_out: bool = False,
               deterministic: bool = False) -> tuple[dict, str]:
     """Build the engine, run the chosen workloads, return (report, rendered text or JSON)."""
@@ -364,13 +369,22 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
         raise InputError(f"--baseline {baseline!r}: expected none or hf")
     if concurrency is not None and concurrency < 1:
         raise InputError(f"--concurrency must be >= 1, got {concurrency}")
-    for flag, value in (("--max-num-seqs", max_num_seqs), ("--max-num-batched-tokens", max_num_batched_tokens)):
+    checks = [("--max-num-seqs", max_num_seqs), ("--max-num-batched-tokens", max_num_batched_tokens)]
+    if "throughput" in mode_list and dataset is None:
+        checks.append(("--num-requests", num_requests))
+    if "multiturn" in mode_list:
+        checks += [("--turns", turns), ("--answer-len", answer_len)]
+    for flag, value in checks:
         if value < 1:  # before minutes of loading
             raise InputError(f"{flag} must be >= 1, got {value}")
     B, n_in, n_out = parse_list(batches, "--batch"), parse_list(input_lens, "--input-len"), \
         parse_list(output_lens, "--output-len")
     if dataset is not None and not Path(dataset).is_file():  # before minutes of loading
         raise InputError(f"--dataset {dataset} is not a file; give a jsonl file of {{\"prompt\", \"max_tokens\"}} lines")
+    if synthetic:
+        from lmq.models.configs import synthetic_group_size
+
+        group_size = synthetic_group_size(synthetic, group_size)
     dev = pick_device(device)
     model = EngineModel.synthetic(synthetic, dev, group_size, deterministic=deterministic) if synthetic else \
         EngineModel(checkpoint, dev, deterministic=deterministic)

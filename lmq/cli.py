@@ -364,7 +364,8 @@ def bench_e2e_cmd(
     max_model_len: Optional[int] = _max_model_len_option(),
     cache_max_memory: Optional[str] = _cache_max_memory_option(),
     gpu_memory_utilization: float = _gpu_memory_utilization_option(),
-    group_size: int = typer.Option(128, "--group-size", help="Synthetic weights: quantization group size."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Synthetic weights: quantization group size "
+                                             "(default: 128, or the largest of 64, 32 that splits the shape's layers)."),
     device: str = _device_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts."),
     deterministic: bool = typer.Option(False, "--deterministic", help="The engine in its deterministic mode (every "

@@ -14,6 +14,7 @@ quantize -> dequantize round trip to measure what a quantized KV cache costs.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from lmq.console import progress
 from lmq.errors import InputError
-from lmq.format.source import WeightSource, resolve_model_path
+from lmq.format.source import WeightSource, load_tokenizer, resolve_model_path
 from lmq.models.llama import KVTransform, layer_forward, rms_norm, rope_cos_sin
 
 
@@ -54,6 +55,8 @@ def pick_device(name: str) -> torch.device:
     """`auto` -> CUDA when torch sees a GPU, else CPU; `cuda`/`cuda:N` without a GPU is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
@@ -78,13 +81,18 @@ def load_model(path: str, device: str = "auto", kv_dtype: str = "fp16") -> Dense
     return DenseModel(src, dev, dtype, kv_transform_for(kv_dtype))
 
 
-def check_data(data: str, seqlen: int) -> Path:
-    """Fail fast, before any model is loaded, on a missing text file or a silly window size."""
+def check_data(data: str, seqlen: int, max_windows: int | None = None, batch_size: int = 1) -> Path:
+    """Fail fast, before any model is loaded, on a missing text file or a silly window size, window count or
+    batch size."""
     p = Path(data).expanduser()
     if not p.is_file():
         raise InputError(f"evaluation text {data} is not a file; pass e.g. --data wikitext-2-raw/wiki.test.raw")
     if seqlen < 2:
         raise InputError(f"--seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise InputError(f"--max-windows must be 1 or more, got {max_windows}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be 1 or more, got {batch_size}")
     return p
 
 
@@ -101,12 +109,14 @@ def check_seqlen(model: DenseModel, seqlen: int) -> None:
 
 def windows(model_path: Path, data: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
     """Token windows `[W, seqlen]` of the text file `data`, tokenized with the model's tokenizer."""
-    from transformers import AutoTokenizer
-
-    p = check_data(data, seqlen)
-    tok = AutoTokenizer.from_pretrained(str(model_path))
+    p = check_data(data, seqlen, max_windows)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{data} is not UTF-8 text ({e}); give a text file such as wikitext-2's wiki.test.raw") from e
+    tok = load_tokenizer(model_path)
     tok.model_max_length = 1 << 62  # the text is tokenized whole, then cut into windows
-    ids = tok(p.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
@@ -145,7 +155,7 @@ class KldResult:
 def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: int | None = None,
                device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1) -> PplResult:
     t0 = time.time()
-    check_data(data, seqlen)
+    check_data(data, seqlen, max_windows, batch_size)
     model = load_model(path, device, kv_dtype)
     check_seqlen(model, seqlen)
     ids = windows(model.src.path, data, seqlen, max_windows)
@@ -167,7 +177,7 @@ def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: int | None
 def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_windows: int | None = None,
                   device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1) -> KldResult:
     t0 = time.time()
-    check_data(data, seqlen)
+    check_data(data, seqlen, max_windows, batch_size)
     ref = load_model(reference, device)
     model = load_model(path, device, kv_dtype)
     if ref.cfg.vocab_size != model.cfg.vocab_size:

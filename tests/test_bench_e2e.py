@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from lmq.bench_e2e import render_e2e, run_bench
+from lmq.bench_e2e import read_requests, render_e2e, run_bench
 from lmq.cli import app
 from lmq.errors import InputError
 
@@ -51,6 +51,10 @@ def test_cli_routes_bench_to_e2e_and_prints_json():
     ({"batches": "0"}, "--batch"),
     ({"baseline": "vllm"}, "--baseline"),
     ({"max_num_batched_tokens": 0}, "--max-num-batched-tokens must be >= 1, got 0"),
+    ({"num_requests": 0}, "--num-requests must be >= 1, got 0"),
+    ({"turns": 0}, "--turns must be >= 1, got 0"),
+    ({"answer_len": 0}, "--answer-len must be >= 1, got 0"),
+    ({"group_size": 128}, "use --group-size 64 or 32"),
 ])
 def test_bad_options_are_refused(kw, match):
     args = {"checkpoint": None, "synthetic": "smollm2-135m", **SMALL, **kw}
@@ -76,6 +80,21 @@ def test_throughput_reads_a_jsonl_request_file(tmp_path):
         run_bench(None, "smollm2-135m", modes="throughput", dataset=str(bad), **SMALL)
     with pytest.raises(InputError, match="is not a file"):
         run_bench(None, "smollm2-135m", modes="throughput", dataset=str(tmp_path / "missing.jsonl"), **SMALL)
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(InputError, match="is not UTF-8 text"):
+        read_requests(str(binary), None)
+
+
+def test_synthetic_models_take_a_group_size_their_shape_allows():
+    """Without --group-size a synthetic model takes the largest of 128, 64, 32 that splits its layers: SmolLM2's
+    576-wide layers run at 64 (the default 128 could not), Llama-3-8B's at 128."""
+    from lmq.models.configs import synthetic_group_size
+
+    assert synthetic_group_size("smollm2-135m") == 64 and synthetic_group_size("llama3-8b") == 128
+    assert synthetic_group_size("smollm2-135m", 32) == 32
+    report, _ = run_bench(None, "smollm2-135m", modes="latency", **{**SMALL, "batches": "1", "group_size": None})
+    assert report["model"] == "synthetic smollm2-135m (random weights, g64)"
 
 
 def test_hf_baseline_loads_a_real_checkpoint(smollm2_rtn):

@@ -239,3 +239,42 @@ def test_results_piped_keep_every_column():
     narrow = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**env, "COLUMNS": "80"}).stdout
     assert max(len(line) for line in narrow.splitlines()) <= 80
+
+
+def test_eval_bad_numbers_and_binary_text_are_refused(tmp_path, tiny_model, wiki_file):
+    for args, match in ((("--batch-size", "0"), "--batch-size must be 1 or more, got 0"),
+                        (("--max-windows", "0"), "--max-windows must be 1 or more, got 0"),
+                        (("--device", "tpu"), "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+                        (("--device", "meta"), "got 'meta'")):
+        assert_error(lmq("eval", "ppl", tiny_model, "--data", wiki_file, "--seqlen", "64", *args), match)
+    assert_error(lmq("eval", "kld", tiny_model, "--reference", tiny_model, "--data", wiki_file, "--seqlen", "64",
+                     "--batch-size", "-1"), "--batch-size must be 1 or more")
+    binary = tmp_path / "binary.raw"
+    binary.write_bytes(bytes(range(128, 256)) * 64)
+    assert_error(lmq("eval", "ppl", tiny_model, "--data", binary, "--seqlen", "64"), "is not UTF-8 text")
+
+
+def test_tokenizer_that_needs_remote_code_or_is_missing(tmp_path, tiny_model, wiki_file):
+    """A tokenizer with its own code (auto_map) is refused with a reason, never run; a folder without tokenizer
+    files says what to copy."""
+    import shutil
+
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_model, remote)
+    cfg = json.loads((remote / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": ["tok.MyTokenizer", None]}
+    cfg["tokenizer_class"] = "MyTokenizer"
+    (remote / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (remote / "tok.py").write_text("open('RAN', 'w').write('remote code ran')\n")
+    assert_error(lmq("eval", "ppl", remote, "--data", wiki_file, "--seqlen", "64"), "lmq never runs")
+    assert not (tmp_path / "RAN").exists() and not __import__("pathlib").Path("RAN").exists()
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        (bare / f).unlink(missing_ok=True)
+    assert_error(lmq("eval", "ppl", bare, "--data", wiki_file, "--seqlen", "64"), "has no tokenizer")
+
+
+def test_binary_config_json_is_a_clear_error(tmp_path, tiny_model):
+    (tiny_model / "config.json").write_bytes(bytes(range(128, 256)))
+    assert_error(lmq("inspect", tiny_model), "config.json is not valid JSON")

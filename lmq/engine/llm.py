@@ -76,7 +76,7 @@ class LLM:
                  block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True, cuda_graphs: bool = True,
                  backend: str = "auto", dtype: str | None = None, overlap: bool = True,
                  prefill_graphs: bool | None = None, deterministic: bool = False):
-        from transformers import AutoTokenizer
+        from lmq.format.source import load_tokenizer
 
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise InputError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, "
@@ -90,7 +90,7 @@ class LLM:
             self.model = EngineModel(model, dev, backend, dtype, deterministic)
         # a synthetic model (random weights, `EngineModel.synthetic`) has no tokenizer: token ids only
         self.path = self.model.src.path if self.model.src is not None else None
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path)) if self.path else None
+        self.tokenizer = load_tokenizer(self.path) if self.path else None
         self.eos_ids = eos_token_ids(self.path, self.tokenizer) if self.path else set()
         cfg = self.model.cfg
         limit = cfg.max_position_embeddings

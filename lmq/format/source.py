@@ -153,6 +153,26 @@ class QuantConfig:
                                self.group_size, name=prefix)
 
 
+def load_tokenizer(folder: Path):
+    """The checkpoint's tokenizer (transformers' AutoTokenizer), never with remote code: a tokenizer that needs
+    its own code (`auto_map`), or a folder without tokenizer files, is a CheckpointError saying so."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise CheckpointError(f"the tokenizer in {folder} needs its own code (auto_map in tokenizer_config.json), "
+                                  "which lmq never runs; use a model whose tokenizer transformers supports") from e
+        if not any((Path(folder) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise CheckpointError(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); copy "
+                                  "the tokenizer files from the model it was made from") from e
+        raise
+    except OSError as e:
+        raise CheckpointError(f"cannot load a tokenizer from {folder} ({e}); copy the tokenizer files from the model "
+                              "it was made from") from e
+
+
 def read_config_json(folder: Path, missing: LmqError) -> dict:
     """`folder`/config.json, parsed; raises `missing` where there is none (each reader says what folder it wanted)
     and a CheckpointError naming the file where it is not JSON."""
@@ -160,8 +180,8 @@ def read_config_json(folder: Path, missing: LmqError) -> dict:
     if not cfg_path.exists():
         raise missing
     try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download or re-create the model") from e
 
 

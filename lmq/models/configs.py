@@ -33,3 +33,18 @@ def synthetic_config(name: str) -> dict:
     if name not in SYNTHETIC_CONFIGS:
         raise InputError(f"--synthetic {name!r} is not a known shape; choose one of {', '.join(SYNTHETIC_CONFIGS)}")
     return dict(SYNTHETIC_CONFIGS[name])
+
+
+def synthetic_group_size(name: str, group_size: int | None = None) -> int:
+    """The quantization group size of a synthetic model: `group_size` where it splits every linear's input width
+    into whole groups, else an error naming the ones that do; None: the largest of 128, 64, 32 that does (SmolLM2's
+    576-wide layers take 64)."""
+    cfg = synthetic_config(name)
+    widths = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"] * cfg["head_dim"])
+    fits = [g for g in (128, 64, 32) if all(k % g == 0 for k in widths)]
+    if group_size is None:
+        return fits[0]
+    if group_size not in fits:
+        raise InputError(f"--group-size {group_size} does not split {name}'s layer widths {sorted(set(widths))} into "
+                         f"whole groups; use --group-size {' or '.join(map(str, fits))}")
+    return group_size

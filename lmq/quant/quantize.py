@@ -20,7 +20,7 @@ from lmq.console import log, progress
 from lmq.errors import InputError, UnsupportedError
 from lmq.format import awq_gemm
 from lmq.format.manifest import write_manifest
-from lmq.format.source import TOKENIZER_FILES, QuantConfig, WeightSource, resolve_model_path
+from lmq.format.source import TOKENIZER_FILES, QuantConfig, WeightSource, load_tokenizer, resolve_model_path
 from lmq.format.writer import CheckpointWriter, check_output_path
 from lmq.models.llama import layer_forward, rope_cos_sin
 from lmq.quant import awq
@@ -193,11 +193,9 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
 
     tokens = None
     if spec.method != "rtn":
-        from transformers import AutoTokenizer
-
         from lmq.quant.calib import calibration_tokens
 
-        tok = AutoTokenizer.from_pretrained(str(src_path))
+        tok = load_tokenizer(src_path)
         tokens = calibration_tokens(spec.calib_data, tok, spec.calib_samples, spec.calib_seqlen, spec.seed)
         log(f"calibration: {tokens.shape[0]} samples x {tokens.shape[1]} tokens from {spec.calib_data}")
         if spec.refine_steps and dev.type == "cpu":
