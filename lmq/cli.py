@@ -429,6 +429,9 @@ def chat(
 
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty, seed=seed).validate()
+        if prompt is not None and not prompt.strip():
+            raise InputError("--prompt is empty; give the message to answer, e.g. --prompt \"What is the capital of "
+                             "France?\"")
         extra = {} if block_size is None else {"block_size": block_size}
         log(f"loading {checkpoint} ...")
         llm = LLM(checkpoint, device=device, kv_dtype=kv_dtype, cache_max_memory=cache_max_memory,

@@ -159,6 +159,14 @@ def test_cli_too_long_prompt_is_one_error_line(cli):
     assert len(errors) == 1 and errors[0].startswith("error:") and "shorter message" in errors[0]
 
 
+def test_cli_empty_prompt_or_tiny_context_is_one_error_line(cli):
+    for args, match in ((("--prompt", "  "), "--prompt is empty"),
+                        (("--max-model-len", "0", "--prompt", "hi"), "--max-model-len must be 2 tokens or more"),
+                        (("--max-model-len", "-5", "--prompt", "hi"), "got -5")):
+        res = cli(*args)
+        assert res.exit_code == 1 and res.stdout == "" and match in res.log, (args, res.log)
+
+
 def test_cli_ctrl_c_stops_an_answer_not_the_chat(cli, monkeypatch):
     real_step, calls = LLM.step, []
 

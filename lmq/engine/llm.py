@@ -96,6 +96,8 @@ class LLM:
         limit = cfg.max_position_embeddings
         if cfg.sliding_window:
             limit = min(limit, cfg.sliding_window)  # the kernels attend to the whole context
+        if max_model_len is not None and max_model_len < 2:
+            raise InputError(f"--max-model-len must be 2 tokens or more (a prompt and an answer), got {max_model_len}")
         if max_model_len is not None and max_model_len > limit:
             raise InputError(f"--max-model-len {max_model_len} exceeds the model's context of {limit} tokens")
         self.max_model_len = max_model_len or limit
