@@ -278,3 +278,14 @@ def test_tokenizer_that_needs_remote_code_or_is_missing(tmp_path, tiny_model, wi
 def test_binary_config_json_is_a_clear_error(tmp_path, tiny_model):
     (tiny_model / "config.json").write_bytes(bytes(range(128, 256)))
     assert_error(lmq("inspect", tiny_model), "config.json is not valid JSON")
+
+
+@pytest.mark.parametrize("key,value,match", [("intermediate_size", 2048, "mlp.gate_proj.weight is"),
+                                             ("vocab_size", 50000, "vocab_size 50000")])
+def test_config_that_does_not_match_its_weights_is_refused(tmp_path, tiny_model, key, value, match):
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    cfg[key] = value
+    (tiny_model / "config.json").write_text(json.dumps(cfg))
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--method", "rtn", "--group-size", "64"),
+                 match, "does not match its weights")
+    assert not (tmp_path / "out").exists()

@@ -155,6 +155,14 @@ def layer_forward(lw: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return h + mlp(lw, rms_norm(h, lw["post_attention_layernorm.weight"], cfg.rms_eps))
 
 
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """[out, in] of each linear of a decoder layer (names relative to the layer), as config.json implies them."""
+    C, I, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"self_attn.q_proj": (q, C), "self_attn.k_proj": (kv, C), "self_attn.v_proj": (kv, C),
+              "self_attn.o_proj": (C, q), "mlp.gate_proj": (I, C), "mlp.up_proj": (I, C), "mlp.down_proj": (C, I)}
+    return {lin: shapes[lin] for lin in cfg.arch.linears}
+
+
 def layer_weight_names(cfg: ModelConfig) -> list[str]:
     """The tensor names (relative to the layer prefix) one decoder layer reads."""
     names = ["input_layernorm.weight", "post_attention_layernorm.weight"]
