@@ -70,9 +70,16 @@ def inspect_table(info) -> None:
         ("quantization_config", json.dumps(info.quantization) if info.quantization else "-"),
         ("manifest format_version", str(m.get("format_version", "-"))),
         ("lmq version", str(m.get("lmq_version", "-"))),
-        ("source", json.dumps(m.get("source")) if m.get("source") else "-"),
-        ("calibration", json.dumps(m.get("calibration")) if m.get("calibration") else "-"),
     ]
+    if m.get("kind") == "packed":  # what it was packed for, and from what (not the source's whole manifest)
+        layout = m.get("layout") or {}
+        src = m.get("source") or {}
+        rows += [("packed for", f"{m.get('arch')} (compute capability >= {m.get('min_compute_capability', '-')})"),
+                 ("layout", f"{layout.get('name', '-')} v{layout.get('version', '-')}"),
+                 ("packed from", f"{src.get('path', '-')} ({src.get('kind', '-')})")]
+    else:
+        rows += [("source", json.dumps(m.get("source")) if m.get("source") else "-"),
+                 ("calibration", json.dumps(m.get("calibration")) if m.get("calibration") else "-")]
     for k, v in rows:
         t.add_row(k, v)
     out.print(t)

@@ -171,6 +171,20 @@ def test_pack_cli(tmp_path):
     assert json.loads((tmp_path / "p" / "manifest.json").read_text())["arch"] == "sm89"
     r = CliRunner().invoke(app, ["pack", str(src), "--arch", "sm89", "-o", str(tmp_path / "p")])
     assert r.exit_code == 1 and "--force" in r.output
+    # lmq inspect's table says what it was packed for, in a few rows (not the source's whole manifest)
+    from types import SimpleNamespace
+
+    from lmq import render
+    from lmq.console import out as console
+
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    info = SimpleNamespace(path=tmp_path / "p", kind="packed", model_type="llama", num_layers=1, hidden_size=64,
+                           params=1e6, weight_bytes=1e6, quantized_linears=7, bits_per_weight=4.25, quantization=None,
+                           manifest=manifest, layers=None)
+    with console.capture() as cap:
+        render.inspect_table(info)
+    text = " ".join(cap.get().split())
+    assert "sm89 (compute capability >= 8.9)" in text and "planes64 v" in text and "calibration" not in text
 
 
 def test_load_linears_packed_or_portable(tmp_path):
