@@ -165,7 +165,11 @@ def test_recipe_sets_defaults_and_cli_wins(tmp_path, tiny_model):
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg == {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": False, "version": "gemm",
                    "modules_to_not_convert": None}
-    assert json.loads((out / "manifest.json").read_text())["quantization"]["method"] == "rtn"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["method"] == "rtn"
+    # round-to-nearest records no calibration or search settings it did not use
+    assert manifest["calibration"] is None
+    assert not any(k.startswith(("calib_", "refine_")) for k in manifest["settings"]), manifest["settings"]
 
 
 def test_shipped_recipes_parse():

@@ -262,6 +262,9 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
             if (src_path / name).exists():
                 w.copy_file(src_path / name)
         settings = {k: v for k, v in asdict(spec).items() if k not in ("out", "force", "model")}
+        if spec.method == "rtn":  # settings of the calibration and search that round-to-nearest does not run
+            settings = {k: v for k, v in settings.items()
+                        if not k.startswith(("calib_", "refine_")) and k not in ("n_grid",)}
         write_manifest(w.tmp, {
             "kind": "quantized",
             "source": {"model": spec.model, "path": str(src_path), "hash": src_hash,
