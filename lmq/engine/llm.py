@@ -81,6 +81,9 @@ class LLM:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise InputError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, "
                              f"{max_num_batched_tokens}")
+        resolve_kv_dtype(kv_dtype, torch.float16)  # a bad --kv-dtype is refused before the weights load
+        if max_model_len is not None and max_model_len < 2:
+            raise InputError(f"--max-model-len must be 2 tokens or more (a prompt and an answer), got {max_model_len}")
         if isinstance(model, EngineModel):  # weights already loaded (benchmarks, tests): a new cache only
             if deterministic and not model.deterministic:
                 raise InputError("deterministic=True needs a model loaded that way: EngineModel(..., deterministic=True)")
@@ -96,8 +99,6 @@ class LLM:
         limit = cfg.max_position_embeddings
         if cfg.sliding_window:
             limit = min(limit, cfg.sliding_window)  # the kernels attend to the whole context
-        if max_model_len is not None and max_model_len < 2:
-            raise InputError(f"--max-model-len must be 2 tokens or more (a prompt and an answer), got {max_model_len}")
         if max_model_len is not None and max_model_len > limit:
             raise InputError(f"--max-model-len {max_model_len} exceeds the model's context of {limit} tokens")
         self.max_model_len = max_model_len or limit
