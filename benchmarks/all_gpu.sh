@@ -12,6 +12,7 @@
 #   STAGES=mixed      prefill graphs of many sequences: the engine's graph-vs-eager GPU tests, then `lmq bench` latency
 #                     (batch 4 and 16, 128-token prompts) and throughput (--max-num-batched-tokens 512) with them and
 #                     with single-sequence prefill graphs only (LMQ_PREFILL_GRAPHS=single, as before), interleaved
+#   STAGES=e2e        the engine's GPU tests, then `lmq bench` end to end on synthetic Llama-3-8B (ENGINE's command)
 #   STAGES=splits     (session 15) the GEMV and GEMM launchers' GPU tests (one or two rows per GEMV program, the GEMM's
 #                     kept plans, ordered split-K), the engine's two-row and deterministic GPU tests, then
 #                     `sweep_gemm.py decode-ordered-splits` (ordered at M = 32-191: split caps, fewer waves)
@@ -72,6 +73,14 @@ Console(width=200).print(render_attention_table(json.load(open('$OUT/attn/attent
       python3 -c "import json,sys; from lmq.bench_e2e import render_e2e; print(render_e2e(json.load(open(sys.argv[1]))))" \
         "$OUT/budget/tokens-$t.json" 2>&1 | tee "$OUT/budget/tokens-$t.md" | tail -3
     done
+    ;;
+  e2e)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -3 | tee "$OUT/e2e/tests.log"
+    timeout 300 lmq bench --synthetic llama3-8b --batch 1,16 --input-len 128,1024 --output-len 64 --num-requests 64 \
+      --turns 4 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --json >"$OUT/e2e/e2e.json" \
+      2>"$OUT/e2e/e2e.log"
+    python3 -c "import json,sys; from lmq.bench_e2e import render_e2e; print(render_e2e(json.load(open(sys.argv[1]))))" \
+      "$OUT/e2e/e2e.json" 2>&1 | tee "$OUT/e2e/e2e.md"
     ;;
   mixed)
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py -k "mixed or prefill_graph" 2>&1 \
