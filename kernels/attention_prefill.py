@@ -10,7 +10,11 @@ sequence b sits at position P_b + i and attends causally:
 
 Program (query tile, head, sequence) holds a [BLOCK_M, D] tile of queries and streams the K/V tiles
 it can see through the block table (keys past its last row's position are never read), with the
-same dequantize-in-registers tile step as decode (`kv_quant.attend_tile`). Flash attention:
+same dequantize-in-registers tile step as decode (`kv_quant.attend_tile`). With a tile map
+(`tiles [n, 2]` int32: (sequence, query tile) per program, a query tile past its sequence's rows for
+the spare ones), program (i, head) takes the map's i-th tile instead: a launch sized once for many
+sequences (a CUDA graph's) then runs as many programs as its longest possible tiling, not
+sequences x the longest sequence's tiles. Flash attention:
 https://arxiv.org/abs/2205.14135
 """
 
@@ -42,17 +46,21 @@ from lmq.errors import ShapeError
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, cu_q_ptr, lens_ptr, o_ptr,
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, cu_q_ptr, lens_ptr, o_ptr, tiles_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ch, stride_ct, stride_vb, stride_vh, stride_sb, stride_sh, stride_btb,
     GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, OFF64: tl.constexpr,
-    ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr,
+    ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr, TILED: tl.constexpr,
 ):
-    m_blk = tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.program_id(2)
+    if TILED:  # (sequence, query tile) from the map
+        b = tl.load(tiles_ptr + 2 * tl.program_id(0))
+        m_blk = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1)
+    else:
+        m_blk = tl.program_id(0)
+        b = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
     m0 = m_blk * BLOCK_M
@@ -116,12 +124,15 @@ def pick_block_m(max_q_len: int, heads: int, batch: int, block_m: int, sm_count:
 
 def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       seq_lens: torch.Tensor, max_q_len: int | None = None, sm_scale: float | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, tiles: torch.Tensor | None = None,
+                      block_m: int | None = None) -> torch.Tensor:
     """q [T, H, D] packed new tokens (already written to the cache) -> out [T, H, D].
 
     cu_seqlens_q [B+1] int32 (row offsets of each sequence in q), seq_lens [B] int32 (cache
     tokens per sequence, prefix + new), block_tables [B, max_blocks] int32. `max_q_len` (host
-    int) avoids a device sync.
+    int) avoids a device sync. `tiles` [n, 2] int32 with `block_m` (a power of two, 16 or more): the
+    (sequence, query tile of block_m rows) of each of the launch's n programs per head, covering every
+    query row once; spare entries name a tile past their sequence's rows (see `tile_map`).
     """
     G = check_query_for_cache(q, cache)
     if q.dim() != 3:
@@ -145,14 +156,22 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
         return out
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
-    block_m, block_n, num_warps, num_stages = _config(q.device, D)
-    if q.device.type == "cuda":
-        block_m = pick_block_m(max_q_len, H, B, block_m, cuda_sm_count(q.device))
+    config_m, block_n, num_warps, num_stages = _config(q.device, D)
+    if tiles is not None:
+        if tiles.dim() != 2 or tiles.shape[1] != 2 or tiles.dtype != torch.int32 or block_m is None \
+                or block_m < 16 or block_m & (block_m - 1):
+            raise ShapeError(f"tiles must be int32 [n, 2] with block_m a power of two >= 16, got {tiles.dtype} "
+                             f"{tuple(tiles.shape)} and block_m {block_m}")
+    else:
+        block_m = config_m
+        if q.device.type == "cuda":
+            block_m = pick_block_m(max_q_len, H, B, block_m, cuda_sm_count(q.device))
     block_n = min(block_n, cache.block_size)  # a tile never straddles two blocks
     half = D // 2
     ks, vs = cache.scale_words()
-    _PREFILL[(cdiv(max_q_len, block_m), H, B)](
-        q, cache.k, cache.v, ks, vs, block_tables, cu_seqlens_q, seq_lens, out,
+    grid = (tiles.shape[0], H, 1) if tiles is not None else (cdiv(max_q_len, block_m), H, B)
+    _PREFILL[grid](
+        q, cache.k, cache.v, ks, vs, block_tables, cu_seqlens_q, seq_lens, out, tiles if tiles is not None else out,
         sm_scale * math.log2(math.e),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
@@ -160,9 +179,32 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
         GROUP=G, HALF=half, BLOCK_DH=max(16, next_pow2(half)),
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
         OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache), SCALE_P=scale_probs(cache),
-        num_warps=num_warps, num_stages=num_stages,
+        TILED=tiles is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def graph_block_m(device: torch.device, head_dim: int) -> int:
+    """Query rows per tile of a launch planned once for any step (a CUDA graph's): the config's."""
+    return _config(device, head_dim)[0]
+
+
+SPARE_TILE = 1 << 20  # a query tile index past any sequence's rows: its programs exit at once
+
+
+def tile_map(q_lens: list[int], block_m: int, n: int) -> list[int]:
+    """The flat (sequence, query tile) pairs of sequences of `q_lens` rows in tiles of `block_m`, then spare
+    pairs up to `n` (the launch's programs per head; at least sum(ceil(q_len / block_m)))."""
+    pairs = [v for b, ql in enumerate(q_lens) for m in range(-(-ql // block_m)) for v in (b, m)]
+    if len(pairs) > 2 * n:
+        raise ShapeError(f"{len(pairs) // 2} query tiles do not fit a launch of {n} programs per head")
+    return pairs + [0, SPARE_TILE] * (n - len(pairs) // 2)
+
+
+def max_tiles(rows: int, seqs: int, block_m: int) -> int:
+    """Most query tiles `rows` rows over at most `seqs` sequences can make: each sequence adds at most one
+    partial tile."""
+    return -(-rows // block_m) + seqs - 1
 
 
 def prefill_attention_ref(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,

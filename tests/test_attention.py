@@ -333,14 +333,22 @@ def test_decode_gpu_int4_stale_scales_are_not_read(device, mma, monkeypatch):
 
 
 def _check_prefill(device, kv_dtype, head_dim, q_lens, prefix_lens, num_heads, num_kv_heads,
-                   shared_blocks=0, block_size=16, q_dtype=None):
+                   shared_blocks=0, block_size=16, q_dtype=None, tiled=False):
     lens = [n + p for n, p in zip(q_lens, prefix_lens)]
     cache, tables, seq_lens, _ = make_paged(kv_dtype, lens, num_kv_heads, head_dim, device,
                                             block_size=block_size, shared_blocks=shared_blocks)
     cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
     q = torch.randn(sum(q_lens), num_heads, head_dim, device=device).to(q_dtype or act_dtype(kv_dtype))
     out = torch.full_like(q, float("nan"))
-    prefill_attention(q, cache, tables, cu, seq_lens, out=out)
+    kw = {}
+    if tiled:  # a tile map with spare entries, as a CUDA graph of many sequences launches it
+        from lmq.kernels.attention_prefill import graph_block_m, max_tiles, tile_map
+
+        bm = graph_block_m(q.device, head_dim)
+        n = max_tiles(sum(q_lens), len(q_lens) + 3, bm)
+        kw = {"tiles": torch.tensor(tile_map(q_lens, bm, n), dtype=torch.int32, device=device).view(-1, 2),
+              "block_m": bm}
+    prefill_attention(q, cache, tables, cu, seq_lens, out=out, **kw)
     ref = prefill_attention_ref(q, cache, tables, cu, seq_lens)
     assert rel_err(out, ref) < TOL["bf16" if q.dtype == torch.bfloat16 else kv_dtype]
 
@@ -351,6 +359,27 @@ def test_prefill_matches_ref(device, kv_dtype, head_dim):
     # packed varlen batch; sequence 2 continues after a 21-token prefix already in the cache
     _check_prefill(device, kv_dtype, head_dim, q_lens=[1, 17, 2], prefix_lens=[0, 0, 21],
                    num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("kv_dtype", CPU_KV)
+def test_prefill_through_a_tile_map(device, kv_dtype):
+    """Programs take their (sequence, query tile) from a map, spare entries past every sequence's rows: the same
+    attention (every row written once: the output starts as NaN)."""
+    _check_prefill(device, kv_dtype, 64, q_lens=[1, 17, 2, 40], prefix_lens=[0, 0, 21, 5], num_heads=4,
+                   num_kv_heads=2, tiled=True)
+
+
+def test_tile_map_covers_every_query_tile_once():
+    from lmq.kernels.attention_prefill import SPARE_TILE, max_tiles, tile_map
+
+    q_lens, bm = [1, 64, 65, 0, 130], 64
+    n = max_tiles(sum(q_lens), len(q_lens), bm)
+    pairs = tile_map(q_lens, bm, n)
+    tiles = list(zip(pairs[0::2], pairs[1::2]))
+    real = [t for t in tiles if t[1] != SPARE_TILE]
+    assert real == [(0, 0), (1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2)] and len(tiles) == n == 9
+    with pytest.raises(ShapeError, match="do not fit"):
+        tile_map(q_lens, bm, 6)
 
 
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
@@ -390,6 +419,8 @@ def test_prefill_gpu_long(device, kv_dtype, head_dim):
                    num_heads=32, num_kv_heads=8)
     _check_prefill(device, kv_dtype, head_dim, q_lens=[1000, 2, 255], prefix_lens=[0, 300, 129],
                    num_heads=32, num_kv_heads=8, block_size=128)
+    _check_prefill(device, kv_dtype, head_dim, q_lens=[1000, 1, 2, 17, 255], prefix_lens=[0, 0, 5, 0, 100],
+                   num_heads=32, num_kv_heads=8, tiled=True)
     # a chat turn: a short chunk over a long cached prefix runs in 16-row query tiles
     _check_prefill(device, kv_dtype, head_dim, q_lens=[33], prefix_lens=[1119], num_heads=32, num_kv_heads=8,
                    block_size=128)

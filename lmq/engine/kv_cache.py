@@ -369,6 +369,10 @@ class AttentionBatch:
     max_q_len: int
     max_seq_len: int
     is_prefill: bool
+    # prefill: the (sequence, query tile of block_m rows) of each attention program (`prefill_attention`'s tile
+    # map), for a launch planned once for many sequences (a CUDA graph's); None: one grid row per sequence
+    tiles: torch.Tensor | None = None
+    block_m: int | None = None
 
 
 def build_batch(manager: BlockManager, spans: list[tuple[int, int, int]], is_prefill: bool,
@@ -506,7 +510,8 @@ class KVCache:
         self.write(layer, k, v, batch.slot_mapping)
         if batch.is_prefill:
             return prefill_attention(q, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens,
-                                     max_q_len=batch.max_q_len, sm_scale=sm_scale)
+                                     max_q_len=batch.max_q_len, sm_scale=sm_scale, tiles=batch.tiles,
+                                     block_m=batch.block_m)
         return decode_attention(q, cache, batch.block_tables, batch.seq_lens, sm_scale=sm_scale,
                                 max_seq_len=batch.max_seq_len)
 

@@ -41,6 +41,7 @@ from lmq.engine.kv_cache import (
 )
 from lmq.engine.model import EngineModel
 from lmq.engine.scheduler import Step
+from lmq.kernels.attention_prefill import graph_block_m, max_tiles, tile_map
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 PREFILL_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048)  # new-token counts of the prefill graphs
@@ -134,11 +135,16 @@ class ModelRunner:
         return [1] + ([self.max_num_seqs] if self.max_num_seqs > 1 and self.prefill_many else [])
 
     def _prefill_batch(self, tb: int, ns: int) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor]:
-        """(ids, batch, sampling rows) of the static inputs, viewed for `tb` rows and `ns` sequences."""
+        """(ids, batch, sampling rows) of the static inputs, viewed for `tb` rows and `ns` sequences. Several
+        sequences attend through a tile map (`prefill_attention`): one program per real query tile and head,
+        not ns x the tiles of tb rows (most of which would find no rows)."""
+        tiles = None
+        if ns > 1:
+            tiles = self._p_tiles[:2 * max_tiles(tb, ns, self._p_block_m)].view(-1, 2)
         batch = AttentionBatch(
             slot_mapping=self._p_slots[:tb], block_tables=self._p_table[:ns], seq_lens=self._p_lens[:ns],
             cu_seqlens_q=self._p_cu[:ns + 1], positions=self._p_pos[:tb], max_q_len=tb,
-            max_seq_len=self.max_model_len, is_prefill=True,
+            max_seq_len=self.max_model_len, is_prefill=True, tiles=tiles, block_m=self._p_block_m,
         )
         return self._p_ids[:tb], batch, self._p_rows[:ns]
 
@@ -147,9 +153,11 @@ class ModelRunner:
         tm, S = self.prefill_buckets[-1], self.max_num_seqs
         # a block-table row, with room for the padded rows past the last sequence's last real token
         self._p_width = self.max_blocks + -(-tm // self.block_size)
+        self._p_block_m = graph_block_m(self.device, self.model.cfg.head_dim)
+        n_tiles = max_tiles(tm, S, self._p_block_m)
         # one int32 buffer: [ids | positions | slots (tm each) | lens (S) | cu (S + 1) | tables (S x width) |
-        # sampling rows (S)]
-        self._p_host = torch.zeros(3 * tm + 3 * S + 1 + S * self._p_width, dtype=torch.int32,
+        # sampling rows (S) | tile map (2 x n_tiles)]
+        self._p_host = torch.zeros(3 * tm + 3 * S + 1 + S * self._p_width + 2 * n_tiles, dtype=torch.int32,
                                    pin_memory=self.device.type == "cuda")
         self._p_np = self._p_host.numpy()
         self._p_copied = torch.cuda.Event() if self.device.type == "cuda" else None
@@ -159,7 +167,8 @@ class ModelRunner:
         self._p_lens, self._p_cu = d[o:o + S], d[o + S:o + 2 * S + 1]
         o += 2 * S + 1
         self._p_table = d[o:o + S * self._p_width].view(S, self._p_width)
-        self._p_rows = d[o + S * self._p_width:]  # [S]
+        o += S * self._p_width
+        self._p_rows, self._p_tiles = d[o:o + S], d[o + S:]  # [S], [2 x n_tiles]
 
     def _capture_prefill(self, pool, stream: torch.cuda.Stream) -> None:
         if not self.prefill_buckets:
@@ -184,7 +193,7 @@ class ModelRunner:
         h[2 * tm:3 * tm] = -1  # slots: padded rows write nothing (positions stay 0)
         o = 3 * tm
         lens, cu, tables = h[o:o + S], h[o + S:o + 2 * S + 1], h[o + 2 * S + 1:o + 2 * S + 1 + S * W]
-        rows = h[o + 2 * S + 1 + S * W:]
+        rows, tiles = h[o + 2 * S + 1 + S * W:o + 3 * S + 1 + S * W], h[o + 3 * S + 1 + S * W:]
         lens[:] = 1  # sequences past the step's: no rows (their cu stays at tb), one token each
         t, n_rows, pad = 0, 0, tb - sum(len(s[0]) for s in spans)
         for i, (ids, start, slots, table, samples) in enumerate(spans):
@@ -201,6 +210,11 @@ class ModelRunner:
                 rows[n_rows] = t - 1
                 n_rows += 1
         cu[len(spans) + 1:ns + 1] = tb
+        if ns > 1:
+            q_lens = [len(s[0]) for s in spans]
+            q_lens[-1] += pad
+            n = max_tiles(tb, ns, self._p_block_m)
+            tiles[:2 * n] = tile_map(q_lens, self._p_block_m, n)
         return n_rows
 
     def _prefill_graph_fits(self, step: Step, ids: torch.Tensor | None) -> bool:
