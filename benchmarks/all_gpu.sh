@@ -23,6 +23,27 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } | tee "$OUT/gpu.txt"
+# issue 4's attention table, into $1/attention.{json,log,txt}
+attention_table() {
+  timeout 300 lmq bench attention --json --kv-dtype fp16,int8,int4 --batch 1,8,64 --context 4k,16k,32k \
+    >"$1/attention.json" 2>"$1/attention.log"
+  python3 -c "
+import json
+from lmq.bench_attention import render_attention_table
+from rich.console import Console
+Console(width=200).print(render_attention_table(json.load(open('$1/attention.json'))))" 2>&1 | tee "$1/attention.txt"
+}
+# ENGINE's end-to-end command on synthetic Llama-3-8B, into $1/e2e.{json,log,md}
+e2e_bench() {
+  timeout 300 lmq bench --synthetic llama3-8b --batch 1,16 --input-len 128,1024 --output-len 64 --num-requests 64 \
+    --turns 4 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --json >"$1/e2e.json" 2>"$1/e2e.log"
+  render_e2e "$1/e2e"
+}
+# the tables of an `lmq bench --json` report $1.json, printed and kept as $1.md
+render_e2e() {
+  python3 -c "import json,sys; from lmq.bench_e2e import render_e2e; print(render_e2e(json.load(open(sys.argv[1]))))" \
+    "$1.json" 2>&1 | tee "$1.md"
+}
 : "${STAGES:=gemm}"
 for stage in $STAGES; do
   mkdir -p "$OUT/$stage"
@@ -37,18 +58,8 @@ from rich.console import Console
 Console(width=200).print(render_gemm_table(json.load(open('$OUT/gemm/bench.json'))))" 2>&1 | tee "$OUT/gemm/table.txt"
     ;;
   attn-e2e)
-    timeout 240 lmq bench attention --json --kv-dtype fp16,int8,int4 --batch 1,8,64 --context 4k,16k,32k \
-      >"$OUT/attn-e2e/attention.json" 2>"$OUT/attn-e2e/attention.log"
-    python3 -c "
-import json
-from lmq.bench_attention import render_attention_table
-from rich.console import Console
-Console(width=200).print(render_attention_table(json.load(open('$OUT/attn-e2e/attention.json'))))" 2>&1 | tee "$OUT/attn-e2e/attention.txt"
-    timeout 300 lmq bench --synthetic llama3-8b --batch 1,16 --input-len 128,1024 --output-len 64 --num-requests 64 \
-      --turns 4 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --json >"$OUT/attn-e2e/e2e.json" \
-      2>"$OUT/attn-e2e/e2e.log"
-    python3 -c "import json,sys; from lmq.bench_e2e import render_e2e; print(render_e2e(json.load(open(sys.argv[1]))))" \
-      "$OUT/attn-e2e/e2e.json" 2>&1 | tee "$OUT/attn-e2e/e2e.md"
+    attention_table "$OUT/attn-e2e"
+    e2e_bench "$OUT/attn-e2e"
     ;;
   ordered)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k "ordered or deterministic" 2>&1 \
@@ -57,30 +68,19 @@ Console(width=200).print(render_attention_table(json.load(open('$OUT/attn-e2e/at
       | grep -E "^(cuBLAS|decode-ordered|BEST)" | sed -E "s/\{'BLOCK_M'.*'DOT_K': 64/{table/"
     ;;
   attn)
-    timeout 300 lmq bench attention --json --kv-dtype fp16,int8,int4 --batch 1,8,64 --context 4k,16k,32k \
-      >"$OUT/attn/attention.json" 2>"$OUT/attn/attention.log"
-    python3 -c "
-import json
-from lmq.bench_attention import render_attention_table
-from rich.console import Console
-Console(width=200).print(render_attention_table(json.load(open('$OUT/attn/attention.json'))))" 2>&1 | tee "$OUT/attn/attention.txt"
+    attention_table "$OUT/attn"
     ;;
   budget)
     for t in 512 2048 8192; do
       timeout 180 lmq bench --synthetic llama3-8b --mode throughput --num-requests 128 --input-len 1024 \
         --output-len 128 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --max-num-batched-tokens "$t" \
         --json >"$OUT/budget/tokens-$t.json" 2>"$OUT/budget/tokens-$t.log"
-      python3 -c "import json,sys; from lmq.bench_e2e import render_e2e; print(render_e2e(json.load(open(sys.argv[1]))))" \
-        "$OUT/budget/tokens-$t.json" 2>&1 | tee "$OUT/budget/tokens-$t.md" | tail -3
+      render_e2e "$OUT/budget/tokens-$t" | tail -3
     done
     ;;
   e2e)
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -3 | tee "$OUT/e2e/tests.log"
-    timeout 300 lmq bench --synthetic llama3-8b --batch 1,16 --input-len 128,1024 --output-len 64 --num-requests 64 \
-      --turns 4 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --json >"$OUT/e2e/e2e.json" \
-      2>"$OUT/e2e/e2e.log"
-    python3 -c "import json,sys; from lmq.bench_e2e import render_e2e; print(render_e2e(json.load(open(sys.argv[1]))))" \
-      "$OUT/e2e/e2e.json" 2>&1 | tee "$OUT/e2e/e2e.md"
+    e2e_bench "$OUT/e2e"
     ;;
   mixed)
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py -k "mixed or prefill_graph" 2>&1 \
