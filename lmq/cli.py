@@ -61,10 +61,11 @@ def guard():
 
     from lmq.errors import LmqError
 
+    unset = object()
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: leave SIGTERM as it is
-        previous = None
+        previous = unset
     try:
         yield
     except LmqError as e:
@@ -74,8 +75,8 @@ def guard():
         error(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing partial was left behind")
         raise typer.Exit(143 if isinstance(e, Terminated) else 130)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if previous is not unset:  # (None: a handler set outside Python, restored as the default)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +471,9 @@ def chat(
                     _chat_turn(session, text)
                 except InputError as e:  # the conversation is too long, ...: say so and go on
                     log(f"[yellow]{escape(str(e))}[/]")
-                except KeyboardInterrupt:
+                except KeyboardInterrupt as e:
+                    if isinstance(e, Terminated):  # SIGTERM ends the chat; Ctrl-C only the answer
+                        raise
                     sys.stdout.write("\n")
                     sys.stdout.flush()
                     log("[dim](answer stopped; the part shown stays in the conversation)[/]")

@@ -181,3 +181,22 @@ def test_cli_ctrl_c_stops_an_answer_not_the_chat(cli, monkeypatch):
     assert res.exit_code == 0, (res.output, res.exception)
     assert "answer stopped" in res.log and "(abort)" in res.log
     assert len(res.stdout.splitlines()) == 2
+
+
+def test_cli_sigterm_ends_the_chat_not_just_the_answer(cli, monkeypatch):
+    """SIGTERM (`docker stop`, `timeout`) mid-answer ends the process with 143; only Ctrl-C keeps the chat going."""
+    import os
+    import signal
+
+    real_step, calls = LLM.step, []
+
+    def step(self):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises in this frame
+        return real_step(self)
+
+    monkeypatch.setattr(LLM, "step", step)
+    res = cli(input="hi\nhi\n")
+    assert res.exit_code == 143, (res.output, res.exception)
+    assert "terminated" in res.log and "answer stopped" not in res.log

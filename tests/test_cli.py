@@ -197,8 +197,10 @@ def test_eval_window_longer_than_the_context(tmp_path, tiny_model, wiki_file):
 
 
 def test_output_inside_the_source_is_refused(tmp_path, tiny_model):
-    assert_error(lmq("quantize", tiny_model, "-o", tiny_model, "--method", "rtn", "--group-size", "64", "--force"),
-                 "would overwrite the source")
+    for force in (["--force"], []):  # without --force too: the message must not suggest it
+        res = lmq("quantize", tiny_model, "-o", tiny_model, "--method", "rtn", "--group-size", "64", *force)
+        assert_error(res, "would overwrite the source")
+        assert "--force" not in res.stderr
     assert (tiny_model / "model.safetensors").exists()
 
 

@@ -187,9 +187,10 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
     if not isinstance(spec.zero_point, bool):
         raise InputError(f"zero_point must be true or false, got {spec.zero_point!r}")
     out = Path(spec.out)
-    check_output_path(out, spec.force)
+    local = Path(spec.model).expanduser()
+    # before any download: an existing output, or one that is (or holds) a local source folder
+    check_output_path(out, spec.force, local if local.exists() else None)
     src_path = resolve_model_path(spec.model)
-    check_output_path(out, spec.force, src_path)
     src = WeightSource(src_path)
     bytes_in = src.weight_bytes()
     if src.quant is not None:
