@@ -489,3 +489,17 @@ def test_int4_kv_cache_decode_attention_is_alike_with_either_split_kernel(weight
         for o in out.values():
             assert ((o - ref).norm() / ref.norm()).item() < 5e-3
         assert ((out[True] - out[False]).norm() / ref.norm()).item() < 5e-3
+
+
+def test_cache_budget_leaves_room_for_the_graphs_logits():
+    """Every captured graph keeps its logits: the decode buckets (at most 4 x max_num_seqs rows in all) and, per
+    prefill token bucket, a one-sequence and a max_num_seqs-sequence graph. The KV cache's share of free memory
+    leaves that room (Llama-3's vocabulary at 64 sequences: about 0.65 GB)."""
+    from types import SimpleNamespace
+
+    from lmq.engine.runner import GRAPH_BUCKETS, PREFILL_BUCKETS
+
+    assert sum(b for b in GRAPH_BUCKETS if b <= 64) <= 4 * 64 and sum(GRAPH_BUCKETS) <= 4 * GRAPH_BUCKETS[-1]
+    stub = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(vocab_size=128256)))
+    got = LLM._graph_logits_bytes(stub, 64)
+    assert got == (4 * 64 + len(PREFILL_BUCKETS) * 65) * 128256 * 6 and 0.6e9 < got < 0.7e9

@@ -30,7 +30,7 @@ from lmq.engine.kv_cache import (
     resolve_kv_dtype,
 )
 from lmq.engine.model import EngineModel
-from lmq.engine.runner import ModelRunner
+from lmq.engine.runner import PREFILL_BUCKETS, ModelRunner
 from lmq.engine.sampling import SamplingParams, TextStream, make_generator, sample
 from lmq.engine.scheduler import Scheduler, Span, Step
 from lmq.engine.sequence import RequestOutput, Sequence, Status
@@ -110,15 +110,16 @@ class LLM:
             if not 0 < gpu_memory_utilization <= 1:
                 raise InputError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
             free, total = torch.cuda.mem_get_info(dev)
-            budget = int(free - (1 - gpu_memory_utilization) * total) - ACTIVATION_SLACK_BYTES \
-                - self._activation_bytes(max_num_batched_tokens)
+            reserved = ACTIVATION_SLACK_BYTES + self._activation_bytes(max_num_batched_tokens) \
+                + self._graph_logits_bytes(max_num_seqs)
+            budget = int(free - (1 - gpu_memory_utilization) * total) - reserved
             if budget < spec.bytes_per_block:
                 raise InputError(
                     f"no GPU memory is left for the KV cache: {free / 2**30:.1f} of {total / 2**30:.1f} GiB are free "
                     f"after loading the weights, and --gpu-memory-utilization {gpu_memory_utilization} keeps "
                     f"{(1 - gpu_memory_utilization) * total / 2**30:.1f} GiB back plus "
-                    f"{(ACTIVATION_SLACK_BYTES + self._activation_bytes(max_num_batched_tokens)) / 2**30:.1f} GiB for "
-                    "activations; free the GPU, raise --gpu-memory-utilization, or give --cache-max-memory")
+                    f"{reserved / 2**30:.1f} GiB for activations and CUDA graphs; free the GPU, raise "
+                    "--gpu-memory-utilization, or give --cache-max-memory")
         else:
             budget = CPU_CACHE_BYTES
         num_blocks = num_blocks_for_budget(spec, budget)
@@ -144,6 +145,13 @@ class LLM:
         # overlapped decode: the next decode step is launched before this one's tokens are read back
         self.overlap = overlap and os.environ.get("LMQ_OVERLAP", "1") != "0"
         self._pending: _Launched | None = None  # a launched step whose tokens are not applied yet
+
+    def _graph_logits_bytes(self, max_num_seqs: int) -> int:
+        """The logits every captured CUDA graph keeps as its output (fp16 from the LM head, then fp32): the decode
+        graphs' buckets hold at most 4 x max_num_seqs rows in all (3.3 x at 64), each prefill token bucket
+        1 + max_num_seqs (its one-sequence and many-sequence graphs)."""
+        rows = 4 * max_num_seqs + len(PREFILL_BUCKETS) * (1 + max_num_seqs)
+        return rows * self.model.cfg.vocab_size * 6
 
     def _activation_bytes(self, tokens: int) -> int:
         """A generous bound on one prefill step's activations (fp16/bf16), logits of one row each."""
