@@ -79,7 +79,10 @@ def read_requests(path: str, llm: LLM) -> list[Request]:
             continue
         try:
             row = json.loads(line)
-            reqs.append(Request(llm.encode(row["prompt"]), int(row.get("max_tokens", 128))))
+            max_tokens = int(row.get("max_tokens", 128))
+            if max_tokens < 1:
+                raise ValueError(f"max_tokens must be 1 or more, got {max_tokens}")
+            reqs.append(Request(llm.encode(row["prompt"]), max_tokens))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path}:{i}: expected {{\"prompt\": ..., \"max_tokens\": N}}, got {line[:80]!r} ({e})") from e
     if not reqs:

@@ -3,6 +3,7 @@ report's structure and metric relations, `lmq bench --synthetic` routing, the tr
 baseline, and bad options. Speed itself is measured on the GPU (docs/benchmarks.md), not here."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -80,6 +81,9 @@ def test_throughput_reads_a_jsonl_request_file(tmp_path):
         run_bench(None, "smollm2-135m", modes="throughput", dataset=str(bad), **SMALL)
     with pytest.raises(InputError, match="is not a file"):
         run_bench(None, "smollm2-135m", modes="throughput", dataset=str(tmp_path / "missing.jsonl"), **SMALL)
+    bad.write_text('{"prompt": [5, 6], "max_tokens": 2}\n{"prompt": [5, 6], "max_tokens": -4}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2: .*max_tokens must be 1 or more, got -4"):
+        read_requests(str(bad), SimpleNamespace(encode=lambda p: p))
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(bytes(range(128, 256)))
     with pytest.raises(InputError, match="is not UTF-8 text"):
