@@ -279,6 +279,9 @@ def test_tokenizer_that_needs_remote_code_or_is_missing(tmp_path, tiny_model, wi
     for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json"):
         (bare / f).unlink(missing_ok=True)
     assert_error(lmq("eval", "ppl", bare, "--data", wiki_file, "--seqlen", "64"), "has no tokenizer")
+    # quantizing it (round to nearest needs no tokenizer) works, and says what the checkpoint will lack
+    res = lmq("quantize", bare, "-o", tmp_path / "q", "--method", "rtn", "--group-size", "64")
+    assert res.exit_code == 0 and "will not chat or evaluate" in " ".join(res.stderr.split()), res.output
 
 
 def test_binary_config_json_is_a_clear_error(tmp_path, tiny_model):

@@ -262,6 +262,9 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
         for name in TOKENIZER_FILES:
             if (src_path / name).exists():
                 w.copy_file(src_path / name)
+        if not any((src_path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            log(f"[yellow]warning: {src_path} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json): "
+                f"{out} will not chat or evaluate until they are copied beside it[/]")
         settings = {k: v for k, v in asdict(spec).items() if k not in ("out", "force", "model")}
         if spec.method == "rtn":  # settings of the calibration and search that round-to-nearest does not run
             settings = {k: v for k, v in settings.items()
