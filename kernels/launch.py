@@ -52,6 +52,29 @@ def stream_buffer(pool: dict, device: torch.device, n: int, dtype: torch.dtype) 
     return held[-1]
 
 
+class PlanCache:
+    """A launcher's plans (config merged, tiles, split count, ...) kept per shape and config object, so an eager step
+    that calls each linear with its table's dict works them out once, not on every call. The entry holds the config
+    dict, so its id is not reused while the entry lives; a config changed in place after a call keeps its old plan
+    (pass a new dict to change it). Cleared when it passes `limit` entries (a caller making a fresh dict per call)."""
+
+    def __init__(self, limit: int = 65536):
+        self._plans: dict[tuple, tuple] = {}
+        self._limit = limit
+
+    def get(self, key: tuple, config: dict | None, make):
+        """The plan of (`key`, `config`), made by `make()` the first time (an error it raises is not kept)."""
+        full = (*key, id(config))
+        hit = self._plans.get(full)
+        if hit is not None and hit[1] is config:
+            return hit[0]
+        plan = make()
+        if len(self._plans) > self._limit:
+            self._plans.clear()
+        self._plans[full] = (plan, config)
+        return plan
+
+
 class DirectLaunch:
     """A kernel's launches, direct after the first of each kind (module docstring)."""
 

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv, cuda_capability, cuda_sm_count, next_pow2
-from lmq.kernels.launch import DirectLaunch, stream_buffer
+from lmq.kernels.launch import DirectLaunch, PlanCache, stream_buffer
 from triton.runtime.jit import constexpr_function
 
 from lmq.errors import ShapeError, UnsupportedError
@@ -406,18 +406,17 @@ _LAUNCH = DirectLaunch(_w4a16_gemm_kernel)  # lmq.kernels.launch
 # one arrival counter per output tile (zero between calls: each tile's last split resets its own)
 _PARTIALS: dict[tuple, list[torch.Tensor]] = {}
 _ARRIVALS: dict[tuple, list[torch.Tensor]] = {}
-_PLANS: dict[tuple, tuple] = {}
+_PLANS = PlanCache()
 
 
 def _plan(M: int, N: int, K: int, group_size: int, device: torch.device, config: dict | None) -> tuple[dict, int, int, bool]:
-    """(config with its rows per tile, BLOCK_K, split count, ordered reduction) of a launch. Kept per shape and config
-    object, as the GEMV keeps its plans (`w4a16_gemv._plan`): an eager step calls each linear once per layer with the
-    same table dict, and working this out took ~2.5 us of Python a call. A config changed in place after a call keeps
-    its old plan; pass a new dict to change it."""
-    key = (M, N, K, group_size, device, id(config))
-    hit = _PLANS.get(key)
-    if hit is not None and hit[4] is config:
-        return hit[:4]
+    """(config with its rows per tile, BLOCK_K, split count, ordered reduction) of a launch, kept per shape and config
+    object (`PlanCache`: working this out took ~2.5 us of Python a call)."""
+    return _PLANS.get((M, N, K, group_size, device), config, lambda: _make_plan(M, N, K, group_size, device, config))
+
+
+def _make_plan(M: int, N: int, K: int, group_size: int, device: torch.device,
+               config: dict | None) -> tuple[dict, int, int, bool]:
     cfg = dict(config or (INTERPRET_CONFIG if device.type == "cpu" else CONFIGS["sm80"]["decode"]))
     if "BLOCK_M_MAX" in cfg:  # rows per tile grow with M: each dequantized weight tile serves more rows
         cfg["BLOCK_M"] = min(cfg["BLOCK_M_MAX"], max(cfg["BLOCK_M"], next_pow2(M)))
@@ -426,11 +425,7 @@ def _plan(M: int, N: int, K: int, group_size: int, device: torch.device, config:
     reduce = cfg.get("REDUCE", "atomic")
     if reduce not in ("atomic", "ordered"):
         raise ValueError(f"w4a16_gemm: REDUCE is 'atomic' or 'ordered', got {reduce!r}")
-    ordered = reduce == "ordered" and split_k > 1
-    if len(_PLANS) > 65536:
-        _PLANS.clear()
-    _PLANS[key] = (cfg, block_k, split_k, ordered, config)
-    return cfg, block_k, split_k, ordered
+    return cfg, block_k, split_k, reduce == "ordered" and split_k > 1
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

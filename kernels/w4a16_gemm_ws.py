@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from lmq.kernels import cdiv, cuda_capability
 from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (KernelUnavailable: callers catch it here)
-from lmq.kernels.launch import DirectLaunch
+from lmq.kernels.launch import DirectLaunch, PlanCache
 from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, _pair_asm, check_inputs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -325,24 +325,19 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 # The host side of a launch, made lean (the engine's eager steps pay it on every linear; on the lent H100's host
 # it was 148-171 us a call). `_plan_for` keeps each shape's plan; `_LAUNCH` (lmq.kernels.launch) calls the
 # compiled kernel directly after the first launch of each kind: 87-112 us a call in all (docs/benchmarks.md).
-_PLANS: dict[tuple, tuple] = {}
+_PLANS = PlanCache()
 
 
 def _plan_for(M: int, N: int, K: int, config: dict | None, sms: int) -> tuple[int, int, int, dict]:
-    """`plan` with the table's config merged in, kept per shape and config object (the engine passes its table's
-    dict on every call; the entry keeps that dict, so its id is not reused while the entry lives). A config changed
-    in place after a call keeps its old plan: pass a new dict to change it."""
-    key = (M, N, K, sms, id(config))
-    hit = _PLANS.get(key)
-    if hit is None or hit[4] is not config:
+    """`plan` with the table's config merged in, kept per shape and config object (`PlanCache`)."""
+    def make():
         cfg = {**DEFAULT_CONFIG, **(config or {})}
         if cfg["BLOCK_N"] != 128:
             raise ValueError(f"w4a16_gemm_ws: tiles hold 128 weight rows (two warp groups of 64), got "
                              f"BLOCK_N={cfg['BLOCK_N']}")
-        if len(_PLANS) > 65536:
-            _PLANS.clear()
-        hit = _PLANS[key] = (*plan(M, N, K, cfg, sms), cfg, config)
-    return hit[:4]
+        return (*plan(M, N, K, cfg, sms), cfg)
+
+    return _PLANS.get((M, N, K, sms), config, make)
 
 
 _LAUNCH = DirectLaunch(_w4a16_gemm_ws_kernel)

@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv, next_pow2
-from lmq.kernels.launch import DirectLaunch, stream_buffer
+from lmq.kernels.launch import DirectLaunch, PlanCache, stream_buffer
 from lmq.kernels.pdl import use_pdl
 from lmq.kernels.w4a16_gemm import (
     _dequant_pair,
@@ -307,19 +307,19 @@ def _w4a16_gemv_kernel(
 _W4A16_GEMV = DirectLaunch(_w4a16_gemv_kernel)  # lmq.kernels.launch
 
 
-_PLANS: dict[tuple, tuple] = {}
+_PLANS = PlanCache()
 
 
 def _plan(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, device: torch.device, config: dict | None,
           D: int) -> tuple[dict, int, int, int]:
     """(config merged with the defaults, BLOCK_K, rows per program, split count) of a launch; `D`: the head dim of a
-    fused RoPE, 0 without. Kept per shape and config object, as `w4a16_gemm_ws._plan_for` keeps its plans (the engine
-    passes its table's dict on every call; the entry holds that dict, so its id is not reused while the entry lives):
-    a config changed in place after a call keeps its old plan, pass a new dict to change it."""
-    key = (M, N, K, group_size, dtype, device, id(config), D)
-    hit = _PLANS.get(key)
-    if hit is not None and hit[4] is config:
-        return hit[:4]
+    fused RoPE, 0 without. Kept per shape and config object (`PlanCache`)."""
+    return _PLANS.get((M, N, K, group_size, dtype, device, D), config,
+                      lambda: _make_plan(M, N, K, group_size, dtype, device, config, D))
+
+
+def _make_plan(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, device: torch.device,
+               config: dict | None, D: int) -> tuple[dict, int, int, int]:
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     block_k = pick_block_k(K, group_size, cfg["BLOCK_K"])
     if cfg.get("ROWS", 1) not in (1, 2):
@@ -350,9 +350,6 @@ def _plan(M: int, N: int, K: int, group_size: int, dtype: torch.dtype, device: t
         split_k = max(split_k, 2)
     if cfg["REDUCE"] == "fixed":
         split_k = min(split_k, MAX_FX_SPLIT)
-    if len(_PLANS) > 65536:
-        _PLANS.clear()
-    _PLANS[key] = (cfg, block_k, rows, split_k, config)
     return cfg, block_k, rows, split_k
 
 

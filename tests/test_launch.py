@@ -173,3 +173,25 @@ def test_direct_launches_give_tritons_bits_gpu(monkeypatch):
             for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, w))):
                 assert torch.equal(a, b)
     assert rmsnorm._RMSNORM.compiled and silu_mul._SILU_MUL.compiled and rope._ROPE.compiled
+
+
+def test_plan_cache_keeps_a_plan_per_key_and_config_object():
+    """`PlanCache`: the same key and config object give the kept plan without `make`; another dict (even equal)
+    its own; an error from `make` is not kept; past its limit it starts over."""
+    from lmq.kernels.launch import PlanCache
+
+    cache, made = PlanCache(limit=2), []
+
+    def make(v):
+        made.append(v)
+        return v
+
+    cfg = {"BLOCK_N": 64}
+    assert cache.get((1, 2), cfg, lambda: make("a")) == "a"
+    assert cache.get((1, 2), cfg, lambda: make("b")) == "a" and made == ["a"]
+    assert cache.get((1, 2), dict(cfg), lambda: make("c")) == "c"  # another object
+    assert cache.get((1, 3), cfg, lambda: make("d")) == "d"
+    with pytest.raises(ValueError):
+        cache.get((9,), cfg, lambda: (_ for _ in ()).throw(ValueError("bad config")))
+    assert cache.get((9,), cfg, lambda: make("e")) == "e"  # the error was not kept; the limit cleared the rest
+    assert cache.get((1, 2), cfg, lambda: make("f")) == "f" and made == ["a", "c", "d", "e", "f"]
