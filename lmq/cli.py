@@ -41,8 +41,9 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch scheduler, `docker stop`, `timeout`), raised where the command is, as Ctrl-C is."""
+class Terminated(BaseException):
+    """SIGTERM (a batch scheduler, `docker stop`, `timeout`), raised where the command is. Not a KeyboardInterrupt:
+    the handlers that stop one answer on Ctrl-C must not swallow it; writers clean up on any BaseException."""
 
 
 def _raise_terminated(signum, frame):
@@ -71,9 +72,12 @@ def guard():
     except LmqError as e:
         error(str(e))
         raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt as e:
-        error(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}; nothing partial was left behind")
-        raise typer.Exit(143 if isinstance(e, Terminated) else 130)
+    except KeyboardInterrupt:
+        error("interrupted; nothing partial was left behind")
+        raise typer.Exit(130)
+    except Terminated:
+        error("terminated; nothing partial was left behind")
+        raise typer.Exit(143)
     finally:
         if previous is not unset:  # (None: a handler set outside Python, restored as the default)
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
@@ -471,9 +475,7 @@ def chat(
                     _chat_turn(session, text)
                 except InputError as e:  # the conversation is too long, ...: say so and go on
                     log(f"[yellow]{escape(str(e))}[/]")
-                except KeyboardInterrupt as e:
-                    if isinstance(e, Terminated):  # SIGTERM ends the chat; Ctrl-C only the answer
-                        raise
+                except KeyboardInterrupt:  # Ctrl-C stops the answer; SIGTERM (`Terminated`) ends the chat
                     sys.stdout.write("\n")
                     sys.stdout.flush()
                     log("[dim](answer stopped; the part shown stays in the conversation)[/]")
