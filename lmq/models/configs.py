@@ -39,12 +39,13 @@ def synthetic_group_size(name: str, group_size: int | None = None) -> int:
     """The quantization group size of a synthetic model: `group_size` where it splits every linear's input width
     into whole groups, else an error naming the ones that do; None: the largest of 128, 64, 32 that does (SmolLM2's
     576-wide layers take 64)."""
-    cfg = synthetic_config(name)
-    widths = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"] * cfg["head_dim"])
+    from lmq.models.llama import ModelConfig, linear_shapes
+
+    widths = {k for _, k in linear_shapes(ModelConfig.from_hf(synthetic_config(name))).values()}  # each linear's K
     fits = [g for g in (128, 64, 32) if all(k % g == 0 for k in widths)]
     if group_size is None:
         return fits[0]
     if group_size not in fits:
-        raise InputError(f"--group-size {group_size} does not split {name}'s layer widths {sorted(set(widths))} into "
+        raise InputError(f"--group-size {group_size} does not split {name}'s layer widths {sorted(widths)} into "
                          f"whole groups; use --group-size {' or '.join(map(str, fits))}")
     return group_size
