@@ -58,7 +58,10 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // spec.block_size)  # block-table width
         self.max_num_seqs = max_num_seqs
-        self.prefill_many = prefill_graphs != "single"  # "single": one-sequence prefill graphs only (an A/B)
+        # sequences of the prefill graphs of each bucket: one, and max_num_seqs where that is more ("single": one-
+        # sequence graphs only, an A/B)
+        many = max_num_seqs > 1 and prefill_graphs != "single"
+        self.prefill_seqs = [1, max_num_seqs] if many else [1]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # (token bucket, sequences: 1 or max_num_seqs) -> (graph, logits of the sampling rows [sequences, V])
         self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -130,10 +133,6 @@ class ModelRunner:
         log(f"captured decode CUDA graphs for batch sizes {self.buckets}{prefill} in {time.perf_counter() - t0:.1f}s")
 
     # -- CUDA graphs for prefill and mixed steps -------------------------------------------------------
-    def _prefill_seq_counts(self) -> list[int]:
-        """Sequences of the prefill graphs of each bucket: one, and max_num_seqs where that is more."""
-        return [1] + ([self.max_num_seqs] if self.max_num_seqs > 1 and self.prefill_many else [])
-
     def _prefill_batch(self, tb: int, ns: int) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor]:
         """(ids, batch, sampling rows) of the static inputs, viewed for `tb` rows and `ns` sequences. Several
         sequences attend through a tile map (`prefill_attention`): one program per real query tile and head,
@@ -175,7 +174,7 @@ class ModelRunner:
             return
         self._prefill_buffers()
         for tb in reversed(self.prefill_buckets):
-            for ns in self._prefill_seq_counts():
+            for ns in self.prefill_seqs:
                 # warm-up: one sequence of tb padded rows that write nothing and attend block 0, the others empty
                 self._fill_prefill(tb, ns, [([], 0, [], [0], False)])
                 self._p_dev.copy_(self._p_host)
@@ -219,7 +218,7 @@ class ModelRunner:
 
     def _prefill_graph_fits(self, step: Step, ids: torch.Tensor | None) -> bool:
         if not self.prefill_graphs or ids is not None or step.is_decode or \
-                len(step.spans) > max(self._prefill_seq_counts()):
+                len(step.spans) > self.prefill_seqs[-1]:
             return False
         return 1 < step.num_tokens <= self.prefill_buckets[-1]
 
