@@ -16,10 +16,17 @@
 #   STAGES=splits     (session 15) the GEMV and GEMM launchers' GPU tests (one or two rows per GEMV program, the GEMM's
 #                     kept plans, ordered split-K), the engine's two-row and deterministic GPU tests, then
 #                     `sweep_gemm.py decode-ordered-splits` (ordered at M = 32-191: split caps, fewer waves)
+#   STAGES=ab         (session 16) where a batch-1 decode step's time goes (profile_decode.py), then the prefill graphs
+#                     three ways (many-sequence + single-sequence graphs, single-sequence only, none: LMQ_PREFILL_GRAPHS
+#                     1 / single / 0), interleaved, REPS times (default 2): batch-4 x 1,024-token TTFT and the
+#                     throughput of ENGINE's command (64 requests around 128 tokens in, 64 out), with each process's
+#                     graph capture time
+#   STAGES=head       (session 16) the int8 LM head: its GPU tests, the kernel against cuBLAS on the fp16 head (with a
+#                     config sweep), then `lmq bench --mode latency` with --lm-head auto and int8, interleaved
 # Logs and tables land in $OUT/<stage>/. Used for the H200 tables of docs/benchmarks.md.
 set -uo pipefail
 OUT=${OUT:-out}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-250}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u; } | tee "$OUT/gpu.txt"
@@ -101,6 +108,32 @@ Console(width=200).print(render_gemm_table(json.load(open('$OUT/gemm/bench.json'
       | tail -3 | tee -a "$OUT/splits/tests.log"
     timeout 200 python3 benchmarks/sweep_gemm.py decode-ordered-splits 2>&1 | tee "$OUT/splits/sweep.log" \
       | grep -E "^(cuBLAS|decode-ordered|BEST)" | sed -E "s/\{'BLOCK_M'.*'DOT_K': 64/{table/"
+    ;;
+  ab)
+    timeout 120 python3 benchmarks/profile_decode.py --batch 1 --context 1024 2>&1 | tee "$OUT/ab/profile.log" | tail -30
+    for rep in $(seq "${REPS:-2}"); do
+      for g in 1 single 0; do
+        L="$OUT/ab/latency-$g-$rep.log" T="$OUT/ab/throughput-$g-$rep.log"
+        LMQ_PREFILL_GRAPHS=$g timeout 120 lmq bench --synthetic llama3-8b --mode latency --batch 4 --input-len 1024 \
+          --output-len 16 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB >"$L" 2>&1
+        LMQ_PREFILL_GRAPHS=$g timeout 120 lmq bench --synthetic llama3-8b --mode throughput --input-len 128 \
+          --output-len 64 --num-requests 64 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB >"$T" 2>&1
+        echo "rep $rep graphs=$g: capture $(grep -oE 'in [0-9.]+s' "$L" | tail -1) / $(grep -oE 'in [0-9.]+s' "$T" | tail -1)," \
+          "TTFT 4x1024 $(grep -E '^\| 4 ' "$L" | cut -d'|' -f5) ms, req/s $(grep -E '^\| 64 ' "$T" | cut -d'|' -f4)" \
+          | tee -a "$OUT/ab/summary.txt"
+      done
+    done
+    ;;
+  head)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lm_head.py -k "not real_model" 2>&1 | tail -3 | tee "$OUT/head/tests.log"
+    timeout 200 python3 benchmarks/lm_head_sweep.py 2>&1 | tee "$OUT/head/sweep.log" | grep -vE "^  (worst|\()"
+    for rep in 1 2; do
+      for h in auto int8; do
+        timeout 120 lmq bench --synthetic llama3-8b --mode latency --batch 1,16,64 --input-len 128 --output-len 64 \
+          --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --lm-head "$h" >"$OUT/head/e2e-$h-$rep.log" 2>&1
+        echo "== rep $rep --lm-head $h"; grep -E "^\| (1|16|64) \|" "$OUT/head/e2e-$h-$rep.log" | cut -d'|' -f2-10
+      done
+    done
     ;;
   det)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py -k deterministic >"$OUT/det/tests.log" 2>&1

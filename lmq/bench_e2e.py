@@ -304,7 +304,8 @@ class HFBaseline:
 def render_e2e(report: dict) -> str:
     """Markdown tables of a report (what `lmq bench` prints and docs/benchmarks.md records)."""
     lines = [f"model: {report['model']}, device: {report['device']}, KV cache: {report['kv_dtype']}"
-             + (", deterministic" if report.get("deterministic") else ""), ""]
+             + (", deterministic" if report.get("deterministic") else "")
+             + (f", LM head {report['lm_head']}" if report.get("lm_head", "auto") != "auto" else ""), ""]
     if report.get("latency"):
         lines += [("| batch | in | out | TTFT ms | TPOT ms mean/p50/p99 | ITL p99 ms | out tok/s | peak GiB | "
                    "roofline | hf TTFT ms | hf TPOT ms | hf out tok/s | x hf |"),
@@ -357,7 +358,7 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
               max_num_batched_tokens: int = 2048, max_model_len: int | None = None, cache_max_memory: str | None = None,
               gpu_memory_utilization: float = 0.9, group_size: int | None = None,
               device: str = "auto", seed: int = 0, json_out: bool = False,
-              deterministic: bool = False) -> tuple[dict, str]:
+              deterministic: bool = False, lm_head: str = "auto") -> tuple[dict, str]:
     """Build the engine, run the chosen workloads, return (report, rendered text or JSON)."""
     from lmq.engine.model import EngineModel
     from lmq.evaluate import pick_device
@@ -389,8 +390,8 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
 
         group_size = synthetic_group_size(synthetic, group_size)
     dev = pick_device(device)
-    model = EngineModel.synthetic(synthetic, dev, group_size, deterministic=deterministic) if synthetic else \
-        EngineModel(checkpoint, dev, deterministic=deterministic)
+    model = EngineModel.synthetic(synthetic, dev, group_size, deterministic=deterministic, lm_head=lm_head) \
+        if synthetic else EngineModel(checkpoint, dev, deterministic=deterministic, lm_head=lm_head)
     hf = None
     if baseline == "hf":  # before the KV cache takes the free memory
         log("loading the transformers fp16 baseline")
@@ -402,7 +403,7 @@ def run_bench(checkpoint: str | None, synthetic: str | None, modes: str = "laten
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     report: dict = {"model": name, "device": gpu, "kv_dtype": llm.kv_dtype, "date": time.strftime("%Y-%m-%d"),
                     "torch": torch.__version__, "deterministic": deterministic, "max_num_seqs": llm.max_num_seqs,
-                    "max_num_batched_tokens": max_num_batched_tokens}
+                    "max_num_batched_tokens": max_num_batched_tokens, "lm_head": lm_head}
     if hf is not None:
         import transformers
 

@@ -342,6 +342,12 @@ def _device_option():
     return typer.Option("auto", "--device", help="auto, cpu or cuda.")
 
 
+def _lm_head_option():
+    return typer.Option("auto", "--lm-head", help="auto: the checkpoint's fp16 / bf16 LM head; int8: its rows in int8 "
+                        "with one scale each, made at load (half the bytes of a batch-1 decode step's largest read; "
+                        "measure the cost with lmq eval --lm-head int8).")
+
+
 # ---------------------------------------------------------------------------------------------
 # engine: bench (end to end)
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +381,7 @@ def bench_e2e_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the random prompts."),
     deterministic: bool = typer.Option(False, "--deterministic", help="The engine in its deterministic mode (every "
                                        "split-K sum order-independent), to measure what that costs."),
+    lm_head: str = _lm_head_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
 ) -> None:
     """End-to-end engine speed: latency, throughput, multi-turn TTFT (vLLM's metric names)."""
@@ -387,7 +394,7 @@ def bench_e2e_cmd(
             turns=turns, answer_len=answer_len, baseline=baseline, kv_dtype=kv_dtype, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len, cache_max_memory=cache_max_memory,
             gpu_memory_utilization=gpu_memory_utilization, group_size=group_size,
-            device=device, seed=seed, json_out=json_out, deterministic=deterministic,
+            device=device, seed=seed, json_out=json_out, deterministic=deterministic, lm_head=lm_head,
         )
         from lmq.console import out
 
@@ -420,6 +427,7 @@ def chat(
     max_model_len: int | None = _max_model_len_option(),
     cache_max_memory: str | None = _cache_max_memory_option(),
     gpu_memory_utilization: float = _gpu_memory_utilization_option(),
+    lm_head: str = _lm_head_option(),
     block_size: int | None = typer.Option(None, "--block-size", hidden=True, help="Tokens per KV block (tests)."),
 ) -> None:
     """Chat with a 4-bit model in the terminal; earlier turns' KV is reused from the prefix cache."""
@@ -441,7 +449,7 @@ def chat(
         log(f"loading {checkpoint} ...")
         llm = LLM(checkpoint, device=device, kv_dtype=kv_dtype, cache_max_memory=cache_max_memory,
                   gpu_memory_utilization=gpu_memory_utilization,
-                  max_model_len=max_model_len, **extra)
+                  max_model_len=max_model_len, lm_head=lm_head, **extra)
         session = ChatSession(llm, system, params)
         if prompt is not None:
             _chat_turn(session, prompt)  # InputError -> `error: ...`, exit 1

@@ -75,7 +75,7 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True, cuda_graphs: bool = True,
                  backend: str = "auto", dtype: str | None = None, overlap: bool = True,
-                 prefill_graphs: bool | None = None, deterministic: bool = False):
+                 prefill_graphs: bool | None = None, deterministic: bool = False, lm_head: str = "auto"):
         from lmq.format.source import load_tokenizer
 
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
@@ -87,10 +87,12 @@ class LLM:
         if isinstance(model, EngineModel):  # weights already loaded (benchmarks, tests): a new cache only
             if deterministic and not model.deterministic:
                 raise InputError("deterministic=True needs a model loaded that way: EngineModel(..., deterministic=True)")
+            if lm_head != "auto":
+                raise InputError(f"lm_head={lm_head!r} needs a model loaded that way: EngineModel(..., lm_head=...)")
             self.model, dev = model, model.device
         else:
             dev = pick_device(device)
-            self.model = EngineModel(model, dev, backend, dtype, deterministic)
+            self.model = EngineModel(model, dev, backend, dtype, deterministic, lm_head)
         # a synthetic model (random weights, `EngineModel.synthetic`) has no tokenizer: token ids only
         self.path = self.model.src.path if self.model.src is not None else None
         self.tokenizer = load_tokenizer(self.path) if self.path else None

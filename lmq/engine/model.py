@@ -13,6 +13,7 @@ One forward computes a step's packed tokens `input_ids [T]` (spans of several se
         h, residual = rms_norm(o @ W_o^T, w_post, residual)
         x = silu_mul(h @ W_gate_up^T) @ W_down^T        fused gate|up linear, fused SiLU * up
     logits = rms_norm(x, w_final, residual)[rows] @ W_head^T                 [S, V] fp32
+                                                        (W_head in int8 rows with `lm_head="int8"`)
 
 Two backends compute the same function:
 - "triton" (CUDA): 4-bit weights in the `planes64` layout through the W4A16 dispatcher
@@ -21,7 +22,9 @@ Two backends compute the same function:
 - "torch" (any device, the CPU default): the plain-PyTorch `_ref` twin of every kernel, with the
   weights dequantized once at load. Tests and CI run the real engine (scheduler, cache, prefix
   reuse) this way.
-Embeddings and lm_head stay in fp16/bf16 (fp32 on the torch backend on CPU).
+Embeddings and lm_head stay in fp16/bf16 (fp32 on the torch backend on CPU). `lm_head="int8"` quantizes the head
+at load, one scale per row (`lmq.kernels.w8a16_gemm`: half the bytes of the largest read of a batch-1 decode step;
+the torch backend computes with the same int8 rows, dequantized).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from lmq.format.source import WeightSource, resolve_model_path
 from lmq.kernels import rmsnorm, rope, silu_mul
 from lmq.kernels.w4a16_gemm import check_bf16_support
 from lmq.kernels.w4a16_gemv import can_fuse_rope
+from lmq.kernels.w8a16_gemm import dequantize_rows, quantize_rows, w8a16_matmul
 from lmq.models.llama import ModelConfig
 
 
@@ -99,6 +103,15 @@ def _pick_dtype(src: WeightSource, device: torch.device, backend: str, dtype: st
     return torch.bfloat16 if src.source_dtype() == torch.bfloat16 else torch.float16
 
 
+LM_HEADS = ("auto", "int8")
+
+
+def check_lm_head(lm_head: str) -> None:
+    if lm_head not in LM_HEADS:
+        raise InputError(f"--lm-head {lm_head!r}: expected auto (the checkpoint's fp16 / bf16 head) or int8 (one scale "
+                         "per row, half the bytes)")
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     """"auto" -> triton on a CUDA device, torch elsewhere; anything else is checked against the device."""
     if backend == "auto":
@@ -114,9 +127,10 @@ class EngineModel:
     """All weights of a 4-bit checkpoint on one device, and the forward of one engine step."""
 
     def __init__(self, path: str | Path, device: torch.device, backend: str = "auto", dtype: str | None = None,
-                 deterministic: bool = False):
+                 deterministic: bool = False, lm_head: str = "auto"):
         from lmq.pack.api import load_linears
 
+        check_lm_head(lm_head)  # before minutes of loading
         self.device, self.deterministic = device, deterministic
         self.backend = backend = _resolve_backend(backend, device)
         self.src = src = WeightSource(resolve_model_path(str(path)))
@@ -145,6 +159,7 @@ class EngineModel:
         self.embed = src.embed(dt).to(dev)  # [V, C]
         tied = not src.has(arch.lm_head) and cfg.tie_word_embeddings
         self.lm_head = self.embed if tied else src.lm_head(dt).to(dev)  # [V, C]
+        self._quantize_head(lm_head)
         self.norm = src.final_norm(dt).to(dev)
         self._init_rope()
         log(f"loaded {src.path.name}: {cfg.num_layers} layers, 4-bit g{G}, {backend} backend on {dev}"
@@ -166,12 +181,14 @@ class EngineModel:
 
     @classmethod
     def synthetic(cls, name: str, device: torch.device, group_size: int = 128, backend: str = "auto",
-                  seed: int = 0, dtype: torch.dtype | None = None, deterministic: bool = False) -> EngineModel:
+                  seed: int = 0, dtype: torch.dtype | None = None, deterministic: bool = False,
+                  lm_head: str = "auto") -> EngineModel:
         """Random weights at a real model's shape (`SYNTHETIC_CONFIGS`), made directly in the packed
         layout on `device`: what speed is measured on where no checkpoint can be downloaded. Scales
         keep every layer's output at unit scale, so activations stay finite at any depth."""
         from lmq.models.configs import synthetic_config
 
+        check_lm_head(lm_head)
         self = cls.__new__(cls)
         self.device, self.src, self.group_size, self.deterministic = device, None, group_size, deterministic
         self.backend = _resolve_backend(backend, device)
@@ -206,6 +223,7 @@ class EngineModel:
         self.embed = torch.randn(cfg.vocab_size, C, generator=g, device=device).to(dt)  # [V, C]
         self.lm_head = self.embed if cfg.tie_word_embeddings else \
             (torch.randn(cfg.vocab_size, C, generator=g, device=device) / C ** 0.5).to(dt)
+        self._quantize_head(lm_head)
         self.norm = ones
         self._init_rope()
         log(f"synthetic {name}: random 4-bit weights (g{group_size}) at the real shape, {self.backend} backend "
@@ -227,6 +245,19 @@ class EngineModel:
             q_norm=src.get(f"{p}.self_attn.q_norm.weight", dt).to(dev) if arch.qk_norm else None,
             k_norm=src.get(f"{p}.self_attn.k_norm.weight", dt).to(dev) if arch.qk_norm else None,
         )
+
+    def _quantize_head(self, lm_head: str) -> None:
+        """`lm_head="int8"`: the head's rows in int8 with one fp32 scale each (`head_q`). The Triton backend keeps only
+        those (an untied fp16 head is freed; a tied one stays as the embedding); the torch backend computes with the
+        same rows dequantized, so both backends give the int8 head's logits."""
+        self.head_q: tuple[torch.Tensor, torch.Tensor] | None = None
+        if lm_head != "int8":
+            return
+        q, s = quantize_rows(self.lm_head)
+        if self.backend == "triton":
+            self.head_q, self.lm_head = (q, s), None
+        else:
+            self.lm_head = dequantize_rows(q, s, self.dtype)
 
     # -- the ops each backend runs ------------------------------------------------------------------
     def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
@@ -295,13 +326,15 @@ class EngineModel:
         if sample_rows is not None:
             x, residual = x[sample_rows], residual[sample_rows]  # [S, C]
         h, _ = self.rms_norm(x, self.norm, residual)
+        if self.head_q is not None:
+            return w8a16_matmul(h, *self.head_q)  # [S, V] fp32
         return F.linear(h, self.lm_head).float()  # [S, V]
 
     # -- sizes ---------------------------------------------------------------------------------------
     def weight_bytes(self) -> int:
         """Bytes of every tensor the model holds (the tied embedding counted once)."""
         seen, total = set(), 0
-        tensors = [self.embed, self.lm_head, self.norm]
+        tensors = [self.embed, self.lm_head, self.norm, *(self.head_q or ())]
         for lw in self.layers:
             tensors += [lw.input_norm, lw.post_norm, lw.q_norm, lw.k_norm]
             for lin in (lw.qkv, lw.o, lw.gate_up, lw.down):

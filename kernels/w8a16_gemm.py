@@ -1,0 +1,135 @@
+"""W8A16 matmul for the LM head: `out[M, N] = x[M, K] @ w_hat[N, K]^T` in fp32, int8 weights, one scale per row.
+
+    w_hat[n, k] = q[n, k] * s[n],    q int8 in [-127, 127],    s = max_k |w[n, k]| / 127   (fp32)
+
+Why: at batch 1 the LM head is the largest single read of a decode step (Llama-3-8B: 128256 x 4096 fp16 weights,
+1.05 GB, ~15% of the step on an H100); int8 rows halve it and, unlike 4-bit groups, cost next to nothing in
+quality (`lmq eval ppl --lm-head int8`; README). `quantize_rows` makes (q, s) from the checkpoint's fp16 head at
+load time: no new checkpoint format.
+
+Shapes: x fp16 / bf16 `[M, K]` (rows contiguous), q int8 `[N, K]` (row-major), s fp32 `[N]`; out fp32 `[M, N]`
+(the engine samples from fp32 logits). Two forms of one kernel, chosen by M:
+- M = 1 (`DOT` False): a CUDA-core GEMV. Program n owns BLOCK_N rows of q and streams them along K in
+  [BLOCK_N, BLOCK_K] tiles, multiplying each by x's chunk into an fp32 tile that is summed over K once at the end.
+- M > 1 (`DOT` True): tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles, the int8 codes converted to the
+  activations' dtype (exact: |q| <= 127 fits fp16's and bf16's significands); rows past M are masked.
+The row scale is applied once to the finished sums. No split-K: a head has tens of thousands of rows, so N alone
+fills the GPU (the launcher refuses N < 1024 with a clear error instead of running a slow shape).
+
+`w8a16_matmul_ref` is the plain-PyTorch twin (fp32 math).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from lmq.kernels import cdiv, next_pow2
+from lmq.kernels.launch import DirectLaunch
+
+from lmq.errors import ShapeError
+
+QMAX = 127
+MIN_N = 1024  # fewer rows than this do not fill a GPU without split-K: not what this kernel is for
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`w [N, K]` -> (q int8 [N, K], s fp32 [N]): symmetric per-row round to nearest; an all-zero row gets s = 1."""
+    if w.dim() != 2:
+        raise ShapeError(f"the weight to quantize must be 2-D [N, K], got shape {tuple(w.shape)}")
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    s = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for r0 in range(0, w.shape[0], 8192):  # rows in chunks: fp32 copies of a whole head would cost 2 GB
+        wr = w[r0:r0 + 8192].float()
+        amax = wr.abs().amax(dim=1)
+        sr = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+        q[r0:r0 + 8192] = torch.clamp(torch.round(wr / sr[:, None]), -QMAX, QMAX).to(torch.int8)
+        s[r0:r0 + 8192] = sr
+    return q, s
+
+
+def dequantize_rows(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`q [N, K]`, `s [N]` -> `w_hat [N, K]` in `dtype`."""
+    return (q.float() * s[:, None]).to(dtype)
+
+
+@triton.jit
+def _w8a16_kernel(x_ptr, q_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_om,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+    n_mask = offs_n < N
+    q_rows = q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn  # [BN, 1]
+    if DOT:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        m_mask = offs_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & (k[None, :] < K),
+                        other=0.0)  # [BM, BK]
+            w = tl.load(q_rows + k[None, :], mask=n_mask[:, None] & (k[None, :] < K), other=0,
+                        eviction_policy="evict_first")  # [BN, BK] int8
+            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)  # [BM, BN]
+        s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+        out = acc * s[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out,
+                 mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed over K once, after the loop
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            a = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)  # [BK], row 0 (M = 1)
+            w = tl.load(q_rows + k[None, :], mask=n_mask[:, None] & (k[None, :] < K), other=0,
+                        eviction_policy="evict_first")  # [BN, BK] int8
+            acc += w.to(tl.float32) * a[None, :]
+        s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+        tl.store(out_ptr + offs_n, tl.sum(acc, axis=1) * s, mask=n_mask)
+
+
+_W8A16 = DirectLaunch(_w8a16_kernel)  # lmq.kernels.launch
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of each form on a GPU; the interpreter runs small tiles. H100, Llama-3-8B's
+# head (128256 x 4096; benchmarks/lm_head_sweep.py, results/2026-11-23-session16-h100/head-call/): M=1 200.4 us with
+# this GEMV config against cuBLAS fp16's 370.0 (108% of the copy floor; the best of 24 configs read 202.5); M=16 the
+# dot form at (64, 256, 4, 4) 189.2 us, the best of 24, against 219.6 at (64, 128, 4, 3) and cuBLAS's 377.9.
+GEMV_CONFIG = (64, 128, 4, 3)
+DOT_CONFIG = (64, 256, 4, 4)
+INTERPRET_CONFIG = (32, 64, 1, 1)
+
+
+def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
+    """`x [M, K]` (fp16 / bf16) @ (q [N, K] int8 * s [N])^T -> fp32 `[M, N]`."""
+    if x.dim() != 2 or q.dim() != 2 or s.dim() != 1:
+        raise ShapeError(f"expected x [M, K], q [N, K], s [N]; got {tuple(x.shape)}, {tuple(q.shape)}, {tuple(s.shape)}")
+    M, K = x.shape
+    N = q.shape[0]
+    if q.shape[1] != K or s.shape[0] != N:
+        raise ShapeError(f"x [M, K] = {tuple(x.shape)} does not match q [N, K] = {tuple(q.shape)} and s [{s.shape[0]}]")
+    if q.dtype != torch.int8 or s.dtype != torch.float32:
+        raise ShapeError(f"q must be int8 and s float32, got {q.dtype} and {s.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ShapeError(f"x must be float16 or bfloat16, got {x.dtype}")
+    if N < MIN_N:
+        raise ShapeError(f"the int8 LM head kernel is for vocabulary-sized weights (N >= {MIN_N} rows), got N={N}")
+    if x.stride(1) != 1 or q.stride(1) != 1:
+        raise ShapeError("x and q must be contiguous along K")
+    out = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out
+    dot = M > 1
+    if config is None:
+        config = INTERPRET_CONFIG if not x.is_cuda else (DOT_CONFIG if dot else GEMV_CONFIG)
+    BN, BK, warps, stages = config
+    BM = min(max(next_pow2(M), 16), 64) if dot else 1
+    grid = (cdiv(N, BN), cdiv(M, BM))
+    _W8A16[grid](x, q, s, out, M, N, K, x.stride(0), q.stride(0), out.stride(0),
+                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, DOT=dot, num_warps=warps, num_stages=stages)
+    return out
+
+
+def w8a16_matmul_ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch twin: fp32 `x @ (q * s)^T`."""
+    return x.float() @ dequantize_rows(q, s).t()
