@@ -22,7 +22,8 @@
 #                     throughput of ENGINE's command (64 requests around 128 tokens in, 64 out), with each process's
 #                     graph capture time
 #   STAGES=head       (session 16) the int8 LM head: its GPU tests, the kernel against cuBLAS on the fp16 head (with a
-#                     config sweep), then `lmq bench --mode latency` with --lm-head auto and int8, interleaved
+#                     config sweep at the M values of SWEEP, default 1,16), then `lmq bench --mode latency` with
+#                     --lm-head auto and int8, interleaved (synthetic Llama-3-8B, batch 1-64; Qwen2.5-7B, batch 1)
 # Logs and tables land in $OUT/<stage>/. Used for the H200 tables of docs/benchmarks.md.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -125,14 +126,21 @@ Console(width=200).print(render_gemm_table(json.load(open('$OUT/gemm/bench.json'
     done
     ;;
   head)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lm_head.py -k "not real_model" 2>&1 | tail -3 | tee "$OUT/head/tests.log"
-    timeout 200 python3 benchmarks/lm_head_sweep.py 2>&1 | tee "$OUT/head/sweep.log" | grep -vE "^  (worst|\()"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lm_head.py -k "not real_model and not eval" 2>&1 \
+      | tail -3 | tee "$OUT/head/tests.log"
+    timeout 200 python3 benchmarks/lm_head_sweep.py --sweep "${SWEEP:-1,16}" 2>&1 | tee "$OUT/head/sweep.log" \
+      | grep -vE "^  (worst|\()"
     for rep in 1 2; do
       for h in auto int8; do
-        timeout 120 lmq bench --synthetic llama3-8b --mode latency --batch 1,16,64 --input-len 128 --output-len 64 \
+        timeout 120 lmq bench --synthetic llama3-8b --mode latency --batch 1,4,16,64 --input-len 128 --output-len 64 \
           --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --lm-head "$h" >"$OUT/head/e2e-$h-$rep.log" 2>&1
-        echo "== rep $rep --lm-head $h"; grep -E "^\| (1|16|64) \|" "$OUT/head/e2e-$h-$rep.log" | cut -d'|' -f2-10
+        echo "== rep $rep --lm-head $h"; grep -E "^\| (1|4|16|64) \|" "$OUT/head/e2e-$h-$rep.log" | cut -d'|' -f2-10
       done
+    done
+    for h in auto int8; do  # a second head shape: Qwen2.5-7B's 152064 x 3584
+      timeout 120 lmq bench --synthetic qwen2.5-7b --mode latency --batch 1 --input-len 128 --output-len 64 \
+        --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --lm-head "$h" >"$OUT/head/qwen-$h.log" 2>&1
+      echo "== qwen2.5-7b --lm-head $h"; grep -E "^\| 1 \|" "$OUT/head/qwen-$h.log" | cut -d'|' -f2-10
     done
     ;;
   det)

@@ -92,11 +92,16 @@ def _w8a16_kernel(x_ptr, q_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_qn, s
 _W8A16 = DirectLaunch(_w8a16_kernel)  # lmq.kernels.launch
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of each form on a GPU; the interpreter runs small tiles. H100, Llama-3-8B's
-# head (128256 x 4096; benchmarks/lm_head_sweep.py, results/2026-11-23-session16-h100/head-call/): M=1 200.4 us with
-# this GEMV config against cuBLAS fp16's 370.0 (108% of the copy floor; the best of 24 configs read 202.5); M=16 the
-# dot form at (64, 256, 4, 4) 189.2 us, the best of 24, against 219.6 at (64, 128, 4, 3) and cuBLAS's 377.9.
+# head (128256 x 4096; benchmarks/lm_head_sweep.py, 24 configs at each swept M, results/2026-11-23-session16-h100/
+# head-call and head-call2), us, against cuBLAS fp16 on the fp16 head (370-391 at every M):
+#   M=1 (GEMV) 200.4-200.8 (108% of the copy floor; the best of 24 read 202.5);
+#   M=2 / 4 / 16 (dot, 16-row tiles, (64, 256, 4, 4)) 182.5 / 184.4 / 189.5; at M=16 the best of 24, against 219.6 for
+#   (64, 128, 4, 3);
+#   M=64 (64-row tiles) (128, 128, 4, 3) 265.3, the best of 24, against 443.9 for (64, 256, 4, 4).
+# M = 17..32 (32-row tiles) takes the 64-row config: not measured.
 GEMV_CONFIG = (64, 128, 4, 3)
-DOT_CONFIG = (64, 256, 4, 4)
+DOT_CONFIG = (64, 256, 4, 4)  # M <= 16
+DOT_CONFIG_WIDE = (128, 128, 4, 3)  # M > 16
 INTERPRET_CONFIG = (32, 64, 1, 1)
 
 
@@ -121,7 +126,8 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, config: tupl
         return out
     dot = M > 1
     if config is None:
-        config = INTERPRET_CONFIG if not x.is_cuda else (DOT_CONFIG if dot else GEMV_CONFIG)
+        config = INTERPRET_CONFIG if not x.is_cuda else \
+            (GEMV_CONFIG if not dot else DOT_CONFIG if M <= 16 else DOT_CONFIG_WIDE)
     BN, BK, warps, stages = config
     BM = min(max(next_pow2(M), 16), 64) if dot else 1
     grid = (cdiv(N, BN), cdiv(M, BM))

@@ -185,6 +185,8 @@ def eval_ppl(
     kv_dtype: str = typer.Option("fp16", help="KV cache precision to simulate: fp16, int8 or int4."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(1, help="Windows per forward pass."),
+    lm_head: str = typer.Option("auto", "--lm-head", help="auto: the checkpoint's LM head; int8: score with its int8 "
+                                "rows (what lmq chat --lm-head int8 runs)."),
     json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
 ) -> None:
     """Perplexity on non-overlapping windows of a text file."""
@@ -194,7 +196,7 @@ def eval_ppl(
         from lmq.evaluate import perplexity
         from lmq.render import ppl_table, print_json
 
-        r = perplexity(model, data, seqlen, max_windows, device, kv_dtype, batch_size)
+        r = perplexity(model, data, seqlen, max_windows, device, kv_dtype, batch_size, lm_head)
         print_json(asdict(r)) if json_out else ppl_table(r)
 
 
@@ -208,6 +210,8 @@ def eval_kld(
     kv_dtype: str = typer.Option("fp16", help="KV cache precision to simulate for CHECKPOINT."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(1, help="Windows per forward pass."),
+    lm_head: str = typer.Option("auto", "--lm-head", help="auto: CHECKPOINT's LM head; int8: score CHECKPOINT with its "
+                                "head's int8 rows (what lmq chat --lm-head int8 runs)."),
     json_out: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
 ) -> None:
     """Mean KL divergence to a reference model and same-top-token rate."""
@@ -217,7 +221,7 @@ def eval_kld(
         from lmq.evaluate import kl_divergence
         from lmq.render import kld_table, print_json
 
-        r = kl_divergence(checkpoint, reference, data, seqlen, max_windows, device, kv_dtype, batch_size)
+        r = kl_divergence(checkpoint, reference, data, seqlen, max_windows, device, kv_dtype, batch_size, lm_head)
         print_json(asdict(r)) if json_out else kld_table(r)
 
 

@@ -8,7 +8,8 @@
 
 A quantized checkpoint (lmq's or AutoAWQ's) is dequantized into the reference decoder, so this
 measures the checkpoint's numbers, not a kernel. `kv_dtype` passes K and V through the KV cache's
-quantize -> dequantize round trip to measure what a quantized KV cache costs.
+quantize -> dequantize round trip to measure what a quantized KV cache costs; `lm_head="int8"` scores with the
+LM head's int8 rows, dequantized (what `lmq chat --lm-head int8` computes with).
 """
 
 from __future__ import annotations
@@ -32,13 +33,17 @@ class DenseModel:
     """All weights of a checkpoint, dequantized, on one device: logits for token windows."""
 
     def __init__(self, src: WeightSource, device: torch.device, dtype: torch.dtype,
-                 kv_transform: KVTransform | None = None):
+                 kv_transform: KVTransform | None = None, lm_head: str = "auto"):
         self.src, self.cfg, self.device, self.dtype = src, src.cfg, device, dtype
         self.kv_transform = kv_transform
         self.embed = src.embed(dtype).to(device)
         self.layers = [{k: v.to(device) for k, v in src.layer(i, dtype).items()} for i in range(self.cfg.num_layers)]
         self.norm = src.final_norm(dtype).to(device)
         self.head = src.lm_head(dtype).to(device)
+        if lm_head == "int8":  # the engine's --lm-head int8 (lmq.kernels.w8a16_gemm)
+            from lmq.kernels.w8a16_gemm import dequantize_rows, quantize_rows
+
+            self.head = dequantize_rows(*quantize_rows(self.head), dtype)
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -72,13 +77,16 @@ def kv_transform_for(kv_dtype: str) -> KVTransform | None:
     return lambda t: fake_quantize_kv(t, kv_dtype)
 
 
-def load_model(path: str, device: str = "auto", kv_dtype: str = "fp16") -> DenseModel:
+def load_model(path: str, device: str = "auto", kv_dtype: str = "fp16", lm_head: str = "auto") -> DenseModel:
+    from lmq.engine.model import check_lm_head
+
+    check_lm_head(lm_head)
     src = WeightSource(resolve_model_path(path))
     dev = pick_device(device)
     # CPUs run fp16 matmuls slowly and inexactly: evaluate in fp32 there, in the model's dtype on GPU.
     dtype = torch.float32 if dev.type == "cpu" else (torch.bfloat16 if src.source_dtype() == torch.bfloat16
                                                      else torch.float16)
-    return DenseModel(src, dev, dtype, kv_transform_for(kv_dtype))
+    return DenseModel(src, dev, dtype, kv_transform_for(kv_dtype), lm_head)
 
 
 def check_data(data: str, seqlen: int, max_windows: int | None = None, batch_size: int = 1) -> Path:
@@ -135,6 +143,7 @@ class PplResult:
     seqlen: int
     kv_dtype: str
     seconds: float
+    lm_head: str = "auto"
 
 
 @dataclass
@@ -150,13 +159,14 @@ class KldResult:
     seqlen: int
     kv_dtype: str
     seconds: float
+    lm_head: str = "auto"
 
 
 def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: int | None = None,
-               device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1) -> PplResult:
+               device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1, lm_head: str = "auto") -> PplResult:
     t0 = time.time()
     check_data(data, seqlen, max_windows, batch_size)
-    model = load_model(path, device, kv_dtype)
+    model = load_model(path, device, kv_dtype, lm_head)
     check_seqlen(model, seqlen)
     ids = windows(model.src.path, data, seqlen, max_windows)
     nll, count = 0.0, 0
@@ -171,15 +181,19 @@ def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: int | None
             count += batch[:, 1:].numel()
             bar.update(task, advance=batch.shape[0], info=f"ppl {math.exp(nll / count):.3f}")
     return PplResult(model=path, ppl=math.exp(nll / count), nll=nll / count, tokens=count, windows=ids.shape[0],
-                     seqlen=seqlen, kv_dtype=kv_dtype, seconds=time.time() - t0)
+                     seqlen=seqlen, kv_dtype=kv_dtype, seconds=time.time() - t0, lm_head=lm_head)
 
 
 def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_windows: int | None = None,
-                  device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1) -> KldResult:
+                  device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1,
+                  lm_head: str = "auto") -> KldResult:
     t0 = time.time()
     check_data(data, seqlen, max_windows, batch_size)
+    from lmq.engine.model import check_lm_head
+
+    check_lm_head(lm_head)  # before the reference loads
     ref = load_model(reference, device)
-    model = load_model(path, device, kv_dtype)
+    model = load_model(path, device, kv_dtype, lm_head)
     if ref.cfg.vocab_size != model.cfg.vocab_size:
         raise InputError(f"{path} (vocab {model.cfg.vocab_size}) and reference {reference} "
                          f"(vocab {ref.cfg.vocab_size}) are not the same model family")
@@ -203,4 +217,5 @@ def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_
             bar.update(task, advance=w.shape[0], info=f"kld {kld / count:.4f}")
     return KldResult(model=path, reference=reference, kld=kld / count, top1_agree=agree / count,
                      ppl=math.exp(nll_q / count), ppl_ref=math.exp(nll_r / count), tokens=count,
-                     windows=ids.shape[0], seqlen=seqlen, kv_dtype=kv_dtype, seconds=time.time() - t0)
+                     windows=ids.shape[0], seqlen=seqlen, kv_dtype=kv_dtype, seconds=time.time() - t0,
+                     lm_head=lm_head)

@@ -88,7 +88,7 @@ def inspect_table(info) -> None:
 
 
 def ppl_table(r) -> None:
-    t = Table(title="perplexity")
+    t = Table(title="perplexity" + (f", LM head {r.lm_head}" if r.lm_head != "auto" else ""))
     for col in ("model", "kv", "windows x seqlen", "tokens", "ppl", "time"):
         t.add_column(col, justify="right" if col != "model" else "left")
     t.add_row(r.model, r.kv_dtype, f"{r.windows} x {r.seqlen}", str(r.tokens), f"{r.ppl:.4f}", f"{r.seconds:.1f} s")
@@ -96,7 +96,7 @@ def ppl_table(r) -> None:
 
 
 def kld_table(r) -> None:
-    t = Table(title="KL divergence to reference")
+    t = Table(title="KL divergence to reference" + (f", LM head {r.lm_head}" if r.lm_head != "auto" else ""))
     for col in ("model", "reference", "tokens", "mean KLD", "same top-1", "ppl", "ppl ref"):
         t.add_column(col, justify="right" if col not in ("model", "reference") else "left")
     t.add_row(r.model, r.reference, str(r.tokens), f"{r.kld:.5f}", f"{100 * r.top1_agree:.2f}%", f"{r.ppl:.4f}",

@@ -115,3 +115,33 @@ def test_int8_head_triton_matches_torch_backend(dtype):
                 llm.scheduler.advance(sp)
             for sp, tok in zip(st.spans, logits[1].argmax(-1).tolist()):
                 sp.seq.token_ids.append(tok)
+
+
+def test_eval_scores_the_int8_head(smollm2_rtn, wiki_file):
+    """`lmq eval ppl/kld --lm-head int8` on the real model: a small, nonzero cost against the checkpoint's own head,
+    and the option refused with its choices."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lmq.cli import app
+
+    def run(*args):
+        res = CliRunner().invoke(app, [str(a) for a in args])
+        return res.exit_code, (res.stdout if res.exit_code == 0 else res.stderr)
+
+    common = ["--data", wiki_file, "--seqlen", "128", "--max-windows", "2", "--device", "cpu", "--json"]
+    code, out = run("eval", "ppl", smollm2_rtn, *common)
+    assert code == 0, out
+    base = json.loads(out)
+    code, out = run("eval", "ppl", smollm2_rtn, *common, "--lm-head", "int8")
+    assert code == 0, out
+    int8 = json.loads(out)
+    assert int8["lm_head"] == "int8" and base["lm_head"] == "auto"
+    assert int8["ppl"] != base["ppl"] and abs(int8["ppl"] / base["ppl"] - 1) < 0.01
+    code, out = run("eval", "kld", smollm2_rtn, "--reference", smollm2_rtn, *common, "--lm-head", "int8")
+    assert code == 0, out
+    kld = json.loads(out)
+    assert 0 < kld["kld"] < 0.01 and kld["top1_agree"] > 0.9
+    code, out = run("eval", "ppl", smollm2_rtn, *common, "--lm-head", "int4")
+    assert code == 1 and "expected auto" in " ".join(out.split()) and "int8" in out
