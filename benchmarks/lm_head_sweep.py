@@ -34,7 +34,8 @@ bw = copy_bandwidth_bytes_s()
 floor_us = (V * C + 4 * V) / bw * 1e6
 print(f"{torch.cuda.get_device_name(dev)}, head {V} x {C}, copy bandwidth {bw / 1e9:.0f} GB/s, int8 floor "
       f"{floor_us:.1f} us")
-for M in [int(m) for m in args.m.split(",")]:
+sweep_ms = {int(m) for m in args.sweep.split(",") if m}
+for M in sorted({int(m) for m in args.m.split(",")} | sweep_ms):  # the swept M values are timed too
     x = torch.randn(M, C, generator=g, device=dev, dtype=torch.float16)
     ref = F.linear(x, heads[0]).float()
     err = ((k.w8a16_matmul(x, *qs[0]) - ref).norm() / ref.norm()).item()
@@ -42,7 +43,7 @@ for M in [int(m) for m in args.m.split(",")]:
     table = graph_time_us([lambda q=q, s=s, x=x: k.w8a16_matmul(x, q, s) for q, s in qs], calls=20)
     print(f"M={M}: cuBLAS fp16 {cublas:.1f} us, int8 {table:.1f} us, x{cublas / table:.2f}, "
           f"{100 * floor_us / table:.0f}% of the floor, rel err vs fp16 {err:.1e}")
-    if str(M) in args.sweep.split(","):
+    if M in sweep_ms:
         res = []
         for cfg in itertools.product((64, 128), (128, 256), (4, 8), (2, 3, 4)):
             try:
