@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmq.console import progress
+from lmq.console import log, progress
 from lmq.errors import InputError
 from lmq.format.source import WeightSource, load_tokenizer, resolve_model_path
 from lmq.models.llama import KVTransform, layer_forward, rms_norm, rope_cos_sin
@@ -107,6 +107,21 @@ def check_seqlen(model: DenseModel, seqlen: int) -> None:
                          "use a shorter --seqlen")
 
 
+def warn_quantized_reference(ref: DenseModel, reference: str) -> None:
+    """KL divergence says what quantization cost only against the float model. A quantized reference is allowed
+    (the same checkpoint as both, with --kv-dtype, measures a KV cache precision alone) but said loudly, with the
+    float model the manifest names where it names one."""
+    src = ref.src
+    if src.quant is None:
+        return
+    source = (src.manifest or {}).get("source") or {}
+    if src.kind == "packed":  # the packed manifest's source is the portable checkpoint; its manifest names the float one
+        source = (source.get("settings") or {}).get("source") or {}
+    fix = f"--reference {source['path']}" if source.get("path") else "the float model it was made from as --reference"
+    log(f"[yellow]warning: the reference {reference} is a 4-bit checkpoint ({src.kind}), so this is the KL divergence "
+        f"to a quantized model, not to the float one; for what quantization cost, pass {fix}[/]")
+
+
 def windows(model_path: Path, data: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
     """Token windows `[W, seqlen]` of the text file `data`, tokenized with the model's tokenizer."""
     p = check_data(data, seqlen, max_windows)
@@ -179,6 +194,7 @@ def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_
     t0 = time.time()
     check_data(data, seqlen, max_windows, batch_size)
     ref = load_model(reference, device)
+    warn_quantized_reference(ref, reference)
     model = load_model(path, device, kv_dtype)
     if ref.cfg.vocab_size != model.cfg.vocab_size:
         raise InputError(f"{path} (vocab {model.cfg.vocab_size}) and reference {reference} "

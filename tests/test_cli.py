@@ -298,3 +298,16 @@ def test_config_that_does_not_match_its_weights_is_refused(tmp_path, tiny_model,
     assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--method", "rtn", "--group-size", "64"),
                  match, "does not match its weights")
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_kld_warns_about_a_quantized_reference(smollm2, smollm2_rtn, wiki_file):
+    """The reference is meant to be the float model: a 4-bit one is measured, with a warning naming the float
+    model the manifest records; the float reference gives no warning."""
+    args = ("--data", wiki_file, "--seqlen", "32", "--max-windows", "1", "--device", "cpu")
+    res = lmq("eval", "kld", smollm2_rtn, "--reference", smollm2_rtn, *args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    err = " ".join(res.stderr.split())
+    assert f"warning: the reference {smollm2_rtn} is a 4-bit checkpoint (quantized)" in err, err
+    assert f"pass --reference {smollm2}" in err, err
+    res = lmq("eval", "kld", smollm2_rtn, "--reference", smollm2, *args)
+    assert res.exit_code == 0 and "warning" not in res.stderr, (res.output, res.exception)

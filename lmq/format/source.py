@@ -216,6 +216,16 @@ class WeightSource:
         self._files = self._index()
         self._handles: dict[Path, object] = {}
 
+    @property
+    def kind(self) -> str:
+        """"float", lmq's "quantized" or "packed" (from the manifest), "autoawq", or a GPTQ checkpoint's format
+        ("gptq", "gptq_v2")."""
+        if self.manifest:
+            return self.manifest["kind"]
+        if self.quant is None:
+            return "float"
+        return "autoawq" if self.quant.method == "awq" else self.quant.version
+
     @cached_property
     def cfg(self) -> ModelConfig:
         """The model's config, parsed from config.json on first use."""
