@@ -311,3 +311,17 @@ def test_eval_kld_warns_about_a_quantized_reference(smollm2, smollm2_rtn, wiki_f
     assert f"pass --reference {smollm2}" in err, err
     res = lmq("eval", "kld", smollm2_rtn, "--reference", smollm2, *args)
     assert res.exit_code == 0 and "warning" not in res.stderr, (res.output, res.exception)
+
+
+def test_calib_seqlen_past_the_context_is_warned_before_calibration(tmp_path, tiny_model, calib_file):
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    cfg["max_position_embeddings"] = 64
+    (tiny_model / "config.json").write_text(json.dumps(cfg))
+    args = ("--group-size", "64", "--calib-data", calib_file, "--calib-samples", "2", "--refine-steps", "0", "--force")
+    res = lmq("quantize", tiny_model, "-o", tmp_path / "out", "--calib-seqlen", "96", *args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    err = " ".join(res.stderr.split())
+    assert "warning: --calib-seqlen 96 exceeds the context (max_position_embeddings) of 64 tokens" in err, err
+    assert "--calib-seqlen 64 or less" in err and err.index("warning:") < err.index("calibration:"), err
+    res = lmq("quantize", tiny_model, "-o", tmp_path / "out", "--calib-seqlen", "64", *args)
+    assert res.exit_code == 0 and "warning" not in res.stderr, (res.output, res.exception)

@@ -133,6 +133,18 @@ def check_layer_shapes(src: WeightSource, group_size: int) -> None:
             check_group_size(shape[1], group_size, name)
 
 
+def warn_calib_seqlen(cfg, seqlen: int, path: Path) -> None:
+    """Calibration samples longer than the model's context put activations at positions it never saw (and, past a
+    sliding window, attention the model does not compute) into the search; say so before calibration starts."""
+    limit, what = cfg.max_position_embeddings, "context (max_position_embeddings)"
+    if cfg.sliding_window and cfg.sliding_window < limit:
+        limit, what = cfg.sliding_window, "sliding window"
+    if seqlen > limit:
+        log(f"[yellow]warning: --calib-seqlen {seqlen} exceeds the {what} of {limit} tokens in {path}/config.json: "
+            f"the scales are then searched on positions the model was not trained for; use --calib-seqlen {limit} "
+            "or less[/]")
+
+
 N_STAT = 8  # calibration samples the per-layer error statistics (and refinement's keep-or-drop) use
 
 
@@ -210,6 +222,7 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
     if spec.method != "rtn":
         from lmq.quant.calib import calibration_tokens
 
+        warn_calib_seqlen(cfg, spec.calib_seqlen, src_path)
         tok = load_tokenizer(src_path)
         tokens = calibration_tokens(spec.calib_data, tok, spec.calib_samples, spec.calib_seqlen, spec.seed)
         log(f"calibration: {tokens.shape[0]} samples x {tokens.shape[1]} tokens from {spec.calib_data}")
