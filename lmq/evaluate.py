@@ -74,6 +74,7 @@ def kv_transform_for(kv_dtype: str) -> KVTransform | None:
 
 def load_model(path: str, device: str = "auto", kv_dtype: str = "fp16") -> DenseModel:
     src = WeightSource(resolve_model_path(path))
+    src.check_shapes()
     dev = pick_device(device)
     # CPUs run fp16 matmuls slowly and inexactly: evaluate in fp32 there, in the model's dtype on GPU.
     dtype = torch.float32 if dev.type == "cpu" else (torch.bfloat16 if src.source_dtype() == torch.bfloat16
