@@ -359,3 +359,9 @@ def test_quantized_config_that_does_not_match_its_tensors_is_refused_at_load(tmp
     assert_error(lmq("chat", bad["portable"], "--device", "cpu", "--prompt", "hi"), *expect)
     assert_error(lmq("pack", bad["portable"], "--arch", "sm80", "-o", tmp_path / "repacked"), *expect)
     assert not (tmp_path / "repacked").exists()
+
+
+@pytest.mark.parametrize("name", ["model[v2]", "model[/x]"])
+def test_error_message_is_printed_as_it_is(tmp_path, name):
+    """Brackets in a path are not rich markup: neither dropped from the message nor a MarkupError traceback."""
+    assert_error(lmq("inspect", tmp_path / name), f"{tmp_path / name} does not exist")
