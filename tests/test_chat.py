@@ -200,3 +200,15 @@ def test_cli_sigterm_ends_the_chat_not_just_the_answer(cli, monkeypatch):
     res = cli(input="hi\nhi\n")
     assert res.exit_code == 143, (res.output, res.exception)
     assert "terminated" in res.log and "answer stopped" not in res.log
+
+
+def test_cli_input_that_is_not_utf8_is_refused_and_the_chat_goes_on(cli):
+    """Bytes that are not UTF-8 (a terminal or file in another encoding) are named, and the lines after them are
+    still read and answered; as --prompt or --system (lone surrogates from argv) they are one error line."""
+    res = cli(input=b"\xff\xfe hello\nhi\n")
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "the message is not UTF-8 text" in res.log and "'\\udcff\\udcfe' at character 0" in res.log, res.log
+    assert len(res.stdout.splitlines()) == 1 and res.stdout.strip()  # "hi" was answered
+    for args in (("--prompt", "\udcff hello"), ("--system", "\udcff", "--prompt", "hi")):
+        res = cli(*args)
+        assert res.exit_code == 1 and res.stdout == "" and "is not UTF-8 text" in res.log, (args, res.log)
