@@ -162,7 +162,9 @@ def test_cli_too_long_prompt_is_one_error_line(cli):
 def test_cli_empty_prompt_or_tiny_context_is_one_error_line(cli):
     for args, match in ((("--prompt", "  "), "--prompt is empty"),
                         (("--max-model-len", "0", "--prompt", "hi"), "--max-model-len must be 2 tokens or more"),
-                        (("--max-model-len", "-5", "--prompt", "hi"), "got -5")):
+                        (("--max-model-len", "-5", "--prompt", "hi"), "got -5"),
+                        (("--gpu-memory-utilization", "5", "--prompt", "hi"),
+                         "--gpu-memory-utilization must be in (0, 1], got 5")):
         res = cli(*args)
         assert res.exit_code == 1 and res.stdout == "" and match in res.log, (args, res.log)
 
