@@ -459,6 +459,8 @@ def chat(
             _chat_turn(session, prompt)  # InputError -> `error: ...`, exit 1
             return
         log(f"ready: context {llm.max_model_len} tokens; {CHAT_HELP}")
+        if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused alone (ChatSession), instead of
+            sys.stdin.reconfigure(errors="surrogateescape")  # failing the read and losing the lines buffered after it
         prompt_mark = ""  # no prompt when stdin is a pipe: the log would show a row of them
         if sys.stdin.isatty():
             import readline  # noqa: F401  (line editing and history for input())

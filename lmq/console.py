@@ -10,6 +10,7 @@ import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -53,4 +54,5 @@ def log(msg: str) -> None:
 
 
 def error(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    """`error: msg`, with `msg` printed as it is: paths and values in it like `model[v2]` are not rich markup."""
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)

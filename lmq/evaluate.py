@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmq.console import progress
+from lmq.console import log, progress
 from lmq.errors import InputError
 from lmq.format.source import WeightSource, load_tokenizer, resolve_model_path
 from lmq.models.llama import KVTransform, layer_forward, rms_norm, rope_cos_sin
@@ -82,6 +82,7 @@ def load_model(path: str, device: str = "auto", kv_dtype: str = "fp16", lm_head:
 
     check_lm_head(lm_head)
     src = WeightSource(resolve_model_path(path))
+    src.check_shapes()
     dev = pick_device(device)
     # CPUs run fp16 matmuls slowly and inexactly: evaluate in fp32 there, in the model's dtype on GPU.
     dtype = torch.float32 if dev.type == "cpu" else (torch.bfloat16 if src.source_dtype() == torch.bfloat16
@@ -113,6 +114,21 @@ def check_seqlen(model: DenseModel, seqlen: int) -> None:
     if seqlen > cfg.max_position_embeddings:
         raise InputError(f"--seqlen {seqlen} exceeds the model's context of {cfg.max_position_embeddings} tokens; "
                          "use a shorter --seqlen")
+
+
+def warn_quantized_reference(ref: DenseModel, reference: str) -> None:
+    """KL divergence says what quantization cost only against the float model. A quantized reference is allowed
+    (the same checkpoint as both, with --kv-dtype, measures a KV cache precision alone) but said loudly, with the
+    float model the manifest names where it names one."""
+    src = ref.src
+    if src.quant is None:
+        return
+    source = (src.manifest or {}).get("source") or {}
+    if src.kind == "packed":  # the packed manifest's source is the portable checkpoint; its manifest names the float one
+        source = (source.get("settings") or {}).get("source") or {}
+    fix = f"--reference {source['path']}" if source.get("path") else "the float model it was made from as --reference"
+    log(f"[yellow]warning: the reference {reference} is a 4-bit checkpoint ({src.kind}), so this is the KL divergence "
+        f"to a quantized model, not to the float one; for what quantization cost, pass {fix}[/]")
 
 
 def windows(model_path: Path, data: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
@@ -193,6 +209,7 @@ def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_
 
     check_lm_head(lm_head)  # before the reference loads
     ref = load_model(reference, device)
+    warn_quantized_reference(ref, reference)
     model = load_model(path, device, kv_dtype, lm_head)
     if ref.cfg.vocab_size != model.cfg.vocab_size:
         raise InputError(f"{path} (vocab {model.cfg.vocab_size}) and reference {reference} "

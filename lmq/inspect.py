@@ -39,12 +39,7 @@ def inspect_checkpoint(path: str) -> Inspection:
     src = WeightSource(p)
     cfg = src.cfg  # an unsupported model is refused before any tensor is read
     m = src.manifest
-    if m:
-        kind = m["kind"]
-    elif src.quant is None:
-        kind = "float"
-    else:
-        kind = "autoawq" if src.quant.method == "awq" else src.quant.version
+    kind = src.kind
     q_count, params, q_params, q_bytes = 0, 0, 0, 0
     for name in src.names:
         shape, dtype = src.info(name)

@@ -162,7 +162,9 @@ def test_cli_too_long_prompt_is_one_error_line(cli):
 def test_cli_empty_prompt_or_tiny_context_is_one_error_line(cli):
     for args, match in ((("--prompt", "  "), "--prompt is empty"),
                         (("--max-model-len", "0", "--prompt", "hi"), "--max-model-len must be 2 tokens or more"),
-                        (("--max-model-len", "-5", "--prompt", "hi"), "got -5")):
+                        (("--max-model-len", "-5", "--prompt", "hi"), "got -5"),
+                        (("--gpu-memory-utilization", "5", "--prompt", "hi"),
+                         "--gpu-memory-utilization must be in (0, 1], got 5")):
         res = cli(*args)
         assert res.exit_code == 1 and res.stdout == "" and match in res.log, (args, res.log)
 
@@ -200,3 +202,15 @@ def test_cli_sigterm_ends_the_chat_not_just_the_answer(cli, monkeypatch):
     res = cli(input="hi\nhi\n")
     assert res.exit_code == 143, (res.output, res.exception)
     assert "terminated" in res.log and "answer stopped" not in res.log
+
+
+def test_cli_input_that_is_not_utf8_is_refused_and_the_chat_goes_on(cli):
+    """Bytes that are not UTF-8 (a terminal or file in another encoding) are named, and the lines after them are
+    still read and answered; as --prompt or --system (lone surrogates from argv) they are one error line."""
+    res = cli(input=b"\xff\xfe hello\nhi\n")
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "the message is not UTF-8 text" in res.log and "'\\udcff\\udcfe' at character 0" in res.log, res.log
+    assert len(res.stdout.splitlines()) == 1 and res.stdout.strip()  # "hi" was answered
+    for args in (("--prompt", "\udcff hello"), ("--system", "\udcff", "--prompt", "hi")):
+        res = cli(*args)
+        assert res.exit_code == 1 and res.stdout == "" and "is not UTF-8 text" in res.log, (args, res.log)

@@ -298,3 +298,70 @@ def test_config_that_does_not_match_its_weights_is_refused(tmp_path, tiny_model,
     assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--method", "rtn", "--group-size", "64"),
                  match, "does not match its weights")
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_kld_warns_about_a_quantized_reference(smollm2, smollm2_rtn, wiki_file):
+    """The reference is meant to be the float model: a 4-bit one is measured, with a warning naming the float
+    model the manifest records; the float reference gives no warning."""
+    args = ("--data", wiki_file, "--seqlen", "32", "--max-windows", "1", "--device", "cpu")
+    res = lmq("eval", "kld", smollm2_rtn, "--reference", smollm2_rtn, *args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    err = " ".join(res.stderr.split())
+    assert f"warning: the reference {smollm2_rtn} is a 4-bit checkpoint (quantized)" in err, err
+    assert f"pass --reference {smollm2}" in err, err
+    res = lmq("eval", "kld", smollm2_rtn, "--reference", smollm2, *args)
+    assert res.exit_code == 0 and "warning" not in res.stderr, (res.output, res.exception)
+
+
+def test_calib_seqlen_past_the_context_is_warned_before_calibration(tmp_path, tiny_model, calib_file):
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    cfg["max_position_embeddings"] = 64
+    (tiny_model / "config.json").write_text(json.dumps(cfg))
+    args = ("--group-size", "64", "--calib-data", calib_file, "--calib-samples", "2", "--refine-steps", "0", "--force")
+    res = lmq("quantize", tiny_model, "-o", tmp_path / "out", "--calib-seqlen", "96", *args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    err = " ".join(res.stderr.split())
+    assert "warning: --calib-seqlen 96 exceeds the context (max_position_embeddings) of 64 tokens" in err, err
+    assert "--calib-seqlen 64 or less" in err and err.index("warning:") < err.index("calibration:"), err
+    res = lmq("quantize", tiny_model, "-o", tmp_path / "out", "--calib-seqlen", "64", *args)
+    assert res.exit_code == 0 and "warning" not in res.stderr, (res.output, res.exception)
+
+
+@pytest.fixture(scope="module")
+def smollm2_rtn_sm80(smollm2_rtn, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed") / "smollm2-rtn-sm80"
+    res = lmq("pack", smollm2_rtn, "--arch", "sm80", "-o", out)
+    assert res.exit_code == 0, (res.output, res.exception)
+    return out
+
+
+@pytest.mark.parametrize("key,value,seen", [
+    ("intermediate_size", 2048, "model.layers.0.mlp.gate_proj.scales is [9, 1536] but config.json implies [9, 2048]"),
+    ("num_key_value_heads", 9, "model.layers.0.self_attn.k_proj.scales is [9, 192] but config.json implies [9, 576]"),
+    ("hidden_size", 1152, "model.embed_tokens.weight is [49152, 576] but config.json"),
+])
+def test_quantized_config_that_does_not_match_its_tensors_is_refused_at_load(tmp_path, smollm2_rtn, smollm2_rtn_sm80,
+                                                                             key, value, seen):
+    """An edited config.json in a portable or packed SmolLM2 checkpoint is named at load (eval, chat, pack), with
+    the tensor, its shape and the config value, instead of failing later in a reshape."""
+    bad = {}
+    for kind, folder in (("portable", smollm2_rtn), ("packed", smollm2_rtn_sm80)):
+        bad[kind] = tmp_path / kind
+        bad[kind].mkdir()
+        for f in folder.iterdir():  # the weights linked, config.json edited
+            (bad[kind] / f.name).symlink_to(f)
+        (bad[kind] / "config.json").unlink()
+        (bad[kind] / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()),
+                                                           key: value}))
+    expect = (seen, f"{key} {value}", "does not match its weights")
+    assert_error(lmq("eval", "ppl", bad["portable"], "--data", __file__, "--seqlen", "16", "--device", "cpu"), *expect)
+    assert_error(lmq("chat", bad["packed"], "--device", "cpu", "--prompt", "hi"), *expect)
+    assert_error(lmq("chat", bad["portable"], "--device", "cpu", "--prompt", "hi"), *expect)
+    assert_error(lmq("pack", bad["portable"], "--arch", "sm80", "-o", tmp_path / "repacked"), *expect)
+    assert not (tmp_path / "repacked").exists()
+
+
+@pytest.mark.parametrize("name", ["model[v2]", "model[/x]"])
+def test_error_message_is_printed_as_it_is(tmp_path, name):
+    """Brackets in a path are not rich markup: neither dropped from the message nor a MarkupError traceback."""
+    assert_error(lmq("inspect", tmp_path / name), f"{tmp_path / name} does not exist")

@@ -1,6 +1,7 @@
 """Checkpoint formats end to end on toy models: shards, dtypes, calibration file kinds, hub ids offline."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -92,6 +93,69 @@ def test_hub_id_offline_gives_a_clear_error(tmp_path, monkeypatch):
     res = runner.invoke(app, ["quantize", "some-org/some-model", "-o", str(tmp_path / "out")])
     assert res.exit_code == 1
     assert "could not be fetched from the Hugging Face hub" in " ".join(res.stderr.split())
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The hub and `datasets` faked (no test goes online): `hub.up` says whether the probe gets an answer,
+    `hub.loads` records the data sets asked of `datasets.load_dataset`, which raises as datasets does offline."""
+    import types
+
+    import datasets
+    import huggingface_hub.utils
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    state = types.SimpleNamespace(up=False, probes=0, loads=[])
+
+    class Session:
+        def head(self, url, timeout=None):
+            state.probes += 1
+            assert timeout is not None and timeout <= 5
+            if not state.up:
+                raise OSError("[Errno -2] Name or service not known")
+
+    def load_dataset(name, config=None, split=None):
+        state.loads.append(name)
+        if not state.up:
+            raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
+        return {"text": ["a calibration document", "", "another one"]}
+
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Session())
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return state
+
+
+def test_default_calibration_set_fails_fast_when_the_hub_is_unreachable(tmp_path, tiny_model, hub):
+    """No --calib-data (pileval) and no network: one short probe, not datasets' ~30 s of retries, then an error
+    that says how to calibrate on a local file."""
+    t0 = time.time()
+    res = runner.invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "out"), "--group-size", "64"])
+    assert res.exit_code == 1, (res.output, res.exception)
+    err = " ".join(res.stderr.split())
+    assert "'pileval'" in err and "--calib-data path/to/calib.txt" in err and "HF_DATASETS_OFFLINE=1" in err, err
+    assert hub.probes == 1 and hub.loads == [] and time.time() - t0 < 10
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_hub_calibration_set_offline_reads_the_cache_only(hub, monkeypatch, var):
+    """With an offline variable set the hub is not asked; a data set missing from the cache names the variable."""
+    from lmq.errors import InputError
+    from lmq.quant.calib import load_documents
+
+    monkeypatch.setenv(var, "1")
+    with pytest.raises(InputError, match=f"{var} is set and no copy is in the datasets cache.*--calib-data"):
+        load_documents("pileval")
+    assert hub.probes == 0 and hub.loads == ["mit-han-lab/pile-val-backup"]
+
+
+def test_hub_calibration_set_online_is_downloaded(hub):
+    from lmq.quant.calib import load_documents
+
+    hub.up = True
+    assert load_documents("pileval") == ["a calibration document", "another one"]
+    assert hub.probes == 1 and hub.loads == ["mit-han-lab/pile-val-backup"]
 
 
 def test_text_file_documents_by_paragraph_or_line(tmp_path):

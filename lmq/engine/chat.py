@@ -34,12 +34,24 @@ class TurnStats:
     finish_reason: str | None  # "stop", "length", or "abort" (interrupted)
 
 
+def check_text(text: str, what: str) -> str:
+    """`text` if it is text the tokenizer can take. Bytes that were not UTF-8 (a terminal or piped file in another
+    encoding, read with errors="surrogateescape") arrive as lone surrogates, which the tokenizer refuses with a
+    TypeError; they are refused here, naming them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{what} is not UTF-8 text ({text[e.start:e.end]!r} at character {e.start} was not "
+                         "decodable); set the terminal, or the file piped in, to UTF-8") from None
+    return text
+
+
 class ChatSession:
     """A conversation with one model: `ask(text)` streams the answer and extends `messages`."""
 
     def __init__(self, llm, system: str | None = None, params: SamplingParams | None = None):
         self.llm = llm
-        self.system = system
+        self.system = system if system is None else check_text(system, "the system message")
         self.params = (params or SamplingParams()).validate()
         if not getattr(llm.tokenizer, "chat_template", None):
             raise InputError(f"checkpoint {llm.path} has no chat template (no chat_template in its "
@@ -76,7 +88,7 @@ class ChatSession:
         checked before this returns, so a conversation too long for the context raises InputError
         here and leaves the history unchanged. Stop early by closing the iterator
         (`contextlib.closing`) or by a KeyboardInterrupt while it runs."""
-        question = {"role": "user", "content": text}
+        question = {"role": "user", "content": check_text(text, "the message")}
         ids = self.render([*self.messages, question])
         try:
             self.llm.check_prompt(ids)

@@ -82,6 +82,8 @@ class LLM:
             raise InputError(f"max_num_seqs and max_num_batched_tokens must be >= 1, got {max_num_seqs}, "
                              f"{max_num_batched_tokens}")
         resolve_kv_dtype(kv_dtype, torch.float16)  # a bad --kv-dtype is refused before the weights load
+        if not 0 < gpu_memory_utilization <= 1:  # also where it is not used (CPU, --cache-max-memory): a typo anyway
+            raise InputError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
         if max_model_len is not None and max_model_len < 2:
             raise InputError(f"--max-model-len must be 2 tokens or more (a prompt and an answer), got {max_model_len}")
         if isinstance(model, EngineModel):  # weights already loaded (benchmarks, tests): a new cache only
@@ -109,8 +111,6 @@ class LLM:
         if cache_max_memory is not None:
             budget = parse_memory(cache_max_memory)
         elif dev.type == "cuda":
-            if not 0 < gpu_memory_utilization <= 1:
-                raise InputError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
             free, total = torch.cuda.mem_get_info(dev)
             reserved = ACTIVATION_SLACK_BYTES + self._activation_bytes(max_num_batched_tokens) \
                 + self._graph_logits_bytes(max_num_seqs)

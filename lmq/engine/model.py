@@ -138,6 +138,7 @@ class EngineModel:
         if src.quant is None:
             raise InputError(f"{src.path} is not a 4-bit checkpoint (no quantization_config); make one first: "
                              f"lmq quantize {src.path} -o {src.path.name}-awq")
+        src.check_shapes()
         self.dtype = _pick_dtype(src, device, backend, dtype)
         if backend == "triton":
             self.arch = local_arch(device)

@@ -21,7 +21,7 @@ import torch
 from lmq.errors import CheckpointError, InputError, LmqError, UnsupportedError
 from lmq.format import awq_gemm, gptq
 from lmq.format.manifest import read_manifest
-from lmq.models.llama import ModelConfig, layer_weight_names
+from lmq.models.llama import ModelConfig, layer_weight_names, linear_shapes
 from lmq.quant.rtn import QuantizedWeight
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -216,6 +216,16 @@ class WeightSource:
         self._files = self._index()
         self._handles: dict[Path, object] = {}
 
+    @property
+    def kind(self) -> str:
+        """"float", lmq's "quantized" or "packed" (from the manifest), "autoawq", or a GPTQ checkpoint's format
+        ("gptq", "gptq_v2")."""
+        if self.manifest:
+            return self.manifest["kind"]
+        if self.quant is None:
+            return "float"
+        return "autoawq" if self.quant.method == "awq" else self.quant.version
+
     @cached_property
     def cfg(self) -> ModelConfig:
         """The model's config, parsed from config.json on first use."""
@@ -318,6 +328,40 @@ class WeightSource:
             return self.packed.unpack(self.get(f"{prefix}.qweight"), self.get(f"{prefix}.scales"),
                                       self.get(f"{prefix}.zeros"), self.quant.group_size, name=prefix)
         return self.quant.unpack(self.get, self.has, prefix)
+
+    def check_shapes(self) -> None:
+        """Every linear, the embedding and an untied lm_head have the shapes config.json implies, read from the
+        headers only: a float linear's `weight [N, K]`, a quantized one's `scales [K/G, N]` (the same in every
+        layout lmq reads). An edited or mismatched config.json is named here, not met as a reshape error later."""
+        cfg = self.cfg
+        C, V = cfg.hidden_size, cfg.vocab_size
+        for name in (cfg.arch.embed, cfg.arch.lm_head):
+            if self.has(name) and tuple(self.info(name)[0]) != (V, C):
+                raise CheckpointError(f"{name} is {list(self.info(name)[0])} but config.json (vocab_size {V}, "
+                                      f"hidden_size {C}) implies {[V, C]}; the config in {self.path} does not match "
+                                      "its weights")
+        for i in range(cfg.num_layers):
+            for lin, (N, K) in linear_shapes(cfg).items():
+                name = f"{self.layer_prefix(i)}.{lin}"
+                if self.is_quantized(name):
+                    if self.quant is None:
+                        raise CheckpointError(f"{self.path} has {name}.qweight but no quantization_config in "
+                                              "config.json")
+                    G = K if self.quant.group_size == -1 else self.quant.group_size  # -1: GPTQ's one group per row
+                    tensor, want = f"{name}.scales", [-(-K // G), N]
+                    layout = f" ([K/G, N] of a linear [N, K] = {[N, K]} in groups of G = {G})"
+                elif self.has(f"{name}.weight"):
+                    tensor, want, layout = f"{name}.weight", [N, K], ""
+                else:
+                    raise UnsupportedError(f"{self.path} has no {name}.weight or {name}.qweight; is it a different "
+                                           "layout?")
+                shape = list(self.info(tensor)[0])
+                if shape != want or (layout and K % G):
+                    raise CheckpointError(
+                        f"{tensor} is {shape} but config.json implies {want}{layout} from hidden_size {C}, "
+                        f"intermediate_size {cfg.intermediate_size}, num_attention_heads {cfg.num_heads}, "
+                        f"num_key_value_heads {cfg.num_kv_heads}, head_dim {cfg.head_dim}; the config in {self.path} "
+                        "does not match its weights")
 
     def dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A tensor by full name; `X.weight` of a quantized linear is dequantized."""

@@ -181,6 +181,8 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
     if src_manifest is not None and src_manifest.get("kind") == "packed":
         raise InputError(f"{src} is already packed (for {src_manifest.get('arch')}); pack its source instead")
     weights = WeightSource(src, config=cfg)
+    if "hidden_size" in cfg:  # a config with the model's numbers (a bare quantization_config is packed as it is)
+        weights.check_shapes()
     prefixes = quantized_prefixes(weights.names)
     if not prefixes:
         raise CheckpointError(f"{src} holds no quantized linears (no <name>.qweight/.qzeros/.scales tensors)")

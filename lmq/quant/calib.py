@@ -6,6 +6,8 @@ Sources (`--calib-data`):
 - a local `.jsonl` / `.json` / `.parquet` / `.csv` file with a `text` column, read through `datasets`;
 - a folder: every such file in it;
 - a hub data set when online: `pileval`, `wikitext2`, `c4`, or any `org/name` with a `text` column.
+  With HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, only a cached copy is read; with neither set, the
+  hub is asked once (a few seconds at most) before `datasets`, which retries for about 30 s.
 
 Documents are shuffled with the seed, tokenized without special tokens, joined with the EOS token
 and cut into `n_samples` blocks of `seqlen` tokens (AutoAWQ's scheme). `datasets` is imported only
@@ -14,6 +16,7 @@ here, and only for the formats that need it.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -28,6 +31,29 @@ HUB_SETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train"),
     "c4": ("allenai/c4", "en", "validation"),
 }
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+HUB_PROBE_TIMEOUT_S = 3.0
+LOCAL_HINT = ("pass a local text file instead, e.g. --calib-data path/to/calib.txt (a .txt, .jsonl, .parquet or "
+              ".csv file, or a folder of them)")
+
+
+def _offline_var() -> str | None:
+    """The offline variable set to true (huggingface_hub's and datasets' reading), if any."""
+    return next((v for v in OFFLINE_VARS if os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")),
+                None)
+
+
+def _hub_unreachable() -> str | None:
+    """Why one request to the hub got no answer within HUB_PROBE_TIMEOUT_S (None: it answered, whatever the status)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001  (DNS, refused, timeout, proxy: the download would only retry)
+        detail = str(e).splitlines()[0] if str(e) else ""
+        return f"{constants.ENDPOINT} is unreachable ({type(e).__name__}: {detail})"
+    return None
 
 
 def _read_text_file(path: Path) -> list[str]:
@@ -69,14 +95,19 @@ def load_documents(spec: str) -> list[str]:
         return docs
     if spec in HUB_SETS or ("/" in spec and not spec.startswith((".", "/", "~"))):
         name, config, split = HUB_SETS.get(spec, (spec, None, "train"))
+        offline = _offline_var()
+        if offline is None and (why := _hub_unreachable()) is not None:
+            raise InputError(f"calibration data set {spec!r} ({'the default; ' if spec == 'pileval' else ''}"
+                             f"downloaded from the Hugging Face hub) cannot be fetched: {why}; {LOCAL_HINT}, or "
+                             "set HF_DATASETS_OFFLINE=1 to read a copy already in the datasets cache")
         try:
             import datasets
 
             ds = datasets.load_dataset(name, config, split=split)
         except Exception as e:
+            where = f": {offline} is set and no copy is in the datasets cache" if offline else " from the hub"
             raise InputError(
-                f"calibration data set {spec!r} could not be loaded from the hub ({type(e).__name__}); offline, "
-                "pass a local file: --calib-data path/to/text.txt"
+                f"calibration data set {spec!r} could not be loaded{where} ({type(e).__name__}); {LOCAL_HINT}"
             ) from e
         return [t for t in ds["text"] if isinstance(t, str) and t.strip()]
     raise InputError(f"calibration data {spec!r} is neither a file, a folder nor a known data set "

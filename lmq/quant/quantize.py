@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from lmq.console import log, progress
-from lmq.errors import CheckpointError, InputError, UnsupportedError
+from lmq.errors import InputError
 from lmq.format import awq_gemm
 from lmq.format.manifest import write_manifest
 from lmq.format.source import TOKENIZER_FILES, QuantConfig, WeightSource, load_tokenizer, resolve_model_path
@@ -108,29 +108,25 @@ def _finite(d: dict) -> dict:
 
 
 def check_layer_shapes(src: WeightSource, group_size: int) -> None:
-    """Every linear (and the embedding) has the shape config.json implies, and every quantized linear's input size
-    splits into whole groups; say which one does not. (A config that does not match its weights would be written
-    into the checkpoint, which other tools then refuse.)"""
-    cfg = src.cfg
-    expected = linear_shapes(cfg)
-    embed = src.info(cfg.arch.embed)[0] if src.has(cfg.arch.embed) else None
-    if embed is not None and tuple(embed) != (cfg.vocab_size, cfg.hidden_size):
-        raise CheckpointError(f"{cfg.arch.embed} is {list(embed)} but config.json (vocab_size {cfg.vocab_size}, "
-                              f"hidden_size {cfg.hidden_size}) implies {[cfg.vocab_size, cfg.hidden_size]}; the config "
-                              f"in {src.path} does not match its weights")
-    for i in range(cfg.num_layers):
-        prefix = src.layer_prefix(i)
-        for lin in cfg.arch.linears:
-            name = f"{prefix}.{lin}"
-            if not src.has(f"{name}.weight"):
-                raise UnsupportedError(f"{src.path} has no {name}.weight; is it already quantized or a different layout?")
-            shape = tuple(src.info(f"{name}.weight")[0])
-            if shape != expected[lin]:
-                raise CheckpointError(f"{name}.weight is {list(shape)} but config.json implies {list(expected[lin])} "
-                                      f"(hidden_size {cfg.hidden_size}, intermediate_size {cfg.intermediate_size}, "
-                                      f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads of {cfg.head_dim}); the "
-                                      f"config in {src.path} does not match its weights")
-            check_group_size(shape[1], group_size, name)
+    """Every linear (and the embedding) has the shape config.json implies, and every linear's input size splits
+    into whole groups; say which one does not. (A config that does not match its weights would be written into the
+    checkpoint, which other tools then refuse.)"""
+    src.check_shapes()
+    for i in range(src.cfg.num_layers):
+        for lin, (_, K) in linear_shapes(src.cfg).items():
+            check_group_size(K, group_size, f"{src.layer_prefix(i)}.{lin}")
+
+
+def warn_calib_seqlen(cfg, seqlen: int, path: Path) -> None:
+    """Calibration samples longer than the model's context put activations at positions it never saw (and, past a
+    sliding window, attention the model does not compute) into the search; say so before calibration starts."""
+    limit, what = cfg.max_position_embeddings, "context (max_position_embeddings)"
+    if cfg.sliding_window and cfg.sliding_window < limit:
+        limit, what = cfg.sliding_window, "sliding window"
+    if seqlen > limit:
+        log(f"[yellow]warning: --calib-seqlen {seqlen} exceeds the {what} of {limit} tokens in {path}/config.json: "
+            f"the scales are then searched on positions the model was not trained for; use --calib-seqlen {limit} "
+            "or less[/]")
 
 
 N_STAT = 8  # calibration samples the per-layer error statistics (and refinement's keep-or-drop) use
@@ -210,6 +206,7 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
     if spec.method != "rtn":
         from lmq.quant.calib import calibration_tokens
 
+        warn_calib_seqlen(cfg, spec.calib_seqlen, src_path)
         tok = load_tokenizer(src_path)
         tokens = calibration_tokens(spec.calib_data, tok, spec.calib_samples, spec.calib_seqlen, spec.seed)
         log(f"calibration: {tokens.shape[0]} samples x {tokens.shape[1]} tokens from {spec.calib_data}")
