@@ -178,7 +178,8 @@ def inspect(
 
 @eval_app.command("ppl")
 def eval_ppl(
-    model: str = typer.Argument(..., help="Float model, lmq checkpoint or AutoAWQ checkpoint."),
+    model: str = typer.Argument(..., help="Float model, or a 4-bit checkpoint: lmq's (portable or packed), AutoAWQ or "
+                                "GPTQ."),
     data: str = typer.Option(..., help="Text file to score, e.g. wikitext-2-raw/wiki.test.raw."),
     seqlen: int = typer.Option(1024, help="Tokens per window."),
     max_windows: Optional[int] = typer.Option(None, help="Score only the first N windows."),

@@ -54,7 +54,8 @@ def test_group_size_must_divide_k_and_error_names_the_layer():
 
 
 def test_unsupported_bits_and_shapes_raise():
-    with pytest.raises(ShapeError, match="bits=3"):
+    with pytest.raises(ShapeError, match=r"--bits 3 is not supported: lmq quantizes to 4 bits; pass --bits 4"):
         quantize(torch.randn(8, 128), 3, 128)
     with pytest.raises(ShapeError, match="2-D"):
         quantize(torch.randn(8, 128, 2), 4, 128)
+

@@ -78,7 +78,8 @@ def quantize(w: torch.Tensor, bits: int = 4, group_size: int = 128, zero_point: 
              name: str = "weight") -> QuantizedWeight:
     """Quantize `w [N, K]` group-wise; the math is done in fp32 whatever `w`'s dtype."""
     if bits not in SUPPORTED_BITS:
-        raise ShapeError(f"bits={bits} is not supported; lmq quantizes to {SUPPORTED_BITS} bits")
+        raise ShapeError(f"--bits {bits} is not supported: lmq quantizes to "
+                         f"{' or '.join(map(str, SUPPORTED_BITS))} bits; pass --bits 4 or leave it out")
     if w.dim() != 2:
         raise ShapeError(f"{name} must be 2-D [N, K], got shape {tuple(w.shape)}")
     N, K = w.shape
