@@ -484,16 +484,16 @@ def chat(
             elif text == "/stats":
                 log(_chat_stats(session.last_stats))
             elif text.startswith("/") and " " not in text:
-                log(f"unknown command {escape(text)}; {CHAT_HELP}")
+                log(f"unknown command {text}; {CHAT_HELP}")
             else:
                 try:
                     _chat_turn(session, text)
                 except InputError as e:  # the conversation is too long, ...: say so and go on
-                    log(f"[yellow]{escape(str(e))}[/]")
+                    console.print(f"[yellow]{escape(str(e))}[/]", highlight=False)
                 except KeyboardInterrupt:  # Ctrl-C stops the answer; SIGTERM (`Terminated`) ends the chat
                     sys.stdout.write("\n")
                     sys.stdout.flush()
-                    log("[dim](answer stopped; the part shown stays in the conversation)[/]")
+                    console.print("[dim](answer stopped; the part shown stays in the conversation)[/]", highlight=False)
 
 
 def _chat_turn(session, text: str) -> None:

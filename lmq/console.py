@@ -37,20 +37,26 @@ out = Console(width=_results_width())
 def progress(transient: bool = False) -> Progress:
     """A progress bar with `i/N`, elapsed time, ETA and a free-form `info` field."""
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),  # a path in it is not markup
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.fields[info]}", markup=False),
         console=console,
         transient=transient,
     )
 
 
 def log(msg: str) -> None:
-    console.print(msg, highlight=False)
+    """One line to stderr, printed as it is: paths and values in it like `model[v2]` are not rich markup."""
+    console.print(msg, highlight=False, markup=False)
+
+
+def warn(msg: str) -> None:
+    """`warning: msg` in yellow, `msg` printed as it is."""
+    console.print(f"[yellow]warning: {escape(msg)}[/]", highlight=False)
 
 
 def error(msg: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmq.console import log, progress
+from lmq.console import progress, warn
 from lmq.errors import InputError
 from lmq.format.source import WeightSource, load_tokenizer, resolve_model_path
 from lmq.models.llama import KVTransform, layer_forward, rms_norm, rope_cos_sin
@@ -127,8 +127,8 @@ def warn_quantized_reference(ref: DenseModel, reference: str) -> None:
     if src.kind == "packed":  # the packed manifest's source is the portable checkpoint; its manifest names the float one
         source = (source.get("settings") or {}).get("source") or {}
     fix = f"--reference {source['path']}" if source.get("path") else "the float model it was made from as --reference"
-    log(f"[yellow]warning: the reference {reference} is a 4-bit checkpoint ({src.kind}), so this is the KL divergence "
-        f"to a quantized model, not to the float one; for what quantization cost, pass {fix}[/]")
+    warn(f"the reference {reference} is a 4-bit checkpoint ({src.kind}), so this is the KL divergence "
+        f"to a quantized model, not to the float one; for what quantization cost, pass {fix}")
 
 
 def windows(model_path: Path, data: str, seqlen: int, max_windows: int | None) -> torch.Tensor:

@@ -365,3 +365,18 @@ def test_quantized_config_that_does_not_match_its_tensors_is_refused_at_load(tmp
 def test_error_message_is_printed_as_it_is(tmp_path, name):
     """Brackets in a path are not rich markup: neither dropped from the message nor a MarkupError traceback."""
     assert_error(lmq("inspect", tmp_path / name), f"{tmp_path / name} does not exist")
+
+
+def test_log_and_warn_print_brackets_as_they_are():
+    """Paths and values in log lines, warnings and progress bars are not rich markup: `a[/b]` would be a MarkupError
+    and `model[v2]` would lose its `[v2]`."""
+    from lmq.console import console, log, progress, warn
+
+    with console.capture() as cap:
+        log("loading /tmp/a[/b] and model[v2]")
+        warn("the reference model[v2] is a 4-bit checkpoint")
+        with progress() as bar:
+            bar.add_task("loading a[/b]", total=1, info="[v2]")
+    text = cap.get()
+    assert "loading /tmp/a[/b] and model[v2]" in text
+    assert "warning: the reference model[v2] is a 4-bit checkpoint" in text

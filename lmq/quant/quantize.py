@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from lmq.console import log, progress
+from lmq.console import log, progress, warn
 from lmq.errors import InputError
 from lmq.format import awq_gemm
 from lmq.format.manifest import write_manifest
@@ -124,9 +124,9 @@ def warn_calib_seqlen(cfg, seqlen: int, path: Path) -> None:
     if cfg.sliding_window and cfg.sliding_window < limit:
         limit, what = cfg.sliding_window, "sliding window"
     if seqlen > limit:
-        log(f"[yellow]warning: --calib-seqlen {seqlen} exceeds the {what} of {limit} tokens in {path}/config.json: "
+        warn(f"--calib-seqlen {seqlen} exceeds the {what} of {limit} tokens in {path}/config.json: "
             f"the scales are then searched on positions the model was not trained for; use --calib-seqlen {limit} "
-            "or less[/]")
+            "or less")
 
 
 N_STAT = 8  # calibration samples the per-layer error statistics (and refinement's keep-or-drop) use
@@ -260,8 +260,8 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
             if (src_path / name).exists():
                 w.copy_file(src_path / name)
         if not any((src_path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-            log(f"[yellow]warning: {src_path} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json): "
-                f"{out} will not chat or evaluate until they are copied beside it[/]")
+            warn(f"{src_path} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json): "
+                f"{out} will not chat or evaluate until they are copied beside it")
         settings = {k: v for k, v in asdict(spec).items() if k not in ("out", "force", "model")}
         if spec.method == "rtn":  # settings of the calibration and search that round-to-nearest does not run
             settings = {k: v for k, v in settings.items()
