@@ -106,7 +106,7 @@ def hub(monkeypatch):
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    state = types.SimpleNamespace(up=False, probes=0, loads=[])
+    state = types.SimpleNamespace(up=False, status=200, cached=False, probes=0, loads=[])
 
     class Session:
         def head(self, url, timeout=None):
@@ -114,12 +114,14 @@ def hub(monkeypatch):
             assert timeout is not None and timeout <= 5
             if not state.up:
                 raise OSError("[Errno -2] Name or service not known")
+            return types.SimpleNamespace(status_code=state.status)
 
     def load_dataset(name, config=None, split=None):
         state.loads.append(name)
-        if not state.up:
-            raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
-        return {"text": ["a calibration document", "", "another one"]}
+        offline = datasets.config.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE
+        if (state.up and state.status < 400 and not offline) or (offline and state.cached):
+            return {"text": ["a calibration document", "", "another one"]}
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Session())
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
@@ -133,9 +135,26 @@ def test_default_calibration_set_fails_fast_when_the_hub_is_unreachable(tmp_path
     res = runner.invoke(app, ["quantize", str(tiny_model), "-o", str(tmp_path / "out"), "--group-size", "64"])
     assert res.exit_code == 1, (res.output, res.exception)
     err = " ".join(res.stderr.split())
-    assert "'pileval'" in err and "--calib-data path/to/calib.txt" in err and "HF_DATASETS_OFFLINE=1" in err, err
-    assert hub.probes == 1 and hub.loads == [] and time.time() - t0 < 10
+    assert "'pileval'" in err and "--calib-data path/to/calib.txt" in err and "no copy is in the datasets cache" in err
+    assert hub.probes == 1 and hub.loads == ["mit-han-lab/pile-val-backup"] and time.time() - t0 < 10  # cache only
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("status", [None, 407, 502])
+def test_unreachable_hub_still_reads_a_cached_copy(hub, status):
+    """No answer from the hub (or a proxy's 407, a gateway's 5xx): a copy in the datasets cache is read at once,
+    with the hub switched off for that call only."""
+    import datasets
+
+    from lmq.quant.calib import load_documents
+
+    hub.cached = True
+    if status is not None:
+        hub.up, hub.status = True, status
+    before = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
+    assert load_documents("pileval") == ["a calibration document", "another one"]
+    assert hub.probes == 1 and hub.loads == ["mit-han-lab/pile-val-backup"]
+    assert (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE) == before
 
 
 @pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])

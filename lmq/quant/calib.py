@@ -44,16 +44,30 @@ def _offline_var() -> str | None:
 
 
 def _hub_unreachable() -> str | None:
-    """Why one request to the hub got no answer within HUB_PROBE_TIMEOUT_S (None: it answered, whatever the status)."""
+    """Why one request to the hub got no usable answer within HUB_PROBE_TIMEOUT_S (None: it answered). A proxy's
+    own refusal (407) or a gateway error (5xx) counts as no answer: the download would only retry it."""
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
     try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+        r = get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001  (DNS, refused, timeout, proxy: the download would only retry)
         detail = str(e).splitlines()[0] if str(e) else ""
         return f"{constants.ENDPOINT} is unreachable ({type(e).__name__}: {detail})"
+    status = getattr(r, "status_code", 200)
+    if status == 407 or status >= 500:
+        return f"{constants.ENDPOINT} answered HTTP {status} (a proxy or gateway in the way)"
     return None
+
+
+def _load_cached(datasets, name: str, config: str | None, split: str):
+    """`datasets.load_dataset` with the hub switched off for this call (what HF_DATASETS_OFFLINE=1 does)."""
+    saved = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    finally:
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
 
 
 def _read_text_file(path: Path) -> list[str]:
@@ -96,15 +110,19 @@ def load_documents(spec: str) -> list[str]:
     if spec in HUB_SETS or ("/" in spec and not spec.startswith((".", "/", "~"))):
         name, config, split = HUB_SETS.get(spec, (spec, None, "train"))
         offline = _offline_var()
-        if offline is None and (why := _hub_unreachable()) is not None:
-            raise InputError(f"calibration data set {spec!r} ({'the default; ' if spec == 'pileval' else ''}"
-                             f"downloaded from the Hugging Face hub) cannot be fetched: {why}; {LOCAL_HINT}, or "
-                             "set HF_DATASETS_OFFLINE=1 to read a copy already in the datasets cache")
+        why = _hub_unreachable() if offline is None else None
         try:
             import datasets
 
-            ds = datasets.load_dataset(name, config, split=split)
+            if why is None:
+                ds = datasets.load_dataset(name, config, split=split)
+            else:  # no hub: a copy already in the datasets cache still serves, without datasets' retries
+                ds = _load_cached(datasets, name, config, split)
         except Exception as e:
+            if why is not None:
+                raise InputError(f"calibration data set {spec!r} ({'the default; ' if spec == 'pileval' else ''}"
+                                 f"downloaded from the Hugging Face hub) cannot be fetched: {why}, and no copy is in "
+                                 f"the datasets cache; {LOCAL_HINT}") from e
             where = f": {offline} is set and no copy is in the datasets cache" if offline else " from the hub"
             raise InputError(
                 f"calibration data set {spec!r} could not be loaded{where} ({type(e).__name__}); {LOCAL_HINT}"
