@@ -4,8 +4,8 @@
 
 Why: at batch 1 the LM head is the largest single read of a decode step (Llama-3-8B: 128256 x 4096 fp16 weights,
 1.05 GB, ~15% of the step on an H100); int8 rows halve it and, unlike 4-bit groups, cost next to nothing in
-quality (`lmq eval ppl --lm-head int8`; README). `quantize_rows` makes (q, s) from the checkpoint's fp16 head at
-load time: no new checkpoint format.
+quality (`lmq eval ppl --lm-head int8`; README). `lmq.quant.rows.quantize_rows` makes (q, s) from the checkpoint's
+fp16 head at load time: no new checkpoint format.
 
 Shapes: x fp16 / bf16 `[M, K]` (rows contiguous), q int8 `[N, K]` (row-major), s fp32 `[N]`; out fp32 `[M, N]`
 (the engine samples from fp32 logits). Two forms of one kernel, chosen by M:
@@ -24,33 +24,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lmq.kernels import cdiv, next_pow2
+from lmq.kernels import cdiv, cuda_capability, next_pow2
 from lmq.kernels.launch import DirectLaunch
 
 from lmq.errors import ShapeError
+from lmq.quant.rows import dequantize_rows, quantize_rows  # noqa: F401 (quantize_rows: the form this kernel reads)
 
-QMAX = 127
 MIN_N = 1024  # fewer rows than this do not fill a GPU without split-K: not what this kernel is for
-
-
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`w [N, K]` -> (q int8 [N, K], s fp32 [N]): symmetric per-row round to nearest; an all-zero row gets s = 1."""
-    if w.dim() != 2:
-        raise ShapeError(f"the weight to quantize must be 2-D [N, K], got shape {tuple(w.shape)}")
-    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    s = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
-    for r0 in range(0, w.shape[0], 8192):  # rows in chunks: fp32 copies of a whole head would cost 2 GB
-        wr = w[r0:r0 + 8192].float()
-        amax = wr.abs().amax(dim=1)
-        sr = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-        q[r0:r0 + 8192] = torch.clamp(torch.round(wr / sr[:, None]), -QMAX, QMAX).to(torch.int8)
-        s[r0:r0 + 8192] = sr
-    return q, s
-
-
-def dequantize_rows(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """`q [N, K]`, `s [N]` -> `w_hat [N, K]` in `dtype`."""
-    return (q.float() * s[:, None]).to(dtype)
 
 
 @triton.jit
@@ -75,7 +55,7 @@ def _w8a16_kernel(x_ptr, q_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_qn, s
             acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)  # [BM, BN]
         s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
         out = acc * s[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out,
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :], out,
                  mask=m_mask[:, None] & n_mask[None, :])
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed over K once, after the loop
@@ -100,8 +80,10 @@ _W8A16 = DirectLaunch(_w8a16_kernel)  # lmq.kernels.launch
 #   M=64 (64-row tiles) (128, 128, 4, 3) 265.3, the best of 24, against 443.9 for (64, 256, 4, 4).
 # M = 17..32 (32-row tiles) takes the 64-row config: not measured.
 GEMV_CONFIG = (64, 128, 4, 3)
-DOT_CONFIG = (64, 256, 4, 4)  # M <= 16
-DOT_CONFIG_WIDE = (128, 128, 4, 3)  # M > 16
+DOT_CONFIG = (64, 256, 4, 4)  # M <= 16: 4 stages of 24 KB of shared memory
+DOT_CONFIG_WIDE = (128, 128, 4, 3)  # M > 16: 3 stages of 32 KB
+# GPUs with less shared memory per block (sm86 / sm89: 99 KB, sm75: 64 KB) take fewer stages; not measured.
+SMALL_SMEM = {"dot": (64, 256, 4, 2), "wide": (64, 128, 4, 2)}
 INTERPRET_CONFIG = (32, 64, 1, 1)
 
 
@@ -126,14 +108,21 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, config: tupl
         return out
     dot = M > 1
     if config is None:
-        config = INTERPRET_CONFIG if not x.is_cuda else \
-            (GEMV_CONFIG if not dot else DOT_CONFIG if M <= 16 else DOT_CONFIG_WIDE)
+        config = INTERPRET_CONFIG if not x.is_cuda else _config(x.device, dot, M)
     BN, BK, warps, stages = config
     BM = min(max(next_pow2(M), 16), 64) if dot else 1
     grid = (cdiv(N, BN), cdiv(M, BM))
     _W8A16[grid](x, q, s, out, M, N, K, x.stride(0), q.stride(0), out.stride(0),
                  BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, DOT=dot, num_warps=warps, num_stages=stages)
     return out
+
+
+def _config(device: torch.device, dot: bool, M: int) -> tuple:
+    if not dot:
+        return GEMV_CONFIG
+    if cuda_capability(device) in ((8, 0), (9, 0)):  # 163 KB / 227 KB of shared memory per block
+        return DOT_CONFIG if M <= 16 else DOT_CONFIG_WIDE
+    return SMALL_SMEM["dot"] if M <= 16 else SMALL_SMEM["wide"]
 
 
 def w8a16_matmul_ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from lmq.console import progress, warn
 from lmq.errors import InputError
 from lmq.format.source import WeightSource, load_tokenizer, resolve_model_path
 from lmq.models.llama import KVTransform, layer_forward, rms_norm, rope_cos_sin
+from lmq.quant.rows import check_lm_head, fake_quantize_rows
 
 
 class DenseModel:
@@ -41,9 +42,7 @@ class DenseModel:
         self.norm = src.final_norm(dtype).to(device)
         self.head = src.lm_head(dtype).to(device)
         if lm_head == "int8":  # the engine's --lm-head int8 (lmq.kernels.w8a16_gemm)
-            from lmq.kernels.w8a16_gemm import dequantize_rows, quantize_rows
-
-            self.head = dequantize_rows(*quantize_rows(self.head), dtype)
+            self.head = fake_quantize_rows(self.head)
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -78,8 +77,6 @@ def kv_transform_for(kv_dtype: str) -> KVTransform | None:
 
 
 def load_model(path: str, device: str = "auto", kv_dtype: str = "fp16", lm_head: str = "auto") -> DenseModel:
-    from lmq.engine.model import check_lm_head
-
     check_lm_head(lm_head)
     src = WeightSource(resolve_model_path(path))
     src.check_shapes()
@@ -205,12 +202,9 @@ def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_
                   lm_head: str = "auto") -> KldResult:
     t0 = time.time()
     check_data(data, seqlen, max_windows, batch_size)
-    from lmq.engine.model import check_lm_head
-
-    check_lm_head(lm_head)  # before the reference loads
+    model = load_model(path, device, kv_dtype, lm_head)
     ref = load_model(reference, device)
     warn_quantized_reference(ref, reference)
-    model = load_model(path, device, kv_dtype, lm_head)
     if ref.cfg.vocab_size != model.cfg.vocab_size:
         raise InputError(f"{path} (vocab {model.cfg.vocab_size}) and reference {reference} "
                          f"(vocab {ref.cfg.vocab_size}) are not the same model family")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmq.errors import ShapeError
-from lmq.kernels.w8a16_gemm import dequantize_rows, quantize_rows, w8a16_matmul, w8a16_matmul_ref
+from lmq.kernels.w8a16_gemm import w8a16_matmul, w8a16_matmul_ref
+from lmq.quant.rows import dequantize_rows, quantize_rows
 
 
 def test_quantize_rows_bounds_the_error_by_half_a_step():
@@ -19,6 +20,18 @@ def test_quantize_rows_bounds_the_error_by_half_a_step():
     assert s[7] == 1.0 and not q[7].any()
     err = (dequantize_rows(q, s) - w).abs()
     assert (err <= s[:, None] * (0.5 + 1e-4)).all()  # half a step, and fp32's rounding of w / s
+
+
+def test_rows_are_processed_in_chunks_with_the_same_result(monkeypatch):
+    from lmq.quant import rows
+
+    w = torch.randn(300, 40, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    whole = rows.quantize_rows(w), rows.dequantize_rows(*rows.quantize_rows(w), torch.float16)
+    monkeypatch.setattr(rows, "CHUNK_ROWS", 7)  # 300 rows in 43 chunks, the last one short
+    q, s = rows.quantize_rows(w)
+    assert torch.equal(q, whole[0][0]) and torch.equal(s, whole[0][1])
+    assert torch.equal(rows.dequantize_rows(q, s, torch.float16), whole[1])
+    assert torch.equal(rows.fake_quantize_rows(w), whole[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -85,13 +98,16 @@ def test_lm_head_option_is_checked_before_loading(tmp_path):
     m = EngineModel.synthetic("smollm2-135m", torch.device("cpu"), group_size=64)
     with pytest.raises(InputError, match="needs a model loaded that way"):
         LLM(m, lm_head="int8")
+    m8 = EngineModel.synthetic("smollm2-135m", torch.device("cpu"), group_size=64, lm_head="int8")
+    assert m8.lm_head_mode == "int8" and LLM(m8, lm_head="int8", max_model_len=64).model is m8  # the same choice
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n_seqs", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_int8_head_triton_matches_torch_backend(dtype):
-    """The W8A16 kernel in the engine (prefill, then decode steps replayed from CUDA graphs) against the torch
-    backend's dequantized int8 rows, on the same synthetic weights."""
+def test_int8_head_triton_matches_torch_backend(dtype, n_seqs):
+    """The W8A16 kernel in the engine (prefill, then decode steps replayed from CUDA graphs: the GEMV form with one
+    sequence, the dot form with two) against the torch backend's dequantized int8 rows, on the same weights."""
     from lmq.engine.llm import LLM
     from lmq.engine.model import EngineModel
     from lmq.engine.sampling import SamplingParams
@@ -101,12 +117,13 @@ def test_int8_head_triton_matches_torch_backend(dtype):
                    block_size=16, max_model_len=256, cache_max_memory="64MiB", max_num_seqs=4)
                for b in ("triton", "torch")]
     assert engines[0].model.head_q is not None and engines[0].model.lm_head is None  # the fp head is not kept
-    prompts = [list(range(100, 137)), list(range(500, 503))]
+    prompts = [list(range(100, 137)), list(range(500, 503))][:n_seqs]
     for llm in engines:
         for p in prompts:
             llm.add_request(p, SamplingParams(max_new_tokens=4, ignore_eos=True))
-    for _ in range(3):
+    for _ in range(3):  # prefill, then two decode steps
         steps = [llm.scheduler.schedule() for llm in engines]
+        assert len(steps[0].spans) == n_seqs
         logits = [llm.runner.run(st, llm.manager).float() for llm, st in zip(engines, steps)]
         cos = torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1)
         assert cos.min().item() > (0.999 if dtype == torch.float16 else 0.99), (steps[0].is_decode, cos)

@@ -89,7 +89,7 @@ class LLM:
         if isinstance(model, EngineModel):  # weights already loaded (benchmarks, tests): a new cache only
             if deterministic and not model.deterministic:
                 raise InputError("deterministic=True needs a model loaded that way: EngineModel(..., deterministic=True)")
-            if lm_head != "auto":
+            if lm_head != "auto" and lm_head != model.lm_head_mode:
                 raise InputError(f"lm_head={lm_head!r} needs a model loaded that way: EngineModel(..., lm_head=...)")
             self.model, dev = model, model.device
         else:

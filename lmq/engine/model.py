@@ -43,8 +43,9 @@ from lmq.format.source import WeightSource, resolve_model_path
 from lmq.kernels import rmsnorm, rope, silu_mul
 from lmq.kernels.w4a16_gemm import check_bf16_support
 from lmq.kernels.w4a16_gemv import can_fuse_rope
-from lmq.kernels.w8a16_gemm import dequantize_rows, quantize_rows, w8a16_matmul
+from lmq.kernels.w8a16_gemm import MIN_N, w8a16_matmul
 from lmq.models.llama import ModelConfig
+from lmq.quant.rows import check_lm_head, fake_quantize_rows, quantize_rows
 
 
 @dataclass
@@ -101,15 +102,6 @@ def _pick_dtype(src: WeightSource, device: torch.device, backend: str, dtype: st
     if backend == "torch" and device.type == "cpu":
         return torch.float32  # CPUs run fp16 matmuls slowly and inexactly
     return torch.bfloat16 if src.source_dtype() == torch.bfloat16 else torch.float16
-
-
-LM_HEADS = ("auto", "int8")
-
-
-def check_lm_head(lm_head: str) -> None:
-    if lm_head not in LM_HEADS:
-        raise InputError(f"--lm-head {lm_head!r}: expected auto (the checkpoint's fp16 / bf16 head) or int8 (one scale "
-                         "per row, half the bytes)")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -249,16 +241,22 @@ class EngineModel:
 
     def _quantize_head(self, lm_head: str) -> None:
         """`lm_head="int8"`: the head's rows in int8 with one fp32 scale each (`head_q`). The Triton backend keeps only
-        those (an untied fp16 head is freed; a tied one stays as the embedding); the torch backend computes with the
-        same rows dequantized, so both backends give the int8 head's logits."""
+        those (an untied fp16 head is freed; a tied one stays as the embedding, so the int8 rows add to it); the torch
+        backend computes with the same rows dequantized, so both backends give the int8 head's logits."""
+        self.lm_head_mode = lm_head
         self.head_q: tuple[torch.Tensor, torch.Tensor] | None = None
         if lm_head != "int8":
             return
-        q, s = quantize_rows(self.lm_head)
-        if self.backend == "triton":
-            self.head_q, self.lm_head = (q, s), None
-        else:
-            self.lm_head = dequantize_rows(q, s, self.dtype)
+        if self.backend == "torch":
+            self.lm_head = fake_quantize_rows(self.lm_head)
+            return
+        V = self.lm_head.shape[0]
+        if V < MIN_N:
+            raise InputError(f"--lm-head int8: the int8 head kernel is for vocabularies of {MIN_N} rows or more, this "
+                             f"model has {V}; leave --lm-head at auto")
+        self.head_q, self.lm_head = quantize_rows(self.lm_head), None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the freed fp16 head and the chunks' temporaries: free for the KV cache's sizing
 
     # -- the ops each backend runs ------------------------------------------------------------------
     def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
