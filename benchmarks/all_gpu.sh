@@ -21,6 +21,8 @@
 #                     1 / single / 0), interleaved, REPS times (default 2): batch-4 x 1,024-token TTFT and the
 #                     throughput of ENGINE's command (64 requests around 128 tokens in, 64 out), with each process's
 #                     graph capture time
+#   STAGES=headmem    (session 16) the int8 LM head's GPU tests and the engine's, then the KV cache sized from
+#                     --gpu-memory-utilization (no --cache-max-memory) with --lm-head auto and int8
 #   STAGES=head       (session 16) the int8 LM head: its GPU tests, the kernel against cuBLAS on the fp16 head (with a
 #                     config sweep at the M values of SWEEP, default 1,16), then `lmq bench --mode latency` with
 #                     --lm-head auto and int8, interleaved (synthetic Llama-3-8B, batch 1-64; Qwen2.5-7B, batch 1)
@@ -123,6 +125,15 @@ Console(width=200).print(render_gemm_table(json.load(open('$OUT/gemm/bench.json'
           "TTFT 4x1024 $(grep -E '^\| 4 ' "$L" | cut -d'|' -f5) ms, req/s $(grep -E '^\| 64 ' "$T" | cut -d'|' -f4)" \
           | tee -a "$OUT/ab/summary.txt"
       done
+    done
+    ;;
+  headmem)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_lm_head.py tests/test_engine_gpu.py \
+      -k "not real_model and not eval" 2>&1 | tail -3 | tee "$OUT/headmem/tests.log"
+    for h in auto int8; do
+      timeout 120 lmq bench --synthetic llama3-8b --mode latency --batch 1 --input-len 128 --output-len 32 \
+        --kv-dtype int8 --max-model-len 4096 --lm-head "$h" >"$OUT/headmem/e2e-$h.log" 2>&1
+      echo "== --lm-head $h"; grep -E "KV cache|^\| 1 \|" "$OUT/headmem/e2e-$h.log" | cut -c1-150
     done
     ;;
   head)
