@@ -223,7 +223,7 @@ def pack_checkpoint(src: Path, out: Path, arch: str, force: bool = False) -> dic
             "quantized_linears": len(prefixes),
             "source": {
                 "path": str(src),
-                "kind": (src_manifest or {}).get("kind", "autoawq" if quant.method == "awq" else quant.version),
+                "kind": weights.kind,
                 "quantization_config": qc,
                 "format_version": (src_manifest or {}).get("format_version"),
                 "settings": {k: v for k, v in (src_manifest or {}).items()
