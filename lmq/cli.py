@@ -183,7 +183,8 @@ def eval_ppl(
     data: str = typer.Option(..., help="Text file to score, e.g. wikitext-2-raw/wiki.test.raw."),
     seqlen: int = typer.Option(1024, help="Tokens per window."),
     max_windows: Optional[int] = typer.Option(None, help="Score only the first N windows."),
-    kv_dtype: str = typer.Option("fp16", help="KV cache precision to simulate: fp16, int8 or int4."),
+    kv_dtype: str = typer.Option("fp16", help="KV cache precision to simulate: fp16 (the model's own, nothing "
+                                 "simulated), bf16 (a round trip through bf16), int8 or int4."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(1, help="Windows per forward pass."),
     lm_head: str = typer.Option("auto", "--lm-head", help="auto: the checkpoint's LM head; int8: score with its int8 "
@@ -208,7 +209,8 @@ def eval_kld(
     data: str = typer.Option(..., help="Text file, e.g. wikitext-2-raw/wiki.test.raw."),
     seqlen: int = typer.Option(1024, help="Tokens per window."),
     max_windows: Optional[int] = typer.Option(None, help="Score only the first N windows."),
-    kv_dtype: str = typer.Option("fp16", help="KV cache precision to simulate for CHECKPOINT."),
+    kv_dtype: str = typer.Option("fp16", help="KV cache precision to simulate for CHECKPOINT: fp16 (nothing "
+                                 "simulated), bf16, int8 or int4."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(1, help="Windows per forward pass."),
     lm_head: str = typer.Option("auto", "--lm-head", help="auto: CHECKPOINT's LM head; int8: score CHECKPOINT with its "

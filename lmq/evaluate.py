@@ -67,8 +67,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def kv_transform_for(kv_dtype: str) -> KVTransform | None:
-    if kv_dtype in ("fp16", "bf16", "auto", "none"):
+    """What a KV cache of `kv_dtype` does to K and V: nothing for fp16 / auto (the model's own precision; the
+    reference decoder runs in fp16, or bf16 for a bf16 model, fp32 on a CPU), a round trip through bf16 for bf16
+    (the engine's bf16 cache of an fp16 model rounds them), the cache's quantize -> dequantize for int8 / int4."""
+    if kv_dtype in ("fp16", "auto", "none"):
         return None
+    if kv_dtype == "bf16":
+        return lambda t: t.to(torch.bfloat16).to(t.dtype)
     if kv_dtype not in ("int8", "int4"):
         raise InputError(f"--kv-dtype must be fp16, bf16, int8 or int4, got {kv_dtype!r}")
     from lmq.kernels.kv_quant import fake_quantize_kv

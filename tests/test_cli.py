@@ -380,3 +380,16 @@ def test_log_and_warn_print_brackets_as_they_are():
     text = cap.get()
     assert "loading /tmp/a[/b] and model[v2]" in text
     assert "warning: the reference model[v2] is a 4-bit checkpoint" in text
+
+
+def test_eval_bf16_kv_rounds_k_and_v_through_bf16():
+    """`--kv-dtype bf16` was accepted and shown as bf16 while nothing was simulated: it now rounds K and V through bf16
+    (what the engine's bf16 cache does to an fp16 model's), and fp16 stays the model's own precision."""
+    import torch
+
+    from lmq.evaluate import kv_transform_for
+
+    t = torch.tensor([1.0 + 2 ** -10, 3.0], dtype=torch.float16)
+    assert kv_transform_for("fp16") is None
+    assert torch.equal(kv_transform_for("bf16")(t), t.to(torch.bfloat16).to(torch.float16))
+    assert not torch.equal(kv_transform_for("bf16")(t), t)
