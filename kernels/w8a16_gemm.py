@@ -78,7 +78,7 @@ _W8A16 = DirectLaunch(_w8a16_kernel)  # lmq.kernels.launch
 #   M=2 / 4 / 16 (dot, 16-row tiles, (64, 256, 4, 4)) 182.5 / 184.4 / 189.5; at M=16 the best of 24, against 219.6 for
 #   (64, 128, 4, 3);
 #   M=64 (64-row tiles) (128, 128, 4, 3) 265.3, the best of 24, against 443.9 for (64, 256, 4, 4).
-# M = 17..32 (32-row tiles) takes the 64-row config: not measured.
+#   M=24 / 32 (32-row tiles, the 64-row config) 211.8 / 212.7; the best of 24 at M=32, (64, 128, 4, 4), read 210.5.
 GEMV_CONFIG = (64, 128, 4, 3)
 DOT_CONFIG = (64, 256, 4, 4)  # M <= 16: 4 stages of 24 KB of shared memory
 DOT_CONFIG_WIDE = (128, 128, 4, 3)  # M > 16: 3 stages of 32 KB
