@@ -32,6 +32,11 @@ class Inspection:
         return d
 
 
+def _recorded_layers(manifest: dict) -> list[dict]:
+    """The per-layer errors recorded at quantization: in the manifest, or in a packed one's copy of its source's."""
+    return manifest.get("layers") or ((manifest.get("source") or {}).get("settings") or {}).get("layers") or []
+
+
 def inspect_checkpoint(path: str) -> Inspection:
     p = Path(path).expanduser()
     if not p.exists():
@@ -61,5 +66,5 @@ def inspect_checkpoint(path: str) -> Inspection:
         path=str(p), model_type=cfg.model_type, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         kind=kind, quantization=src.config.get("quantization_config"), manifest=m,
         weight_bytes=src.weight_bytes(), quantized_linears=q_count, params=params,
-        bits_per_weight=bpw, layers=(m or {}).get("layers", []),
+        bits_per_weight=bpw, layers=_recorded_layers(m or {}),
     )

@@ -234,3 +234,13 @@ def test_pack_auto_without_gpu_says_so(tmp_path):
     with pytest.raises(UnsupportedError, match="no CUDA GPU"):
         api.pack_checkpoint(src, tmp_path / "o", "auto")
     assert not (tmp_path / "o").exists()
+
+
+def test_inspect_of_a_packed_checkpoint_shows_its_sources_layer_errors(smollm2_rtn, tmp_path):
+    """The per-layer errors `lmq quantize` recorded travel into the packed manifest (under its source); `lmq inspect`
+    of the packed folder shows them as it does for the portable one."""
+    from lmq.inspect import inspect_checkpoint
+
+    api.pack_checkpoint(smollm2_rtn, tmp_path / "p", "sm80")
+    portable, packed = inspect_checkpoint(str(smollm2_rtn)), inspect_checkpoint(str(tmp_path / "p"))
+    assert portable.layers and packed.layers == portable.layers and packed.kind == "packed"
