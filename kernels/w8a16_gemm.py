@@ -8,12 +8,11 @@ quality (`lmq eval ppl --lm-head int8`; README). `lmq.quant.rows.quantize_rows` 
 fp16 head at load time: no new checkpoint format.
 
 Shapes: x fp16 / bf16 `[M, K]` (rows contiguous), q int8 `[N, K]` (row-major), s fp32 `[N]`; out fp32 `[M, N]`
-(the engine samples from fp32 logits). Two forms of one kernel, chosen by M:
-- M = 1 (`DOT` False): a CUDA-core GEMV. Program n owns BLOCK_N rows of q and streams them along K in
-  [BLOCK_N, BLOCK_K] tiles, multiplying each by x's chunk into an fp32 tile that is summed over K once at the end.
-- M > 1 (`DOT` True): tl.dot on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles, the int8 codes converted to the
-  activations' dtype (exact: |q| <= 127 fits fp16's and bf16's significands); rows past M are masked.
-The row scale is applied once to the finished sums. No split-K: a head has tens of thousands of rows, so N alone
+(the engine samples from fp32 logits). Program (n, m) computes a [BLOCK_M, BLOCK_N] tile with tl.dot on
+[BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles, the int8 codes converted to the activations' dtype (exact: |q| <= 127
+fits fp16's and bf16's significands); rows past M are masked, so M=1 runs 16-row tiles with 15 empty. That beat a
+CUDA-core GEMV form at M=1 (H100: 181.2 against 201.5 us, batch-1 TPOT 2.34 against 2.35-2.37 ms;
+results/2026-11-23-session16-h100/m1-call/), which was removed. The row scale is applied once to the finished sums. No split-K: a head has tens of thousands of rows, so N alone
 fills the GPU (the launcher refuses N < 1024 with a clear error instead of running a slow shape).
 
 `w8a16_matmul_ref` is the plain-PyTorch twin (fp32 math).
@@ -35,51 +34,39 @@ MIN_N = 1024  # fewer rows than this do not fill a GPU without split-K: not what
 
 @triton.jit
 def _w8a16_kernel(x_ptr, q_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_om,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     n_mask = offs_n < N
+    m_mask = offs_m < M
     q_rows = q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn  # [BN, 1]
-    if DOT:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        m_mask = offs_m < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & (k[None, :] < K),
-                        other=0.0)  # [BM, BK]
-            w = tl.load(q_rows + k[None, :], mask=n_mask[:, None] & (k[None, :] < K), other=0,
-                        eviction_policy="evict_first")  # [BN, BK] int8
-            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)  # [BM, BN]
-        s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
-        out = acc * s[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :], out,
-                 mask=m_mask[:, None] & n_mask[None, :])
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed over K once, after the loop
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            a = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)  # [BK], row 0 (M = 1)
-            w = tl.load(q_rows + k[None, :], mask=n_mask[:, None] & (k[None, :] < K), other=0,
-                        eviction_policy="evict_first")  # [BN, BK] int8
-            acc += w.to(tl.float32) * a[None, :]
-        s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
-        tl.store(out_ptr + offs_n, tl.sum(acc, axis=1) * s, mask=n_mask)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & (k[None, :] < K),
+                    other=0.0)  # [BM, BK]
+        w = tl.load(q_rows + k[None, :], mask=n_mask[:, None] & (k[None, :] < K), other=0,
+                    eviction_policy="evict_first")  # [BN, BK] int8
+        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)  # [BM, BN]
+    s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+    out = acc * s[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :], out,
+             mask=m_mask[:, None] & n_mask[None, :])
 
 
 _W8A16 = DirectLaunch(_w8a16_kernel)  # lmq.kernels.launch
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of each form on a GPU; the interpreter runs small tiles. H100, Llama-3-8B's
-# head (128256 x 4096; benchmarks/lm_head_sweep.py, 24 configs at each swept M, results/2026-11-23-session16-h100/
-# head-call and head-call2), us, against cuBLAS fp16 on the fp16 head (370-391 at every M):
-#   M=1 (GEMV) 200.4-200.8 (108% of the copy floor; the best of 24 read 202.5);
-#   M=2 / 4 / 16 (dot, 16-row tiles, (64, 256, 4, 4)) 182.5 / 184.4 / 189.5; at M=16 the best of 24, against 219.6 for
-#   (64, 128, 4, 3);
-#   M=64 (64-row tiles) (128, 128, 4, 3) 265.3, the best of 24, against 443.9 for (64, 256, 4, 4).
-#   M=24 / 32 (32-row tiles, the 64-row config) 211.8 / 212.7; the best of 24 at M=32, (64, 128, 4, 4), read 210.5.
-GEMV_CONFIG = (64, 128, 4, 3)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU; the interpreter runs small tiles. H100, Llama-3-8B's head
+# (128256 x 4096; benchmarks/lm_head_sweep.py, 24 configs at each swept M, results/2026-11-23-session16-h100/
+# head-call*, m32-call, m1-call), us, against cuBLAS fp16 on the fp16 head (367-391 at every M):
+#   M=1 / 2 / 4 / 16 (16-row tiles, (64, 256, 4, 4)) 181.2 / 182.5 / 184.4 / 189.5; at M=16 the best of 24, against
+#   219.6 for (64, 128, 4, 3);
+#   M=24 / 32 (32-row tiles, the wide config) 211.8 / 212.7; the best of 24 at M=32, (64, 128, 4, 4), read 210.5;
+#   M=64 (64-row tiles) (128, 128, 4, 3) 259.6-265.3, the best of 24, against 443.9 for (64, 256, 4, 4).
+# H200 (results/2026-11-23-session16-h200/head-call/): M=2 182.4, M=16 174.8, M=64 263.3 against cuBLAS's 240-271.
 DOT_CONFIG = (64, 256, 4, 4)  # M <= 16: 4 stages of 24 KB of shared memory
 DOT_CONFIG_WIDE = (128, 128, 4, 3)  # M > 16: 3 stages of 32 KB
 # GPUs with less shared memory per block (sm86 / sm89: 99 KB, sm75: 64 KB) take fewer stages; not measured.
@@ -106,20 +93,17 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, config: tupl
     out = torch.empty(M, N, dtype=torch.float32, device=x.device)
     if M == 0:
         return out
-    dot = M > 1
     if config is None:
-        config = INTERPRET_CONFIG if not x.is_cuda else _config(x.device, dot, M)
+        config = INTERPRET_CONFIG if not x.is_cuda else _config(x.device, M)
     BN, BK, warps, stages = config
-    BM = min(max(next_pow2(M), 16), 64) if dot else 1
+    BM = min(max(next_pow2(M), 16), 64)
     grid = (cdiv(N, BN), cdiv(M, BM))
     _W8A16[grid](x, q, s, out, M, N, K, x.stride(0), q.stride(0), out.stride(0),
-                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, DOT=dot, num_warps=warps, num_stages=stages)
+                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages)
     return out
 
 
-def _config(device: torch.device, dot: bool, M: int) -> tuple:
-    if not dot:
-        return GEMV_CONFIG
+def _config(device: torch.device, M: int) -> tuple:
     if cuda_capability(device) in ((8, 0), (9, 0)):  # 163 KB / 227 KB of shared memory per block
         return DOT_CONFIG if M <= 16 else DOT_CONFIG_WIDE
     return SMALL_SMEM["dot"] if M <= 16 else SMALL_SMEM["wide"]
