@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from lmq.console import progress, warn
 from lmq.errors import InputError
+from lmq.format.manifest import quantization_manifest
 from lmq.format.source import WeightSource, load_tokenizer, resolve_model_path
 from lmq.models.llama import KVTransform, layer_forward, rms_norm, rope_cos_sin
 from lmq.quant.rows import check_lm_head, fake_quantize_rows
@@ -125,9 +126,7 @@ def warn_quantized_reference(ref: DenseModel, reference: str) -> None:
     src = ref.src
     if src.quant is None:
         return
-    source = (src.manifest or {}).get("source") or {}
-    if src.kind == "packed":  # the packed manifest's source is the portable checkpoint; its manifest names the float one
-        source = (source.get("settings") or {}).get("source") or {}
+    source = quantization_manifest(src.manifest or {}).get("source") or {}  # the float model quantize read
     fix = f"--reference {source['path']}" if source.get("path") else "the float model it was made from as --reference"
     warn(f"the reference {reference} is a 4-bit checkpoint ({src.kind}), so this is the KL divergence "
         f"to a quantized model, not to the float one; for what quantization cost, pass {fix}")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lmq.errors import InputError
+from lmq.format.manifest import quantization_manifest
 from lmq.format.source import WeightSource
 
 
@@ -30,11 +31,6 @@ class Inspection:
         d.pop("manifest")
         d["manifest_format_version"] = (self.manifest or {}).get("format_version")
         return d
-
-
-def _recorded_layers(manifest: dict) -> list[dict]:
-    """The per-layer errors recorded at quantization: in the manifest, or in a packed one's copy of its source's."""
-    return manifest.get("layers") or ((manifest.get("source") or {}).get("settings") or {}).get("layers") or []
 
 
 def inspect_checkpoint(path: str) -> Inspection:
@@ -66,5 +62,5 @@ def inspect_checkpoint(path: str) -> Inspection:
         path=str(p), model_type=cfg.model_type, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         kind=kind, quantization=src.config.get("quantization_config"), manifest=m,
         weight_bytes=src.weight_bytes(), quantized_linears=q_count, params=params,
-        bits_per_weight=bpw, layers=_recorded_layers(m or {}),
+        bits_per_weight=bpw, layers=quantization_manifest(m or {}).get("layers", []),
     )

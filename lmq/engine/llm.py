@@ -100,9 +100,7 @@ class LLM:
         self.tokenizer = load_tokenizer(self.path) if self.path else None
         self.eos_ids = eos_token_ids(self.path, self.tokenizer) if self.path else set()
         cfg = self.model.cfg
-        limit = cfg.max_position_embeddings
-        if cfg.sliding_window:
-            limit = min(limit, cfg.sliding_window)  # the kernels attend to the whole context
+        limit = cfg.context
         if max_model_len is not None and max_model_len > limit:
             raise InputError(f"--max-model-len {max_model_len} exceeds the model's context of {limit} tokens")
         self.max_model_len = max_model_len or limit

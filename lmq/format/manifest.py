@@ -30,6 +30,14 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     (Path(folder) / MANIFEST_NAME).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def quantization_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What `lmq quantize` recorded (its float source, per-layer errors, settings): the manifest itself, or for a
+    packed checkpoint the copy of its source's that `lmq pack` keeps under source.settings."""
+    if manifest.get("kind") == "packed":
+        return (manifest.get("source") or {}).get("settings") or {}
+    return manifest
+
+
 def read_manifest(folder: Path) -> Optional[dict[str, Any]]:
     """The manifest of a checkpoint folder, None when it has none (e.g. an AutoAWQ checkpoint)."""
     path = Path(folder) / MANIFEST_NAME

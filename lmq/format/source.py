@@ -153,6 +153,14 @@ class QuantConfig:
                                self.group_size, name=prefix)
 
 
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them holds the vocabulary
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds a tokenizer's vocabulary file (the other TOKENIZER_FILES only configure one)."""
+    return any((Path(folder) / f).exists() for f in TOKENIZER_MODEL_FILES)
+
+
 def load_tokenizer(folder: Path):
     """The checkpoint's tokenizer (transformers' AutoTokenizer), never with remote code: a tokenizer that needs
     its own code (`auto_map`), or a folder without tokenizer files, is a CheckpointError saying so."""
@@ -164,8 +172,8 @@ def load_tokenizer(folder: Path):
         if "trust_remote_code" in str(e):
             raise CheckpointError(f"the tokenizer in {folder} needs its own code (auto_map in tokenizer_config.json), "
                                   "which lmq never runs; use a model whose tokenizer transformers supports") from e
-        if not any((Path(folder) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-            raise CheckpointError(f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); copy "
+        if not has_tokenizer(folder):
+            raise CheckpointError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_MODEL_FILES)}); copy "
                                   "the tokenizer files from the model it was made from") from e
         raise
     except OSError as e:
@@ -340,8 +348,9 @@ class WeightSource:
                 raise CheckpointError(f"{name} is {list(self.info(name)[0])} but config.json (vocab_size {V}, "
                                       f"hidden_size {C}) implies {[V, C]}; the config in {self.path} does not match "
                                       "its weights")
+        shapes = linear_shapes(cfg)
         for i in range(cfg.num_layers):
-            for lin, (N, K) in linear_shapes(cfg).items():
+            for lin, (N, K) in shapes.items():
                 name = f"{self.layer_prefix(i)}.{lin}"
                 if self.is_quantized(name):
                     if self.quant is None:

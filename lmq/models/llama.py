@@ -40,6 +40,12 @@ class ModelConfig:
     arch: Arch = field(repr=False)
     sliding_window: Optional[int] = None  # Mistral v0.1: attention sees at most this many tokens
 
+    @property
+    def context(self) -> int:
+        """The most tokens the model attends over: its max_position_embeddings, capped by a sliding window (lmq's
+        kernels attend to the whole context, so a window is a limit, not a mask)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
         arch = arch_for(cfg.get("model_type"))

@@ -20,7 +20,15 @@ from lmq.console import log, progress, warn
 from lmq.errors import InputError
 from lmq.format import awq_gemm
 from lmq.format.manifest import write_manifest
-from lmq.format.source import TOKENIZER_FILES, QuantConfig, WeightSource, load_tokenizer, resolve_model_path
+from lmq.format.source import (
+    TOKENIZER_FILES,
+    TOKENIZER_MODEL_FILES,
+    QuantConfig,
+    WeightSource,
+    has_tokenizer,
+    load_tokenizer,
+    resolve_model_path,
+)
 from lmq.format.writer import CheckpointWriter, check_output_path
 from lmq.models.llama import layer_forward, linear_shapes, rope_cos_sin
 from lmq.quant import awq
@@ -111,18 +119,16 @@ def check_layer_shapes(src: WeightSource, group_size: int) -> None:
     """Every linear (and the embedding) has the shape config.json implies, and every linear's input size splits
     into whole groups; say which one does not. (A config that does not match its weights would be written into the
     checkpoint, which other tools then refuse.)"""
-    src.check_shapes()
-    for i in range(src.cfg.num_layers):
-        for lin, (_, K) in linear_shapes(src.cfg).items():
-            check_group_size(K, group_size, f"{src.layer_prefix(i)}.{lin}")
+    src.check_shapes()  # every layer's linears have the shapes config.json gives, the same in each layer
+    for lin, (_, K) in linear_shapes(src.cfg).items():
+        check_group_size(K, group_size, f"{src.layer_prefix(0)}.{lin}")
 
 
 def warn_calib_seqlen(cfg, seqlen: int, path: Path) -> None:
     """Calibration samples longer than the model's context put activations at positions it never saw (and, past a
     sliding window, attention the model does not compute) into the search; say so before calibration starts."""
-    limit, what = cfg.max_position_embeddings, "context (max_position_embeddings)"
-    if cfg.sliding_window and cfg.sliding_window < limit:
-        limit, what = cfg.sliding_window, "sliding window"
+    limit = cfg.context
+    what = "sliding window" if limit != cfg.max_position_embeddings else "context (max_position_embeddings)"
     if seqlen > limit:
         warn(f"--calib-seqlen {seqlen} exceeds the {what} of {limit} tokens in {path}/config.json: "
             f"the scales are then searched on positions the model was not trained for; use --calib-seqlen {limit} "
@@ -259,8 +265,8 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
         for name in TOKENIZER_FILES:
             if (src_path / name).exists():
                 w.copy_file(src_path / name)
-        if not any((src_path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-            warn(f"{src_path} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json): "
+        if not has_tokenizer(src_path):
+            warn(f"{src_path} has no tokenizer files ({' or '.join(TOKENIZER_MODEL_FILES)}): "
                 f"{out} will not chat or evaluate until they are copied beside it")
         settings = {k: v for k, v in asdict(spec).items() if k not in ("out", "force", "model")}
         if spec.method == "rtn":  # settings of the calibration and search that round-to-nearest does not run
