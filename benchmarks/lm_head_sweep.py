@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lmq.kernels import w8a16_gemm as k
 
 from lmq.bench import copy_bandwidth_bytes_s, graph_time_us
+from lmq.quant.rows import quantize_rows
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--vocab", type=int, default=128256)
@@ -29,7 +30,7 @@ dev = torch.device("cuda")
 V, C = args.vocab, args.hidden
 g = torch.Generator(dev).manual_seed(0)
 heads = [torch.randn(V, C, generator=g, device=dev, dtype=torch.float16) / C ** 0.5 for _ in range(2)]
-qs = [k.quantize_rows(w) for w in heads]
+qs = [quantize_rows(w) for w in heads]
 bw = copy_bandwidth_bytes_s()
 floor_us = (V * C + 4 * V) / bw * 1e6
 print(f"{torch.cuda.get_device_name(dev)}, head {V} x {C}, copy bandwidth {bw / 1e9:.0f} GB/s, int8 floor "

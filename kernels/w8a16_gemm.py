@@ -27,7 +27,7 @@ from lmq.kernels import cdiv, cuda_capability, next_pow2
 from lmq.kernels.launch import DirectLaunch
 
 from lmq.errors import ShapeError
-from lmq.quant.rows import dequantize_rows, quantize_rows  # noqa: F401 (quantize_rows: the form this kernel reads)
+from lmq.quant.rows import dequantize_rows
 
 MIN_N = 1024  # fewer rows than this do not fill a GPU without split-K: not what this kernel is for
 
