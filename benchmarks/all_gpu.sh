@@ -139,9 +139,9 @@ Console(width=200).print(render_gemm_table(json.load(open('$OUT/gemm/bench.json'
   head)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lm_head.py -k "not real_model and not eval" 2>&1 \
       | tail -3 | tee "$OUT/head/tests.log"
-    timeout 200 python3 benchmarks/lm_head_sweep.py --sweep "${SWEEP:-1,16}" 2>&1 | tee "$OUT/head/sweep.log" \
+    timeout 240 python3 benchmarks/lm_head_sweep.py --sweep "${SWEEP:-1,16}" --dtype float16,bfloat16 2>&1 | tee "$OUT/head/sweep.log" \
       | grep -vE "^  (worst|\()"
-    for rep in 1 2; do
+    for rep in $(seq "${REPS:-2}"); do
       for h in auto int8; do
         timeout 120 lmq bench --synthetic llama3-8b --mode latency --batch 1,4,16,64 --input-len 128 --output-len 64 \
           --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --lm-head "$h" >"$OUT/head/e2e-$h-$rep.log" 2>&1

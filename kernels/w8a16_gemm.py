@@ -10,7 +10,7 @@ fp16 head at load time: no new checkpoint format.
 Shapes: x fp16 / bf16 `[M, K]` (rows contiguous), q int8 `[N, K]` (row-major), s fp32 `[N]`; out fp32 `[M, N]`
 (the engine samples from fp32 logits). Program (n, m) computes a [BLOCK_M, BLOCK_N] tile with tl.dot on
 [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles, the int8 codes converted to the activations' dtype (exact: |q| <= 127
-fits fp16's and bf16's significands); rows past M are masked, so M=1 runs 16-row tiles with 15 empty. That beat a
+fits fp16's and bf16's significands; see `_codes_to`); rows past M are masked, so M=1 runs 16-row tiles with 15 empty. That beat a
 CUDA-core GEMV form at M=1 (H100: 181.2 against 201.5 us, batch-1 TPOT 2.34 against 2.35-2.37 ms;
 results/2026-11-23-session16-h100/m1-call/), which was removed. The row scale is applied once to the finished sums. No split-K: a head has tens of thousands of rows, so N alone
 fills the GPU (the launcher refuses N < 1024 with a clear error instead of running a slow shape).
@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv, cuda_capability, next_pow2
+from lmq.kernels.kv_quant import use_asm
 from lmq.kernels.launch import DirectLaunch
 
 from lmq.errors import ShapeError
@@ -31,10 +32,34 @@ from lmq.quant.rows import dequantize_rows
 
 MIN_N = 1024  # fewer rows than this do not fill a GPU without split-K: not what this kernel is for
 
+# int8 -> fp16 without int->float instructions: four codes of a 32-bit word to offset binary (xor 0x80: u = q + 128),
+# each byte under 0x64 (prmt) reads as the fp16 1024 + u, minus 1152 (0x6480) in f16x2 is q, exactly; five
+# instructions for four codes. Triton converts int8 -> fp16 with one I2F per code, a conversion the SM runs at 16 a
+# clock (an eighth of its fp32 rate): offline SASS for sm_90 at DOT_CONFIG, 633 instructions per 128 codes a thread
+# with 128 I2F, against 410 with none here. int8 -> bf16 Triton already does with integer and f16x2 instructions
+# (506, no I2F), so bf16 keeps it.
+_ASM_S8_F16 = tl.constexpr("""{
+.reg .b32 u, m;
+mov.b32 m, 0x64806480;
+xor.b32 u, $2, 0x80808080;
+prmt.b32 $0, u, 0x64646464, 0x4140;
+prmt.b32 $1, u, 0x64646464, 0x4342;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+}""")
+
+
+@triton.jit
+def _codes_to(w, dt: tl.constexpr, ASM: tl.constexpr):
+    """int8 codes -> `dt` (exact): the assembly above for fp16 on a GPU, else Triton's conversion."""
+    if ASM:
+        return tl.inline_asm_elementwise(_ASM_S8_F16, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+    return w.to(dt)
+
 
 @triton.jit
 def _w8a16_kernel(x_ptr, q_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_om,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -50,7 +75,7 @@ def _w8a16_kernel(x_ptr, q_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_qn, s
                     other=0.0)  # [BM, BK]
         w = tl.load(q_rows + k[None, :], mask=n_mask[:, None] & (k[None, :] < K), other=0,
                     eviction_policy="evict_first")  # [BN, BK] int8
-        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)  # [BM, BN]
+        acc = tl.dot(a, tl.trans(_codes_to(w, a.dtype, ASM)), acc)  # [BM, BN]
     s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
     out = acc * s[None, :]
     tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :], out,
@@ -99,7 +124,8 @@ def w8a16_matmul(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, config: tupl
     BM = min(max(next_pow2(M), 16), 64)
     grid = (cdiv(N, BN), cdiv(M, BM))
     _W8A16[grid](x, q, s, out, M, N, K, x.stride(0), q.stride(0), out.stride(0),
-                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages)
+                 BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, ASM=use_asm(x) and x.dtype == torch.float16,
+                 num_warps=warps, num_stages=stages)
     return out
 
 
