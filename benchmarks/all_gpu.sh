@@ -25,7 +25,8 @@
 #                     --gpu-memory-utilization (no --cache-max-memory) with --lm-head auto and int8
 #   STAGES=head       (session 16) the int8 LM head: its GPU tests, the kernel against cuBLAS on the fp16 head (with a
 #                     config sweep at the M values of SWEEP, default 1,16), then `lmq bench --mode latency` with
-#                     --lm-head auto and int8, interleaved (synthetic Llama-3-8B, batch 1-64; Qwen2.5-7B, batch 1)
+#                     --lm-head auto and int8, interleaved REPS times (default 2; synthetic Llama-3-8B, batch 1-64),
+#                     then Qwen2.5-7B at batch 1; the sweep times fp16 and bf16 activations (session 17)
 # Logs and tables land in $OUT/<stage>/. Used for the H200 tables of docs/benchmarks.md.
 set -uo pipefail
 OUT=${OUT:-out}
