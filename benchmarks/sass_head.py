@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
-def compile_head(dtype: str, config: tuple, block_m: int, asm: bool):
+def compile_head(dtype: str, config: tuple, block_m: int, asm: bool, cc: int = 90):
     """The kernel as a launch at Llama-3-8B's head compiles it: pointers, N, K and the row strides 16-divisible."""
     BN, BK, warps, stages = config
     consts = {"BLOCK_M": block_m, "BLOCK_N": BN, "BLOCK_K": BK, "ASM": asm}
@@ -25,7 +25,7 @@ def compile_head(dtype: str, config: tuple, block_m: int, asm: bool):
     aligned = ["x_ptr", "q_ptr", "s_ptr", "out_ptr", "N", "K", "stride_xm", "stride_qn", "stride_om"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(ASTSource(_w8a16_kernel, sig, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 64), options={"num_warps": warps, "num_stages": stages})
+                          target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32), options={"num_warps": warps, "num_stages": stages})
 
 
 def main() -> None:

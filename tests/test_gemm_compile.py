@@ -68,6 +68,27 @@ def compile_all(arch: str, dt: str) -> None:
                    "cos_ptr": "*fp32", "sin_ptr": "*fp32"}, pdl)
 
 
+def compile_head(arch: str, dt: str) -> None:
+    """The int8 LM head kernel at the configs its launcher picks on `arch`, within the arch's shared memory per
+    block; fp16 with the inline-assembly conversion too, whose loop must hold no I2F (the point of it)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from lmq.kernels.w8a16_gemm import DOT_CONFIG, DOT_CONFIG_WIDE, SMALL_SMEM
+    from sass_attention import loop_summary
+    from sass_head import compile_head as build
+
+    cc = int(arch[2:])
+    smem = {75: 64, 80: 163, 86: 99, 89: 99, 90: 227}[cc] * 1024
+    configs = ((DOT_CONFIG, 16), (DOT_CONFIG_WIDE, 64)) if cc in (80, 90) else ((SMALL_SMEM["dot"], 16),
+                                                                                 (SMALL_SMEM["wide"], 64))
+    for config, block_m in configs:
+        for asm in (False, True) if dt == "fp16" else (False,):
+            k = build(dt, config, block_m, asm, cc)
+            assert k.asm["cubin"] and k.metadata.shared <= smem, (config, k.metadata.shared)
+            if asm:
+                _, body, ops = loop_summary(k)
+                assert body and not ops["I2F"], f"the int8 head's loop converts with I2F on {arch}: {ops}"
+
+
 def compile_attention(arch: str) -> None:
     """The decode-attention split kernel for every KV mode and head-dim bucket, launched with PDL (sm90)
     and without (the inline-assembly conversions and PDL never run under the interpreter), and the Gluon
@@ -158,7 +179,8 @@ def compile_ws() -> None:
                                      ("sm90", "bf16")])
 def test_kernels_compile(arch, dt):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, __file__, arch, dt], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, __file__, arch, dt], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -185,3 +207,4 @@ if __name__ == "__main__":
         compile_attention(sys.argv[2])
     else:
         compile_all(sys.argv[1], sys.argv[2])
+        compile_head(sys.argv[1], sys.argv[2])
