@@ -5,7 +5,7 @@ Decode: per KV dtype and (batch, context), the % of the copy-bandwidth floor eac
 kernels/attention_decode.py (_GPU_CONFIG, the split plan) is chosen from data.
 Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a contiguous fp16 cache.
 --compare: only time the default config against a few variants (`compare`).
---splits [--big | --b1]: tokens per split against programs per SM (`splits_and_occupancy`).
+--splits [--big | --b1 | --three]: tokens per split against programs per SM (`splits_and_occupancy`).
 --balanced: each sequence over all splits or in the plan's pieces, at equal lengths (`balanced_ab`).
 --profile: each kernel's GPU time at the launch-bound shapes (`profile_kernels`).
 --triton-stages: the Triton split kernel's tile, warps and ring depth where it runs (`triton_stages`).
@@ -154,11 +154,12 @@ def compare(bw: float) -> None:
 
 def splits_and_occupancy(bw: float) -> None:
     """The Triton split kernel, tokens per split against programs per SM: int4 with the two-or-three rule
-    forced either way; `--b1`: one sequence, int8 and fp16, at two per SM (their only setting). (The Gluon
-    int4 kernel is off here; `--mma-splits` sweeps it.)"""
+    forced either way; `--b1`: one sequence, int8 and fp16, at two per SM (their only setting); `--three`: int8
+    and fp16 at B=1 and 8 at two and at three per SM (the int4 register cap, INT4_THREE_REGS, on their kernels:
+    offline, no spill in the loop). (The Gluon int4 kernel is off here; `--mma-splits` sweeps it.)"""
     torch.manual_seed(0)
     dec.MMA_INT4 = False
-    rule = dec.int4_three_per_sm
+    rule, eligible = dec.int4_three_per_sm, dec.int4_three_eligible
     shapes = (("int4", 8, 4096, (384, 512, 768, 1024)), ("int4", 8, 16384, (768, 1024, 1536, 2048)),
               ("int4", 64, 4096, (2048, 4096)), ("int4", 1, 16384, (256, 512, 1024)))
     if "--big" in sys.argv:  # B=64: one to four splits
@@ -167,12 +168,17 @@ def splits_and_occupancy(bw: float) -> None:
     if "--b1" in sys.argv:  # B=1: 8 H_kv programs per split; 32 splits is the plan's choice at 4k-32k
         shapes = tuple((kd, 1, L, tuple(L // s for s in (16, 24, 32, 40, 48, 64)))
                        for kd in ("int8", "fp16") for L in (4096, 16384))
+    if "--three" in sys.argv:
+        dec.int4_three_eligible = lambda kv_dtype, head_dim, device: True
+        shapes = tuple((kd, B, L, tuple(L // s for s in splits)) for kd in ("int8", "fp16")
+                       for B, L, splits in ((1, 4096, (32, 48)), (1, 16384, (32, 48, 64)), (1, 32768, (32, 48, 64)),
+                                            (8, 4096, (8, 12, 16)), (8, 16384, (16, 24))))
     for kd, B, L, split_lens in shapes:
         kv_bytes, cache, tables, lens, q = _workload(kd, B, L)
         cells = []
         for split_len in split_lens:
             split_len = -(-split_len // 128) * 128
-            for three in ((False, True) if kd == "int4" else (False,)):
+            for three in ((False, True) if kd == "int4" or "--three" in sys.argv else (False,)):
                 dec.int4_three_per_sm = lambda programs, sms, three=three: three
                 us = _time(q, cache, tables, lens, L, split_len)
                 dec.int4_three_per_sm = rule
@@ -181,6 +187,7 @@ def splits_and_occupancy(bw: float) -> None:
         print(f"{kd} B={B} L={L}: " + ", ".join(cells), flush=True)
         del cache, tables
         torch.cuda.empty_cache()
+    dec.int4_three_eligible = eligible
 
 
 def mma_compare(bw: float) -> None:

@@ -500,6 +500,8 @@ def test_cache_budget_leaves_room_for_the_graphs_logits():
     from lmq.engine.runner import GRAPH_BUCKETS, PREFILL_BUCKETS
 
     assert sum(b for b in GRAPH_BUCKETS if b <= 64) <= 4 * 64 and sum(GRAPH_BUCKETS) <= 4 * GRAPH_BUCKETS[-1]
-    stub = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(vocab_size=128256)))
+    stub = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(vocab_size=128256), head_q=None))
     got = LLM._graph_logits_bytes(stub, 64)
     assert got == (4 * 64 + len(PREFILL_BUCKETS) * 65) * 128256 * 6 and 0.6e9 < got < 0.7e9
+    stub.model.head_q = (torch.zeros(1), torch.zeros(1))  # the int8 head writes fp32 logits only
+    assert LLM._graph_logits_bytes(stub, 64) == got // 6 * 4

@@ -147,11 +147,11 @@ class LLM:
         self._pending: _Launched | None = None  # a launched step whose tokens are not applied yet
 
     def _graph_logits_bytes(self, max_num_seqs: int) -> int:
-        """The logits every captured CUDA graph keeps as its output (fp16 from the LM head, then fp32): the decode
-        graphs' buckets hold at most 4 x max_num_seqs rows in all (3.3 x at 64), each prefill token bucket
-        1 + max_num_seqs (its one-sequence and many-sequence graphs)."""
+        """The logits every captured CUDA graph keeps as its output (fp16 / bf16 from the LM head, then fp32; the
+        int8 head writes fp32 only): the decode graphs' buckets hold at most 4 x max_num_seqs rows in all (3.3 x at
+        64), each prefill token bucket 1 + max_num_seqs (its one-sequence and many-sequence graphs)."""
         rows = 4 * max_num_seqs + len(PREFILL_BUCKETS) * (1 + max_num_seqs)
-        return rows * self.model.cfg.vocab_size * 6
+        return rows * self.model.cfg.vocab_size * (4 if self.model.head_q is not None else 6)
 
     def _activation_bytes(self, tokens: int) -> int:
         """A generous bound on one prefill step's activations (fp16/bf16), logits of one row each."""
