@@ -10,6 +10,7 @@ Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a con
 --profile: each kernel's GPU time at the launch-bound shapes (`profile_kernels`).
 --triton-stages: the Triton split kernel's tile, warps and ring depth where it runs (`triton_stages`).
 --mma: int4, the Gluon split kernel against the Triton one, and at other split counts (`mma_compare`).
+--prefill-configs: prefill, the kernel's tile configs per KV dtype, against SDPA (`prefill_configs`).
 --mma-splits [--batches 1,8] [--contexts 4096] [--maxnreg 168] [--stages 2,3,4] [--page 64]: int4, the Gluon split
   kernel at 1..48 splits per batch and context, also under register caps, other ring depths or another block size
   (`mma_splits`).
@@ -86,6 +87,47 @@ def time_prefill() -> None:
         table = torch.arange(L // page, device="cuda", dtype=torch.int32)[None]
         us = ba.graph_time_us([lambda: prefill_attention(q, cache, table, cu, lens, max_q_len=L)], calls=5)
         print(f"prefill L={L} {kd}: lmq {us:.0f}us {flops / us / 1e6:.0f} TFLOP/s", flush=True)
+
+
+def prefill_configs() -> None:
+    """Prefill attention of one L-token causal sequence (L = 1024, 4096), per KV dtype: the kernel's
+    (BLOCK_M, BLOCK_N, warps, stages) configs at head dim 128; TFLOP/s against SDPA (flash, fp16, contiguous) and
+    the relative error against the fp32 reference, same call. (Session 17 also timed the query tiles launched
+    longest first, a `REVERSE` switch since removed: benchmarks/results/2026-11-23-session17-h100/prefill-call/.)"""
+    import lmq.kernels.attention_prefill as pre
+    from lmq.kernels.attention_prefill import prefill_attention_ref
+
+    torch.manual_seed(0)
+    configs = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)]
+    default = pre._GPU_CONFIG[128]
+    for L in (1024, 4096):
+        page = 64
+        q = torch.randn(L, H, D, device="cuda", dtype=torch.float16)
+        cu = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+        lens = torch.tensor([L], dtype=torch.int32, device="cuda")
+        flops = 4 * H * D * L * L / 2
+        k = torch.randn(1, HKV, L, D, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        qs = q.transpose(0, 1)[None]
+        sd = ba.graph_time_us([lambda qs=qs, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
+            qs, k, v, is_causal=True, enable_gqa=True)], calls=5)
+        print(f"prefill L={L}: SDPA fp16 {sd:.0f}us {flops / sd / 1e6:.0f} TFLOP/s", flush=True)
+        ba.BLOCK_SIZE = page
+        for kd in ("fp16", "int8", "int4"):
+            cache = ba._random_paged(kd, L // page, HKV, D)
+            table = torch.randperm(L // page, device="cuda").to(torch.int32)[None]
+            ref = prefill_attention_ref(q, cache, table, cu, lens).float()
+            cells = []
+            for cfg in configs:
+                pre._GPU_CONFIG[128] = cfg
+                out = prefill_attention(q, cache, table, cu, lens, max_q_len=L).float()
+                err = ((out - ref).norm() / ref.norm()).item()
+                us = ba.graph_time_us([lambda args=(q, cache, table, cu, lens), L=L: prefill_attention(
+                    *args, max_q_len=L)], calls=5)
+                cells.append(f"{cfg} {us:.0f}us {flops / us / 1e6:.0f}TF err {err:.1e}")
+            pre._GPU_CONFIG[128] = default
+            print(f"prefill L={L} {kd}: " + ", ".join(cells), flush=True)
+            del cache
 
 
 def _workload(kd: str, B: int, L: int):
@@ -328,6 +370,9 @@ def balanced_ab(bw: float) -> None:
 def main() -> None:
     bw = ba.copy_bandwidth_bytes_s()
     print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
+    if "--prefill-configs" in sys.argv:
+        prefill_configs()
+        return
     modes = {"--balanced": balanced_ab, "--profile": profile_kernels, "--triton-stages": triton_stages,
              "--compare": compare, "--mma-splits": mma_splits, "--mma": mma_compare, "--splits": splits_and_occupancy}
     for flag, mode in modes.items():  # in this order: "--mma-splits" before "--mma"
