@@ -27,6 +27,9 @@
 #                     config sweep at the M values of SWEEP, default 1,16), then `lmq bench --mode latency` with
 #                     --lm-head auto and int8, interleaved REPS times (default 2; synthetic Llama-3-8B, batch 1-64),
 #                     then Qwen2.5-7B at batch 1; the sweep times fp16 and bf16 activations (session 17)
+#   STAGES=prefill    (session 17) prefill attention with and without the unmasked key tiles (UNMASKED_TILES): its GPU
+#                     tests and the engine's prefill ones, `attention_sweep.py --prefill-configs`, then batch-1 TTFT of
+#                     1,024- and 4,096-token prompts (synthetic Llama-3-8B, int8 KV) with the switch on and off, twice
 # Logs and tables land in $OUT/<stage>/. Used for the H200 tables of docs/benchmarks.md.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -153,6 +156,23 @@ Console(width=200).print(render_gemm_table(json.load(open('$OUT/gemm/bench.json'
       timeout 120 lmq bench --synthetic qwen2.5-7b --mode latency --batch 1 --input-len 128 --output-len 64 \
         --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --lm-head "$h" >"$OUT/head/qwen-$h.log" 2>&1
       echo "== qwen2.5-7b --lm-head $h"; grep -E "^\| 1 \|" "$OUT/head/qwen-$h.log" | cut -d'|' -f2-10
+    done
+    ;;
+  prefill)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_engine_gpu.py \
+      -k "prefill or mixed or triton_backend" 2>&1 | tail -2 | tee "$OUT/prefill/tests.log"
+    timeout 240 python3 benchmarks/attention_sweep.py --prefill-configs 2>&1 | grep -v Warn | tee "$OUT/prefill/sweep.log"
+    for rep in 1 2; do
+      for u in True False; do
+        timeout 100 python3 -c "
+import sys, lmq.kernels.attention_prefill as p
+p.UNMASKED_TILES = $u
+from lmq.cli import app
+sys.argv = ['lmq', 'bench', '--synthetic', 'llama3-8b', '--mode', 'latency', '--batch', '1', '--input-len',
+            '1024,4096', '--output-len', '8', '--kv-dtype', 'int8', '--max-model-len', '8192', '--cache-max-memory', '16GiB']
+app()" >"$OUT/prefill/e2e-$u-$rep.log" 2>&1
+        echo "rep $rep UNMASKED_TILES=$u: $(grep -E '^latency' "$OUT/prefill/e2e-$u-$rep.log" | tr '\n' ' ')"
+      done
     done
     ;;
   det)

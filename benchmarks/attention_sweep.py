@@ -91,8 +91,9 @@ def time_prefill() -> None:
 
 def prefill_configs() -> None:
     """Prefill attention of one L-token causal sequence (L = 1024, 4096), per KV dtype: the kernel's
-    (BLOCK_M, BLOCK_N, warps, stages) configs at head dim 128; TFLOP/s against SDPA (flash, fp16, contiguous) and
-    the relative error against the fp32 reference, same call. (Session 17 also timed the query tiles launched
+    (BLOCK_M, BLOCK_N, warps, stages) configs at head dim 128, and the table's config with every key tile masked
+    (`UNMASKED_TILES` off, first and last); TFLOP/s against SDPA (flash, fp16, contiguous) and the relative error
+    against the fp32 reference, same call. (Session 17 also timed the query tiles launched
     longest first, a `REVERSE` switch since removed: benchmarks/results/2026-11-23-session17-h100/prefill-call/.)"""
     import lmq.kernels.attention_prefill as pre
     from lmq.kernels.attention_prefill import prefill_attention_ref
@@ -118,14 +119,15 @@ def prefill_configs() -> None:
             table = torch.randperm(L // page, device="cuda").to(torch.int32)[None]
             ref = prefill_attention_ref(q, cache, table, cu, lens).float()
             cells = []
-            for cfg in configs:
-                pre._GPU_CONFIG[128] = cfg
+            for cfg, unmasked in [(default, False), *((c, True) for c in configs), (default, False)]:
+                pre._GPU_CONFIG[128], pre.UNMASKED_TILES = cfg, unmasked
                 out = prefill_attention(q, cache, table, cu, lens, max_q_len=L).float()
                 err = ((out - ref).norm() / ref.norm()).item()
                 us = ba.graph_time_us([lambda args=(q, cache, table, cu, lens), L=L: prefill_attention(
                     *args, max_q_len=L)], calls=5)
-                cells.append(f"{cfg} {us:.0f}us {flops / us / 1e6:.0f}TF err {err:.1e}")
-            pre._GPU_CONFIG[128] = default
+                cells.append(f"{cfg}{'' if unmasked else ' all masked'} {us:.0f}us {flops / us / 1e6:.0f}TF "
+                             f"err {err:.1e}")
+            pre._GPU_CONFIG[128], pre.UNMASKED_TILES = default, True
             print(f"prefill L={L} {kd}: " + ", ".join(cells), flush=True)
             del cache
 

@@ -306,15 +306,21 @@ def split_scale_zero(w):
 @triton.jit
 def load_tile_meta(bt_row, n0, end, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
                    stride_vb, stride_vh, stride_sb, stride_sh,
-                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, OFF64: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, OFF64: tl.constexpr,
+                   FULL: tl.constexpr = False):
     """Tokens n0 .. n0 + BLOCK_N (one tile, inside one block: BLOCK_N divides PAGE and n0) ->
     (mask_n, krow, vcol, k_sz, v_sz): validity, K row and V^T column element offsets, and the
     (scale, zero) words. One block id per tile, so the offsets are affine in the token index.
     Offsets are int32 unless the pool has 2^31 elements or more (OFF64): half the address math.
+    FULL: the caller knows the whole tile is before `end` (mask_n all true, a constant the loads drop).
     """
     offs = tl.arange(0, BLOCK_N)
-    mask_n = n0 + offs < end
-    page = tl.load(bt_row + n0 // PAGE, mask=n0 < end, other=0)
+    if FULL:
+        mask_n = tl.full([BLOCK_N], 1, tl.int1)
+        page = tl.load(bt_row + n0 // PAGE)
+    else:
+        mask_n = n0 + offs < end
+        page = tl.load(bt_row + n0 // PAGE, mask=n0 < end, other=0)
     if OFF64:
         page = page.to(tl.int64)
     slot = n0 % PAGE + offs  # [BLOCK_N]
@@ -571,12 +577,13 @@ def _add3(a0, a1, a2, b0, b1, b2):
 def attend_tile(q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
                 offs_dh, mask_n, valid, qk_scale,
                 HALF: tl.constexpr, PAGE: tl.constexpr, RUN: tl.constexpr, KV_MODE: tl.constexpr,
-                ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr):
+                ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr, MASKED: tl.constexpr = True):
     """One BLOCK_N tile of keys/values for BLOCK_M query rows, flash-attention style (log2 domain).
 
     q_lo/q_hi, qsum, qoff from `prepare_query`; m_i, l_i [BLOCK_M] fp32 running max / sum;
     acc_lo/acc_hi [BLOCK_M, BLOCK_DH] fp32; krow/vcol/k_sz/v_sz from `load_tile_meta`; valid
-    [BLOCK_M, BLOCK_N]. Quantized keys are never dequantized element by element: the codes only
+    [BLOCK_M, BLOCK_N] (MASKED False: every score of the tile is valid, `valid` is not read). Quantized keys
+    are never dequantized element by element: the codes only
     become fp16 (RAW: the bit patterns 1024 + c, no arithmetic at all) and the per-token scale s
     and zero z act on the small score tile, q . (c s + z) = s (q . c) + z sum(q), with
     q . c = the dot - qoff (RAW). Values, two ways (`scale_probs` picks, measured per KV dtype):
@@ -594,7 +601,10 @@ def attend_tile(q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr
         if RAW:
             qk = qk - qoff[:, None]
         qk = qk * k_s.to(tl.float32)[None, :] + qsum[:, None] * k_z.to(tl.float32)[None, :]
-    qk = tl.where(valid, qk * qk_scale, float("-inf"))
+    if MASKED:
+        qk = tl.where(valid, qk * qk_scale, float("-inf"))
+    else:
+        qk = qk * qk_scale
     # -- online softmax
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.math.exp2(m_i - m_new)
