@@ -137,6 +137,20 @@ def test_bad_recipe_key(tmp_path, tiny_model):
     assert not (tmp_path / "out").exists()
 
 
+def test_recipe_that_is_not_a_toml_table(tmp_path, tiny_model):
+    """A folder, a binary file or a `quantize = 3` recipe: one error line, not a traceback."""
+    r = tmp_path / "r.toml"
+    r.mkdir()
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--recipe", r), "is a folder, not a file")
+    r.rmdir()
+    r.write_bytes(b"\x80\xff\xfe group_size = 64\n")
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--recipe", r), "is not UTF-8 text")
+    r.write_text("quantize = 3\n")
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--recipe", r),
+                 "quantize must be a table of settings", "got 3")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("g", ["0", "-1", "7", "256"])
 def test_group_size_outside_the_kernels_is_refused_first(tmp_path, tiny_model, g):
     assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--method", "rtn", "--group-size", g),
