@@ -123,6 +123,15 @@ def test_negative_refine_steps(tmp_path, tiny_model):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("seed", [str(2**70), "-1"])
+def test_seed_outside_64_bits_is_refused_first(tmp_path, tiny_model, seed):
+    """2**70 used to fail with torch's `Overflow when unpacking long long` after calibration; -1 shuffled the
+    calibration documents as seed 1 does."""
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--group-size", "64", "--seed", seed),
+                 "--seed must be a whole number from 0 to 2**63 - 1", f"got {seed}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_recipe_key(tmp_path, tiny_model):
     r = tmp_path / "r.toml"
     r.write_text("[quantize]\ngroup_sise = 64\n")
