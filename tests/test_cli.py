@@ -105,6 +105,19 @@ def test_corrupt_safetensors(tmp_path, tiny_model):
                  "corrupt")
 
 
+def test_config_or_index_json_of_the_wrong_shape(tmp_path, tiny_model):
+    """Valid JSON that is not an object (a list) in config.json or the shard index: one error line, not
+    `AttributeError: 'list' object has no attribute 'get'`."""
+    cfg = (tiny_model / "config.json").read_text()
+    (tiny_model / "config.json").write_text("[1, 2]")
+    assert_error(lmq("inspect", tiny_model), "config.json holds a JSON list", "re-download")
+    (tiny_model / "config.json").write_text(cfg)
+    for index in ('{"weight_map": ["model.safetensors"]}', '{"weight_map": {"a": 1}}', b"\xff\xfe{}"):
+        f = tiny_model / "model.safetensors.index.json"
+        f.write_bytes(index) if isinstance(index, bytes) else f.write_text(index)
+        assert_error(lmq("inspect", tiny_model), "is not a valid safetensors index")
+
+
 def test_pickled_weights_are_never_loaded(tmp_path, tiny_model):
     os.replace(tiny_model / "model.safetensors", tiny_model / "pytorch_model.bin")
     assert_error(lmq("inspect", tiny_model), "pickled weights", "never loads")

@@ -188,9 +188,13 @@ def read_config_json(folder: Path, missing: LmqError) -> dict:
     if not cfg_path.exists():
         raise missing
     try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download or re-create the model") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path} holds a JSON {type(config).__name__}, not an object of settings "
+                              "({\"model_type\": ...}); re-download or re-create the model")
+    return config
 
 
 class WeightSource:
@@ -248,8 +252,10 @@ class WeightSource:
         index = self.path / "model.safetensors.index.json"
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError("weight_map is not an object of tensor name -> file name")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download the model") from e
             missing = sorted({f for f in weight_map.values() if not (self.path / f).exists()})
             if missing:
