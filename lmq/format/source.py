@@ -261,6 +261,12 @@ class WeightSource:
             if missing:
                 raise CheckpointError(f"{self.path} is missing shard(s) {', '.join(missing)} named by its index; "
                                       "the download is incomplete")
+            held = {f: set(self._open(self.path / f).keys()) for f in set(weight_map.values())}  # headers only
+            wrong = sorted(name for name, f in weight_map.items() if name not in held[f])
+            if wrong:
+                more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+                raise CheckpointError(f"{index} places {wrong[0]}{more} in {weight_map[wrong[0]]}, which does not "
+                                      "hold it; the index does not match its shards: re-download the model")
             return {name: self.path / f for name, f in weight_map.items()}
         single = self.path / "model.safetensors"
         files = [single] if single.exists() else sorted(self.path.glob("*.safetensors"))
