@@ -118,6 +118,23 @@ def test_config_or_index_json_of_the_wrong_shape(tmp_path, tiny_model):
         assert_error(lmq("inspect", tiny_model), "is not a valid safetensors index")
 
 
+@pytest.mark.parametrize("drop", ["model.norm.weight", "model.layers.1.post_attention_layernorm.weight"])
+def test_missing_norm_is_named_before_any_layer_is_quantized(tmp_path, tiny_model, drop, monkeypatch):
+    """Before, `is missing tensor model.norm.weight` came after every layer had been searched (hours, for a large
+    model with AWQ)."""
+    from safetensors.torch import load_file, save_file
+
+    import lmq.quant.quantize as quantize_mod
+
+    sd = load_file(str(tiny_model / "model.safetensors"))
+    del sd[drop]
+    save_file(sd, str(tiny_model / "model.safetensors"))
+    monkeypatch.setattr(quantize_mod, "quantize_layer", lambda *a, **k: pytest.fail("a layer was quantized"))
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--group-size", "64"),
+                 f"is missing tensor {drop}", "incomplete")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 def test_pickled_weights_are_never_loaded(tmp_path, tiny_model):
     os.replace(tiny_model / "model.safetensors", tiny_model / "pytorch_model.bin")
     assert_error(lmq("inspect", tiny_model), "pickled weights", "never loads")

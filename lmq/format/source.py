@@ -355,6 +355,17 @@ class WeightSource:
         layout lmq reads). An edited or mismatched config.json is named here, not met as a reshape error later."""
         cfg = self.cfg
         C, V = cfg.hidden_size, cfg.vocab_size
+        # the tensors other than the linears (norms, biases, embedding, an untied head), so one that is missing is
+        # named now, not after a quantization of every layer before it
+        linear_weights = {f"{lin}.weight" for lin in cfg.arch.linears}
+        needed = [cfg.arch.embed, cfg.arch.final_norm, *([] if cfg.tie_word_embeddings else [cfg.arch.lm_head])]
+        needed += [f"{self.layer_prefix(i)}.{n}" for i in range(cfg.num_layers) for n in layer_weight_names(cfg)
+                   if n not in linear_weights]
+        missing = [name for name in needed if not self.has(name)]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{self.path} is missing tensor {missing[0]}{more}; the checkpoint is incomplete: "
+                                  "re-download or re-create it")
         for name in (cfg.arch.embed, cfg.arch.lm_head):
             if self.has(name) and tuple(self.info(name)[0]) != (V, C):
                 raise CheckpointError(f"{name} is {list(self.info(name)[0])} but config.json (vocab_size {V}, "
