@@ -76,6 +76,16 @@ def test_output_exists_needs_force(tmp_path, tiny_model):
     assert leftovers(tmp_path) == []
 
 
+def test_output_that_is_a_file_is_refused_even_with_force(tmp_path, tiny_model):
+    """Before, it was called an existing "output folder", and --force replaced the file with a checkpoint."""
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    for force in ([], ["--force"]):
+        assert_error(lmq("quantize", tiny_model, "-o", f, "--method", "rtn", "--group-size", "64", *force),
+                     f"-o {f} is a file, not a folder")
+    assert f.read_text() == "mine" and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("exc,code", [(OSError(28, "No space left on device"), 1), (KeyboardInterrupt(), 130),
                                       ("SIGTERM", 143)])
 def test_disk_full_or_ctrl_c_leaves_nothing(tmp_path, tiny_model, monkeypatch, exc, code):
