@@ -153,6 +153,10 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
     if dtype not in dtypes:
         raise InputError(f"--dtype {dtype!r}: expected fp16 or bf16")
     dt = dtypes[dtype]
+    from lmq.pack import planes64
+
+    for name, N, K in shapes:  # --group-size and --shapes first, so a bad one is named on any machine
+        planes64.check_shape(N, K, group_size, name)
     if not torch.cuda.is_available():
         raise UnsupportedError("lmq bench gemm needs a CUDA GPU; none is visible")
     from lmq.engine.qlinear import (
@@ -162,7 +166,6 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
         qlinear,
         run_path,
     )
-    from lmq.pack import planes64
     from lmq.quant.rtn import QuantizedWeight
 
     arch = local_arch()
@@ -173,7 +176,6 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
     int4_errors: list[str] = []
     torch.manual_seed(0)
     for si, (name, N, K) in enumerate(shapes):
-        planes64.check_shape(N, K, group_size, name)
         G = group_size
         q = QuantizedWeight(
             codes=torch.randint(0, 16, (N, K), dtype=torch.uint8, device="cuda"),

@@ -94,18 +94,22 @@ def _random_paged(kv_dtype: str, n_blocks: int, n_kv: int, D: int):
 def bench_attention(kv_dtypes: list[str], contexts: list[int], batches: list[int], num_heads: int = 32,
                     num_kv_heads: int = 8, head_dim: int = 128, on_row=None) -> dict:
     """Time lmq decode attention per (context, batch, kv_dtype) and SDPA fp16 per (context, batch)."""
-    if not torch.cuda.is_available():
-        raise UnsupportedError("lmq bench attention needs a CUDA GPU; none is visible")
-    from lmq.kernels.attention_decode import _config, _sm_count, decode_attention, plan_decode
     from lmq.kernels.kv_quant import KV_DTYPES, gather_kv_ref, kv_bytes_per_token_head
 
+    # the options first, so a typo is named on any machine (and --kv-heads 0 is not a ZeroDivisionError)
     for kd in kv_dtypes:
         if kd not in KV_DTYPES or kd == "bf16":
             raise InputError(f"--kv-dtype {kd!r}: expected fp16, int8 or int4 (bf16 caches run with bf16 models)")
+    if num_heads < 1 or num_kv_heads < 1:
+        raise InputError(f"--heads {num_heads} and --kv-heads {num_kv_heads}: both must be 1 or more, e.g. "
+                         "--heads 32 --kv-heads 8")
     if num_heads % num_kv_heads:
         raise InputError(f"--heads {num_heads} is not a multiple of --kv-heads {num_kv_heads}")
     if head_dim % 2 or not 32 <= head_dim <= 256:
         raise InputError(f"--head-dim {head_dim}: expected an even size in 32..256")
+    if not torch.cuda.is_available():
+        raise UnsupportedError("lmq bench attention needs a CUDA GPU; none is visible")
+    from lmq.kernels.attention_decode import _config, _sm_count, decode_attention, plan_decode
     bw = copy_bandwidth_bytes_s()
     H, Hkv, D = num_heads, num_kv_heads, head_dim
     sm = _sm_count(torch.device("cuda"))

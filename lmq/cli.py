@@ -101,12 +101,18 @@ def load_recipe(path: Path) -> dict:
     from lmq.errors import InputError
 
     if not path.is_file():
-        raise InputError(f"recipe {path} does not exist; see recipes/ for examples")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise InputError(f"recipe {path} {what}; give a .toml file, see recipes/ for examples")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"recipe {path} is not UTF-8 text ({e}); give a .toml file, see recipes/ for examples") from e
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"recipe {path} is not valid TOML ({e})") from e
     q = data.get("quantize", data)
+    if not isinstance(q, dict):
+        raise InputError(f"recipe {path}: quantize must be a table of settings ([quantize] then key = value lines), "
+                         f"got {q!r}; see recipes/ for examples")
     unknown = sorted(set(q) - set(QUANT_DEFAULTS))
     if unknown:
         raise InputError(f"recipe {path} has unknown keys {unknown}; known: {sorted(QUANT_DEFAULTS)}")

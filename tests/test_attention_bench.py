@@ -25,6 +25,16 @@ def test_cli_reports_bad_options():
     assert r.exit_code == 1 and "--context" in r.output
 
 
+@pytest.mark.parametrize("args,match", [(["--kv-heads", "0"], "must be 1 or more"),
+                                        (["--heads", "7", "--kv-heads", "2"], "not a multiple of --kv-heads 2"),
+                                        (["--head-dim", "33"], "--head-dim 33"),
+                                        (["--kv-dtype", "bf16"], "--kv-dtype 'bf16'")])
+def test_cli_bad_shape_options_are_named_with_or_without_a_gpu(args, match):
+    """Before, the no-GPU message hid them, and --kv-heads 0 was a ZeroDivisionError on a GPU."""
+    r = CliRunner().invoke(app, ["bench", "attention", "--context", "1k", "--batch", "1", *args])
+    assert r.exit_code == 1 and "error:" in r.output and match in " ".join(r.output.split()), r.output
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cli_without_gpu():
     r = CliRunner().invoke(app, ["bench", "attention", "--context", "1k", "--batch", "1"])

@@ -36,6 +36,14 @@ def test_cli_rejects_bad_m():
     assert r.exit_code == 1 and "--m" in r.output
 
 
+@pytest.mark.parametrize("args,match", [(["--group-size", "7"], "group size 7 is not supported"),
+                                        (["--shapes", "1,4096,100"], "got K=100")])
+def test_cli_names_a_bad_group_size_or_shape_with_or_without_a_gpu(args, match):
+    """Before, a machine without a GPU answered only that it has none."""
+    r = CliRunner().invoke(app, ["bench", "gemm", "--m", "1", *args])
+    assert r.exit_code == 1 and "error:" in r.output and match in " ".join(r.output.split()), r.output
+
+
 def test_cli_rejects_bad_dtype():
     r = CliRunner().invoke(app, ["bench", "gemm", "--m", "1", "--dtype", "fp8"])
     assert r.exit_code == 1 and "--dtype 'fp8': expected fp16 or bf16" in r.output

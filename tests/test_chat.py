@@ -131,6 +131,19 @@ def test_no_chat_template_is_refused(weights):
         ChatSession(llm)
 
 
+NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                      "{% endif %}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
+
+
+def test_system_message_refused_by_the_template_is_one_error_up_front(weights):
+    """Before, the session started and then refused every message with the template's own words."""
+    llm = make_llm(weights)
+    llm.tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    with pytest.raises(InputError, match="takes no system message; drop --system"):
+        ChatSession(llm, system="Be brief.", params=GREEDY)
+    assert "".join(ChatSession(llm, params=GREEDY).ask(QUESTION))  # without --system it chats
+
+
 def test_cli_prompt_prints_only_the_answer(cli, two_turns):
     res = cli("--prompt", QUESTION)
     assert res.exit_code == 0, (res.output, res.exception)

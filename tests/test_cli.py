@@ -76,6 +76,16 @@ def test_output_exists_needs_force(tmp_path, tiny_model):
     assert leftovers(tmp_path) == []
 
 
+def test_output_that_is_a_file_is_refused_even_with_force(tmp_path, tiny_model):
+    """Before, it was called an existing "output folder", and --force replaced the file with a checkpoint."""
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    for force in ([], ["--force"]):
+        assert_error(lmq("quantize", tiny_model, "-o", f, "--method", "rtn", "--group-size", "64", *force),
+                     f"-o {f} is a file, not a folder")
+    assert f.read_text() == "mine" and leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("exc,code", [(OSError(28, "No space left on device"), 1), (KeyboardInterrupt(), 130),
                                       ("SIGTERM", 143)])
 def test_disk_full_or_ctrl_c_leaves_nothing(tmp_path, tiny_model, monkeypatch, exc, code):
@@ -105,6 +115,36 @@ def test_corrupt_safetensors(tmp_path, tiny_model):
                  "corrupt")
 
 
+def test_config_or_index_json_of_the_wrong_shape(tmp_path, tiny_model):
+    """Valid JSON that is not an object (a list) in config.json or the shard index: one error line, not
+    `AttributeError: 'list' object has no attribute 'get'`."""
+    cfg = (tiny_model / "config.json").read_text()
+    (tiny_model / "config.json").write_text("[1, 2]")
+    assert_error(lmq("inspect", tiny_model), "config.json holds a JSON list", "re-download")
+    (tiny_model / "config.json").write_text(cfg)
+    for index in ('{"weight_map": ["model.safetensors"]}', '{"weight_map": {"a": 1}}', b"\xff\xfe{}"):
+        f = tiny_model / "model.safetensors.index.json"
+        f.write_bytes(index) if isinstance(index, bytes) else f.write_text(index)
+        assert_error(lmq("inspect", tiny_model), "is not a valid safetensors index")
+
+
+@pytest.mark.parametrize("drop", ["model.norm.weight", "model.layers.1.post_attention_layernorm.weight"])
+def test_missing_norm_is_named_before_any_layer_is_quantized(tmp_path, tiny_model, drop, monkeypatch):
+    """Before, `is missing tensor model.norm.weight` came after every layer had been searched (hours, for a large
+    model with AWQ)."""
+    from safetensors.torch import load_file, save_file
+
+    import lmq.quant.quantize as quantize_mod
+
+    sd = load_file(str(tiny_model / "model.safetensors"))
+    del sd[drop]
+    save_file(sd, str(tiny_model / "model.safetensors"))
+    monkeypatch.setattr(quantize_mod, "quantize_layer", lambda *a, **k: pytest.fail("a layer was quantized"))
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--group-size", "64"),
+                 f"is missing tensor {drop}", "incomplete")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 def test_pickled_weights_are_never_loaded(tmp_path, tiny_model):
     os.replace(tiny_model / "model.safetensors", tiny_model / "pytorch_model.bin")
     assert_error(lmq("inspect", tiny_model), "pickled weights", "never loads")
@@ -123,6 +163,15 @@ def test_negative_refine_steps(tmp_path, tiny_model):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("seed", [str(2**70), "-1"])
+def test_seed_outside_64_bits_is_refused_first(tmp_path, tiny_model, seed):
+    """2**70 used to fail with torch's `Overflow when unpacking long long` after calibration; -1 shuffled the
+    calibration documents as seed 1 does."""
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--group-size", "64", "--seed", seed),
+                 "--seed must be a whole number from 0 to 2**63 - 1", f"got {seed}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_recipe_key(tmp_path, tiny_model):
     r = tmp_path / "r.toml"
     r.write_text("[quantize]\ngroup_sise = 64\n")
@@ -134,6 +183,20 @@ def test_bad_recipe_key(tmp_path, tiny_model):
                         ("seed = true", "seed must be a whole number")):
         r.write_text(f"[quantize]\n{line}\n")
         assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--recipe", r), match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_that_is_not_a_toml_table(tmp_path, tiny_model):
+    """A folder, a binary file or a `quantize = 3` recipe: one error line, not a traceback."""
+    r = tmp_path / "r.toml"
+    r.mkdir()
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--recipe", r), "is a folder, not a file")
+    r.rmdir()
+    r.write_bytes(b"\x80\xff\xfe group_size = 64\n")
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--recipe", r), "is not UTF-8 text")
+    r.write_text("quantize = 3\n")
+    assert_error(lmq("quantize", tiny_model, "-o", tmp_path / "out", "--recipe", r),
+                 "quantize must be a table of settings", "got 3")
     assert not (tmp_path / "out").exists()
 
 

@@ -505,3 +505,12 @@ def test_cache_budget_leaves_room_for_the_graphs_logits():
     assert got == (4 * 64 + len(PREFILL_BUCKETS) * 65) * 128256 * 6 and 0.6e9 < got < 0.7e9
     stub.model.head_q = (torch.zeros(1), torch.zeros(1))  # the int8 head writes fp32 logits only
     assert LLM._graph_logits_bytes(stub, 64) == got // 6 * 4
+
+
+def test_bad_cache_max_memory_is_refused_before_the_weights_load(tmp_path, monkeypatch):
+    """Before, a typo in --cache-max-memory was named only after the (minutes-long, for a large model) load."""
+    import lmq.engine.llm as llm_mod
+
+    monkeypatch.setattr(llm_mod, "EngineModel", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(InputError, match="--cache-max-memory '10XB'"):
+        LLM(str(tmp_path / "never-read"), device="cpu", cache_max_memory="10XB")

@@ -214,6 +214,14 @@ def test_sharded_source_follows_its_index(tmp_path, smollm2):
     src = WeightSource(m)
     assert torch.equal(src.get(names[0]), sd[names[0]])
     assert (m / "consolidated.safetensors") not in src.weight_files
+    # an index that places a tensor in the wrong shard is named when the folder is opened, not as a "corrupt"
+    # file once a long quantization reaches that tensor
+    index = json.loads((m / "model.safetensors.index.json").read_text())
+    (m / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": dict(index["weight_map"], **{names[0]: "model-00002-of-00002.safetensors"})}))
+    with pytest.raises(CheckpointError, match=f"places {names[0]} in model-00002-of-00002.safetensors, which does "
+                       "not hold it; the index does not match its shards"):
+        WeightSource(m)
     (m / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing shard.*model-00002-of-00002"):
         WeightSource(m)

@@ -61,6 +61,14 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         self.last_stats: TurnStats | None = None
         self.reset()
+        if self.system:  # a template that refuses a system message would refuse every turn: say so up front
+            hello = {"role": "user", "content": "Hello"}
+            try:
+                self.render([*self.messages, hello])
+            except InputError as e:
+                self.render([hello])  # (a template that refuses even this raises its own error here)
+                raise InputError(f"{e}: its template takes no system message; drop --system and put the "
+                                 "instructions in your first message") from None
 
     def reset(self) -> None:
         """Forget the conversation; the system message (if any) stays."""

@@ -86,6 +86,7 @@ class LLM:
             raise InputError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
         if max_model_len is not None and max_model_len < 2:
             raise InputError(f"--max-model-len must be 2 tokens or more (a prompt and an answer), got {max_model_len}")
+        budget = None if cache_max_memory is None else parse_memory(cache_max_memory)  # a typo: before the load too
         if isinstance(model, EngineModel):  # weights already loaded (benchmarks, tests): a new cache only
             if deterministic and not model.deterministic:
                 raise InputError("deterministic=True needs a model loaded that way: EngineModel(..., deterministic=True)")
@@ -106,9 +107,7 @@ class LLM:
         self.max_model_len = max_model_len or limit
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.model.dtype)
         spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, block_size)
-        if cache_max_memory is not None:
-            budget = parse_memory(cache_max_memory)
-        elif dev.type == "cuda":
+        if budget is None and dev.type == "cuda":
             free, total = torch.cuda.mem_get_info(dev)
             reserved = ACTIVATION_SLACK_BYTES + self._activation_bytes(max_num_batched_tokens) \
                 + self._graph_logits_bytes(max_num_seqs)
@@ -120,7 +119,7 @@ class LLM:
                     f"{(1 - gpu_memory_utilization) * total / 2**30:.1f} GiB back plus "
                     f"{reserved / 2**30:.1f} GiB for activations and CUDA graphs; free the GPU, raise "
                     "--gpu-memory-utilization, or give --cache-max-memory")
-        else:
+        elif budget is None:
             budget = CPU_CACHE_BYTES
         num_blocks = num_blocks_for_budget(spec, budget)
         self.cache_tokens = num_blocks * block_size

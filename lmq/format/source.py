@@ -188,9 +188,13 @@ def read_config_json(folder: Path, missing: LmqError) -> dict:
     if not cfg_path.exists():
         raise missing
     try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-download or re-create the model") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path} holds a JSON {type(config).__name__}, not an object of settings "
+                              "({\"model_type\": ...}); re-download or re-create the model")
+    return config
 
 
 class WeightSource:
@@ -248,13 +252,21 @@ class WeightSource:
         index = self.path / "model.safetensors.index.json"
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise TypeError("weight_map is not an object of tensor name -> file name")
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download the model") from e
             missing = sorted({f for f in weight_map.values() if not (self.path / f).exists()})
             if missing:
                 raise CheckpointError(f"{self.path} is missing shard(s) {', '.join(missing)} named by its index; "
                                       "the download is incomplete")
+            held = {f: set(self._open(self.path / f).keys()) for f in set(weight_map.values())}  # headers only
+            wrong = sorted(name for name, f in weight_map.items() if name not in held[f])
+            if wrong:
+                more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+                raise CheckpointError(f"{index} places {wrong[0]}{more} in {weight_map[wrong[0]]}, which does not "
+                                      "hold it; the index does not match its shards: re-download the model")
             return {name: self.path / f for name, f in weight_map.items()}
         single = self.path / "model.safetensors"
         files = [single] if single.exists() else sorted(self.path.glob("*.safetensors"))
@@ -343,6 +355,17 @@ class WeightSource:
         layout lmq reads). An edited or mismatched config.json is named here, not met as a reshape error later."""
         cfg = self.cfg
         C, V = cfg.hidden_size, cfg.vocab_size
+        # the tensors other than the linears (norms, biases, embedding, an untied head), so one that is missing is
+        # named now, not after a quantization of every layer before it
+        linear_weights = {f"{lin}.weight" for lin in cfg.arch.linears}
+        needed = [cfg.arch.embed, cfg.arch.final_norm, *([] if cfg.tie_word_embeddings else [cfg.arch.lm_head])]
+        needed += [f"{self.layer_prefix(i)}.{n}" for i in range(cfg.num_layers) for n in layer_weight_names(cfg)
+                   if n not in linear_weights]
+        missing = [name for name in needed if not self.has(name)]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{self.path} is missing tensor {missing[0]}{more}; the checkpoint is incomplete: "
+                                  "re-download or re-create it")
         for name in (cfg.arch.embed, cfg.arch.lm_head):
             if self.has(name) and tuple(self.info(name)[0]) != (V, C):
                 raise CheckpointError(f"{name} is {list(self.info(name)[0])} but config.json (vocab_size {V}, "

@@ -27,6 +27,8 @@ def check_output_path(out: Path, force: bool, source: Path | None = None) -> Non
     if source is not None and (out.resolve() == source.resolve() or out.resolve() in source.resolve().parents):
         raise InputError(f"-o {out} would overwrite the source {source}, which it is or holds; choose another "
                          "output folder")
+    if out.exists() and not out.is_dir():  # --force replaces an earlier output folder, not some file
+        raise InputError(f"-o {out} is a file, not a folder; choose another -o")
     if out.exists() and not force:
         raise InputError(f"output folder {out} already exists; choose another -o, or pass --force to replace it")
     for parent in [out.parent, *out.parent.parents]:

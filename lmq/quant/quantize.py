@@ -181,6 +181,8 @@ def quantize_model(spec: QuantizeSpec) -> QuantizeReport:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {spec.method!r}")
     if spec.refine_steps < 0:
         raise InputError(f"--refine-steps must be 0 (off) or more, got {spec.refine_steps}")
+    if not 0 <= spec.seed < 2**63:  # torch's generators take 64 bits; Python's shuffle reads -1 as 1
+        raise InputError(f"--seed must be a whole number from 0 to 2**63 - 1, got {spec.seed}")
     if spec.dtype not in ("auto", *DTYPES):
         raise InputError(f"--dtype must be auto, float16 or bfloat16, got {spec.dtype!r}")
     if isinstance(spec.group_size, bool) or spec.group_size not in SUPPORTED_GROUP_SIZES:
