@@ -100,7 +100,7 @@ def prefill_configs() -> None:
 
     torch.manual_seed(0)
     configs = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)]
-    default = pre._GPU_CONFIG[128]
+    default, block_size = pre._GPU_CONFIG[128], ba.BLOCK_SIZE
     for L in (1024, 4096):
         page = 64
         q = torch.randn(L, H, D, device="cuda", dtype=torch.float16)
@@ -130,6 +130,7 @@ def prefill_configs() -> None:
             pre._GPU_CONFIG[128], pre.UNMASKED_TILES = default, True
             print(f"prefill L={L} {kd}: " + ", ".join(cells), flush=True)
             del cache
+    ba.BLOCK_SIZE = block_size
 
 
 def _workload(kd: str, B: int, L: int):

@@ -50,9 +50,12 @@ for dtype, M in itertools.product(args.dtype.split(","), sorted({int(m) for m in
     table = graph_time_us([lambda q=q, s=s, x=x: k.w8a16_matmul(x, q, s) for q, s in qs], calls=20)
     plain = ""
     if dt == torch.float16:  # the same kernel with Triton's conversion (one I2F per code)
-        kv_quant.DEQUANT_ASM = False
-        plain = f", without ASM {graph_time_us([lambda q=q, s=s, x=x: k.w8a16_matmul(x, q, s) for q, s in qs], calls=20):.1f} us"
-        kv_quant.DEQUANT_ASM = True
+        saved, kv_quant.DEQUANT_ASM = kv_quant.DEQUANT_ASM, False
+        try:
+            t = graph_time_us([lambda q=q, s=s, x=x: k.w8a16_matmul(x, q, s) for q, s in qs], calls=20)
+        finally:
+            kv_quant.DEQUANT_ASM = saved
+        plain = f", without ASM {t:.1f} us"
     print(f"{dtype} M={M}: cuBLAS {cublas:.1f} us, int8 {table:.1f} us, x{cublas / table:.2f}, "
           f"{100 * floor_us / table:.0f}% of the floor, rel err vs cuBLAS {err:.1e}{plain}")
     del ws

@@ -1,5 +1,6 @@
 """Offline (no GPU): compile the decode-attention split kernels for sm_90 with Triton's own ptxas and
-count what one K/V tile costs in machine instructions, per KV dtype, at the production config.
+count what one K/V tile costs in machine instructions, per KV dtype, at the production config; then the prefill
+kernel's key-tile loops with and without the unmasked first loop (`attention_prefill.UNMASKED_TILES`).
 
 Prints registers, shared memory, and the instructions of the main loop body (the block that ends in
 the loop's backward branch), by opcode, and per token and KV head (the loop runs 4 warps). The Triton
@@ -81,6 +82,39 @@ def compile_mma(d: int = 128, group: int = 4, page: int = 128, cc: int = 90, pdl
                           options={"num_warps": mma.NUM_WARPS, "launch_pdl": pdl})
 
 
+def compile_prefill(kv_mode: int, unmasked: bool = True, cc: int = 90):
+    """The prefill kernel (attention_prefill) at head dim 128, GQA 4, 64-token blocks, the table's config."""
+    from lmq.kernels import attention_prefill as pre
+
+    block_m, block_n, warps, stages = pre._GPU_CONFIG[128]
+    consts = {"GROUP": 4, "HALF": 64, "BLOCK_DH": 64, "BLOCK_M": block_m, "BLOCK_N": block_n, "PAGE": 64,
+              "KV_MODE": kv_mode, "OFF64": False, "ASM": True, "RAW": kv_mode != 0, "SCALE_P": kv_mode == 1,
+              "TILED": False, "UNMASKED": unmasked}
+    code = "*u8" if kv_mode else "*fp16"
+    ptrs = {"q_ptr": "*fp16", "kc_ptr": code, "vc_ptr": code, "ks_ptr": "*i32", "vs_ptr": "*i32", "bt_ptr": "*i32",
+            "cu_q_ptr": "*i32", "lens_ptr": "*i32", "o_ptr": "*fp16", "tiles_ptr": "*i32"}
+    strides = ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_cb", "stride_ch", "stride_ct", "stride_vb",
+               "stride_vh", "stride_sb", "stride_sh", "stride_btb"]
+    sig = {**ptrs, "qk_scale": "fp32", **{n: "i32" for n in strides}, **{k: "constexpr" for k in consts}}
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in [*ptrs, *strides[:-1]]}
+    return triton.compile(ASTSource(pre._prefill_kernel, sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def loops(text: str) -> list[list[str]]:
+    """Every loop body of a SASS listing (from the target of each backward branch to the branch), in order."""
+    lines = [ln for ln in text.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    out = []
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA\s+.*?0x([0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < addr[i]:
+            out.append([x for a, x in zip(addr, lines) if int(m.group(1), 16) <= a <= addr[i]])
+    return out
+
+
 def cuobjdump(kernel, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -124,6 +158,11 @@ def main() -> None:
                 for mode, name, scale_p in ((0, "fp16", None), (1, "int8", True), (1, "int8", False),
                                             (2, "int4", True), (2, "int4", False))]
     variants.append(("int4 gluon", compile_mma(), 128 // 4))  # each warp runs its own 32 tokens per step
+    for mode, name in ((0, "fp16"), (1, "int8"), (2, "int4")):  # prefill: its two key-tile loops (the longer two)
+        for unmasked in (False, True):
+            body_sizes = sorted(len(b) for b in loops(cuobjdump(compile_prefill(mode, unmasked), "-sass")))[-2:]
+            print(f"prefill {name} UNMASKED={unmasked}: the longest loops {body_sizes} instructions per 64 x 64 "
+                  "tile a warp")
     for name, k, tokens_per_warp in variants:
         regs, body, ops = loop_summary(k)
         print(f"{name}: regs {regs} shared {k.metadata.shared} B, loop body {len(body)} instr/warp/tile "

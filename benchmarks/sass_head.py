@@ -25,7 +25,8 @@ def compile_head(dtype: str, config: tuple, block_m: int, asm: bool, cc: int = 9
     aligned = ["x_ptr", "q_ptr", "s_ptr", "out_ptr", "N", "K", "stride_xm", "stride_qn", "stride_om"]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(ASTSource(_w8a16_kernel, sig, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32), options={"num_warps": warps, "num_stages": stages})
+                          target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
+                          options={"num_warps": warps, "num_stages": stages})
 
 
 def main() -> None:

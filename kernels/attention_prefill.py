@@ -82,11 +82,11 @@ def _prefill_kernel(
         acc_hi = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
         pos_m = prefix + offs_m  # [BLOCK_M] each row's position in the sequence
         end = tl.minimum(kv_len, prefix + m0 + BLOCK_M)  # keys the last row can see
-        # key tiles that every row of the tile sees whole (before the first row's position, inside the
-        # sequence) take no masks; the rest, the diagonal and a sequence's last partial tile, do
+        # key tiles that every row of the tile sees whole (up to the first row's position, which is inside the
+        # sequence: m0 < q_len) take no masks; the rest, the diagonal and a sequence's last partial tile, do
         full_end = 0
         if UNMASKED:
-            full_end = tl.minimum((prefix + m0 + 1) // BLOCK_N, kv_len // BLOCK_N) * BLOCK_N
+            full_end = (prefix + m0 + 1) // BLOCK_N * BLOCK_N
         bt_row = bt_ptr + b.to(tl.int64) * stride_btb
         for n0 in range(0, full_end, BLOCK_N):
             mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(

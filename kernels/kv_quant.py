@@ -164,19 +164,22 @@ DEQUANT_ASM = True
 
 # int8: bytes b0..b3 -> fp16 pairs (1024 + b0, 1024 + b1), (1024 + b2, 1024 + b3) by placing 0x64
 # above each byte (prmt). The attention kernels keep the 1024 offset (see `attend_tile`); the exact
-# variant subtracts it with one f16x2 subtraction per pair.
-_ASM_INT8_RAW = tl.constexpr("""{
-prmt.b32 $0, $2, 0x64646464, 0x4140;
-prmt.b32 $1, $2, 0x64646464, 0x4342;
-}""")
-_ASM_INT8 = tl.constexpr("""{
-.reg .b32 m;
-mov.b32 m, 0x64006400;
-prmt.b32 $0, $2, 0x64646464, 0x4140;
-prmt.b32 $1, $2, 0x64646464, 0x4342;
-sub.f16x2 $0, $0, m;
-sub.f16x2 $1, $1, m;
-}""")
+# variant subtracts it with one f16x2 subtraction per pair. Signed bytes (two's complement, the int8 LM
+# head's codes) go to offset binary first (xor 0x80: q + 128), and 1152 comes off.
+def _bytes_to_f16_asm(signed: bool, exact: bool) -> str:
+    """PTX for four bytes of $2 -> fp16 pairs $0 (bytes 0, 1) and $1 (bytes 2, 3), low byte in the low half."""
+    src = "u" if signed else "$2"
+    lines = [".reg .b32 u, m;", "xor.b32 u, $2, 0x80808080;" if signed else "",
+             f"prmt.b32 $0, {src}, 0x64646464, 0x4140;", f"prmt.b32 $1, {src}, 0x64646464, 0x4342;"]
+    if exact:
+        lines += [f"mov.b32 m, {'0x64806480' if signed else '0x64006400'};", "sub.f16x2 $0, $0, m;",
+                  "sub.f16x2 $1, $1, m;"]
+    return "{\n" + "\n".join(ln for ln in lines if ln) + "\n}"
+
+
+_ASM_INT8_RAW = tl.constexpr(_bytes_to_f16_asm(signed=False, exact=False))
+_ASM_INT8 = tl.constexpr(_bytes_to_f16_asm(signed=False, exact=True))
+_ASM_S8 = tl.constexpr(_bytes_to_f16_asm(signed=True, exact=True))
 
 # int4: bytes b0..b3 -> low nibbles ($0, $1) and high nibbles ($2, $3) as fp16 pairs. Spread the
 # bytes to one per 16-bit lane (prmt), then (x & 0x000F000F) | 0x6400.. = 1024 + lo and
@@ -220,6 +223,13 @@ def codes_to_f16(c, ASM: tl.constexpr, RAW: tl.constexpr):
     if RAW:
         return x
     return x - 1024.0
+
+
+@triton.jit
+def signed_codes_to_f16(w):
+    """int8 codes (-128..127) -> fp16, exactly, without int->float instructions (GPU only: inline assembly).
+    Triton's own int8 -> fp16 takes one I2F per code, which the SM runs at 16 a clock (the int8 LM head's kernel)."""
+    return tl.inline_asm_elementwise(_ASM_S8, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
 
 
 @triton.jit

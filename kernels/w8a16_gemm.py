@@ -10,10 +10,11 @@ fp16 head at load time: no new checkpoint format.
 Shapes: x fp16 / bf16 `[M, K]` (rows contiguous), q int8 `[N, K]` (row-major), s fp32 `[N]`; out fp32 `[M, N]`
 (the engine samples from fp32 logits). Program (n, m) computes a [BLOCK_M, BLOCK_N] tile with tl.dot on
 [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles, the int8 codes converted to the activations' dtype (exact: |q| <= 127
-fits fp16's and bf16's significands; see `_codes_to`); rows past M are masked, so M=1 runs 16-row tiles with 15 empty. That beat a
-CUDA-core GEMV form at M=1 (H100: 181.2 against 201.5 us, batch-1 TPOT 2.34 against 2.35-2.37 ms;
-results/2026-11-23-session16-h100/m1-call/), which was removed. The row scale is applied once to the finished sums. No split-K: a head has tens of thousands of rows, so N alone
-fills the GPU (the launcher refuses N < 1024 with a clear error instead of running a slow shape).
+fits fp16's and bf16's significands; see `_codes_to`); rows past M are masked, so M=1 runs 16-row tiles with 15
+empty. That beat a CUDA-core GEMV form at M=1 (H100: 181.2 against 201.5 us, batch-1 TPOT 2.34 against 2.35-2.37 ms;
+results/2026-11-23-session16-h100/m1-call/), which was removed. The row scale is applied once to the finished sums.
+No split-K: a head has tens of thousands of rows, so N alone fills the GPU (the launcher refuses N < 1024 with a clear
+error instead of running a slow shape).
 
 `w8a16_matmul_ref` is the plain-PyTorch twin (fp32 math).
 """
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from lmq.kernels import cdiv, cuda_capability, next_pow2
-from lmq.kernels.kv_quant import use_asm
+from lmq.kernels.kv_quant import signed_codes_to_f16, use_asm
 from lmq.kernels.launch import DirectLaunch
 
 from lmq.errors import ShapeError
@@ -32,28 +33,16 @@ from lmq.quant.rows import dequantize_rows
 
 MIN_N = 1024  # fewer rows than this do not fill a GPU without split-K: not what this kernel is for
 
-# int8 -> fp16 without int->float instructions: four codes of a 32-bit word to offset binary (xor 0x80: u = q + 128),
-# each byte under 0x64 (prmt) reads as the fp16 1024 + u, minus 1152 (0x6480) in f16x2 is q, exactly; five
-# instructions for four codes. Triton converts int8 -> fp16 with one I2F per code, a conversion the SM runs at 16 a
-# clock (an eighth of its fp32 rate): offline SASS for sm_90 at DOT_CONFIG, 633 instructions per 128 codes a thread
-# with 128 I2F, against 410 with none here. int8 -> bf16 Triton already does with integer and f16x2 instructions
-# (506, no I2F), so bf16 keeps it.
-_ASM_S8_F16 = tl.constexpr("""{
-.reg .b32 u, m;
-mov.b32 m, 0x64806480;
-xor.b32 u, $2, 0x80808080;
-prmt.b32 $0, u, 0x64646464, 0x4140;
-prmt.b32 $1, u, 0x64646464, 0x4342;
-sub.f16x2 $0, $0, m;
-sub.f16x2 $1, $1, m;
-}""")
-
-
+# int8 -> fp16 without int->float instructions (`kv_quant.signed_codes_to_f16`: offset binary under 0x64, minus 1152
+# in f16x2, exact; five instructions for four codes). Triton converts int8 -> fp16 with one I2F per code, a conversion
+# the SM runs at 16 a clock (an eighth of its fp32 rate): offline SASS for sm_90 at DOT_CONFIG
+# (benchmarks/sass_head.py), 633 instructions per 128 codes a thread with 128 I2F, against 410 with none. int8 -> bf16
+# Triton already does with integer and f16x2 instructions (506, no I2F), so bf16 keeps it.
 @triton.jit
 def _codes_to(w, dt: tl.constexpr, ASM: tl.constexpr):
-    """int8 codes -> `dt` (exact): the assembly above for fp16 on a GPU, else Triton's conversion."""
+    """int8 codes -> `dt` (exact): the assembly for fp16 on a GPU, else Triton's conversion."""
     if ASM:
-        return tl.inline_asm_elementwise(_ASM_S8_F16, "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+        return signed_codes_to_f16(w)
     return w.to(dt)
 
 

@@ -362,6 +362,36 @@ def test_prefill_matches_ref(device, kv_dtype, head_dim):
 
 
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
+def test_prefill_unmasked_key_tiles_at_their_edges(device, kv_dtype):
+    """Query tiles whose first row sits just before, on and just after a key-tile edge (prefixes 12..17, three new
+    rows each; 16-token key tiles on the CPU): the unmasked loop takes exactly the tiles every row sees whole (a bound
+    one token too far fails here)."""
+    _check_prefill(device, kv_dtype, 64, q_lens=[3] * 6 + [40], prefix_lens=[12, 13, 14, 15, 16, 17, 14],
+                   num_heads=2, num_kv_heads=1)
+
+
+@pytest.mark.parametrize("kv_dtype", CPU_KV)
+def test_prefill_unmasked_key_tiles_change_nothing(device, kv_dtype, monkeypatch):
+    """`UNMASKED_TILES` on and off give the same output (bit for bit under the interpreter), with key tiles smaller
+    than the cache's blocks (64-token blocks)."""
+    import lmq.kernels.attention_prefill as pre
+
+    q_lens, prefix_lens = [70, 5, 33], [0, 90, 31]
+    lens = [n + p for n, p in zip(q_lens, prefix_lens)]
+    cache, tables, seq_lens, _ = make_paged(kv_dtype, lens, 2, 64, device, block_size=64)
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
+    q = torch.randn(sum(q_lens), 4, 64, device=device).to(act_dtype(kv_dtype))
+    outs = []
+    for unmasked in (True, False):
+        monkeypatch.setattr(pre, "UNMASKED_TILES", unmasked)
+        outs.append(prefill_attention(q, cache, tables, cu, seq_lens))
+    if device == "cpu":
+        assert torch.equal(outs[0], outs[1])
+    else:
+        assert rel_err(outs[0], outs[1]) < 1e-3
+
+
+@pytest.mark.parametrize("kv_dtype", CPU_KV)
 def test_prefill_through_a_tile_map(device, kv_dtype):
     """Programs take their (sequence, query tile) from a map, spare entries past every sequence's rows: the same
     attention (every row written once: the output starts as NaN)."""

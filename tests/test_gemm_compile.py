@@ -68,21 +68,22 @@ def compile_all(arch: str, dt: str) -> None:
                    "cos_ptr": "*fp32", "sin_ptr": "*fp32"}, pdl)
 
 
-def compile_head(arch: str, dt: str) -> None:
+def compile_int8_head(arch: str, dt: str) -> None:
     """The int8 LM head kernel at the configs its launcher picks on `arch`, within the arch's shared memory per
     block; fp16 with the inline-assembly conversion too, whose loop must hold no I2F (the point of it)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from lmq.kernels.w8a16_gemm import DOT_CONFIG, DOT_CONFIG_WIDE, SMALL_SMEM
     from sass_attention import loop_summary
-    from sass_head import compile_head as build
+    from sass_head import compile_head
 
     cc = int(arch[2:])
     smem = {75: 64, 80: 163, 86: 99, 89: 99, 90: 227}[cc] * 1024
     configs = ((DOT_CONFIG, 16), (DOT_CONFIG_WIDE, 64)) if cc in (80, 90) else ((SMALL_SMEM["dot"], 16),
                                                                                  (SMALL_SMEM["wide"], 64))
+    configs = (*configs, (configs[1][0], 32))  # M = 17..32 runs the wide config on 32-row tiles
     for config, block_m in configs:
         for asm in (False, True) if dt == "fp16" else (False,):
-            k = build(dt, config, block_m, asm, cc)
+            k = compile_head(dt, config, block_m, asm, cc)
             assert k.asm["cubin"] and k.metadata.shared <= smem, (config, k.metadata.shared)
             if asm:
                 _, body, ops = loop_summary(k)
@@ -207,4 +208,4 @@ if __name__ == "__main__":
         compile_attention(sys.argv[2])
     else:
         compile_all(sys.argv[1], sys.argv[2])
-        compile_head(sys.argv[1], sys.argv[2])
+        compile_int8_head(sys.argv[1], sys.argv[2])

@@ -51,18 +51,23 @@ def test_w8a16_matches_ref(device, M, N, K, dtype):
     assert err < 1e-5, err
 
 
+@pytest.mark.parametrize("M", [1, 20])  # the 16-row dot config and the wide one
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_w8a16_converts_every_code_exactly(device, dtype):
-    """All 256 int8 codes (-128 too, which quantize_rows never makes) through the kernel's conversion: one-hot
-    activation rows pick single codes, so the products are exact and so must the output be."""
+def test_w8a16_converts_every_code_exactly(device, dtype, M):
+    """All 256 int8 codes (-128 too, which quantize_rows never makes) through the kernel's conversion (on a GPU with
+    fp16 activations: the inline assembly): one-hot activation rows pick single codes, so the products are exact
+    and so must the output be."""
+    from lmq.kernels.kv_quant import use_asm
+
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the interpreter computes bf16 dots on raw bits (TRITON-CPU.md); this runs on the GPU")
     N, K = 1024, 256
     q = ((torch.arange(N)[:, None] + torch.arange(K)[None, :]) % 256 - 128).to(torch.int8)  # each column: all codes
     s = torch.full((N,), 0.5)
-    x = torch.eye(K)[::13].to(dtype)  # 20 rows, one 1 each
-    out = w8a16_matmul(x.to(device), q.to(device), s.to(device)).cpu()
-    assert torch.equal(out, q[:, ::13].t().float() * 0.5)
+    x = torch.eye(K)[::13][:M].to(dtype).to(device)  # one 1 a row
+    assert use_asm(x) == (device != "cpu")  # the assembly runs wherever a GPU does
+    out = w8a16_matmul(x, q.to(device), s.to(device)).cpu()
+    assert torch.equal(out, q[:, ::13][:, :M].t().float() * 0.5)
 
 
 def test_w8a16_refuses_bad_inputs():
