@@ -145,6 +145,21 @@ def opcode(ln: str) -> str:
     return ins.split()[0].split(".")[0] if ins.split() else "?"
 
 
+def dump_if_asked(name: str, body: list[str]) -> None:
+    """Print a loop body when the command line says `--dump NAME`."""
+    if "--dump" in sys.argv and sys.argv[sys.argv.index("--dump") + 1] == name:
+        print("\n".join(body))
+
+
+def report(label: str, k, per: float, unit: str, dump_key: str, top: int = 18) -> None:
+    """One line for a compiled kernel's main loop: registers, shared memory, instructions (also per `unit`, the
+    loop holding `per` of them), its commonest opcodes; the body itself with `--dump dump_key`."""
+    regs, body, ops = loop_summary(k)
+    print(f"{label}: regs {regs}, shared {k.metadata.shared} B, loop {len(body)} instructions ({len(body) / per:.2f} "
+          f"per {unit}): " + " ".join(f"{o}:{c}" for o, c in ops.most_common(top)))
+    dump_if_asked(dump_key, body)
+
+
 def loop_summary(k) -> tuple[str, list[str], collections.Counter]:
     """(registers, main loop body, its opcodes counted) of a compiled kernel."""
     body = loop_body(cuobjdump(k, "-sass"))
@@ -163,13 +178,8 @@ def main() -> None:
             body_sizes = sorted(len(b) for b in loops(cuobjdump(compile_prefill(mode, unmasked), "-sass")))[-2:]
             print(f"prefill {name} UNMASKED={unmasked}: the longest loops {body_sizes} instructions per 64 x 64 "
                   "tile a warp")
-    for name, k, tokens_per_warp in variants:
-        regs, body, ops = loop_summary(k)
-        print(f"{name}: regs {regs} shared {k.metadata.shared} B, loop body {len(body)} instr/warp/tile "
-              f"({len(body) / tokens_per_warp:.2f} per token and KV head): "
-              + " ".join(f"{o}:{c}" for o, c in ops.most_common(18)))
-        if "--dump" in sys.argv and sys.argv[sys.argv.index("--dump") + 1] == name:
-            print("\n".join(body))
+    for name, k, tokens_per_warp in variants:  # the loop: one tile per warp
+        report(name, k, tokens_per_warp, "token and KV head", name)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,9 @@ Usage: python benchmarks/sass_head.py [--dump fp16|bf16]   (run without TRITON_I
 
 from __future__ import annotations
 
-import sys
-
 import triton
 from lmq.kernels.w8a16_gemm import DOT_CONFIG, DOT_CONFIG_WIDE, _w8a16_kernel
-from sass_attention import loop_summary
+from sass_attention import report
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -33,14 +31,9 @@ def main() -> None:
     for dtype in ("fp16", "bf16"):
         for config, block_m in ((DOT_CONFIG, 16), (DOT_CONFIG_WIDE, 64)):
             for asm in (False, True) if dtype == "fp16" else (False,):
-                k = compile_head(dtype, config, block_m, asm)
-                regs, body, ops = loop_summary(k)
-                codes = config[0] * config[1] // (32 * config[2])
-                print(f"{dtype} {config} BLOCK_M={block_m} ASM={asm}: regs {regs}, shared {k.metadata.shared} B, loop "
-                      f"{len(body)} instructions per {codes} codes a thread ({len(body) / codes:.2f} each): "
-                      + " ".join(f"{o}:{c}" for o, c in ops.most_common(12)))
-                if "--dump" in sys.argv and sys.argv[sys.argv.index("--dump") + 1] == dtype:
-                    print("\n".join(body))
+                codes = config[0] * config[1] // (32 * config[2])  # a thread's per K tile
+                report(f"{dtype} {config} BLOCK_M={block_m} ASM={asm}", compile_head(dtype, config, block_m, asm),
+                       codes, f"code ({codes} a thread a K tile)", dtype, top=12)
 
 
 if __name__ == "__main__":
