@@ -25,6 +25,12 @@ def _num(v, fmt: str = ".4g") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
+def errors_measured(layers: list[dict]) -> bool:
+    """Whether any layer holds a measured output error (RTN quantization measures none: no calibration data)."""
+    return any(isinstance(v, (int, float)) and not math.isnan(v)
+               for s in layers for v in (s.get("rtn_err"), s.get("scaled_err"), s.get("awq_err")))
+
+
 def layer_table(layers: list[dict], title: str) -> Table:
     t = Table(title=title)
     for col in ("layer", "RTN err", "AWQ+RTN err", "AWQ err", "AWQ/RTN", "ratios (norm/linear -> r)", "s"):
@@ -44,7 +50,7 @@ def quantize_table(report) -> None:
     from dataclasses import asdict
 
     layers = [asdict(s) for s in report.layers]
-    if any(s["rtn_err"] == s["rtn_err"] for s in layers):  # some error was measured (not NaN)
+    if errors_measured(layers):
         out.print(layer_table(layers, "per-layer output error (MSE on calibration samples)"))
     t = Table(title=f"wrote {report.out}")
     for col in ("bytes in", "bytes out", "ratio", "time"):
@@ -83,8 +89,11 @@ def inspect_table(info) -> None:
     for k, v in rows:
         t.add_row(k, v)
     out.print(t)
-    if info.layers:
+    if info.layers and errors_measured(info.layers):
         out.print(layer_table(info.layers, "per-layer output error recorded at quantization"))
+    elif info.layers:
+        out.print(f"per-layer output error: none recorded ({len(info.layers)} layers quantized without calibration "
+                  "data, e.g. --method rtn)", highlight=False, markup=False)
 
 
 def ppl_table(r) -> None:

@@ -244,3 +244,17 @@ def test_inspect_of_a_packed_checkpoint_shows_its_sources_layer_errors(smollm2_r
     api.pack_checkpoint(smollm2_rtn, tmp_path / "p", "sm80")
     portable, packed = inspect_checkpoint(str(smollm2_rtn)), inspect_checkpoint(str(tmp_path / "p"))
     assert portable.layers and packed.layers == portable.layers and packed.kind == "packed"
+
+
+def test_inspect_of_an_rtn_checkpoint_says_no_layer_errors_were_recorded(smollm2_rtn):
+    """RTN measures no per-layer error (no calibration data): `lmq inspect` says so in one line instead of a table of
+    dashes."""
+    from lmq.console import out
+    from lmq.inspect import inspect_checkpoint
+    from lmq.render import inspect_table
+
+    info = inspect_checkpoint(str(smollm2_rtn))
+    with out.capture() as cap:
+        inspect_table(info)
+    text = cap.get()
+    assert f"none recorded ({len(info.layers)} layers" in text and "AWQ err" not in text
