@@ -514,3 +514,17 @@ def test_bad_cache_max_memory_is_refused_before_the_weights_load(tmp_path, monke
     monkeypatch.setattr(llm_mod, "EngineModel", lambda *a, **k: pytest.fail("the weights were loaded"))
     with pytest.raises(InputError, match="--cache-max-memory '10XB'"):
         LLM(str(tmp_path / "never-read"), device="cpu", cache_max_memory="10XB")
+
+
+def test_max_model_len_past_the_context_is_refused_before_the_weights_load(smollm2_rtn, monkeypatch):
+    """The context check reads config.json only: the weights are never loaded for a --max-model-len the model
+    cannot hold (it was refused after a load of the whole checkpoint)."""
+    import lmq.engine.llm as llm_module
+
+    class NoLoad:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(llm_module, "EngineModel", NoLoad)
+    with pytest.raises(InputError, match="exceeds the model's context of 8192 tokens; give 8192 or less"):
+        LLM(str(smollm2_rtn), device="cpu", max_model_len=100_000)

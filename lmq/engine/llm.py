@@ -36,6 +36,8 @@ from lmq.engine.scheduler import Scheduler, Span, Step
 from lmq.engine.sequence import RequestOutput, Sequence, Status
 from lmq.errors import InputError
 from lmq.evaluate import pick_device
+from lmq.format.source import read_config_json, resolve_model_path
+from lmq.models.llama import ModelConfig
 
 CPU_CACHE_BYTES = 1 << 30  # the torch backend on CPU: 1 GiB of KV cache unless told otherwise
 ACTIVATION_SLACK_BYTES = 1 << 30  # GPU memory left free for activations, graphs and the allocator
@@ -67,6 +69,12 @@ class _Launched:
     done: torch.cuda.Event | None
 
 
+def _check_max_model_len(max_model_len: int | None, cfg: ModelConfig) -> None:
+    if max_model_len is not None and max_model_len > cfg.context:
+        raise InputError(f"--max-model-len {max_model_len} exceeds the model's context of {cfg.context} tokens; "
+                         f"give {cfg.context} or less")
+
+
 class LLM:
     """A 4-bit model served by lmq's engine on one device."""
 
@@ -95,16 +103,17 @@ class LLM:
             self.model, dev = model, model.device
         else:
             dev = pick_device(device)
-            self.model = EngineModel(model, dev, backend, dtype, deterministic, lm_head)
+            folder = resolve_model_path(str(model))
+            if max_model_len is not None and (folder / "config.json").is_file():  # refused before the weights load
+                _check_max_model_len(max_model_len, ModelConfig.from_hf(read_config_json(folder, InputError(""))))
+            self.model = EngineModel(folder, dev, backend, dtype, deterministic, lm_head)
         # a synthetic model (random weights, `EngineModel.synthetic`) has no tokenizer: token ids only
         self.path = self.model.src.path if self.model.src is not None else None
         self.tokenizer = load_tokenizer(self.path) if self.path else None
         self.eos_ids = eos_token_ids(self.path, self.tokenizer) if self.path else set()
         cfg = self.model.cfg
-        limit = cfg.context
-        if max_model_len is not None and max_model_len > limit:
-            raise InputError(f"--max-model-len {max_model_len} exceeds the model's context of {limit} tokens")
-        self.max_model_len = max_model_len or limit
+        _check_max_model_len(max_model_len, cfg)
+        self.max_model_len = max_model_len or cfg.context
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.model.dtype)
         spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, block_size)
         if budget is None and dev.type == "cuda":
