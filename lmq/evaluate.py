@@ -201,6 +201,23 @@ def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: int | None
                      seqlen=seqlen, kv_dtype=kv_dtype, seconds=time.time() - t0, lm_head=lm_head)
 
 
+def check_same_tokenizer(model_path: Path, ref_path: Path) -> None:
+    """KL divergence compares the two models' distributions id by id: a reference whose tokenizer maps tokens to other
+    ids (same vocabulary size, another model) would give a number about nothing. Checked where both have one (the
+    windows are the reference's tokens)."""
+    from lmq.format.source import has_tokenizer, load_tokenizer
+
+    if not (has_tokenizer(model_path) and has_tokenizer(ref_path)):
+        return
+    mine, theirs = load_tokenizer(model_path).get_vocab(), load_tokenizer(ref_path).get_vocab()
+    if mine != theirs:
+        token = next((t for t, i in mine.items() if theirs.get(t) != i), None) \
+            or next(t for t in theirs if t not in mine)
+        raise InputError(f"{model_path} and reference {ref_path} have different tokenizers (token {token!r} is id "
+                         f"{mine.get(token)} in one and {theirs.get(token)} in the other): KL divergence compares the "
+                         "same token ids; give the reference the model was quantized from")
+
+
 def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_windows: int | None = None,
                   device: str = "auto", kv_dtype: str = "fp16", batch_size: int = 1,
                   lm_head: str = "auto") -> KldResult:
@@ -212,6 +229,7 @@ def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_
     if ref.cfg.vocab_size != model.cfg.vocab_size:
         raise InputError(f"{path} (vocab {model.cfg.vocab_size}) and reference {reference} "
                          f"(vocab {ref.cfg.vocab_size}) are not the same model family")
+    check_same_tokenizer(model.src.path, ref.src.path)
     check_seqlen(ref, seqlen)
     check_seqlen(model, seqlen)
     ids = windows(ref.src.path, data, seqlen, max_windows)

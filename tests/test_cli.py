@@ -376,6 +376,25 @@ def test_eval_kld_warns_about_a_quantized_reference(smollm2, smollm2_rtn, wiki_f
     assert res.exit_code == 0 and "warning" not in res.stderr, (res.output, res.exception)
 
 
+def test_eval_kld_refuses_a_reference_with_another_tokenizer(tmp_path, tiny_model, wiki_file):
+    """Same vocabulary size, tokens at other ids (two swapped): the KL divergence would compare unrelated
+    distributions, so it is refused, naming a token that differs; the model against itself is measured."""
+    import shutil
+
+    ref = tmp_path / "ref"
+    shutil.copytree(tiny_model, ref)
+    tok = json.loads((ref / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = tok["model"]["vocab"]
+    a, b = next(t for t, i in vocab.items() if i == 1000), next(t for t, i in vocab.items() if i == 1001)
+    vocab[a], vocab[b] = 1001, 1000
+    (ref / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+    args = ("--data", wiki_file, "--seqlen", "32", "--max-windows", "1", "--device", "cpu")
+    assert_error(lmq("eval", "kld", tiny_model, "--reference", ref, *args), "have different tokenizers",
+                 "give the reference the model was quantized from")
+    res = lmq("eval", "kld", tiny_model, "--reference", tiny_model, *args)
+    assert res.exit_code == 0, (res.output, res.exception)
+
+
 def test_calib_seqlen_past_the_context_is_warned_before_calibration(tmp_path, tiny_model, calib_file):
     cfg = json.loads((tiny_model / "config.json").read_text())
     cfg["max_position_embeddings"] = 64
