@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lmq.errors import InputError
+from lmq.errors import CheckpointError, InputError
 from lmq.format.manifest import quantization_manifest
 from lmq.format.source import WeightSource
 
@@ -25,6 +25,7 @@ class Inspection:
     params: int
     bits_per_weight: Optional[float]
     layers: list[dict] = field(default_factory=list)
+    problem: str | None = None  # what quantize / eval / chat / pack would refuse it for (WeightSource.check_shapes)
 
     def to_json(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -58,9 +59,14 @@ def inspect_checkpoint(path: str) -> Inspection:
             params += n
     bpw = q_bytes * 8 / q_params if q_params else None
     params += q_params
+    try:  # a missing tensor or a config.json that does not match: shown, as the other commands would refuse it
+        src.check_shapes()
+        problem = None
+    except CheckpointError as e:
+        problem = str(e)
     return Inspection(
         path=str(p), model_type=cfg.model_type, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         kind=kind, quantization=src.config.get("quantization_config"), manifest=m,
         weight_bytes=src.weight_bytes(), quantized_linears=q_count, params=params,
-        bits_per_weight=bpw, layers=quantization_manifest(m or {}).get("layers", []),
+        bits_per_weight=bpw, layers=quantization_manifest(m or {}).get("layers", []), problem=problem,
     )

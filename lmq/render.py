@@ -8,7 +8,7 @@ import sys
 
 from rich.table import Table
 
-from lmq.console import out
+from lmq.console import out, warn
 
 
 def print_json(data) -> None:
@@ -89,6 +89,8 @@ def inspect_table(info) -> None:
     for k, v in rows:
         t.add_row(k, v)
     out.print(t)
+    if info.problem:
+        warn(f"{info.problem} (quantize, eval, chat and pack refuse it)")
     if info.layers and errors_measured(info.layers):
         out.print(layer_table(info.layers, "per-layer output error recorded at quantization"))
     elif info.layers:

@@ -363,6 +363,20 @@ def test_config_that_does_not_match_its_weights_is_refused(tmp_path, tiny_model,
     assert not (tmp_path / "out").exists()
 
 
+def test_inspect_shows_what_the_other_commands_would_refuse(tiny_model):
+    """A config.json that does not match the tensors: `lmq inspect` still describes the folder, and warns with the
+    reason quantize / eval / chat / pack give (it said nothing)."""
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    cfg["intermediate_size"] = 2048
+    (tiny_model / "config.json").write_text(json.dumps(cfg))
+    res = lmq("inspect", tiny_model)
+    assert res.exit_code == 0, (res.output, res.exception)
+    err = " ".join(res.stderr.split())
+    assert "warning:" in err and "mlp.gate_proj.weight is" in err and "quantize, eval, chat and pack refuse it" in err
+    res = lmq("inspect", tiny_model, "--json")
+    assert res.exit_code == 0 and "mlp.gate_proj.weight is" in json.loads(res.stdout)["problem"]
+
+
 def test_eval_kld_warns_about_a_quantized_reference(smollm2, smollm2_rtn, wiki_file):
     """The reference is meant to be the float model: a 4-bit one is measured, with a warning naming the float
     model the manifest records; the float reference gives no warning."""
