@@ -180,7 +180,7 @@ def test_pack_cli(tmp_path):
     manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
     info = SimpleNamespace(path=tmp_path / "p", kind="packed", model_type="llama", num_layers=1, hidden_size=64,
                            params=1e6, weight_bytes=1e6, quantized_linears=7, bits_per_weight=4.25, quantization=None,
-                           manifest=manifest, layers=None)
+                           manifest=manifest, layers=None, problem=None)
     with console.capture() as cap:
         render.inspect_table(info)
     text = " ".join(cap.get().split())
