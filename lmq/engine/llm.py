@@ -36,8 +36,7 @@ from lmq.engine.scheduler import Scheduler, Span, Step
 from lmq.engine.sequence import RequestOutput, Sequence, Status
 from lmq.errors import InputError
 from lmq.evaluate import pick_device
-from lmq.format.source import read_config_json, resolve_model_path
-from lmq.models.llama import ModelConfig
+from lmq.format.source import WeightSource, resolve_model_path
 
 CPU_CACHE_BYTES = 1 << 30  # the torch backend on CPU: 1 GiB of KV cache unless told otherwise
 ACTIVATION_SLACK_BYTES = 1 << 30  # GPU memory left free for activations, graphs and the allocator
@@ -69,12 +68,6 @@ class _Launched:
     done: torch.cuda.Event | None
 
 
-def _check_max_model_len(max_model_len: int | None, cfg: ModelConfig) -> None:
-    if max_model_len is not None and max_model_len > cfg.context:
-        raise InputError(f"--max-model-len {max_model_len} exceeds the model's context of {cfg.context} tokens; "
-                         f"give {cfg.context} or less")
-
-
 class LLM:
     """A 4-bit model served by lmq's engine on one device."""
 
@@ -100,19 +93,19 @@ class LLM:
                 raise InputError("deterministic=True needs a model loaded that way: EngineModel(..., deterministic=True)")
             if lm_head != "auto" and lm_head != model.lm_head_mode:
                 raise InputError(f"lm_head={lm_head!r} needs a model loaded that way: EngineModel(..., lm_head=...)")
-            self.model, dev = model, model.device
+            source, cfg, dev = None, model.cfg, model.device
         else:
             dev = pick_device(device)
-            folder = resolve_model_path(str(model))
-            if max_model_len is not None and (folder / "config.json").is_file():  # refused before the weights load
-                _check_max_model_len(max_model_len, ModelConfig.from_hf(read_config_json(folder, InputError(""))))
-            self.model = EngineModel(folder, dev, backend, dtype, deterministic, lm_head)
+            source = WeightSource(resolve_model_path(str(model)))  # config.json only: the weights load below
+            cfg = source.cfg
+        if max_model_len is not None and max_model_len > cfg.context:  # before the weights load
+            raise InputError(f"--max-model-len {max_model_len} exceeds the model's context of {cfg.context} tokens; "
+                             f"give {cfg.context} or less")
+        self.model = model if source is None else EngineModel(source, dev, backend, dtype, deterministic, lm_head)
         # a synthetic model (random weights, `EngineModel.synthetic`) has no tokenizer: token ids only
         self.path = self.model.src.path if self.model.src is not None else None
         self.tokenizer = load_tokenizer(self.path) if self.path else None
         self.eos_ids = eos_token_ids(self.path, self.tokenizer) if self.path else set()
-        cfg = self.model.cfg
-        _check_max_model_len(max_model_len, cfg)
         self.max_model_len = max_model_len or cfg.context
         self.kv_dtype = resolve_kv_dtype(kv_dtype, self.model.dtype)
         spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, block_size)

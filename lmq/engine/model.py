@@ -118,14 +118,14 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 class EngineModel:
     """All weights of a 4-bit checkpoint on one device, and the forward of one engine step."""
 
-    def __init__(self, path: str | Path, device: torch.device, backend: str = "auto", dtype: str | None = None,
-                 deterministic: bool = False, lm_head: str = "auto"):
+    def __init__(self, path: str | Path | WeightSource, device: torch.device, backend: str = "auto",
+                 dtype: str | None = None, deterministic: bool = False, lm_head: str = "auto"):
         from lmq.pack.api import load_linears
 
         check_lm_head(lm_head)  # before minutes of loading
         self.device, self.deterministic = device, deterministic
         self.backend = backend = _resolve_backend(backend, device)
-        self.src = src = WeightSource(resolve_model_path(str(path)))
+        self.src = src = path if isinstance(path, WeightSource) else WeightSource(resolve_model_path(str(path)))
         self.cfg: ModelConfig = src.cfg  # an unsupported model is refused first
         if src.quant is None:
             raise InputError(f"{src.path} is not a 4-bit checkpoint (no quantization_config); make one first: "
