@@ -132,14 +132,15 @@ def warn_quantized_reference(ref: DenseModel, reference: str) -> None:
         f"to a quantized model, not to the float one; for what quantization cost, pass {fix}")
 
 
-def windows(model_path: Path, data: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
-    """Token windows `[W, seqlen]` of the text file `data`, tokenized with the model's tokenizer."""
+def windows(model_path: Path, data: str, seqlen: int, max_windows: int | None, tok=None) -> torch.Tensor:
+    """Token windows `[W, seqlen]` of the text file `data`, tokenized with the model's tokenizer (`tok`: that
+    tokenizer, already loaded)."""
     p = check_data(data, seqlen, max_windows)
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{data} is not UTF-8 text ({e}); give a text file such as wikitext-2's wiki.test.raw") from e
-    tok = load_tokenizer(model_path)
+    tok = tok or load_tokenizer(model_path)
     tok.model_max_length = 1 << 62  # the text is tokenized whole, then cut into windows
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     n = ids.numel() // seqlen
@@ -201,15 +202,15 @@ def perplexity(path: str, data: str, seqlen: int = 1024, max_windows: int | None
                      seqlen=seqlen, kv_dtype=kv_dtype, seconds=time.time() - t0, lm_head=lm_head)
 
 
-def check_same_tokenizer(model_path: Path, ref_path: Path) -> None:
-    """KL divergence compares the two models' distributions id by id: a reference whose tokenizer maps tokens to other
-    ids (same vocabulary size, another model) would give a number about nothing. Checked where both have one (the
-    windows are the reference's tokens)."""
-    from lmq.format.source import has_tokenizer, load_tokenizer
+def check_same_tokenizer(model_path: Path, ref_path: Path, ref_tok) -> None:
+    """KL divergence compares the two models' distributions id by id: a reference whose tokenizer (`ref_tok`) maps
+    tokens to other ids (same vocabulary size, another model) would give a number about nothing. Checked where the
+    model has a tokenizer too (the windows are the reference's tokens)."""
+    from lmq.format.source import has_tokenizer
 
-    if not (has_tokenizer(model_path) and has_tokenizer(ref_path)):
+    if not has_tokenizer(model_path):
         return
-    mine, theirs = load_tokenizer(model_path).get_vocab(), load_tokenizer(ref_path).get_vocab()
+    mine, theirs = load_tokenizer(model_path).get_vocab(), ref_tok.get_vocab()
     if mine != theirs:
         token = next((t for t, i in mine.items() if theirs.get(t) != i), None) \
             or next(t for t in theirs if t not in mine)
@@ -229,10 +230,11 @@ def kl_divergence(path: str, reference: str, data: str, seqlen: int = 1024, max_
     if ref.cfg.vocab_size != model.cfg.vocab_size:
         raise InputError(f"{path} (vocab {model.cfg.vocab_size}) and reference {reference} "
                          f"(vocab {ref.cfg.vocab_size}) are not the same model family")
-    check_same_tokenizer(model.src.path, ref.src.path)
+    ref_tok = load_tokenizer(ref.src.path)
+    check_same_tokenizer(model.src.path, ref.src.path, ref_tok)
     check_seqlen(ref, seqlen)
     check_seqlen(model, seqlen)
-    ids = windows(ref.src.path, data, seqlen, max_windows)
+    ids = windows(ref.src.path, data, seqlen, max_windows, ref_tok)
     kld = agree = nll_q = nll_r = 0.0
     count = 0
     with progress() as bar:
