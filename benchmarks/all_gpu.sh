@@ -30,6 +30,10 @@
 #   STAGES=prefill    (session 17) prefill attention with and without the unmasked key tiles (UNMASKED_TILES): its GPU
 #                     tests and the engine's prefill ones, `attention_sweep.py --prefill-configs`, then batch-1 TTFT of
 #                     1,024- and 4,096-token prompts (synthetic Llama-3-8B, int8 KV) with the switch on and off, twice
+#   STAGES=fresh      (session 18) prefill attention reading the chunk's own K/V from the float k / v the write path
+#                     rewrote (kv_cache.FRESH_PREFILL): the GPU tests of the write path, prefill and the engine's prefill
+#                     graphs, `attention_sweep.py --prefill-fresh`, then batch-1 TTFT of 1,024- and 4,096-token prompts
+#                     (synthetic Llama-3-8B, int8 and int4 KV) with the switch on and off, REPS times (default 2)
 # Logs and tables land in $OUT/<stage>/. Used for the H200 tables of docs/benchmarks.md.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -172,6 +176,25 @@ sys.argv = ['lmq', 'bench', '--synthetic', 'llama3-8b', '--mode', 'latency', '--
             '1024,4096', '--output-len', '8', '--kv-dtype', 'int8', '--max-model-len', '8192', '--cache-max-memory', '16GiB']
 app()" >"$OUT/prefill/e2e-$u-$rep.log" 2>&1
         echo "rep $rep UNMASKED_TILES=$u: $(grep -E '^latency' "$OUT/prefill/e2e-$u-$rep.log" | tr '\n' ' ')"
+      done
+    done
+    ;;
+  fresh)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_engine_gpu.py \
+      -k "prefill or write_kv or mixed or triton_backend" 2>&1 | tail -2 | tee "$OUT/fresh/tests.log"
+    timeout 240 python3 benchmarks/attention_sweep.py --prefill-fresh 2>&1 | grep -v Warn | tee "$OUT/fresh/sweep.log"
+    for rep in $(seq "${REPS:-2}"); do
+      for kd in int8 int4; do
+        for f in True False; do
+          timeout 100 python3 -c "
+import sys, lmq.engine.kv_cache as c
+c.FRESH_PREFILL = $f
+from lmq.cli import app
+sys.argv = ['lmq', 'bench', '--synthetic', 'llama3-8b', '--mode', 'latency', '--batch', '1', '--input-len',
+            '1024,4096', '--output-len', '8', '--kv-dtype', '$kd', '--max-model-len', '8192', '--cache-max-memory', '16GiB']
+app()" >"$OUT/fresh/e2e-$kd-$f-$rep.log" 2>&1
+          echo "rep $rep $kd FRESH_PREFILL=$f: $(grep -E '^latency' "$OUT/fresh/e2e-$kd-$f-$rep.log" | tr '\n' ' ')"
+        done
       done
     done
     ;;

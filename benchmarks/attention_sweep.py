@@ -11,6 +11,8 @@ Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a con
 --triton-stages: the Triton split kernel's tile, warps and ring depth where it runs (`triton_stages`).
 --mma: int4, the Gluon split kernel against the Triton one, and at other split counts (`mma_compare`).
 --prefill-configs: prefill, the kernel's tile configs per KV dtype, against SDPA (`prefill_configs`).
+--prefill-fresh: prefill with the chunk's own K/V read from the float k/v the write path rewrote, against every key
+  read from the cache, per KV dtype, a whole prompt and chat turns over a cached prefix (`prefill_fresh`).
 --mma-splits [--batches 1,8] [--contexts 4096] [--maxnreg 168] [--stages 2,3,4] [--page 64]: int4, the Gluon split
   kernel at 1..48 splits per batch and context, also under register caps, other ring depths or another block size
   (`mma_splits`).
@@ -87,6 +89,53 @@ def time_prefill() -> None:
         table = torch.arange(L // page, device="cuda", dtype=torch.int32)[None]
         us = ba.graph_time_us([lambda: prefill_attention(q, cache, table, cu, lens, max_q_len=L)], calls=5)
         print(f"prefill L={L} {kd}: lmq {us:.0f}us {flops / us / 1e6:.0f} TFLOP/s", flush=True)
+
+
+def prefill_fresh() -> None:
+    """Prefill attention with the chunk's own keys and values taken from the float k / v (`k_new` / `v_new`, as
+    `write_kv(..., write_back=True)` leaves them; 32 / 8 heads, D = 128, 128-token blocks) against every key read
+    through the cache, per KV dtype and (chunk, cached prefix): one whole prompt, and a chat turn over a prefix.
+    Also the write path's time with and without the write-back, and the relative error of both against the fp32
+    reference. Same call, CUDA-graph replays."""
+    from lmq.kernels.attention_prefill import prefill_attention_ref
+    from lmq.kernels.kv_quant import PagedKV, write_kv
+
+    torch.manual_seed(0)
+    page = 128
+    for n, prefix in ((1024, 0), (4096, 0), (512, 3584), (64, 4032)):
+        L = n + prefix
+        q = torch.randn(n, H, D, device="cuda", dtype=torch.float16)
+        qkv = torch.randn(n, H + 2 * HKV, D, device="cuda", dtype=torch.float16)  # k, v as views into one row
+        cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+        lens = torch.tensor([L], dtype=torch.int32, device="cuda")
+        table = torch.randperm(L // page, device="cuda").to(torch.int32)[None]
+        slots = (table[0].long()[:, None] * page + torch.arange(page, device="cuda")).flatten()[prefix:L]
+        flops = 4 * H * D * n * (prefix + (n + 1) / 2)
+        for kd in ("fp16", "int8", "int4"):
+            cache = PagedKV.allocate(L // page, page, HKV, D, kd, "cuda")
+            pre_kv = torch.randn(max(prefix, 1), 2, HKV, D, device="cuda", dtype=torch.float16)
+            pslots = (table[0].long()[:, None] * page + torch.arange(page, device="cuda")).flatten()[:prefix]
+            write_kv(pre_kv[:prefix, 0], pre_kv[:prefix, 1], cache, pslots)
+            k, v = qkv[:, H:H + HKV].clone(), qkv[:, H + HKV:].clone()
+            kk, vv = qkv[:, H:H + HKV], qkv[:, H + HKV:]
+            args = (kk, vv, cache, slots)
+            w0 = ba.graph_time_us([lambda args=args: write_kv(*args)], calls=5)
+            w1 = ba.graph_time_us([lambda args=args, back=kd != "fp16": write_kv(*args, write_back=back)], calls=5)
+            kk.copy_(k)
+            vv.copy_(v)
+            write_kv(kk, vv, cache, slots, write_back=True)  # kk, vv now hold what the cache holds
+            ref = prefill_attention_ref(q, cache, table, cu, lens).float()
+            cells = []
+            for fresh in (False, True):
+                kw = {"k_new": kk, "v_new": vv} if fresh else {}
+                out = prefill_attention(q, cache, table, cu, lens, max_q_len=n, **kw).float()
+                err = ((out - ref).norm() / ref.norm()).item()
+                us = ba.graph_time_us([lambda args=(q, cache, table, cu, lens), n=n, kw=kw: prefill_attention(
+                    *args, max_q_len=n, **kw)], calls=5)
+                cells.append(f"{'fresh' if fresh else 'cache'} {us:.1f}us {flops / us / 1e6:.0f}TF err {err:.1e}")
+            print(f"prefill n={n} prefix={prefix} {kd}: " + ", ".join(cells)
+                  + f"; write {w0:.1f}us, with write-back {w1:.1f}us", flush=True)
+            del cache
 
 
 def prefill_configs() -> None:
@@ -373,6 +422,9 @@ def balanced_ab(bw: float) -> None:
 def main() -> None:
     bw = ba.copy_bandwidth_bytes_s()
     print(f"{torch.cuda.get_device_name(0)} copy bandwidth {bw / 1e9:.0f} GB/s")
+    if "--prefill-fresh" in sys.argv:
+        prefill_fresh()
+        return
     if "--prefill-configs" in sys.argv:
         prefill_configs()
         return

@@ -45,14 +45,54 @@ from lmq.errors import ShapeError
 
 
 @triton.jit
+def _attend_fresh(q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kn_base, vn_base, stride_knt, stride_vnt, n0, offs_m,
+                  offs_dh, q_len, qk_scale, HALF: tl.constexpr, BLOCK_N: tl.constexpr, OFF64: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """One BLOCK_N tile of the chunk's own keys and values (rows n0.. of the chunk, from the float k_new / v_new
+    [T, H_kv, D] rows at kn_base / vn_base), flash-attention style as `kv_quant.attend_tile` with a float cache.
+    MASKED: causal in the chunk's coordinates (key j <= query row i) and inside the chunk; otherwise every row of
+    the query tile sees the whole key tile."""
+    rows = n0 + tl.arange(0, BLOCK_N)
+    if OFF64:
+        rows = rows.to(tl.int64)
+    dmask = offs_dh[None, :] < HALF
+    lmask = dmask
+    if MASKED:
+        lmask = dmask & (rows[:, None] < q_len)
+    k_ptrs = kn_base + rows[:, None] * stride_knt + offs_dh[None, :]
+    k_lo = tl.load(k_ptrs, mask=lmask, other=0.0)  # [BLOCK_N, BLOCK_DH]
+    k_hi = tl.load(k_ptrs + HALF, mask=lmask, other=0.0)
+    qk = tl.dot(q_lo, tl.trans(k_lo))
+    qk += tl.dot(q_hi, tl.trans(k_hi))  # [BLOCK_M, BLOCK_N] fp32
+    if MASKED:
+        valid = (rows[None, :] <= offs_m[:, None]) & (rows[None, :] < q_len)
+        qk = tl.where(valid, qk * qk_scale, float("-inf"))
+    else:
+        qk = qk * qk_scale
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    v_ptrs = vn_base + rows[:, None] * stride_vnt + offs_dh[None, :]
+    v_lo = tl.load(v_ptrs, mask=lmask, other=0.0)  # [BLOCK_N, BLOCK_DH]
+    v_hi = tl.load(v_ptrs + HALF, mask=lmask, other=0.0)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(q_lo.dtype)
+    acc_lo = acc_lo * alpha[:, None] + tl.dot(p, v_lo)
+    acc_hi = acc_hi * alpha[:, None] + tl.dot(p, v_hi)
+    return m_new, l_i, acc_lo, acc_hi
+
+
+@triton.jit
 def _prefill_kernel(
-    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, cu_q_ptr, lens_ptr, o_ptr, tiles_ptr,
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, cu_q_ptr, lens_ptr, o_ptr, tiles_ptr, kn_ptr, vn_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ch, stride_ct, stride_vb, stride_vh, stride_sb, stride_sh, stride_btb,
+    stride_knt, stride_knh, stride_vnt, stride_vnh,
     GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, OFF64: tl.constexpr,
     ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr, TILED: tl.constexpr, UNMASKED: tl.constexpr,
+    FRESH: tl.constexpr,
 ):
     h = tl.program_id(1)
     if TILED:  # (sequence, query tile) from the map
@@ -75,36 +115,73 @@ def _prefill_kernel(
         q_ptrs = q_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_qt + h * stride_qh + offs_dh[None, :]
         q_lo = tl.load(q_ptrs, mask=qmask, other=0.0)
         q_hi = tl.load(q_ptrs + HALF, mask=qmask, other=0.0)
-        q_lo, q_hi, qsum, qoff = prepare_query(q_lo, q_hi, KV_MODE, RAW)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc_lo = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
         acc_hi = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
-        pos_m = prefix + offs_m  # [BLOCK_M] each row's position in the sequence
-        end = tl.minimum(kv_len, prefix + m0 + BLOCK_M)  # keys the last row can see
-        # key tiles that every row of the tile sees whole (up to the first row's position, which is inside the
-        # sequence: m0 < q_len) take no masks; the rest, the diagonal and a sequence's last partial tile, do
-        full_end = 0
-        if UNMASKED:
-            full_end = (prefix + m0 + 1) // BLOCK_N * BLOCK_N
         bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-        for n0 in range(0, full_end, BLOCK_N):
-            mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
-                bt_row, n0, end, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
-                stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64, FULL=True)
-            m_i, l_i, acc_lo, acc_hi = attend_tile(
-                q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
-                offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P,
-                MASKED=False)
-        for n0 in range(full_end, end, BLOCK_N):
-            mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
-                bt_row, n0, end, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
-                stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64)
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            valid = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])  # causal
-            m_i, l_i, acc_lo, acc_hi = attend_tile(
-                q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
-                offs_dh, mask_n, valid, qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P)
+        if FRESH:
+            # the chunk's own keys first, from the float k_new / v_new (the query as loaded), in chunk coordinates:
+            # tiles below the first row (m0 < q_len) unmasked, then the diagonal
+            kn_base = kn_ptr + q_start.to(tl.int64) * stride_knt + hkv * stride_knh
+            vn_base = vn_ptr + q_start.to(tl.int64) * stride_vnt + hkv * stride_vnh
+            c_full = 0
+            if UNMASKED:
+                c_full = (m0 + 1) // BLOCK_N * BLOCK_N
+            for n0 in range(0, c_full, BLOCK_N):
+                m_i, l_i, acc_lo, acc_hi = _attend_fresh(
+                    q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kn_base, vn_base, stride_knt, stride_vnt, n0, offs_m,
+                    offs_dh, q_len, qk_scale, HALF, BLOCK_N, OFF64, MASKED=False)
+            for n0 in range(c_full, tl.minimum(q_len, m0 + BLOCK_M), BLOCK_N):
+                m_i, l_i, acc_lo, acc_hi = _attend_fresh(
+                    q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kn_base, vn_base, stride_knt, stride_vnt, n0, offs_m,
+                    offs_dh, q_len, qk_scale, HALF, BLOCK_N, OFF64, MASKED=True)
+            # then the prefix from the cache: every row sees all of it, so only its last partial tile is masked
+            q_lo, q_hi, qsum, qoff = prepare_query(q_lo, q_hi, KV_MODE, RAW)
+            p_full = 0
+            if UNMASKED:
+                p_full = prefix // BLOCK_N * BLOCK_N
+            for n0 in range(0, p_full, BLOCK_N):
+                mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
+                    bt_row, n0, prefix, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
+                    stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64, FULL=True)
+                m_i, l_i, acc_lo, acc_hi = attend_tile(
+                    q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
+                    offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P,
+                    MASKED=False)
+            for n0 in range(p_full, prefix, BLOCK_N):
+                mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
+                    bt_row, n0, prefix, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
+                    stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64)
+                m_i, l_i, acc_lo, acc_hi = attend_tile(
+                    q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
+                    offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P)
+        else:
+            q_lo, q_hi, qsum, qoff = prepare_query(q_lo, q_hi, KV_MODE, RAW)
+            end = tl.minimum(kv_len, prefix + m0 + BLOCK_M)  # keys the last row can see
+            # key tiles that every row of the tile sees whole (up to the first row's position, which is inside the
+            # sequence: m0 < q_len) take no masks; the rest, the diagonal and a sequence's last partial tile, do
+            full_end = 0
+            if UNMASKED:
+                full_end = (prefix + m0 + 1) // BLOCK_N * BLOCK_N
+            pos_m = prefix + offs_m  # [BLOCK_M] each row's position in the sequence
+            for n0 in range(0, full_end, BLOCK_N):
+                mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
+                    bt_row, n0, end, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
+                    stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64, FULL=True)
+                m_i, l_i, acc_lo, acc_hi = attend_tile(
+                    q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
+                    offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P,
+                    MASKED=False)
+            for n0 in range(full_end, end, BLOCK_N):
+                mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
+                    bt_row, n0, end, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
+                    stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64)
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                valid = mask_n[None, :] & (offs_n[None, :] <= pos_m[:, None])  # causal
+                m_i, l_i, acc_lo, acc_hi = attend_tile(
+                    q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
+                    offs_dh, mask_n, valid, qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P)
         inv_l = 1.0 / l_i
         o_ptrs = o_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_dh[None, :]
         tl.store(o_ptrs, (acc_lo * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
@@ -147,7 +224,8 @@ def pick_block_m(max_q_len: int, heads: int, batch: int, block_m: int, sm_count:
 def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       seq_lens: torch.Tensor, max_q_len: int | None = None, sm_scale: float | None = None,
                       out: torch.Tensor | None = None, tiles: torch.Tensor | None = None,
-                      block_m: int | None = None) -> torch.Tensor:
+                      block_m: int | None = None, k_new: torch.Tensor | None = None,
+                      v_new: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D] packed new tokens (already written to the cache) -> out [T, H, D].
 
     cu_seqlens_q [B+1] int32 (row offsets of each sequence in q), seq_lens [B] int32 (cache
@@ -155,11 +233,23 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     int) avoids a device sync. `tiles` [n, 2] int32 with `block_m` (a power of two, 16 or more): the
     (sequence, query tile of block_m rows) of each of the launch's n programs per head, covering every
     query row once; spare entries name a tile past their sequence's rows (see `tile_map`).
+
+    `k_new`, `v_new` [T, H_kv, D] in q's dtype, rows aligned with q's: the new tokens' keys and values as the
+    cache holds them (`write_kv(..., write_back=True)` leaves them so). Then each sequence's own chunk is attended
+    from them, in float form, and only its cached prefix through the (quantized) cache: the same attention, at
+    the float cache's speed for the chunk. Without them every key is read from the cache.
     """
     G = check_query_for_cache(q, cache)
     if q.dim() != 3:
         raise ShapeError(f"q must be [T, H, D], got {tuple(q.shape)}")
     T, H, D = q.shape
+    if (k_new is None) != (v_new is None):
+        raise ShapeError("k_new and v_new come together: give both or neither")
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if x is not None and (x.shape != (T, cache.num_kv_heads, D) or x.dtype != q.dtype or x.device != q.device
+                              or x.stride(-1) != 1):
+            raise ShapeError(f"{name} must be [{T}, {cache.num_kv_heads}, {D}] {q.dtype} on {q.device}, contiguous "
+                             f"along the head dimension, got {x.dtype} {tuple(x.shape)} on {x.device}")
     B = seq_lens.shape[0]
     if seq_lens.dim() != 1 or seq_lens.dtype != torch.int32:
         raise ShapeError(f"seq_lens must be int32 [B], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
@@ -192,16 +282,21 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     half = D // 2
     ks, vs = cache.scale_words()
     grid = (tiles.shape[0], H, 1) if tiles is not None else (cdiv(max_q_len, block_m), H, B)
+    fresh = k_new is not None
+    kn, vn = (k_new, v_new) if fresh else (q, q)
+    # chunk rows' offsets are int32 unless they can reach 2^31 elements
+    off64 = needs_off64(cache) or (fresh and (T + block_m) * max(kn.stride(0), vn.stride(0)) >= 2**31)
     _PREFILL[grid](
         q, cache.k, cache.v, ks, vs, block_tables, cu_seqlens_q, seq_lens, out, tiles if tiles is not None else out,
-        sm_scale * math.log2(math.e),
+        kn, vn, sm_scale * math.log2(math.e),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
         ks.stride(0), ks.stride(1), block_tables.stride(0),
+        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         GROUP=G, HALF=half, BLOCK_DH=max(16, next_pow2(half)),
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
-        OFF64=needs_off64(cache), ASM=use_asm(q), RAW=raw_codes(q, cache), SCALE_P=scale_probs(cache),
-        TILED=tiles is not None, UNMASKED=UNMASKED_TILES, num_warps=num_warps, num_stages=num_stages,
+        OFF64=off64, ASM=use_asm(q), RAW=raw_codes(q, cache), SCALE_P=scale_probs(cache),
+        TILED=tiles is not None, UNMASKED=UNMASKED_TILES, FRESH=fresh, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

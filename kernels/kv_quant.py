@@ -378,9 +378,12 @@ def _quantize_rows(x_lo, x_hi, mask, QMAX: tl.constexpr):
 @triton.jit
 def _store_one(x_ptr, c_ptr, s_ptr, t, slot_page, slot_off, stride_xt, stride_xh,
                stride_cb, stride_ch, stride_ct, stride_cd, stride_sb, stride_sh, stride_st,
-               offs_h, offs_dh, H_KV, HALF: tl.constexpr, KV_MODE: tl.constexpr, QMAX: tl.constexpr):
+               offs_h, offs_dh, H_KV, HALF: tl.constexpr, KV_MODE: tl.constexpr, QMAX: tl.constexpr,
+               BACK: tl.constexpr):
     """Quantize one token's [H_kv, D] and store it; element (h, d) of the slot lands at
-    page * stride_cb + h * stride_ch + off * stride_ct + d * stride_cd (K: token-major, V: transposed)."""
+    page * stride_cb + h * stride_ch + off * stride_ct + d * stride_cd (K: token-major, V: transposed).
+    BACK (int8/int4): the input row is then overwritten with what the cache holds, dequantized (c s + z in fp32,
+    rounded to the input's dtype), for prefill attention to read the chunk's own keys and values from it."""
     mask = (offs_h[:, None] < H_KV) & (offs_dh[None, :] < HALF)
     x_ptrs = x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_dh[None, :]
     x_lo = tl.load(x_ptrs, mask=mask, other=0.0)  # [BLOCK_H, BLOCK_DH]
@@ -401,6 +404,10 @@ def _store_one(x_ptr, c_ptr, s_ptr, t, slot_page, slot_off, stride_xt, stride_xh
         hmask = offs_h < H_KV
         tl.store(s_row, scale.to(tl.float16), mask=hmask)
         tl.store(s_row + 1, zero.to(tl.float16), mask=hmask)
+        if BACK:
+            out_ty = x_ptr.dtype.element_ty
+            tl.store(x_ptrs, (q_lo.to(tl.float32) * scale[:, None] + zero[:, None]).to(out_ty), mask=mask)
+            tl.store(x_ptrs + HALF, (q_hi.to(tl.float32) * scale[:, None] + zero[:, None]).to(out_ty), mask=mask)
 
 
 @triton.jit
@@ -410,7 +417,7 @@ def _write_kv_kernel(
     stride_cb, stride_ch, stride_sb, stride_sh, stride_st,
     H_KV, BLOCK_SIZE: tl.constexpr, WIDTH: tl.constexpr,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DH: tl.constexpr,
-    KV_MODE: tl.constexpr, QMAX: tl.constexpr,
+    KV_MODE: tl.constexpr, QMAX: tl.constexpr, BACK: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -421,9 +428,9 @@ def _write_kv_kernel(
         offs_dh = tl.arange(0, BLOCK_DH)
         # K and V in one program: the fused write path. K rows [B_s, W]; V transposed [W, B_s].
         _store_one(k_ptr, kc_ptr, ks_ptr, t, page, off, stride_xt, stride_xh, stride_cb, stride_ch,
-                   WIDTH, 1, stride_sb, stride_sh, stride_st, offs_h, offs_dh, H_KV, HALF, KV_MODE, QMAX)
+                   WIDTH, 1, stride_sb, stride_sh, stride_st, offs_h, offs_dh, H_KV, HALF, KV_MODE, QMAX, BACK)
         _store_one(v_ptr, vc_ptr, vs_ptr, t, page, off, stride_vt, stride_vh, stride_cb, stride_ch,
-                   1, BLOCK_SIZE, stride_sb, stride_sh, stride_st, offs_h, offs_dh, H_KV, HALF, KV_MODE, QMAX)
+                   1, BLOCK_SIZE, stride_sb, stride_sh, stride_st, offs_h, offs_dh, H_KV, HALF, KV_MODE, QMAX, BACK)
 
 
 _WRITE_KV = DirectLaunch(_write_kv_kernel)  # lmq.kernels.launch
@@ -449,8 +456,15 @@ def _check_new_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping
             raise ShapeError(f"{name} is on {t.device}, k on {k.device}")
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor) -> None:
-    """Quantize new K/V [T, H_kv, D] (after RoPE) and scatter them into `cache` at `slot_mapping`."""
+def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor,
+             write_back: bool = False) -> None:
+    """Quantize new K/V [T, H_kv, D] (after RoPE) and scatter them into `cache` at `slot_mapping`.
+
+    write_back: an int8 / int4 cache's new rows are also written back into k and v as the cache now holds them
+    (`fake_quantize_kv` of each row: codes times scale plus zero in fp32, rounded to k's dtype), so that prefill
+    attention can take the chunk's own keys and values from k and v in their float form (`prefill_attention`'s
+    `k_new` / `v_new`) and still attend exactly what later steps read from the cache. Rows with slot -1 are left
+    as they were. A float cache holds k and v as given (in the cache's dtype): nothing is written back."""
     _check_new_kv(k, v, cache, slot_mapping)
     T, H, D = k.shape
     if T == 0:
@@ -465,7 +479,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: tor
         ks.stride(0), ks.stride(1), ks.stride(2),
         H, BLOCK_SIZE=cache.block_size, WIDTH=cache.k.shape[3],
         HALF=half, BLOCK_H=next_pow2(H), BLOCK_DH=next_pow2(half),
-        KV_MODE=mode, QMAX=QMAX.get(cache.kv_dtype, 1), num_warps=4,
+        KV_MODE=mode, QMAX=QMAX.get(cache.kv_dtype, 1), BACK=write_back and mode != 0, num_warps=4,
     )
 
 
@@ -518,8 +532,9 @@ def unpack_int4_ref(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([packed & 0xF, packed >> 4], dim=-1)
 
 
-def write_kv_ref(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor) -> None:
-    """Plain-PyTorch twin of `write_kv` (same layout, same codes)."""
+def write_kv_ref(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: torch.Tensor,
+                 write_back: bool = False) -> None:
+    """Plain-PyTorch twin of `write_kv` (same layout, same codes, the same write-back)."""
     _check_new_kv(k, v, cache, slot_mapping)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
@@ -529,6 +544,8 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping:
             codes = x.to(c.dtype)  # [n, H_kv, D]
         else:
             codes, scale, zero = quantize_kv_ref(x, cache.kv_dtype)  # [n, H_kv, D], [n, H_kv]
+            if write_back:
+                (v if is_v else k)[keep] = dequantize_kv_ref(codes, scale, zero).to(k.dtype)
             if cache.kv_dtype == "int4":
                 codes = pack_int4_ref(codes)  # [n, H_kv, D/2]
             s[page, :, off] = torch.stack([scale, zero], dim=-1)

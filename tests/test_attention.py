@@ -123,6 +123,18 @@ def test_write_kv_matches_ref(device, kv_dtype, head_dim):
     keep = slots >= 0
     assert torch.equal(kd[slots[keep]].half(), fake_quantize_kv(k[keep], kv_dtype))
     assert torch.equal(vd[slots[keep]].half(), fake_quantize_kv(v[keep], kv_dtype))
+    # write_back: k and v rows become what the cache holds (a padding row stays), the same cache written
+    for write, c in ((write_kv, a), (write_kv_ref, b)):
+        kb, vb = k.clone(), v.clone()
+        write(kb, vb, c, slots, write_back=True)
+        for x, y in ((kb, k), (vb, v)):
+            want = fake_quantize_kv(y[keep], kv_dtype)
+            if device == "cpu" or write is write_kv_ref:
+                assert torch.equal(x[keep], want)
+            else:  # the kernel's c * s + z may fuse into one rounding: at most one fp16 step apart
+                assert ((x[keep].float() - want.float()).abs() <= want.float().abs() * 2**-10 + 2**-24).all()
+            assert torch.equal(x[5], y[5])
+        assert torch.equal(c.k, b.k) and torch.equal(c.v, b.v)
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
@@ -332,22 +344,35 @@ def test_decode_gpu_int4_stale_scales_are_not_read(device, mma, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+def fresh_kv(raw, q_lens, kv_dtype, dtype, device):
+    """The new rows of each sequence's raw K/V (its last q_len tokens), packed as q is, [T, H_kv, D] each, as the
+    cache holds them: what `write_kv(..., write_back=True)` leaves in the engine's k and v."""
+    k = torch.cat([r[0][len(r[0]) - n:] for r, n in zip(raw, q_lens)]).float()
+    v = torch.cat([r[1][len(r[1]) - n:] for r, n in zip(raw, q_lens)]).float()
+    return (fake_quantize_kv(k, kv_dtype).to(dtype).to(device), fake_quantize_kv(v, kv_dtype).to(dtype).to(device))
+
+
 def _check_prefill(device, kv_dtype, head_dim, q_lens, prefix_lens, num_heads, num_kv_heads,
-                   shared_blocks=0, block_size=16, q_dtype=None, tiled=False):
+                   shared_blocks=0, block_size=16, q_dtype=None, tiled=False, fresh=False):
     lens = [n + p for n, p in zip(q_lens, prefix_lens)]
-    cache, tables, seq_lens, _ = make_paged(kv_dtype, lens, num_kv_heads, head_dim, device,
-                                            block_size=block_size, shared_blocks=shared_blocks)
+    cache, tables, seq_lens, raw = make_paged(kv_dtype, lens, num_kv_heads, head_dim, device,
+                                              block_size=block_size, shared_blocks=shared_blocks)
     cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=device)
     q = torch.randn(sum(q_lens), num_heads, head_dim, device=device).to(q_dtype or act_dtype(kv_dtype))
     out = torch.full_like(q, float("nan"))
     kw = {}
+    if fresh:  # the chunks' own K/V from float tensors laid out as in the engine: views into one wider row
+        k, v = fresh_kv(raw, q_lens, kv_dtype, q.dtype, device)
+        wide = torch.full((k.shape[0], 3, num_kv_heads, head_dim), float("nan"), dtype=q.dtype, device=device)
+        wide[:, 0], wide[:, 2] = k, v
+        kw = {"k_new": wide[:, 0], "v_new": wide[:, 2]}
     if tiled:  # a tile map with spare entries, as a CUDA graph of many sequences launches it
         from lmq.kernels.attention_prefill import graph_block_m, max_tiles, tile_map
 
         bm = graph_block_m(q.device, head_dim)
         n = max_tiles(sum(q_lens), len(q_lens) + 3, bm)
-        kw = {"tiles": torch.tensor(tile_map(q_lens, bm, n), dtype=torch.int32, device=device).view(-1, 2),
-              "block_m": bm}
+        kw |= {"tiles": torch.tensor(tile_map(q_lens, bm, n), dtype=torch.int32, device=device).view(-1, 2),
+               "block_m": bm}
     prefill_attention(q, cache, tables, cu, seq_lens, out=out, **kw)
     ref = prefill_attention_ref(q, cache, tables, cu, seq_lens)
     assert rel_err(out, ref) < TOL["bf16" if q.dtype == torch.bfloat16 else kv_dtype]
@@ -355,19 +380,22 @@ def _check_prefill(device, kv_dtype, head_dim, q_lens, prefix_lens, num_heads, n
 
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_prefill_matches_ref(device, kv_dtype, head_dim):
-    # packed varlen batch; sequence 2 continues after a 21-token prefix already in the cache
+@pytest.mark.parametrize("fresh", [False, True])
+def test_prefill_matches_ref(device, kv_dtype, head_dim, fresh):
+    # packed varlen batch; sequence 2 continues after a 21-token prefix already in the cache; `fresh`: the chunks'
+    # own keys and values from float tensors, the prefix from the cache
     _check_prefill(device, kv_dtype, head_dim, q_lens=[1, 17, 2], prefix_lens=[0, 0, 21],
-                   num_heads=4, num_kv_heads=2)
+                   num_heads=4, num_kv_heads=2, fresh=fresh)
 
 
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
-def test_prefill_unmasked_key_tiles_at_their_edges(device, kv_dtype):
+@pytest.mark.parametrize("fresh", [False, True])
+def test_prefill_unmasked_key_tiles_at_their_edges(device, kv_dtype, fresh):
     """Query tiles whose first row sits just before, on and just after a key-tile edge (prefixes 12..17, three new
     rows each; 16-token key tiles on the CPU): the unmasked loop takes exactly the tiles every row sees whole (a bound
-    one token too far fails here)."""
-    _check_prefill(device, kv_dtype, 64, q_lens=[3] * 6 + [40], prefix_lens=[12, 13, 14, 15, 16, 17, 14],
-                   num_heads=2, num_kv_heads=1)
+    one token too far fails here). `fresh`: the prefix's last partial tile and the chunk's diagonal at the edges."""
+    _check_prefill(device, kv_dtype, 64, q_lens=[3] * 6 + [40, 33], prefix_lens=[12, 13, 14, 15, 16, 17, 14, 32],
+                   num_heads=2, num_kv_heads=1, fresh=fresh)
 
 
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
@@ -391,12 +419,26 @@ def test_prefill_unmasked_key_tiles_change_nothing(device, kv_dtype, monkeypatch
         assert rel_err(outs[0], outs[1]) < 1e-3
 
 
+def test_prefill_rejects_bad_fresh_kv(device):
+    cache, tables, seq_lens, _ = make_paged("int8", [5], 2, 64, device)
+    q = torch.randn(5, 4, 64, device=device).half()
+    cu = torch.tensor([0, 5], dtype=torch.int32, device=device)
+    k = torch.randn(5, 2, 64, device=device).half()
+    with pytest.raises(ShapeError, match="come together"):
+        prefill_attention(q, cache, tables, cu, seq_lens, k_new=k)
+    with pytest.raises(ShapeError, match=r"v_new must be \[5, 2, 64\]"):
+        prefill_attention(q, cache, tables, cu, seq_lens, k_new=k, v_new=k[:4])
+    with pytest.raises(ShapeError, match="k_new must be"):
+        prefill_attention(q, cache, tables, cu, seq_lens, k_new=k.float(), v_new=k)
+
+
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
-def test_prefill_through_a_tile_map(device, kv_dtype):
+@pytest.mark.parametrize("fresh", [False, True])
+def test_prefill_through_a_tile_map(device, kv_dtype, fresh):
     """Programs take their (sequence, query tile) from a map, spare entries past every sequence's rows: the same
     attention (every row written once: the output starts as NaN)."""
     _check_prefill(device, kv_dtype, 64, q_lens=[1, 17, 2, 40], prefix_lens=[0, 0, 21, 5], num_heads=4,
-                   num_kv_heads=2, tiled=True)
+                   num_kv_heads=2, tiled=True, fresh=fresh)
 
 
 def test_tile_map_covers_every_query_tile_once():
@@ -413,10 +455,11 @@ def test_tile_map_covers_every_query_tile_once():
 
 
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
-def test_prefill_chunked_with_shared_prefix(device, kv_dtype):
+@pytest.mark.parametrize("fresh", [False, True])
+def test_prefill_chunked_with_shared_prefix(device, kv_dtype, fresh):
     # two sequences share a 32-token prefix (2 blocks) and each prefills a new chunk after it
     _check_prefill(device, kv_dtype, 64, q_lens=[19, 7], prefix_lens=[32, 35], num_heads=2, num_kv_heads=1,
-                   shared_blocks=2)
+                   shared_blocks=2, fresh=fresh)
 
 
 @pytest.mark.gpu  # the interpreter computes bf16 dots on raw bits (TRITON-CPU.md)
@@ -426,8 +469,9 @@ def test_bf16_queries_over_a_quantized_cache(device, kv_dtype, head_dim):
     # bf16 models read exact codes (1024 + c is not a bf16 number): the other conversion path
     _check_decode(device, kv_dtype, head_dim, [1, 17, 40], num_heads=4, num_kv_heads=2, split_len=16,
                   q_dtype=torch.bfloat16)
-    _check_prefill(device, kv_dtype, head_dim, q_lens=[1, 17, 2], prefix_lens=[0, 0, 21], num_heads=4,
-                   num_kv_heads=2, q_dtype=torch.bfloat16)
+    for fresh in (False, True):
+        _check_prefill(device, kv_dtype, head_dim, q_lens=[1, 17, 2], prefix_lens=[0, 0, 21], num_heads=4,
+                       num_kv_heads=2, q_dtype=torch.bfloat16, fresh=fresh)
 
 
 def test_prefill_equals_decode_on_last_row(device):
@@ -444,16 +488,17 @@ def test_prefill_equals_decode_on_last_row(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_dtype", ["fp16", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_prefill_gpu_long(device, kv_dtype, head_dim):
+@pytest.mark.parametrize("fresh", [False, True])
+def test_prefill_gpu_long(device, kv_dtype, head_dim, fresh):
     _check_prefill(device, kv_dtype, head_dim, q_lens=[1000, 1, 2, 17, 255, 300], prefix_lens=[0, 0, 5, 0, 100, 700],
-                   num_heads=32, num_kv_heads=8)
+                   num_heads=32, num_kv_heads=8, fresh=fresh)
     _check_prefill(device, kv_dtype, head_dim, q_lens=[1000, 2, 255], prefix_lens=[0, 300, 129],
-                   num_heads=32, num_kv_heads=8, block_size=128)
+                   num_heads=32, num_kv_heads=8, block_size=128, fresh=fresh)
     _check_prefill(device, kv_dtype, head_dim, q_lens=[1000, 1, 2, 17, 255], prefix_lens=[0, 0, 5, 0, 100],
-                   num_heads=32, num_kv_heads=8, tiled=True)
+                   num_heads=32, num_kv_heads=8, tiled=True, fresh=fresh)
     # a chat turn: a short chunk over a long cached prefix runs in 16-row query tiles
     _check_prefill(device, kv_dtype, head_dim, q_lens=[33], prefix_lens=[1119], num_heads=32, num_kv_heads=8,
-                   block_size=128)
+                   block_size=128, fresh=fresh)
 
 
 def test_prefill_query_tile_shrinks_for_short_chunks():
