@@ -126,13 +126,13 @@ def prefill_fresh() -> None:
             write_kv(kk, vv, cache, slots, write_back=True)  # kk, vv now hold what the cache holds
             ref = prefill_attention_ref(q, cache, table, cu, lens).float()
             cells = []
-            for fresh in (False, True):
-                kw = {"k_new": kk, "v_new": vv} if fresh else {}
+            for fresh in (False, True, "no prefix") if prefix == 0 else (False, True):
+                kw = {"k_new": kk, "v_new": vv, "has_prefix": fresh is True} if fresh else {}
                 out = prefill_attention(q, cache, table, cu, lens, max_q_len=n, **kw).float()
                 err = ((out - ref).norm() / ref.norm()).item()
                 us = ba.graph_time_us([lambda args=(q, cache, table, cu, lens), n=n, kw=kw: prefill_attention(
                     *args, max_q_len=n, **kw)], calls=5)
-                cells.append(f"{'fresh' if fresh else 'cache'} {us:.1f}us {flops / us / 1e6:.0f}TF err {err:.1e}")
+                cells.append(f"{('fresh' if fresh is True else fresh) if fresh else 'cache'} {us:.1f}us {flops / us / 1e6:.0f}TF err {err:.1e}")
             print(f"prefill n={n} prefix={prefix} {kd}: " + ", ".join(cells)
                   + f"; write {w0:.1f}us, with write-back {w1:.1f}us", flush=True)
             del cache

@@ -82,15 +82,16 @@ def compile_mma(d: int = 128, group: int = 4, page: int = 128, cc: int = 90, pdl
                           options={"num_warps": mma.NUM_WARPS, "launch_pdl": pdl})
 
 
-def compile_prefill(kv_mode: int, unmasked: bool = True, cc: int = 90, fresh: bool = False):
+def compile_prefill(kv_mode: int, unmasked: bool = True, cc: int = 90, fresh: bool = False, prefix: bool = True):
     """The prefill kernel (attention_prefill) at head dim 128, GQA 4, 64-token blocks, the table's config
-    (`fresh`: the chunk's own K/V from float tensors, `k_new` / `v_new`)."""
+    (`fresh`: the chunk's own K/V from float tensors, `k_new` / `v_new`; `prefix` False: without the cache loops)."""
     from lmq.kernels import attention_prefill as pre
 
     block_m, block_n, warps, stages = pre._GPU_CONFIG[128]
     consts = {"GROUP": 4, "HALF": 64, "BLOCK_DH": 64, "BLOCK_M": block_m, "BLOCK_N": block_n, "PAGE": 64,
               "KV_MODE": kv_mode, "OFF64": False, "ASM": True, "RAW": kv_mode != 0, "SCALE_P": kv_mode == 1,
-              "TILED": False, "UNMASKED": unmasked, "FRESH": fresh}
+              "TILED": False, "UNMASKED": unmasked, "FRESH": fresh,
+              "PREFIX": prefix or not fresh}
     code = "*u8" if kv_mode else "*fp16"
     ptrs = {"q_ptr": "*fp16", "kc_ptr": code, "vc_ptr": code, "ks_ptr": "*i32", "vs_ptr": "*i32", "bt_ptr": "*i32",
             "cu_q_ptr": "*i32", "lens_ptr": "*i32", "o_ptr": "*fp16", "tiles_ptr": "*i32", "kn_ptr": "*fp16",

@@ -92,7 +92,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, OFF64: tl.constexpr,
     ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr, TILED: tl.constexpr, UNMASKED: tl.constexpr,
-    FRESH: tl.constexpr,
+    FRESH: tl.constexpr, PREFIX: tl.constexpr,
 ):
     h = tl.program_id(1)
     if TILED:  # (sequence, query tile) from the map
@@ -141,6 +141,9 @@ def _prefill_kernel(
             p_full = 0
             if UNMASKED:
                 p_full = prefix // BLOCK_N * BLOCK_N
+            if not PREFIX:  # the launch promised no sequence has one: the loops below are compiled out
+                prefix = 0
+                p_full = 0
             for n0 in range(0, p_full, BLOCK_N):
                 mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
                     bt_row, n0, prefix, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
@@ -225,7 +228,7 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
                       seq_lens: torch.Tensor, max_q_len: int | None = None, sm_scale: float | None = None,
                       out: torch.Tensor | None = None, tiles: torch.Tensor | None = None,
                       block_m: int | None = None, k_new: torch.Tensor | None = None,
-                      v_new: torch.Tensor | None = None) -> torch.Tensor:
+                      v_new: torch.Tensor | None = None, has_prefix: bool = True) -> torch.Tensor:
     """q [T, H, D] packed new tokens (already written to the cache) -> out [T, H, D].
 
     cu_seqlens_q [B+1] int32 (row offsets of each sequence in q), seq_lens [B] int32 (cache
@@ -237,7 +240,9 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     `k_new`, `v_new` [T, H_kv, D] in q's dtype, rows aligned with q's: the new tokens' keys and values as the
     cache holds them (`write_kv(..., write_back=True)` leaves them so). Then each sequence's own chunk is attended
     from them, in float form, and only its cached prefix through the (quantized) cache: the same attention, at
-    the float cache's speed for the chunk. Without them every key is read from the cache.
+    the float cache's speed for the chunk. Without them every key is read from the cache. `has_prefix` False (with
+    k_new / v_new): the caller knows no sequence has a cached prefix (seq_lens == the chunk lengths), and the kernel
+    is built without its cache loops.
     """
     G = check_query_for_cache(q, cache)
     if q.dim() != 3:
@@ -296,7 +301,8 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
         GROUP=G, HALF=half, BLOCK_DH=max(16, next_pow2(half)),
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
         OFF64=off64, ASM=use_asm(q), RAW=raw_codes(q, cache), SCALE_P=scale_probs(cache),
-        TILED=tiles is not None, UNMASKED=UNMASKED_TILES, FRESH=fresh, num_warps=num_warps, num_stages=num_stages,
+        TILED=tiles is not None, UNMASKED=UNMASKED_TILES, FRESH=fresh,
+        PREFIX=has_prefix or not fresh, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
