@@ -31,9 +31,10 @@
 #                     tests and the engine's prefill ones, `attention_sweep.py --prefill-configs`, then batch-1 TTFT of
 #                     1,024- and 4,096-token prompts (synthetic Llama-3-8B, int8 KV) with the switch on and off, twice
 #   STAGES=fresh      (session 18) prefill attention reading the chunk's own K/V from the float k / v the write path
-#                     rewrote (kv_cache.FRESH_PREFILL): the GPU tests of the write path, prefill and the engine's prefill
-#                     graphs, `attention_sweep.py --prefill-fresh`, then batch-1 TTFT of 1,024- and 4,096-token prompts
-#                     (synthetic Llama-3-8B, int8 and int4 KV) with the switch on and off, REPS times (default 2)
+#                     rewrote (kv_cache.FRESH_PREFILL): `attention_sweep.py --prefill-fresh`, then batch-1 TTFT of 1,024-
+#                     and 4,096-token prompts (synthetic Llama-3-8B, int8 and int4 KV) with the switch on and off, REPS
+#                     times (default 1)
+#   STAGES=freshtests the GPU tests of the write path, prefill attention and the engine's prefill and mixed steps
 # Logs and tables land in $OUT/<stage>/. Used for the H200 tables of docs/benchmarks.md.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -179,11 +180,14 @@ app()" >"$OUT/prefill/e2e-$u-$rep.log" 2>&1
       done
     done
     ;;
+  freshtests)
+    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_engine_gpu.py \
+      tests/test_kv_cache.py -k "prefill or write_kv or mixed or triton_backend or engine_step" 2>&1 | tail -3 \
+      | tee "$OUT/freshtests/tests.log"
+    ;;
   fresh)
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_engine_gpu.py \
-      -k "prefill or write_kv or mixed or triton_backend" 2>&1 | tail -2 | tee "$OUT/fresh/tests.log"
     timeout 240 python3 benchmarks/attention_sweep.py --prefill-fresh 2>&1 | grep -v Warn | tee "$OUT/fresh/sweep.log"
-    for rep in $(seq "${REPS:-2}"); do
+    for rep in $(seq "${REPS:-1}"); do
       for kd in int8 int4; do
         for f in True False; do
           timeout 100 python3 -c "

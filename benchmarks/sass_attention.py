@@ -82,23 +82,23 @@ def compile_mma(d: int = 128, group: int = 4, page: int = 128, cc: int = 90, pdl
                           options={"num_warps": mma.NUM_WARPS, "launch_pdl": pdl})
 
 
-def compile_prefill(kv_mode: int, unmasked: bool = True, cc: int = 90, fresh: bool = False, prefix: bool = True):
+def compile_prefill(kv_mode: int, unmasked: bool = True, cc: int = 90, mode: int = 0):
     """The prefill kernel (attention_prefill) at head dim 128, GQA 4, 64-token blocks, the table's config
-    (`fresh`: the chunk's own K/V from float tensors, `k_new` / `v_new`; `prefix` False: without the cache loops)."""
+    (`mode` 1: the chunk's own K/V from float tensors, `k_new` / `v_new`; 2: the cached prefix, continuing)."""
     from lmq.kernels import attention_prefill as pre
 
     block_m, block_n, warps, stages = pre._GPU_CONFIG[128]
     consts = {"GROUP": 4, "HALF": 64, "BLOCK_DH": 64, "BLOCK_M": block_m, "BLOCK_N": block_n, "PAGE": 64,
               "KV_MODE": kv_mode, "OFF64": False, "ASM": True, "RAW": kv_mode != 0, "SCALE_P": kv_mode == 1,
-              "TILED": False, "UNMASKED": unmasked, "FRESH": fresh,
-              "PREFIX": prefix or not fresh}
+              "TILED": False, "UNMASKED": unmasked, "MODE": mode,
+              "STORE_LSE": mode == 1}
     code = "*u8" if kv_mode else "*fp16"
     ptrs = {"q_ptr": "*fp16", "kc_ptr": code, "vc_ptr": code, "ks_ptr": "*i32", "vs_ptr": "*i32", "bt_ptr": "*i32",
             "cu_q_ptr": "*i32", "lens_ptr": "*i32", "o_ptr": "*fp16", "tiles_ptr": "*i32", "kn_ptr": "*fp16",
-            "vn_ptr": "*fp16"}
+            "vn_ptr": "*fp16", "lse_ptr": "*fp32"}
     strides = ["stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_cb", "stride_ch", "stride_ct", "stride_vb",
                "stride_vh", "stride_sb", "stride_sh", "stride_btb", "stride_knt", "stride_knh", "stride_vnt",
-               "stride_vnh"]
+               "stride_vnh", "stride_lt"]
     sig = {**ptrs, "qk_scale": "fp32", **{n: "i32" for n in strides}, **{k: "constexpr" for k in consts}}
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in [*ptrs, *strides] if n != "stride_btb"}
@@ -177,11 +177,11 @@ def main() -> None:
                 for mode, name, scale_p in ((0, "fp16", None), (1, "int8", True), (1, "int8", False),
                                             (2, "int4", True), (2, "int4", False))]
     variants.append(("int4 gluon", compile_mma(), 128 // 4))  # each warp runs its own 32 tokens per step
-    for mode, name in ((0, "fp16"), (1, "int8"), (2, "int4")):  # prefill: its key-tile loops (the longer ones)
-        for unmasked, fresh in ((False, False), (True, False), (True, True)):
-            sizes = sorted(len(b) for b in loops(cuobjdump(compile_prefill(mode, unmasked, fresh=fresh), "-sass")))
-            print(f"prefill {name} UNMASKED={unmasked} FRESH={fresh}: the longest loops {sizes[-4 if fresh else -2:]} "
-                  "instructions per 64 x 64 tile a warp")
+    for kv_mode, name in ((0, "fp16"), (1, "int8"), (2, "int4")):  # prefill: its two key-tile loops
+        for unmasked, mode in ((False, 0), (True, 0), (True, 1), (True, 2)):
+            sizes = sorted(len(b) for b in loops(cuobjdump(compile_prefill(kv_mode, unmasked, mode=mode), "-sass")))
+            print(f"prefill {name} UNMASKED={unmasked} MODE={mode}: the longest loops {sizes[-2:]} instructions per "
+                  "64 x 64 tile a warp")
     for name, k, tokens_per_warp in variants:  # the loop: one tile per warp
         report(name, k, tokens_per_warp, "token and KV head", name)
 

@@ -84,16 +84,20 @@ def _attend_fresh(q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kn_base, vn_base, stride
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, cu_q_ptr, lens_ptr, o_ptr, tiles_ptr, kn_ptr, vn_ptr,
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, cu_q_ptr, lens_ptr, o_ptr, tiles_ptr, kn_ptr, vn_ptr, lse_ptr,
     qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ch, stride_ct, stride_vb, stride_vh, stride_sb, stride_sh, stride_btb,
-    stride_knt, stride_knh, stride_vnt, stride_vnh,
+    stride_knt, stride_knh, stride_vnt, stride_vnh, stride_lt,
     GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, OFF64: tl.constexpr,
     ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr, TILED: tl.constexpr, UNMASKED: tl.constexpr,
-    FRESH: tl.constexpr, PREFIX: tl.constexpr,
+    MODE: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
+    """MODE 0: every key through the cache, causal. MODE 1: the chunk's own keys from k_new / v_new (kn_ptr, vn_ptr),
+    causal in the chunk; STORE_LSE: each row's log2-sum-exp2 of its scores to lse_ptr [T, H] fp32. MODE 2: a
+    sequence's cached prefix, continuing the softmax that MODE 1 left in o_ptr and lse_ptr (sequences without a
+    prefix are left as they are)."""
     h = tl.program_id(1)
     if TILED:  # (sequence, query tile) from the map
         b = tl.load(tiles_ptr + 2 * tl.program_id(0))
@@ -104,9 +108,13 @@ def _prefill_kernel(
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
     m0 = m_blk * BLOCK_M
-    if m0 < q_len:
-        kv_len = tl.load(lens_ptr + b)
-        prefix = kv_len - q_len
+    prefix = 0
+    if MODE != 1:
+        prefix = tl.load(lens_ptr + b) - q_len
+    run = m0 < q_len
+    if MODE == 2:
+        run = run & (prefix > 0)
+    if run:
         hkv = h // GROUP
         # -- query tile [BLOCK_M, BLOCK_DH] x 2 halves
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -115,14 +123,22 @@ def _prefill_kernel(
         q_ptrs = q_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_qt + h * stride_qh + offs_dh[None, :]
         q_lo = tl.load(q_ptrs, mask=qmask, other=0.0)
         q_hi = tl.load(q_ptrs + HALF, mask=qmask, other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc_lo = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
-        acc_hi = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+        o_ptrs = o_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_dh[None, :]
+        lse_ptrs = lse_ptr + (q_start + offs_m).to(tl.int64) * stride_lt + h
+        if MODE == 2:  # the state MODE 1 left: acc = o with l = 1 at the running max m = its log2-sum-exp2
+            m_i = tl.load(lse_ptrs, mask=offs_m < q_len, other=0.0)
+            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+            acc_lo = tl.load(o_ptrs, mask=qmask, other=0.0).to(tl.float32)
+            acc_hi = tl.load(o_ptrs + HALF, mask=qmask, other=0.0).to(tl.float32)
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc_lo = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+            acc_hi = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
         bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-        if FRESH:
-            # the chunk's own keys first, from the float k_new / v_new (the query as loaded), in chunk coordinates:
-            # tiles below the first row (m0 < q_len) unmasked, then the diagonal
+        if MODE == 1:
+            # the chunk's own keys from the float k_new / v_new, in chunk coordinates: tiles below the first row
+            # (m0 < q_len) unmasked, then the diagonal
             kn_base = kn_ptr + q_start.to(tl.int64) * stride_knt + hkv * stride_knh
             vn_base = vn_ptr + q_start.to(tl.int64) * stride_vnt + hkv * stride_vnh
             c_full = 0
@@ -136,14 +152,12 @@ def _prefill_kernel(
                 m_i, l_i, acc_lo, acc_hi = _attend_fresh(
                     q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kn_base, vn_base, stride_knt, stride_vnt, n0, offs_m,
                     offs_dh, q_len, qk_scale, HALF, BLOCK_N, OFF64, MASKED=True)
-            # then the prefix from the cache: every row sees all of it, so only its last partial tile is masked
+        elif MODE == 2:
+            # the cached prefix: every row sees all of it, so only its last partial tile is masked
             q_lo, q_hi, qsum, qoff = prepare_query(q_lo, q_hi, KV_MODE, RAW)
             p_full = 0
             if UNMASKED:
                 p_full = prefix // BLOCK_N * BLOCK_N
-            if not PREFIX:  # the launch promised no sequence has one: the loops below are compiled out
-                prefix = 0
-                p_full = 0
             for n0 in range(0, p_full, BLOCK_N):
                 mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
                     bt_row, n0, prefix, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
@@ -161,7 +175,7 @@ def _prefill_kernel(
                     offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P)
         else:
             q_lo, q_hi, qsum, qoff = prepare_query(q_lo, q_hi, KV_MODE, RAW)
-            end = tl.minimum(kv_len, prefix + m0 + BLOCK_M)  # keys the last row can see
+            end = prefix + tl.minimum(q_len, m0 + BLOCK_M)  # keys the last row can see
             # key tiles that every row of the tile sees whole (up to the first row's position, which is inside the
             # sequence: m0 < q_len) take no masks; the rest, the diagonal and a sequence's last partial tile, do
             full_end = 0
@@ -186,9 +200,10 @@ def _prefill_kernel(
                     q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
                     offs_dh, mask_n, valid, qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P)
         inv_l = 1.0 / l_i
-        o_ptrs = o_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_dh[None, :]
         tl.store(o_ptrs, (acc_lo * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
         tl.store(o_ptrs + HALF, (acc_hi * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
+        if STORE_LSE:
+            tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=offs_m < q_len)
 
 
 _PREFILL = DirectLaunch(_prefill_kernel)  # lmq.kernels.launch
@@ -240,9 +255,10 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     `k_new`, `v_new` [T, H_kv, D] in q's dtype, rows aligned with q's: the new tokens' keys and values as the
     cache holds them (`write_kv(..., write_back=True)` leaves them so). Then each sequence's own chunk is attended
     from them, in float form, and only its cached prefix through the (quantized) cache: the same attention, at
-    the float cache's speed for the chunk. Without them every key is read from the cache. `has_prefix` False (with
-    k_new / v_new): the caller knows no sequence has a cached prefix (seq_lens == the chunk lengths), and the kernel
-    is built without its cache loops.
+    the float cache's speed for the chunk (two launches: the chunks, then the prefixes continuing each row's
+    softmax from the first launch's output and log-sum-exp). Without them every key is read from the cache.
+    `has_prefix` False (with k_new / v_new): the caller knows that no sequence has a cached prefix (seq_lens equal
+    the chunk lengths): the second launch is left out.
     """
     G = check_query_for_cache(q, cache)
     if q.dim() != 3:
@@ -289,21 +305,25 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     grid = (tiles.shape[0], H, 1) if tiles is not None else (cdiv(max_q_len, block_m), H, B)
     fresh = k_new is not None
     kn, vn = (k_new, v_new) if fresh else (q, q)
+    lse = torch.empty((T, H), dtype=torch.float32, device=q.device) if fresh and has_prefix else None
     # chunk rows' offsets are int32 unless they can reach 2^31 elements
     off64 = needs_off64(cache) or (fresh and (T + block_m) * max(kn.stride(0), vn.stride(0)) >= 2**31)
-    _PREFILL[grid](
-        q, cache.k, cache.v, ks, vs, block_tables, cu_seqlens_q, seq_lens, out, tiles if tiles is not None else out,
-        kn, vn, sm_scale * math.log2(math.e),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
-        ks.stride(0), ks.stride(1), block_tables.stride(0),
-        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
-        GROUP=G, HALF=half, BLOCK_DH=max(16, next_pow2(half)),
-        BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
-        OFF64=off64, ASM=use_asm(q), RAW=raw_codes(q, cache), SCALE_P=scale_probs(cache),
-        TILED=tiles is not None, UNMASKED=UNMASKED_TILES, FRESH=fresh,
-        PREFIX=has_prefix or not fresh, num_warps=num_warps, num_stages=num_stages,
-    )
+    # fresh: the chunks from k_new / v_new, then (has_prefix) the cached prefixes continue that softmax; one kernel
+    # doing both ran its chunk loop 1.5x slower than alone (H100, docs/benchmarks.md, ATTENTION, session 18)
+    for mode in ((1, 2) if has_prefix else (1,)) if fresh else (0,):
+        _PREFILL[grid](
+            q, cache.k, cache.v, ks, vs, block_tables, cu_seqlens_q, seq_lens, out,
+            tiles if tiles is not None else out, kn, vn, out if lse is None else lse, sm_scale * math.log2(math.e),
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
+            ks.stride(0), ks.stride(1), block_tables.stride(0),
+            kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), H,
+            GROUP=G, HALF=half, BLOCK_DH=max(16, next_pow2(half)),
+            BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
+            OFF64=off64, ASM=use_asm(q), RAW=raw_codes(q, cache), SCALE_P=scale_probs(cache),
+            TILED=tiles is not None, UNMASKED=UNMASKED_TILES, MODE=mode, STORE_LSE=mode == 1 and lse is not None,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return out
 
 

@@ -353,7 +353,7 @@ def fresh_kv(raw, q_lens, kv_dtype, dtype, device):
 
 
 def _check_prefill(device, kv_dtype, head_dim, q_lens, prefix_lens, num_heads, num_kv_heads,
-                   shared_blocks=0, block_size=16, q_dtype=None, tiled=False, fresh=False):
+                   shared_blocks=0, block_size=16, q_dtype=None, tiled=False, fresh=False, has_prefix=True):
     lens = [n + p for n, p in zip(q_lens, prefix_lens)]
     cache, tables, seq_lens, raw = make_paged(kv_dtype, lens, num_kv_heads, head_dim, device,
                                               block_size=block_size, shared_blocks=shared_blocks)
@@ -365,7 +365,7 @@ def _check_prefill(device, kv_dtype, head_dim, q_lens, prefix_lens, num_heads, n
         k, v = fresh_kv(raw, q_lens, kv_dtype, q.dtype, device)
         wide = torch.full((k.shape[0], 3, num_kv_heads, head_dim), float("nan"), dtype=q.dtype, device=device)
         wide[:, 0], wide[:, 2] = k, v
-        kw = {"k_new": wide[:, 0], "v_new": wide[:, 2]}
+        kw = {"k_new": wide[:, 0], "v_new": wide[:, 2], "has_prefix": has_prefix}
     if tiled:  # a tile map with spare entries, as a CUDA graph of many sequences launches it
         from lmq.kernels.attention_prefill import graph_block_m, max_tiles, tile_map
 
@@ -417,6 +417,14 @@ def test_prefill_unmasked_key_tiles_change_nothing(device, kv_dtype, monkeypatch
         assert torch.equal(outs[0], outs[1])
     else:
         assert rel_err(outs[0], outs[1]) < 1e-3
+
+
+@pytest.mark.parametrize("kv_dtype", CPU_KV)
+def test_prefill_fresh_without_prefixes_in_one_launch(device, kv_dtype):
+    """No sequence has a cached prefix and the caller says so: one launch over the chunks (the second, which continues
+    the softmax over the prefixes, is left out), the same attention."""
+    _check_prefill(device, kv_dtype, 64, q_lens=[1, 17, 40, 16], prefix_lens=[0, 0, 0, 0], num_heads=4,
+                   num_kv_heads=2, fresh=True, has_prefix=False)
 
 
 def test_prefill_rejects_bad_fresh_kv(device):

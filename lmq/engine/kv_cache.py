@@ -34,8 +34,8 @@ from lmq.kernels.kv_quant import KV_DTYPES, PagedKV, write_kv, write_kv_ref
 
 # Prefill steps attend each sequence's new chunk from its k / v rows, rewritten by the write path as the cache holds
 # them (`write_kv(..., write_back=True)`), and only its cached prefix through the cache: the same attention, but an
-# int8 / int4 cache's chunk runs the float tile loop (offline SASS, sm_90, 64 x 64 tile a warp: 396-404
-# instructions against 929-938 int8 and 883 int4). False: every key read through the cache (for A/B timing).
+# int8 / int4 cache's chunk runs the float tile loop (offline SASS, sm_90, 64 x 64 tile a warp: 398 instructions
+# against 937 int8 and 883 int4). False: every key read through the cache (for A/B timing).
 FRESH_PREFILL = True
 DEFAULT_BLOCK_SIZE = 128  # tokens per block: a decode tile (128 tokens on GPU) reads one block
 
@@ -378,6 +378,9 @@ class AttentionBatch:
     # map), for a launch planned once for many sequences (a CUDA graph's); None: one grid row per sequence
     tiles: torch.Tensor | None = None
     block_m: int | None = None
+    # prefill: whether any sequence may have a cached prefix (False when the host knows none has: prefill attention
+    # then leaves out its launch over the prefixes); True for a launch planned once for any step (a CUDA graph's)
+    has_prefix: bool = True
 
 
 def build_batch(manager: BlockManager, spans: list[tuple[int, int, int]], is_prefill: bool,
@@ -405,6 +408,7 @@ def build_batch(manager: BlockManager, spans: list[tuple[int, int, int]], is_pre
         cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
         max_q_len=max(e - s for _, s, e in spans), max_seq_len=max(lens), is_prefill=is_prefill,
+        has_prefix=any(start > 0 for _, start, _ in spans),
     )
 
 
@@ -518,7 +522,8 @@ class KVCache:
             write_kv(k, v, cache, batch.slot_mapping, write_back=fresh)
             return prefill_attention(q, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens,
                                      max_q_len=batch.max_q_len, sm_scale=sm_scale, tiles=batch.tiles,
-                                     block_m=batch.block_m, k_new=k if fresh else None, v_new=v if fresh else None)
+                                     block_m=batch.block_m, k_new=k if fresh else None, v_new=v if fresh else None,
+                                     has_prefix=batch.has_prefix)
         self.write(layer, k, v, batch.slot_mapping)
         return decode_attention(q, cache, batch.block_tables, batch.seq_lens, sm_scale=sm_scale,
                                 max_seq_len=batch.max_seq_len)
