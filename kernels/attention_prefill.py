@@ -95,8 +95,8 @@ def _prefill_kernel(
     MODE: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """MODE 0: every key through the cache, causal. MODE 1: the chunk's own keys from k_new / v_new (kn_ptr, vn_ptr),
-    causal in the chunk; STORE_LSE: each row's log2-sum-exp2 of its scores to lse_ptr [T, H] fp32. MODE 2: a
-    sequence's cached prefix, continuing the softmax that MODE 1 left in o_ptr and lse_ptr (sequences without a
+    causal in the chunk; STORE_LSE: each row's running max and sum (log2 domain) to lse_ptr [T, H, 2] fp32. MODE 2:
+    a sequence's cached prefix, continuing the softmax that MODE 1 left in o_ptr and lse_ptr (sequences without a
     prefix are left as they are)."""
     h = tl.program_id(1)
     if TILED:  # (sequence, query tile) from the map
@@ -124,12 +124,13 @@ def _prefill_kernel(
         q_lo = tl.load(q_ptrs, mask=qmask, other=0.0)
         q_hi = tl.load(q_ptrs + HALF, mask=qmask, other=0.0)
         o_ptrs = o_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_dh[None, :]
-        lse_ptrs = lse_ptr + (q_start + offs_m).to(tl.int64) * stride_lt + h
-        if MODE == 2:  # the state MODE 1 left: acc = o with l = 1 at the running max m = its log2-sum-exp2
-            m_i = tl.load(lse_ptrs, mask=offs_m < q_len, other=0.0)
-            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
-            acc_lo = tl.load(o_ptrs, mask=qmask, other=0.0).to(tl.float32)
-            acc_hi = tl.load(o_ptrs + HALF, mask=qmask, other=0.0).to(tl.float32)
+        ml_ptrs = lse_ptr + (q_start + offs_m).to(tl.int64) * stride_lt + 2 * h
+        if MODE == 2:  # the state MODE 1 left: max m, sum l, acc = o l (anchored at the max, as it was: with m at
+            # the log-sum-exp instead, the probabilities shrink by up to 1 / l and int8's p s fell to fp16 subnormals)
+            m_i = tl.load(ml_ptrs, mask=offs_m < q_len, other=0.0)
+            l_i = tl.load(ml_ptrs + 1, mask=offs_m < q_len, other=1.0)
+            acc_lo = tl.load(o_ptrs, mask=qmask, other=0.0).to(tl.float32) * l_i[:, None]
+            acc_hi = tl.load(o_ptrs + HALF, mask=qmask, other=0.0).to(tl.float32) * l_i[:, None]
         else:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -203,7 +204,8 @@ def _prefill_kernel(
         tl.store(o_ptrs, (acc_lo * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
         tl.store(o_ptrs + HALF, (acc_hi * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
         if STORE_LSE:
-            tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=offs_m < q_len)
+            tl.store(ml_ptrs, m_i, mask=offs_m < q_len)
+            tl.store(ml_ptrs + 1, l_i, mask=offs_m < q_len)
 
 
 _PREFILL = DirectLaunch(_prefill_kernel)  # lmq.kernels.launch
@@ -256,7 +258,7 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     cache holds them (`write_kv(..., write_back=True)` leaves them so). Then each sequence's own chunk is attended
     from them, in float form, and only its cached prefix through the (quantized) cache: the same attention, at
     the float cache's speed for the chunk (two launches: the chunks, then the prefixes continuing each row's
-    softmax from the first launch's output and log-sum-exp). Without them every key is read from the cache.
+    softmax from the first launch's output, max and sum). Without them every key is read from the cache.
     `has_prefix` False (with k_new / v_new): the caller knows that no sequence has a cached prefix (seq_lens equal
     the chunk lengths): the second launch is left out.
     """
@@ -305,10 +307,10 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     grid = (tiles.shape[0], H, 1) if tiles is not None else (cdiv(max_q_len, block_m), H, B)
     fresh = k_new is not None
     kn, vn = (k_new, v_new) if fresh else (q, q)
-    lse = torch.empty((T, H), dtype=torch.float32, device=q.device) if fresh and has_prefix else None
+    lse = torch.empty((T, H, 2), dtype=torch.float32, device=q.device) if fresh and has_prefix else None
     # chunk rows' offsets are int32 unless they can reach 2^31 elements
     off64 = needs_off64(cache) or (fresh and (T + block_m) * max(kn.stride(0), vn.stride(0)) >= 2**31)
-    # fresh: the chunks from k_new / v_new, then (has_prefix) the cached prefixes continue that softmax; one kernel
+    # fresh: the chunks from k_new / v_new, then (has_prefix) the cached prefixes continue their softmax; one kernel
     # doing both ran its chunk loop 1.5x slower than alone (H100, docs/benchmarks.md, ATTENTION, session 18)
     for mode in ((1, 2) if has_prefix else (1,)) if fresh else (0,):
         _PREFILL[grid](
@@ -317,7 +319,7 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             cache.k.stride(0), cache.k.stride(1), cache.k.stride(2), cache.v.stride(0), cache.v.stride(1),
             ks.stride(0), ks.stride(1), block_tables.stride(0),
-            kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), H,
+            kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), 2 * H,
             GROUP=G, HALF=half, BLOCK_DH=max(16, next_pow2(half)),
             BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
             OFF64=off64, ASM=use_asm(q), RAW=raw_codes(q, cache), SCALE_P=scale_probs(cache),
