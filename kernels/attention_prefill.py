@@ -125,17 +125,10 @@ def _prefill_kernel(
         q_hi = tl.load(q_ptrs + HALF, mask=qmask, other=0.0)
         o_ptrs = o_ptr + (q_start + offs_m[:, None]).to(tl.int64) * stride_ot + h * stride_oh + offs_dh[None, :]
         ml_ptrs = lse_ptr + (q_start + offs_m).to(tl.int64) * stride_lt + 2 * h
-        if MODE == 2:  # the state MODE 1 left: max m, sum l, acc = o l (anchored at the max, as it was: with m at
-            # the log-sum-exp instead, the probabilities shrink by up to 1 / l and int8's p s fell to fp16 subnormals)
-            m_i = tl.load(ml_ptrs, mask=offs_m < q_len, other=0.0)
-            l_i = tl.load(ml_ptrs + 1, mask=offs_m < q_len, other=1.0)
-            acc_lo = tl.load(o_ptrs, mask=qmask, other=0.0).to(tl.float32) * l_i[:, None]
-            acc_hi = tl.load(o_ptrs + HALF, mask=qmask, other=0.0).to(tl.float32) * l_i[:, None]
-        else:
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc_lo = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
-            acc_hi = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc_lo = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
+        acc_hi = tl.zeros([BLOCK_M, BLOCK_DH], tl.float32)
         bt_row = bt_ptr + b.to(tl.int64) * stride_btb
         if MODE == 1:
             # the chunk's own keys from the float k_new / v_new, in chunk coordinates: tiles below the first row
@@ -200,6 +193,18 @@ def _prefill_kernel(
                 m_i, l_i, acc_lo, acc_hi = attend_tile(
                     q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
                     offs_dh, mask_n, valid, qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P)
+        if MODE == 2:
+            # merged with the state MODE 1 left (max m, sum l, o), after the loops: a state loaded before them would
+            # give the loop-carried accumulators its layout (offline SASS: 1,081 instructions a tile against 937)
+            m_c = tl.load(ml_ptrs, mask=offs_m < q_len, other=0.0)
+            l_c = tl.load(ml_ptrs + 1, mask=offs_m < q_len, other=1.0)
+            m_new = tl.maximum(m_i, m_c)
+            alpha = tl.math.exp2(m_i - m_new)
+            beta = tl.math.exp2(m_c - m_new) * l_c
+            l_i = l_i * alpha + beta
+            acc_lo = acc_lo * alpha[:, None] + tl.load(o_ptrs, mask=qmask, other=0.0).to(tl.float32) * beta[:, None]
+            acc_hi = acc_hi * alpha[:, None] \
+                + tl.load(o_ptrs + HALF, mask=qmask, other=0.0).to(tl.float32) * beta[:, None]
         inv_l = 1.0 / l_i
         tl.store(o_ptrs, (acc_lo * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
         tl.store(o_ptrs + HALF, (acc_hi * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
