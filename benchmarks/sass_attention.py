@@ -91,7 +91,7 @@ def compile_prefill(kv_mode: int, unmasked: bool = True, cc: int = 90, mode: int
     consts = {"GROUP": 4, "HALF": 64, "BLOCK_DH": 64, "BLOCK_M": block_m, "BLOCK_N": block_n, "PAGE": 64,
               "KV_MODE": kv_mode, "OFF64": False, "ASM": True, "RAW": kv_mode != 0, "SCALE_P": kv_mode == 1,
               "TILED": False, "UNMASKED": unmasked, "MODE": mode,
-              "STORE_LSE": mode == 1}
+              "MERGE": mode == 1}
     code = "*u8" if kv_mode else "*fp16"
     ptrs = {"q_ptr": "*fp16", "kc_ptr": code, "vc_ptr": code, "ks_ptr": "*i32", "vs_ptr": "*i32", "bt_ptr": "*i32",
             "cu_q_ptr": "*i32", "lens_ptr": "*i32", "o_ptr": "*fp16", "tiles_ptr": "*i32", "kn_ptr": "*fp16",

@@ -92,12 +92,12 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HALF: tl.constexpr, BLOCK_DH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, KV_MODE: tl.constexpr, OFF64: tl.constexpr,
     ASM: tl.constexpr, RAW: tl.constexpr, SCALE_P: tl.constexpr, TILED: tl.constexpr, UNMASKED: tl.constexpr,
-    MODE: tl.constexpr, STORE_LSE: tl.constexpr,
+    MODE: tl.constexpr, MERGE: tl.constexpr,
 ):
-    """MODE 0: every key through the cache, causal. MODE 1: the chunk's own keys from k_new / v_new (kn_ptr, vn_ptr),
-    causal in the chunk; STORE_LSE: each row's running max and sum (log2 domain) to lse_ptr [T, H, 2] fp32. MODE 2:
-    a sequence's cached prefix, continuing the softmax that MODE 1 left in o_ptr and lse_ptr (sequences without a
-    prefix are left as they are)."""
+    """MODE 0: every key through the cache, causal. MODE 2: a sequence's cached prefix only (sequences without one are
+    skipped), its rows' softmax state left in o_ptr and lse_ptr [T, H, 2] fp32 (running max and sum, log2 domain).
+    MODE 1: the chunk's own keys from k_new / v_new (kn_ptr, vn_ptr), causal in the chunk; MERGE: then merged with
+    the state MODE 2 left, for sequences with a prefix."""
     h = tl.program_id(1)
     if TILED:  # (sequence, query tile) from the map
         b = tl.load(tiles_ptr + 2 * tl.program_id(0))
@@ -109,7 +109,7 @@ def _prefill_kernel(
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
     m0 = m_blk * BLOCK_M
     prefix = 0
-    if MODE != 1:
+    if MODE != 1 or MERGE:
         prefix = tl.load(lens_ptr + b) - q_len
     run = m0 < q_len
     if MODE == 2:
@@ -193,22 +193,24 @@ def _prefill_kernel(
                 m_i, l_i, acc_lo, acc_hi = attend_tile(
                     q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
                     offs_dh, mask_n, valid, qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P)
-        if MODE == 2:
-            # merged with the state MODE 1 left (max m, sum l, o), after the loops: a state loaded before them would
-            # give the loop-carried accumulators its layout (offline SASS: 1,081 instructions a tile against 937)
-            m_c = tl.load(ml_ptrs, mask=offs_m < q_len, other=0.0)
-            l_c = tl.load(ml_ptrs + 1, mask=offs_m < q_len, other=1.0)
-            m_new = tl.maximum(m_i, m_c)
-            alpha = tl.math.exp2(m_i - m_new)
-            beta = tl.math.exp2(m_c - m_new) * l_c
-            l_i = l_i * alpha + beta
-            acc_lo = acc_lo * alpha[:, None] + tl.load(o_ptrs, mask=qmask, other=0.0).to(tl.float32) * beta[:, None]
-            acc_hi = acc_hi * alpha[:, None] \
-                + tl.load(o_ptrs + HALF, mask=qmask, other=0.0).to(tl.float32) * beta[:, None]
+        if MERGE:  # merged with the state MODE 2 left (max m, sum l, o). Done here, not by MODE 2 after its loops:
+            # there the merge's loads live across the long quantized loop (offline SASS: 1,089 instructions a tile
+            # against 930)
+            if prefix > 0:
+                m_c = tl.load(ml_ptrs, mask=offs_m < q_len, other=0.0)
+                l_c = tl.load(ml_ptrs + 1, mask=offs_m < q_len, other=1.0)
+                m_new = tl.maximum(m_i, m_c)
+                alpha = tl.math.exp2(m_i - m_new)
+                beta = tl.math.exp2(m_c - m_new) * l_c
+                l_i = l_i * alpha + beta
+                o_lo = tl.load(o_ptrs, mask=qmask, other=0.0).to(tl.float32)
+                o_hi = tl.load(o_ptrs + HALF, mask=qmask, other=0.0).to(tl.float32)
+                acc_lo = acc_lo * alpha[:, None] + o_lo * beta[:, None]
+                acc_hi = acc_hi * alpha[:, None] + o_hi * beta[:, None]
         inv_l = 1.0 / l_i
         tl.store(o_ptrs, (acc_lo * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
         tl.store(o_ptrs + HALF, (acc_hi * inv_l[:, None]).to(o_ptr.dtype.element_ty), mask=qmask)
-        if STORE_LSE:
+        if MODE == 2:
             tl.store(ml_ptrs, m_i, mask=offs_m < q_len)
             tl.store(ml_ptrs + 1, l_i, mask=offs_m < q_len)
 
@@ -262,8 +264,8 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     `k_new`, `v_new` [T, H_kv, D] in q's dtype, rows aligned with q's: the new tokens' keys and values as the
     cache holds them (`write_kv(..., write_back=True)` leaves them so). Then each sequence's own chunk is attended
     from them, in float form, and only its cached prefix through the (quantized) cache: the same attention, at
-    the float cache's speed for the chunk (two launches: the chunks, then the prefixes continuing each row's
-    softmax from the first launch's output, max and sum). Without them every key is read from the cache.
+    the float cache's speed for the chunk (two launches: the prefixes, then the chunks, merged with the first
+    launch's output, max and sum). Without them every key is read from the cache.
     `has_prefix` False (with k_new / v_new): the caller knows that no sequence has a cached prefix (seq_lens equal
     the chunk lengths): the second launch is left out.
     """
@@ -315,9 +317,9 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     lse = torch.empty((T, H, 2), dtype=torch.float32, device=q.device) if fresh and has_prefix else None
     # chunk rows' offsets are int32 unless they can reach 2^31 elements
     off64 = needs_off64(cache) or (fresh and (T + block_m) * max(kn.stride(0), vn.stride(0)) >= 2**31)
-    # fresh: the chunks from k_new / v_new, then (has_prefix) the cached prefixes continue their softmax; one kernel
+    # fresh: (has_prefix) the cached prefixes, then the chunks from k_new / v_new, merged with them; one kernel
     # doing both ran its chunk loop 1.5x slower than alone (H100, docs/benchmarks.md, ATTENTION, session 18)
-    for mode in ((1, 2) if has_prefix else (1,)) if fresh else (0,):
+    for mode in ((2, 1) if has_prefix else (1,)) if fresh else (0,):
         _PREFILL[grid](
             q, cache.k, cache.v, ks, vs, block_tables, cu_seqlens_q, seq_lens, out,
             tiles if tiles is not None else out, kn, vn, out if lse is None else lse, sm_scale * math.log2(math.e),
@@ -328,7 +330,7 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
             GROUP=G, HALF=half, BLOCK_DH=max(16, next_pow2(half)),
             BLOCK_M=block_m, BLOCK_N=block_n, PAGE=cache.block_size, KV_MODE=KV_MODE[cache.kv_dtype],
             OFF64=off64, ASM=use_asm(q), RAW=raw_codes(q, cache), SCALE_P=scale_probs(cache),
-            TILED=tiles is not None, UNMASKED=UNMASKED_TILES, MODE=mode, STORE_LSE=mode == 1 and lse is not None,
+            TILED=tiles is not None, UNMASKED=UNMASKED_TILES, MODE=mode, MERGE=mode == 1 and lse is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
     return out
