@@ -154,6 +154,8 @@ def bench_latency(llm: LLM, batches: list[int], in_lens: list[int], out_lens: li
             for n_out in out_lens:
                 reqs = random_requests(B, n_in, n_out, vocab, seed)
                 run_engine(llm, reqs)  # warm-up
+                # cold: the rows share leading tokens (one seed), and a TTFT over a cached prefix measures less work
+                llm.reset_prefix_cache()
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 r = run_engine(llm, random_requests(B, n_in, n_out, vocab, seed + 1))
@@ -180,6 +182,7 @@ def bench_latency(llm: LLM, batches: list[int], in_lens: list[int], out_lens: li
 def bench_throughput(llm: LLM, requests: list[Request], concurrency: int | None, baseline=None,
                      hf_batch: int = 64) -> dict:
     run_engine(llm, requests[: min(len(requests), 2 * llm.max_num_seqs)], concurrency)  # warm-up
+    llm.reset_prefix_cache()  # the warm-up ran the same prompts: the measured run must not find them cached
     row = {"concurrency": concurrency, **run_engine(llm, requests, concurrency)}
     if baseline is not None:
         row["hf"] = baseline.throughput(requests, hf_batch)

@@ -27,10 +27,20 @@ def test_report_has_vllm_metrics_and_a_baseline():
         assert r["hf"]["output_tok_s"] > 0 and r["speedup_output_tok_s"] > 0
     tp = report["throughput"]
     assert tp["requests"] == 4 and tp["output_tokens"] > 0 and tp["req_s"] > 0
+    # measured runs start cold: no prompt finds its K/V left by a warm-up or an earlier row in the prefix cache
+    assert [r["cached_tokens"] for r in lat] == [0, 0] and tp["cached_tokens"] == 0
     assert tp["total_tok_s"] > tp["output_tok_s"] and tp["hf"]["req_s"] > 0
     turns = report["multiturn"]
     assert [t["turn"] for t in turns] == [1, 2] and turns[1]["prompt_tokens"] == 32 + 3 + 32
     assert "| batch |" in text and "| turn |" in text and report["hf"]["weights"] == "random"
+
+
+def test_latency_rows_start_with_a_cold_prefix_cache():
+    """Each latency row's requests repeat the earlier rows' (the same seed: request 0 of batch 2 is batch 1's) and its
+    own warm-up's lengths: the measured run must still compute every prompt token."""
+    report, _ = run_bench(None, "smollm2-135m", modes="latency", **{**SMALL, "input_lens": "130,200"})
+    assert [(r["batch"], r["input_len"], r["cached_tokens"]) for r in report["latency"]] == \
+        [(1, 130, 0), (1, 200, 0), (2, 130, 0), (2, 200, 0)]
 
 
 def test_cli_routes_bench_to_e2e_and_prints_json():

@@ -245,6 +245,18 @@ def test_sizing_from_a_budget():
         resolve_kv_dtype("int2", torch.float16)
 
 
+def test_forget_cached_drops_free_prefixes_only():
+    m = BlockManager(16, block_size=4)
+    prompt = list(range(100, 110))
+    m.allocate(1, prompt)
+    m.allocate(2, list(range(200, 210)))
+    m.seal_block(2, list(range(200, 210)), 10)
+    m.free(1, 10, prompt)  # its two full blocks and its partial third stay cached
+    assert m.forget_cached() == 3
+    assert m.allocate(3, prompt) == 0  # nothing left to reuse
+    assert m.allocate(4, list(range(200, 208)) + [1, 2, 3]) == 8  # sequence 2 still holds its blocks
+
+
 @pytest.mark.parametrize("kv_dtype", ["fp16", "int8", "int4"])
 def test_cache_end_to_end_with_manager(device, kv_dtype):
     """Blocks from the manager, K/V written through KVCache, decode over the tables equals plain

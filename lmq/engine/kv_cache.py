@@ -282,6 +282,16 @@ class BlockManager:
                 parent = seq.last_hash if i == seq.num_hashed else _chain_hash(token_ids, i, bs)
                 self._keep_partial(b, parent, token_ids[i * bs:written])
 
+    def forget_cached(self) -> int:
+        """Drop the cached prefixes that free blocks still hold (blocks in use keep theirs), so that later prompts
+        find none of them; returns how many blocks were forgotten. A benchmark calls it after its warm-up, whose
+        prompts' K/V would otherwise serve the measured run."""
+        free = [b for b in {*self._block_hash, *self._block_partial, *self._unwritten}
+                if self.allocator.refcount[b] == 0]
+        for b in free:
+            self._forget(b)
+        return len(free)
+
     # -- internals
     def _fresh_block(self) -> int:
         """A block from the free list; whatever prefix it held is forgotten (it gets overwritten)."""

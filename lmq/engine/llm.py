@@ -197,6 +197,11 @@ class LLM:
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix not held by a running request (`BlockManager.forget_cached`); returns how many
+        blocks were forgotten."""
+        return self.manager.forget_cached()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
