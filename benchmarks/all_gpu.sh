@@ -35,6 +35,8 @@
 #                     and 4,096-token prompts (synthetic Llama-3-8B, int8 and int4 KV) with the switch on and off, REPS
 #                     times (default 1)
 #   STAGES=freshtests the GPU tests of the write path, prefill attention and the engine's prefill and mixed steps
+#   STAGES=cold       (session 18, after `lmq bench` started its measured runs with a cold prefix cache) ENGINE's
+#                     end-to-end command, then the FRESH_PREFILL A/B of stage fresh for int8 KV
 # Logs and tables land in $OUT/<stage>/. Used for the H200 tables of docs/benchmarks.md.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -57,6 +59,24 @@ e2e_bench() {
   timeout 300 lmq bench --synthetic llama3-8b --batch 1,16 --input-len 128,1024 --output-len 64 --num-requests 64 \
     --turns 4 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --json >"$1/e2e.json" 2>"$1/e2e.log"
   render_e2e "$1/e2e"
+}
+# batch-1 TTFT of 1,024- and 4,096-token prompts (synthetic Llama-3-8B) with kv_cache.FRESH_PREFILL on and off, for the
+# KV dtypes $2, REPS times (default 1), into $1/e2e-<kv>-<switch>-<rep>.log
+fresh_ab() {
+  for rep in $(seq "${REPS:-1}"); do
+    for kd in $2; do
+      for f in True False; do
+        timeout 100 python3 -c "
+import sys, lmq.engine.kv_cache as c
+c.FRESH_PREFILL = $f
+from lmq.cli import app
+sys.argv = ['lmq', 'bench', '--synthetic', 'llama3-8b', '--mode', 'latency', '--batch', '1', '--input-len',
+            '1024,4096', '--output-len', '8', '--kv-dtype', '$kd', '--max-model-len', '8192', '--cache-max-memory', '16GiB']
+app()" >"$1/e2e-$kd-$f-$rep.log" 2>&1
+        echo "rep $rep $kd FRESH_PREFILL=$f: $(grep -E '^latency' "$1/e2e-$kd-$f-$rep.log" | tr '\n' ' ')"
+      done
+    done
+  done
 }
 # the tables of an `lmq bench --json` report $1.json, printed and kept as $1.md
 render_e2e() {
@@ -187,20 +207,11 @@ app()" >"$OUT/prefill/e2e-$u-$rep.log" 2>&1
     ;;
   fresh)
     timeout 240 python3 benchmarks/attention_sweep.py --prefill-fresh 2>&1 | grep -v Warn | tee "$OUT/fresh/sweep.log"
-    for rep in $(seq "${REPS:-1}"); do
-      for kd in int8 int4; do
-        for f in True False; do
-          timeout 100 python3 -c "
-import sys, lmq.engine.kv_cache as c
-c.FRESH_PREFILL = $f
-from lmq.cli import app
-sys.argv = ['lmq', 'bench', '--synthetic', 'llama3-8b', '--mode', 'latency', '--batch', '1', '--input-len',
-            '1024,4096', '--output-len', '8', '--kv-dtype', '$kd', '--max-model-len', '8192', '--cache-max-memory', '16GiB']
-app()" >"$OUT/fresh/e2e-$kd-$f-$rep.log" 2>&1
-          echo "rep $rep $kd FRESH_PREFILL=$f: $(grep -E '^latency' "$OUT/fresh/e2e-$kd-$f-$rep.log" | tr '\n' ' ')"
-        done
-      done
-    done
+    fresh_ab "$OUT/fresh" "int8 int4"
+    ;;
+  cold)
+    e2e_bench "$OUT/cold"
+    fresh_ab "$OUT/cold" int8
     ;;
   det)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py -k deterministic >"$OUT/det/tests.log" 2>&1
