@@ -289,10 +289,15 @@ def test_cache_end_to_end_with_manager(device, kv_dtype):
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
-def test_engine_step_sequence_matches_dense_attention(device, kv_dtype):
+@pytest.mark.parametrize("fresh_min_rows", [512, 1])
+def test_engine_step_sequence_matches_dense_attention(device, kv_dtype, fresh_min_rows, monkeypatch):
     """Chunked prefill, prefix reuse across sequences and decode steps through `KVCache.attention`
-    give, row for row, causal attention over RoPE'd, fake-quantized K/V computed densely."""
+    give, row for row, causal attention over RoPE'd, fake-quantized K/V computed densely. (`FRESH_MIN_ROWS` 1: the
+    chunks after a prefix also attend their own K/V from k and v, in two launches.)"""
+    import lmq.engine.kv_cache as kvc
     from lmq.engine.kv_cache import build_batch
+
+    monkeypatch.setattr(kvc, "FRESH_MIN_ROWS", fresh_min_rows)
     from lmq.kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
 
     H, H_kv, D, bs = 4, 2, 64, 16

@@ -37,6 +37,11 @@ from lmq.kernels.kv_quant import KV_DTYPES, PagedKV, write_kv, write_kv_ref
 # int8 / int4 cache's chunk runs the float tile loop (offline SASS, sm_90, 64 x 64 tile a warp: 398 instructions
 # against 937 int8 and 883 int4). False: every key read through the cache (for A/B timing).
 FRESH_PREFILL = True
+# ... for steps without a cached prefix, or of at least this many rows: over a prefix it takes two launches (the
+# prefix, then the chunk merged with it), which lose to one launch through the cache on a short chunk. H100, same run
+# (docs/benchmarks.md, ATTENTION, session 18), us, one launch / two: 64 rows over 4,032 cached tokens int8 92.8 / 98.2,
+# fp16 69.9 / 74.9; 512 over 3,584 int8 293.2 / 297.3; 2,048 over 2,048 int8 563.1 / 452.0, int4 513.2 / 423.4.
+FRESH_MIN_ROWS = 512
 DEFAULT_BLOCK_SIZE = 128  # tokens per block: a decode tile (128 tokens on GPU) reads one block
 
 
@@ -528,7 +533,7 @@ class KVCache:
             return decode_attention_ref(q, cache, batch.block_tables, batch.seq_lens, sm_scale=sm_scale)
         if batch.is_prefill:
             # the chunk's own keys and values are attended from k and v, rewritten as the cache holds them
-            fresh = FRESH_PREFILL and k.dtype == q.dtype
+            fresh = FRESH_PREFILL and k.dtype == q.dtype and (not batch.has_prefix or batch.max_q_len >= FRESH_MIN_ROWS)
             write_kv(k, v, cache, batch.slot_mapping, write_back=fresh)
             return prefill_attention(q, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens,
                                      max_q_len=batch.max_q_len, sm_scale=sm_scale, tiles=batch.tiles,
