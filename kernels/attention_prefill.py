@@ -16,6 +16,12 @@ the spare ones), program (i, head) takes the map's i-th tile instead: a launch s
 sequences (a CUDA graph's) then runs as many programs as its longest possible tiling, not
 sequences x the longest sequence's tiles. Flash attention:
 https://arxiv.org/abs/2205.14135
+
+Given the new tokens' keys and values in float form (`k_new`, `v_new`: what the cache now holds, which
+`write_kv(..., write_back=True)` leaves in the step's k / v rows), each sequence's own chunk is attended from them
+in the float tile loop and only its cached prefix through the cache: two launches when a sequence has a prefix
+(MODE 2: the prefixes, leaving each row's output, max and sum; MODE 1: the chunks, merged with that state), one
+(MODE 1) when none has. MODE 0 reads every key through the cache.
 """
 
 from __future__ import annotations

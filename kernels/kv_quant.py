@@ -463,8 +463,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache: PagedKV, slot_mapping: tor
     write_back: an int8 / int4 cache's new rows are also written back into k and v as the cache now holds them
     (`fake_quantize_kv` of each row: codes times scale plus zero in fp32, rounded to k's dtype), so that prefill
     attention can take the chunk's own keys and values from k and v in their float form (`prefill_attention`'s
-    `k_new` / `v_new`) and still attend exactly what later steps read from the cache. Rows with slot -1 are left
-    as they were. A float cache holds k and v as given (in the cache's dtype): nothing is written back."""
+    `k_new` / `v_new`) and still attend what later steps read from the cache (up to that one rounding to k's
+    dtype: at most 2^-11 relative in fp16, 2^-8 in bf16). Rows with slot -1 are left as they were. A float cache
+    holds k and v as given (in the cache's dtype): nothing is written back."""
     _check_new_kv(k, v, cache, slot_mapping)
     T, H, D = k.shape
     if T == 0:

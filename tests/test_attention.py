@@ -429,6 +429,24 @@ def test_prefill_fresh_without_prefixes_in_one_launch(device, kv_dtype):
                    num_kv_heads=2, fresh=True, has_prefix=False)
 
 
+@pytest.mark.parametrize("has_prefix", [False, True])
+def test_prefill_reads_the_chunk_from_k_new(device, has_prefix):
+    """With k_new / v_new the chunk's keys come from them, not from the cache (the other tests give them what the
+    cache holds, which a launch that ignored them would also pass): other values there move the output."""
+    q_lens, prefix_lens = [17, 40], [0, 21 if has_prefix else 0]
+    lens = [n + p for n, p in zip(q_lens, prefix_lens)]
+    cache, tables, seq_lens, raw = make_paged("int8", lens, 2, 64, device)
+    cu = torch.tensor([0, 17, 57], dtype=torch.int32, device=device)
+    q = torch.randn(57, 4, 64, device=device).half()
+    k, v = fresh_kv(raw, q_lens, "int8", q.dtype, device)
+    ref = prefill_attention_ref(q, cache, tables, cu, seq_lens)
+    kw = {"has_prefix": has_prefix}
+    assert rel_err(prefill_attention(q, cache, tables, cu, seq_lens, k_new=k, v_new=v, **kw), ref) < TOL["int8"]
+    assert rel_err(prefill_attention(q, cache, tables, cu, seq_lens, k_new=torch.ones_like(k), v_new=v, **kw),
+                   ref) > 0.1
+    assert rel_err(prefill_attention(q, cache, tables, cu, seq_lens, k_new=k, v_new=v + 1, **kw), ref) > 0.1
+
+
 def test_prefill_rejects_bad_fresh_kv(device):
     cache, tables, seq_lens, _ = make_paged("int8", [5], 2, 64, device)
     q = torch.randn(5, 4, 64, device=device).half()
@@ -514,9 +532,9 @@ def test_prefill_gpu_long(device, kv_dtype, head_dim, fresh):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
 def test_prefill_fresh_is_as_exact_over_a_long_prefix(device, kv_dtype):
-    """A long chunk over a long prefix in two launches (the chunk, then the prefix continuing its softmax) is as exact
-    as one launch over the cache: the second starts from the first's max and sum, not its log-sum-exp (from which
-    int8's scaled probabilities fell to fp16 subnormals: 1.3e-3 against 6.3e-4 on an H100)."""
+    """A long chunk over a long prefix in two launches (the prefix, then the chunk merged with its state) is as exact
+    as one launch over the cache: the state is a max and a sum, not a log-sum-exp (from which int8's scaled
+    probabilities fell to fp16 subnormals when the softmax continued from it: 1.3e-3 against 6.3e-4 on an H100)."""
     errs = [_check_prefill(device, kv_dtype, 128, q_lens=[2048], prefix_lens=[2048], num_heads=32, num_kv_heads=8,
                            block_size=128, fresh=fresh) for fresh in (False, True)]
     assert errs[1] < 1.3 * errs[0] + 5e-5, errs

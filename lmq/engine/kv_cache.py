@@ -41,6 +41,8 @@ FRESH_PREFILL = True
 # prefix, then the chunk merged with it), which lose to one launch through the cache on a short chunk. H100, same run
 # (docs/benchmarks.md, ATTENTION, session 18), us, one launch / two: 64 rows over 4,032 cached tokens int8 92.8 / 98.2,
 # fp16 69.9 / 74.9; 512 over 3,584 int8 293.2 / 297.3; 2,048 over 2,048 int8 563.1 / 452.0, int4 513.2 / 423.4.
+# A CUDA-graph step is planned at capture for any step of its bucket (has_prefix True, max_q_len the bucket): it
+# decides by the bucket, a many-sequence graph by its total rows.
 FRESH_MIN_ROWS = 512
 DEFAULT_BLOCK_SIZE = 128  # tokens per block: a decode tile (128 tokens on GPU) reads one block
 
