@@ -535,9 +535,13 @@ def test_prefill_fresh_is_as_exact_over_a_long_prefix(device, kv_dtype):
     """A long chunk over a long prefix in two launches (the prefix, then the chunk merged with its state) is as exact
     as one launch over the cache: the state is a max and a sum, not a log-sum-exp (from which int8's scaled
     probabilities fell to fp16 subnormals when the softmax continued from it: 1.3e-3 against 6.3e-4 on an H100)."""
-    errs = [_check_prefill(device, kv_dtype, 128, q_lens=[2048], prefix_lens=[2048], num_heads=32, num_kv_heads=8,
-                           block_size=128, fresh=fresh) for fresh in (False, True)]
-    assert errs[1] < 1.3 * errs[0] + 5e-5, errs
+    errs = []
+    for fresh in (False, True):
+        torch.manual_seed(0)  # the same queries both ways
+        errs.append(_check_prefill(device, kv_dtype, 128, q_lens=[2048], prefix_lens=[2048], num_heads=32,
+                                   num_kv_heads=8, block_size=128, fresh=fresh))
+    print(kv_dtype, errs)
+    assert errs[1] < 1.5 * errs[0], errs  # the subnormal form read 2.1x; rounding to fp16 twice, 1.2x (int4)
 
 
 def test_prefill_query_tile_shrinks_for_short_chunks():
