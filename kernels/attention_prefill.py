@@ -152,35 +152,19 @@ def _prefill_kernel(
                 m_i, l_i, acc_lo, acc_hi = _attend_fresh(
                     q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kn_base, vn_base, stride_knt, stride_vnt, n0, offs_m,
                     offs_dh, q_len, qk_scale, HALF, BLOCK_N, OFF64, MASKED=True)
-        elif MODE == 2:
-            # the cached prefix: every row sees all of it, so only its last partial tile is masked
-            q_lo, q_hi, qsum, qoff = prepare_query(q_lo, q_hi, KV_MODE, RAW)
-            p_full = 0
-            if UNMASKED:
-                p_full = prefix // BLOCK_N * BLOCK_N
-            for n0 in range(0, p_full, BLOCK_N):
-                mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
-                    bt_row, n0, prefix, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
-                    stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64, FULL=True)
-                m_i, l_i, acc_lo, acc_hi = attend_tile(
-                    q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
-                    offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P,
-                    MASKED=False)
-            for n0 in range(p_full, prefix, BLOCK_N):
-                mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
-                    bt_row, n0, prefix, hkv, ks_ptr, vs_ptr, stride_cb, stride_ch, stride_ct,
-                    stride_vb, stride_vh, stride_sb, stride_sh, BLOCK_N, PAGE, KV_MODE, OFF64)
-                m_i, l_i, acc_lo, acc_hi = attend_tile(
-                    q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
-                    offs_dh, mask_n, mask_n[None, :], qk_scale, HALF, PAGE, BLOCK_N, KV_MODE, ASM, RAW, SCALE_P)
         else:
             q_lo, q_hi, qsum, qoff = prepare_query(q_lo, q_hi, KV_MODE, RAW)
-            end = prefix + tl.minimum(q_len, m0 + BLOCK_M)  # keys the last row can see
             # key tiles that every row of the tile sees whole (up to the first row's position, which is inside the
             # sequence: m0 < q_len) take no masks; the rest, the diagonal and a sequence's last partial tile, do
             full_end = 0
-            if UNMASKED:
-                full_end = (prefix + m0 + 1) // BLOCK_N * BLOCK_N
+            if MODE == 2:  # the cached prefix only: every row sees all of it, so only its last partial tile is masked
+                end = prefix
+                if UNMASKED:
+                    full_end = prefix // BLOCK_N * BLOCK_N
+            else:
+                end = prefix + tl.minimum(q_len, m0 + BLOCK_M)  # keys the last row can see
+                if UNMASKED:
+                    full_end = (prefix + m0 + 1) // BLOCK_N * BLOCK_N
             pos_m = prefix + offs_m  # [BLOCK_M] each row's position in the sequence
             for n0 in range(0, full_end, BLOCK_N):
                 mask_n, krow, vcol, k_sz, v_sz = load_tile_meta(
