@@ -33,9 +33,10 @@ from lmq.kernels.attention_prefill import prefill_attention, prefill_attention_r
 from lmq.kernels.kv_quant import KV_DTYPES, PagedKV, write_kv, write_kv_ref
 
 # Prefill steps attend each sequence's new chunk from its k / v rows, rewritten by the write path as the cache holds
-# them (`write_kv(..., write_back=True)`), and only its cached prefix through the cache: the same attention, but an
-# int8 / int4 cache's chunk runs the float tile loop (offline SASS, sm_90, 64 x 64 tile a warp: 398 instructions
-# against 937 int8 and 883 int4). False: every key read through the cache (for A/B timing).
+# them (`write_kv(..., write_back=True)`), and only its cached prefix through the cache: the same keys (up to one
+# rounding of the dequantized values to the model's dtype), but an int8 / int4 cache's chunk runs the float tile loop
+# (offline SASS, sm_90, 64 x 64 tile a warp: 398 instructions against 937 int8 and 883 int4). False: every key read
+# through the cache (for A/B timing).
 FRESH_PREFILL = True
 # ... for steps without a cached prefix, or of at least this many rows: over a prefix it takes two launches (the
 # prefix, then the chunk merged with it), which lose to one launch through the cache on a short chunk. H100, same run
@@ -514,9 +515,11 @@ class KVCache:
         return sum(t.numel() * t.element_size() for p in self.layers
                    for t in (p.k, p.v, p.k_scales, p.v_scales) if t is not None)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """New K/V [T, H_kv, D] (after RoPE) of one layer -> quantize and scatter to their slots."""
-        write_kv(k, v, self.layers[layer], slot_mapping)
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+              write_back: bool = False) -> None:
+        """New K/V [T, H_kv, D] (after RoPE) of one layer -> quantize and scatter to their slots (`write_back`: and
+        leave k and v as the cache holds them, `write_kv`)."""
+        write_kv(k, v, self.layers[layer], slot_mapping, write_back)
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   batch: AttentionBatch, sm_scale: float | None = None, reference: bool = False) -> torch.Tensor:
@@ -536,7 +539,7 @@ class KVCache:
         if batch.is_prefill:
             # the chunk's own keys and values are attended from k and v, rewritten as the cache holds them
             fresh = FRESH_PREFILL and k.dtype == q.dtype and (not batch.has_prefix or batch.max_q_len >= FRESH_MIN_ROWS)
-            write_kv(k, v, cache, batch.slot_mapping, write_back=fresh)
+            self.write(layer, k, v, batch.slot_mapping, write_back=fresh)
             return prefill_attention(q, cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens,
                                      max_q_len=batch.max_q_len, sm_scale=sm_scale, tiles=batch.tiles,
                                      block_m=batch.block_m, k_new=k if fresh else None, v_new=v if fresh else None,
