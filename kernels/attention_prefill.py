@@ -43,6 +43,7 @@ from lmq.kernels.kv_quant import (
     prepare_query,
     raw_codes,
     scale_probs,
+    softmax_step,
     use_asm,
 )
 from lmq.kernels.launch import DirectLaunch
@@ -70,14 +71,8 @@ def _attend_fresh(q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, kn_base, vn_base, stride
     k_hi = tl.load(k_ptrs + HALF, mask=lmask, other=0.0)
     qk = tl.dot(q_lo, tl.trans(k_lo))
     qk += tl.dot(q_hi, tl.trans(k_hi))  # [BLOCK_M, BLOCK_N] fp32
-    if MASKED:
-        valid = (rows[None, :] <= offs_m[:, None]) & (rows[None, :] < q_len)
-        qk = tl.where(valid, qk * qk_scale, float("-inf"))
-    else:
-        qk = qk * qk_scale
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    valid = (rows[None, :] <= offs_m[:, None]) & (rows[None, :] < q_len)  # read only when MASKED
+    m_new, alpha, p = softmax_step(qk, m_i, valid, qk_scale, MASKED)
     v_ptrs = vn_base + rows[:, None] * stride_vnt + offs_dh[None, :]
     v_lo = tl.load(v_ptrs, mask=lmask, other=0.0)  # [BLOCK_N, BLOCK_DH]
     v_hi = tl.load(v_ptrs + HALF, mask=lmask, other=0.0)

@@ -602,6 +602,18 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
+def softmax_step(qk, m_i, valid, qk_scale, MASKED: tl.constexpr):
+    """Scores [BLOCK_M, BLOCK_N] fp32 (masked by `valid` unless MASKED is False) -> (new running max, the old
+    state's rescale factor, the tile's probabilities), log2 domain."""
+    if MASKED:
+        qk = tl.where(valid, qk * qk_scale, float("-inf"))
+    else:
+        qk = qk * qk_scale
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    return m_new, tl.math.exp2(m_i - m_new), tl.math.exp2(qk - m_new[:, None])
+
+
+@triton.jit
 def attend_tile(q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr, krow, vcol, k_sz, v_sz,
                 offs_dh, mask_n, valid, qk_scale,
                 HALF: tl.constexpr, PAGE: tl.constexpr, RUN: tl.constexpr, KV_MODE: tl.constexpr,
@@ -629,14 +641,7 @@ def attend_tile(q_lo, q_hi, qsum, qoff, m_i, l_i, acc_lo, acc_hi, kc_ptr, vc_ptr
         if RAW:
             qk = qk - qoff[:, None]
         qk = qk * k_s.to(tl.float32)[None, :] + qsum[:, None] * k_z.to(tl.float32)[None, :]
-    if MASKED:
-        qk = tl.where(valid, qk * qk_scale, float("-inf"))
-    else:
-        qk = qk * qk_scale
-    # -- online softmax
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    m_new, alpha, p = softmax_step(qk, m_i, valid, qk_scale, MASKED)
     # -- values: V^T halves [BLOCK_DH, BLOCK_N]
     v_lo, v_hi = load_vt_halves(vc_ptr, vcol, offs_dh, mask_n, HALF, PAGE, RUN, KV_MODE, ASM, RAW and SCALE_P)
     if KV_MODE != 0 and SCALE_P:
