@@ -422,11 +422,12 @@ def test_prefill_unmasked_key_tiles_change_nothing(device, kv_dtype, monkeypatch
 
 
 @pytest.mark.parametrize("kv_dtype", CPU_KV)
-def test_prefill_fresh_without_prefixes_in_one_launch(device, kv_dtype):
-    """No sequence has a cached prefix and the caller says so: one launch over the chunks (the second, which continues
-    the softmax over the prefixes, is left out), the same attention."""
+@pytest.mark.parametrize("tiled", [False, True])
+def test_prefill_fresh_without_prefixes_in_one_launch(device, kv_dtype, tiled):
+    """No sequence has a cached prefix and the caller says so: one launch over the chunks (the one over the prefixes,
+    whose state the chunks merge with, is left out), the same attention; also through a tile map."""
     _check_prefill(device, kv_dtype, 64, q_lens=[1, 17, 40, 16], prefix_lens=[0, 0, 0, 0], num_heads=4,
-                   num_kv_heads=2, fresh=True, has_prefix=False)
+                   num_kv_heads=2, fresh=True, has_prefix=False, tiled=tiled)
 
 
 @pytest.mark.parametrize("has_prefix", [False, True])
