@@ -46,7 +46,7 @@ from lmq.kernels.kv_quant import (
     softmax_step,
     use_asm,
 )
-from lmq.kernels.launch import DirectLaunch
+from lmq.kernels.launch import DirectLaunch, stream_buffer
 
 from lmq.errors import ShapeError
 
@@ -201,6 +201,7 @@ def _prefill_kernel(
 
 
 _PREFILL = DirectLaunch(_prefill_kernel)  # lmq.kernels.launch
+_STATES: dict = {}  # stream_buffer pool of the MODE 2 -> MODE 1 softmax states
 
 
 # Launch configuration, one place: (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim bucket.
@@ -299,7 +300,8 @@ def prefill_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tenso
     grid = (tiles.shape[0], H, 1) if tiles is not None else (cdiv(max_q_len, block_m), H, B)
     fresh = k_new is not None
     kn, vn = (k_new, v_new) if fresh else (q, q)
-    lse = torch.empty((T, H, 2), dtype=torch.float32, device=q.device) if fresh and has_prefix else None
+    # the prefix launch's max and sum per row and head, [T, H, 2], in a buffer kept per stream (not one per layer)
+    lse = stream_buffer(_STATES, q.device, 2 * T * H, torch.float32) if fresh and has_prefix else None
     # chunk rows' offsets are int32 unless they can reach 2^31 elements
     off64 = needs_off64(cache) or (fresh and (T + block_m) * max(kn.stride(0), vn.stride(0)) >= 2**31)
     # fresh: (has_prefix) the cached prefixes, then the chunks from k_new / v_new, merged with them; one kernel

@@ -294,8 +294,8 @@ class BlockManager:
         """Drop the cached prefixes that free blocks still hold (blocks in use keep theirs), so that later prompts
         find none of them; returns how many blocks were forgotten. A benchmark calls it after its warm-up, whose
         prompts' K/V would otherwise serve the measured run."""
-        free = [b for b in {*self._block_hash, *self._block_partial, *self._unwritten}
-                if self.allocator.refcount[b] == 0]
+        # (a block keyed by unwritten tokens is forgotten when its last holder lets go: none of them is free)
+        free = [b for b in {*self._block_hash, *self._block_partial} if self.allocator.refcount[b] == 0]
         for b in free:
             self._forget(b)
         return len(free)
