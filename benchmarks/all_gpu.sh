@@ -60,20 +60,21 @@ e2e_bench() {
     --turns 4 --kv-dtype int8 --max-model-len 4096 --cache-max-memory 16GiB --json >"$1/e2e.json" 2>"$1/e2e.log"
   render_e2e "$1/e2e"
 }
-# batch-1 TTFT of 1,024- and 4,096-token prompts (synthetic Llama-3-8B) with kv_cache.FRESH_PREFILL on and off, for the
-# KV dtypes $2, REPS times (default 1), into $1/e2e-<kv>-<switch>-<rep>.log
-fresh_ab() {
+# batch-1 TTFT of 1,024- and 4,096-token prompts (synthetic Llama-3-8B) with the module switch $2 (e.g.
+# lmq.engine.kv_cache.FRESH_PREFILL) True and False, for the KV dtypes $3, REPS times (default 1), into
+# $1/e2e-<kv>-<switch>-<rep>.log
+switch_ab() {
   for rep in $(seq "${REPS:-1}"); do
-    for kd in $2; do
+    for kd in $3; do
       for f in True False; do
         timeout 100 python3 -c "
-import sys, lmq.engine.kv_cache as c
-c.FRESH_PREFILL = $f
+import importlib, sys
+setattr(importlib.import_module('${2%.*}'), '${2##*.}', $f)
 from lmq.cli import app
 sys.argv = ['lmq', 'bench', '--synthetic', 'llama3-8b', '--mode', 'latency', '--batch', '1', '--input-len',
             '1024,4096', '--output-len', '8', '--kv-dtype', '$kd', '--max-model-len', '8192', '--cache-max-memory', '16GiB']
 app()" >"$1/e2e-$kd-$f-$rep.log" 2>&1
-        echo "rep $rep $kd FRESH_PREFILL=$f: $(grep -E '^latency' "$1/e2e-$kd-$f-$rep.log" | tr '\n' ' ')"
+        echo "rep $rep $kd ${2##*.}=$f: $(grep -E '^latency' "$1/e2e-$kd-$f-$rep.log" | tr '\n' ' ')"
       done
     done
   done
@@ -187,18 +188,7 @@ Console(width=200).print(render_gemm_table(json.load(open('$OUT/gemm/bench.json'
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_engine_gpu.py \
       -k "prefill or mixed or triton_backend" 2>&1 | tail -2 | tee "$OUT/prefill/tests.log"
     timeout 240 python3 benchmarks/attention_sweep.py --prefill-configs 2>&1 | grep -v Warn | tee "$OUT/prefill/sweep.log"
-    for rep in 1 2; do
-      for u in True False; do
-        timeout 100 python3 -c "
-import sys, lmq.kernels.attention_prefill as p
-p.UNMASKED_TILES = $u
-from lmq.cli import app
-sys.argv = ['lmq', 'bench', '--synthetic', 'llama3-8b', '--mode', 'latency', '--batch', '1', '--input-len',
-            '1024,4096', '--output-len', '8', '--kv-dtype', 'int8', '--max-model-len', '8192', '--cache-max-memory', '16GiB']
-app()" >"$OUT/prefill/e2e-$u-$rep.log" 2>&1
-        echo "rep $rep UNMASKED_TILES=$u: $(grep -E '^latency' "$OUT/prefill/e2e-$u-$rep.log" | tr '\n' ' ')"
-      done
-    done
+    REPS=${REPS:-2} switch_ab "$OUT/prefill" lmq.kernels.attention_prefill.UNMASKED_TILES int8
     ;;
   freshtests)
     timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_engine_gpu.py \
@@ -207,11 +197,11 @@ app()" >"$OUT/prefill/e2e-$u-$rep.log" 2>&1
     ;;
   fresh)
     timeout 240 python3 benchmarks/attention_sweep.py --prefill-fresh 2>&1 | grep -v Warn | tee "$OUT/fresh/sweep.log"
-    fresh_ab "$OUT/fresh" "int8 int4"
+    switch_ab "$OUT/fresh" lmq.engine.kv_cache.FRESH_PREFILL "int8 int4"
     ;;
   cold)
     e2e_bench "$OUT/cold"
-    fresh_ab "$OUT/cold" int8
+    switch_ab "$OUT/cold" lmq.engine.kv_cache.FRESH_PREFILL int8
     ;;
   det)
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py -k deterministic >"$OUT/det/tests.log" 2>&1
