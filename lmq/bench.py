@@ -165,6 +165,7 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
         local_arch,
         qlinear,
         run_path,
+        w4a16_gemm_direct,
     )
     from lmq.quant.rtn import QuantizedWeight
 
@@ -203,9 +204,11 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
         for M in (per_shape_ms[si:si + 1] if per_shape_ms else ms):
             x = torch.randn(M, K, device="cuda", dtype=dt)
             paths = {}
-            for path in ("gemv", "decode", "prefill", "dequant"):
-                if (path == "gemv" and M > 4) or (path == "decode" and M > 256):
-                    continue  # never the choice at this M
+            for path in ("gemv", "direct", "decode", "prefill", "dequant"):
+                if (path == "gemv" and M > 4) or (path == "decode" and M > 256) or (path == "direct" and not (
+                        "direct" in table and M <= table["direct_max_m"] and w4a16_gemm_direct is not None
+                        and w4a16_gemm_direct.supported(x, M, table["direct"]))):
+                    continue  # never the choice at this M (or this GPU / Triton cannot run it)
                 fns = [lambda pp=pp, path=path, x=x, G=G: run_path(path, x, pp["qweight"], pp["scales"], pp["zeros"],
                                                                    G, table)
                        for pp in packs]
@@ -255,7 +258,7 @@ def render_gemm_table(report: dict):
     t = Table(title=f"W4A16 GEMM, {report['gpu']} ({report['arch']}), g{report['group_size']}, {dt} activations, "
                     f"copy bandwidth {report['copy_bandwidth_GB_s']:.0f} GB/s; speedups vs cuBLAS {dt}")
     for col in ("shape", "M", "N", "K", "lmq us", "path", f"cuBLAS {dt} us", "torch int4 us", "lmq x",
-                "int4 x", "floor us", "floor x", "gemv/decode/prefill/dequant us"):
+                "int4 x", "floor us", "floor x", "gemv/direct/decode/prefill/dequant us"):
         t.add_column(col, justify="left" if col in ("shape", "path") else "right")
     for r in report["rows"]:
         t4 = r["torch_int4_us"]
@@ -266,6 +269,6 @@ def render_gemm_table(report: dict):
             f"{cublas:.1f}", "n/a" if t4 is None else f"{t4:.1f}", f"{r['speedup_vs_cublas']:.2f}",
             "n/a" if t4 is None else f"{r['torch_int4_speedup_vs_cublas']:.2f}", f"{r['floor_us']:.1f}",
             f"{cublas / r['floor_us']:.2f}",
-            "/".join(f"{p[k]:.1f}" if k in p else "-" for k in ("gemv", "decode", "prefill", "dequant")),
+            "/".join(f"{p[k]:.1f}" if k in p else "-" for k in ("gemv", "direct", "decode", "prefill", "dequant")),
         )
     return t

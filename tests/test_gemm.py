@@ -6,6 +6,7 @@ tests run every arch's decode and prefill configurations, bf16 included, at mode
 
 import pytest
 import torch
+from lmq.kernels import w4a16_gemm_direct as direct_module
 from lmq.kernels import w4a16_gemm_ws as w4a16_gemm_ws_module
 from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
 from lmq.kernels.w4a16_gemm import CONFIGS, INTERPRET_CONFIG, w4a16_gemm, w4a16_gemm_ref
@@ -406,7 +407,7 @@ def test_two_row_gemv_takes_small_weights_only():
                         ((4096, 14336), "gemv")):
         assert choose_path(1, table, N * K) == "gemv"
         assert choose_path(2, table, N * K) == two, (N, K)
-        assert choose_path(3, table, N * K) == "decode"
+        assert choose_path(3, table, N * K) == ("direct" if two == "gemv" else "decode")
     assert choose_path(2, {**table, "gemv_rows_max_numel": 1 << 40}, 28672 * 4096) == "gemv"
     # where a GEMV program serves one row only (bf16, groups of 32), M=2 would read the weights twice: decode kernel
     assert not serves_rows(torch.bfloat16, 128, table["gemv"]) and not serves_rows(torch.float16, 32, table["gemv"])
@@ -416,10 +417,54 @@ def test_two_row_gemv_takes_small_weights_only():
     assert engine_table("sm90", dtype=torch.float16, group_size=64) is table  # bound at load: unchanged here
     for one_row in (engine_table("sm90", dtype=torch.bfloat16), engine_table("sm90", group_size=32),
                     engine_table("sm90", True, torch.bfloat16, 128)):
-        assert choose_path(2, one_row, 4096 * 4096) == "decode"
+        assert choose_path(2, one_row, 4096 * 4096) == ("direct" if "direct" in one_row else "decode")  # no GEMV
+        assert choose_path(2, one_row, 28672 * 4096) == "decode"
         assert choose_path(1, one_row, 4096 * 4096) == "gemv"
     for arch in ("sm75", "sm80", "sm86", "sm89"):  # not measured there: one row, M=1 only
         assert CONFIGS[arch]["gemv_max_m"] == 1 and CONFIGS[arch]["gemv"].get("ROWS", 1) == 1
+
+
+def test_direct_path_small_m_and_its_fallback(device, monkeypatch):
+    """sm90, M = 3..16, weights up to direct_max_numel: the direct kernel (w4a16_gemm_direct); where it cannot run (not
+    Hopper: the interpreter here) the dispatcher takes the decode kernel, same result. The deterministic table has no
+    direct path (its splits add with fp16 atomics in any order)."""
+    from lmq.engine.qlinear import engine_table
+
+    table = CONFIGS["sm90"]
+    assert choose_path(16, table, 4096 * 4096) == "direct" and choose_path(17, table, 4096 * 4096) == "decode"
+    assert choose_path(3, table, (64 << 20) + 1) == "decode"
+    assert "direct" not in engine_table("sm90", deterministic=True)
+    assert "direct" not in engine_table("sm90", dtype=torch.bfloat16)  # slower than the decode kernel there
+    assert "direct" in engine_table("sm90", dtype=torch.float16, group_size=32)
+    assert choose_path(8, engine_table("sm90", deterministic=True), 4096 * 4096) == "decode"
+    N, K, G = 40, 128, 64
+    p = random_packed(N, K, G, device)
+    x = torch.randn(17, K, device=device).half()  # more rows than its tile (and on the CPU: not Hopper)
+    with pytest.raises(UnsupportedError, match="use w4a16_gemm"):
+        direct_module.w4a16_gemm_direct(x, p["qweight"], p["scales"], p["zeros"], G)
+    calls = []
+    real = qlinear_module.w4a16_gemm
+    monkeypatch.setattr(qlinear_module, "w4a16_gemm", lambda *a: calls.append(a) or real(*a))
+    wide = {**table, "direct_max_m": 32}
+    assert choose_path(17, wide, N * K) == "direct"
+    out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, wide)
+    assert len(calls) == 1  # the decode kernel ran instead
+    assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
+
+
+def test_direct_plan():
+    """About WAVES programs per SM over the column tiles; splits hold a multiple of STEP chunks and none is empty."""
+    cfg = direct_module.DEFAULT_CONFIG
+    plan = direct_module.plan
+    for N, K in ((6144, 4096), (4096, 4096), (4096, 14336), (576, 576), (24, 1024), (28672, 4096)):
+        for c in (cfg, {**cfg, "STEP": 4}, {**cfg, "BLOCK_N": 64, "WAVES": 8}, {**cfg, "MAX_SPLIT": 1}):
+            splits, per = plan(N, K, c, 132)
+            chunks = K // 64
+            assert per % c["STEP"] == 0 and splits * per >= chunks and (splits - 1) * per < chunks, (N, K, c)
+            assert splits <= c["MAX_SPLIT"]
+    assert plan(6144, 4096, cfg, 132) == (11, 6)  # 48 tiles x 11 splits: 528 programs, 4 per SM
+    assert plan(4096, 14336, cfg, 132) == (16, 14)  # 32 tiles x 17 wanted: 14 chunks each, 16 splits
+    assert plan(576, 576, cfg, 132) == (5, 2)  # 9 chunks: the last split holds one
 
 
 def test_qlinear_module(device):
@@ -471,8 +516,10 @@ def test_sm90_crossovers():
     dequantize + cuBLAS from 8192."""
     table = CONFIGS["sm90"]
     for numel in (576 * 1536, 4096 * 4096, 28672 * 4096):
-        assert [choose_path(M, table, numel) for M in (1, 2, 3, 191, 192, 8191, 8192)] == [
-            "gemv", "gemv" if numel <= 64 << 20 else "decode", "decode", "decode", "prefill", "prefill", "dequant"]
+        small = numel <= 64 << 20
+        assert [choose_path(M, table, numel) for M in (1, 2, 3, 16, 17, 191, 192, 8191, 8192)] == [
+            "gemv", "gemv" if small else "decode", "direct" if small else "decode", "direct" if small else "decode",
+            "decode", "decode", "prefill", "prefill", "dequant"]
 
 
 def test_gemm_ws_plan():
@@ -671,6 +718,41 @@ def test_gemm_ws_weight_descriptors_live_with_their_owner(device):
     lin.descs[("stale",)] = held[next(iter(held))]
     lin.cpu()  # .to() / .cuda() / .cpu() go through Module._apply, which may replace the buffers
     assert lin.descs == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", [{}, {"BLOCK_N": 64, "WAVES": 8}, {"STEP": 1}, {"STEP": 4}, {"MAX_SPLIT": 1}])
+def test_gemm_direct_gpu(config, dtype):
+    """The small-M Hopper kernel against its twin (w_hat rounded to x's dtype, as it rounds): N off the tile, K not a
+    multiple of the step, every group size, M = 1..16; the dispatcher takes it at M = 3..16 for small weights. The
+    bound is the decode kernel's (`TOL`): up to 64 K splits, each partial sum rounded to the dtype and added in it
+    (STEP 1 on qkv read 1.01e-3 against the twin, above the prefill kernel's 1e-3 for at most two splits)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("w4a16_gemm_direct is a Hopper (sm90) kernel")
+    tol = TOL[dtype]
+    for (N, K, G) in [(576, 1536, 32), (1000, 576, 64), (24, 1024, 128), (6144, 4096, 128)]:
+        p = random_packed(N, K, G, "cuda")
+        empty = direct_module.w4a16_gemm_direct(torch.randn(0, K, device="cuda", dtype=dtype), p["qweight"],
+                                                p["scales"], p["zeros"], G, config)
+        assert empty.shape == (0, N)
+        odd = torch.randn(3 * K + 1, device="cuda").to(dtype)[1:].view(3, K)  # starts 2 bytes off 16: copied
+        assert rel_err(direct_module.w4a16_gemm_direct(odd, p["qweight"], p["scales"], p["zeros"], G, config),
+                       w4a16_gemm_ws_ref(odd, p["qweight"], p["scales"], p["zeros"], G)) < tol
+        for M in (1, 3, 8, 16):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            out = direct_module.w4a16_gemm_direct(x, p["qweight"], p["scales"], p["zeros"], G, config)
+            assert out.dtype == dtype and out.shape == (M, N)
+            assert rel_err(out, w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < tol, (N, K, G, M)
+        with pytest.raises(UnsupportedError, match="at most 16 rows"):
+            direct_module.w4a16_gemm_direct(torch.randn(17, K, device="cuda", dtype=dtype), p["qweight"], p["scales"],
+                                            p["zeros"], G, config)
+    table = CONFIGS["sm90"]
+    p = random_packed(4096, 4096, 128, "cuda")
+    x = torch.randn(8, 4096, device="cuda", dtype=dtype)
+    assert choose_path(8, table, 4096 * 4096) == "direct"
+    assert rel_err(qlinear(x, p["qweight"], p["scales"], p["zeros"], 128, table),
+                   w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], 128)) < TOL[dtype]
 
 
 @pytest.mark.gpu

@@ -175,6 +175,42 @@ def compile_ws() -> None:
         assert hgmma >= 8 and waits * 4 <= hgmma, f"wgmma serialized: {waits} waits for {hgmma} HGMMA ({dt}, BM={BM})"
 
 
+def compile_direct() -> None:
+    """The small-M Hopper kernel (Gluon) at the table's config and the others the GPU tests run, fp16 and bf16, every
+    group size: no spills, and its register-operand wgmma pipelined (one wait per chunk's four HGMMA)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import triton
+    from lmq.kernels.w4a16_gemm_direct import DEFAULT_CONFIG, _w4a16_direct_kernel
+    from sass_attention import cuobjdump
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    for dt, G, bn, step, nch in (("fp16", 128, DEFAULT_CONFIG["BLOCK_N"], DEFAULT_CONFIG["STEP"], 6),
+                                 ("bf16", 128, DEFAULT_CONFIG["BLOCK_N"], DEFAULT_CONFIG["STEP"], 14),
+                                 ("fp16", 32, 64, 1, 9), ("bf16", 64, 64, 4, 8)):
+        consts = {"G": G, "BLOCK_M": DEFAULT_CONFIG["BLOCK_M"], "BLOCK_N": bn, "NCH": nch, "STEP": step, "SPLIT": True,
+                  "num_warps": bn // 16}
+        sig = {"x_ptr": f"*{dt}", "qw_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": f"*{dt}", "M": "i32",
+               "N": "i32", "stride_xm": "i32", "stride_om": "i32", "chunks": "i32", **{k: "constexpr" for k in consts}}
+        names = list(sig)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr",
+                                                                         "N", "stride_xm", "stride_om")}
+        k = triton.compile(GluonASTSource(_w4a16_direct_kernel, sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 64), options={"num_warps": consts["num_warps"]})
+        sass = cuobjdump(k, "-sass")
+        hgmma, waits = sass.count(" HGMMA."), sass.count("WARPGROUP.DEPBAR")
+        assert " STL" not in sass and " LDL" not in sass, f"the direct kernel spills ({dt}, G={G}, BN={bn})"
+        assert hgmma >= 4 and waits * 4 <= hgmma, f"wgmma serialized: {waits} waits for {hgmma} HGMMA ({dt}, G={G})"
+
+
+@pytest.mark.slow
+def test_direct_kernel_compiles():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, __file__, "direct"], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,dt", [("sm75", "fp16"), ("sm80", "fp16"), ("sm80", "bf16"), ("sm90", "fp16"),
                                      ("sm90", "bf16")])
@@ -204,6 +240,8 @@ def test_ws_kernel_compiles():
 if __name__ == "__main__":
     if sys.argv[1] == "ws":
         compile_ws()
+    elif sys.argv[1] == "direct":
+        compile_direct()
     elif sys.argv[1] == "attention":
         compile_attention(sys.argv[2])
     else:

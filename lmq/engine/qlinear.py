@@ -6,6 +6,9 @@ By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`)
     M <= gemv_max_m            -> W4A16 GEMV (CUDA cores, weights straight to registers, split-K),
                                   for weights of at least gemv_min_numel = N*K elements (from M = 2,
                                   at most gemv_rows_max_numel: several rows per program, `ROWS`)
+    M <= direct_max_m          -> where the table has "direct" (sm90), for weights of at most direct_max_numel
+                                  elements: `w4a16_gemm_direct` (weights straight into wgmma's register
+                                  operand; the decode kernel where it cannot run)
     M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K);
                                   weights of at least prefill_min_numel elements leave it from
                                   M = prefill_min_m
@@ -28,9 +31,9 @@ from lmq.kernels.w4a16_gemv import serves_rows, w4a16_gemv
 from lmq.pack import planes64
 
 try:
-    from lmq.kernels import w4a16_gemm_ws
-except ImportError:  # a Triton without Gluon (before 3.5): prefill takes dequantize + cuBLAS
-    w4a16_gemm_ws = None
+    from lmq.kernels import w4a16_gemm_direct, w4a16_gemm_ws
+except ImportError:  # a Triton without Gluon (before 3.5): prefill takes dequantize + cuBLAS, small M the decode kernel
+    w4a16_gemm_direct = w4a16_gemm_ws = None
 
 ARCHS = tuple(CONFIGS)
 
@@ -65,7 +68,7 @@ def engine_table(arch: str, deterministic: bool = False, dtype: torch.dtype = to
                  group_size: int = 128) -> dict:
     """The arch's dispatch table (`CONFIGS`) bound at load for the model's activation `dtype` and `group_size`: where
     a GEMV program cannot serve several rows there (`w4a16_gemv.serves_rows`: bf16, groups of 32), M >= 2 would read
-    the weights once per row, so the GEMV keeps M = 1 only. `deterministic`: its deterministic form, made from the
+    the weights once per row, so the GEMV keeps M = 1 only; the direct kernel serves fp16 activations only. `deterministic`: its deterministic form, made from the
     table as it is now: the W4A16
     GEMM kernel (decode and Triton prefill configs) adds its K splits in split order (`REDUCE` "ordered"; the decode
     config takes the table's "decode_ordered" entries, measured for that reduction, where it has them), the GEMV
@@ -77,9 +80,14 @@ def engine_table(arch: str, deterministic: bool = False, dtype: torch.dtype = to
     table = CONFIGS[arch]
     if table.get("gemv_max_m", 0) > 1 and not serves_rows(dtype, group_size, table["gemv"]):
         table = {**table, "gemv_max_m": 1}
+    if "direct" in table and dtype != torch.float16:
+        # bf16's scaled conversion takes 4 instructions a weight (fp16's 2): on an H100 the direct kernel then trails
+        # the decode kernel at M = 4 and 16 (qkv 11.5 against 10.7 us, down 21.3 against 18.0; NOTES-gemm.md run 47)
+        table = {k: v for k, v in table.items() if k != "direct"}
     if not deterministic:
         return table
-    det = {**table, "decode": {**table["decode"], "REDUCE": "ordered", **table.get("decode_ordered", {})},
+    det = {k: v for k, v in table.items() if k != "direct"}  # fp16 atomics in any order: the decode kernel instead
+    det = {**det, "decode": {**table["decode"], "REDUCE": "ordered", **table.get("decode_ordered", {})},
            "prefill": {**table["prefill"], "REDUCE": "ordered"}, "gemv": {**table["gemv"], "REDUCE": "fixed"}}
     if "prefill_ws" in table:
         ws = table["prefill_ws"]
@@ -88,10 +96,12 @@ def engine_table(arch: str, deterministic: bool = False, dtype: torch.dtype = to
 
 
 def choose_path(M: int, table: dict, weight_numel: int = 0) -> str:
-    """"gemv", "decode", "prefill" or "dequant" for `M` rows of a `weight_numel` = N*K weight."""
+    """"gemv", "direct", "decode", "prefill" or "dequant" for `M` rows of a `weight_numel` = N*K weight."""
     if M <= table.get("gemv_max_m", 0) and weight_numel >= table.get("gemv_min_numel", 0) and (
             M == 1 or weight_numel <= table.get("gemv_rows_max_numel", weight_numel)):
         return "gemv"
+    if "direct" in table and 0 < M <= table["direct_max_m"] and weight_numel <= table["direct_max_numel"]:
+        return "direct"
     large = weight_numel >= table.get("prefill_min_numel", 0)  # only these take the prefill kernel
     if M <= table["decode_max_m"] and not (large and M >= table.get("prefill_min_m", M + 1)):
         return "decode"
@@ -106,6 +116,13 @@ def run_path(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     `descs`: a dict the weight's owner keeps for the prefill kernel's TMA descriptors."""
     if path == "gemv":
         return w4a16_gemv(x, qweight, scales, zeros, group_size, None if x.device.type == "cpu" else table["gemv"])
+    if path == "direct":
+        if w4a16_gemm_direct is not None:
+            try:  # it checks what it can run (`supported`) before any work
+                return w4a16_gemm_direct.w4a16_gemm_direct(x, qweight, scales, zeros, group_size, table["direct"])
+            except UnsupportedError:
+                pass  # not Hopper (the CPU interpreter included), or this Triton cannot build it (warned once)
+        path = "decode"
     if path == "prefill" and "prefill_ws" in table:
         if w4a16_gemm_ws is not None:
             try:  # it checks what it can run (`supported`) before any work: one check per call

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The small-M Hopper kernel (kernels/w4a16_gemm_direct.py, NOTES-gemm.md run 47) on a lent GPU, by stage:
+#   STAGES=check   the GEMM GPU tests (direct kernel, dispatch) and the prefill-attention GPU tests (session 18's
+#                  per-stream softmax-state buffer had not run on a GPU)
+#   STAGES=table   `lmq bench gemm --m 1,2,3,4,8,16` in fp16, then M = 4 and 16 in bf16
+#   STAGES=ab      decode steps of synthetic Llama-3-8B at batch 4 and 16 with the direct path and without
+#                  (profile_decode.py --direct 1 / 0, interleaved, two reps)
+# Logs land in $OUT/<stage>/.
+set -uo pipefail
+OUT=${OUT:-out}
+export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-250}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+for stage in ${STAGES:-check table}; do
+  mkdir -p "$OUT/$stage"
+  date -u | tee "$OUT/$stage/date.txt"
+  case $stage in
+  check)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k "direct or dispatch or two_row" 2>&1 \
+      | tail -3 | tee "$OUT/check/gemm-tests.log"
+    # the prefill tests whose chunks have a cached prefix (the prefix launch and its softmax-state buffer)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
+      -k "chunked_with_shared_prefix or fresh_is_as_exact or reads_the_chunk" 2>&1 | tail -3 \
+      | tee "$OUT/check/prefill-tests.log"
+    ;;
+  table)
+    timeout 240 lmq bench gemm --m 1,2,3,4,8,16 --json >"$OUT/table/bench.json" 2>"$OUT/table/bench.log"
+    grep -E "M=" "$OUT/table/bench.log" | tail -30
+    timeout 120 lmq bench gemm --m 4,16 --dtype bf16 --json >"$OUT/table/bench-bf16.json" 2>"$OUT/table/bench-bf16.log"
+    grep -E "M=" "$OUT/table/bench-bf16.log" | tail -10
+    ;;
+  ab)
+    for rep in 1 2; do
+      for b in 4 16; do
+        for d in 1 0; do
+          echo "== rep $rep batch $b direct $d" | tee -a "$OUT/ab/decode-ab.log"
+          timeout 100 python3 benchmarks/profile_decode.py --batch "$b" --direct "$d" 2>&1 \
+            | grep -E "decode step|graph replay|GPU kernel time" | tee -a "$OUT/ab/decode-ab.log"
+        done
+      done
+    done
+    ;;
+  esac
+done
