@@ -7,6 +7,7 @@ shapes, g128, CUDA-graph timed (NOTES-gemm.md, run 47).
 import sys
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, "benchmarks")
 from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm
@@ -16,6 +17,7 @@ from lmq.kernels.w4a16_gemv import w4a16_gemv
 from sweep_gemm import G, random_packed
 
 from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us
+from lmq.errors import UnsupportedError
 from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
 
@@ -46,11 +48,21 @@ def check():
 
 def sweep(ms):
     torch.manual_seed(0)
+    kernels = [("", w4a16_gemm_direct)]
+    if "--unrolled" in sys.argv:  # the experiment's unrolled K loop (results/2026-11-24-session19-h100/exp/)
+        sys.path.insert(0, "benchmarks/results/2026-11-24-session19-h100/exp")
+        from direct_unrolled import w4a16_gemm_direct as unrolled
+        kernels.append(("/unrolled", unrolled))
+    shapes = [s for s in GEMM_SHAPES["llama3-8b"] if "--shapes" not in sys.argv
+              or s[0] in sys.argv[sys.argv.index("--shapes") + 1].split(",")]
     configs = [{"BLOCK_N": bn, "STEP": st, "WAVES": w} for bn in (64, 128) for st in (1, 2, 4) for w in (2, 4, 8)]
+    if "--configs" in sys.argv:  # a narrower set: "bn,step,waves;..."
+        configs = [dict(zip(("BLOCK_N", "STEP", "WAVES"), map(int, c.split(","))))
+                   for c in sys.argv[sys.argv.index("--configs") + 1].split(";")]
     dec = CONFIGS["sm90"]["decode"]
     gemv_cfg = CONFIGS["sm90"]["gemv"]
     sums = {}
-    for name, N, K in GEMM_SHAPES["llama3-8b"]:
+    for name, N, K in shapes:
         _, p, nbytes = random_packed(N, K)
         packs = [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]
         w16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(max(1, copies_for(N * K * 2)))]
@@ -66,10 +78,16 @@ def sweep(ms):
                                                                                   pp["zeros"], G, gemv_cfg)
                                                    for pp in packs], calls=calls, reps=9)))
             for cfg in configs:
-                t = graph_time_us([lambda pp=pp, x=x, cfg=cfg: w4a16_gemm_direct(x, pp["qweight"], pp["scales"],
+                cfg = {**cfg, "BLOCK_M": max(16, 1 << (M - 1).bit_length())}  # rows per tile: M's power of two
+                for tag, fn in kernels:
+                    try:
+                        t = graph_time_us([lambda pp=pp, x=x, cfg=cfg, fn=fn: fn(x, pp["qweight"], pp["scales"],
                                                                                  pp["zeros"], G, cfg)
-                                   for pp in packs], calls=calls, reps=9)
-                res.append((f"bn{cfg['BLOCK_N']}/s{cfg['STEP']}/w{cfg['WAVES']}", t))
+                                           for pp in packs], calls=calls, reps=9)
+                    except (RuntimeError, OutOfResources, UnsupportedError) as e:  # x over the shared memory
+                        print(f"  {name} M={M} {cfg}: {type(e).__name__}", flush=True)
+                        continue
+                    res.append((f"bn{cfg['BLOCK_N']}/s{cfg['STEP']}/w{cfg['WAVES']}{tag}", t))
             for k, t in res:
                 sums[(M, k)] = sums.get((M, k), 0.0) + t
             best = min((r for r in res if r[0].startswith("bn")), key=lambda r: r[1])

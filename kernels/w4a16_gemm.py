@@ -328,20 +328,23 @@ _CROSS = {"gemv_max_m": 1, "gemv_min_numel": 0, "decode_max_m": 64, "dequant_min
 _CROSS_SM90 = {**_CROSS, "gemv_max_m": 2, "gemv_rows_max_numel": 64 << 20, "decode_max_m": 191,
                "dequant_min_m": 8192}
 _GEMV_SM90 = {**_GEMV, "ROWS": 2}
-# sm90, M = 3 .. direct_max_m, weights of at most direct_max_numel elements: the Gluon kernel that loads the codes
-# straight into wgmma's register operand and x into shared memory once per program (w4a16_gemm_direct.py). H100, M=16,
-# us, decode kernel -> it (128 weight rows per program, 2 chunks a step, 4 waves): qkv 11.0 -> 10.0-10.1, o_proj
-# 8.7-8.8 -> 7.9-8.2, down 18.4 -> 16.4-16.8; gate_up (117M elements) 29.3-29.6 -> 32.6-35.8, so it keeps the
-# decode kernel (benchmarks/results/2026-11-24-session19-h100/, NOTES-gemm.md run 47).
-_DIRECT_SM90 = {"BLOCK_M": 16, "BLOCK_N": 128, "WAVES": 4, "STEP": 2, "MAX_SPLIT": 64}
+# sm90: the Gluon kernel that loads the codes straight into wgmma's register operand and x into shared memory once
+# per program (w4a16_gemm_direct.py), for fp16 activations and the (max M, max weight elements) of `direct_rows`.
+# H100 (benchmarks/results/2026-11-24-session19-h100/, NOTES-gemm.md run 47), us, decode kernel -> it: M = 3..16
+# (128 weight rows per program, 2 chunks a step, 4 waves) qkv 10.8-10.9 -> 9.8-10.0, o_proj 8.5-8.8 -> 7.9-8.2,
+# down 17.8-18.1 -> 16.8-17.2, gate_up (117M elements) 28.2-29.0 -> 34.2-34.8 (so it keeps the decode kernel);
+# M = 32 / 48 / 64 at 2 waves, rows per tile 32 or 64: o_proj 9.3 / 10.7 / 11.1 -> 8.5 / 9.2 / 9.4, but qkv
+# (25M elements) 11.7 / 13.2 / 14.0 -> 12.8 / 17.0 / 17.6, so from M=17 weights up to 20M elements only.
+_DIRECT_SM90 = {"BLOCK_M": 16, "BLOCK_M_MAX": 64, "BLOCK_N": 128, "WAVES": 4, "WAVES_FROM_M": ((17, 2),), "STEP": 2,
+                "MAX_SPLIT": 64}
 CONFIGS: dict[str, dict] = {
     "sm75": {"gemv": _GEMV, "decode": {**_DECODE, "SWAP_AB": False}, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm80": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_BIG_SMEM, **_CROSS},
     "sm86": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm89": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm90": {"gemv": _GEMV_SM90, "direct": _DIRECT_SM90, "decode": _DECODE_SM90, "decode_ordered": _DECODE_ORDERED_SM90,
-             "prefill": _PREFILL_BIG_SMEM, "prefill_ws": _PREFILL_WS, **_CROSS_SM90, "direct_max_m": 16,
-             "direct_max_numel": 64 << 20},
+             "prefill": _PREFILL_BIG_SMEM, "prefill_ws": _PREFILL_WS, **_CROSS_SM90,
+             "direct_rows": ((16, 64 << 20), (64, 20 << 20))},
 }
 # The interpreter runs one program at a time on the CPU: small tiles keep tests fast there.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1,

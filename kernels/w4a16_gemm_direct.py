@@ -3,7 +3,8 @@ wgmma's register operand, activations in shared memory once per program.
 
     out[M, N] = x[M, K] @ w_hat[N, K]^T,   w_hat[n, k] = (q[n, k] - z[g, n]) * s[g, n],  g = k // G
 
-Same layout (`planes64`) and function as `w4a16_gemm`; fp16 or bf16 activations, M <= BLOCK_M (16).
+Same layout (`planes64`) and function as `w4a16_gemm`; fp16 or bf16 activations, M <= BLOCK_M_MAX (64): a
+program's rows are the next power of two >= M, at least BLOCK_M (16).
 Why a third kernel: the Triton decode kernel stages every weight chunk through a cp.async ring in shared
 memory and pays CTA barriers per stage. Here a program (a warp group per 64 of its BLOCK_N weight rows, one
 K split):
@@ -34,7 +35,7 @@ interpreter cannot run Gluon: tested on the GPU and compiled offline for sm_90a 
 from __future__ import annotations
 
 import torch
-from lmq.kernels import cdiv, cuda_capability
+from lmq.kernels import cdiv, cuda_capability, next_pow2
 from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (callers catch it here)
 from lmq.kernels.launch import DirectLaunch
 from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, check_inputs
@@ -98,7 +99,7 @@ def _w4a16_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, 
     xr = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, xl)), 1)
     xk = gl.expand_dims(gl.arange(0, CHUNK_K, layout=gl.SliceLayout(0, xl)), 0)
     x_rows = x_ptr + xr * stride_xm + xk
-    for c in range(NCH):
+    for c in gl.static_range(NCH):  # constant offsets: the copies write disjoint slices, so no barrier between
         async_copy.async_copy_global_to_shared(x_smem.index(c), x_rows + (c_lo + c) * CHUNK_K,
                                                mask=(xr < M) & ((c_lo + c) < c_hi) & (xk >= 0))
     async_copy.commit_group()
@@ -150,23 +151,50 @@ BUILD = BuildGuard("the Hopper small-M GEMM (w4a16_gemm_direct)", "the Triton de
 _LAUNCH = DirectLaunch(_w4a16_direct_kernel)
 
 
+def rows_per_tile(M: int, cfg: dict) -> int:
+    """The program's x rows (wgmma's N side): the next power of two >= M, between BLOCK_M and BLOCK_M_MAX."""
+    return min(cfg.get("BLOCK_M_MAX", cfg["BLOCK_M"]), max(cfg["BLOCK_M"], next_pow2(M)))
+
+
 def supported(x: torch.Tensor, M: int, config: dict | None = None) -> bool:
     """Hopper, fp16 or bf16 activations, M within one row tile, a Triton that built it (or has not tried)."""
-    bm = {**DEFAULT_CONFIG, **(config or {})}["BLOCK_M"]
-    if BUILD.failed or x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16) or M > bm:
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if BUILD.failed or x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
         return False
-    return cuda_capability(x.device)[0] == 9
+    return M <= cfg.get("BLOCK_M_MAX", cfg["BLOCK_M"]) and cuda_capability(x.device)[0] == 9
 
 
-def plan(N: int, K: int, cfg: dict, sms: int) -> tuple[int, int]:
-    """(splits, chunks per split): about WAVES programs per SM over the column tiles, each split a multiple
-    of STEP chunks (at most MAX_SPLIT splits)."""
+def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:
+    """(rows per tile, splits, chunks per split): about WAVES programs per SM over the column tiles (`WAVES_FROM_M`
+    [(min_m, waves), ...] lowers it for larger M, whose x tiles take more shared memory), each split a multiple of
+    STEP chunks, at most MAX_SPLIT splits."""
+    bm = rows_per_tile(M, cfg)
+    waves = cfg["WAVES"]
+    for min_m, w in cfg.get("WAVES_FROM_M", ()):
+        if M >= min_m:
+            waves = w
     chunks = K // planes64.CHUNK_K
     tiles = cdiv(N, cfg["BLOCK_N"])
     step = cfg["STEP"]
-    want = max(1, min(cfg["MAX_SPLIT"], cdiv(cfg["WAVES"] * sms, tiles), cdiv(chunks, step)))
+    want = max(1, min(cfg["MAX_SPLIT"], cdiv(waves * sms, tiles), cdiv(chunks, step)))
     per = cdiv(cdiv(chunks, want), step) * step
-    return cdiv(chunks, per), per
+    return bm, cdiv(chunks, per), per
+
+
+MAX_X_BYTES = 160 << 10  # a program's x tile in shared memory, at most (the H100 has 227 KB a block)
+
+
+def _x_fits(bm: int, per: int, elem: int, cfg: dict) -> bool:
+    return bm * per * planes64.CHUNK_K * elem <= cfg.get("MAX_X_BYTES", MAX_X_BYTES)
+
+
+def fits(x: torch.Tensor, M: int, N: int, K: int, config: dict | None = None) -> bool:
+    """Whether `w4a16_gemm_direct` runs these inputs (`supported`, and its plan's x tile within MAX_X_BYTES)."""
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if not supported(x, M, cfg):
+        return False
+    bm, _, per = plan(M, N, K, cfg, _num_sms(x.device))
+    return _x_fits(bm, per, x.element_size(), cfg)
 
 
 def w4a16_gemm_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -177,18 +205,22 @@ def w4a16_gemm_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     if not supported(x, M, cfg):
         raise UnsupportedError(f"w4a16_gemm_direct needs a Hopper GPU, float16 or bfloat16 activations and at most "
-                               f"{cfg['BLOCK_M']} rows; got {x.device} {x.dtype}, M={M}; use w4a16_gemm")
+                               f"{cfg.get('BLOCK_M_MAX', cfg['BLOCK_M'])} rows; got {x.device} {x.dtype}, M={M}; "
+                               f"use w4a16_gemm")
     if M == 0:
         return x.new_empty(*lead, N)
     if x2.stride(0) % 8 or x2.data_ptr() % 16:  # cp.async copies 16-byte pieces
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    splits, per = plan(N, K, cfg, _num_sms(x.device))
+    bm, splits, per = plan(M, N, K, cfg, _num_sms(x.device))
+    if not _x_fits(bm, per, x.element_size(), cfg):
+        raise UnsupportedError(f"w4a16_gemm_direct: a split's x tile ({bm} x {per * planes64.CHUNK_K}) exceeds the "
+                               f"{cfg.get('MAX_X_BYTES', MAX_X_BYTES)} bytes of shared memory it may take; use w4a16_gemm")
     out = (torch.zeros if splits > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)
     bn = cfg["BLOCK_N"]
     grid = (cdiv(N, bn), splits)
     args = {"x_ptr": x2, "qw_ptr": qweight, "s_ptr": scales, "z_ptr": zeros, "out_ptr": out, "M": M, "N": N,
             "stride_xm": x2.stride(0), "stride_om": out.stride(0), "chunks": K // planes64.CHUNK_K,
-            "G": group_size, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": bn, "NCH": per, "STEP": cfg["STEP"],
+            "G": group_size, "BLOCK_M": bm, "BLOCK_N": bn, "NCH": per, "STEP": cfg["STEP"],
             "SPLIT": splits > 1, "num_warps": bn // 16}
     try:
         _LAUNCH[grid](**args)

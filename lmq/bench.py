@@ -206,8 +206,8 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
             paths = {}
             for path in ("gemv", "direct", "decode", "prefill", "dequant"):
                 if (path == "gemv" and M > 4) or (path == "decode" and M > 256) or (path == "direct" and not (
-                        "direct" in table and M <= table["direct_max_m"] and w4a16_gemm_direct is not None
-                        and w4a16_gemm_direct.supported(x, M, table["direct"]))):
+                        "direct" in table and w4a16_gemm_direct is not None
+                        and w4a16_gemm_direct.fits(x, M, N, K, table["direct"]))):
                     continue  # never the choice at this M (or this GPU / Triton cannot run it)
                 fns = [lambda pp=pp, path=path, x=x, G=G: run_path(path, x, pp["qweight"], pp["scales"], pp["zeros"],
                                                                    G, table)

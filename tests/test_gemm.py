@@ -425,13 +425,15 @@ def test_two_row_gemv_takes_small_weights_only():
 
 
 def test_direct_path_small_m_and_its_fallback(device, monkeypatch):
-    """sm90, M = 3..16, weights up to direct_max_numel: the direct kernel (w4a16_gemm_direct); where it cannot run (not
-    Hopper: the interpreter here) the dispatcher takes the decode kernel, same result. The deterministic table has no
-    direct path (its splits add with fp16 atomics in any order)."""
+    """sm90, M = 3..16 for weights up to 64M elements and up to M = 64 for weights up to 20M (`direct_rows`): the
+    direct kernel (w4a16_gemm_direct); where it cannot run (not Hopper: the interpreter here; more rows than its
+    tiles) the dispatcher takes the decode kernel, same result. The deterministic table has no direct path (its
+    splits add with fp16 atomics in any order)."""
     from lmq.engine.qlinear import engine_table
 
     table = CONFIGS["sm90"]
-    assert choose_path(16, table, 4096 * 4096) == "direct" and choose_path(17, table, 4096 * 4096) == "decode"
+    assert choose_path(16, table, 6144 * 4096) == "direct" and choose_path(17, table, 6144 * 4096) == "decode"
+    assert choose_path(64, table, 4096 * 4096) == "direct" and choose_path(65, table, 4096 * 4096) == "decode"
     assert choose_path(3, table, (64 << 20) + 1) == "decode"
     assert "direct" not in engine_table("sm90", deterministic=True)
     assert "direct" not in engine_table("sm90", dtype=torch.bfloat16)  # slower than the decode kernel there
@@ -439,14 +441,14 @@ def test_direct_path_small_m_and_its_fallback(device, monkeypatch):
     assert choose_path(8, engine_table("sm90", deterministic=True), 4096 * 4096) == "decode"
     N, K, G = 40, 128, 64
     p = random_packed(N, K, G, device)
-    x = torch.randn(17, K, device=device).half()  # more rows than its tile (and on the CPU: not Hopper)
+    x = torch.randn(65, K, device=device).half()  # more rows than its tiles (and on the CPU: not Hopper)
     with pytest.raises(UnsupportedError, match="use w4a16_gemm"):
         direct_module.w4a16_gemm_direct(x, p["qweight"], p["scales"], p["zeros"], G)
     calls = []
     real = qlinear_module.w4a16_gemm
     monkeypatch.setattr(qlinear_module, "w4a16_gemm", lambda *a: calls.append(a) or real(*a))
-    wide = {**table, "direct_max_m": 32}
-    assert choose_path(17, wide, N * K) == "direct"
+    wide = {**table, "direct_rows": ((128, N * K),)}
+    assert choose_path(65, wide, N * K) == "direct"
     out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, wide)
     assert len(calls) == 1  # the decode kernel ran instead
     assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
@@ -458,13 +460,17 @@ def test_direct_plan():
     plan = direct_module.plan
     for N, K in ((6144, 4096), (4096, 4096), (4096, 14336), (576, 576), (24, 1024), (28672, 4096)):
         for c in (cfg, {**cfg, "STEP": 4}, {**cfg, "BLOCK_N": 64, "WAVES": 8}, {**cfg, "MAX_SPLIT": 1}):
-            splits, per = plan(N, K, c, 132)
+            _, splits, per = plan(3, N, K, c, 132)
             chunks = K // 64
             assert per % c["STEP"] == 0 and splits * per >= chunks and (splits - 1) * per < chunks, (N, K, c)
             assert splits <= c["MAX_SPLIT"]
-    assert plan(6144, 4096, cfg, 132) == (11, 6)  # 48 tiles x 11 splits: 528 programs, 4 per SM
-    assert plan(4096, 14336, cfg, 132) == (16, 14)  # 32 tiles x 17 wanted: 14 chunks each, 16 splits
-    assert plan(576, 576, cfg, 132) == (5, 2)  # 9 chunks: the last split holds one
+    assert plan(16, 6144, 4096, cfg, 132) == (16, 11, 6)  # 48 tiles x 11 splits: 528 programs, 4 per SM
+    assert plan(3, 4096, 14336, cfg, 132) == (16, 16, 14)  # 32 tiles x 17 wanted: 14 chunks each, 16 splits
+    assert plan(3, 576, 576, cfg, 132) == (16, 5, 2)  # 9 chunks: the last split holds one
+    assert plan(17, 4096, 4096, cfg, 132) == (32, 8, 8)  # from M=17: 2 waves, 32 rows
+    assert plan(64, 4096, 4096, cfg, 132) == (64, 8, 8)  # x tile 64 x 512 fp16: 64 KB
+    cpu = torch.zeros(1, 64)
+    assert not direct_module.fits(cpu, 3, 4096, 4096)  # not Hopper
 
 
 def test_qlinear_module(device):
@@ -511,15 +517,16 @@ def test_gemm_gpu_configs(arch, regime, dtype):
 
 
 def test_sm90_crossovers():
-    """The sm90 table's dispatch by M, for any weight size: GEMV (at M=2 weights up to 64M elements only),
-    decode kernel, the Hopper prefill kernel from 192 rows (where its GPU time wins on every Llama-3-8B shape),
+    """The sm90 table's dispatch by M, for any weight size: GEMV (at M=2 weights up to 64M elements only), the direct
+    kernel (M = 3..16 for weights up to 64M elements, to M=64 up to 20M), decode kernel, the Hopper prefill kernel from 192 rows (where its GPU time wins on every Llama-3-8B shape),
     dequantize + cuBLAS from 8192."""
     table = CONFIGS["sm90"]
-    for numel in (576 * 1536, 4096 * 4096, 28672 * 4096):
-        small = numel <= 64 << 20
-        assert [choose_path(M, table, numel) for M in (1, 2, 3, 16, 17, 191, 192, 8191, 8192)] == [
+    for numel in (576 * 1536, 4096 * 4096, 6144 * 4096, 28672 * 4096):
+        small, smaller = numel <= 64 << 20, numel <= 20 << 20  # direct kernel to M=16 / to M=64
+        assert [choose_path(M, table, numel) for M in (1, 2, 3, 16, 17, 64, 65, 191, 192, 8191, 8192)] == [
             "gemv", "gemv" if small else "decode", "direct" if small else "decode", "direct" if small else "decode",
-            "decode", "decode", "prefill", "prefill", "dequant"]
+            "direct" if smaller else "decode", "direct" if smaller else "decode", "decode", "decode", "prefill",
+            "prefill", "dequant"]
 
 
 def test_gemm_ws_plan():
@@ -739,18 +746,26 @@ def test_gemm_direct_gpu(config, dtype):
         odd = torch.randn(3 * K + 1, device="cuda").to(dtype)[1:].view(3, K)  # starts 2 bytes off 16: copied
         assert rel_err(direct_module.w4a16_gemm_direct(odd, p["qweight"], p["scales"], p["zeros"], G, config),
                        w4a16_gemm_ws_ref(odd, p["qweight"], p["scales"], p["zeros"], G)) < tol
-        for M in (1, 3, 8, 16):
+        for M in (1, 3, 8, 16, 17, 40, 64):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
+            if not direct_module.fits(x, M, N, K, config):  # x of a split over its shared memory: refused, clearly
+                with pytest.raises(UnsupportedError, match="exceeds"):
+                    direct_module.w4a16_gemm_direct(x, p["qweight"], p["scales"], p["zeros"], G, config)
+                continue
             out = direct_module.w4a16_gemm_direct(x, p["qweight"], p["scales"], p["zeros"], G, config)
             assert out.dtype == dtype and out.shape == (M, N)
             assert rel_err(out, w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < tol, (N, K, G, M)
-        with pytest.raises(UnsupportedError, match="at most 16 rows"):
-            direct_module.w4a16_gemm_direct(torch.randn(17, K, device="cuda", dtype=dtype), p["qweight"], p["scales"],
+        with pytest.raises(UnsupportedError, match="at most 64 rows"):
+            direct_module.w4a16_gemm_direct(torch.randn(65, K, device="cuda", dtype=dtype), p["qweight"], p["scales"],
                                             p["zeros"], G, config)
     table = CONFIGS["sm90"]
     p = random_packed(4096, 4096, 128, "cuda")
-    x = torch.randn(8, 4096, device="cuda", dtype=dtype)
-    assert choose_path(8, table, 4096 * 4096) == "direct"
+    for M in (8, 64):
+        x = torch.randn(M, 4096, device="cuda", dtype=dtype)
+        assert choose_path(M, table, 4096 * 4096) == "direct"
+        assert rel_err(qlinear(x, p["qweight"], p["scales"], p["zeros"], 128, table),
+                       w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], 128)) < TOL[dtype]
+    x = torch.randn(64, 4096, device="cuda", dtype=dtype)
     assert rel_err(qlinear(x, p["qweight"], p["scales"], p["zeros"], 128, table),
                    w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], 128)) < TOL[dtype]
 

@@ -185,11 +185,11 @@ def compile_direct() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    for dt, G, bn, step, nch in (("fp16", 128, DEFAULT_CONFIG["BLOCK_N"], DEFAULT_CONFIG["STEP"], 6),
-                                 ("bf16", 128, DEFAULT_CONFIG["BLOCK_N"], DEFAULT_CONFIG["STEP"], 14),
-                                 ("fp16", 32, 64, 1, 9), ("bf16", 64, 64, 4, 8)):
-        consts = {"G": G, "BLOCK_M": DEFAULT_CONFIG["BLOCK_M"], "BLOCK_N": bn, "NCH": nch, "STEP": step, "SPLIT": True,
-                  "num_warps": bn // 16}
+    bn, step = DEFAULT_CONFIG["BLOCK_N"], DEFAULT_CONFIG["STEP"]
+    for dt, G, bm, bn, step, nch in (("fp16", 128, 16, bn, step, 6), ("bf16", 128, 16, bn, step, 14),
+                                     ("fp16", 128, DEFAULT_CONFIG["BLOCK_M_MAX"], bn, step, 8),
+                                     ("fp16", 32, 16, 64, 1, 9), ("bf16", 64, 32, 64, 4, 8)):
+        consts = {"G": G, "BLOCK_M": bm, "BLOCK_N": bn, "NCH": nch, "STEP": step, "SPLIT": True, "num_warps": bn // 16}
         sig = {"x_ptr": f"*{dt}", "qw_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": f"*{dt}", "M": "i32",
                "N": "i32", "stride_xm": "i32", "stride_om": "i32", "chunks": "i32", **{k: "constexpr" for k in consts}}
         names = list(sig)

@@ -6,9 +6,10 @@ By M (the crossovers live in the arch's row of `lmq.kernels.w4a16_gemm.CONFIGS`)
     M <= gemv_max_m            -> W4A16 GEMV (CUDA cores, weights straight to registers, split-K),
                                   for weights of at least gemv_min_numel = N*K elements (from M = 2,
                                   at most gemv_rows_max_numel: several rows per program, `ROWS`)
-    M <= direct_max_m          -> where the table has "direct" (sm90), for weights of at most direct_max_numel
-                                  elements: `w4a16_gemm_direct` (weights straight into wgmma's register
-                                  operand; the decode kernel where it cannot run)
+    (M, N*K) in direct_rows    -> where the table has "direct" (sm90; fp16 activations), M <= max_m and
+                                  N*K <= max_numel for one of its (max_m, max_numel) pairs:
+                                  `w4a16_gemm_direct` (weights straight into wgmma's register operand;
+                                  the decode kernel where it cannot run)
     M <= decode_max_m          -> decode: the W4A16 GEMM kernel with its decode config (split-K);
                                   weights of at least prefill_min_numel elements leave it from
                                   M = prefill_min_m
@@ -100,7 +101,8 @@ def choose_path(M: int, table: dict, weight_numel: int = 0) -> str:
     if M <= table.get("gemv_max_m", 0) and weight_numel >= table.get("gemv_min_numel", 0) and (
             M == 1 or weight_numel <= table.get("gemv_rows_max_numel", weight_numel)):
         return "gemv"
-    if "direct" in table and 0 < M <= table["direct_max_m"] and weight_numel <= table["direct_max_numel"]:
+    if "direct" in table and M > 0 and any(M <= max_m and weight_numel <= max_numel
+                                           for max_m, max_numel in table["direct_rows"]):
         return "direct"
     large = weight_numel >= table.get("prefill_min_numel", 0)  # only these take the prefill kernel
     if M <= table["decode_max_m"] and not (large and M >= table.get("prefill_min_m", M + 1)):
