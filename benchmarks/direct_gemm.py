@@ -49,10 +49,13 @@ def check():
 def sweep(ms):
     torch.manual_seed(0)
     kernels = [("", w4a16_gemm_direct)]
+    sys.path.insert(0, "benchmarks/results/2026-11-24-session19-h100/exp")
     if "--unrolled" in sys.argv:  # the experiment's unrolled K loop (results/2026-11-24-session19-h100/exp/)
-        sys.path.insert(0, "benchmarks/results/2026-11-24-session19-h100/exp")
         from direct_unrolled import w4a16_gemm_direct as unrolled
         kernels.append(("/unrolled", unrolled))
+    if "--late" in sys.argv:  # the experiment's scales once per group and unmasked loads (run 47, not kept)
+        from direct_late import w4a16_gemm_direct as late
+        kernels.append(("/late", late))
     shapes = [s for s in GEMM_SHAPES["llama3-8b"] if "--shapes" not in sys.argv
               or s[0] in sys.argv[sys.argv.index("--shapes") + 1].split(",")]
     configs = [{"BLOCK_N": bn, "STEP": st, "WAVES": w} for bn in (64, 128) for st in (1, 2, 4) for w in (2, 4, 8)]

@@ -1,0 +1,275 @@
+"""W4A16 GEMM for small M on Hopper (sm90), written in Gluon: weights straight from global memory into
+wgmma's register operand, activations in shared memory once per program.
+
+    out[M, N] = x[M, K] @ w_hat[N, K]^T,   w_hat[n, k] = (q[n, k] - z[g, n]) * s[g, n],  g = k // G
+
+Same layout (`planes64`) and function as `w4a16_gemm`; fp16 or bf16 activations, M <= BLOCK_M_MAX (64): a
+program's rows are the next power of two >= M, at least BLOCK_M (16).
+Why a third kernel: the Triton decode kernel stages every weight chunk through a cp.async ring in shared
+memory and pays CTA barriers per stage. Here a program (a warp group per 64 of its BLOCK_N weight rows, one
+K split):
+
+- copies its whole K range of x, [BLOCK_M, NCH * 64] (zero rows past M, zero chunks past the split), into
+  shared memory with cp.async, once: one wait and one barrier per program, none in the loop;
+- loads each 64-wide K chunk's codes [BLOCK_N, 16] int16 from global memory in wgmma's register-operand
+  layout (`DotOperandLayout`, k_width 2: a thread's lane pairs (2q, 2q+1) and (2q+8, 2q+9) are its operand
+  pairs for all four planes, which planes64 was laid out for), STEP chunks a time and one step ahead, so a
+  step's loads are in flight while the previous step converts and multiplies;
+- converts in registers (`_scaled_pair`, the prefill kernel's: (q - z) * s rounded once to the dtype) and
+  issues wgmma m64nBMk16 with the weights as the M side and x^T from shared memory as the N side, then
+  waits for them before converting the next chunk (the compiler may reuse a running wgmma's operand
+  registers);
+- adds its fp32 partial tile, rounded to the dtype, into the zeroed output with atomics (split-K; 16-byte
+  packed adds), or stores it.
+
+Measured on an H100 (NOTES-gemm.md, run 47): against the decode kernel at M = 3..16, fp16, 6-9% less time on
+Llama-3-8B's qkv, o_proj and down (qkv 9.8-10.0 us against 10.8-10.9), 20% more on gate_up; in bf16 (4
+instructions a weight to convert, fp16's 2) slower on every shape. So the sm90 table sends M = 3..16 here for
+fp16 activations and weights of at most 64M elements (`lmq.engine.qlinear`). The zero fill of the output
+costs about 1 us a call in a CUDA graph (the kernel into an output zeroed once read 8.5 us on qkv, 6.9 on
+o_proj); zeroing it from a kernel launched before this one with PDL saved 0.1-0.3 us.
+`w4a16_gemm_ws_ref` (rounding w_hat to x's dtype as this kernel does) is its plain-PyTorch twin. The
+interpreter cannot run Gluon: tested on the GPU and compiled offline for sm_90a in CI.
+"""
+
+from __future__ import annotations
+
+import torch
+from lmq.kernels import cdiv, cuda_capability, next_pow2
+from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (callers catch it here)
+from lmq.kernels.launch import DirectLaunch
+from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, check_inputs
+from lmq.kernels.w4a16_gemm_ws import _scaled_pair
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.runtime.jit import constexpr_function
+
+from lmq.errors import UnsupportedError
+from lmq.pack import planes64
+
+CHUNK_K = gl.constexpr(planes64.CHUNK_K)
+LANES = gl.constexpr(planes64.LANES)
+DEFAULT_CONFIG = CONFIGS["sm90"]["direct"]  # the table's entry (kernels/w4a16_gemm.py says why)
+
+
+@constexpr_function
+def _split_asm():
+    """PTX: the four planes of two packed int16 lanes ($4) as fp16 pairs q - z (planes 0, 2; $5 = MAGIC + z in both
+    halves) and 16 (q - z) (planes 1, 3; $6 = MAGIC + 16 z): each plane is masked where it lies, planes 2 and 3 after
+    one shared shift, so a register of 8 weights takes 9 instructions (`_pair_asm` scaled: 15)."""
+    lines = ["{", ".reg .b32 t, a;"]
+    for o, src, mask, z in ((0, "$4", "0x000F000F", "$5"), (1, "$4", "0x00F000F0", "$6"),
+                            (2, "t", "0x000F000F", "$5"), (3, "t", "0x00F000F0", "$6")):
+        if o == 2:
+            lines.append("shr.u32 t, $4, 8;")
+        lines += [f"lop3.b32 a, {src}, {mask}, 0x64006400, 0xEA;", f"sub.f16x2 ${o}, a, {z};"]
+    return "\n".join(lines + ["}"])
+
+
+@gluon.jit
+def _split_planes(h, z):
+    """`h [BN, 16]` int16 codes, `z [BN]` uint8 zeros -> planes 0, 2 as q - z and planes 1, 3 as 16 (q - z), fp16,
+    exact (1024 + 16 q < 2048: fp16 integers)."""
+    zq = gl.broadcast(gl.expand_dims((z.to(gl.int16) | 0x6400).to(gl.float16, bitcast=True), 1), h)[0]
+    zq16 = gl.broadcast(gl.expand_dims(((z.to(gl.int16) << 4) | 0x6400).to(gl.float16, bitcast=True), 1), h)[0]
+    return gl.inline_asm_elementwise(_split_asm(), "=r,=r,=r,=r,r,r,r", [h, zq, zq16],
+                                     dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=2)
+
+
+@gluon.jit
+def _load_step(qw_ptr, s_ptr, z_ptr, c, c_hi, N, w_offs, v_offs, s_offs, G: gl.constexpr, STEP: gl.constexpr):
+    """Codes of chunks c .. c + STEP - 1 ([BN, 16] int16 each), and the zeros (rows in the operand's row layout) and
+    scales (rows at `s_offs`: the operand's or the accumulator's) of each group the step's 32-wide halves of chunks
+    start: one per step at G = 128 (c is a multiple of STEP), one per chunk at 64, two per chunk at 32. No masks:
+    chunks past the split's last re-read that chunk (their x in shared memory is zero) and the offsets' rows past N
+    re-read row N - 1 (their outputs are not stored), so every value is finite and no load leaves the tensors."""
+    HPG: gl.constexpr = G // (CHUNK_K // 2)  # halves of a chunk per group
+    hs = ()
+    for i in gl.static_range(STEP):
+        cc = gl.minimum(c + i, c_hi - 1)
+        hs = hs + (gl.load(qw_ptr + cc * N * LANES + w_offs, eviction_policy="evict_first"),)
+    ss = ()
+    zs = ()
+    for h in gl.static_range(0, 2 * STEP, HPG):
+        g = (gl.minimum(c + h // 2, c_hi - 1) * CHUNK_K + (h % 2) * (CHUNK_K // 2)) // G
+        ss = ss + (gl.load(s_ptr + g * N + s_offs),)
+        zs = zs + (gl.load(z_ptr + g * N + v_offs),)
+    return hs, ss, zs
+
+
+@gluon.jit
+def _w4a16_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, stride_om, chunks,
+                         G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NCH: gl.constexpr,
+                         STEP: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+    IS_BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
+    xdt: gl.constexpr = x_ptr.dtype.element_ty
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                     instr_shape=[16, BLOCK_M, 16])
+    al: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=layout, k_width=2)
+    vl: gl.constexpr = gl.SliceLayout(1, al)
+    n0 = gl.program_id(0) * BLOCK_N
+    c_lo = gl.program_id(1) * NCH  # this split's chunks: c_lo .. c_hi - 1
+    c_hi = gl.minimum(chunks, c_lo + NCH)
+
+    # -- x [BLOCK_M, NCH * 64] of this split -> shared memory, once (cp.async; zeros past M and c_hi) -------
+    xsl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, CHUNK_K], xdt)
+    x_smem = gl.allocate_shared_memory(xdt, [NCH, BLOCK_M, CHUNK_K], xsl)
+    xl: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    xr = gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, xl)), 1)
+    xk = gl.expand_dims(gl.arange(0, CHUNK_K, layout=gl.SliceLayout(0, xl)), 0)
+    x_rows = x_ptr + xr * stride_xm + xk
+    for c in gl.static_range(NCH):  # constant offsets: the copies write disjoint slices, so no barrier between
+        async_copy.async_copy_global_to_shared(x_smem.index(c), x_rows + (c_lo + c) * CHUNK_K,
+                                               mask=(xr < M) & ((c_lo + c) < c_hi) & (xk >= 0))
+    async_copy.commit_group()
+
+    # -- the first step's weights are requested before waiting for x --------------------------------------
+    rows = gl.arange(0, BLOCK_N, layout=vl)
+    lanes = gl.arange(0, LANES, layout=gl.SliceLayout(0, al))
+    v_offs = gl.minimum(n0 + rows, N - 1)  # rows past N re-read the last (`_load_step`)
+    w_offs = gl.expand_dims(v_offs * LANES, 1) + gl.expand_dims(lanes, 0)  # [BN, 16] in chunk 0
+    # LATE (fp16, groups of whole chunks that steps hold whole): each group's partial sums in two accumulators,
+    # scaled once per group in fp32; else every weight scaled as it is converted
+    CPG: gl.constexpr = G // CHUNK_K  # chunks per group (0 at G = 32)
+    LATE: gl.constexpr = (not IS_BF16) and CPG >= 1 and STEP % CPG == 0
+    if LATE:
+        s_offs = gl.minimum(n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout)), N - 1)
+    else:
+        s_offs = v_offs
+    hs, ss, zs = _load_step(qw_ptr, s_ptr, z_ptr, c_lo, c_hi, N, w_offs, v_offs, s_offs, G, STEP)
+
+    async_copy.wait_group(0)
+    fence_async_shared()
+    gl.thread_barrier()
+
+    HPG: gl.constexpr = G // (CHUNK_K // 2)
+    acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=layout)
+    a = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=layout)  # LATE: planes 0, 2 of the group
+    b = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=layout)  # LATE: planes 1, 3 (16x)
+    for c in range(c_lo, c_lo + NCH, STEP):
+        nhs, nss, nzs = _load_step(qw_ptr, s_ptr, z_ptr, c + STEP, c_hi, N, w_offs, v_offs, s_offs, G, STEP)
+        for i in gl.static_range(STEP):
+            xt = x_smem.index(c - c_lo + i)  # [BM, 64]
+            if LATE:
+                p0, p1, p2, p3 = _split_planes(hs[i], zs[i // CPG])
+                # the group's first chunk (i % CPG == 0): its accumulators start over
+                a = warpgroup_mma(p0, xt.slice(0, 16, dim=1).permute((1, 0)), a, use_acc=i % CPG != 0, is_async=True)
+                b = warpgroup_mma(p1, xt.slice(16, 16, dim=1).permute((1, 0)), b, use_acc=i % CPG != 0, is_async=True)
+                a = warpgroup_mma(p2, xt.slice(32, 16, dim=1).permute((1, 0)), a, is_async=True)
+                b = warpgroup_mma(p3, xt.slice(48, 16, dim=1).permute((1, 0)), b, is_async=True)
+                a, b, p0, p1, p2, p3 = warpgroup_mma_wait(num_outstanding=0, deps=(a, b, p0, p1, p2, p3))
+                if i % CPG == CPG - 1:  # the group's last chunk: its scale, once per output
+                    acc += (a + b * 0.0625) * gl.expand_dims(ss[i // CPG].to(gl.float32), 1)
+            else:
+                # the step's groups that planes 0, 1 and planes 2, 3 of chunk i belong to
+                w0, w1 = _scaled_pair(hs[i], zs[(2 * i) // HPG], ss[(2 * i) // HPG], 0, IS_BF16)
+                w2, w3 = _scaled_pair(hs[i], zs[(2 * i + 1) // HPG], ss[(2 * i + 1) // HPG], 2, IS_BF16)
+                acc = warpgroup_mma(w0, xt.slice(0, 16, dim=1).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma(w1, xt.slice(16, 16, dim=1).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma(w2, xt.slice(32, 16, dim=1).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma(w3, xt.slice(48, 16, dim=1).permute((1, 0)), acc, is_async=True)
+                acc, w0, w1, w2, w3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w0, w1, w2, w3))
+        hs, ss, zs = nhs, nss, nzs
+
+    # -- epilogue: acc^T [BN, BM] -> out[:, n0:] (8 contiguous columns per thread: 16-byte stores / packed atomics)
+    ol: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])
+    res = gl.convert_layout(acc.to(xdt), ol)
+    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ol))
+    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, ol))
+    ptrs = out_ptr + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1)
+    mask = gl.expand_dims(offs_n < N, 1) & gl.expand_dims(offs_m < M, 0)
+    if SPLIT:
+        gl.atomic_add(ptrs, res, mask=mask, sem="relaxed")
+    else:
+        gl.store(ptrs, res, mask=mask)
+
+
+BUILD = BuildGuard("the Hopper small-M GEMM (w4a16_gemm_direct)", "the Triton decode kernel runs instead.")
+_LAUNCH = DirectLaunch(_w4a16_direct_kernel)
+
+
+def rows_per_tile(M: int, cfg: dict) -> int:
+    """The program's x rows (wgmma's N side): the next power of two >= M, between BLOCK_M and BLOCK_M_MAX."""
+    return min(cfg.get("BLOCK_M_MAX", cfg["BLOCK_M"]), max(cfg["BLOCK_M"], next_pow2(M)))
+
+
+def supported(x: torch.Tensor, M: int, config: dict | None = None) -> bool:
+    """Hopper, fp16 or bf16 activations, M within one row tile, a Triton that built it (or has not tried)."""
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if BUILD.failed or x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return M <= cfg.get("BLOCK_M_MAX", cfg["BLOCK_M"]) and cuda_capability(x.device)[0] == 9
+
+
+def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:
+    """(rows per tile, splits, chunks per split): about WAVES programs per SM over the column tiles (`WAVES_FROM_M`
+    [(min_m, waves), ...] lowers it for larger M, whose x tiles take more shared memory), each split a multiple of
+    STEP chunks, at most MAX_SPLIT splits."""
+    bm = rows_per_tile(M, cfg)
+    waves = cfg["WAVES"]
+    for min_m, w in cfg.get("WAVES_FROM_M", ()):
+        if M >= min_m:
+            waves = w
+    chunks = K // planes64.CHUNK_K
+    tiles = cdiv(N, cfg["BLOCK_N"])
+    step = cfg["STEP"]
+    want = max(1, min(cfg["MAX_SPLIT"], cdiv(waves * sms, tiles), cdiv(chunks, step)))
+    per = cdiv(cdiv(chunks, want), step) * step
+    return bm, cdiv(chunks, per), per
+
+
+MAX_X_BYTES = 160 << 10  # a program's x tile in shared memory, at most (the H100 has 227 KB a block)
+
+
+def _x_fits(bm: int, per: int, elem: int, cfg: dict) -> bool:
+    return bm * per * planes64.CHUNK_K * elem <= cfg.get("MAX_X_BYTES", MAX_X_BYTES)
+
+
+def fits(x: torch.Tensor, M: int, N: int, K: int, config: dict | None = None) -> bool:
+    """Whether `w4a16_gemm_direct` runs these inputs (`supported`, and its plan's x tile within MAX_X_BYTES)."""
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if not supported(x, M, cfg):
+        return False
+    bm, _, per = plan(M, N, K, cfg, _num_sms(x.device))
+    return _x_fits(bm, per, x.element_size(), cfg)
+
+
+def w4a16_gemm_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int, config: dict | None = None) -> torch.Tensor:
+    """`x [..., K]` fp16/bf16 (M <= BLOCK_M rows) times the packed `[N, K]` weight -> `[..., N]` (Hopper)."""
+    N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemm_direct")
+    M = x2.shape[0]
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if not supported(x, M, cfg):
+        raise UnsupportedError(f"w4a16_gemm_direct needs a Hopper GPU, float16 or bfloat16 activations and at most "
+                               f"{cfg.get('BLOCK_M_MAX', cfg['BLOCK_M'])} rows; got {x.device} {x.dtype}, M={M}; "
+                               f"use w4a16_gemm")
+    if M == 0:
+        return x.new_empty(*lead, N)
+    if x2.stride(0) % 8 or x2.data_ptr() % 16:  # cp.async copies 16-byte pieces
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    bm, splits, per = plan(M, N, K, cfg, _num_sms(x.device))
+    if not _x_fits(bm, per, x.element_size(), cfg):
+        raise UnsupportedError(f"w4a16_gemm_direct: a split's x tile ({bm} x {per * planes64.CHUNK_K}) exceeds the "
+                               f"{cfg.get('MAX_X_BYTES', MAX_X_BYTES)} bytes of shared memory it may take; use w4a16_gemm")
+    out = (torch.zeros if splits > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)
+    bn = cfg["BLOCK_N"]
+    grid = (cdiv(N, bn), splits)
+    args = {"x_ptr": x2, "qw_ptr": qweight, "s_ptr": scales, "z_ptr": zeros, "out_ptr": out, "M": M, "N": N,
+            "stride_xm": x2.stride(0), "stride_om": out.stride(0), "chunks": K // planes64.CHUNK_K,
+            "G": group_size, "BLOCK_M": bm, "BLOCK_N": bn, "NCH": per, "STEP": cfg["STEP"],
+            "SPLIT": splits > 1, "num_warps": bn // 16}
+    try:
+        _LAUNCH[grid](**args)
+    except Exception as e:
+        unavailable = BUILD.failure(e)
+        if unavailable is None:
+            raise
+        raise unavailable from e
+    return out.reshape(*lead, N)
