@@ -5,8 +5,6 @@
 #   STAGES=table   `lmq bench gemm --m 1,2,3,4,8,16,32,48,64` in fp16, then M = 4 and 16 in bf16
 #   STAGES=ncu     Nsight Compute sections of the direct and decode kernels on qkv at M=16
 #   STAGES=bigm    the direct kernel with 32- and 64-row tiles at M = 32 and 64 against the decode kernel
-#   STAGES=nopre   the engine's GPU tests, then TTFT of first prompts (no cached prefix) with and without the prefill
-#                  graphs planned for them (profile_prefill.py --no-prefix-graphs 1 / 0)
 #   STAGES=ab      decode steps of synthetic Llama-3-8B at batch 4 and 16 with the direct path and without
 #                  (profile_decode.py --direct 1 / 0, interleaved, two reps)
 # Logs land in $OUT/<stage>/.
@@ -52,17 +50,6 @@ for stage in ${STAGES:-check table}; do
         # kernel (run as `--v1` against the late form as the kernel; the kernel stayed as it was)
     timeout 300 python3 benchmarks/direct_gemm.py sweep --m 4,16,64 --late --configs "128,2,4;128,2,2;64,2,8" 2>&1 \
       | grep -E "SUM|BEST|Error" | tee "$OUT/late/sweep.log"
-    ;;
-  nopre)  # prefill graphs planned without a cached prefix: the engine's GPU tests, then TTFT of first prompts
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py 2>&1 | tail -3 \
-      | tee "$OUT/nopre/tests.log"
-    for rep in 1 2; do
-      for g in 1 0; do
-        echo "== rep $rep no-prefix graphs $g" | tee -a "$OUT/nopre/ttft.log"
-        timeout 150 python3 benchmarks/profile_prefill.py --prefix 0 --new 60,120,250 --kv-dtype int8 --reps 5 \
-          --no-prefix-graphs "$g" 2>&1 | grep -E "TTFT" | tee -a "$OUT/nopre/ttft.log"
-      done
-    done
     ;;
   ab)
     for rep in 1 2; do

@@ -3,7 +3,6 @@ the prefix cache, for several counts of new tokens (64, 96, 128, 160, as in `lmq
 rows), with host (wall) time beside the GPU kernel time of one eager prefill (torch.profiler).
 
     python benchmarks/profile_prefill.py [--prefix 1024] [--new 64,96,128,160] [--kv-dtype int8] [--decode-max-m M]
-        [--no-prefix-graphs 0|1]
 """
 
 import argparse
@@ -27,9 +26,6 @@ ap.add_argument("--reps", type=int, default=4)
 ap.add_argument("--host", type=int, default=0, help="also print the N host-side ops with the most self CPU time")
 ap.add_argument("--decode-max-m", type=int, default=0,
                 help="try another crossover from the decode kernel to the prefill kernel (sm90 table)")
-ap.add_argument("--no-prefix-graphs", type=int, choices=(0, 1), default=1,
-                help="0: drop the prefill graphs planned for steps without a cached prefix (buckets below "
-                     "kv_cache.FRESH_MIN_ROWS) after capture, for an A/B of their TTFT")
 args = ap.parse_args()
 if args.decode_max_m:
     from lmq.kernels.w4a16_gemm import CONFIGS
@@ -39,8 +35,6 @@ if args.decode_max_m:
 dev = torch.device("cuda")
 model = EngineModel.synthetic(args.model, dev)
 llm = LLM(model, kv_dtype=args.kv_dtype, max_model_len=4096, cache_max_memory="8GiB", max_num_seqs=4)
-if not args.no_prefix_graphs:
-    llm.runner.prefill_graphs = {k: g for k, g in llm.runner.prefill_graphs.items() if k[2]}
 prefix = [1000 + i for i in range(args.prefix)]
 news = [int(t) for t in args.new.split(",")]
 serial = iter(range(10**6))

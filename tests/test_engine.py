@@ -355,15 +355,8 @@ def test_decode_graphs_are_captured_on_their_warm_up_stream(weights, monkeypatch
     eng.runner._capture()
     warm_ups = calls[0::3]
     captures = calls[2::3]
-    # decode graphs, and two prefill graphs per bucket (one sequence, max_num_seqs sequences), twice for the buckets
-    # below FRESH_MIN_ROWS (with and without a cached prefix)
-    from lmq.engine import kv_cache
-
-    small = sum(b < kv_cache.FRESH_MIN_ROWS for b in eng.runner.prefill_buckets)
-    n_graphs = len(eng.runner.buckets) + 2 * (len(eng.runner.prefill_buckets) + small)
-    assert small and sorted(eng.runner.prefill_graphs) == sorted(
-        (b, ns, hp) for b in eng.runner.prefill_buckets for ns in eng.runner.prefill_seqs
-        for hp in ((True, False) if b < kv_cache.FRESH_MIN_ROWS else (True,)))
+    # decode graphs, and two prefill graphs per bucket (one sequence, max_num_seqs sequences)
+    n_graphs = len(eng.runner.buckets) + 2 * len(eng.runner.prefill_buckets)
     assert calls[1::3] == ["capture"] * n_graphs and all(s is not default for s in warm_ups)
     assert captures == warm_ups
 
@@ -396,39 +389,12 @@ def test_padded_prefill_matches_the_eager_prefill(weights, n_new):
     graphs, r.prefill_graphs = r.prefill_graphs, {}  # the reference is the eager prefill, also on a GPU
     ref = r.run(step, eng.manager).float()  # [1, V]
     r.prefill_graphs = graphs
-    (tb, ns, has_prefix), n_rows = r._stage_prefill(step, eng.manager)
-    assert tb == (32 if n_new <= 32 else 64 if n_new <= 64 else 768) and ns == 1 and n_rows == 1 and has_prefix
-    ids, batch, rows = r._prefill_batch(tb, ns, has_prefix)
+    (tb, ns), n_rows = r._stage_prefill(step, eng.manager)
+    assert tb == (32 if n_new <= 32 else 64 if n_new <= 64 else 768) and ns == 1 and n_rows == 1
+    ids, batch, rows = r._prefill_batch(tb, ns)
     got = r.model.forward(ids, r.cache, batch, rows.long()).float()
     assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item() > 0.9999
     assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
-
-
-def test_prefill_without_a_prefix_replays_its_own_graph(weights):
-    """A step whose sequences have no cached prefix replays its bucket's graph planned without one (below
-    FRESH_MIN_ROWS: the chunk's keys from k / v, one launch): what that graph computes, run eagerly, gives the eager
-    prefill's logits; a step over a cached prefix keeps the graph that reads the prefix."""
-    eng = make_llm(weights, max_num_seqs=2, prefill_graphs=True, max_model_len=1024)
-    r = eng.runner
-    if not r.prefill_graphs:  # no graphs captured (CPU): make their inputs and the keys
-        r._prefill_buffers()
-        r.prefill_graphs = {(b, 1, hp): None for b in r.prefill_buckets for hp in (True, False)}
-    graphs = r.prefill_graphs
-    eng.add_request(list(range(1000, 1040)), SamplingParams(max_new_tokens=1, ignore_eos=True))
-    step = eng.scheduler.schedule()
-    assert step.spans[0].start == 0 and r.prefill_key(step) == (64, 1, False)
-    r.prefill_graphs = {}
-    ref = r.run(step, eng.manager).float()  # [1, V]
-    r.prefill_graphs = graphs
-    key, n_rows = r._stage_prefill(step, eng.manager)
-    ids, batch, rows = r._prefill_batch(*key)
-    assert not batch.has_prefix and n_rows == 1
-    got = r.model.forward(ids, r.cache, batch, rows.long()).float()
-    assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item() > 0.9999
-    assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()
-    r.prefill_graphs = {k: v for k, v in graphs.items() if k[2]}  # a bucket without the variant: the other graph
-    assert r.prefill_key(step) == (64, 1, True)
-    r.prefill_graphs = graphs
 
 
 def test_padded_mixed_step_matches_the_eager_step(weights):
@@ -457,9 +423,9 @@ def test_padded_mixed_step_matches_the_eager_step(weights):
     r.prefill_graphs = {}
     ref = r.run(step, eng.manager).float()  # [3, V]: the sampling spans' last rows
     r.prefill_graphs = graphs
-    (tb, ns, has_prefix), n_rows = r._stage_prefill(step, eng.manager)
-    assert tb == 256 and ns == 6 and n_rows == 3 and ref.shape[0] == 3 and has_prefix
-    ids, batch, rows = r._prefill_batch(tb, ns, has_prefix)
+    (tb, ns), n_rows = r._stage_prefill(step, eng.manager)
+    assert tb == 256 and ns == 6 and n_rows == 3 and ref.shape[0] == 3
+    ids, batch, rows = r._prefill_batch(tb, ns)
     got = r.model.forward(ids, r.cache, batch, rows.long()).float()[:n_rows]
     assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item() > 0.9999
     assert got.argmax(-1).tolist() == ref.argmax(-1).tolist()

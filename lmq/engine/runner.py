@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from lmq.console import log
-from lmq.engine import kv_cache
 from lmq.engine.kv_cache import (
     AttentionBatch,
     BlockManager,
@@ -65,9 +64,7 @@ class ModelRunner:
         self.prefill_seqs = [1, max_num_seqs] if many else [1]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # (token bucket, sequences: 1 or max_num_seqs) -> (graph, logits of the sampling rows [sequences, V])
-        # (token bucket, sequences, has_prefix) -> graph: has_prefix False (no sequence of the step has a cached prefix)
-        # only where prefill attention then takes another path (`_capture_prefill`)
-        self.prefill_graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # no step prefills more than the token budget or the context: the smaller of them (at most the largest
         # bucket) is the last bucket, so a budget between two buckets still has its graph
         most = min(max_model_len, max_prefill_tokens or max_model_len, PREFILL_BUCKETS[-1])
@@ -136,8 +133,7 @@ class ModelRunner:
         log(f"captured decode CUDA graphs for batch sizes {self.buckets}{prefill} in {time.perf_counter() - t0:.1f}s")
 
     # -- CUDA graphs for prefill and mixed steps -------------------------------------------------------
-    def _prefill_batch(self, tb: int, ns: int, has_prefix: bool = True) -> tuple[torch.Tensor, AttentionBatch,
-                                                                                torch.Tensor]:
+    def _prefill_batch(self, tb: int, ns: int) -> tuple[torch.Tensor, AttentionBatch, torch.Tensor]:
         """(ids, batch, sampling rows) of the static inputs, viewed for `tb` rows and `ns` sequences. Several
         sequences attend through a tile map (`prefill_attention`): one program per real query tile and head,
         not ns x the tiles of tb rows (most of which would find no rows)."""
@@ -148,7 +144,6 @@ class ModelRunner:
             slot_mapping=self._p_slots[:tb], block_tables=self._p_table[:ns], seq_lens=self._p_lens[:ns],
             cu_seqlens_q=self._p_cu[:ns + 1], positions=self._p_pos[:tb], max_q_len=tb,
             max_seq_len=self.max_model_len, is_prefill=True, tiles=tiles, block_m=self._p_block_m,
-            has_prefix=has_prefix,
         )
         return self._p_ids[:tb], batch, self._p_rows[:ns]
 
@@ -179,18 +174,13 @@ class ModelRunner:
             return
         self._prefill_buffers()
         for tb in reversed(self.prefill_buckets):
-            # a bucket below FRESH_MIN_ROWS reads every key through the cache when a sequence may have a cached prefix,
-            # and the chunk's keys from k / v when none has (kv_cache.FRESH_PREFILL): a second graph for the latter
-            # (steps of first prompts); from FRESH_MIN_ROWS both take the chunk from k / v and differ only by the
-            # prefix launch, which finds no prefix to attend when there is none
-            for has_prefix in (True, False) if kv_cache.FRESH_PREFILL and tb < kv_cache.FRESH_MIN_ROWS else (True,):
-                for ns in self.prefill_seqs:
-                    # warm-up: one sequence of tb padded rows that write nothing and attend block 0, the others empty
-                    self._fill_prefill(tb, ns, [([], 0, [], [0], False)])
-                    self._p_dev.copy_(self._p_host)
-                    ids, batch, rows = self._prefill_batch(tb, ns, has_prefix)
-                    self.prefill_graphs[tb, ns, has_prefix] = self._capture_one(
-                        lambda i=ids, b=batch, r=rows: self.model.forward(i, self.cache, b, r.long()), pool, stream)
+            for ns in self.prefill_seqs:
+                # warm-up: one sequence of tb padded rows that write nothing and attend block 0, the others empty
+                self._fill_prefill(tb, ns, [([], 0, [], [0], False)])
+                self._p_dev.copy_(self._p_host)
+                ids, batch, rows = self._prefill_batch(tb, ns)
+                self.prefill_graphs[tb, ns] = self._capture_one(
+                    lambda i=ids, b=batch, r=rows: self.model.forward(i, self.cache, b, r.long()), pool, stream)
 
     def _fill_prefill(self, tb: int, ns: int, spans: list[tuple[list[int], int, list[int], list[int], bool]]) -> int:
         """The static inputs of a `tb`-row step of `ns` sequences from its spans (token ids, first position, slots,
@@ -232,19 +222,10 @@ class ModelRunner:
             return False
         return 1 < step.num_tokens <= self.prefill_buckets[-1]
 
-    def prefill_key(self, step: Step) -> tuple[int, int, bool]:
-        """The prefill graph a step replays: its token bucket, 1 or max_num_seqs sequences, and whether a sequence has
-        a cached prefix (where the bucket has a graph without one)."""
+    def _stage_prefill(self, step: Step, manager: BlockManager) -> tuple[tuple[int, int], int]:
+        """Copy the step's spans, padded, into the static inputs; returns its graph's key and its sampling rows."""
         tb = next(b for b in self.prefill_buckets if b >= step.num_tokens)
         ns = 1 if len(step.spans) == 1 else self.max_num_seqs
-        no_prefix = (tb, ns, False)
-        return no_prefix if no_prefix in self.prefill_graphs and all(sp.start == 0 for sp in step.spans) else (
-            tb, ns, True)
-
-    def _stage_prefill(self, step: Step, manager: BlockManager) -> tuple[tuple[int, int, bool], int]:
-        """Copy the step's spans, padded, into the static inputs; returns its graph's key and its sampling rows."""
-        key = self.prefill_key(step)
-        tb, ns, _ = key
         if self._p_copied is not None:
             self._p_copied.synchronize()  # the previous replay's inputs have left the host buffer
         n_rows = self._fill_prefill(tb, ns, [
@@ -253,7 +234,7 @@ class ModelRunner:
         self._p_dev.copy_(self._p_host, non_blocking=True)
         if self._p_copied is not None:
             self._p_copied.record()
-        return key, n_rows
+        return (tb, ns), n_rows
 
     def _replay_prefill(self, step: Step, manager: BlockManager) -> torch.Tensor:
         key, n_rows = self._stage_prefill(step, manager)
