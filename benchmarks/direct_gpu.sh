@@ -19,8 +19,9 @@ for stage in ${STAGES:-check table}; do
   date -u | tee "$OUT/$stage/date.txt"
   case $stage in
   check)
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k "direct or dispatch or two_row" 2>&1 \
+    timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k "direct or dispatch or two_row" 2>&1 \
       | tail -3 | tee "$OUT/check/gemm-tests.log"
+    echo "exit status ${PIPESTATUS[0]} (124: cut by its timeout)" | tee -a "$OUT/check/gemm-tests.log"
     # the prefill tests whose chunks have a cached prefix (the prefix launch and its softmax-state buffer)
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
       -k "chunked_with_shared_prefix or fresh_is_as_exact or reads_the_chunk" 2>&1 | tail -3 \

@@ -32,13 +32,13 @@ rows.add_argument("--gemv-max-m", type=int, default=0,
                   help="send M <= this many rows to the GEMV with the tables' rows per program (0: the tables' "
                        "crossover; 1: M=1 only, as before the two-row GEMV), for an A/B of the tables' dispatch")
 ap.add_argument("--direct", type=int, choices=(0, 1), default=1,
-                help="0: no direct-kernel path at M = 3..16 (the decode kernel instead), for an A/B of the tables")
+                help="0: no direct-kernel path (the decode kernel at the M it would take), for an A/B of the tables")
 args = ap.parse_args()
 if args.gemv_reduce != "table" or args.gemv_rows or args.gemv_max_m or not args.direct:
     from lmq.kernels.w4a16_gemm import CONFIGS
     for table in CONFIGS.values():
         if not args.direct:
-            table.pop("direct", None)
+            table["direct_rows"] = ()
         if args.gemv_reduce != "table":
             table["gemv"]["REDUCE"] = args.gemv_reduce
         if args.gemv_rows:

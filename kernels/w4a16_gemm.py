@@ -329,12 +329,13 @@ _CROSS_SM90 = {**_CROSS, "gemv_max_m": 2, "gemv_rows_max_numel": 64 << 20, "deco
                "dequant_min_m": 8192}
 _GEMV_SM90 = {**_GEMV, "ROWS": 2}
 # sm90: the Gluon kernel that loads the codes straight into wgmma's register operand and x into shared memory once
-# per program (w4a16_gemm_direct.py), for fp16 activations and the (max M, max weight elements) of `direct_rows`.
-# H100 (benchmarks/results/2026-11-24-session19-h100/, NOTES-gemm.md run 47), us, decode kernel -> it: M = 3..16
-# (128 weight rows per program, 2 chunks a step, 4 waves) qkv 10.8-10.9 -> 9.8-10.0, o_proj 8.5-8.8 -> 7.9-8.2,
-# down 17.8-18.1 -> 16.8-17.2, gate_up (117M elements) 28.2-29.0 -> 34.2-34.8 (so it keeps the decode kernel);
-# M = 32 / 48 / 64 at 2 waves, rows per tile 32 or 64: o_proj 9.3 / 10.7 / 11.1 -> 8.5 / 9.2 / 9.4, but qkv
-# (25M elements) 11.7 / 13.2 / 14.0 -> 12.8 / 17.0 / 17.6, so from M=17 weights up to 20M elements only.
+# per program (w4a16_gemm_direct.py), for fp16 activations and the (max M, max weight elements) pairs of `direct_rows`
+# (from M = 2 where the GEMV does not take that M). H100 (benchmarks/results/2026-11-24-session19-h100/, NOTES-gemm.md
+# run 47), us, decode kernel -> it, one run: M = 3..16 (128 weight rows per program, 2 chunks a step, 4 waves) qkv
+# 10.5-10.8 -> 9.5-9.6, o_proj 8.5-8.7 -> 7.5-7.7, down 17.9-18.2 -> 17.9-18.4 (an earlier call read 16.8-17.2 for
+# it, with the x copies in a loop: not settled, so down, 58.7M elements, keeps the decode kernel), gate_up (117M)
+# 28.2-29.4 -> 34.4-35.3; M = 32 / 48 / 64 at 2 waves, 32 or 64 rows a tile: o_proj (16.8M) 9.1 / 10.4 / 11.1 ->
+# 8.2 / 9.1 / 9.4, qkv (25.2M) 11.5 / 13.0 / 13.5 -> 13.0 / 16.5 / 16.8. Measured on these shapes only.
 _DIRECT_SM90 = {"BLOCK_M": 16, "BLOCK_M_MAX": 64, "BLOCK_N": 128, "WAVES": 4, "WAVES_FROM_M": ((17, 2),), "STEP": 2,
                 "MAX_SPLIT": 64}
 CONFIGS: dict[str, dict] = {
@@ -344,7 +345,7 @@ CONFIGS: dict[str, dict] = {
     "sm89": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm90": {"gemv": _GEMV_SM90, "direct": _DIRECT_SM90, "decode": _DECODE_SM90, "decode_ordered": _DECODE_ORDERED_SM90,
              "prefill": _PREFILL_BIG_SMEM, "prefill_ws": _PREFILL_WS, **_CROSS_SM90,
-             "direct_rows": ((16, 64 << 20), (64, 20 << 20))},
+             "direct_rows": ((16, 32 << 20), (64, 20 << 20))},
 }
 # The interpreter runs one program at a time on the CPU: small tiles keep tests fast there.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1,
@@ -396,6 +397,16 @@ def pick_block_k(K: int, group_size: int, want: int) -> int:
     return bk
 
 
+def waves_for(M: int, cfg: dict) -> int:
+    """The waves of programs a split-K launch aims for at M rows: WAVES (default 2), or the last `WAVES_FROM_M`
+    [(min_m, waves), ...] (ascending) entry whose min_m M reaches."""
+    waves = cfg.get("WAVES", 2)
+    for min_m, w in cfg.get("WAVES_FROM_M", ()):
+        if M >= min_m:
+            waves = w
+    return waves
+
+
 def pick_split_k(M: int, N: int, K: int, cfg: dict, block_k: int, device: torch.device) -> int:
     """SPLIT_K=0 means auto: enough K splits that the grid covers ~WAVES (default 2) waves of SMs,
     at most MAX_SPLIT (default 16). `WAVES_FROM_M` [(min_m, waves), ...] (ascending) lowers the
@@ -403,11 +414,7 @@ def pick_split_k(M: int, N: int, K: int, cfg: dict, block_k: int, device: torch.
     if cfg["SPLIT_K"] > 0:
         return min(cfg["SPLIT_K"], K // block_k)
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-    waves = cfg.get("WAVES", 2)
-    for min_m, w in cfg.get("WAVES_FROM_M", ()):
-        if M >= min_m:
-            waves = w
-    want = cdiv(waves * _num_sms(device), tiles)
+    want = cdiv(waves_for(M, cfg) * _num_sms(device), tiles)
     return max(1, min(want, K // block_k, cfg.get("MAX_SPLIT", 16)))
 
 

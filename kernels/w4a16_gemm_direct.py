@@ -22,12 +22,13 @@ K split):
 - adds its fp32 partial tile, rounded to the dtype, into the zeroed output with atomics (split-K; 16-byte
   packed adds), or stores it.
 
-Measured on an H100 (NOTES-gemm.md, run 47): against the decode kernel at M = 3..16, fp16, 6-9% less time on
-Llama-3-8B's qkv, o_proj and down (qkv 9.8-10.0 us against 10.8-10.9), 20% more on gate_up; in bf16 (4
-instructions a weight to convert, fp16's 2) slower on every shape. So the sm90 table sends M = 3..16 here for
-fp16 activations and weights of at most 64M elements (`lmq.engine.qlinear`). The zero fill of the output
-costs about 1 us a call in a CUDA graph (the kernel into an output zeroed once read 8.5 us on qkv, 6.9 on
-o_proj); zeroing it from a kernel launched before this one with PDL saved 0.1-0.3 us.
+Measured on an H100 (NOTES-gemm.md, run 47), fp16, against the decode kernel: at M = 3..16 qkv 9.5-9.6 us against
+10.5-10.8 and o_proj 7.5-7.7 against 8.5-8.7; o_proj at M = 32 / 48 / 64 8.2 / 9.1 / 9.4 against 9.1 / 10.4 / 11.1;
+down equal or 6% faster in two calls; gate_up 20% slower; in bf16 (4 instructions a weight to convert, fp16's 2)
+slower on every shape. So the sm90 table's `direct_rows` sends fp16 activations here for M <= 16 and weights of at
+most 32M elements, and M <= 64 for at most 20M (`lmq.engine.qlinear`). The zero fill of the output costs about 1 us
+a call in a CUDA graph (the kernel into an output zeroed once read 8.5 us on qkv, 6.9 on o_proj); zeroing it from a
+kernel launched before this one with PDL saved 0.1-0.3 us.
 `w4a16_gemm_ws_ref` (rounding w_hat to x's dtype as this kernel does) is its plain-PyTorch twin. The
 interpreter cannot run Gluon: tested on the GPU and compiled offline for sm_90a in CI.
 """
@@ -37,8 +38,8 @@ from __future__ import annotations
 import torch
 from lmq.kernels import cdiv, cuda_capability, next_pow2
 from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (callers catch it here)
-from lmq.kernels.launch import DirectLaunch
-from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, check_inputs
+from lmq.kernels.launch import DirectLaunch, PlanCache
+from lmq.kernels.w4a16_gemm import _DIRECT_SM90, _num_sms, check_inputs, waves_for
 from lmq.kernels.w4a16_gemm_ws import _scaled_pair
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -54,7 +55,7 @@ from lmq.pack import planes64
 
 CHUNK_K = gl.constexpr(planes64.CHUNK_K)
 LANES = gl.constexpr(planes64.LANES)
-DEFAULT_CONFIG = CONFIGS["sm90"]["direct"]  # the table's entry (kernels/w4a16_gemm.py says why)
+DEFAULT_CONFIG = _DIRECT_SM90  # the sm90 table's entry (kernels/w4a16_gemm.py says why)
 
 
 @gluon.jit
@@ -151,6 +152,9 @@ BUILD = BuildGuard("the Hopper small-M GEMM (w4a16_gemm_direct)", "the Triton de
 _LAUNCH = DirectLaunch(_w4a16_direct_kernel)
 
 
+MAX_X_BYTES = 160 << 10  # a program's x tile in shared memory, at most (the H100 has 227 KB a block)
+
+
 def rows_per_tile(M: int, cfg: dict) -> int:
     """The program's x rows (wgmma's N side): the next power of two >= M, between BLOCK_M and BLOCK_M_MAX."""
     return min(cfg.get("BLOCK_M_MAX", cfg["BLOCK_M"]), max(cfg["BLOCK_M"], next_pow2(M)))
@@ -164,45 +168,50 @@ def supported(x: torch.Tensor, M: int, config: dict | None = None) -> bool:
     return M <= cfg.get("BLOCK_M_MAX", cfg["BLOCK_M"]) and cuda_capability(x.device)[0] == 9
 
 
-def plan(M: int, N: int, K: int, cfg: dict, sms: int) -> tuple[int, int, int]:
-    """(rows per tile, splits, chunks per split): about WAVES programs per SM over the column tiles (`WAVES_FROM_M`
-    [(min_m, waves), ...] lowers it for larger M, whose x tiles take more shared memory), each split a multiple of
-    STEP chunks, at most MAX_SPLIT splits."""
+def check_config(cfg: dict) -> None:
+    """The values the kernel is written for; anything else would compile to wrong results or not at all."""
+    for key, ok in (("BLOCK_N", (64, 128)), ("STEP", (1, 2, 4)), ("BLOCK_M", (16, 32, 64)),
+                    ("BLOCK_M_MAX", (16, 32, 64))):
+        if cfg.get(key, ok[0]) not in ok:
+            raise ValueError(f"w4a16_gemm_direct: {key} must be one of {ok} (a warp group per 64 weight rows, steps "
+                             f"that hold whole groups, x tiles of 16 to 64 rows), got {cfg[key]!r}")
+
+
+def plan(M: int, N: int, K: int, cfg: dict, sms: int, elem: int = 2) -> tuple[int, int, int]:
+    """(rows per tile, splits, chunks per split): about WAVES programs per SM over the column tiles (`waves_for`:
+    WAVES_FROM_M lowers it for larger M, whose x tiles take more shared memory), each split a multiple of STEP chunks,
+    at most MAX_SPLIT splits, and at most as many chunks as keep its x tile (rows x chunks x 64 x `elem` bytes) within
+    MAX_X_BYTES (more splits where that takes it)."""
     bm = rows_per_tile(M, cfg)
-    waves = cfg["WAVES"]
-    for min_m, w in cfg.get("WAVES_FROM_M", ()):
-        if M >= min_m:
-            waves = w
     chunks = K // planes64.CHUNK_K
     tiles = cdiv(N, cfg["BLOCK_N"])
     step = cfg["STEP"]
-    want = max(1, min(cfg["MAX_SPLIT"], cdiv(waves * sms, tiles), cdiv(chunks, step)))
-    per = cdiv(cdiv(chunks, want), step) * step
+    want = max(1, min(cfg["MAX_SPLIT"], cdiv(waves_for(M, cfg) * sms, tiles), cdiv(chunks, step)))
+    most = max(step, cfg.get("MAX_X_BYTES", MAX_X_BYTES) // (bm * planes64.CHUNK_K * elem) // step * step)
+    per = min(cdiv(cdiv(chunks, want), step) * step, most)
     return bm, cdiv(chunks, per), per
 
 
-MAX_X_BYTES = 160 << 10  # a program's x tile in shared memory, at most (the H100 has 227 KB a block)
+_PLANS = PlanCache()
 
 
-def _x_fits(bm: int, per: int, elem: int, cfg: dict) -> bool:
-    return bm * per * planes64.CHUNK_K * elem <= cfg.get("MAX_X_BYTES", MAX_X_BYTES)
+def _plan_for(M: int, N: int, K: int, config: dict | None, sms: int, elem: int) -> tuple[dict, int, int, int]:
+    """The config merged and checked, and `plan`, kept per shape and config object (`PlanCache`)."""
+    def make():
+        cfg = {**DEFAULT_CONFIG, **(config or {})}
+        check_config(cfg)
+        return (cfg, *plan(M, N, K, cfg, sms, elem))
 
-
-def fits(x: torch.Tensor, M: int, N: int, K: int, config: dict | None = None) -> bool:
-    """Whether `w4a16_gemm_direct` runs these inputs (`supported`, and its plan's x tile within MAX_X_BYTES)."""
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
-    if not supported(x, M, cfg):
-        return False
-    bm, _, per = plan(M, N, K, cfg, _num_sms(x.device))
-    return _x_fits(bm, per, x.element_size(), cfg)
+    return _PLANS.get((M, N, K, sms, elem), config, make)
 
 
 def w4a16_gemm_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, config: dict | None = None) -> torch.Tensor:
-    """`x [..., K]` fp16/bf16 (M <= BLOCK_M rows) times the packed `[N, K]` weight -> `[..., N]` (Hopper)."""
+    """`x [..., K]` fp16/bf16 (M <= BLOCK_M_MAX rows) times the packed `[N, K]` weight -> `[..., N]` (Hopper)."""
     N, K, lead, x2 = check_inputs(x, qweight, scales, zeros, group_size, "w4a16_gemm_direct")
     M = x2.shape[0]
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    BUILD.check()  # a Triton that could not build it: say so (KernelUnavailable), not what `supported` lists
+    cfg, bm, splits, per = _plan_for(M, N, K, config, _num_sms(x.device), x.element_size())
     if not supported(x, M, cfg):
         raise UnsupportedError(f"w4a16_gemm_direct needs a Hopper GPU, float16 or bfloat16 activations and at most "
                                f"{cfg.get('BLOCK_M_MAX', cfg['BLOCK_M'])} rows; got {x.device} {x.dtype}, M={M}; "
@@ -211,13 +220,10 @@ def w4a16_gemm_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         return x.new_empty(*lead, N)
     if x2.stride(0) % 8 or x2.data_ptr() % 16:  # cp.async copies 16-byte pieces
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    bm, splits, per = plan(M, N, K, cfg, _num_sms(x.device))
-    if not _x_fits(bm, per, x.element_size(), cfg):
-        raise UnsupportedError(f"w4a16_gemm_direct: a split's x tile ({bm} x {per * planes64.CHUNK_K}) exceeds the "
-                               f"{cfg.get('MAX_X_BYTES', MAX_X_BYTES)} bytes of shared memory it may take; use w4a16_gemm")
     out = (torch.zeros if splits > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)
     bn = cfg["BLOCK_N"]
     grid = (cdiv(N, bn), splits)
+    # the K loop runs NCH chunks in every split: the last split's chunks past K multiply zeros (x is zero there)
     args = {"x_ptr": x2, "qw_ptr": qweight, "s_ptr": scales, "z_ptr": zeros, "out_ptr": out, "M": M, "N": N,
             "stride_xm": x2.stride(0), "stride_om": out.stride(0), "chunks": K // planes64.CHUNK_K,
             "G": group_size, "BLOCK_M": bm, "BLOCK_N": bn, "NCH": per, "STEP": cfg["STEP"],

@@ -407,7 +407,7 @@ def test_two_row_gemv_takes_small_weights_only():
                         ((4096, 14336), "gemv")):
         assert choose_path(1, table, N * K) == "gemv"
         assert choose_path(2, table, N * K) == two, (N, K)
-        assert choose_path(3, table, N * K) == ("direct" if two == "gemv" else "decode")
+        assert choose_path(3, table, N * K) == ("direct" if N * K <= 32 << 20 else "decode")
     assert choose_path(2, {**table, "gemv_rows_max_numel": 1 << 40}, 28672 * 4096) == "gemv"
     # where a GEMV program serves one row only (bf16, groups of 32), M=2 would read the weights twice: decode kernel
     assert not serves_rows(torch.bfloat16, 128, table["gemv"]) and not serves_rows(torch.float16, 32, table["gemv"])
@@ -425,7 +425,7 @@ def test_two_row_gemv_takes_small_weights_only():
 
 
 def test_direct_path_small_m_and_its_fallback(device, monkeypatch):
-    """sm90, M = 3..16 for weights up to 64M elements and up to M = 64 for weights up to 20M (`direct_rows`): the
+    """sm90, M = 3..16 for weights up to 32M elements and up to M = 64 for weights up to 20M (`direct_rows`): the
     direct kernel (w4a16_gemm_direct); where it cannot run (not Hopper: the interpreter here; more rows than its
     tiles) the dispatcher takes the decode kernel, same result. The deterministic table has no direct path (its
     splits add with fp16 atomics in any order)."""
@@ -434,7 +434,7 @@ def test_direct_path_small_m_and_its_fallback(device, monkeypatch):
     table = CONFIGS["sm90"]
     assert choose_path(16, table, 6144 * 4096) == "direct" and choose_path(17, table, 6144 * 4096) == "decode"
     assert choose_path(64, table, 4096 * 4096) == "direct" and choose_path(65, table, 4096 * 4096) == "decode"
-    assert choose_path(3, table, (64 << 20) + 1) == "decode"
+    assert choose_path(3, table, (32 << 20) + 1) == "decode" and choose_path(3, table, 4096 * 14336) == "decode"
     assert "direct" not in engine_table("sm90", deterministic=True)
     assert "direct" not in engine_table("sm90", dtype=torch.bfloat16)  # slower than the decode kernel there
     assert "direct" in engine_table("sm90", dtype=torch.float16, group_size=32)
@@ -455,22 +455,28 @@ def test_direct_path_small_m_and_its_fallback(device, monkeypatch):
 
 
 def test_direct_plan():
-    """About WAVES programs per SM over the column tiles; splits hold a multiple of STEP chunks and none is empty."""
+    """About WAVES programs per SM over the column tiles; splits hold a multiple of STEP chunks, none is empty, and a
+    split's x tile never passes MAX_X_BYTES (more splits instead); configs the kernel is not written for are refused."""
     cfg = direct_module.DEFAULT_CONFIG
     plan = direct_module.plan
-    for N, K in ((6144, 4096), (4096, 4096), (4096, 14336), (576, 576), (24, 1024), (28672, 4096)):
+    for N, K in ((6144, 4096), (4096, 4096), (4096, 14336), (576, 576), (24, 1024), (28672, 4096), (128, 131072),
+                 (1024, 16384)):
         for c in (cfg, {**cfg, "STEP": 4}, {**cfg, "BLOCK_N": 64, "WAVES": 8}, {**cfg, "MAX_SPLIT": 1}):
-            _, splits, per = plan(3, N, K, c, 132)
-            chunks = K // 64
-            assert per % c["STEP"] == 0 and splits * per >= chunks and (splits - 1) * per < chunks, (N, K, c)
-            assert splits <= c["MAX_SPLIT"]
+            for M, elem in ((3, 2), (64, 2), (64, 4)):
+                bm, splits, per = plan(M, N, K, c, 16, elem)  # 16 SMs (a MIG slice): few splits wanted
+                chunks = K // 64
+                assert per % c["STEP"] == 0 and splits * per >= chunks and (splits - 1) * per < chunks, (N, K, c)
+                assert bm * per * 64 * elem <= direct_module.MAX_X_BYTES, (M, N, K, c, per)
     assert plan(16, 6144, 4096, cfg, 132) == (16, 11, 6)  # 48 tiles x 11 splits: 528 programs, 4 per SM
     assert plan(3, 4096, 14336, cfg, 132) == (16, 16, 14)  # 32 tiles x 17 wanted: 14 chunks each, 16 splits
     assert plan(3, 576, 576, cfg, 132) == (16, 5, 2)  # 9 chunks: the last split holds one
     assert plan(17, 4096, 4096, cfg, 132) == (32, 8, 8)  # from M=17: 2 waves, 32 rows
     assert plan(64, 4096, 4096, cfg, 132) == (64, 8, 8)  # x tile 64 x 512 fp16: 64 KB
-    cpu = torch.zeros(1, 64)
-    assert not direct_module.fits(cpu, 3, 4096, 4096)  # not Hopper
+    assert plan(64, 128, 131072, cfg, 132) == (64, 103, 20)  # 2 wanted, but 20 chunks of 64 rows is 160 KB
+    for bad in ({"STEP": 3}, {"BLOCK_N": 96}, {"BLOCK_M_MAX": 48}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            direct_module.check_config({**cfg, **bad})
+    direct_module.check_config(cfg)
 
 
 def test_qlinear_module(device):
@@ -518,13 +524,14 @@ def test_gemm_gpu_configs(arch, regime, dtype):
 
 def test_sm90_crossovers():
     """The sm90 table's dispatch by M, for any weight size: GEMV (at M=2 weights up to 64M elements only), the direct
-    kernel (M = 3..16 for weights up to 64M elements, to M=64 up to 20M), decode kernel, the Hopper prefill kernel from 192 rows (where its GPU time wins on every Llama-3-8B shape),
+    kernel (M = 3..16 for weights up to 32M elements, to M=64 up to 20M), decode kernel, the Hopper prefill kernel from 192 rows (where its GPU time wins on every Llama-3-8B shape),
     dequantize + cuBLAS from 8192."""
     table = CONFIGS["sm90"]
     for numel in (576 * 1536, 4096 * 4096, 6144 * 4096, 28672 * 4096):
-        small, smaller = numel <= 64 << 20, numel <= 20 << 20  # direct kernel to M=16 / to M=64
+        small, smaller = numel <= 32 << 20, numel <= 20 << 20  # direct kernel to M=16 / to M=64
         assert [choose_path(M, table, numel) for M in (1, 2, 3, 16, 17, 64, 65, 191, 192, 8191, 8192)] == [
-            "gemv", "gemv" if small else "decode", "direct" if small else "decode", "direct" if small else "decode",
+            "gemv", "gemv" if numel <= 64 << 20 else "decode", "direct" if small else "decode",
+            "direct" if small else "decode",
             "direct" if smaller else "decode", "direct" if smaller else "decode", "decode", "decode", "prefill",
             "prefill", "dequant"]
 
@@ -730,9 +737,9 @@ def test_gemm_ws_weight_descriptors_live_with_their_owner(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("config", [{}, {"BLOCK_N": 64, "WAVES": 8}, {"STEP": 1}, {"STEP": 4}, {"MAX_SPLIT": 1}])
-def test_gemm_direct_gpu(config, dtype):
+def test_gemm_direct_gpu(config, dtype, monkeypatch):
     """The small-M Hopper kernel against its twin (w_hat rounded to x's dtype, as it rounds): N off the tile, K not a
-    multiple of the step, every group size, M = 1..16; the dispatcher takes it at M = 3..16 for small weights. The
+    multiple of the step, every group size, M = 1..64; the dispatcher takes it at M = 8 and 64 for o_proj. The
     bound is the decode kernel's (`TOL`): up to 64 K splits, each partial sum rounded to the dtype and added in it
     (STEP 1 on qkv read 1.01e-3 against the twin, above the prefill kernel's 1e-3 for at most two splits)."""
     if torch.cuda.get_device_capability()[0] != 9:
@@ -748,10 +755,6 @@ def test_gemm_direct_gpu(config, dtype):
                        w4a16_gemm_ws_ref(odd, p["qweight"], p["scales"], p["zeros"], G)) < tol
         for M in (1, 3, 8, 16, 17, 40, 64):
             x = torch.randn(M, K, device="cuda", dtype=dtype)
-            if not direct_module.fits(x, M, N, K, config):  # x of a split over its shared memory: refused, clearly
-                with pytest.raises(UnsupportedError, match="exceeds"):
-                    direct_module.w4a16_gemm_direct(x, p["qweight"], p["scales"], p["zeros"], G, config)
-                continue
             out = direct_module.w4a16_gemm_direct(x, p["qweight"], p["scales"], p["zeros"], G, config)
             assert out.dtype == dtype and out.shape == (M, N)
             assert rel_err(out, w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < tol, (N, K, G, M)
@@ -760,14 +763,15 @@ def test_gemm_direct_gpu(config, dtype):
                                             p["zeros"], G, config)
     table = CONFIGS["sm90"]
     p = random_packed(4096, 4096, 128, "cuda")
+    calls = []
+    real = qlinear_module.w4a16_gemm
+    monkeypatch.setattr(qlinear_module, "w4a16_gemm", lambda *a: calls.append(a) or real(*a))
     for M in (8, 64):
         x = torch.randn(M, 4096, device="cuda", dtype=dtype)
         assert choose_path(M, table, 4096 * 4096) == "direct"
         assert rel_err(qlinear(x, p["qweight"], p["scales"], p["zeros"], 128, table),
                        w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], 128)) < TOL[dtype]
-    x = torch.randn(64, 4096, device="cuda", dtype=dtype)
-    assert rel_err(qlinear(x, p["qweight"], p["scales"], p["zeros"], 128, table),
-                   w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], 128)) < TOL[dtype]
+    assert not calls  # the direct kernel ran, not the decode kernel
 
 
 @pytest.mark.gpu

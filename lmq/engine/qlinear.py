@@ -32,9 +32,13 @@ from lmq.kernels.w4a16_gemv import serves_rows, w4a16_gemv
 from lmq.pack import planes64
 
 try:
-    from lmq.kernels import w4a16_gemm_direct, w4a16_gemm_ws
-except ImportError:  # a Triton without Gluon (before 3.5): prefill takes dequantize + cuBLAS, small M the decode kernel
-    w4a16_gemm_direct = w4a16_gemm_ws = None
+    from lmq.kernels import w4a16_gemm_ws
+except ImportError:  # a Triton without Gluon (before 3.5): prefill takes dequantize + cuBLAS
+    w4a16_gemm_ws = None
+try:
+    from lmq.kernels import w4a16_gemm_direct
+except ImportError:  # a Triton whose Gluon lacks what it uses: small M takes the decode kernel
+    w4a16_gemm_direct = None
 
 ARCHS = tuple(CONFIGS)
 
