@@ -48,14 +48,6 @@ def check():
 
 def sweep(ms):
     torch.manual_seed(0)
-    kernels = [("", w4a16_gemm_direct)]
-    sys.path.insert(0, "benchmarks/results/2026-11-24-session19-h100/exp")
-    if "--unrolled" in sys.argv:  # the experiment's unrolled K loop (results/2026-11-24-session19-h100/exp/)
-        from direct_unrolled import w4a16_gemm_direct as unrolled
-        kernels.append(("/unrolled", unrolled))
-    if "--late" in sys.argv:  # the experiment's scales once per group and unmasked loads (run 47, not kept)
-        from direct_late import w4a16_gemm_direct as late
-        kernels.append(("/late", late))
     shapes = [s for s in GEMM_SHAPES["llama3-8b"] if "--shapes" not in sys.argv
               or s[0] in sys.argv[sys.argv.index("--shapes") + 1].split(",")]
     # WAVES_FROM_M (): each config's own waves at every M (the table's would override them from M = 17)
@@ -84,15 +76,14 @@ def sweep(ms):
                                                    for pp in packs], calls=calls, reps=9)))
             for cfg in configs:
                 cfg = {**cfg, "BLOCK_M": max(16, 1 << (M - 1).bit_length())}  # rows per tile: M's power of two
-                for tag, fn in kernels:
-                    try:
-                        t = graph_time_us([lambda pp=pp, x=x, cfg=cfg, fn=fn: fn(x, pp["qweight"], pp["scales"],
-                                                                                 pp["zeros"], G, cfg)
-                                           for pp in packs], calls=calls, reps=9)
-                    except (OutOfResources, UnsupportedError) as e:  # over the shared memory, or not built
-                        print(f"  {name} M={M} {cfg}: {type(e).__name__}", flush=True)
-                        continue
-                    res.append((f"bn{cfg['BLOCK_N']}/s{cfg['STEP']}/w{cfg['WAVES']}{tag}", t))
+                try:
+                    t = graph_time_us([lambda pp=pp, x=x, cfg=cfg: w4a16_gemm_direct(x, pp["qweight"], pp["scales"],
+                                                                                     pp["zeros"], G, cfg)
+                                       for pp in packs], calls=calls, reps=9)
+                except (OutOfResources, UnsupportedError) as e:  # over the shared memory, or not built
+                    print(f"  {name} M={M} {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                res.append((f"bn{cfg['BLOCK_N']}/s{cfg['STEP']}/w{cfg['WAVES']}", t))
             for k, t in res:
                 sums[(M, k)] = sums.get((M, k), 0.0) + t
             if not any(r[0].startswith("bn") for r in res):

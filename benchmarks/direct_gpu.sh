@@ -43,15 +43,6 @@ for stage in ${STAGES:-check table}; do
     timeout 300 python3 benchmarks/direct_gemm.py sweep --m 32,48,64 --shapes qkv_proj,o_proj,down_proj \
       --configs "64,2,4;64,2,8;128,2,2;128,2,3;128,2,4" 2>&1 | grep -E "SUM|BEST|Error" | tee "$OUT/bigm/sweep.log"
     ;;
-  unroll)  # the K loop unrolled (exp/direct_unrolled.py) against the loop, the table's config, M = 4 and 16
-    timeout 200 python3 benchmarks/direct_gemm.py sweep --m 4,16 --unrolled --configs "128,2,4;64,2,8" 2>&1 \
-      | grep -E "SUM|BEST|Error" | tee "$OUT/unroll/sweep.log"
-    ;;
-  late)  # exp/direct_late.py (scales once per group, planes split by one shared shift, unmasked loads) against the
-        # kernel (run as `--v1` against the late form as the kernel; the kernel stayed as it was)
-    timeout 300 python3 benchmarks/direct_gemm.py sweep --m 4,16,64 --late --configs "128,2,4;128,2,2;64,2,8" 2>&1 \
-      | grep -E "SUM|BEST|Error" | tee "$OUT/late/sweep.log"
-    ;;
   ab)
     for rep in 1 2; do
       for b in ${BATCHES:-4 16}; do

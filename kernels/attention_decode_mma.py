@@ -320,19 +320,13 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
     BUILD.check()
     B, _, D = q.shape
     half = D // 2
-    try:
-        _INT4_SPLIT[(n_splits, cache.num_kv_heads, B)](
-            q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-            cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
-            ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
-            GROUP=group, HALF=half, BLOCK_DH=next_pow2(half), PAGE=cache.block_size,
-            TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
-            BALANCED=balanced,
-            num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
-        )
-    except Exception as e:
-        unavailable = BUILD.failure(e)
-        if unavailable is None:
-            raise
-        raise unavailable from e
+    BUILD.launch(lambda: _INT4_SPLIT[(n_splits, cache.num_kv_heads, B)](
+        q, cache.k, cache.v, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
+        ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
+        GROUP=group, HALF=half, BLOCK_DH=next_pow2(half), PAGE=cache.block_size,
+        TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
+        BALANCED=balanced,
+        num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),
+    ))

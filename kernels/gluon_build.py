@@ -37,7 +37,18 @@ class BuildGuard:
         if self.failed is not None:
             raise KernelUnavailable(f"{self.name} does not build with this Triton: {self.failed}")
 
-    def failure(self, e: BaseException) -> KernelUnavailable | None:
+    def launch(self, fn) -> None:
+        """Run `fn` (the kernel's launch): a build failure is recorded, warned once and raised as KernelUnavailable;
+        any other error is raised as it is."""
+        try:
+            fn()
+        except Exception as e:
+            unavailable = self.failure(e, stacklevel=4)
+            if unavailable is None:
+                raise
+            raise unavailable from e
+
+    def failure(self, e: BaseException, stacklevel: int = 3) -> KernelUnavailable | None:
         """For an exception from a launch: if it is a build failure, record it, warn once and return the
         KernelUnavailable to raise; None for anything else (a CUDA error at launch is not a build failure)."""
         if not (isinstance(e, BUILD_ERRORS) or (isinstance(e, RuntimeError) and _PASS_FAILURE in str(e))):
@@ -45,5 +56,5 @@ class BuildGuard:
         text = str(e).strip()
         self.failed = f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"
         warnings.warn(f"lmq: {self.name} does not build with this Triton ({self.failed}); {self.fallback}",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=stacklevel)
         return KernelUnavailable(f"{self.name} does not build with this Triton: {self.failed}")

@@ -228,11 +228,5 @@ def w4a16_gemm_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             "stride_xm": x2.stride(0), "stride_om": out.stride(0), "chunks": K // planes64.CHUNK_K,
             "G": group_size, "BLOCK_M": bm, "BLOCK_N": bn, "NCH": per, "STEP": cfg["STEP"],
             "SPLIT": splits > 1, "num_warps": bn // 16}
-    try:
-        _LAUNCH[grid](**args)
-    except Exception as e:
-        unavailable = BUILD.failure(e)
-        if unavailable is None:
-            raise
-        raise unavailable from e
+    BUILD.launch(lambda: _LAUNCH[grid](**args))
     return out.reshape(*lead, N)

@@ -312,13 +312,7 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     # (the x, weight and output addresses are 16-byte aligned: TMA needs it and the copy above ensures it)
     key = (x.dtype, N, K, group_size, BM, split, M == 1, M % 16 == 0, cfg["STAGES"], cfg["GROUP_M"],
            cfg["LOADER_REGS"], cfg["MMA_REGS"])
-    try:
-        _LAUNCH(grid, key, args)
-    except Exception as e:
-        unavailable = BUILD.failure(e)
-        if unavailable is None:
-            raise
-        raise unavailable from e
+    BUILD.launch(lambda: _LAUNCH(grid, key, args))
     return out.reshape(*lead, N)
 
 

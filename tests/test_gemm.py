@@ -611,6 +611,37 @@ def test_gemm_ws_that_does_not_build_falls_back_once(monkeypatch, device):
     assert len(tries) == 1 and "unknown op" in ws.BUILD.failed
 
 
+def test_direct_kernel_that_does_not_build_falls_back_once(monkeypatch, device):
+    """The direct kernel in a Triton whose Gluon moved: the first launch warns, that call and every later one take the
+    decode kernel, and no later call tries to build it again."""
+    N, K, G = 40, 256, 64
+    p = random_packed(N, K, G, device)
+    x = torch.randn(5, K, device=device).half()
+    tries = []
+
+    class Broken:
+        arg_names = ()
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tries.append(grid)
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    from lmq.kernels.launch import DirectLaunch
+
+    monkeypatch.setattr(direct_module, "_LAUNCH", DirectLaunch(Broken()))
+    monkeypatch.setattr(direct_module.BUILD, "failed", None)
+    monkeypatch.setattr(direct_module, "supported", lambda x, M, config=None: direct_module.BUILD.failed is None)
+    table = {**CONFIGS["sm90"], "direct_rows": ((16, N * K),)}
+    ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
+    with pytest.warns(RuntimeWarning, match="small-M GEMM .* does not build with this Triton"):
+        out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table)
+    assert rel_err(out, ref) < TOL[torch.float16]
+    assert rel_err(qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table), ref) < TOL[torch.float16]
+    assert len(tries) == 1 and "PassManager" in direct_module.BUILD.failed
+
+
 def test_build_guard_tells_build_failures_from_launch_errors():
     # the Gluon kernels' shared fallback: a failing lowering pass is a build failure (recorded, warned once,
     # every later call refused); any other RuntimeError (a CUDA error at launch) is not

@@ -185,9 +185,9 @@ def compile_direct() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    bn, step = DEFAULT_CONFIG["BLOCK_N"], DEFAULT_CONFIG["STEP"]
-    for dt, G, bm, bn, step, nch in (("fp16", 128, 16, bn, step, 6), ("bf16", 128, 16, bn, step, 14),
-                                     ("fp16", 128, DEFAULT_CONFIG["BLOCK_M_MAX"], bn, step, 8),
+    tbn, tstep = DEFAULT_CONFIG["BLOCK_N"], DEFAULT_CONFIG["STEP"]  # the table's
+    for dt, G, bm, bn, step, nch in (("fp16", 128, 16, tbn, tstep, 6), ("bf16", 128, 16, tbn, tstep, 14),
+                                     ("fp16", 128, DEFAULT_CONFIG["BLOCK_M_MAX"], tbn, tstep, 8),
                                      ("fp16", 32, 16, 64, 1, 9), ("bf16", 64, 32, 64, 4, 8)):
         consts = {"G": G, "BLOCK_M": bm, "BLOCK_N": bn, "NCH": nch, "STEP": step, "SPLIT": True, "num_warps": bn // 16}
         sig = {"x_ptr": f"*{dt}", "qw_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": f"*{dt}", "M": "i32",
@@ -203,38 +203,34 @@ def compile_direct() -> None:
         assert hgmma >= 4 and waits * 4 <= hgmma, f"wgmma serialized: {waits} waits for {hgmma} HGMMA ({dt}, G={G})"
 
 
-@pytest.mark.slow
-def test_direct_kernel_compiles():
+def _compile_in_child(*args: str) -> None:
+    """This file's compile job `args` in a child process without TRITON_INTERPRET; its stderr on failure."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, __file__, "direct"], env=env, capture_output=True, text=True, timeout=600,
+    res = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=600,
                          check=False)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_direct_kernel_compiles():
+    _compile_in_child("direct")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,dt", [("sm75", "fp16"), ("sm80", "fp16"), ("sm80", "bf16"), ("sm90", "fp16"),
                                      ("sm90", "bf16")])
 def test_kernels_compile(arch, dt):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, __file__, arch, dt], env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _compile_in_child(arch, dt)
 
 
 @pytest.mark.parametrize("arch", ["sm80", "sm90"])
 def test_attention_kernels_compile(arch):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, __file__, "attention", arch], env=env, capture_output=True, text=True,
-                         timeout=600, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _compile_in_child("attention", arch)
 
 
 @pytest.mark.slow
 def test_ws_kernel_compiles():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, __file__, "ws"], env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _compile_in_child("ws")
 
 
 if __name__ == "__main__":
