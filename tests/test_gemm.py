@@ -577,6 +577,22 @@ def test_gemm_ws_refuses_what_it_cannot_run(device, monkeypatch):
     assert rel_err(out, w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)) < TOL[torch.float16]
 
 
+def broken_launch(tries: list, message: str):
+    """A kernel launcher (DirectLaunch) whose every launch counts itself in `tries` and fails as a build would."""
+    from lmq.kernels.launch import DirectLaunch
+
+    class Broken:
+        arg_names = ()
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tries.append(grid)
+                raise RuntimeError(message)
+            return launch
+
+    return DirectLaunch(Broken())
+
+
 def test_gemm_ws_that_does_not_build_falls_back_once(monkeypatch, device):
     """A Triton whose Gluon API moved: the first launch warns, that prefill and every later one take
     dequantize + cuBLAS, and the kernel is not tried again."""
@@ -585,20 +601,9 @@ def test_gemm_ws_that_does_not_build_falls_back_once(monkeypatch, device):
     p = random_packed(N, K, G, device)
     x = torch.randn(300, K, device=device).half()
     tries = []
-
-    class Broken:
-        arg_names = ()
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                tries.append(grid)
-                raise RuntimeError("unknown op")
-            return launch
-
     from lmq.kernels import gluon_build
-    from lmq.kernels.launch import DirectLaunch
 
-    monkeypatch.setattr(ws, "_LAUNCH", DirectLaunch(Broken()))
+    monkeypatch.setattr(ws, "_LAUNCH", broken_launch(tries, "unknown op"))
     monkeypatch.setattr(gluon_build, "BUILD_ERRORS", (RuntimeError,))
     monkeypatch.setattr(ws.BUILD, "failed", None)
     monkeypatch.setattr(ws, "supported", lambda x, N: ws.BUILD.failed is None)  # as on a Hopper GPU
@@ -618,19 +623,7 @@ def test_direct_kernel_that_does_not_build_falls_back_once(monkeypatch, device):
     p = random_packed(N, K, G, device)
     x = torch.randn(5, K, device=device).half()
     tries = []
-
-    class Broken:
-        arg_names = ()
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                tries.append(grid)
-                raise RuntimeError("PassManager::run failed")
-            return launch
-
-    from lmq.kernels.launch import DirectLaunch
-
-    monkeypatch.setattr(direct_module, "_LAUNCH", DirectLaunch(Broken()))
+    monkeypatch.setattr(direct_module, "_LAUNCH", broken_launch(tries, "PassManager::run failed"))
     monkeypatch.setattr(direct_module.BUILD, "failed", None)
     monkeypatch.setattr(direct_module, "supported", lambda x, M, config=None: direct_module.BUILD.failed is None)
     table = {**CONFIGS["sm90"], "direct_rows": ((16, N * K),)}
