@@ -62,8 +62,8 @@ DEFAULT_CONFIG = _DIRECT_SM90  # the sm90 table's entry (kernels/w4a16_gemm.py s
 def _load_step(qw_ptr, s_ptr, z_ptr, c, c_hi, N, w_offs, w_mask, v_offs, v_mask, G: gl.constexpr,
                STEP: gl.constexpr):
     """Codes of chunks c .. c + STEP - 1 ([BN, 16] int16 each, zeros past c_hi), and the scales and zeros
-    (rows in the operand's row layout) of each group the step's 32-wide halves of chunks start: one per
-    step at G = 128 (c is a multiple of STEP), one per chunk at 64, two per chunk at 32."""
+    (rows in the operand's row layout) of each group the step's 32-wide halves of chunks start: one per two
+    chunks at G = 128 (c is a multiple of STEP, which is 1, 2 or 4), one per chunk at 64, two per chunk at 32."""
     HPG: gl.constexpr = G // (CHUNK_K // 2)  # halves of a chunk per group
     hs = ()
     for i in gl.static_range(STEP):

@@ -73,8 +73,8 @@ def engine_table(arch: str, deterministic: bool = False, dtype: torch.dtype = to
                  group_size: int = 128) -> dict:
     """The arch's dispatch table (`CONFIGS`) bound at load for the model's activation `dtype` and `group_size`: where
     a GEMV program cannot serve several rows there (`w4a16_gemv.serves_rows`: bf16, groups of 32), M >= 2 would read
-    the weights once per row, so the GEMV keeps M = 1 only; the direct kernel serves fp16 activations only. `deterministic`: its deterministic form, made from the
-    table as it is now: the W4A16
+    the weights once per row, so the GEMV keeps M = 1 only; the direct kernel serves fp16 activations only.
+    `deterministic`: its deterministic form, made from the table as it is now (no direct kernel): the W4A16
     GEMM kernel (decode and Triton prefill configs) adds its K splits in split order (`REDUCE` "ordered"; the decode
     config takes the table's "decode_ordered" entries, measured for that reduction, where it has them), the GEMV
     adds its splits as integers (`REDUCE` "fixed"), and the Hopper prefill GEMM keeps at most two partial sums per
