@@ -75,7 +75,7 @@ def sweep(ms):
                                                                                   pp["zeros"], G, gemv_cfg)
                                                    for pp in packs], calls=calls, reps=9)))
             for cfg in configs:
-                cfg = {**cfg, "BLOCK_M": max(16, 1 << (M - 1).bit_length())}  # rows per tile: M's power of two
+                cfg = {**cfg, "BLOCK_M": min(64, max(16, 1 << (M - 1).bit_length()))}  # rows: M's power of two
                 try:
                     t = graph_time_us([lambda pp=pp, x=x, cfg=cfg: w4a16_gemm_direct(x, pp["qweight"], pp["scales"],
                                                                                      pp["zeros"], G, cfg)

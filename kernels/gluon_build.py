@@ -1,7 +1,7 @@
 """What lmq's Gluon kernels share when the installed Triton cannot build them.
 
 Gluon is Triton's experimental dialect and its API moves between releases. A kernel written in it
-(`w4a16_gemm_ws`, `attention_decode_mma`) keeps a `BuildGuard`: the first launch that fails to build
+(`w4a16_gemm_ws`, `w4a16_gemm_direct`, `attention_decode_mma`) keeps a `BuildGuard`: the first launch that fails to build
 records why and warns once, every later call is refused at once with `KernelUnavailable`, and the
 caller takes its Triton (or cuBLAS) path instead.
 """

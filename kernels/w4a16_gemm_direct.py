@@ -9,8 +9,9 @@ Why a third kernel: the Triton decode kernel stages every weight chunk through a
 memory and pays CTA barriers per stage. Here a program (a warp group per 64 of its BLOCK_N weight rows, one
 K split):
 
-- copies its whole K range of x, [BLOCK_M, NCH * 64] (zero rows past M, zero chunks past the split), into
-  shared memory with cp.async, once: one wait and one barrier per program, none in the loop;
+- copies its split's K range of x, [BLOCK_M, NCH * 64] (zero rows past M, zero chunks past the split), into
+  shared memory with cp.async, once: one wait and one barrier per program, none in the loop (`plan` keeps that
+  tile within MAX_X_BYTES, with more splits than MAX_SPLIT where it must);
 - loads each 64-wide K chunk's codes [BLOCK_N, 16] int16 from global memory in wgmma's register-operand
   layout (`DotOperandLayout`, k_width 2: a thread's lane pairs (2q, 2q+1) and (2q+8, 2q+9) are its operand
   pairs for all four planes, which planes64 was laid out for), STEP chunks a time and one step ahead, so a
@@ -62,8 +63,8 @@ DEFAULT_CONFIG = _DIRECT_SM90  # the sm90 table's entry (kernels/w4a16_gemm.py s
 def _load_step(qw_ptr, s_ptr, z_ptr, c, c_hi, N, w_offs, w_mask, v_offs, v_mask, G: gl.constexpr,
                STEP: gl.constexpr):
     """Codes of chunks c .. c + STEP - 1 ([BN, 16] int16 each, zeros past c_hi), and the scales and zeros
-    (rows in the operand's row layout) of each group the step's 32-wide halves of chunks start: one per two
-    chunks at G = 128 (c is a multiple of STEP, which is 1, 2 or 4), one per chunk at 64, two per chunk at 32."""
+    (rows in the operand's row layout) of each group the step's 32-wide halves of chunks start: at G = 128 one
+    per step of 1 or 2 chunks and two per step of 4 (c is a multiple of STEP), one per chunk at 64, two at 32."""
     HPG: gl.constexpr = G // (CHUNK_K // 2)  # halves of a chunk per group
     hs = ()
     for i in gl.static_range(STEP):
@@ -175,20 +176,26 @@ def check_config(cfg: dict) -> None:
         if cfg.get(key, ok[0]) not in ok:
             raise ValueError(f"w4a16_gemm_direct: {key} must be one of {ok} (a warp group per 64 weight rows, steps "
                              f"that hold whole groups, x tiles of 16 to 64 rows), got {cfg[key]!r}")
+    least = cfg.get("BLOCK_M_MAX", cfg["BLOCK_M"]) * planes64.CHUNK_K * 2 * cfg["STEP"]  # one step of the widest x
+    if not least <= cfg.get("MAX_X_BYTES", MAX_X_BYTES) <= 200 << 10:
+        raise ValueError(f"w4a16_gemm_direct: MAX_X_BYTES must hold one step of x ({least} bytes) and leave Hopper's "
+                         f"227 KB a block room (at most {200 << 10}), got {cfg['MAX_X_BYTES']}")
 
 
 def plan(M: int, N: int, K: int, cfg: dict, sms: int, elem: int = 2) -> tuple[int, int, int]:
     """(rows per tile, splits, chunks per split): about WAVES programs per SM over the column tiles (`waves_for`:
-    WAVES_FROM_M lowers it for larger M, whose x tiles take more shared memory), each split a multiple of STEP chunks,
-    at most MAX_SPLIT splits, and at most as many chunks as keep its x tile (rows x chunks x 64 x `elem` bytes) within
-    MAX_X_BYTES (more splits where that takes it)."""
+    WAVES_FROM_M lowers it for larger M, whose x tiles take more shared memory), at most MAX_SPLIT splits, each a
+    multiple of STEP chunks; the x tile (rows x chunks x 64 x `elem` bytes) within MAX_X_BYTES wins over MAX_SPLIT:
+    then as many more splits as that takes, the chunks spread evenly over them."""
     bm = rows_per_tile(M, cfg)
     chunks = K // planes64.CHUNK_K
     tiles = cdiv(N, cfg["BLOCK_N"])
     step = cfg["STEP"]
     want = max(1, min(cfg["MAX_SPLIT"], cdiv(waves_for(M, cfg) * sms, tiles), cdiv(chunks, step)))
     most = max(step, cfg.get("MAX_X_BYTES", MAX_X_BYTES) // (bm * planes64.CHUNK_K * elem) // step * step)
-    per = min(cdiv(cdiv(chunks, want), step) * step, most)
+    per = cdiv(cdiv(chunks, want), step) * step
+    if per > most:  # the x tile's cap: enough splits for it, the chunks spread over them (never above `most`)
+        per = cdiv(cdiv(chunks, cdiv(chunks, most)), step) * step
     return bm, cdiv(chunks, per), per
 
 

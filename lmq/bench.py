@@ -208,19 +208,20 @@ def bench_gemm(shapes: list[tuple[str, int, int]], ms: list[int], group_size: in
                 if (path == "gemv" and M > 4) or (path == "decode" and M > 256) or (path == "direct" and not (
                         "direct" in table and w4a16_gemm_direct is not None
                         and w4a16_gemm_direct.supported(x, M, table["direct"]))):
-                    continue  # never the choice at this M (or this GPU / Triton cannot run it)
+                    continue  # never the choice at this M (the direct kernel: timed wherever it can run)
                 if path == "direct":  # the kernel itself: run_path would time the decode kernel where it falls back
                     fns = [lambda pp=pp, x=x, G=G: w4a16_gemm_direct.w4a16_gemm_direct(
                         x, pp["qweight"], pp["scales"], pp["zeros"], G, table["direct"]) for pp in packs]
-                else:
-                    fns = [lambda pp=pp, path=path, x=x, G=G: run_path(path, x, pp["qweight"], pp["scales"],
-                                                                       pp["zeros"], G, table) for pp in packs]
-                try:
-                    paths[path] = graph_time_us(fns, calls=max(len(fns), 20))
-                except UnsupportedError:  # the direct kernel does not build with this Triton (warned once)
+                    try:
+                        paths[path] = graph_time_us(fns, calls=max(len(fns), 20))
+                    except w4a16_gemm_direct.KernelUnavailable:  # does not build with this Triton (warned once)
+                        pass
                     continue
+                fns = [lambda pp=pp, path=path, x=x, G=G: run_path(path, x, pp["qweight"], pp["scales"],
+                                                                   pp["zeros"], G, table) for pp in packs]
+                paths[path] = graph_time_us(fns, calls=max(len(fns), 20))
             chosen = choose_path(M, table, N * K)
-            if chosen not in paths:  # the direct kernel could not run: the dispatcher takes the decode kernel
+            if chosen == "direct" and "direct" not in paths:  # it could not run: the dispatcher takes the decode kernel
                 chosen = "decode"
             cublas = graph_time_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in w16s], calls=max(n_f, 20))
             # correctness of what was timed, on this very input

@@ -472,8 +472,10 @@ def test_direct_plan():
     assert plan(3, 576, 576, cfg, 132) == (16, 5, 2)  # 9 chunks: the last split holds one
     assert plan(17, 4096, 4096, cfg, 132) == (32, 8, 8)  # from M=17: 2 waves, 32 rows
     assert plan(64, 4096, 4096, cfg, 132) == (64, 8, 8)  # x tile 64 x 512 fp16: 64 KB
-    assert plan(64, 128, 131072, cfg, 132) == (64, 103, 20)  # 2 wanted, but 20 chunks of 64 rows is 160 KB
-    for bad in ({"STEP": 3}, {"BLOCK_N": 96}, {"BLOCK_M_MAX": 48}):
+    # 2 wanted, but 20 chunks of 64 rows is 160 KB: 103 splits (past MAX_SPLIT), 2,048 chunks spread over them
+    assert plan(64, 128, 131072, cfg, 132) == (64, 103, 20)
+    assert plan(64, 128, 42 * 64, cfg, 1) == (64, 3, 14)  # 42 chunks under a 20-chunk cap: 14 / 14 / 14, not 20 / 20 / 2
+    for bad in ({"STEP": 3}, {"BLOCK_N": 96}, {"BLOCK_M_MAX": 48}, {"MAX_X_BYTES": 1 << 10}, {"MAX_X_BYTES": 1 << 20}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             direct_module.check_config({**cfg, **bad})
     direct_module.check_config(cfg)
@@ -764,7 +766,7 @@ def test_gemm_ws_weight_descriptors_live_with_their_owner(device):
 def test_gemm_direct_gpu(config, dtype, monkeypatch):
     """The small-M Hopper kernel against its twin (w_hat rounded to x's dtype, as it rounds): N off the tile, K not a
     multiple of the step, every group size, M = 1..64; the dispatcher takes it at M = 8 and 64 for o_proj. The
-    bound is the decode kernel's (`TOL`): up to 64 K splits, each partial sum rounded to the dtype and added in it
+    bound is the decode kernel's (`TOL`): many K splits, each partial sum rounded to the dtype and added in it
     (STEP 1 on qkv read 1.01e-3 against the twin, above the prefill kernel's 1e-3 for at most two splits)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("w4a16_gemm_direct is a Hopper (sm90) kernel")

@@ -37,7 +37,7 @@ except ImportError:  # a Triton without Gluon (before 3.5): prefill takes dequan
     w4a16_gemm_ws = None
 try:
     from lmq.kernels import w4a16_gemm_direct
-except ImportError:  # a Triton whose Gluon lacks what it uses: small M takes the decode kernel
+except (ImportError, AttributeError):  # a Triton whose Gluon lacks what it uses: small M takes the decode kernel
     w4a16_gemm_direct = None
 
 ARCHS = tuple(CONFIGS)
