@@ -163,7 +163,11 @@ def rows_per_tile(M: int, cfg: dict) -> int:
 
 def supported(x: torch.Tensor, M: int, config: dict | None = None) -> bool:
     """Hopper, fp16 or bf16 activations, M within one row tile, a Triton that built it (or has not tried)."""
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    return _can_run(x, M, {**DEFAULT_CONFIG, **(config or {})})
+
+
+def _can_run(x: torch.Tensor, M: int, cfg: dict) -> bool:
+    """`supported` for a config already merged (the launcher's, kept with its plan)."""
     if BUILD.failed or x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
         return False
     return M <= cfg.get("BLOCK_M_MAX", cfg["BLOCK_M"]) and cuda_capability(x.device)[0] == 9
@@ -219,7 +223,7 @@ def w4a16_gemm_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     M = x2.shape[0]
     BUILD.check()  # a Triton that could not build it: say so (KernelUnavailable), not what `supported` lists
     cfg, bm, splits, per = _plan_for(M, N, K, config, _num_sms(x.device), x.element_size())
-    if not supported(x, M, cfg):
+    if not _can_run(x, M, cfg):
         raise UnsupportedError(f"w4a16_gemm_direct needs a Hopper GPU, float16 or bfloat16 activations and at most "
                                f"{cfg.get('BLOCK_M_MAX', cfg['BLOCK_M'])} rows; got {x.device} {x.dtype}, M={M}; "
                                f"use w4a16_gemm")

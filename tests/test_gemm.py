@@ -595,46 +595,34 @@ def broken_launch(tries: list, message: str):
     return DirectLaunch(Broken())
 
 
-def test_gemm_ws_that_does_not_build_falls_back_once(monkeypatch, device):
-    """A Triton whose Gluon API moved: the first launch warns, that prefill and every later one take
-    dequantize + cuBLAS, and the kernel is not tried again."""
-    ws = w4a16_gemm_ws_module
-    N, K, G = 64, 256, 64
-    p = random_packed(N, K, G, device)
-    x = torch.randn(300, K, device=device).half()
-    tries = []
+@pytest.mark.parametrize("kind", ["ws", "direct"])
+def test_gluon_kernel_that_does_not_build_falls_back_once(kind, monkeypatch, device):
+    """A Triton whose Gluon API moved: the first launch warns, that call and every later one take the other path
+    (the prefill kernel: dequantize + cuBLAS; the small-M direct kernel: the decode kernel), and the kernel is not
+    tried again. The prefill kernel's build error is one BUILD_ERRORS names, the direct kernel's a failing pass."""
     from lmq.kernels import gluon_build
 
-    monkeypatch.setattr(ws, "_LAUNCH", broken_launch(tries, "unknown op"))
-    monkeypatch.setattr(gluon_build, "BUILD_ERRORS", (RuntimeError,))
-    monkeypatch.setattr(ws.BUILD, "failed", None)
-    monkeypatch.setattr(ws, "supported", lambda x, N: ws.BUILD.failed is None)  # as on a Hopper GPU
-    table = {**CONFIGS["sm90"], "decode_max_m": 1, "dequant_min_m": 4096, "prefill_min_numel": 0}
-    ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
-    with pytest.warns(RuntimeWarning, match="does not build with this Triton"):
-        out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table)
-    assert rel_err(out, ref) < TOL[torch.float16]
-    assert rel_err(qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table), ref) < TOL[torch.float16]
-    assert len(tries) == 1 and "unknown op" in ws.BUILD.failed
-
-
-def test_direct_kernel_that_does_not_build_falls_back_once(monkeypatch, device):
-    """The direct kernel in a Triton whose Gluon moved: the first launch warns, that call and every later one take the
-    decode kernel, and no later call tries to build it again."""
-    N, K, G = 40, 256, 64
+    mod = w4a16_gemm_ws_module if kind == "ws" else direct_module
+    N, K, G = 64, 256, 64
     p = random_packed(N, K, G, device)
-    x = torch.randn(5, K, device=device).half()
+    x = torch.randn(300 if kind == "ws" else 5, K, device=device).half()
     tries = []
-    monkeypatch.setattr(direct_module, "_LAUNCH", broken_launch(tries, "PassManager::run failed"))
-    monkeypatch.setattr(direct_module.BUILD, "failed", None)
-    monkeypatch.setattr(direct_module, "supported", lambda x, M, config=None: direct_module.BUILD.failed is None)
-    table = {**CONFIGS["sm90"], "direct_rows": ((16, N * K),)}
+    message = "unknown op" if kind == "ws" else "PassManager::run failed"
+    monkeypatch.setattr(mod, "_LAUNCH", broken_launch(tries, message))
+    if kind == "ws":
+        monkeypatch.setattr(gluon_build, "BUILD_ERRORS", (RuntimeError,))
+    monkeypatch.setattr(mod.BUILD, "failed", None)
+    # as on a Hopper GPU, until the build fails
+    monkeypatch.setattr(mod, "supported" if kind == "ws" else "_can_run", lambda *a: mod.BUILD.failed is None)
+    table = ({**CONFIGS["sm90"], "decode_max_m": 1, "dequant_min_m": 4096, "prefill_min_numel": 0} if kind == "ws"
+             else {**CONFIGS["sm90"], "direct_rows": ((16, N * K),)})
     ref = w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], G)
-    with pytest.warns(RuntimeWarning, match="small-M GEMM .* does not build with this Triton"):
+    with pytest.warns(RuntimeWarning, match=("" if kind == "ws" else "small-M GEMM .* ")
+                      + "does not build with this Triton"):
         out = qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table)
     assert rel_err(out, ref) < TOL[torch.float16]
     assert rel_err(qlinear(x, p["qweight"], p["scales"], p["zeros"], G, table), ref) < TOL[torch.float16]
-    assert len(tries) == 1 and "PassManager" in direct_module.BUILD.failed
+    assert len(tries) == 1 and message.split(":")[0] in mod.BUILD.failed
 
 
 def test_build_guard_tells_build_failures_from_launch_errors():

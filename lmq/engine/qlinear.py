@@ -122,15 +122,16 @@ def run_path(path: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     `descs`: a dict the weight's owner keeps for the prefill kernel's TMA descriptors."""
     if path == "gemv":
         return w4a16_gemv(x, qweight, scales, zeros, group_size, None if x.device.type == "cpu" else table["gemv"])
+    # a Gluon kernel whose build failed once (warned then) is not asked again: no refusal raised on every call
     if path == "direct":
-        if w4a16_gemm_direct is not None:
-            try:  # it checks what it can run (`supported`) before any work
+        if w4a16_gemm_direct is not None and not w4a16_gemm_direct.BUILD.failed:
+            try:  # it checks what it can run before any work
                 return w4a16_gemm_direct.w4a16_gemm_direct(x, qweight, scales, zeros, group_size, table["direct"])
             except UnsupportedError:
                 pass  # not Hopper (the CPU interpreter included), or this Triton cannot build it (warned once)
         path = "decode"
     if path == "prefill" and "prefill_ws" in table:
-        if w4a16_gemm_ws is not None:
+        if w4a16_gemm_ws is not None and not w4a16_gemm_ws.BUILD.failed:
             try:  # it checks what it can run (`supported`) before any work: one check per call
                 return w4a16_gemm_ws.w4a16_gemm_ws(x, qweight, scales, zeros, group_size, table["prefill_ws"], descs)
             except UnsupportedError:
