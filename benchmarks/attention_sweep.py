@@ -13,9 +13,9 @@ Prefill: one 4096-token causal sequence, lmq against torch SDPA (flash) on a con
 --prefill-configs: prefill, the kernel's tile configs per KV dtype, against SDPA (`prefill_configs`).
 --prefill-fresh: prefill with the chunk's own K/V read from the float k/v the write path rewrote, against every key
   read from the cache, per KV dtype, a whole prompt and chat turns over a cached prefix (`prefill_fresh`).
---mma-splits [--batches 1,8] [--contexts 4096] [--maxnreg 168] [--stages 2,3,4] [--page 64]: int4, the Gluon split
-  kernel at 1..48 splits per batch and context, also under register caps, other ring depths or another block size
-  (`mma_splits`).
+--mma-splits [--pads 0,65536] [--batches 1,8] [--contexts 4096] [--maxnreg 168] [--stages 2,3,4] [--page 64]: int4,
+  the Gluon split kernel at 1..64 splits per batch and context, also under register caps, other ring depths or another
+  block size (`mma_splits`).
 Usage on the GPU machine: python3 benchmarks/attention_sweep.py [one of the modes above]
 """
 
@@ -207,7 +207,7 @@ def compare(bw: float) -> None:
     or to three split programs per SM (`int4_three_per_sm`: three cap the kernel at 168 registers), the values'
     scales applied the other way (`kv_quant.scale_probs`), and both. (The Gluon int4 kernel is off here.)"""
     torch.manual_seed(0)
-    dec.MMA_INT4 = False
+    dec.MMA_KERNEL = False
     saved = {"int4_three_per_sm": dec.int4_three_per_sm, "int4_plan": dec.int4_plan, "scale_probs": dec.scale_probs}
 
     def per_sm(three):  # the plan's splits, forced to two or three per SM
@@ -253,7 +253,7 @@ def splits_and_occupancy(bw: float) -> None:
     and fp16 at B=1 and 8 at two and at three per SM (the int4 register cap, INT4_THREE_REGS, on their kernels:
     offline, no spill in the loop). (The Gluon int4 kernel is off here; `--mma-splits` sweeps it.)"""
     torch.manual_seed(0)
-    dec.MMA_INT4 = False
+    dec.MMA_KERNEL = False
     rule, eligible = dec.int4_three_per_sm, dec.int4_three_eligible
     shapes = (("int4", 8, 4096, (384, 512, 768, 1024)), ("int4", 8, 16384, (768, 1024, 1536, 2048)),
               ("int4", 64, 4096, (2048, 4096)), ("int4", 1, 16384, (256, 512, 1024)))
@@ -303,10 +303,10 @@ def mma_compare(bw: float) -> None:
                      if sl != planned and -(-L // sl) <= dec.MAX_SPLITS]
         cells = []
         for name, on, split_len in variants:
-            dec.MMA_INT4 = on
+            dec.MMA_KERNEL = on
             us = _time(q, cache, tables, lens, L, split_len)
             out = dec.decode_attention(q, cache, tables[0], lens, max_seq_len=L, split_len=split_len)[:1].float()
-            dec.MMA_INT4 = True
+            dec.MMA_KERNEL = True
             err = ((out - ref).norm() / ref.norm()).item()
             cells.append(f"{name} {us:.1f}us={100 * kv_bytes / bw / us * 1e6:.0f}% err {err:.1e}")
         print(f"int4 B={B} L={L} (plan {-(-L // planned)} splits): " + ", ".join(cells), flush=True)
@@ -315,8 +315,10 @@ def mma_compare(bw: float) -> None:
 
 
 def mma_splits(bw: float) -> None:
-    """int4, the Gluon split kernel: time per split count, against the Triton kernel at its plan."""
+    """The Gluon int4 split kernel: time per split count (also with `--pads`: shared memory held beyond its rings, so
+    fewer programs stay resident per SM), against the Triton kernel at its plan."""
     torch.manual_seed(0)
+    kd = "int4"
     batches = (1, 2, 4, 8, 16, 32, 64)
     if "--batches" in sys.argv:
         batches = tuple(int(b) for b in sys.argv[sys.argv.index("--batches") + 1].split(","))
@@ -327,30 +329,35 @@ def mma_splits(bw: float) -> None:
         contexts = tuple(int(c) for c in sys.argv[sys.argv.index("--contexts") + 1].split(","))
     for B in batches:
         for L in contexts:
-            kv_bytes, cache, tables, lens, q = _workload("int4", B, L)
+            kv_bytes, cache, tables, lens, q = _workload(kd, B, L)
             cells = []
             caps = [None] + [int(c) for c in sys.argv[sys.argv.index("--maxnreg") + 1].split(",")] \
                 if "--maxnreg" in sys.argv else [None]
             stages = [int(c) for c in sys.argv[sys.argv.index("--stages") + 1].split(",")] \
                 if "--stages" in sys.argv else [dec._mma.STAGES]
             default_stages = dec._mma.STAGES
-            for on, splits, cap, stg in [(False, None, None, default_stages)] + [
-                    (True, s, c, g) for s in (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48) for c in caps for g in stages
-                    if L // s >= 128 and B * HKV * s <= 8 * 132]:
-                dec.MMA_INT4, dec._mma.MAXNREG, dec._mma.STAGES = on, cap, stg
+            pads = [int(c) for c in sys.argv[sys.argv.index("--pads") + 1].split(",")] \
+                if "--pads" in sys.argv else [dec._mma.PAD_BYTES]
+            default_pad = dec._mma.PAD_BYTES
+            for on, splits, cap, stg, pad in [(False, None, None, default_stages, default_pad)] + [
+                    (True, s, c, g, pd) for s in (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64) for c in caps
+                    for g in stages for pd in pads if L // s >= 128 and B * HKV * s <= 8 * 132]:
+                dec.MMA_KERNEL, dec._mma.MAXNREG, dec._mma.STAGES, dec._mma.PAD_BYTES = on, cap, stg, pad
                 tile = min(128, ba.BLOCK_SIZE)
                 split_len = None if splits is None else (-(-L // splits) + tile - 1) // tile * tile
                 us = _time(q, cache, tables, lens, L, split_len)
-                dec.MMA_INT4, dec._mma.MAXNREG, dec._mma.STAGES = True, None, default_stages
+                dec.MMA_KERNEL, dec._mma.MAXNREG, dec._mma.STAGES = True, None, default_stages
+                dec._mma.PAD_BYTES = default_pad
                 actual = -(-L // split_len) if split_len else None  # whole tiles: 24 asked at 4k run 16
                 name = (f"gluon {actual}" + (f" cap {cap}" if cap else "")
-                        + (f" stages {stg}" if len(stages) > 1 else "") if on else "triton plan")
+                        + (f" stages {stg}" if len(stages) > 1 else "")
+                        + (f" pad {pad // 1024}k" if len(pads) > 1 else "") if on else "triton plan")
                 cells.append((us, f"{name} {us:.1f}"))
             if len(cells) < 2:
-                print(f"int4 B={B} L={L}: no Gluon split count fits", flush=True)
+                print(f"{kd} B={B} L={L}: no Gluon split count fits", flush=True)
             else:
                 best = min(c for c in cells[1:])
-                print(f"int4 B={B} L={L}: best {best[1]} ({100 * kv_bytes / bw / best[0] * 1e6:.0f}%) | "
+                print(f"{kd} B={B} L={L}: best {best[1]} ({100 * kv_bytes / bw / best[0] * 1e6:.0f}%) | "
                       + ", ".join(c[1] for c in cells), flush=True)
             del cache, tables
             torch.cuda.empty_cache()
@@ -362,7 +369,7 @@ def triton_stages(bw: float) -> None:
     torch.manual_seed(0)
     default = dec._GPU_CONFIG[128]
     configs = [default, (128, 4, 2), (128, 4, 1), (128, 8, 2), (64, 4, 2), default]
-    dec.MMA_INT4 = False
+    dec.MMA_KERNEL = False
     for kd in ("fp16", "int8", "int4"):
         for B, L in ((1, 4096), (1, 16384), (1, 32768), (8, 4096), (8, 16384), (64, 4096)):
             kv_bytes, cache, tables, lens, q = _workload(kd, B, L)
@@ -375,7 +382,7 @@ def triton_stages(bw: float) -> None:
             print(f"{kd} B={B} L={L}: " + ", ".join(cells), flush=True)
             del cache, tables
             torch.cuda.empty_cache()
-    dec.MMA_INT4 = True
+    dec.MMA_KERNEL = True
 
 
 def profile_kernels(bw: float) -> None:

@@ -203,7 +203,7 @@ BALANCED = True
 # int4 caches with fp16 queries (Hopper, head dims 64..128 that are multiples of 8, tiles of 64 or 128
 # tokens; attention_decode_mma.supported): the Gluon split kernel that reads codes straight in
 # tensor-core operand layouts (kernels/attention_decode_mma.py); False keeps the Triton split kernel.
-MMA_INT4 = True
+MMA_KERNEL = True
 # int4, head dims 65..128, Hopper (measured on an H100 only): three programs of 4 warps per SM instead of
 # two (the split kernel capped at 168 registers: no spills in its loop, 2% more instructions), where the waves of
 # programs allow it. H100, same call
@@ -249,9 +249,9 @@ def int4_plan(rows: int, splits: int, sm_count: int, tiles: int) -> tuple[int, b
 
 
 def uses_mma_kernel(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group: int) -> bool:
-    """Whether the split pass runs the Gluon int4 kernel (`MMA_INT4`, attention_decode_mma.supported) for
+    """Whether the split pass runs the Gluon int4 kernel (`MMA_KERNEL`, attention_decode_mma.supported) for
     queries like `q` over a `kv_dtype` cache read in tiles of `block_n` tokens."""
-    return (MMA_INT4 and _mma is not None and _mma.BUILD.failed is None
+    return (MMA_KERNEL and _mma is not None and _mma.BUILD.failed is None
             and _mma.supported(q, kv_dtype, block_n, head_dim, group))
 
 
@@ -285,22 +285,24 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
     return max(block_n, -(-split_len // block_n) * block_n)
 
 
-# The Gluon int4 split kernel (attention_decode_mma) runs two programs per SM at head dim 128 (255
-# registers x 128 threads, 34 KB of shared memory) and streams at the copy floor once its programs are
-# long; its plan is one wave of programs, splits = 2 x SMs // (B x H_kv) (at most MORE_SPLITS_MAX), and
-# it takes a launch only where that leaves MMA_MIN_SPLIT tokens or more per split: shorter programs pay
-# its prologue and end-of-program merge of the warps' partial results, and the Triton kernel is faster
-# there. Measured at H=32, H_kv=8, D=128 only (at D=64 the kernel fits four programs per SM, which the
-# plan does not use). H100, us, Gluon at its best split count vs Triton at its plan
-# (benchmarks/attention_sweep.py --mma-splits, benchmarks/results/2026-11-23-session8-h100/mma-splits.log):
-# B=8 4k 27.1 (4 splits, 1024 tokens each) vs 27.1, 16k 70.7 vs 79.5, 32k 129.1 vs 146.9; B=64 16k 477.1
-# (1 split) vs 551.1; B=2 4k 14.8 (256 tokens) vs 11.6; B=1 16k 20.0 (512 tokens) vs 17.0, 32k 26.7 (1024
-# tokens) vs 26.8 (three-stage ring then; session 9's two-stage ring and the B=1..4 check of this rule:
-# benchmarks/results/2026-11-23-session9-h100/mma-stages*.log). The engine's decode graphs plan for
-# max_model_len: with a long max_model_len and short live contexts the Gluon kernel then runs each sequence
-# in short splits (`BALANCED`), where the Triton kernel would be faster (not measured against it end to end).
+# The Gluon int4 split kernel (attention_decode_mma) fits four programs per SM at head dim 128 (128 registers x
+# 128 threads, 36 KB of shared memory) and streams at the copy floor once its programs are long; its plan is
+# one wave of MMA_SLOTS_PER_SM programs per SM, splits = 2 x SMs // (B x H_kv) (at most MORE_SPLITS_MAX), with
+# the programs spread over every SM (attention_decode_mma.residency_pad: at most ceil(programs / SMs) per SM;
+# without it the block scheduler packs them four to an SM), and it takes a launch only where that leaves
+# MMA_MIN_SPLIT tokens or more per split: shorter programs pay its prologue and end-of-program merge of the
+# warps' partial results, and the Triton kernel is faster there. Measured at H=32, H_kv=8, D=128 only.
+# H100, us, the Gluon kernel at its best split count and programs per SM vs the Triton kernel at its plan
+# (benchmarks/attention_sweep.py --mma-splits --pads 0,32768,65536,131072,
+# benchmarks/results/2026-11-24-session20-h100/pad-call/sweep.log): B=1 4k 9.1 (16 splits of 256 tokens, one per
+# SM) vs 8.6; B=1 16k 15.5 (16 splits, one per SM) or 16.0 (32 of 512, two per SM) vs 17.8; B=1 32k 22.1 (32, two
+# per SM) vs 28.6; B=8 4k 22.3 (4 splits of 1024, two per SM) vs 30.1, 16k 60.9 vs 81.1, 32k 109.9 vs 148.8.
+# Without the cap, four per SM (t-first/sweep.log): B=64 4k / 16k / 32k 111.2 / 408.1 / 811.3 (1 split) vs
+# 147.0 / 541.5 / 1084.4. The engine's decode graphs plan for max_model_len: with a long max_model_len and
+# short live contexts the Gluon kernel then runs each sequence in short splits (`BALANCED`), where the Triton
+# kernel would be faster (not measured against it end to end).
 MMA_SLOTS_PER_SM = 2
-MMA_MIN_SPLIT = 1024
+MMA_MIN_SPLIT = 512
 
 
 def mma_split_len(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int) -> int | None:
@@ -428,7 +430,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
     if use_mma:
         try:
             _mma.launch_split(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits,
-                              block_n, G, direct, needs_off64(cache), pdl and PDL_SPLIT, ps, ls, balanced=BALANCED)
+                              block_n, G, direct, needs_off64(cache), pdl and PDL_SPLIT, ps, ls, balanced=BALANCED,
+                              sm_count=_sm_count(q.device))
         except _mma.KernelUnavailable:
             use_mma = False
     if not use_mma:

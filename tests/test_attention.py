@@ -270,7 +270,7 @@ def test_decode_gpu_long(device, kv_dtype, head_dim):
 
 @pytest.fixture
 def gluon_launches(monkeypatch):
-    """The launches of the Gluon int4 split kernel (attention_decode_mma) during a test, counted."""
+    """The launches of the Gluon split kernel (attention_decode_mma) during a test, counted."""
     from lmq.kernels import attention_decode_mma
 
     calls = []
@@ -287,7 +287,7 @@ def test_decode_gpu_int4_long_context(device, mma, monkeypatch, gluon_launches):
     # (scales on the probabilities with raw low nibbles read 6.7e-3 here, per-element values 3.5e-4)
     import lmq.kernels.attention_decode as dec
 
-    monkeypatch.setattr(dec, "MMA_INT4", mma)
+    monkeypatch.setattr(dec, "MMA_KERNEL", mma)
     cache, tables, seq_lens, _ = make_paged("int4", [16384] * 8, 8, 128, device, block_size=128)
     q = torch.randn(8, 32, 128, device=device).half()
     out = decode_attention(q, cache, tables, seq_lens)
@@ -317,15 +317,16 @@ def test_decode_gpu_int4_mma_kernel(device, head_dim, block_size, monkeypatch, g
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", ["int4", "int8"])
 @pytest.mark.parametrize("mma", [True, False])
-def test_decode_gpu_int4_stale_scales_are_not_read(device, mma, monkeypatch):
-    # slots past a sequence's end inside its last block hold stale bytes, here NaN scale words: both int4
-    # split kernels read those slots' codes unmasked but must weigh them by zero
+def test_decode_gpu_stale_scales_are_not_read(device, kv_dtype, mma, monkeypatch):
+    # slots past a sequence's end inside its last block hold stale bytes, here NaN scale words: the split
+    # kernels (for int4 both) may read those slots' codes unmasked but must weigh them by zero
     import lmq.kernels.attention_decode as dec
 
-    monkeypatch.setattr(dec, "MMA_INT4", mma)
+    monkeypatch.setattr(dec, "MMA_KERNEL", mma)
     monkeypatch.setattr(dec, "MMA_MIN_SPLIT", 0)  # the Gluon kernel's plan at these short lengths too
-    cache, tables, seq_lens, _ = make_paged("int4", [100, 37, 300], 8, 128, device, block_size=128)
+    cache, tables, seq_lens, _ = make_paged(kv_dtype, [100, 37, 300], 8, 128, device, block_size=128)
     live = torch.zeros(cache.k_scales.shape[:3], dtype=torch.bool, device=device)  # [nb, H_kv, B_s]
     for b, L in enumerate(seq_lens.tolist()):
         for t in range(L):
@@ -336,7 +337,7 @@ def test_decode_gpu_int4_stale_scales_are_not_read(device, mma, monkeypatch):
     ref = decode_attention_ref(q, cache, tables, seq_lens)
     for split_len in (None, 128, 384):  # 384: one split, the output written directly
         out = decode_attention(q, cache, tables, seq_lens, split_len=split_len)
-        assert rel_err(out, ref) < TOL["int4"]
+        assert rel_err(out, ref) < TOL[kv_dtype]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,8 +593,8 @@ def test_int4_programs_per_sm_follow_the_waves():
 
 
 def test_mma_kernel_plan():
-    # the Gluon int4 kernel: one wave of programs at two per SM (132 SMs, 8 KV heads, 128-token tiles),
-    # only where that leaves >= 1024 tokens per split (attention_sweep.py --mma-splits)
+    # the Gluon int4 kernel: one wave of programs at two per SM (132 SMs, 8 KV heads, 128-token tiles), only
+    # where that leaves >= 512 tokens per split (attention_sweep.py --mma-splits)
     from lmq.kernels.attention_decode import mma_split_len
 
     def splits(B, L):
@@ -602,21 +603,43 @@ def test_mma_kernel_plan():
 
     assert [splits(8, L) for L in (4096, 16384, 32768)] == [4, 4, 4]
     assert [splits(B, 16384) for B in (2, 4, 16, 32, 64, 256)] == [16, 8, 2, 1, 1, 1]
-    assert [splits(1, L) for L in (4096, 16384, 32768)] == [None, None, 32]  # the Triton kernel below 1024
-    assert splits(64, 1000) is None and splits(64, 1024) == 1
+    assert [splits(1, L) for L in (4096, 16384, 32768)] == [None, 32, 32]  # the Triton kernel below 512
+    assert splits(64, 500) is None and splits(64, 512) == 1 and splits(64, 1000) == 1
 
 
 def test_plan_decode_takes_the_gluon_kernel_only_for_long_splits(monkeypatch):
-    # plan_decode: the Gluon kernel's plan where it applies and keeps >= 1024 tokens per split, else the
+    # plan_decode: the Gluon kernel's plan where it applies and keeps >= 512 tokens per split, else the
     # Triton plan (132 SMs, 8 KV heads, 128-token tiles); CPU tensors stand in for the queries
     import lmq.kernels.attention_decode as dec
 
     monkeypatch.setattr(dec, "uses_mma_kernel", lambda *a: True)
     q8 = torch.zeros(8, 32, 128)
     assert dec.plan_decode(q8, "int4", 8, 16384, 128, 132) == (4096, True, False)
-    assert dec.plan_decode(q8, "int4", 8, 2048, 128, 132)[1:] == (False, False)  # 4 splits of 512: Triton
+    assert dec.plan_decode(q8, "int4", 8, 2048, 128, 132) == (512, True, False)
+    assert dec.plan_decode(q8, "int4", 8, 1024, 128, 132)[1:] == (False, False)  # 4 splits of 256: Triton
     monkeypatch.setattr(dec, "uses_mma_kernel", lambda *a: False)
     assert dec.plan_decode(q8, "int4", 8, 16384, 128, 132)[1] is False
+
+
+def test_gluon_programs_are_spread_over_every_sm():
+    # attention_decode_mma.residency_pad: shared memory held beyond the rings caps the programs per SM at
+    # ceil(programs / SMs) (Hopper: 228 KB per SM, 1 KB held per block; four programs at most by registers)
+    from lmq.kernels.attention_decode_mma import (
+        SMEM_PER_SM,
+        SMEM_RESERVED,
+        residency_pad,
+        ring_bytes,
+    )
+
+    for base in (ring_bytes(128, 128, 4), ring_bytes(128, 64, 4), ring_bytes(64, 128, 4)):
+        for programs in (1, 64, 132, 133, 256, 264, 265, 396, 397, 528, 1024):
+            pad = residency_pad(programs, 132, base)
+            fit = min(4, SMEM_PER_SM // (base + pad + SMEM_RESERVED))
+            want = -(-programs // 132)
+            assert fit >= min(want, 4)  # never a second wave the plan did not make
+            if want < 4 and base == ring_bytes(128, 128, 4):
+                assert fit == want  # at head dim 128: exactly as many as needed
+    assert ring_bytes(128, 128, 4) == 36864 and residency_pad(256, 132, 36864) == 65536
 
 
 def test_decode_falls_back_when_the_gluon_kernel_cannot_build(device, monkeypatch):

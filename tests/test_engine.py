@@ -479,11 +479,11 @@ def test_int4_kv_cache_decode_attention_is_alike_with_either_split_kernel(weight
     eng.step()
     assert len(seen) == weights.cfg.num_layers and seen[0][0].shape[0] == 3
     for q, cache, tables, lens, kw in seen:
-        monkeypatch.setattr(dec, "MMA_INT4", True)
+        monkeypatch.setattr(dec, "MMA_KERNEL", True)
         assert dec.uses_mma_kernel(q, cache.kv_dtype, 128, q.shape[-1], q.shape[1] // cache.num_kv_heads)
         out = {}
         for mma in (True, False):
-            monkeypatch.setattr(dec, "MMA_INT4", mma)
+            monkeypatch.setattr(dec, "MMA_KERNEL", mma)
             out[mma] = dec.decode_attention(q, cache, tables, lens, **kw).float()
         ref = dec.decode_attention_ref(q, cache, tables, lens, sm_scale=kw.get("sm_scale")).float()
         for o in out.values():

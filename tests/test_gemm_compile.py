@@ -96,6 +96,7 @@ def compile_attention(arch: str) -> None:
     int4 split kernel (which the interpreter cannot run at all)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     from lmq.kernels.attention_decode import INT4_THREE_REGS
+    from lmq.kernels.attention_decode_mma import ring_bytes
     from sass_attention import compile_mma, compile_split, cuobjdump, loop_body
 
     cc = int(arch[2:])
@@ -104,14 +105,22 @@ def compile_attention(arch: str) -> None:
             for pdl in {False, cc >= 90}:
                 assert compile_split(kv_mode, d=d, cc=cc, pdl=pdl).asm["cubin"]
     # the Gluon int4 kernel: head dims it takes (64..128, multiples of 8), 64- and 128-token tiles, GQA groups
-    # of 1..16, one split (the output written directly) and 64-bit offsets; no spills
+    # of 1..16, one split (the output written directly) and 64-bit offsets; no spills; at head dim 128 on
+    # sm_90 at most 128 registers (four programs per SM, `residency_pad`'s MAX_PER_SM), and shared memory as
+    # `ring_bytes` counts it
     for d, page, group, direct, off64 in ((64, 128, 3, False, False), (72, 128, 4, False, False),
                                           (80, 64, 4, False, False), (96, 256, 7, False, False),
                                           (112, 64, 8, False, False), (128, 128, 4, False, False),
                                           (128, 64, 16, False, False), (128, 128, 1, True, True)):
         k = compile_mma(d=d, page=page, group=group, cc=cc, direct=direct, off64=off64)
+        assert k.metadata.shared == ring_bytes(d, min(128, page), group), (d, page, k.metadata.shared)
         sass = cuobjdump(k, "-sass")
         assert " STL" not in sass and " LDL" not in sass, f"the Gluon int4 kernel spills at head dim {d}"
+        if cc >= 90 and (d, page, group) == (128, 128, 4):
+            regs = int(cuobjdump(k, "-res-usage").split("REG:")[1].split()[0])
+            assert regs <= 128, f"the Gluon int4 kernel takes {regs} registers: fewer than four programs per SM"
+    k = compile_mma(cc=cc, pad=65536)  # the residency pad is held (two programs per SM at head dim 128)
+    assert k.metadata.shared == ring_bytes(128, 128, 4) + 65536
     if cc >= 90:
         # int4 three programs per SM (head dims 65..128): the register cap holds and the per-tile loop does
         # not spill (at head dim 80 one value lives in local memory across the loop: a store on each of the

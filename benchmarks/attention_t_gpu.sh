@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The transposed Gluon decode-attention kernel (attention_decode_mma: tokens on the MMA rows, the group's query
+# heads on its columns; int4 and int8 caches) on a lent GPU, by stage:
+#   STAGES=check   the Gluon kernel's decode GPU tests (forced at short splits, long contexts, stale scales, the
+#                  build-failure fallback), then the engine's either-split-kernel test on the real model when
+#                  its GGUF is at $LMQ_SMOLLM2_GGUF
+#   STAGES=sweep   attention_sweep.py --mma-splits: the Gluon kernel at 1..64 splits (ring depths $DEPTHS, pads $PADS)
+#                  against the Triton kernel at its plan (B = $BATCHES; $CONTEXTS)
+#   STAGES=bench   lmq bench attention (the docs' table)
+# Logs land in $OUT/<stage>/.
+set -uo pipefail
+OUT=${OUT:-out}
+export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-250}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+for stage in ${STAGES:-check sweep}; do
+  mkdir -p "$OUT/$stage"
+  date -u | tee "$OUT/$stage/date.txt"
+  case $stage in
+  check)
+    timeout ${CHECK_S:-300} python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py \
+      -k "${CHECK_K:-mma_kernel or long_context or stale_scales or cannot_build}" 2>&1 | tail -15 \
+      | tee "$OUT/check/tests.log"
+    echo "exit status ${PIPESTATUS[0]} (124: cut by its timeout)" | tee -a "$OUT/check/tests.log"
+    ;;
+  sweep)
+    timeout ${SWEEP_S:-300} python3 benchmarks/attention_sweep.py --mma-splits --pads ${PADS:-0} --stages ${DEPTHS:-2} \
+      --batches ${BATCHES:-1,4,8,64} --contexts ${CONTEXTS:-4096,16384,32768} 2>&1 | tee "$OUT/sweep/sweep.log"
+    ;;
+  bench)
+    timeout ${BENCH_S:-240} lmq bench attention --json --kv-dtype ${KVS:-fp16,int8,int4} --batch 1,8,64 \
+      --context 4k,16k,32k > "$OUT/bench/bench.json" 2> "$OUT/bench/bench.log"
+    tail -45 "$OUT/bench/bench.log"
+    ;;
+  esac
+done
