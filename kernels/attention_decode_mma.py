@@ -307,10 +307,10 @@ def supported(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group
 
 # Tiles in flight per program (shared-memory ring): two, i.e. the next tile's copy runs while this one is
 # computed. H100, int4, us, at each shape's best split count, 2 / 3 / 4 stages (benchmarks/attention_sweep.py
-# --mma-splits --stages 2,3,4; benchmarks/results/2026-11-24-session20-h100/t-stages/sweep.log): B=1 16k 17.4 /
-# 17.7 / 18.0, 32k 23.9 / 25.7 / 25.5; B=4 16k 39.5 / 40.6 / 40.9; B=8 4k 25.4 / 27.8 / 27.6, 16k 64.0 / 66.7 /
-# 65.8, 32k 113.2 / 116.1 / 115.2. Deeper rings help only at split counts below the best (B=8 16k, 4 splits: 83.3
-# / 89.9 / 72.2), where few programs per SM each need more bytes in flight.
+# --mma-splits --stages 2,3,4; benchmarks/results/2026-11-24-session20-h100/t-stages/sweep.log; before the
+# residency cap below): B=1 16k 17.4 / 18.7 / 18.0, 32k 23.9 / 25.7 / 25.5; B=4 16k 39.5 / 42.0 / 40.9; B=8 4k 25.4 /
+# 27.8 / 27.0, 16k 64.0 / 66.7 / 65.8, 32k 113.2 / 116.1 / 115.2. Deeper rings help only at split counts below
+# the best (B=8 16k, 4 splits: 83.3 / 89.9 / 72.2), where few programs per SM each need more bytes in flight.
 STAGES = 2
 # A register cap (for sweeps; None: ptxas's choice: 126-128 at head dim 128, four programs per SM).
 MAXNREG = None
@@ -321,7 +321,7 @@ MAXNREG = None
 # count without the cap -> with it (attention_sweep.py --mma-splits --pads 0,32768,65536,131072;
 # benchmarks/results/2026-11-24-session20-h100/pad-call/sweep.log): B=8 4k 26.0 (8 splits) -> 22.3 (4 splits, two
 # per SM), 16k 64.6 -> 60.9, 32k 114.1 -> 109.9; B=1 16k 17.6 (22) -> 15.5 (16 splits, one per SM) or 16.0 (32,
-# two per SM), 32k 24.0 (24) -> 22.1 (32, two per SM).
+# two per SM), 32k 24.1 (24) -> 22.1 (32, two per SM).
 SMEM_PER_SM, SMEM_RESERVED = 228 * 1024, 1024  # Hopper: shared memory per SM, and what the system holds per block
 MAX_PER_SM = 4  # by registers: 128 threads x 128 registers
 PAD_BYTES = None  # None: `residency_pad`; an int forces that pad (sweeps)
