@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The transposed Gluon decode-attention kernel (attention_decode_mma: tokens on the MMA rows, the group's query
-# heads on its columns; int4 and int8 caches) on a lent GPU, by stage:
+# The transposed Gluon int4 decode-attention kernel (attention_decode_mma: tokens on the MMA rows, the group's
+# query heads on its columns) on a lent GPU, by stage:
 #   STAGES=check   the Gluon kernel's decode GPU tests (forced at short splits, long contexts, stale scales, the
-#                  build-failure fallback), then the engine's either-split-kernel test on the real model when
-#                  its GGUF is at $LMQ_SMOLLM2_GGUF
-#   STAGES=sweep   attention_sweep.py --mma-splits: the Gluon kernel at 1..64 splits (ring depths $DEPTHS, pads $PADS)
+#                  build-failure fallback)
+#   STAGES=sweep   attention_sweep.py --mma-splits: the Gluon kernel at 1..64 splits (ring depths $DEPTHS; pads
+#                  $PADS forced, else `residency_pad`'s)
 #                  against the Triton kernel at its plan (B = $BATCHES; $CONTEXTS)
 #   STAGES=bench   lmq bench attention (the docs' table)
 # Logs land in $OUT/<stage>/.
@@ -25,7 +25,7 @@ for stage in ${STAGES:-check sweep}; do
     echo "exit status ${PIPESTATUS[0]} (124: cut by its timeout)" | tee -a "$OUT/check/tests.log"
     ;;
   sweep)
-    timeout ${SWEEP_S:-300} python3 benchmarks/attention_sweep.py --mma-splits --pads ${PADS:-0} --stages ${DEPTHS:-2} \
+    timeout ${SWEEP_S:-300} python3 benchmarks/attention_sweep.py --mma-splits ${PADS:+--pads $PADS} --stages ${DEPTHS:-2} \
       --batches ${BATCHES:-1,4,8,64} --contexts ${CONTEXTS:-4096,16384,32768} 2>&1 | tee "$OUT/sweep/sweep.log"
     ;;
   bench)

@@ -285,8 +285,8 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
     return max(block_n, -(-split_len // block_n) * block_n)
 
 
-# The Gluon int4 split kernel (attention_decode_mma) fits four programs per SM at head dim 128 (128 registers x
-# 128 threads, 36 KB of shared memory) and streams at the copy floor once its programs are long; its plan is
+# The Gluon int4 split kernel (attention_decode_mma) fits four programs per SM at head dim 128 with groups up to
+# 8 (128 registers x 128 threads, 36 KB of shared memory; three at head dims 96-120, two for groups of 9-16) and streams at the copy floor once its programs are long; its plan is
 # one wave of MMA_SLOTS_PER_SM programs per SM, splits = 2 x SMs // (B x H_kv) (at most MORE_SPLITS_MAX), with
 # the programs spread over every SM (attention_decode_mma.residency_pad: at most ceil(programs / SMs) per SM;
 # without it the block scheduler packs them four to an SM), and it takes a launch only where that leaves

@@ -11,7 +11,8 @@ plain-PyTorch twin of both.
 Why a second kernel: the Triton kernel is bound by instruction issue on int4 (34.1 warp instructions per
 token and KV head, offline SASS, `benchmarks/sass_attention.py`): its K and V tiles are converted in
 registers into the layouts its dots want, and its online softmax runs across the warps. Here 16.8, in
-128 registers (four programs per SM):
+128 registers at head dims 72-88 and 128 with groups up to 8 (four programs per SM; 164 at head dims 96-120,
+254-255 for groups of 9-16):
 
 - **Products transposed, tokens on the MMA rows.** Scores^T = K q^T: each warp's TPW tokens are the
   16-row dimension of `mma_v2` (m16n8k16) and the group's query heads its HN = 8 columns (16 for groups
@@ -323,7 +324,7 @@ MAXNREG = None
 # per SM), 16k 64.6 -> 60.9, 32k 114.1 -> 109.9; B=1 16k 17.6 (22) -> 15.5 (16 splits, one per SM) or 16.0 (32,
 # two per SM), 32k 24.1 (24) -> 22.1 (32, two per SM).
 SMEM_PER_SM, SMEM_RESERVED = 228 * 1024, 1024  # Hopper: shared memory per SM, and what the system holds per block
-MAX_PER_SM = 4  # by registers: 128 threads x 128 registers
+MAX_PER_SM = 4  # by registers: 128 threads x 128 registers (head dims 72-88 and 128, groups up to 8)
 PAD_BYTES = None  # None: `residency_pad`; an int forces that pad (sweeps)
 
 
@@ -336,7 +337,12 @@ def ring_bytes(head_dim: int, block_n: int, group: int) -> int:
 
 def residency_pad(programs: int, sm_count: int, base: int) -> int:
     """Bytes of shared memory (0 or a power of two) to hold beyond `base` per program so that at most
-    ceil(programs / sm_count) programs stay resident per SM, and no fewer (see above)."""
+    ceil(programs / sm_count) programs stay resident per SM, and never fewer (see above). Exact at head dim 128
+    with 128-token tiles, the measured shape. Elsewhere it is approximate:
+    - The pads are powers of two, so with 64-token tiles or at head dim 64 three wanted leaves four resident.
+    - Registers allow other counts than MAX_PER_SM: five at head dim 64 with 64-token tiles (four wanted: no pad,
+      five resident); three at head dims 96-120 and two for groups of 9-16, where registers, not the pad, are
+      then the tighter cap."""
     want = -(-programs // sm_count)
     pad = 0
     for p in (8192, 16384, 32768, 65536, 131072):
