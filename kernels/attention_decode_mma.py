@@ -312,6 +312,8 @@ def supported(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group
 # residency cap below): B=1 16k 17.4 / 18.7 / 18.0, 32k 23.9 / 25.7 / 25.5; B=4 16k 39.5 / 42.0 / 40.9; B=8 4k 25.4 /
 # 27.8 / 27.0, 16k 64.0 / 66.7 / 65.8, 32k 113.2 / 116.1 / 115.2. Deeper rings help only at split counts below
 # the best (B=8 16k, 4 splits: 83.3 / 89.9 / 72.2), where few programs per SM each need more bytes in flight.
+# With the cap, at the plan's split counts (stages-capped/sweep.log): B=8 4k 21.9 / 23.2 / 23.9, 16k 60.0 / 61.0 /
+# 62.2; B=4 16k 34.8 / 36.1 / 37.0.
 STAGES = 2
 # A register cap (for sweeps; None: ptxas's choice: 126-128 at head dim 128, four programs per SM).
 MAXNREG = None
