@@ -290,7 +290,8 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
 # one wave of MMA_SLOTS_PER_SM programs per SM, splits = 2 x SMs // (B x H_kv) (at most MORE_SPLITS_MAX), with
 # the programs spread over every SM (attention_decode_mma.residency_pad: at most ceil(programs / SMs) per SM;
 # without it the block scheduler packs them four to an SM), and it takes a launch only where that leaves
-# MMA_MIN_SPLIT tokens or more per split: shorter programs pay its prologue and end-of-program merge of the
+# MMA_MIN_SPLIT tokens or more per split (or, with about as many rows as SMs, in one split: below): shorter
+# programs pay its prologue and end-of-program merge of the
 # warps' partial results, and the Triton kernel is faster there. Measured at H=32, H_kv=8, D=128 only.
 # H100, us, the Gluon kernel at its best split count and programs per SM vs the Triton kernel at its plan
 # (benchmarks/attention_sweep.py --mma-splits --pads 0,32768,65536,131072,
@@ -298,28 +299,31 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
 # SM) vs 8.6; B=1 16k 15.5 (16 splits, one per SM) or 16.0 (32 of 512, two per SM) vs 17.8; B=1 32k 22.1 (32, two
 # per SM) vs 28.6; B=8 4k 22.3 (4 splits of 1024, two per SM) vs 30.1, 16k 60.9 vs 81.1, 32k 109.9 vs 148.8.
 # Without the cap, four per SM (t-first/sweep.log): B=64 4k / 16k / 32k 111.2 / 408.1 / 811.3 (1 split) vs
-# 147.0 / 541.5 / 1084.4. Short contexts (short-contexts/sweep.log): with as many rows as half the SMs or more,
-# one split beats the Triton plan below 512 tokens too (B=16 512 tokens 9.8 vs 11.7 us, B=32 14.7 vs 19.1, B=64
-# 24.3 vs 29.7; B=16 1,024 one split 14.1, two 15.6, Triton 17.0), and with fewer rows the Triton kernel keeps
-# them (B=1 512 / 1,024 / 2,048 tokens 5.6 / 6.3 / 7.1 vs the Gluon kernel's best 6.9 / 7.2 / 8.0; B=4 6.8 / 8.3 /
-# 11.7 vs 7.8 / 8.6 / 11.8). The engine's decode graphs plan for max_model_len: with a long max_model_len and
+# 147.0 / 541.5 / 1084.4. Short contexts (short-contexts/sweep.log): with about as many rows as SMs or more, one
+# split beats the Triton plan below 512 tokens too (B=16 512 tokens 9.8 vs 11.7 us, B=32 14.7 vs 19.1, B=64 24.3
+# vs 29.7) and beats two splits of 512 (B=16 1,024 tokens: one split 14.1, two 15.6, Triton 17.0; at 2,048 one
+# split 22.8, two 22.4); with few rows the Triton kernel keeps them (B=1 512 / 1,024 / 2,048 tokens 5.6 / 6.3 /
+# 7.1 vs the Gluon kernel's best 6.9 / 7.2 / 8.0; B=4 6.8 / 8.3 / 11.7 vs 7.8 / 8.6 / 11.8). B = 9-15 is not
+# measured. The engine's decode graphs plan for max_model_len: with a long max_model_len and
 # short live contexts the Gluon kernel then runs each sequence in short splits (`BALANCED`), where the Triton
 # kernel would be faster (not measured against it end to end).
 MMA_SLOTS_PER_SM = 2
 MMA_MIN_SPLIT = 512
+ONE_SPLIT_ROWS = 0.9  # x SMs: B=16 at H_kv=8 (128 rows, 132 SMs) is the smallest measured
 
 
 def mma_split_len(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_count: int) -> int | None:
     """Tokens per split for the Gluon int4 kernel (whole tiles), or None where its plan leaves fewer than
-    MMA_MIN_SPLIT tokens per split (the Triton kernel then takes the launch) and there are fewer than half as
-    many (sequence, KV head) rows as SMs; with that many rows, one split (see above)."""
+    MMA_MIN_SPLIT tokens per split (the Triton kernel then takes the launch). With about as many (sequence, KV
+    head) rows as SMs (`ONE_SPLIT_ROWS`), one split wherever the plan's splits would be shorter than
+    2 x MMA_MIN_SPLIT (see above)."""
     rows = batch * num_kv_heads
     splits = max(1, min(MORE_SPLITS_MAX, MMA_SLOTS_PER_SM * sm_count // rows))
-    tiles = -(-max_len // block_n)
+    tiles = max(1, -(-max_len // block_n))
     split_len = -(-tiles // splits) * block_n
-    if min(split_len, max_len) >= MMA_MIN_SPLIT:
-        return split_len
-    return tiles * block_n if 2 * rows >= sm_count else None
+    if rows >= ONE_SPLIT_ROWS * sm_count and split_len < 2 * MMA_MIN_SPLIT:
+        return tiles * block_n
+    return split_len if min(split_len, max_len) >= MMA_MIN_SPLIT else None
 
 
 def plan_decode(q: torch.Tensor, kv_dtype: str, num_kv_heads: int, max_len: int, block_n: int,

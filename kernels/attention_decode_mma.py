@@ -5,7 +5,7 @@ docstring): program (split, kv head, b) attends the G query heads of one group o
 sequence and writes the normalized partial output and log2-sum-exp per head, or the output itself
 when there is one split. `attention_decode.decode_attention` launches this kernel (`supported`: int4
 caches with fp16 queries on Hopper, head dims 64..128 that are multiples of 8, tiles of 64 or 128
-tokens; measured on an H100 only) and its merge kernel after it; `decode_attention_ref` is the
+tokens; measured on an H100 and an H200) and its merge kernel after it; `decode_attention_ref` is the
 plain-PyTorch twin of both.
 
 Why a second kernel: the Triton kernel is bound by instruction issue on int4 (34.1 warp instructions per
@@ -297,7 +297,7 @@ def _decode_split_kernel(
 
 
 def supported(q: torch.Tensor, kv_dtype: str, block_n: int, head_dim: int, group: int) -> bool:
-    """Whether this kernel serves a launch: int4 cache, fp16 queries on Hopper (measured on an H100 only; it
+    """Whether this kernel serves a launch: int4 cache, fp16 queries on Hopper (measured on an H100 and an H200; it
     compiles for sm_80 too, but Ampere and Ada are unmeasured), head dims 64..128 that are multiples of 8,
     tiles of 64 or 128 tokens (`block_n`, the split plan's tile: 16 or 32 per warp), at most 16 query heads
     per KV head."""

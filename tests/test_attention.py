@@ -593,7 +593,7 @@ def test_int4_programs_per_sm_follow_the_waves():
 
 def test_mma_kernel_plan():
     # the Gluon int4 kernel: one wave of programs at two per SM (132 SMs, 8 KV heads, 128-token tiles), only
-    # where that leaves >= 512 tokens per split, or in one split with >= 66 rows (attention_sweep.py --mma-splits)
+    # where that leaves >= 512 tokens per split, or in one split with >= 119 rows (attention_sweep.py --mma-splits)
     from lmq.kernels.attention_decode import mma_split_len
 
     def splits(B, L):
@@ -604,9 +604,9 @@ def test_mma_kernel_plan():
     assert [splits(B, 16384) for B in (2, 4, 16, 32, 64, 256)] == [16, 8, 2, 1, 1, 1]
     assert [splits(1, L) for L in (4096, 16384, 32768)] == [None, 32, 32]  # the Triton kernel below 512
     assert splits(64, 512) == 1 and splits(64, 1000) == 1
-    # below 512 tokens per split: one split where there are at least half as many rows as SMs (66)
-    assert splits(64, 300) == 1 and splits(16, 512) == 1 and splits(9, 500) == 1
-    assert splits(8, 500) is None and splits(4, 2048) is None
+    # with >= 0.9 x SMs rows (119), one split wherever the plan's splits would be shorter than 1,024 tokens
+    assert splits(64, 300) == 1 and splits(16, 512) == 1 and splits(16, 1024) == 1 and splits(16, 2048) == 2
+    assert splits(9, 500) is None and splits(8, 500) is None and splits(4, 2048) is None
 
 
 def test_plan_decode_takes_the_gluon_kernel_only_for_long_splits(monkeypatch):
