@@ -286,13 +286,13 @@ def plan_splits(batch: int, num_kv_heads: int, max_len: int, block_n: int, sm_co
 
 
 # The Gluon int4 split kernel (attention_decode_mma) fits four programs per SM at head dim 128 with groups up to
-# 8 (128 registers x 128 threads, 36 KB of shared memory; three at head dims 96-120, two for groups of 9-16) and streams at the copy floor once its programs are long; its plan is
-# one wave of MMA_SLOTS_PER_SM programs per SM, splits = 2 x SMs // (B x H_kv) (at most MORE_SPLITS_MAX), with
-# the programs spread over every SM (attention_decode_mma.residency_pad: at most ceil(programs / SMs) per SM;
-# without it the block scheduler packs them four to an SM), and it takes a launch only where that leaves
-# MMA_MIN_SPLIT tokens or more per split (or, with about as many rows as SMs, in one split: below): shorter
-# programs pay its prologue and end-of-program merge of the
-# warps' partial results, and the Triton kernel is faster there. Measured at H=32, H_kv=8, D=128 only.
+# 8 (128 registers x 128 threads, 36 KB of shared memory; three at head dims 96-120, two for groups of 9-16) and
+# streams at the copy floor once its programs are long. Its plan is one wave of MMA_SLOTS_PER_SM programs per SM,
+# splits = 2 x SMs // (B x H_kv) (at most MORE_SPLITS_MAX), with the programs spread over every SM
+# (attention_decode_mma.residency_pad: at most ceil(programs / SMs) per SM; without it the block scheduler packs
+# them four to an SM), and it takes a launch only where that leaves MMA_MIN_SPLIT tokens or more per split (or,
+# with about as many rows as SMs, in one split: below). Shorter programs pay its prologue and end-of-program
+# merge of the warps' partial results, and the Triton kernel is faster there. Measured at H=32, H_kv=8, D=128.
 # H100, us, the Gluon kernel at its best split count and programs per SM vs the Triton kernel at its plan
 # (benchmarks/attention_sweep.py --mma-splits --pads 0,32768,65536,131072,
 # benchmarks/results/2026-11-24-session20-h100/pad-call/sweep.log): B=1 4k 9.1 (16 splits of 256 tokens, one per

@@ -102,10 +102,10 @@ def _copy_tile(kc_ptr, vc_ptr, ks_ptr, vs_ptr, k_buf, v_buf, ks_buf, vs_buf, pag
                stride_sb, stride_sh, HALF: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
                OFF64: gl.constexpr):
     """Start copying the tile of tokens n0 .. n0 + BLOCK_N (inside block `page`) into one pipeline stage:
-    K codes, V codes and the K and V (scale, zero) words (cp.async, one commit group); zeros when n0 >= end. The copies are not masked
-    along the tokens: a tile never straddles a block, so tokens past the end still read inside it
-    (their codes meet a masked score or a zero probability; the caller zeroes their V scale words,
-    stale bytes may read as NaN)."""
+    K codes, V codes and the K and V (scale, zero) words (cp.async, one commit group); zeros when n0 >= end.
+    The copies are not masked along the tokens: a tile never straddles a block, so tokens past the end still
+    read inside it (their codes meet a masked score or a zero probability; the caller zeroes their V scale
+    words, stale bytes may read as NaN)."""
     live = n0 < end
     if OFF64:
         page = page.to(gl.int64)
@@ -365,8 +365,8 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
                  split_len: int, n_splits: int, block_n: int, group: int, direct: bool, off64: bool,
                  pdl: bool, ps: tuple, ls: tuple, *, balanced: bool, sm_count: int) -> None:
     """The split pass of `attention_decode.decode_attention` for an int4 cache (`supported` said yes): same
-    arguments and outputs as its Triton split kernel, programs spread over `sm_count` SMs (`residency_pad`). Raises KernelUnavailable if this Triton
-    cannot build the kernel (warned once)."""
+    arguments and outputs as its Triton split kernel, programs spread over `sm_count` SMs (`residency_pad`).
+    Raises KernelUnavailable if this Triton cannot build the kernel (warned once)."""
     BUILD.check()
     B, _, D = q.shape
     half = D // 2
