@@ -318,7 +318,6 @@ def mma_splits(bw: float) -> None:
     """The Gluon int4 split kernel: time per split count (also with `--pads`: shared memory held beyond its rings, so
     fewer programs stay resident per SM), against the Triton kernel at its plan."""
     torch.manual_seed(0)
-    kd = "int4"
     batches = (1, 2, 4, 8, 16, 32, 64)
     if "--batches" in sys.argv:
         batches = tuple(int(b) for b in sys.argv[sys.argv.index("--batches") + 1].split(","))
@@ -329,7 +328,7 @@ def mma_splits(bw: float) -> None:
         contexts = tuple(int(c) for c in sys.argv[sys.argv.index("--contexts") + 1].split(","))
     for B in batches:
         for L in contexts:
-            kv_bytes, cache, tables, lens, q = _workload(kd, B, L)
+            kv_bytes, cache, tables, lens, q = _workload("int4", B, L)
             cells = []
             caps = [None] + [int(c) for c in sys.argv[sys.argv.index("--maxnreg") + 1].split(",")] \
                 if "--maxnreg" in sys.argv else [None]
@@ -354,10 +353,10 @@ def mma_splits(bw: float) -> None:
                         + (f" pad {pad // 1024}k" if len(pads) > 1 else "") if on else "triton plan")
                 cells.append((us, f"{name} {us:.1f}"))
             if len(cells) < 2:
-                print(f"{kd} B={B} L={L}: no Gluon split count fits", flush=True)
+                print(f"int4 B={B} L={L}: no Gluon split count fits", flush=True)
             else:
                 best = min(c for c in cells[1:])
-                print(f"{kd} B={B} L={L}: best {best[1]} ({100 * kv_bytes / bw / best[0] * 1e6:.0f}%) | "
+                print(f"int4 B={B} L={L}: best {best[1]} ({100 * kv_bytes / bw / best[0] * 1e6:.0f}%) | "
                       + ", ".join(c[1] for c in cells), flush=True)
             del cache, tables
             torch.cuda.empty_cache()

@@ -8,15 +8,9 @@
 #                  against the Triton kernel at its plan (B = $BATCHES; $CONTEXTS)
 #   STAGES=bench   lmq bench attention (the docs' table)
 # Logs land in $OUT/<stage>/.
-set -uo pipefail
-OUT=${OUT:-out}
-export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-250}
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_setup.sh"
 for stage in ${STAGES:-check sweep}; do
-  mkdir -p "$OUT/$stage"
-  date -u | tee "$OUT/$stage/date.txt"
+  begin_stage "$stage"
   case $stage in
   check)
     timeout ${CHECK_S:-300} python3 -m pytest -q -x -p no:cacheprovider tests/test_attention.py \

@@ -8,15 +8,9 @@
 #   STAGES=ab      decode steps of synthetic Llama-3-8B at batch 4 and 16 with the direct path and without
 #                  (profile_decode.py --direct 1 / 0, interleaved, two reps)
 # Logs land in $OUT/<stage>/.
-set -uo pipefail
-OUT=${OUT:-out}
-export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-250}
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_setup.sh"
 for stage in ${STAGES:-check table}; do
-  mkdir -p "$OUT/$stage"
-  date -u | tee "$OUT/$stage/date.txt"
+  begin_stage "$stage"
   case $stage in
   check)
     timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_gemm.py -k "direct or dispatch or two_row" 2>&1 \

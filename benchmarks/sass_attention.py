@@ -66,23 +66,21 @@ def compile_split(kv_mode: int, d: int = 128, group: int = 4, page: int = 128, c
 
 
 def compile_mma(d: int = 128, group: int = 4, page: int = 128, cc: int = 90, pdl: bool | None = None,
-                direct: bool = False, off64: bool = False, stages: int | None = None, maxnreg: int | None = None,
-                pad: int = 0):
+                direct: bool = False, off64: bool = False, pad: int = 0):
     """The Gluon int4 split kernel (attention_decode_mma) as a launch compiles it."""
     from lmq.kernels import attention_decode_mma as mma
     from triton.experimental.gluon._runtime import GluonASTSource
 
     pdl = cc >= 90 if pdl is None else pdl
     half = d // 2
-    consts = {"GROUP": group, "HN": max(8, triton.next_power_of_2(group)), "HALF": half,
+    consts = {"GROUP": group, "HN": mma.head_columns(group), "HALF": half,
               "BLOCK_DH": max(16, triton.next_power_of_2(half)), "PAGE": page,
-              "TPW": min(128, page) // mma.NUM_WARPS, "STAGES": stages or mma.STAGES, "PV_KW": mma.PV_KW,
+              "TPW": min(128, page) // mma.NUM_WARPS, "STAGES": mma.STAGES, "PV_KW": mma.PV_KW,
               "DIRECT": direct, "OFF64": off64, "PDL": pdl, "BALANCED": dec.BALANCED, "PAD": pad}
     sig, attrs = _signature("*u8", [s for s in _STRIDES if s != "stride_ct"], consts)  # K rows: D / 2 bytes apart
     return triton.compile(GluonASTSource(mma._decode_split_kernel, sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", cc, 64 if cc >= 90 else 32),
-                          options={"num_warps": mma.NUM_WARPS, "launch_pdl": pdl,
-                                   **({"maxnreg": maxnreg} if maxnreg else {})})
+                          options={"num_warps": mma.NUM_WARPS, "launch_pdl": pdl})
 
 
 def compile_prefill(kv_mode: int, unmasked: bool = True, cc: int = 90, mode: int = 0):

@@ -410,13 +410,14 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
                          f"{block_tables.shape[1]} x {cache.block_size} tokens")
     block_n, num_warps, num_stages = _config(q.device, D)
     block_n = min(block_n, cache.block_size)  # a tile never straddles two blocks
+    sms = _sm_count(q.device)
     if split_len is None:
         split_len, use_mma, three = plan_decode(q, cache.kv_dtype, cache.num_kv_heads, max_seq_len, block_n,
-                                                _sm_count(q.device))
+                                                sms)
     else:  # the caller's splits: the Gluon kernel wherever it applies
         use_mma = uses_mma_kernel(q, cache.kv_dtype, block_n, D, G)
         three = (not use_mma and int4_three_eligible(cache.kv_dtype, D, q.device)
-                 and int4_three_per_sm(-(-max_seq_len // split_len) * cache.num_kv_heads * B, _sm_count(q.device)))
+                 and int4_three_per_sm(-(-max_seq_len // split_len) * cache.num_kv_heads * B, sms))
     if split_len % block_n:
         raise ShapeError(f"split_len {split_len} must be a multiple of BLOCK_N {block_n}")
     n_splits = -(-max_seq_len // split_len)
@@ -443,7 +444,7 @@ def decode_attention(q: torch.Tensor, cache: PagedKV, block_tables: torch.Tensor
         try:
             _mma.launch_split(q, cache, ks, vs, block_tables, seq_lens, out, po, plse, qk_scale, split_len, n_splits,
                               block_n, G, direct, needs_off64(cache), pdl and PDL_SPLIT, ps, ls, balanced=BALANCED,
-                              sm_count=_sm_count(q.device))
+                              sm_count=sms)
         except _mma.KernelUnavailable:
             use_mma = False
     if not use_mma:

@@ -44,6 +44,8 @@ compiled offline for sm_80 and sm_90 in CI (tests/test_gemm_compile.py).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from lmq.kernels import cuda_capability, next_pow2
 from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (KernelUnavailable: callers catch it here)
@@ -330,13 +332,24 @@ MAX_PER_SM = 4  # by registers: 128 threads x 128 registers (head dims 72-88 and
 PAD_BYTES = None  # None: `residency_pad`; an int forces that pad (sweeps)
 
 
+def head_columns(group: int) -> int:
+    """HN: the MMA columns the group's query heads take (8, or 16 for groups above 8)."""
+    return max(8, next_pow2(group))
+
+
 def ring_bytes(head_dim: int, block_n: int, group: int) -> int:
     """Shared memory one program of the kernel takes without a pad: its rings and the probabilities' transpose
     (block_n x HN fp16; checked against the compiler's count in tests/test_gemm_compile.py)."""
     tile = block_n * next_pow2(head_dim // 2)
-    return STAGES * (2 * tile + 2 * 4 * block_n) + block_n * max(8, next_pow2(group)) * 2
+    return STAGES * (2 * tile + 2 * 4 * block_n) + block_n * head_columns(group) * 2
 
 
+def programs_per_sm(base: int, pad: int = 0) -> int:
+    """Programs of `base` + `pad` bytes of shared memory that fit on one SM (at most MAX_PER_SM)."""
+    return min(MAX_PER_SM, SMEM_PER_SM // (base + pad + SMEM_RESERVED))
+
+
+@functools.cache  # the same few launches every decode step: no arithmetic per call
 def residency_pad(programs: int, sm_count: int, base: int) -> int:
     """Bytes of shared memory (0 or a power of two) to hold beyond `base` per program so that at most
     ceil(programs / sm_count) programs stay resident per SM, and never fewer (see above). Exact at head dim 128
@@ -348,7 +361,7 @@ def residency_pad(programs: int, sm_count: int, base: int) -> int:
     want = -(-programs // sm_count)
     pad = 0
     for p in (8192, 16384, 32768, 65536, 131072):
-        if min(MAX_PER_SM, SMEM_PER_SM // (base + p + SMEM_RESERVED)) < want:
+        if programs_per_sm(base, p) < want:
             break
         pad = p
     return pad if want < MAX_PER_SM else 0
@@ -377,7 +390,7 @@ def launch_split(q: torch.Tensor, cache, ks: torch.Tensor, vs: torch.Tensor, blo
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
         ks.stride(0), ks.stride(1), block_tables.stride(0), *ps, *ls,
-        GROUP=group, HN=max(8, next_pow2(group)), HALF=half, BLOCK_DH=next_pow2(half), PAGE=cache.block_size,
+        GROUP=group, HN=head_columns(group), HALF=half, BLOCK_DH=next_pow2(half), PAGE=cache.block_size,
         TPW=block_n // NUM_WARPS, STAGES=STAGES, PV_KW=PV_KW, DIRECT=direct, OFF64=off64, PDL=pdl,
         BALANCED=balanced,
         PAD=pad, num_warps=NUM_WARPS, launch_pdl=pdl, **({"maxnreg": MAXNREG} if MAXNREG else {}),

@@ -628,8 +628,7 @@ def test_gluon_programs_are_spread_over_every_sm():
     # ceil(programs / SMs) (Hopper: 228 KB per SM, 1 KB held per block; four programs at most by registers,
     # which tests/test_gemm_compile.py checks at head dim 128: the count here assumes it)
     from lmq.kernels.attention_decode_mma import (
-        SMEM_PER_SM,
-        SMEM_RESERVED,
+        programs_per_sm,
         residency_pad,
         ring_bytes,
     )
@@ -637,7 +636,7 @@ def test_gluon_programs_are_spread_over_every_sm():
     for base in (ring_bytes(128, 128, 4), ring_bytes(128, 64, 4), ring_bytes(64, 128, 4)):
         for programs in (1, 64, 132, 133, 256, 264, 265, 396, 397, 528, 1024):
             pad = residency_pad(programs, 132, base)
-            fit = min(4, SMEM_PER_SM // (base + pad + SMEM_RESERVED))
+            fit = programs_per_sm(base, pad)
             want = -(-programs // 132)
             assert fit >= min(want, 4)  # never a second wave the plan did not make
             if want < 4 and base == ring_bytes(128, 128, 4):
