@@ -48,7 +48,7 @@ import functools
 
 import torch
 from lmq.kernels import cuda_capability, next_pow2
-from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (KernelUnavailable: callers catch it here)
+from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable, gdc_wait  # noqa: F401 (KernelUnavailable: callers catch it here)
 from lmq.kernels.launch import DirectLaunch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -146,8 +146,7 @@ def _decode_split_kernel(
     if PDL:
         # launched early (programmatic dependent launch): wait for the previous kernel's writes (q, the
         # new token's K/V) before the first read
-        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)
+        gdc_wait()
     split = gl.program_id(0)
     hkv = gl.program_id(1)
     b = gl.program_id(2)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import warnings
 
 from triton.compiler.errors import CompilationError
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
 from triton.runtime.errors import PTXASError
 
 from lmq.errors import UnsupportedError
@@ -58,3 +60,17 @@ class BuildGuard:
         warnings.warn(f"lmq: {self.name} does not build with this Triton ({self.failed}); {self.fallback}",
                       RuntimeWarning, stacklevel=stacklevel)
         return KernelUnavailable(f"{self.name} does not build with this Triton: {self.failed}")
+
+
+# Programmatic dependent launch (lmq.kernels.pdl) from Gluon, which has no wrapper for these instructions.
+@gluon.jit
+def gdc_wait():
+    """Wait until the kernels this one was launched early after have finished and their writes are visible."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def gdc_launch_dependents():
+    """Let the next kernel, if launched with PDL, launch before this one ends (it waits before its reads)."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 from lmq.kernels import cdiv, cuda_capability, cuda_sm_count, next_pow2
 from lmq.kernels.launch import DirectLaunch, PlanCache, stream_buffer
+from lmq.kernels.pdl import use_pdl, zero_filled
 from triton.runtime.jit import constexpr_function
 
 from lmq.errors import ShapeError, UnsupportedError
@@ -131,7 +132,13 @@ def _w4a16_gemm_kernel(
     SWAP_AB: tl.constexpr, DOT_K: tl.constexpr,
     FAST_CVT: tl.constexpr,  # inline-PTX int4 -> fp16/bf16 (GPU); plain Triton under the interpreter
     ORDERED: tl.constexpr = False,  # split-K: partial sums added in split order by the last split (REDUCE)
+    PDL: tl.constexpr = False,  # launched early (lmq.kernels.pdl): wait for the kernel before
+    TRIGGER: tl.constexpr = 0,  # let the next kernel launch: 0 never, 1 at the start, 2 after the K loop
 ):
+    if TRIGGER == 1:
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel (the next call's zero fill) may launch now
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # x and the zeroed output are written by the kernels before this one
     # -- which output tile and which K range this program owns ------------------------------------
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -229,6 +236,8 @@ def _w4a16_gemm_kernel(
             else:
                 acc += part * s[None, :]
 
+    if TRIGGER == 2:
+        tl.extra.cuda.gdc_launch_dependents()
     if SWAP_AB:
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]  # [BN, BM]
         mask = m_mask[None, :] & n_mask[:, None]
@@ -332,10 +341,11 @@ _GEMV_SM90 = {**_GEMV, "ROWS": 2}
 # per program (w4a16_gemm_direct.py), for fp16 activations and the (max M, max weight elements) pairs of `direct_rows`
 # (from M = 2 where the GEMV does not take that M). H100 (benchmarks/results/2026-11-24-session19-h100/, NOTES-gemm.md
 # run 47), us, decode kernel -> it, one run: M = 3..16 (128 weight rows per program, 2 chunks a step, 4 waves) qkv
-# 10.5-10.8 -> 9.5-9.6, o_proj 8.5-8.7 -> 7.5-7.7, down 17.9-18.2 -> 17.9-18.4 (an earlier call read 16.8-17.2 for
-# it, with the x copies in a loop: not settled, so down, 58.7M elements, keeps the decode kernel), gate_up (117M)
-# 28.2-29.4 -> 34.4-35.3; M = 32 / 48 / 64 at 2 waves, 32 or 64 rows a tile: o_proj (16.8M) 9.1 / 10.4 / 11.1 ->
-# 8.2 / 9.1 / 9.4, qkv (25.2M) 11.5 / 13.0 / 13.5 -> 13.0 / 16.5 / 16.8. Measured on these shapes only.
+# 10.5-10.8 -> 9.5-9.6, o_proj 8.5-8.7 -> 7.5-7.7, down 17.9-18.2 -> 17.9-18.4, gate_up (117M) 28.2-29.4 ->
+# 34.4-35.3; M = 32 / 48 / 64 at 2 waves, 32 or 64 rows a tile: o_proj (16.8M) 9.1 / 10.4 / 11.1 -> 8.2 / 9.1 / 9.4,
+# qkv (25.2M) 11.5 / 13.0 / 13.5 -> 13.0 / 16.5 / 16.8. Both launched with PDL (run 48, session 21's table), at
+# M = 3..16 down (58.7M) reads 16.5-17.4 against the decode kernel's 16.9-17.5, so it takes the direct kernel too.
+# Measured on these shapes only.
 _DIRECT_SM90 = {"BLOCK_M": 16, "BLOCK_M_MAX": 64, "BLOCK_N": 128, "WAVES": 4, "WAVES_FROM_M": ((17, 2),), "STEP": 2,
                 "MAX_SPLIT": 64}
 CONFIGS: dict[str, dict] = {
@@ -345,7 +355,7 @@ CONFIGS: dict[str, dict] = {
     "sm89": {"gemv": _GEMV, "decode": _DECODE, "prefill": _PREFILL_SMALL_SMEM, **_CROSS},
     "sm90": {"gemv": _GEMV_SM90, "direct": _DIRECT_SM90, "decode": _DECODE_SM90, "decode_ordered": _DECODE_ORDERED_SM90,
              "prefill": _PREFILL_BIG_SMEM, "prefill_ws": _PREFILL_WS, **_CROSS_SM90,
-             "direct_rows": ((16, 32 << 20), (64, 20 << 20))},
+             "direct_rows": ((16, 64 << 20), (64, 20 << 20))},
 }
 # The interpreter runs one program at a time on the CPU: small tiles keep tests fast there.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 0, "GROUP_M": 1,
@@ -445,6 +455,11 @@ def _make_plan(M: int, N: int, K: int, group_size: int, device: torch.device,
     return cfg, block_k, split_k, reduce == "ordered" and split_k > 1
 
 
+# split-K launches (fp16 atomics into `pdl.zero_filled`) with PDL where `use_pdl` (lmq.kernels.pdl)
+PDL = True
+TRIGGER = 2
+
+
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                group_size: int, config: dict | None = None) -> torch.Tensor:
     """`x [..., K]` fp16/bf16 times the packed `[N, K]` weight -> `[..., N]` in x's dtype."""
@@ -454,7 +469,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     cfg, block_k, split_k, ordered = _plan(M, N, K, group_size, x.device, config)
     # -- 2. allocate ------------------------------------------------------------------------------
     zero_fill = split_k > 1 and not ordered  # fp16 atomics add into a zeroed output
-    out = (torch.zeros if zero_fill else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    out = (zero_filled if zero_fill else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    pdl = PDL and zero_fill and use_pdl(x.device)
     if M == 0:
         return out.reshape(*lead, N)
     # -- 3. launch --------------------------------------------------------------------------------
@@ -469,8 +485,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         SPLIT_K=split_k, GROUP_M=cfg["GROUP_M"], IS_BF16=x.dtype == torch.bfloat16,
         CHUNK_K=planes64.CHUNK_K, LANES=planes64.LANES, PLANES=planes64.PLANES,
         FAST_CVT=x.device.type == "cuda", SWAP_AB=cfg.get("SWAP_AB", False),
-        DOT_K=cfg.get("DOT_K", 16), ORDERED=ordered,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        DOT_K=cfg.get("DOT_K", 16), ORDERED=ordered, PDL=pdl, TRIGGER=TRIGGER if pdl else 0,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
     return out.reshape(*lead, N)
 

@@ -23,13 +23,19 @@ K split):
 - adds its fp32 partial tile, rounded to the dtype, into the zeroed output with atomics (split-K; 16-byte
   packed adds), or stores it.
 
-Measured on an H100 (NOTES-gemm.md, run 47), fp16, against the decode kernel: at M = 3..16 qkv 9.5-9.6 us against
-10.5-10.8 and o_proj 7.5-7.7 against 8.5-8.7; o_proj at M = 32 / 48 / 64 8.2 / 9.1 / 9.4 against 9.1 / 10.4 / 11.1;
-down equal or 6% faster in two calls; gate_up 20% slower; in bf16 (4 instructions a weight to convert, fp16's 2)
-slower on every shape. So the sm90 table's `direct_rows` sends fp16 activations here for M <= 16 and weights of at
-most 32M elements, and M <= 64 for at most 20M (`lmq.engine.qlinear`). The zero fill of the output costs about 1 us
-a call in a CUDA graph (the kernel into an output zeroed once read 8.5 us on qkv, 6.9 on o_proj); zeroing it from a
-kernel launched before this one with PDL saved 0.1-0.3 us.
+Launched with PDL (`lmq.kernels.pdl`) where `use_pdl`: its programs start while the kernel before them (the zero
+fill, itself launched early) runs, request their first step of weights, then wait (`griddepcontrol.wait`) before
+they copy x; they let the next kernel launch (`TRIGGER`, `trigger_at`) at their start for 16-row tiles (a grid of
+four programs per SM, all resident at once) and after the K loop for larger tiles. So the next call's zero fill is
+resident and waiting when this one ends, instead of launching then (the fill node cost about 1 us a call).
+
+Measured on an H100 (NOTES-gemm.md, runs 47 and 48), fp16, us. Against the decode kernel, before PDL: at M = 3..16
+qkv 9.5-9.6 against 10.5-10.8 and o_proj 7.5-7.7 against 8.5-8.7; o_proj at M = 32 / 48 / 64 8.2 / 9.1 / 9.4
+against 9.1 / 10.4 / 11.1; gate_up 20% slower; in bf16 (4 instructions a weight to convert, fp16's 2) slower on
+every shape. With PDL (run 48; plain -> early, trigger at the start) at M=16: qkv 9.4 -> 8.4, o_proj 7.7 -> 6.3,
+down 17.8 -> 16.7 (the decode kernel with PDL 17.4), gate_up 35.3 -> 33.9 (the decode kernel, with PDL, 27.9-28.3). So the sm90
+table's `direct_rows` sends fp16 activations here for M <= 16 and weights of at most 64M elements (qkv, o_proj,
+down), and M <= 64 for at most 20M (o_proj) (`lmq.engine.qlinear`).
 `w4a16_gemm_ws_ref` (rounding w_hat to x's dtype as this kernel does) is its plain-PyTorch twin. The
 interpreter cannot run Gluon: tested on the GPU and compiled offline for sm_90a in CI.
 """
@@ -38,8 +44,14 @@ from __future__ import annotations
 
 import torch
 from lmq.kernels import cdiv, cuda_capability, next_pow2
-from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (callers catch it here)
+from lmq.kernels.gluon_build import (  # noqa: F401 (KernelUnavailable: callers catch it here)
+    BuildGuard,
+    KernelUnavailable,
+    gdc_launch_dependents,
+    gdc_wait,
+)
 from lmq.kernels.launch import DirectLaunch, PlanCache
+from lmq.kernels.pdl import use_pdl, zero_filled
 from lmq.kernels.w4a16_gemm import _DIRECT_SM90, _num_sms, check_inputs, waves_for
 from lmq.kernels.w4a16_gemm_ws import _scaled_pair
 from triton.experimental import gluon
@@ -83,7 +95,8 @@ def _load_step(qw_ptr, s_ptr, z_ptr, c, c_hi, N, w_offs, w_mask, v_offs, v_mask,
 @gluon.jit
 def _w4a16_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, stride_om, chunks,
                          G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NCH: gl.constexpr,
-                         STEP: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
+                         STEP: gl.constexpr, SPLIT: gl.constexpr, PDL: gl.constexpr, TRIGGER: gl.constexpr,
+                         num_warps: gl.constexpr):
     IS_BF16: gl.constexpr = x_ptr.dtype.element_ty == gl.bfloat16
     xdt: gl.constexpr = x_ptr.dtype.element_ty
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -93,6 +106,20 @@ def _w4a16_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, 
     n0 = gl.program_id(0) * BLOCK_N
     c_lo = gl.program_id(1) * NCH  # this split's chunks: c_lo .. c_hi - 1
     c_hi = gl.minimum(chunks, c_lo + NCH)
+
+    if TRIGGER == 1:
+        gdc_launch_dependents()  # the next kernel (the next call's zero fill) may launch now: lmq.kernels.pdl
+
+    # -- the first step's weights are requested first: nothing before this kernel writes them ------------
+    rows = gl.arange(0, BLOCK_N, layout=vl)
+    lanes = gl.arange(0, LANES, layout=gl.SliceLayout(0, al))
+    w_offs = gl.expand_dims((n0 + rows) * LANES, 1) + gl.expand_dims(lanes, 0)  # [BN, 16] in chunk 0
+    w_mask = gl.expand_dims(n0 + rows < N, 1) & gl.expand_dims(lanes >= 0, 0)
+    v_offs = n0 + rows
+    v_mask = v_offs < N
+    hs, ss, zs = _load_step(qw_ptr, s_ptr, z_ptr, c_lo, c_hi, N, w_offs, w_mask, v_offs, v_mask, G, STEP)
+    if PDL:
+        gdc_wait()  # launched early: x and the zeroed output are written by the kernels before this one
 
     # -- x [BLOCK_M, NCH * 64] of this split -> shared memory, once (cp.async; zeros past M and c_hi) -------
     xsl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, CHUNK_K], xdt)
@@ -105,16 +132,6 @@ def _w4a16_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, 
         async_copy.async_copy_global_to_shared(x_smem.index(c), x_rows + (c_lo + c) * CHUNK_K,
                                                mask=(xr < M) & ((c_lo + c) < c_hi) & (xk >= 0))
     async_copy.commit_group()
-
-    # -- the first step's weights are requested before waiting for x --------------------------------------
-    rows = gl.arange(0, BLOCK_N, layout=vl)
-    lanes = gl.arange(0, LANES, layout=gl.SliceLayout(0, al))
-    w_offs = gl.expand_dims((n0 + rows) * LANES, 1) + gl.expand_dims(lanes, 0)  # [BN, 16] in chunk 0
-    w_mask = gl.expand_dims(n0 + rows < N, 1) & gl.expand_dims(lanes >= 0, 0)
-    v_offs = n0 + rows
-    v_mask = v_offs < N
-    hs, ss, zs = _load_step(qw_ptr, s_ptr, z_ptr, c_lo, c_hi, N, w_offs, w_mask, v_offs, v_mask, G, STEP)
-
     async_copy.wait_group(0)
     fence_async_shared()
     gl.thread_barrier()
@@ -136,6 +153,8 @@ def _w4a16_direct_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, 
             acc, w0, w1, w2, w3 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, w0, w1, w2, w3))
         hs, ss, zs = nhs, nss, nzs
 
+    if TRIGGER == 2:
+        gdc_launch_dependents()
     # -- epilogue: acc^T [BN, BM] -> out[:, n0:] (8 contiguous columns per thread: 16-byte stores / packed atomics)
     ol: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])
     res = gl.convert_layout(acc.to(xdt), ol)
@@ -153,7 +172,18 @@ BUILD = BuildGuard("the Hopper small-M GEMM (w4a16_gemm_direct)", "the Triton de
 _LAUNCH = DirectLaunch(_w4a16_direct_kernel)
 
 
+# launched with PDL where `use_pdl` (lmq.kernels.pdl), letting the next kernel launch at its start (TRIGGER)
+PDL = True
+TRIGGER = None  # where the next kernel may launch: None picks (`trigger_at`), 0 never, 1 at the start, 2 after the loop
 MAX_X_BYTES = 160 << 10  # a program's x tile in shared memory, at most (the H100 has 227 KB a block)
+
+
+def trigger_at(rows: int) -> int:
+    """Where a launch with PDL lets the next kernel launch (TRIGGER; module docstring): at its start for 16-row
+    tiles, after its K loop for larger ones."""
+    if TRIGGER is not None:
+        return TRIGGER
+    return 1 if rows <= 16 else 2
 
 
 def rows_per_tile(M: int, cfg: dict) -> int:
@@ -231,13 +261,14 @@ def w4a16_gemm_direct(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         return x.new_empty(*lead, N)
     if x2.stride(0) % 8 or x2.data_ptr() % 16:  # cp.async copies 16-byte pieces
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    out = (torch.zeros if splits > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)
+    out = (zero_filled if splits > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)
+    pdl = PDL and use_pdl(x.device)
     bn = cfg["BLOCK_N"]
     grid = (cdiv(N, bn), splits)
     # the K loop runs NCH chunks in every split: the last split's chunks past K multiply zeros (x is zero there)
     args = {"x_ptr": x2, "qw_ptr": qweight, "s_ptr": scales, "z_ptr": zeros, "out_ptr": out, "M": M, "N": N,
             "stride_xm": x2.stride(0), "stride_om": out.stride(0), "chunks": K // planes64.CHUNK_K,
             "G": group_size, "BLOCK_M": bm, "BLOCK_N": bn, "NCH": per, "STEP": cfg["STEP"],
-            "SPLIT": splits > 1, "num_warps": bn // 16}
-    BUILD.launch(lambda: _LAUNCH[grid](**args))
+            "SPLIT": splits > 1, "PDL": pdl, "TRIGGER": trigger_at(bm) if pdl else 0, "num_warps": bn // 16}
+    BUILD.launch(lambda: _LAUNCH[grid](**args, launch_pdl=pdl))
     return out.reshape(*lead, N)

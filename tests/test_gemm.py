@@ -6,6 +6,8 @@ tests run every arch's decode and prefill configurations, bf16 included, at mode
 
 import pytest
 import torch
+from lmq.kernels import pdl as pdl_module
+from lmq.kernels import w4a16_gemm as gemm_module
 from lmq.kernels import w4a16_gemm_direct as direct_module
 from lmq.kernels import w4a16_gemm_ws as w4a16_gemm_ws_module
 from lmq.kernels.w4a16_dequant import w4a16_dequant, w4a16_dequant_ref
@@ -407,7 +409,7 @@ def test_two_row_gemv_takes_small_weights_only():
                         ((4096, 14336), "gemv")):
         assert choose_path(1, table, N * K) == "gemv"
         assert choose_path(2, table, N * K) == two, (N, K)
-        assert choose_path(3, table, N * K) == ("direct" if N * K <= 32 << 20 else "decode")
+        assert choose_path(3, table, N * K) == ("direct" if N * K <= 64 << 20 else "decode")
     assert choose_path(2, {**table, "gemv_rows_max_numel": 1 << 40}, 28672 * 4096) == "gemv"
     # where a GEMV program serves one row only (bf16, groups of 32), M=2 would read the weights twice: decode kernel
     assert not serves_rows(torch.bfloat16, 128, table["gemv"]) and not serves_rows(torch.float16, 32, table["gemv"])
@@ -425,7 +427,7 @@ def test_two_row_gemv_takes_small_weights_only():
 
 
 def test_direct_path_small_m_and_its_fallback(device, monkeypatch):
-    """sm90, M = 3..16 for weights up to 32M elements and up to M = 64 for weights up to 20M (`direct_rows`): the
+    """sm90, M = 3..16 for weights up to 64M elements and up to M = 64 for weights up to 20M (`direct_rows`): the
     direct kernel (w4a16_gemm_direct); where it cannot run (not Hopper: the interpreter here; more rows than its
     tiles) the dispatcher takes the decode kernel, same result. The deterministic table has no direct path (its
     splits add with fp16 atomics in any order)."""
@@ -434,7 +436,8 @@ def test_direct_path_small_m_and_its_fallback(device, monkeypatch):
     table = CONFIGS["sm90"]
     assert choose_path(16, table, 6144 * 4096) == "direct" and choose_path(17, table, 6144 * 4096) == "decode"
     assert choose_path(64, table, 4096 * 4096) == "direct" and choose_path(65, table, 4096 * 4096) == "decode"
-    assert choose_path(3, table, (32 << 20) + 1) == "decode" and choose_path(3, table, 4096 * 14336) == "decode"
+    assert choose_path(3, table, 4096 * 14336) == "direct" and choose_path(16, table, 4096 * 14336) == "direct"
+    assert choose_path(3, table, (64 << 20) + 1) == "decode" and choose_path(17, table, 4096 * 14336) == "decode"
     assert "direct" not in engine_table("sm90", deterministic=True)
     assert "direct" not in engine_table("sm90", dtype=torch.bfloat16)  # slower than the decode kernel there
     assert "direct" in engine_table("sm90", dtype=torch.float16, group_size=32)
@@ -526,11 +529,11 @@ def test_gemm_gpu_configs(arch, regime, dtype):
 
 def test_sm90_crossovers():
     """The sm90 table's dispatch by M, for any weight size: GEMV (at M=2 weights up to 64M elements only), the direct
-    kernel (M = 3..16 for weights up to 32M elements, to M=64 up to 20M), decode kernel, the Hopper prefill kernel from 192 rows (where its GPU time wins on every Llama-3-8B shape),
+    kernel (M = 3..16 for weights up to 64M elements, to M=64 up to 20M), decode kernel, the Hopper prefill kernel from 192 rows (where its GPU time wins on every Llama-3-8B shape),
     dequantize + cuBLAS from 8192."""
     table = CONFIGS["sm90"]
-    for numel in (576 * 1536, 4096 * 4096, 6144 * 4096, 28672 * 4096):
-        small, smaller = numel <= 32 << 20, numel <= 20 << 20  # direct kernel to M=16 / to M=64
+    for numel in (576 * 1536, 4096 * 4096, 6144 * 4096, 4096 * 14336, 28672 * 4096):
+        small, smaller = numel <= 64 << 20, numel <= 20 << 20  # direct kernel to M=16 / to M=64
         assert [choose_path(M, table, numel) for M in (1, 2, 3, 16, 17, 64, 65, 191, 192, 8191, 8192)] == [
             "gemv", "gemv" if numel <= 64 << 20 else "decode", "direct" if small else "decode",
             "direct" if small else "decode",
@@ -786,6 +789,47 @@ def test_gemm_direct_gpu(config, dtype, monkeypatch):
         assert rel_err(qlinear(x, p["qweight"], p["scales"], p["zeros"], 128, table),
                        w4a16_gemm_ref(x, p["qweight"], p["scales"], p["zeros"], 128)) < TOL[dtype]
     assert not calls  # the direct kernel ran, not the decode kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["direct", "decode"])
+def test_split_k_pdl_chain_in_graph_gpu(path, monkeypatch):
+    """Split-K calls back to back in one CUDA graph, with their zero fill launched early and each GEMM triggering the
+    next call's fill (lmq.kernels.pdl): every output right on every replay (poisoned with NaN between replays: a fill
+    that ran too early or a GEMM that added before it would show), and the same as with plain launches."""
+    if path == "direct" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("w4a16_gemm_direct is a Hopper (sm90) kernel")
+    p = random_packed(6144, 4096, 128, "cuda")
+    xs = [torch.randn(m, 4096, device="cuda", dtype=torch.float16) for m in (3, 16, 16, 9)]
+    run = {"direct": lambda x: direct_module.w4a16_gemm_direct(x, p["qweight"], p["scales"], p["zeros"], 128),
+           "decode": lambda x: w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], 128, CONFIGS["sm90"]["decode"])}[path]
+    refs = [w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], 128) for x in xs]
+    plain = []
+    for on in (True, False):
+        for mod in (pdl_module, direct_module, gemm_module):
+            monkeypatch.setattr(mod, "ZERO_KERNEL" if mod is pdl_module else "PDL", on)
+        for x in xs:
+            run(x)  # compile and plan outside the capture
+        torch.cuda.synchronize()
+        graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        with torch.cuda.graph(graph, stream=side):
+            outs = [run(x) for x in xs]
+        for _ in range(3):
+            for o in outs:
+                o.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            for o, ref in zip(outs, refs):
+                assert rel_err(o, ref) < TOL[torch.float16], (path, on)
+        plain.append([o.clone() for o in outs])
+    for a, b in zip(*plain):
+        assert rel_err(a, b) < TOL[torch.float16]
+
+
+def test_zero_filled_without_pdl():
+    """Where PDL is off (the CPU, `LMQ_PDL=0`, before compute capability 9.0) the fill is torch.zeros."""
+    out = pdl_module.zero_filled((3, 5), torch.float16, torch.device("cpu"))
+    assert out.dtype == torch.float16 and out.shape == (3, 5) and not out.any()
 
 
 @pytest.mark.gpu

@@ -198,7 +198,8 @@ def compile_direct() -> None:
     for dt, G, bm, bn, step, nch in (("fp16", 128, 16, tbn, tstep, 6), ("bf16", 128, 16, tbn, tstep, 14),
                                      ("fp16", 128, DEFAULT_CONFIG["BLOCK_M_MAX"], tbn, tstep, 8),
                                      ("fp16", 32, 16, 64, 1, 9), ("bf16", 64, 32, 64, 4, 8)):
-        consts = {"G": G, "BLOCK_M": bm, "BLOCK_N": bn, "NCH": nch, "STEP": step, "SPLIT": True, "num_warps": bn // 16}
+        consts = {"G": G, "BLOCK_M": bm, "BLOCK_N": bn, "NCH": nch, "STEP": step, "SPLIT": True, "PDL": True, "TRIGGER": 1,
+                  "num_warps": bn // 16}
         sig = {"x_ptr": f"*{dt}", "qw_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": f"*{dt}", "M": "i32",
                "N": "i32", "stride_xm": "i32", "stride_om": "i32", "chunks": "i32", **{k: "constexpr" for k in consts}}
         names = list(sig)
