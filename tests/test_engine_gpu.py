@@ -12,20 +12,24 @@ from lmq.engine.sampling import SamplingParams
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("n_seqs", [2, 5])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_backend_matches_torch_backend(dtype):
+def test_triton_backend_matches_torch_backend(dtype, n_seqs):
+    """Two sequences decode through the GEMV (M=2); five through the split-K GEMMs (on Hopper in fp16 the direct
+    kernel, its zero fill and the GEMM launched early inside the decode graph: lmq.kernels.pdl)."""
     dev = torch.device("cuda")
     engines = [LLM(EngineModel.synthetic("smollm2-135m", dev, group_size=64, backend=b, dtype=dtype),
-                   block_size=16, max_model_len=256, cache_max_memory="64MiB", max_num_seqs=4)
+                   block_size=16, max_model_len=256, cache_max_memory="64MiB", max_num_seqs=8)
                for b in ("triton", "torch")]
     assert engines[0].runner.graphs and not engines[1].runner.graphs
-    prompts = [list(range(100, 137)), list(range(500, 503))]  # 37 and 3 tokens
+    prompts = [list(range(100, 137)), list(range(500, 503)), list(range(700, 720)), list(range(900, 950)),
+               list(range(40, 41))][:n_seqs]  # 37, 3, 20, 50 and 1 tokens
     for llm in engines:
         for p in prompts:
             llm.add_request(p, SamplingParams(max_new_tokens=4, ignore_eos=True))
     for _ in range(3):  # prefill, then two decode steps (graph replay on the triton engine)
         steps = [llm.scheduler.schedule() for llm in engines]
-        logits = [llm.runner.run(st, llm.manager).float() for llm, st in zip(engines, steps)]  # [2, V]
+        logits = [llm.runner.run(st, llm.manager).float() for llm, st in zip(engines, steps)]  # [n_seqs, V]
         cos = torch.nn.functional.cosine_similarity(logits[0], logits[1], dim=-1)
         assert cos.min().item() > (0.999 if dtype == torch.float16 else 0.99), (steps[0].is_decode, cos)
         for llm, st in zip(engines, steps):
