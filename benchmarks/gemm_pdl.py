@@ -2,11 +2,13 @@
 against the fill node and plain launches: the direct kernel (sm90, fp16) and the decode kernel, Llama-3-8B shapes,
 g128, CUDA-graph timed like `lmq bench gemm`, modes interleaved, cuBLAS fp16 beside.
 
-    python benchmarks/gemm_pdl.py [--m 3,16,32,64] [--reps 2] [--shapes qkv_proj,o_proj]
+    python benchmarks/gemm_pdl.py [check] [sweep] [prefill] [--m 3,16,32,64] [--reps 2] [--shapes qkv_proj,o_proj]
 
 Modes: off (torch.zeros, plain launches), notrig (the PDL fill kernel and the GEMM launched early, the GEMM not
 triggering its dependents), start / late (the same, the GEMM triggering at its start / after its K loop), auto
 (the code's defaults: the decode kernel late, the direct kernel at the start for 16-row tiles, late otherwise).
+`prefill`: the Hopper prefill kernel (w4a16_gemm_ws) with its PDL launch and fill off / on (--m defaults to
+192,256,512,1024,4096 there).
 """
 import sys
 
@@ -16,6 +18,7 @@ sys.path.insert(0, "benchmarks")
 from lmq.kernels import pdl
 from lmq.kernels import w4a16_gemm as dec
 from lmq.kernels import w4a16_gemm_direct as direct
+from lmq.kernels import w4a16_gemm_ws as ws
 from sweep_gemm import G, random_packed
 
 from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us
@@ -103,8 +106,40 @@ def sweep():
                       flush=True)
 
 
+def prefill():
+    ms = [int(m) for m in arg("--m", "192,256,512,1024,4096").split(",")]
+    want = arg("--shapes", None)
+    shapes = [s for s in GEMM_SHAPES["llama3-8b"] if want is None or s[0] in want.split(",")]
+    torch.manual_seed(0)
+    for name, N, K in shapes:
+        _, p, nbytes = random_packed(N, K)
+        packs = [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]
+        w16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(max(1, copies_for(N * K * 2)))]
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            ref = ws.w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], G).float()
+            calls = max(20, len(packs))
+            cublas = graph_time_us([lambda w=w, x=x: x @ w.t() for w in w16], calls=calls, reps=9)
+            res = {False: [], True: []}
+            for _ in range(int(arg("--reps", "2"))):
+                for on in (False, True):
+                    pdl.ZERO_KERNEL = ws.PDL = on
+                    out = ws.w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G).float()
+                    assert ((out - ref).norm() / ref.norm()).item() < 2e-3, (name, M, on)
+                    res[on].append(graph_time_us([lambda pp=pp, x=x: ws.w4a16_gemm_ws(x, pp["qweight"], pp["scales"],
+                                                                                       pp["zeros"], G)
+                                                  for pp in packs], calls=calls, reps=9))
+            pdl.ZERO_KERNEL = ws.PDL = True
+            plan = ws.plan(M, N, K, ws.DEFAULT_CONFIG, torch.cuda.get_device_properties(0).multi_processor_count)
+            print(f"{name:13s} M={M:5d} plan {plan}  off " + "/".join(f"{t:.1f}" for t in res[False]) + "  on "
+                  + "/".join(f"{t:.1f}" for t in res[True]) + f"  cuBLAS {cublas:.1f}  x cuBLAS "
+                  f"{cublas / min(res[False]):.2f} -> {cublas / min(res[True]):.2f}", flush=True)
+
+
 if __name__ == "__main__":
     if "check" in sys.argv:
         check()
     if "sweep" in sys.argv:
         sweep()
+    if "prefill" in sys.argv:
+        prefill()

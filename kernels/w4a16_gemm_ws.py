@@ -36,8 +36,14 @@ from __future__ import annotations
 
 import torch
 from lmq.kernels import cdiv, cuda_capability
-from lmq.kernels.gluon_build import BuildGuard, KernelUnavailable  # noqa: F401 (KernelUnavailable: callers catch it here)
+from lmq.kernels.gluon_build import (  # noqa: F401 (KernelUnavailable: callers catch it here)
+    BuildGuard,
+    KernelUnavailable,
+    gdc_launch_dependents,
+    gdc_wait,
+)
 from lmq.kernels.launch import DirectLaunch, PlanCache
+from lmq.kernels.pdl import use_pdl, zero_filled
 from lmq.kernels.w4a16_gemm import CONFIGS, _num_sms, _pair_asm, check_inputs
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -103,7 +109,7 @@ def _work(w, M, N, k_steps, BM: gl.constexpr, BN: gl.constexpr, GROUP_M, SPLIT_K
 
 
 @gluon.jit
-def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K):
+def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K, trigger):
     # a worker partition's scalar arguments arrive as runtime values: sizes come from the buffers' shapes
     x_bufs, q_bufs, s_bufs, z_bufs = bufs
     a_ready, done = bars
@@ -128,6 +134,8 @@ def _loader(x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work,
                 _tma_load(s_desc, [g * N + off_n], bar, s_bufs.index(st * SUB + r))
                 _tma_load(z_desc, [g * N + off_n], bar, z_bufs.index(st * SUB + r))
             c += 1
+    if trigger:  # every load issued: the next kernel may launch (lmq.kernels.pdl)
+        gdc_launch_dependents()
 
 
 @gluon.jit
@@ -205,7 +213,7 @@ def _mma_hi(bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SP
 def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stride_om,
                           G: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                           GROUP_M: gl.constexpr, SPLIT_K: gl.constexpr, LOADER_REGS: gl.constexpr,
-                          MMA_REGS: gl.constexpr, num_warps: gl.constexpr):
+                          MMA_REGS: gl.constexpr, PDL: gl.constexpr, num_warps: gl.constexpr):
     """BLOCK_N = 128 weight rows per tile, num_warps = 4: a loader warp and two mma partitions of a warp
     group each (`_mma`)."""
     k_steps = K // CHUNK_K
@@ -222,11 +230,13 @@ def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stri
         mbarrier.init(done.index(i), count=2)  # both mma partitions
     bufs = (x_bufs, q_bufs, s_bufs, z_bufs)
     bars = (a_ready, done)
+    if PDL:
+        gdc_wait()  # launched early: x (and the zeroed output) are written by the kernels before this one
     mma_args = (bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K)
     gl.warp_specialize([
         (_mma_lo, mma_args),
         (_mma_hi, mma_args),
-        (_loader, (x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K)),
+        (_loader, (x_desc, q_desc, s_desc, z_desc, bufs, bars, M, N, k_steps, num_work, G, GROUP_M, SPLIT_K, PDL)),
     ], [4, 1], [MMA_REGS, LOADER_REGS])
 
 
@@ -297,7 +307,8 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         x2 = x2.clone(memory_format=torch.contiguous_format)
     sms = _num_sms(x.device)
     BM, BN, split, cfg = _plan_for(M, N, K, config, sms)
-    out = (torch.zeros if split > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    out = (zero_filled if split > 1 else torch.empty)((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    pdl = PDL and use_pdl(x.device)
     ck = planes64.CHUNK_K
     xdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor.from_tensor(x2, [BM, ck], _layout((BM, ck), xdt))
@@ -307,12 +318,12 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     args = {"x_desc": x_desc, "q_desc": q_desc, "s_desc": s_desc, "z_desc": z_desc, "out_ptr": out, "M": M, "N": N,
             "K": K, "stride_om": out.stride(0), "G": group_size, "BLOCK_M": BM, "BLOCK_N": BN, "STAGES": cfg["STAGES"],
             "GROUP_M": cfg["GROUP_M"], "SPLIT_K": split, "LOADER_REGS": cfg["LOADER_REGS"], "MMA_REGS": cfg["MMA_REGS"],
-            "num_warps": 4}
+            "PDL": pdl, "num_warps": 4}
     # what Triton specializes this launch on: the constexprs, the dtype, and which integers are 1 or multiples of 16
     # (the x, weight and output addresses are 16-byte aligned: TMA needs it and the copy above ensures it)
-    key = (x.dtype, N, K, group_size, BM, split, M == 1, M % 16 == 0, cfg["STAGES"], cfg["GROUP_M"],
+    key = (x.dtype, N, K, group_size, BM, split, pdl, M == 1, M % 16 == 0, cfg["STAGES"], cfg["GROUP_M"],
            cfg["LOADER_REGS"], cfg["MMA_REGS"])
-    BUILD.launch(lambda: _LAUNCH(grid, key, args))
+    BUILD.launch(lambda: _LAUNCH(grid, key, args, launch_pdl=pdl))
     return out.reshape(*lead, N)
 
 
@@ -320,6 +331,9 @@ def w4a16_gemm_ws(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 # it was 148-171 us a call). `_plan_for` keeps each shape's plan; `_LAUNCH` (lmq.kernels.launch) calls the
 # compiled kernel directly after the first launch of each kind: 87-112 us a call in all (docs/benchmarks.md).
 _PLANS = PlanCache()
+# launched with PDL where `use_pdl` (lmq.kernels.pdl): the whole program waits at its start, the loader lets the next
+# kernel launch once it has issued its last copies
+PDL = True
 
 
 def _plan_for(M: int, N: int, K: int, config: dict | None, sms: int) -> tuple[int, int, int, dict]:

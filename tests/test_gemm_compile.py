@@ -170,7 +170,8 @@ def compile_ws() -> None:
                                               gl.NVMMASharedLayout.get_default_for([BM, 64], gdt))
         descs = {"x_desc": x_desc, **weights}
         consts = {"G": G, "BLOCK_M": BM, "BLOCK_N": BN, "STAGES": cfg["STAGES"], "GROUP_M": cfg["GROUP_M"],
-                  "SPLIT_K": split, "LOADER_REGS": cfg["LOADER_REGS"], "MMA_REGS": cfg["MMA_REGS"], "num_warps": 4}
+                  "SPLIT_K": split, "LOADER_REGS": cfg["LOADER_REGS"], "MMA_REGS": cfg["MMA_REGS"], "PDL": True,
+                  "num_warps": 4}
         sig = {**{k: mangle_type(v) for k, v in descs.items()}, "out_ptr": f"*{dt}", "M": "i32", "N": "i32",
                "K": "i32", "stride_om": "i32", **{k: "constexpr" for k in consts}}
         names = list(sig)
