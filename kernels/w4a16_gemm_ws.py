@@ -28,6 +28,8 @@ SPLIT_K > 1 one K range of it, added in the activations' dtype into a zeroed out
 already fills the next tile's stages. `plan` picks BM and SPLIT_K per shape. Tails: TMA zero-fills x
 rows past M; weight rows past N (which read the next chunk's rows or zeros) only reach masked output
 columns.
+Launched with PDL where `use_pdl` (`lmq.kernels.pdl`, `PDL`): the program waits for the kernel before it at its
+start, and the loader lets the next kernel launch once it has issued its last copies (NOTES-gemm.md run 50).
 `w4a16_gemm_ws_ref` is the plain-PyTorch twin. The interpreter cannot run Gluon: tested on the GPU
 (and compiled offline for sm_90a in tests/test_gemm_compile.py).
 """
