@@ -38,15 +38,7 @@ for stage in ${STAGES:-check table}; do
       --configs "64,2,4;64,2,8;128,2,2;128,2,3;128,2,4" 2>&1 | grep -E "SUM|BEST|Error" | tee "$OUT/bigm/sweep.log"
     ;;
   ab)
-    for rep in 1 2; do
-      for b in ${BATCHES:-4 16}; do
-        for d in 1 0; do
-          echo "== rep $rep batch $b direct $d" | tee -a "$OUT/ab/decode-ab.log"
-          timeout 100 python3 benchmarks/profile_decode.py --batch "$b" --direct "$d" 2>&1 \
-            | grep -E "decode step|graph replay|GPU kernel time" | tee -a "$OUT/ab/decode-ab.log"
-        done
-      done
-    done
+    decode_ab direct "1 0" "${BATCHES:-4 16}"
     ;;
   esac
 done

@@ -74,66 +74,63 @@ def check():
     print(f"correct in every mode (worst relative error {worst:.2e})", flush=True)
 
 
-def sweep():
-    ms = [int(m) for m in arg("--m", "3,16,32,64").split(",")]
+def cases(default_ms):
+    """(name, M, x, the packed weight, its copies past L2, calls per graph, cuBLAS fp16 us) per --shapes and --m."""
+    ms = [int(m) for m in arg("--m", default_ms).split(",")]
     want = arg("--shapes", None)
-    shapes = [s for s in GEMM_SHAPES["llama3-8b"] if want is None or s[0] in want.split(",")]
     torch.manual_seed(0)
-    for name, N, K in shapes:
+    for name, N, K in GEMM_SHAPES["llama3-8b"]:
+        if want is not None and name not in want.split(","):
+            continue
         _, p, nbytes = random_packed(N, K)
         packs = [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]
         w16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(max(1, copies_for(N * K * 2)))]
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             calls = max(20, len(packs))
-            cublas = graph_time_us([lambda w=w, x=x: x @ w.t() for w in w16], calls=calls, reps=9)
-            paths = {"decode": lambda pp, x=x: dec.w4a16_gemm(x, pp["qweight"], pp["scales"], pp["zeros"], G,
-                                                              dec.CONFIGS["sm90"]["decode"])}
-            if direct.supported(x, M):
-                paths["direct"] = lambda pp, x=x: direct.w4a16_gemm_direct(x, pp["qweight"], pp["scales"], pp["zeros"],
-                                                                           G)
-            for path, fn in paths.items():
-                res = {mode: [] for mode in MODES}
-                for _ in range(int(arg("--reps", "2"))):
-                    for mode in MODES:
-                        set_mode(mode)
-                        res[mode].append(graph_time_us([lambda pp=pp, fn=fn: fn(pp) for pp in packs], calls=calls,
-                                                       reps=9))
-                set_mode("auto")
-                cells = "  ".join(f"{mode} " + "/".join(f"{t:.2f}" for t in ts) for mode, ts in res.items())
-                best = min(min(ts) for ts in res.values())
-                print(f"{name:13s} M={M:3d} {path:6s} {cells}  cuBLAS {cublas:.2f}  best x cuBLAS {cublas / best:.2f}",
-                      flush=True)
+            yield name, M, x, p, packs, calls, graph_time_us([lambda w=w, x=x: x @ w.t() for w in w16], calls=calls,
+                                                             reps=9)
+
+
+def sweep():
+    for name, M, x, _, packs, calls, cublas in cases("3,16,32,64"):
+        paths = {"decode": lambda pp, x=x: dec.w4a16_gemm(x, pp["qweight"], pp["scales"], pp["zeros"], G,
+                                                          dec.CONFIGS["sm90"]["decode"])}
+        if direct.supported(x, M):
+            paths["direct"] = lambda pp, x=x: direct.w4a16_gemm_direct(x, pp["qweight"], pp["scales"], pp["zeros"],
+                                                                       G)
+        for path, fn in paths.items():
+            res = {mode: [] for mode in MODES}
+            for _ in range(int(arg("--reps", "2"))):
+                for mode in MODES:
+                    set_mode(mode)
+                    res[mode].append(graph_time_us([lambda pp=pp, fn=fn: fn(pp) for pp in packs], calls=calls,
+                                                   reps=9))
+            set_mode("auto")
+            cells = "  ".join(f"{mode} " + "/".join(f"{t:.2f}" for t in ts) for mode, ts in res.items())
+            best = min(min(ts) for ts in res.values())
+            print(f"{name:13s} M={M:3d} {path:6s} {cells}  cuBLAS {cublas:.2f}  best x cuBLAS {cublas / best:.2f}",
+                  flush=True)
 
 
 def prefill():
-    ms = [int(m) for m in arg("--m", "192,256,512,1024,4096").split(",")]
-    want = arg("--shapes", None)
-    shapes = [s for s in GEMM_SHAPES["llama3-8b"] if want is None or s[0] in want.split(",")]
-    torch.manual_seed(0)
-    for name, N, K in shapes:
-        _, p, nbytes = random_packed(N, K)
-        packs = [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]
-        w16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(max(1, copies_for(N * K * 2)))]
-        for M in ms:
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            ref = ws.w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], G).float()
-            calls = max(20, len(packs))
-            cublas = graph_time_us([lambda w=w, x=x: x @ w.t() for w in w16], calls=calls, reps=9)
-            res = {False: [], True: []}
-            for _ in range(int(arg("--reps", "2"))):
-                for on in (False, True):
-                    pdl.ZERO_KERNEL = ws.PDL = on
-                    out = ws.w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G).float()
-                    assert ((out - ref).norm() / ref.norm()).item() < 2e-3, (name, M, on)
-                    res[on].append(graph_time_us([lambda pp=pp, x=x: ws.w4a16_gemm_ws(x, pp["qweight"], pp["scales"],
-                                                                                       pp["zeros"], G)
-                                                  for pp in packs], calls=calls, reps=9))
-            pdl.ZERO_KERNEL = ws.PDL = True
-            plan = ws.plan(M, N, K, ws.DEFAULT_CONFIG, torch.cuda.get_device_properties(0).multi_processor_count)
-            print(f"{name:13s} M={M:5d} plan {plan}  off " + "/".join(f"{t:.1f}" for t in res[False]) + "  on "
-                  + "/".join(f"{t:.1f}" for t in res[True]) + f"  cuBLAS {cublas:.1f}  x cuBLAS "
-                  f"{cublas / min(res[False]):.2f} -> {cublas / min(res[True]):.2f}", flush=True)
+    for name, M, x, p, packs, calls, cublas in cases("192,256,512,1024,4096"):
+        ref = ws.w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], G).float()
+        res = {False: [], True: []}
+        for _ in range(int(arg("--reps", "2"))):
+            for on in (False, True):
+                pdl.ZERO_KERNEL = ws.PDL = on
+                out = ws.w4a16_gemm_ws(x, p["qweight"], p["scales"], p["zeros"], G).float()
+                assert ((out - ref).norm() / ref.norm()).item() < 2e-3, (name, M, on)
+                res[on].append(graph_time_us([lambda pp=pp, x=x: ws.w4a16_gemm_ws(x, pp["qweight"], pp["scales"],
+                                                                                   pp["zeros"], G)
+                                              for pp in packs], calls=calls, reps=9))
+        pdl.ZERO_KERNEL = ws.PDL = True
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        plan = ws.plan(M, p["scales"].shape[1], x.shape[1], ws.DEFAULT_CONFIG, sms)
+        print(f"{name:13s} M={M:5d} plan {plan}  off " + "/".join(f"{t:.1f}" for t in res[False]) + "  on "
+              + "/".join(f"{t:.1f}" for t in res[True]) + f"  cuBLAS {cublas:.1f}  x cuBLAS "
+              f"{cublas / min(res[False]):.2f} -> {cublas / min(res[True]):.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,15 +24,7 @@ for stage in ${STAGES:-check sweep}; do
     grep -E "M=" "$OUT/table/bench.log" | tail -40
     ;;
   ab)
-    for rep in 1 2; do
-      for b in ${BATCHES:-16}; do
-        for d in 1 0; do
-          echo "== rep $rep batch $b gemm-pdl $d" | tee -a "$OUT/ab/decode-ab.log"
-          timeout 100 python3 benchmarks/profile_decode.py --batch "$b" --gemm-pdl "$d" 2>&1 \
-            | grep -E "decode step|graph replay|GPU kernel time" | tee -a "$OUT/ab/decode-ab.log"
-        done
-      done
-    done
+    decode_ab gemm-pdl "1 0" "${BATCHES:-16}"
     ;;
   esac
 done

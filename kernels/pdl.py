@@ -14,8 +14,9 @@ previous kernel.
 lets the GEMM launch at its start and waits for the kernel before it (whose buffer the new output may reuse)
 before it writes. The split-K GEMMs (`w4a16_gemm_direct`, and `w4a16_gemm` where it splits K) and the Hopper
 prefill GEMM (`w4a16_gemm_ws`, every launch) are launched early too and let the next kernel launch before they
-end, so the next call's fill is resident and waiting when they finish. Inside a CUDA graph a fill node and a plain launch cost about 1 us a call (NOTES-gemm.md,
-runs 32, 47 and 48). Where a kernel lets its dependents launch matters: at its start it slowed the decode
+end, so the next call's fill is resident and waiting when they finish. Inside a CUDA graph a fill node and a
+plain launch cost about 1 us a call (NOTES-gemm.md, runs 32, 47 and 48). The direct GEMM and the GEMV read
+weights before they wait: packed weights are never written by the kernel launched just before a GEMM. Where a kernel lets its dependents launch matters: at its start it slowed the decode
 GEMM at M = 3..32 (qkv 10.8 -> 12.3 us, down 18.0 -> 22.6), whose grids are more than one wave (presumably
 the early dependents' programs took SM slots from its later ones), so the decode GEMM does it after its K loop.
 """
