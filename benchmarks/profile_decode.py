@@ -34,11 +34,12 @@ rows.add_argument("--gemv-max-m", type=int, default=0,
 ap.add_argument("--direct", type=int, choices=(0, 1), default=1,
                 help="0: no direct-kernel path (the decode kernel at the M it would take), for an A/B of the tables")
 ap.add_argument("--gemm-pdl", type=int, choices=(0, 1), default=1,
-                help="0: split-K GEMMs with torch.zeros and plain launches (lmq.kernels.pdl's fill kernel off), for an A/B")
+                help="0: the GEMMs (direct, decode, prefill) launched plain and their split-K outputs zeroed by "
+                     "torch.zeros (lmq.kernels.pdl's fill kernel off), for an A/B")
 args = ap.parse_args()
 if not args.gemm_pdl:
-    from lmq.kernels import pdl, w4a16_gemm, w4a16_gemm_direct
-    pdl.ZERO_KERNEL = w4a16_gemm.PDL = w4a16_gemm_direct.PDL = False
+    from lmq.kernels import pdl, w4a16_gemm, w4a16_gemm_direct, w4a16_gemm_ws
+    pdl.ZERO_KERNEL = w4a16_gemm.PDL = w4a16_gemm_direct.PDL = w4a16_gemm_ws.PDL = False
 if args.gemv_reduce != "table" or args.gemv_rows or args.gemv_max_m or not args.direct:
     from lmq.kernels.w4a16_gemm import CONFIGS
     for table in CONFIGS.values():

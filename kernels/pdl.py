@@ -1,24 +1,32 @@
-"""Programmatic dependent launch (PDL, compute capability >= 9.0) for the decode step's kernel chain.
+"""Programmatic dependent launch (PDL, compute capability >= 9.0) for the kernel chains of decode and prefill steps.
 
-A kernel launched with PDL may start while the kernel before it is still running, once that kernel
-lets its dependents launch (`gdc_launch_dependents`) or finishes. lmq launches the W4A16 GEMV this
-way: its programs start, compute their offsets, then wait (`gdc_wait`) for the previous kernel's
-writes before they read the activations or the split-K workspace. The decode attention's split and
-merge kernels launch this way too and wait before their first read. The small kernels that precede
-GEMVs in a decode step (RMSNorm, SiLU*mul, the attention merge) let dependents launch at their
-start. Every other kernel (but the split-K GEMMs below) is launched as usual and so waits for the whole
+A kernel launched with PDL may start while the kernel before it is still running, once that kernel lets its
+dependents launch (`gdc_launch_dependents`) or finishes; it then waits (`gdc_wait`) for that kernel to end
+and its writes to be visible before it reads anything the kernels before it write. Launched this way, each
+waiting before its first such read:
+- the W4A16 GEMV (it computes its offsets and reads weights first, then waits before the activations or its
+  split-K workspace);
+- the decode attention's split and merge kernels;
+- `zero_filled`'s fill kernel, the zeroed output that split-K GEMMs add into (it waits before it writes:
+  the new output may reuse a buffer the kernel before it still reads or writes);
+- the small-M direct GEMM (`w4a16_gemm_direct`, every launch; it requests its first weights, then waits
+  before it copies x), the decode GEMM (`w4a16_gemm`, where it splits K) and the Hopper prefill GEMM
+  (`w4a16_gemm_ws`, every launch).
+Letting the next kernel launch early: RMSNorm, SiLU*mul, the attention merge and the fill kernel at their
+start; the direct GEMM at its start for 16-row tiles and after its K loop otherwise; the decode GEMM after its
+K loop; the prefill GEMM's loader after its last copies. So a GEMM's zero fill is resident and waiting when
+the GEMM before it ends: inside a CUDA graph a fill node and a plain launch had cost about 1 us a call
+(NOTES-gemm.md, runs 32, 47, 48 and 50). Every other kernel is launched as usual and so waits for the whole
 previous kernel.
-`LMQ_PDL=0` turns it off (for a comparison, or a driver that mishandles it).
 
-`zero_filled` gives the zeroed output that split-K GEMMs add into, filled by a kernel launched this way: it
-lets the GEMM launch at its start and waits for the kernel before it (whose buffer the new output may reuse)
-before it writes. The split-K GEMMs (`w4a16_gemm_direct`, and `w4a16_gemm` where it splits K) and the Hopper
-prefill GEMM (`w4a16_gemm_ws`, every launch) are launched early too and let the next kernel launch before they
-end, so the next call's fill is resident and waiting when they finish. Inside a CUDA graph a fill node and a
-plain launch cost about 1 us a call (NOTES-gemm.md, runs 32, 47 and 48). The direct GEMM and the GEMV read
-weights before they wait: packed weights are never written by the kernel launched just before a GEMM. Where a kernel lets its dependents launch matters: at its start it slowed the decode
-GEMM at M = 3..32 (qkv 10.8 -> 12.3 us, down 18.0 -> 22.6), whose grids are more than one wave (presumably
-the early dependents' programs took SM slots from its later ones), so the decode GEMM does it after its K loop.
+Where a kernel lets its dependents launch matters: at its start it slowed the decode GEMM on qkv, o_proj and
+down at M = 3..32 (qkv 10.8 -> 12.3 us, down 18.0 -> 22.6 at M=16; gate_up within 0.3 us or faster), whose
+grids are more than one wave (presumably the early dependents' programs took SM slots from its later ones).
+The GEMV and the direct GEMM read weights before they wait, and a dependent can start as early as the start
+of the kernel two launches before it (the fill lets the GEMM launch at once): no kernel that lets its
+dependents launch early may write packed weights (none does; weights are written by copies, at load).
+`LMQ_PDL=0` turns it all off (for a comparison, or a driver that mishandles it): every launch is plain and
+`zero_filled` is torch.zeros.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ Config switches: SWAP_AB computes out^T = w_hat @ x^T so the dequantized weights
 operand (on sm90 Triton then issues wgmma with that operand in registers); DOT_K = 16/32/64 joins 1,
 2 or 4 planes (contiguous K) into one dot, which cuts the matrix unit's waits per chunk.
 M = 1 has its own CUDA-core kernel (w4a16_gemv.py); the dispatcher is lmq/engine/qlinear.py.
+Where it splits K (fp16 atomics into `pdl.zero_filled`'s output) it is launched with PDL where `use_pdl`
+(`PDL`; lmq.kernels.pdl): it waits at its start and lets the next kernel launch after its K loop (`TRIGGER`:
+at its start it was slower at M = 3..32, NOTES-gemm.md run 48).
 
 Per K chunk and plane: `(h >> 4i) & 0xF | MAGIC` bitcast to fp16 (MAGIC 0x6400 = 1024.0) or bf16
 (0x4300 = 128.0) is exactly MAGIC + q; minus the zero prepared the same way gives q - z exactly, so

@@ -33,9 +33,9 @@ Measured on an H100 (NOTES-gemm.md, runs 47 and 48), fp16, us. Against the decod
 qkv 9.5-9.6 against 10.5-10.8 and o_proj 7.5-7.7 against 8.5-8.7; o_proj at M = 32 / 48 / 64 8.2 / 9.1 / 9.4
 against 9.1 / 10.4 / 11.1; gate_up 20% slower; in bf16 (4 instructions a weight to convert, fp16's 2) slower on
 every shape. With PDL (run 48; plain -> early, trigger at the start) at M=16: qkv 9.4 -> 8.4, o_proj 7.7 -> 6.3,
-down 17.8 -> 16.7 (the decode kernel with PDL 17.4), gate_up 35.3 -> 33.9 (the decode kernel, with PDL, 27.9-28.3). So the sm90
-table's `direct_rows` sends fp16 activations here for M <= 16 and weights of at most 64M elements (qkv, o_proj,
-down), and M <= 64 for at most 20M (o_proj) (`lmq.engine.qlinear`).
+down 17.8 -> 16.7, gate_up 35.3 -> 33.9; the decode kernel, early and triggering after its K loop, read 17.4 on
+down and 27.9-28.3 on gate_up. So the sm90 table's `direct_rows` sends fp16 activations here for M <= 16 and
+weights of at most 64M elements (qkv, o_proj, down), and M <= 64 for at most 20M (o_proj) (`lmq.engine.qlinear`).
 `w4a16_gemm_ws_ref` (rounding w_hat to x's dtype as this kernel does) is its plain-PyTorch twin. The
 interpreter cannot run Gluon: tested on the GPU and compiled offline for sm_90a in CI.
 """

@@ -233,7 +233,9 @@ def _w4a16_gemm_ws_kernel(x_desc, q_desc, s_desc, z_desc, out_ptr, M, N, K, stri
     bufs = (x_bufs, q_bufs, s_bufs, z_bufs)
     bars = (a_ready, done)
     if PDL:
-        gdc_wait()  # launched early: x (and the zeroed output) are written by the kernels before this one
+        # launched early: x (and the zeroed output) are written by the kernels before this one. The default warps
+        # wait here; the loader and mma partitions start only when they reach `warp_specialize`, so after it.
+        gdc_wait()
     mma_args = (bufs, bars, out_ptr, M, N, k_steps, num_work, stride_om, GROUP_M, SPLIT_K)
     gl.warp_specialize([
         (_mma_lo, mma_args),

@@ -14,9 +14,14 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("n_seqs", [2, 5])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_backend_matches_torch_backend(dtype, n_seqs):
+def test_triton_backend_matches_torch_backend(dtype, n_seqs, monkeypatch):
     """Two sequences decode through the GEMV (M=2); five through the split-K GEMMs (on Hopper in fp16 the direct
     kernel, its zero fill and the GEMM launched early inside the decode graph: lmq.kernels.pdl)."""
+    from lmq.kernels import w4a16_gemm_direct as direct_module
+
+    calls = []
+    real = direct_module.w4a16_gemm_direct
+    monkeypatch.setattr(direct_module, "w4a16_gemm_direct", lambda *a, **k: calls.append(1) or real(*a, **k))
     dev = torch.device("cuda")
     engines = [LLM(EngineModel.synthetic("smollm2-135m", dev, group_size=64, backend=b, dtype=dtype),
                    block_size=16, max_model_len=256, cache_max_memory="64MiB", max_num_seqs=8)
@@ -37,6 +42,10 @@ def test_triton_backend_matches_torch_backend(dtype, n_seqs):
                 llm.scheduler.advance(sp)
             for sp, tok in zip(st.spans, logits[1].argmax(-1).tolist()):  # the same tokens in both
                 sp.seq.token_ids.append(tok)
+    hopper_fp16 = torch.cuda.get_device_capability()[0] == 9 and dtype == torch.float16
+    # the direct kernel ran (Hopper, fp16): the table sends it M = 3..64 of these small weights (the prefill's rows,
+    # the decode graphs of 3 or more sequences); never bf16
+    assert bool(calls) == hopper_fp16
 
 
 @pytest.mark.parametrize("n_new", [2, 37, 64, 100])

@@ -794,42 +794,58 @@ def test_gemm_direct_gpu(config, dtype, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["direct", "decode"])
 def test_split_k_pdl_chain_in_graph_gpu(path, monkeypatch):
-    """Split-K calls back to back in one CUDA graph, with their zero fill launched early and each GEMM triggering the
-    next call's fill (lmq.kernels.pdl): every output right on every replay (poisoned with NaN between replays: a fill
-    that ran too early or a GEMM that added before it would show), and the same as with plain launches."""
-    if path == "direct" and torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("w4a16_gemm_direct is a Hopper (sm90) kernel")
-    p = random_packed(6144, 4096, 128, "cuda")
-    xs = [torch.randn(m, 4096, device="cuda", dtype=torch.float16) for m in (3, 16, 16, 9)]
+    """Split-K calls chained in one CUDA graph, each call's x the previous call's output and no intermediate kept (so
+    the graph's pool hands a later call's output the memory an earlier call still reads), with the zero fill launched
+    early and each GEMM letting the next kernel launch (lmq.kernels.pdl): 16-row tiles (trigger at the start) and 64
+    (after the K loop). The chain's end is right on every replay (poisoned with NaN between replays): a fill that
+    wrote before the kernel before it finished, or a GEMM that read x or added before its wait, would show. The same
+    with plain launches and with PDL off altogether (`LMQ_PDL=0`: torch.zeros, no fill kernel launched)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("PDL and w4a16_gemm_direct: Hopper (sm90)")
+    K = 4096
+    p = random_packed(K, K, 128, "cuda")  # square: a call's output is the next call's x
     run = {"direct": lambda x: direct_module.w4a16_gemm_direct(x, p["qweight"], p["scales"], p["zeros"], 128),
            "decode": lambda x: w4a16_gemm(x, p["qweight"], p["scales"], p["zeros"], 128, CONFIGS["sm90"]["decode"])}[path]
-    refs = [w4a16_gemm_ws_ref(x, p["qweight"], p["scales"], p["zeros"], 128) for x in xs]
-    plain = []
-    for on in (True, False):
+    xs = [torch.randn(m, K, device="cuda", dtype=torch.float16) for m in (3, 16, 40)]
+    refs = []
+    for x in xs:
+        r = x
+        for _ in range(3):
+            r = w4a16_gemm_ws_ref(r, p["qweight"], p["scales"], p["zeros"], 128)
+        refs.append(r)
+    ends = {}
+    for mode in ("pdl", "plain", "off"):
         for mod in (pdl_module, direct_module, gemm_module):
-            monkeypatch.setattr(mod, "ZERO_KERNEL" if mod is pdl_module else "PDL", on)
+            monkeypatch.setattr(mod, "ZERO_KERNEL" if mod is pdl_module else "PDL", mode == "pdl")
+        monkeypatch.setattr(pdl_module, "_ENABLED", mode != "off")
+        if mode == "off":
+            monkeypatch.setattr(pdl_module, "_ZEROS", None)  # launching the fill kernel would raise
         for x in xs:
-            run(x)  # compile and plan outside the capture
+            run(run(x))  # compile and plan outside the capture
         torch.cuda.synchronize()
         graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
         with torch.cuda.graph(graph, stream=side):
-            outs = [run(x) for x in xs]
+            outs = [run(run(run(x))) for x in xs]
         for _ in range(3):
             for o in outs:
                 o.fill_(float("nan"))
             graph.replay()
             torch.cuda.synchronize()
-            for o, ref in zip(outs, refs):
-                assert rel_err(o, ref) < TOL[torch.float16], (path, on)
-        plain.append([o.clone() for o in outs])
-    for a, b in zip(*plain):
-        assert rel_err(a, b) < TOL[torch.float16]
+            for o, ref, x in zip(outs, refs, xs):
+                assert rel_err(o, ref) < 3 * TOL[torch.float16], (path, mode, x.shape[0])
+        ends[mode] = [o.clone() for o in outs]
+    for mode in ("plain", "off"):
+        for a, b in zip(ends["pdl"], ends[mode]):
+            assert rel_err(a, b) < 3 * TOL[torch.float16]
 
 
-def test_zero_filled_without_pdl():
-    """Where PDL is off (the CPU, `LMQ_PDL=0`, before compute capability 9.0) the fill is torch.zeros."""
+def test_zero_filled_without_pdl(monkeypatch):
+    """Where `use_pdl` says no (the CPU here; `LMQ_PDL=0` or compute capability below 9.0 on a GPU) the fill is
+    torch.zeros and the fill kernel is not launched."""
+    monkeypatch.setattr(pdl_module, "_ZEROS", None)  # launching the fill kernel would raise
     out = pdl_module.zero_filled((3, 5), torch.float16, torch.device("cpu"))
     assert out.dtype == torch.float16 and out.shape == (3, 5) and not out.any()
+    assert not pdl_module.use_pdl(torch.device("cpu"))
 
 
 @pytest.mark.gpu

@@ -35,16 +35,26 @@ def compile_all(arch: str, dt: str) -> None:
         return k
 
     mnk = ["M", "N", "K", "stride_xm", "stride_om"]
-    # the decode config at 16 and 64 rows, with the deterministic mode's ordered split-K at 16; the prefill config
+    # the decode config at 16 and 64 rows (on sm90 launched with PDL, triggering after its K loop, as a split-K launch
+    # is there), with the deterministic mode's ordered split-K at 16; the prefill config
     for regime, bm, ordered in (("decode", 16, False), ("decode", 64, False), ("decode", 16, True),
                                 ("prefill", 0, False)):
         cfg = CONFIGS[arch][regime]
+        pdl = cc >= 90 and not ordered
         build(_w4a16_gemm_kernel, mnk,
               {"G": 128, "BLOCK_M": bm or cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                "SPLIT_K": 2, "GROUP_M": cfg["GROUP_M"], "IS_BF16": dt == "bf16", "PLANES": planes64.PLANES,
                "SWAP_AB": cfg.get("SWAP_AB", False), "DOT_K": cfg.get("DOT_K", 16), "FAST_CVT": True,
-               "ORDERED": ordered, **geometry},
-              cfg["num_warps"], cfg["num_stages"], {"ws_ptr": "*fp32", "cnt_ptr": "*i32"})
+               "ORDERED": ordered, "PDL": pdl, "TRIGGER": 2 if pdl else 0, **geometry},
+              cfg["num_warps"], cfg["num_stages"], {"ws_ptr": "*fp32", "cnt_ptr": "*i32"}, pdl)
+    if cc >= 90:  # `pdl.zero_filled`'s fill kernel
+        from lmq.kernels.pdl import _ZERO_BLOCK, _zeros_kernel
+
+        k = triton.compile(ASTSource(_zeros_kernel, {"out_ptr": f"*{dt}", "n": "i32", "BLOCK": "constexpr",
+                                                     "PDL": "constexpr"},
+                                     constexprs={"BLOCK": _ZERO_BLOCK, "PDL": True}),
+                           target=GPUTarget("cuda", cc, 64), options={"num_warps": 4, "launch_pdl": True})
+        assert k.asm["cubin"]
     g = CONFIGS[arch]["gemv"]
     # the table's GEMV without and with RoPE (BLOCK_N / 2 columns per half-head), and RoPE's whole-head fallback;
     # 2 activation rows per program (fp16 four-plane path), with and without RoPE
@@ -190,7 +200,11 @@ def compile_direct() -> None:
     group size: no spills, and its register-operand wgmma pipelined (one wait per chunk's four HGMMA)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import triton
-    from lmq.kernels.w4a16_gemm_direct import DEFAULT_CONFIG, _w4a16_direct_kernel
+    from lmq.kernels.w4a16_gemm_direct import (
+        DEFAULT_CONFIG,
+        _w4a16_direct_kernel,
+        trigger_at,
+    )
     from sass_attention import cuobjdump
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -199,7 +213,7 @@ def compile_direct() -> None:
     for dt, G, bm, bn, step, nch in (("fp16", 128, 16, tbn, tstep, 6), ("bf16", 128, 16, tbn, tstep, 14),
                                      ("fp16", 128, DEFAULT_CONFIG["BLOCK_M_MAX"], tbn, tstep, 8),
                                      ("fp16", 32, 16, 64, 1, 9), ("bf16", 64, 32, 64, 4, 8)):
-        consts = {"G": G, "BLOCK_M": bm, "BLOCK_N": bn, "NCH": nch, "STEP": step, "SPLIT": True, "PDL": True, "TRIGGER": 1,
+        consts = {"G": G, "BLOCK_M": bm, "BLOCK_N": bn, "NCH": nch, "STEP": step, "SPLIT": True, "PDL": True, "TRIGGER": trigger_at(bm),
                   "num_warps": bn // 16}
         sig = {"x_ptr": f"*{dt}", "qw_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": f"*{dt}", "M": "i32",
                "N": "i32", "stride_xm": "i32", "stride_om": "i32", "chunks": "i32", **{k: "constexpr" for k in consts}}
