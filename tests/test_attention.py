@@ -215,6 +215,8 @@ def test_decode_planned_for_a_longer_context(device, kv_dtype, split_len, balanc
     # context, over block tables as wide as that (8 or 4 splits); each sequence spreads its tokens over all
     # the splits (BALANCED), or, switched off, is cut into pieces of split_len
     monkeypatch.setattr(dec, "BALANCED", balanced)
+    # the split outputs start as NaN (stale memory): the merge must mask the splits past a sequence's own
+    monkeypatch.setattr(dec, "torch", _StaleTorch())
     lens = [3, 40, 70]
     cache, tables, seq_lens, _ = make_paged(kv_dtype, lens, 2, 64, device)
     wide = torch.zeros(len(lens), 32, dtype=torch.int32, device=device)  # 32 blocks of 16: 512 tokens
@@ -222,6 +224,29 @@ def test_decode_planned_for_a_longer_context(device, kv_dtype, split_len, balanc
     q = torch.randn(len(lens), 4, 64, device=device).to(act_dtype(kv_dtype))
     out = decode_attention(q, cache, wide, seq_lens, max_seq_len=512, split_len=split_len)
     assert rel_err(out, decode_attention_ref(q, cache, tables, seq_lens)) < TOL[kv_dtype]
+
+
+class _StaleTorch:
+    """torch, but `empty` float tensors come back full of NaN, as stale memory may."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+def test_decode_merge_masks_stale_splits(device, monkeypatch):
+    # one short sequence beside long ones: most of the launch's splits are past its end, their outputs stale NaN
+    monkeypatch.setattr(dec, "torch", _StaleTorch())
+    lens = [5, 90, 130]
+    cache, tables, seq_lens, _ = make_paged("int8", lens, 2, 64, device)
+    q = torch.randn(len(lens), 4, 64, device=device).to(act_dtype("int8"))
+    out = decode_attention(q, cache, tables, seq_lens, max_seq_len=max(lens), split_len=16)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, decode_attention_ref(q, cache, tables, seq_lens)) < TOL["int8"]
 
 
 def test_balanced_split_len():
