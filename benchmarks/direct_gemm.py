@@ -14,9 +14,9 @@ from lmq.kernels.w4a16_gemm import CONFIGS, w4a16_gemm
 from lmq.kernels.w4a16_gemm_direct import w4a16_gemm_direct
 from lmq.kernels.w4a16_gemm_ws import w4a16_gemm_ws_ref
 from lmq.kernels.w4a16_gemv import w4a16_gemv
-from sweep_gemm import G, random_packed
+from sweep_gemm import G, gemm_cases
 
-from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us
+from lmq.bench import graph_time_us
 from lmq.errors import UnsupportedError
 from lmq.pack import planes64
 from lmq.quant.rtn import QuantizedWeight
@@ -47,9 +47,7 @@ def check():
 
 
 def sweep(ms):
-    torch.manual_seed(0)
-    shapes = [s for s in GEMM_SHAPES["llama3-8b"] if "--shapes" not in sys.argv
-              or s[0] in sys.argv[sys.argv.index("--shapes") + 1].split(",")]
+    shapes = sys.argv[sys.argv.index("--shapes") + 1].split(",") if "--shapes" in sys.argv else None
     # WAVES_FROM_M (): each config's own waves at every M (the table's would override them from M = 17)
     configs = [{"BLOCK_N": bn, "STEP": st, "WAVES": w, "WAVES_FROM_M": ()} for bn in (64, 128) for st in (1, 2, 4)
                for w in (2, 4, 8)]
@@ -59,40 +57,34 @@ def sweep(ms):
     dec = CONFIGS["sm90"]["decode"]
     gemv_cfg = CONFIGS["sm90"]["gemv"]
     sums = {}
-    for name, N, K in shapes:
-        _, p, nbytes = random_packed(N, K)
-        packs = [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]
-        w16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(max(1, copies_for(N * K * 2)))]
-        for M in ms:
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            calls = max(20, len(packs))
-            res = [("cublas", graph_time_us([lambda w=w, x=x: x @ w.t() for w in w16], calls=calls, reps=9)),
-                   ("decode", graph_time_us([lambda pp=pp, x=x: w4a16_gemm(x, pp["qweight"], pp["scales"], pp["zeros"],
-                                                                          G, dec) for pp in packs],
-                                            calls=calls, reps=9))]
-            if M == 1:
-                res.append(("gemv", graph_time_us([lambda pp=pp, x=x: w4a16_gemv(x, pp["qweight"], pp["scales"],
-                                                                                  pp["zeros"], G, gemv_cfg)
-                                                   for pp in packs], calls=calls, reps=9)))
-            for cfg in configs:
-                cfg = {**cfg, "BLOCK_M": min(64, max(16, 1 << (M - 1).bit_length()))}  # rows: M's power of two
-                try:
-                    t = graph_time_us([lambda pp=pp, x=x, cfg=cfg: w4a16_gemm_direct(x, pp["qweight"], pp["scales"],
-                                                                                     pp["zeros"], G, cfg)
-                                       for pp in packs], calls=calls, reps=9)
-                except (OutOfResources, UnsupportedError) as e:  # over the shared memory, or not built
-                    print(f"  {name} M={M} {cfg}: {type(e).__name__}", flush=True)
-                    continue
-                res.append((f"bn{cfg['BLOCK_N']}/s{cfg['STEP']}/w{cfg['WAVES']}", t))
-            for k, t in res:
-                sums[(M, k)] = sums.get((M, k), 0.0) + t
-            if not any(r[0].startswith("bn") for r in res):
-                print(f"{name} M={M}: no config ran", flush=True)
+    for name, M, x, _, packs, calls, cublas in gemm_cases(ms, shapes):
+        res = [("cublas", cublas),
+               ("decode", graph_time_us([lambda pp=pp, x=x: w4a16_gemm(x, pp["qweight"], pp["scales"], pp["zeros"],
+                                                                      G, dec) for pp in packs],
+                                        calls=calls, reps=9))]
+        if M == 1:
+            res.append(("gemv", graph_time_us([lambda pp=pp, x=x: w4a16_gemv(x, pp["qweight"], pp["scales"],
+                                                                              pp["zeros"], G, gemv_cfg)
+                                               for pp in packs], calls=calls, reps=9)))
+        for cfg in configs:
+            cfg = {**cfg, "BLOCK_M": min(64, max(16, 1 << (M - 1).bit_length()))}  # rows: M's power of two
+            try:
+                t = graph_time_us([lambda pp=pp, x=x, cfg=cfg: w4a16_gemm_direct(x, pp["qweight"], pp["scales"],
+                                                                                 pp["zeros"], G, cfg)
+                                   for pp in packs], calls=calls, reps=9)
+            except (OutOfResources, UnsupportedError) as e:  # over the shared memory, or not built
+                print(f"  {name} M={M} {cfg}: {type(e).__name__}", flush=True)
                 continue
-            best = min((r for r in res if r[0].startswith("bn")), key=lambda r: r[1])
-            print(f"{name} M={M}: " + ", ".join(f"{k} {t:.1f}" for k, t in res)
-                  + f" | BEST {best[0]} {best[1]:.1f} (cuBLAS x{res[0][1] / best[1]:.2f}, decode x{res[0][1] / res[1][1]:.2f})",
-                  flush=True)
+            res.append((f"bn{cfg['BLOCK_N']}/s{cfg['STEP']}/w{cfg['WAVES']}", t))
+        for k, t in res:
+            sums[(M, k)] = sums.get((M, k), 0.0) + t
+        if not any(r[0].startswith("bn") for r in res):
+            print(f"{name} M={M}: no config ran", flush=True)
+            continue
+        best = min((r for r in res if r[0].startswith("bn")), key=lambda r: r[1])
+        print(f"{name} M={M}: " + ", ".join(f"{k} {t:.1f}" for k, t in res)
+              + f" | BEST {best[0]} {best[1]:.1f} (cuBLAS x{res[0][1] / best[1]:.2f}, decode x{res[0][1] / res[1][1]:.2f})",
+              flush=True)
     for M in ms:
         row = {k: t for (m, k), t in sums.items() if m == M}
         if not any(k.startswith("bn") for k in row):

@@ -19,9 +19,9 @@ from lmq.kernels import pdl
 from lmq.kernels import w4a16_gemm as dec
 from lmq.kernels import w4a16_gemm_direct as direct
 from lmq.kernels import w4a16_gemm_ws as ws
-from sweep_gemm import G, random_packed
+from sweep_gemm import G, gemm_cases, random_packed
 
-from lmq.bench import GEMM_SHAPES, copies_for, graph_time_us
+from lmq.bench import graph_time_us
 
 MODES = {"off": (False, False, 0), "notrig": (True, True, 0), "start": (True, True, 1), "late": (True, True, 2),
          "auto": (True, True, None)}
@@ -75,21 +75,9 @@ def check():
 
 
 def cases(default_ms):
-    """(name, M, x, the packed weight, its copies past L2, calls per graph, cuBLAS fp16 us) per --shapes and --m."""
-    ms = [int(m) for m in arg("--m", default_ms).split(",")]
+    """`sweep_gemm.gemm_cases` over --m (default `default_ms`) and --shapes."""
     want = arg("--shapes", None)
-    torch.manual_seed(0)
-    for name, N, K in GEMM_SHAPES["llama3-8b"]:
-        if want is not None and name not in want.split(","):
-            continue
-        _, p, nbytes = random_packed(N, K)
-        packs = [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]
-        w16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(max(1, copies_for(N * K * 2)))]
-        for M in ms:
-            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            calls = max(20, len(packs))
-            yield name, M, x, p, packs, calls, graph_time_us([lambda w=w, x=x: x @ w.t() for w in w16], calls=calls,
-                                                             reps=9)
+    return gemm_cases([int(m) for m in arg("--m", default_ms).split(",")], want.split(",") if want else None)
 
 
 def sweep():

@@ -154,6 +154,23 @@ def random_packed(N, K):
     return q, p, sum(t.numel() * t.element_size() for t in p.values())
 
 
+def gemm_cases(ms, shapes=None):
+    """Per Llama-3-8B shape (those named in `shapes`, or all) and M in `ms`: (name, M, x fp16 [M, K], the packed
+    weight, its copies past L2, calls per graph, cuBLAS fp16 us on x), timed as `lmq bench gemm` times."""
+    torch.manual_seed(0)
+    for name, N, K in GEMM_SHAPES["llama3-8b"]:
+        if shapes is not None and name not in shapes:
+            continue
+        _, p, nbytes = random_packed(N, K)
+        packs = [p] + [{k: v.clone() for k, v in p.items()} for _ in range(copies_for(nbytes) - 1)]
+        w16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) for _ in range(max(1, copies_for(N * K * 2)))]
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            calls = max(20, len(packs))
+            yield name, M, x, p, packs, calls, graph_time_us([lambda w=w, x=x: x @ w.t() for w in w16], calls=calls,
+                                                             reps=9)
+
+
 def main(regimes):
     torch.manual_seed(0)
     weights = []
